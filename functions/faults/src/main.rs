@@ -1,0 +1,55 @@
+//! A deliberately badly behaved function for the runtime's fault tests.
+//! The path picks the fault:
+//! - `/trap`: executes `unreachable` (a guest trap);
+//! - `/loop`: spins forever (only the deadline stops it);
+//! - `/membomb`: allocates until memory runs out;
+//! - `/stack`: recurses until the stack overflows;
+//! - `/sleep?ms=N`: sleeps N ms, then answers (a slow but well-behaved call);
+//! - anything else: answers `ok`.
+use hearth_guest::prelude::*;
+
+hearth_guest::handler!(faults);
+
+async fn faults(request: Request<Body>) -> Result<Response<Body>> {
+    match request.uri().path() {
+        "/trap" => std::process::abort(),
+        "/loop" => spin(),
+        "/membomb" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                // Touch every page so the memory is really committed.
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "/stack" => {
+            let depth = recurse(std::hint::black_box(1));
+            Ok(text(StatusCode::OK, depth.to_string()))
+        }
+        "/sleep" => {
+            let ms = request
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("ms="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
+            hearth_guest::wstd::task::sleep(hearth_guest::wstd::time::Duration::from_millis(ms)).await;
+            Ok(text(StatusCode::OK, "slept\n"))
+        }
+        _ => Ok(text(StatusCode::OK, "ok\n")),
+    }
+}
+
+fn spin() -> ! {
+    let mut n: u64 = 0;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
+#[expect(unconditional_recursion, reason = "the point is to overflow the stack")]
+fn recurse(n: u64) -> u64 {
+    let mut frame = [n; 64];
+    std::hint::black_box(&mut frame);
+    recurse(n + frame[3]) + 1
+}

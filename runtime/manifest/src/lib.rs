@@ -1,0 +1,358 @@
+//! The function manifest, `hearth.toml`: what a user writes to deploy a function.
+//!
+//! Both sides read it: the CLI (to find the component and run `build`) and the
+//! server (to apply limits and scaling). Parsing is strict: an unknown key is an
+//! error that names the key with its full path (`limits.memory_mbb`), and every
+//! value is checked against the bounds below, so a typo never silently becomes a
+//! default. [`validate_name`] is the one rule for every user-chosen name that may
+//! reach a file path or a URL.
+
+use serde::{Deserialize, Serialize};
+
+/// Default per-instance memory limit, in MiB.
+pub const DEFAULT_MEMORY_MB: u32 = 128;
+/// Largest memory limit a manifest may ask for, in MiB; a server may allow less.
+pub const MAX_MEMORY_MB: u32 = 4096;
+/// Default wall-clock deadline of one invocation, in milliseconds.
+pub const DEFAULT_TIMEOUT_MS: u32 = 10_000;
+/// Longest deadline a manifest may ask for: 15 minutes.
+pub const MAX_TIMEOUT_MS: u32 = 15 * 60 * 1000;
+/// Default idle time before an unused instance is dropped, in seconds.
+pub const DEFAULT_IDLE_TIMEOUT_S: u32 = 60;
+/// Default upper bound on concurrent instances of one function.
+pub const DEFAULT_MAX_INSTANCES: u32 = 32;
+/// Longest name (function, model, tenant) accepted.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Result of parsing or validating a manifest.
+pub type Result<T, E = ManifestError> = std::result::Result<T, E>;
+
+/// Why a manifest was refused. Each variant names the offending key, so the
+/// CLI and the control API can point the user at the line to fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    /// Not TOML, or a value of the wrong type.
+    #[error("hearth.toml: {message}")]
+    Syntax {
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// Keys that the format does not have.
+    #[error("hearth.toml: unknown key{} {}", if keys.len() == 1 { "" } else { "s" }, keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "))]
+    UnknownKeys {
+        /// Full paths of the unknown keys, e.g. `limits.memory_mbb`.
+        keys: Vec<String>,
+    },
+    /// A known key with a value out of bounds.
+    #[error("hearth.toml: `{key}`: {reason}")]
+    Invalid {
+        /// Full path of the key.
+        key: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+}
+
+impl ManifestError {
+    /// The first key the error is about, if it is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ManifestError::Syntax { .. } => None,
+            ManifestError::UnknownKeys { keys } => keys.first().map(String::as_str),
+            ManifestError::Invalid { key, .. } => Some(key),
+        }
+    }
+}
+
+/// A parsed and validated `hearth.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Function name: the `{function}` in `/fn/{tenant}/{function}/`.
+    pub name: String,
+    /// Path of the built component, relative to the manifest (client side only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+    /// Shell command that builds the component, run by `hearth deploy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
+    /// Whether invocation needs no token.
+    #[serde(default)]
+    pub public: bool,
+    /// Models the function loads through wasi-nn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelSpec>,
+    /// Per-instance limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// How instances scale.
+    #[serde(default)]
+    pub scaling: Scaling,
+}
+
+/// A model the function names in `[[models]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Name the guest passes to `load-by-name`.
+    pub name: String,
+    /// Path of the ONNX file, relative to the manifest.
+    pub path: String,
+    /// Where to run it.
+    #[serde(default)]
+    pub device: DeviceWish,
+}
+
+/// The device a model asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceWish {
+    /// A GPU when one has room, else the CPU.
+    #[default]
+    Auto,
+    /// Always the CPU.
+    Cpu,
+    /// A GPU; deploy fails without one.
+    Gpu,
+}
+
+/// `[limits]`: what one instance may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Linear memory cap per instance, in MiB.
+    pub memory_mb: u32,
+    /// Wall-clock deadline of one invocation, in milliseconds.
+    pub timeout_ms: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_mb: DEFAULT_MEMORY_MB,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+        }
+    }
+}
+
+/// `[scaling]`: how many instances, for how long, at what priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Scaling {
+    /// Instances kept warm even when idle.
+    pub min_instances: u32,
+    /// Upper bound on concurrent instances.
+    pub max_instances: u32,
+    /// Seconds an idle instance is kept before it is dropped.
+    pub idle_timeout_s: u32,
+    /// Admission class.
+    pub qos: Qos,
+}
+
+impl Default for Scaling {
+    fn default() -> Self {
+        Scaling {
+            min_instances: 0,
+            max_instances: DEFAULT_MAX_INSTANCES,
+            idle_timeout_s: DEFAULT_IDLE_TIMEOUT_S,
+            qos: Qos::Standard,
+        }
+    }
+}
+
+/// Admission class of a function's invocations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Qos {
+    /// Served first.
+    Realtime,
+    /// The default.
+    #[default]
+    Standard,
+    /// Served when nothing more urgent waits.
+    Batch,
+}
+
+impl Manifest {
+    /// Parses and validates a manifest from TOML text.
+    pub fn from_toml(text: &str) -> Result<Manifest> {
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| ManifestError::Syntax {
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let mut unknown = Vec::new();
+        let manifest: Manifest = serde_ignored::deserialize(deserializer, |path| {
+            unknown.push(path.to_string());
+        })
+        .map_err(|e| ManifestError::Syntax {
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        if !unknown.is_empty() {
+            return Err(ManifestError::UnknownKeys { keys: unknown });
+        }
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Serialises the manifest back to TOML (what the control API stores).
+    pub fn to_toml(&self) -> String {
+        // Every field is a plain string, number, bool or table: serialising
+        // cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks every value against its bounds.
+    pub fn validate(&self) -> Result<()> {
+        validate_name(&self.name).map_err(|reason| invalid("name", reason))?;
+        let limits = &self.limits;
+        if !(1..=MAX_MEMORY_MB).contains(&limits.memory_mb) {
+            return Err(invalid(
+                "limits.memory_mb",
+                format!("must be between 1 and {MAX_MEMORY_MB}"),
+            ));
+        }
+        if !(1..=MAX_TIMEOUT_MS).contains(&limits.timeout_ms) {
+            return Err(invalid(
+                "limits.timeout_ms",
+                format!("must be between 1 and {MAX_TIMEOUT_MS}"),
+            ));
+        }
+        let scaling = &self.scaling;
+        if scaling.max_instances == 0 {
+            return Err(invalid("scaling.max_instances", "must be at least 1"));
+        }
+        if scaling.min_instances > scaling.max_instances {
+            return Err(invalid(
+                "scaling.min_instances",
+                "must not exceed scaling.max_instances",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, model) in self.models.iter().enumerate() {
+            validate_name(&model.name).map_err(|r| invalid(&format!("models[{i}].name"), r))?;
+            if !seen.insert(&model.name) {
+                return Err(invalid(
+                    &format!("models[{i}].name"),
+                    format!("`{}` is named twice", model.name),
+                ));
+            }
+            if model.path.is_empty() {
+                return Err(invalid(&format!("models[{i}].path"), "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ManifestError {
+    ManifestError::Invalid {
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Checks a function, model or tenant name: 1 to 63 characters of lowercase
+/// ASCII letters, digits and `-`, starting with a letter, not ending with `-`.
+///
+/// ASCII only on purpose: no `.`, `/`, `%` or NUL can reach a path, and no
+/// look-alike Unicode can impersonate another tenant's function.
+pub fn validate_name(name: &str) -> std::result::Result<(), String> {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let starts_with_letter = name.bytes().next().is_some_and(|b| b.is_ascii_lowercase());
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !valid_chars || !starts_with_letter || name.ends_with('-') {
+        return Err(format!(
+            "`{}` is not a valid name: use 1 to {MAX_NAME_LEN} lowercase letters, digits and `-`, starting with a letter",
+            name.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_manifest_parses() {
+        let m = Manifest::from_toml(
+            r#"
+            name = "classify"
+            component = "target/wasm32-wasip2/release/classify.wasm"
+            build = "cargo build --release --target wasm32-wasip2"
+            public = true
+            [[models]]
+            name = "mnist-mlp"
+            path = "models/mlp.onnx"
+            device = "gpu"
+            [limits]
+            memory_mb = 256
+            timeout_ms = 500
+            [scaling]
+            min_instances = 1
+            max_instances = 4
+            idle_timeout_s = 5
+            qos = "batch"
+            "#,
+        )
+        .expect("valid manifest");
+        assert_eq!(m.name, "classify");
+        assert!(m.public);
+        assert_eq!(m.models[0].device, DeviceWish::Gpu);
+        assert_eq!(m.limits.memory_mb, 256);
+        assert_eq!(m.scaling.qos, Qos::Batch);
+        assert_eq!(Manifest::from_toml(&m.to_toml()), Ok(m));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let m = Manifest::from_toml("name = \"echo\"").expect("valid manifest");
+        assert_eq!(m.limits, Limits::default());
+        assert_eq!(m.scaling, Scaling::default());
+        assert!(!m.public);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let err = Manifest::from_toml("name = \"echo\"\nflavour = 1\n[limits]\nmemory_mbb = 3\n")
+            .expect_err("unknown keys");
+        assert_eq!(
+            err,
+            ManifestError::UnknownKeys {
+                keys: vec!["flavour".into(), "limits.memory_mbb".into()]
+            }
+        );
+        assert_eq!(err.key(), Some("flavour"));
+        assert!(err.to_string().contains("`limits.memory_mbb`"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("name = \"Echo\"", "name"),
+            ("name = \"e\"\n[limits]\nmemory_mb = 0", "limits.memory_mb"),
+            ("name = \"e\"\n[limits]\ntimeout_ms = 0", "limits.timeout_ms"),
+            ("name = \"e\"\n[scaling]\nmax_instances = 0", "scaling.max_instances"),
+            ("name = \"e\"\n[scaling]\nmin_instances = 9\nmax_instances = 2", "scaling.min_instances"),
+        ];
+        for (text, key) in cases {
+            let err = Manifest::from_toml(text).expect_err(text);
+            assert_eq!(err.key(), Some(key), "{text}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_and_bad_toml_are_syntax_errors() {
+        for text in ["name = 3", "name = \"e\"\n[limits]\nmemory_mb = \"lots\"", "name = ", ""] {
+            assert!(matches!(Manifest::from_toml(text), Err(ManifestError::Syntax { .. })), "{text}");
+        }
+    }
+
+    #[test]
+    fn names_reject_path_tricks() {
+        for bad in ["", "..", "a/b", "a.b", "a%2e", "a\0b", "Abc", "-a", "a-", "é", "а", "1abc", &"a".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["a", "echo", "mnist-mlp2", &"a".repeat(63)] {
+            assert!(validate_name(good).is_ok(), "{good:?}");
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Content-addressed blobs: `blobs/sha256/<hex>` under the data directory.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::{Result, StoreError};
+
+/// A SHA-256 digest in lowercase hex. Constructed only from a hash or a
+/// validated string, so it is always safe to use as a file name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(String);
+
+impl Digest {
+    /// Parses a 64-character lowercase hex digest.
+    pub fn parse(hex: &str) -> Option<Digest> {
+        let valid = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        valid.then(|| Digest(hex.to_owned()))
+    }
+
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(hex::encode(Sha256::digest(bytes)))
+    }
+
+    /// The hex string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The blob directory. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    blobs: PathBuf,
+    staging: PathBuf,
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) the blob store under `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<BlobStore> {
+        let blobs = data_dir.join("blobs").join("sha256");
+        let staging = data_dir.join("tmp");
+        for dir in [&blobs, &staging] {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
+        }
+        Ok(BlobStore { blobs, staging })
+    }
+
+    /// Where the blob with this digest lives (whether or not it exists).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.blobs.join(digest.as_str())
+    }
+
+    /// Starts writing a new blob; its digest is known once it is complete.
+    pub async fn stage(&self) -> Result<StagedBlob> {
+        let path = self.staging.join(format!("upload-{}", uuid::Uuid::now_v7()));
+        let file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        Ok(StagedBlob {
+            file: Some(file),
+            path,
+            hasher: Sha256::new(),
+            len: 0,
+            blobs: self.blobs.clone(),
+        })
+    }
+}
+
+/// A blob being written. Dropped without [`StagedBlob::commit`], its
+/// temporary file is removed: a failed upload leaves nothing behind.
+#[derive(Debug)]
+pub struct StagedBlob {
+    file: Option<tokio::fs::File>,
+    path: PathBuf,
+    hasher: Sha256,
+    len: u64,
+    blobs: PathBuf,
+}
+
+impl StagedBlob {
+    /// Appends a chunk.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        self.hasher.update(chunk);
+        self.len += chunk.len() as u64;
+        let file = self.file.as_mut().ok_or_else(|| StoreError::Worker("blob already closed".into()))?;
+        file.write_all(chunk).await.map_err(|source| StoreError::Io { path: self.path.clone(), source })
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The staged file, readable before commit (to validate the content).
+    pub fn staged_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Flushes and fsyncs the staged file, then returns its digest; the blob is
+    /// not yet visible under that name.
+    pub async fn finish(&mut self) -> Result<Digest> {
+        if let Some(mut file) = self.file.take() {
+            let io = |source| StoreError::Io { path: self.path.clone(), source };
+            file.flush().await.map_err(io)?;
+            file.sync_all().await.map_err(io)?;
+        }
+        Ok(Digest(hex::encode(self.hasher.clone().finalize())))
+    }
+
+    /// Moves the finished blob to its content address and returns the digest.
+    /// Committing content that already exists keeps the existing file.
+    pub async fn commit(mut self) -> Result<Digest> {
+        let digest = self.finish().await?;
+        let target = self.blobs.join(digest.as_str());
+        tokio::fs::rename(&self.path, &target)
+            .await
+            .map_err(|source| StoreError::Io { path: target.clone(), source })?;
+        Ok(digest)
+    }
+}
+
+impl Drop for StagedBlob {
+    fn drop(&mut self) {
+        // After a successful commit the staged path no longer exists.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn staged_blob_commits_under_its_digest_and_aborts_cleanly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = BlobStore::open(dir.path()).expect("open");
+
+        let mut staged = blobs.stage().await.expect("stage");
+        staged.write(b"hello ").await.expect("write");
+        staged.write(b"world").await.expect("write");
+        let digest = staged.commit().await.expect("commit");
+        assert_eq!(digest, Digest::of(b"hello world"));
+        assert_eq!(std::fs::read(blobs.path(&digest)).expect("read"), b"hello world");
+
+        let mut aborted = blobs.stage().await.expect("stage");
+        aborted.write(b"partial").await.expect("write");
+        let staged_path = aborted.staged_path().to_owned();
+        drop(aborted);
+        assert!(!staged_path.exists());
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).expect("tmp").count(), 0);
+    }
+
+    #[test]
+    fn digests_are_validated() {
+        assert!(Digest::parse(&"a".repeat(64)).is_some());
+        for bad in ["", "../etc/passwd", &"A".repeat(64), &"a".repeat(63), &format!("{}/", "a".repeat(63))] {
+            assert!(Digest::parse(bad).is_none(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Hearth's durable state.
+//!
+//! - [`Store`]: the metadata that must survive a restart (tenants, tokens,
+//!   functions and their versions) behind one async trait, so the embedded
+//!   SQLite backend ([`SqliteStore`], the default) and a cluster backend can be
+//!   swapped without touching callers.
+//! - [`BlobStore`]: content-addressed files (components, later models) under the
+//!   data directory, named by their SHA-256 and written by staging + rename, so
+//!   a crash never leaves a half-written blob under a valid name.
+//!
+//! Timestamps are Unix milliseconds; callers format them at the edge.
+
+mod blob;
+mod sqlite;
+
+use async_trait::async_trait;
+
+pub use blob::{BlobStore, Digest, StagedBlob};
+pub use sqlite::SqliteStore;
+
+/// Result of a store operation.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Why a store operation failed. None of these are the user's fault: callers
+/// map them to 500/503 and log them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A file under the data directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The blocking worker running the query was lost.
+    #[error("store worker failed: {0}")]
+    Worker(String),
+    /// A row that does not decode (hand-edited database, or a bug).
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// A function version as stored: immutable once created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionVersion {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Function name.
+    pub name: String,
+    /// 1 for the first deploy, N+1 for each later one; never reused.
+    pub version: u32,
+    /// The manifest as deployed (TOML).
+    pub manifest: String,
+    /// SHA-256 of the component blob.
+    pub component: Digest,
+    /// Size of the component in bytes.
+    pub component_size: u64,
+    /// When this version was deployed (Unix ms).
+    pub created_at_ms: i64,
+}
+
+/// What a deploy adds; the store assigns the version.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Function name.
+    pub name: String,
+    /// The manifest as deployed (TOML).
+    pub manifest: String,
+    /// SHA-256 of the component blob, already in the [`BlobStore`].
+    pub component: Digest,
+    /// Size of the component in bytes.
+    pub component_size: u64,
+}
+
+/// A bearer token as stored: the secret itself is never kept, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public identifier, printed at creation, used to revoke.
+    pub id: String,
+    /// Tenant the token acts for.
+    pub tenant: String,
+    /// Role name (`admin`, `deployer`, `invoker`, `billing`).
+    pub role: String,
+    /// Whether this is an operator token, allowed in every tenant.
+    pub operator: bool,
+    /// Hex SHA-256 of the secret.
+    pub hash: String,
+    /// Creation time (Unix ms).
+    pub created_at_ms: i64,
+    /// Expiry (Unix ms), if any.
+    pub expires_at_ms: Option<i64>,
+    /// Revocation time (Unix ms), if revoked.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// Hearth's metadata store. Every method is one transaction.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Creates the tenant if it does not exist.
+    async fn ensure_tenant(&self, tenant: &str) -> Result<()>;
+    /// Whether the tenant exists.
+    async fn tenant_exists(&self, tenant: &str) -> Result<bool>;
+
+    /// Adds a token.
+    async fn insert_token(&self, token: TokenRecord) -> Result<()>;
+    /// Finds a token by the hash of its secret.
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>>;
+    /// Whether any operator token exists (so a first start can create one).
+    async fn has_operator_token(&self) -> Result<bool>;
+
+    /// Records a new version of a function (creating the function if needed)
+    /// and returns it with its assigned number.
+    async fn create_version(&self, new: NewVersion) -> Result<FunctionVersion>;
+    /// The newest version of a live function.
+    async fn latest_version(&self, tenant: &str, name: &str) -> Result<Option<FunctionVersion>>;
+    /// The newest version of each live function of a tenant, by name.
+    async fn list_functions(&self, tenant: &str) -> Result<Vec<FunctionVersion>>;
+    /// Every version of a live function, oldest first.
+    async fn list_versions(&self, tenant: &str, name: &str) -> Result<Vec<FunctionVersion>>;
+    /// Deletes a function; its version numbers are not reused by a later
+    /// deploy of the same name. Returns whether it existed.
+    async fn delete_function(&self, tenant: &str, name: &str) -> Result<bool>;
+}
+
+/// The current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    let now = time::OffsetDateTime::now_utc();
+    i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// Formats Unix milliseconds as RFC 3339 (`2026-11-28T23:48:50.123Z`).
+pub fn format_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}

@@ -1,0 +1,394 @@
+//! The embedded backend: one SQLite file in WAL mode.
+//!
+//! rusqlite is synchronous, so every call runs on tokio's blocking pool with
+//! the connection behind a mutex; metadata calls are rare (deploys, token
+//! look-ups that miss the auth cache) and short.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::{Digest, FunctionVersion, NewVersion, Result, Store, StoreError, TokenRecord, now_ms};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many
+/// have run. Never edit a released entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: tenants, tokens, functions and their versions.
+    "CREATE TABLE tenants (
+        name TEXT PRIMARY KEY,
+        created_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL REFERENCES tenants(name),
+        role TEXT NOT NULL,
+        operator INTEGER NOT NULL DEFAULT 0,
+        hash TEXT NOT NULL UNIQUE,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER,
+        revoked_at_ms INTEGER
+    );
+    CREATE TABLE functions (
+        tenant TEXT NOT NULL REFERENCES tenants(name),
+        name TEXT NOT NULL,
+        latest_version INTEGER NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        deleted_at_ms INTEGER,
+        PRIMARY KEY (tenant, name)
+    );
+    CREATE TABLE function_versions (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        manifest TEXT NOT NULL,
+        component TEXT NOT NULL,
+        component_size INTEGER NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (tenant, name, version),
+        FOREIGN KEY (tenant, name) REFERENCES functions(tenant, name)
+    );",
+];
+
+/// SQLite-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) `hearth.db` in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<SqliteStore> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Io {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+        let path = data_dir.join("hearth.db");
+        let mut conn = Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave SQLite inconsistent
+            // (the transaction rolls back), so a poisoned lock is still usable.
+            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Worker(e.to_string()))?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let applied: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    let tx = conn.transaction()?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+const VERSION_COLUMNS: &str = "v.tenant, v.name, v.version, v.manifest, v.component, v.component_size, v.created_at_ms";
+
+fn version_from_row(row: &Row<'_>) -> rusqlite::Result<(FunctionVersion, String)> {
+    let component: String = row.get(4)?;
+    Ok((
+        FunctionVersion {
+            tenant: row.get(0)?,
+            name: row.get(1)?,
+            version: row.get(2)?,
+            manifest: row.get(3)?,
+            component: Digest::of(b""),
+            component_size: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
+            created_at_ms: row.get(6)?,
+        },
+        component,
+    ))
+}
+
+fn decode_version((mut version, component): (FunctionVersion, String)) -> Result<FunctionVersion> {
+    version.component = Digest::parse(&component)
+        .ok_or_else(|| StoreError::Corrupt(format!("{}/{}: bad digest {component:?}", version.tenant, version.name)))?;
+    Ok(version)
+}
+
+fn token_from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: row.get(0)?,
+        tenant: row.get(1)?,
+        role: row.get(2)?,
+        operator: row.get(3)?,
+        hash: row.get(4)?,
+        created_at_ms: row.get(5)?,
+        expires_at_ms: row.get(6)?,
+        revoked_at_ms: row.get(7)?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ensure_tenant(&self, tenant: &str) -> Result<()> {
+        let tenant = tenant.to_owned();
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT OR IGNORE INTO tenants (name, created_at_ms) VALUES (?1, ?2)",
+                params![tenant, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn tenant_exists(&self, tenant: &str) -> Result<bool> {
+        let tenant = tenant.to_owned();
+        self.with(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT 1 FROM tenants WHERE name = ?1")?
+                .exists(params![tenant])?)
+        })
+        .await
+    }
+
+    async fn insert_token(&self, token: TokenRecord) -> Result<()> {
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO tokens (id, tenant, role, operator, hash, created_at_ms, expires_at_ms, revoked_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    token.id,
+                    token.tenant,
+                    token.role,
+                    token.operator,
+                    token.hash,
+                    token.created_at_ms,
+                    token.expires_at_ms,
+                    token.revoked_at_ms
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        let hash = hash.to_owned();
+        self.with(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT id, tenant, role, operator, hash, created_at_ms, expires_at_ms, revoked_at_ms
+                     FROM tokens WHERE hash = ?1",
+                )?
+                .query_row(params![hash], token_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn has_operator_token(&self) -> Result<bool> {
+        self.with(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT 1 FROM tokens WHERE operator = 1 AND revoked_at_ms IS NULL")?
+                .exists([])?)
+        })
+        .await
+    }
+
+    async fn create_version(&self, new: NewVersion) -> Result<FunctionVersion> {
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let now = now_ms();
+            let previous: Option<u32> = tx
+                .query_row(
+                    "SELECT latest_version FROM functions WHERE tenant = ?1 AND name = ?2",
+                    params![new.tenant, new.name],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            let version = previous.unwrap_or(0) + 1;
+            tx.execute(
+                "INSERT INTO functions (tenant, name, latest_version, created_at_ms, deleted_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, NULL)
+                 ON CONFLICT (tenant, name) DO UPDATE SET latest_version = ?3, deleted_at_ms = NULL",
+                params![new.tenant, new.name, version, now],
+            )?;
+            let size = i64::try_from(new.component_size).unwrap_or(i64::MAX);
+            tx.execute(
+                "INSERT INTO function_versions (tenant, name, version, manifest, component, component_size, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![new.tenant, new.name, version, new.manifest, new.component.as_str(), size, now],
+            )?;
+            tx.commit()?;
+            Ok(FunctionVersion {
+                tenant: new.tenant,
+                name: new.name,
+                version,
+                manifest: new.manifest,
+                component: new.component,
+                component_size: new.component_size,
+                created_at_ms: now,
+            })
+        })
+        .await
+    }
+
+    async fn latest_version(&self, tenant: &str, name: &str) -> Result<Option<FunctionVersion>> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        let row = self
+            .with(move |conn| {
+                Ok(conn
+                    .prepare_cached(&format!(
+                        "SELECT {VERSION_COLUMNS} FROM functions f
+                         JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name AND v.version = f.latest_version
+                         WHERE f.tenant = ?1 AND f.name = ?2 AND f.deleted_at_ms IS NULL"
+                    ))?
+                    .query_row(params![tenant, name], version_from_row)
+                    .optional()?)
+            })
+            .await?;
+        row.map(decode_version).transpose()
+    }
+
+    async fn list_functions(&self, tenant: &str) -> Result<Vec<FunctionVersion>> {
+        let tenant = tenant.to_owned();
+        let rows = self
+            .with(move |conn| {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {VERSION_COLUMNS} FROM functions f
+                     JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name AND v.version = f.latest_version
+                     WHERE f.tenant = ?1 AND f.deleted_at_ms IS NULL ORDER BY f.name"
+                ))?;
+                let rows = stmt.query_map(params![tenant], version_from_row)?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .await?;
+        rows.into_iter().map(decode_version).collect()
+    }
+
+    async fn list_versions(&self, tenant: &str, name: &str) -> Result<Vec<FunctionVersion>> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        let rows = self
+            .with(move |conn| {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {VERSION_COLUMNS} FROM functions f
+                     JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name
+                     WHERE f.tenant = ?1 AND f.name = ?2 AND f.deleted_at_ms IS NULL ORDER BY v.version"
+                ))?;
+                let rows = stmt.query_map(params![tenant, name], version_from_row)?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .await?;
+        rows.into_iter().map(decode_version).collect()
+    }
+
+    async fn delete_function(&self, tenant: &str, name: &str) -> Result<bool> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.with(move |conn| {
+            let changed = conn.execute(
+                "UPDATE functions SET deleted_at_ms = ?3 WHERE tenant = ?1 AND name = ?2 AND deleted_at_ms IS NULL",
+                params![tenant, name, now_ms()],
+            )?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_version(name: &str, content: &[u8]) -> NewVersion {
+        NewVersion {
+            tenant: "default".into(),
+            name: name.into(),
+            manifest: format!("name = \"{name}\""),
+            component: Digest::of(content),
+            component_size: content.len() as u64,
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_count_up_survive_reopen_and_deletion_keeps_numbers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        store.ensure_tenant("default").await.expect("tenant");
+        assert!(store.tenant_exists("default").await.expect("exists"));
+        assert!(!store.tenant_exists("acme").await.expect("exists"));
+
+        let v1 = store.create_version(new_version("echo", b"one")).await.expect("v1");
+        let v2 = store.create_version(new_version("echo", b"two")).await.expect("v2");
+        assert_eq!((v1.version, v2.version), (1, 2));
+        drop(store);
+
+        let store = SqliteStore::open(dir.path()).expect("reopen");
+        let latest = store.latest_version("default", "echo").await.expect("latest").expect("exists");
+        assert_eq!(latest, v2);
+        assert_eq!(store.list_versions("default", "echo").await.expect("versions").len(), 2);
+        assert_eq!(store.list_functions("default").await.expect("list"), vec![v2]);
+
+        assert!(store.delete_function("default", "echo").await.expect("delete"));
+        assert!(!store.delete_function("default", "echo").await.expect("delete again"));
+        assert_eq!(store.latest_version("default", "echo").await.expect("latest"), None);
+        assert!(store.list_functions("default").await.expect("list").is_empty());
+
+        let v3 = store.create_version(new_version("echo", b"three")).await.expect("v3");
+        assert_eq!(v3.version, 3, "a redeploy after delete never reuses a version number");
+        assert_eq!(store.list_versions("default", "echo").await.expect("versions").len(), 3);
+    }
+
+    #[tokio::test]
+    async fn tokens_are_found_by_hash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        store.ensure_tenant("default").await.expect("tenant");
+        assert!(!store.has_operator_token().await.expect("any"));
+        let token = TokenRecord {
+            id: "tok_1".into(),
+            tenant: "default".into(),
+            role: "admin".into(),
+            operator: true,
+            hash: "ab".repeat(32),
+            created_at_ms: 1,
+            expires_at_ms: None,
+            revoked_at_ms: None,
+        };
+        store.insert_token(token.clone()).await.expect("insert");
+        assert!(store.has_operator_token().await.expect("any"));
+        assert_eq!(store.token_by_hash(&token.hash).await.expect("find"), Some(token));
+        assert_eq!(store.token_by_hash("00").await.expect("find"), None);
+    }
+
+    #[test]
+    fn migrations_are_idempotent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(SqliteStore::open(dir.path()).expect("open"));
+        let store = SqliteStore::open(dir.path()).expect("reopen");
+        let conn = store.conn.lock().expect("lock");
+        let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0)).expect("pragma");
+        assert_eq!(version, MIGRATIONS.len());
+    }
+}
