@@ -1,1 +1,296 @@
-//! stub
+//! Who is calling: bearer tokens, their tenants and roles.
+//!
+//! Tokens are random 256-bit secrets shown once at creation; the store keeps
+//! only their SHA-256, so a leaked database does not leak credentials. Because
+//! the secret has full entropy, an unsalted hash is enough, and looking a
+//! token up by its hash reveals nothing useful through timing. Verified tokens
+//! are cached in memory (revocation in this process evicts them).
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use dashmap::DashMap;
+use hearth_store::{Store, StoreError, TokenRecord, now_ms};
+use rand::RngCore as _;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+
+/// The tenant that exists from the first start; operator tokens belong to it.
+pub const DEFAULT_TENANT: &str = "default";
+/// Prefix of every token Hearth issues, so leaked tokens are easy to scan for.
+pub const TOKEN_PREFIX: &str = "hth_";
+
+/// What a token may do in its tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything in its tenant.
+    Admin,
+    /// Deploy, list, show and delete functions.
+    Deployer,
+    /// Invoke functions.
+    Invoker,
+    /// Read usage.
+    Billing,
+}
+
+impl Role {
+    /// Parses a stored or user-given role name.
+    pub fn parse(name: &str) -> Option<Role> {
+        Some(match name {
+            "admin" => Role::Admin,
+            "deployer" => Role::Deployer,
+            "invoker" => Role::Invoker,
+            "billing" => Role::Billing,
+            _ => return None,
+        })
+    }
+
+    /// The role's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Deployer => "deployer",
+            Role::Invoker => "invoker",
+            Role::Billing => "billing",
+        }
+    }
+}
+
+/// Something a caller wants to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Deploy or delete a function.
+    Deploy,
+    /// List or show functions.
+    ReadFunctions,
+    /// Invoke a function.
+    Invoke,
+}
+
+impl Action {
+    fn allowed_for(self, role: Role) -> bool {
+        matches!(
+            (self, role),
+            (_, Role::Admin)
+                | (Action::Deploy | Action::ReadFunctions, Role::Deployer)
+                | (Action::Invoke, Role::Invoker)
+        )
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The token's public id.
+    pub token_id: String,
+    /// The tenant the token acts for.
+    pub tenant: String,
+    /// Its role there.
+    pub role: Role,
+    /// Operator tokens act in every tenant.
+    pub operator: bool,
+}
+
+impl Principal {
+    /// Checks that the caller may do `action` in `tenant`. A tenant the
+    /// caller does not belong to is [`AuthError::OtherTenant`], which callers
+    /// answer as "not found", never revealing that it exists.
+    pub fn authorize(&self, action: Action, tenant: &str) -> Result<(), AuthError> {
+        if !self.operator && self.tenant != tenant {
+            return Err(AuthError::OtherTenant);
+        }
+        if !action.allowed_for(self.role) {
+            return Err(AuthError::Forbidden {
+                role: self.role,
+                action,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why a request is not authenticated or not allowed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization` header.
+    #[error("this endpoint needs a bearer token (Authorization: Bearer <token>)")]
+    Missing,
+    /// An `Authorization` header that is not `Bearer <token>`.
+    #[error("malformed Authorization header: expected `Bearer <token>`")]
+    Malformed,
+    /// A token Hearth never issued.
+    #[error("unknown token")]
+    Unknown,
+    /// An expired token.
+    #[error("token expired")]
+    Expired,
+    /// A revoked token.
+    #[error("token revoked")]
+    Revoked,
+    /// A valid token whose role does not allow the action.
+    #[error("role `{}` may not {action:?}", role.as_str())]
+    Forbidden {
+        /// The caller's role.
+        role: Role,
+        /// What it tried.
+        action: Action,
+    },
+    /// A valid token of another tenant.
+    #[error("not found")]
+    OtherTenant,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Authenticates tokens against the store.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    store: Arc<dyn Store>,
+    verified: Arc<DashMap<String, TokenRecord>>,
+}
+
+/// Hex SHA-256 of a token secret.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A fresh random token: `hth_` and 43 base64url characters (256 bits).
+pub fn generate_token() -> String {
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    )
+}
+
+impl Auth {
+    /// Authenticates against `store`.
+    pub fn new(store: Arc<dyn Store>) -> Auth {
+        Auth {
+            store,
+            verified: Arc::new(DashMap::new()),
+        }
+    }
+
+    /// Makes sure the default tenant and an operator token exist. With
+    /// `configured` (from `HEARTH_ADMIN_TOKEN`) that token is registered if
+    /// new. Otherwise, on the first start only, a token is generated and
+    /// returned so the caller can print it once; it is never shown again.
+    pub async fn bootstrap(&self, configured: Option<&str>) -> Result<Option<String>, AuthError> {
+        self.store.ensure_tenant(DEFAULT_TENANT).await?;
+        let (token, generated) = match configured {
+            Some(token) => {
+                if self.store.token_by_hash(&hash_token(token)).await?.is_some() {
+                    return Ok(None);
+                }
+                (token.to_owned(), false)
+            }
+            None if self.store.has_operator_token().await? => return Ok(None),
+            None => (generate_token(), true),
+        };
+        self.store
+            .insert_token(TokenRecord {
+                id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
+                tenant: DEFAULT_TENANT.into(),
+                role: Role::Admin.as_str().into(),
+                operator: true,
+                hash: hash_token(&token),
+                created_at_ms: now_ms(),
+                expires_at_ms: None,
+                revoked_at_ms: None,
+            })
+            .await?;
+        Ok(generated.then_some(token))
+    }
+
+    /// Authenticates the value of an `Authorization` header.
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        let header = authorization.ok_or(AuthError::Missing)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Malformed)?;
+        let hash = hash_token(token);
+        let record = match self.verified.get(&hash) {
+            Some(record) => record.clone(),
+            None => {
+                let record = self.store.token_by_hash(&hash).await?.ok_or(AuthError::Unknown)?;
+                self.verified.insert(hash.clone(), record.clone());
+                record
+            }
+        };
+        // The look-up was by hash; compare again in constant time so that no
+        // code path ever branches early on secret-derived bytes.
+        if !bool::from(record.hash.as_bytes().ct_eq(hash.as_bytes())) {
+            return Err(AuthError::Unknown);
+        }
+        if record.revoked_at_ms.is_some() {
+            return Err(AuthError::Revoked);
+        }
+        if record.expires_at_ms.is_some_and(|at| at <= now_ms()) {
+            return Err(AuthError::Expired);
+        }
+        let role = Role::parse(&record.role)
+            .ok_or_else(|| StoreError::Corrupt(format!("token {}: unknown role {:?}", record.id, record.role)))?;
+        Ok(Principal {
+            token_id: record.id,
+            tenant: record.tenant,
+            role,
+            operator: record.operator,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_store::SqliteStore;
+
+    #[tokio::test]
+    async fn bootstrap_generates_once_and_authenticates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("open"));
+        let auth = Auth::new(store.clone());
+        let token = auth.bootstrap(None).await.expect("bootstrap").expect("first start prints a token");
+        assert!(token.starts_with(TOKEN_PREFIX));
+        assert_eq!(auth.bootstrap(None).await.expect("again"), None, "shown only once");
+
+        let who = auth.authenticate(Some(&format!("Bearer {token}"))).await.expect("valid");
+        assert!(who.operator);
+        assert_eq!(who.role, Role::Admin);
+        who.authorize(Action::Deploy, "anyone").expect("operator acts everywhere");
+
+        assert!(matches!(auth.authenticate(None).await, Err(AuthError::Missing)));
+        assert!(matches!(auth.authenticate(Some("Basic abc")).await, Err(AuthError::Malformed)));
+        assert!(matches!(auth.authenticate(Some("Bearer nope")).await, Err(AuthError::Unknown)));
+    }
+
+    #[tokio::test]
+    async fn configured_token_is_registered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("open"));
+        let auth = Auth::new(store);
+        assert_eq!(auth.bootstrap(Some("secret-from-env")).await.expect("bootstrap"), None);
+        auth.authenticate(Some("Bearer secret-from-env")).await.expect("valid");
+    }
+
+    #[test]
+    fn roles_allow_exactly_their_actions() {
+        let who = |role| Principal {
+            token_id: "t".into(),
+            tenant: "acme".into(),
+            role,
+            operator: false,
+        };
+        assert!(who(Role::Invoker).authorize(Action::Invoke, "acme").is_ok());
+        assert!(matches!(who(Role::Invoker).authorize(Action::Deploy, "acme"), Err(AuthError::Forbidden { .. })));
+        assert!(who(Role::Deployer).authorize(Action::Deploy, "acme").is_ok());
+        assert!(matches!(who(Role::Deployer).authorize(Action::Invoke, "acme"), Err(AuthError::Forbidden { .. })));
+        assert!(matches!(who(Role::Billing).authorize(Action::ReadFunctions, "acme"), Err(AuthError::Forbidden { .. })));
+        assert!(matches!(who(Role::Admin).authorize(Action::Invoke, "other"), Err(AuthError::OtherTenant)));
+    }
+}

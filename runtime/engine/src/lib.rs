@@ -1,1 +1,365 @@
-//! stub
+//! Hearth's WebAssembly engine: everything between a deployed component and a
+//! running `wasi:http` handler.
+//!
+//! - [`Engine::new`] configures wasmtime once per process: component model,
+//!   async, the pooling allocator, and epoch interruption driven by a ticker
+//!   thread every [`EPOCH_TICK`].
+//! - [`Engine::precompile`] runs at deploy time: it validates a component,
+//!   compiles it to a `.cwasm` file on disk and checks that it is a
+//!   `wasi:http/proxy` component Hearth can link. Nothing is kept when it fails.
+//! - [`Engine::load`] runs on the first invocation of a component: it maps the
+//!   `.cwasm` file (`deserialize_file`, no recompilation) and caches the
+//!   pre-linked `ProxyPre`, shared by every later instance.
+//! - [`Engine::invoke`] runs one request in a fresh instance with the
+//!   function's memory limit and deadline (see [`invoke`]).
+//!
+//! Guests get WASI p2 with no filesystem, no environment, no sockets, captured
+//! stdout/stderr, and `wasi:http` with outgoing requests refused.
+
+mod invoke;
+mod state;
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use wasmtime::component::{Component, Linker};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+pub use invoke::{InvokeError, Limits, ResponseBody};
+/// The error type request bodies passed to [`Engine::invoke`] fail with.
+pub use wasmtime_wasi_http::Error as BodyError;
+use state::HostState;
+
+/// How often the epoch advances. Deadlines are checked, and long-running
+/// guests yield to other tasks, at this granularity.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Default number of instances that may exist at once, across all functions.
+pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+/// Default largest linear memory any function may be given, in MiB.
+pub const DEFAULT_MAX_MEMORY_MB: u32 = 4096;
+
+/// Result of an engine operation.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Why preparing or loading a component failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The bytes are not a valid WebAssembly component (user error: 422).
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    /// A valid component that Hearth cannot run: missing `wasi:http`
+    /// export, or imports Hearth does not provide (user error: 422).
+    #[error("component cannot run on Hearth: {0}")]
+    Unlinkable(String),
+    /// The compiled artifact or the component file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Wasmtime itself failed (configuration, compilation of a valid module).
+    #[error("wasmtime: {0}")]
+    Wasmtime(String),
+}
+
+/// Process-wide engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Where compiled `.cwasm` artifacts are kept.
+    pub compiled_dir: PathBuf,
+    /// Use the pooling allocator (fast instantiation); off only for comparison.
+    pub pooling: bool,
+    /// Instances that may exist at once (pool size).
+    pub max_instances: u32,
+    /// Largest memory limit a function may have, in MiB.
+    pub max_memory_mb: u32,
+}
+
+impl EngineConfig {
+    /// Defaults with compiled artifacts under `compiled_dir`.
+    pub fn new(compiled_dir: impl Into<PathBuf>) -> EngineConfig {
+        EngineConfig {
+            compiled_dir: compiled_dir.into(),
+            pooling: true,
+            max_instances: DEFAULT_MAX_INSTANCES,
+            max_memory_mb: DEFAULT_MAX_MEMORY_MB,
+        }
+    }
+}
+
+/// A compiled, pre-linked function, ready to instantiate. Shared by every
+/// instance of every function version whose component has the same content.
+#[derive(Clone)]
+pub struct Prepared {
+    pre: ProxyPre<HostState>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").finish_non_exhaustive()
+    }
+}
+
+/// The engine. Cheap to clone; clones share compiled code and the ticker.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: wasmtime::Engine,
+    linker: Linker<HostState>,
+    config: EngineConfig,
+    /// Pre-linked components by content key (the component's digest).
+    loaded: DashMap<String, Prepared>,
+    compat: String,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("loaded", &self.loaded.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn wasmtime_err(err: wasmtime::Error) -> EngineError {
+    EngineError::Wasmtime(error_chain(&err))
+}
+
+/// Renders an error and its causes on one line, outermost first.
+pub(crate) fn error_chain(err: &wasmtime::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
+impl Engine {
+    /// Configures wasmtime and starts the epoch ticker.
+    pub fn new(config: EngineConfig) -> Result<Engine> {
+        std::fs::create_dir_all(&config.compiled_dir).map_err(|source| EngineError::Io {
+            path: config.compiled_dir.clone(),
+            source,
+        })?;
+        let mut wasm = wasmtime::Config::new();
+        wasm.wasm_component_model(true);
+        wasm.epoch_interruption(true);
+        wasm.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        if config.pooling {
+            let n = config.max_instances.max(1);
+            let mut pool = wasmtime::PoolingAllocationConfig::new();
+            pool.total_component_instances(n)
+                // A component made by a Rust toolchain has a few core
+                // instances, memories and tables; leave headroom for larger ones.
+                .total_core_instances(n.saturating_mul(8))
+                .total_memories(n.saturating_mul(2))
+                .total_tables(n.saturating_mul(4))
+                .total_stacks(n)
+                .max_memory_size(config.max_memory_mb as usize * 1024 * 1024)
+                // Keep the first pages of each slot resident and decommit in
+                // batches: fresh instances then cost far fewer page faults and
+                // madvise calls (measured in FACTS.md).
+                .linear_memory_keep_resident(4 << 20)
+                .table_keep_resident(64 << 10)
+                .decommit_batch_size(64);
+            wasm.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
+        let engine = wasmtime::Engine::new(&wasm).map_err(wasmtime_err)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(wasmtime_err)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(wasmtime_err)?;
+
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let compat = format!("{:016x}", hasher.finish());
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        spawn_ticker(engine.weak(), ticker_stop.clone())?;
+
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                config,
+                loaded: DashMap::new(),
+                compat,
+                ticker_stop,
+            }),
+        })
+    }
+
+    /// The settings this engine was made with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// Where the compiled artifact for a component with this key lives. The
+    /// name includes the engine's compatibility hash, so an upgrade that
+    /// changes code generation recompiles instead of loading stale code.
+    pub fn compiled_path(&self, key: &str) -> PathBuf {
+        self.inner
+            .config
+            .compiled_dir
+            .join(format!("{key}-{}.cwasm", self.inner.compat))
+    }
+
+    /// Validates and compiles the component at `component`, writes the
+    /// artifact for `key`, and checks that Hearth can link and serve it.
+    /// Blocking (compilation takes milliseconds to seconds): call it from a
+    /// blocking thread. On error nothing is left on disk.
+    pub fn precompile(&self, key: &str, component: &Path) -> Result<()> {
+        let bytes = std::fs::read(component).map_err(|source| EngineError::Io {
+            path: component.to_owned(),
+            source,
+        })?;
+        if !is_component_binary(&bytes) {
+            return Err(EngineError::Invalid(describe_non_component(&bytes)));
+        }
+        let compiled = self
+            .inner
+            .engine
+            .precompile_component(&bytes)
+            .map_err(|e| EngineError::Invalid(error_chain(&e)))?;
+        let target = self.compiled_path(key);
+        // Unique per call: two deploys of the same content may compile at once.
+        static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
+        let seq = STAGING_SEQ.fetch_add(1, Ordering::Relaxed);
+        let staging = target.with_extension(format!("tmp-{}-{seq}", std::process::id()));
+        let io = |source| EngineError::Io { path: target.clone(), source };
+        std::fs::write(&staging, &compiled).map_err(io)?;
+        std::fs::rename(&staging, &target).map_err(io)?;
+        match self.load_compiled(&target) {
+            Ok(prepared) => {
+                self.inner.loaded.insert(key.to_owned(), prepared);
+                Ok(())
+            }
+            Err(err) => {
+                let _ = std::fs::remove_file(&target);
+                Err(err)
+            }
+        }
+    }
+
+    /// The pre-linked component for `key`: cached, or mapped from its
+    /// `.cwasm` (recompiled from `component` if the artifact is missing or was
+    /// made by another wasmtime). Blocking on a cache miss.
+    pub fn load(&self, key: &str, component: &Path) -> Result<Prepared> {
+        if let Some(prepared) = self.inner.loaded.get(key) {
+            return Ok(prepared.clone());
+        }
+        let compiled = self.compiled_path(key);
+        let prepared = match self.load_compiled(&compiled) {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                tracing::info!(key, error = %err, "compiled artifact unusable, recompiling");
+                self.precompile(key, component)?;
+                return self.load(key, component);
+            }
+        };
+        self.inner.loaded.insert(key.to_owned(), prepared.clone());
+        Ok(prepared)
+    }
+
+    /// The cached pre-linked component for `key`, if loaded.
+    pub fn cached(&self, key: &str) -> Option<Prepared> {
+        self.inner.loaded.get(key).map(|p| p.clone())
+    }
+
+    /// Drops the cached component for `key` (its `.cwasm` stays on disk).
+    pub fn unload(&self, key: &str) {
+        self.inner.loaded.remove(key);
+    }
+
+    /// Number of components currently loaded.
+    pub fn loaded_count(&self) -> usize {
+        self.inner.loaded.len()
+    }
+
+    fn load_compiled(&self, path: &Path) -> Result<Prepared> {
+        if !path.exists() {
+            return Err(EngineError::Io {
+                path: path.to_owned(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        #[expect(unsafe_code, reason = "mapping precompiled code is wasmtime's fast path")]
+        // SAFETY: `deserialize_file` trusts the file to be wasmtime output for
+        // a compatible engine. Hearth writes these files itself, from
+        // `precompile_component` of this engine configuration, into its own
+        // data directory, under a name that includes the engine's
+        // compatibility hash; wasmtime additionally checks the header and
+        // refuses artifacts from another version or configuration.
+        let component = unsafe { Component::deserialize_file(&self.inner.engine, path) }.map_err(wasmtime_err)?;
+        let instance_pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| EngineError::Unlinkable(error_chain(&e)))?;
+        let pre = ProxyPre::new(instance_pre).map_err(|e| {
+            EngineError::Unlinkable(format!(
+                "it must export `wasi:http/incoming-handler` (a wasi:http/proxy component): {}",
+                error_chain(&e)
+            ))
+        })?;
+        Ok(Prepared { pre })
+    }
+}
+
+/// Whether `bytes` start like a component (as opposed to a core module or
+/// not WebAssembly at all); wasmtime's own error for a core module is cryptic.
+fn is_component_binary(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [0x0d, 0x00, 0x01, 0x00]
+}
+
+fn describe_non_component(bytes: &[u8]) -> String {
+    if bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [0x01, 0x00, 0x00, 0x00] {
+        "this is a core WebAssembly module, not a component; build for `wasm32-wasip2` \
+         (or wrap it with `wasm-tools component new`)"
+            .to_owned()
+    } else if bytes.is_empty() {
+        "the file is empty".to_owned()
+    } else {
+        "not a WebAssembly file (no `\\0asm` header)".to_owned()
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until `stop` is set or
+/// the engine is gone.
+fn spawn_ticker(engine: wasmtime::EngineWeak, stop: Arc<AtomicBool>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("hearth-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                match engine.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|source| EngineError::Io {
+            path: PathBuf::from("<epoch ticker thread>"),
+            source,
+        })
+}

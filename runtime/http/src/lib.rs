@@ -1,1 +1,120 @@
-//! stub
+//! Hearth's HTTP front: where every request enters.
+//!
+//! - `/fn/{tenant}/{function}/...` runs a function ([`invoke`]);
+//! - `/v1/...` is the control API, behind bearer tokens ([`control`]);
+//! - `/healthz` and `/readyz` are for load balancers and orchestrators.
+//!
+//! Every error leaves through [`ApiError`], the one place that maps errors to
+//! statuses and `application/problem+json` bodies.
+
+mod body;
+mod control;
+mod invoke;
+mod problem;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::{any, get};
+use hearth_auth::Auth;
+use hearth_engine::Engine;
+use hearth_registry::Registry;
+use hearth_store::Store;
+
+pub use problem::{ApiError, INVOCATION_ID_HEADER};
+
+/// Default largest invocation request body: 16 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
+/// Default largest deploy upload (manifest and component together): 256 MiB.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 256 << 20;
+/// Header with the path a function is mounted at, passed to the guest.
+pub const BASE_PATH_HEADER: &str = "x-hearth-base-path";
+
+/// Limits applied at the HTTP edge.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Largest invocation request body, in bytes.
+    pub max_body_bytes: u64,
+    /// Largest deploy upload, in bytes.
+    pub max_upload_bytes: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    /// Functions and versions.
+    pub registry: Registry,
+    /// Token checks.
+    pub auth: Auth,
+    /// The wasmtime engine.
+    pub engine: Engine,
+    /// The metadata store (for readiness).
+    pub store: Arc<dyn Store>,
+    /// Edge limits.
+    pub limits: HttpLimits,
+    draining: AtomicBool,
+}
+
+impl AppState {
+    /// Shared state for the router.
+    pub fn new(registry: Registry, auth: Auth, engine: Engine, store: Arc<dyn Store>, limits: HttpLimits) -> Arc<AppState> {
+        Arc::new(AppState {
+            registry,
+            auth,
+            engine,
+            store,
+            limits,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Marks the server as shutting down: `/readyz` answers 503 from now on,
+    /// so load balancers stop sending new work while in-flight work finishes.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The complete HTTP router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/fn/{tenant}/{function}", any(invoke::handle))
+        .route("/fn/{tenant}/{function}/", any(invoke::handle))
+        .route("/fn/{tenant}/{function}/{*rest}", any(invoke::handle))
+        .nest("/v1", control::routes())
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn healthz() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    if state.draining.load(Ordering::SeqCst) {
+        return Err(ApiError::Unavailable("shutting down".into()));
+    }
+    state
+        .store
+        .tenant_exists(hearth_auth::DEFAULT_TENANT)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("store unavailable: {e}")))?;
+    Ok(axum::Json(serde_json::json!({ "status": "ready" })))
+}
+
+async fn not_found(uri: http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}

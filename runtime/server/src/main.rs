@@ -1,1 +1,86 @@
-fn main() {}
+//! `hearth`: the server (`hearth serve`) and the client CLI, in one binary.
+//!
+//! Reading order for a newcomer: [`serve`] wires the runtime together
+//! (store → auth → engine → registry → HTTP); the client verbs in [`cli`] are
+//! thin wrappers over the `hearth-client` SDK.
+
+mod cli;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Hearth: serverless WebAssembly functions for ML inference.
+#[derive(Debug, Parser)]
+#[command(name = "hearth", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where client verbs connect, and as whom.
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// Server URL.
+    #[arg(long, env = "HEARTH_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    server: String,
+    /// Bearer token (the admin token printed at first start, or one from `hearth tokens create`).
+    #[arg(long, env = "HEARTH_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Tenant to act in.
+    #[arg(long, env = "HEARTH_TENANT", default_value = "default", global = true)]
+    tenant: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(serve::ServeArgs),
+    /// Build (if the manifest says how) and deploy a function as its next version.
+    Deploy {
+        /// Project directory holding hearth.toml, or the manifest file itself.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        /// Do not run the manifest's `build` command.
+        #[arg(long)]
+        no_build: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Call a function and print its response body.
+    Invoke(cli::InvokeArgs),
+    /// List, show or delete deployed functions.
+    Functions {
+        #[command(subcommand)]
+        command: cli::FunctionsCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Deploy { path, no_build, client } => cli::deploy(&client, &path, no_build).await,
+            Command::Invoke(args) => cli::invoke(args).await,
+            Command::Functions { command, client } => cli::functions(&client, command).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,340 @@
-//! stub
+//! Hearth's Rust SDK: deploy, invoke, list, show and delete functions.
+//!
+//! The `hearth` CLI is built on this crate; anything the CLI does, a program
+//! can do with a [`Client`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), hearth_client::ClientError> {
+//! let client = hearth_client::Client::new("http://127.0.0.1:8080", Some("hth_...".into()), "default")?;
+//! let project = hearth_client::Project::load("functions/echo".as_ref())?;
+//! let deployed = client.deploy(&project, |_sent, _total| {}).await?;
+//! let response = client.invoke(&deployed.name, hearth_client::Invocation::post("/", "hi")).await?;
+//! # Ok(()) }
+//! ```
+
+mod project;
+
+use std::path::PathBuf;
+
+use futures::TryStreamExt as _;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+
+pub use project::Project;
+
+/// Result of an SDK call.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Why an SDK call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with a problem.
+    #[error("{0}")]
+    Api(Problem),
+    /// The server could not be reached, or the connection broke.
+    #[error("request to {url} failed: {}", transport_cause(error))]
+    Transport {
+        /// The URL called.
+        url: String,
+        /// What went wrong (not exposed as `source`: its chain repeats the URL).
+        error: reqwest::Error,
+    },
+    /// A local file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The manifest is invalid.
+    #[error(transparent)]
+    Manifest(#[from] hearth_manifest::ManifestError),
+    /// The project cannot be deployed as it is (no component, build failed…).
+    #[error("{0}")]
+    Project(String),
+    /// A setting is wrong (bad server URL, bad header).
+    #[error("{0}")]
+    Config(String),
+}
+
+/// An `application/problem+json` answer from the server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Problem {
+    /// Problem type URI.
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    /// Short title.
+    #[serde(default)]
+    pub title: String,
+    /// HTTP status.
+    pub status: u16,
+    /// What happened.
+    #[serde(default)]
+    pub detail: String,
+    /// The invocation, if the problem came from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invocation_id: Option<String>,
+    /// The invocation's outcome (`timeout`, `memory_limit`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// The manifest key at fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.title, self.detail)?;
+        if let Some(id) = &self.invocation_id {
+            write!(f, " (invocation {id})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A deployed function version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FunctionVersion {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Function name.
+    pub name: String,
+    /// Version number.
+    pub version: u32,
+    /// `sha256:<hex>` of the component.
+    pub component: String,
+    /// Component size in bytes.
+    pub component_size: u64,
+    /// Deploy time (RFC 3339).
+    pub created_at: String,
+    /// Path to invoke it at, relative to the server.
+    pub invoke_path: String,
+}
+
+/// A function with its manifest and history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionDetail {
+    /// The version that answers now.
+    pub function: FunctionVersion,
+    /// Its manifest.
+    pub manifest: serde_json::Value,
+    /// Every version, oldest first.
+    pub versions: Vec<FunctionVersion>,
+}
+
+/// A request to send to a function.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// HTTP method.
+    pub method: reqwest::Method,
+    /// Path below the function's mount, with query (`/v1/read?x=1`).
+    pub path: String,
+    /// Extra headers.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: bytes::Bytes,
+}
+
+impl Invocation {
+    /// A GET of `path`.
+    pub fn get(path: &str) -> Invocation {
+        Invocation {
+            method: reqwest::Method::GET,
+            path: path.to_owned(),
+            headers: Vec::new(),
+            body: bytes::Bytes::new(),
+        }
+    }
+
+    /// A POST of `body` to `path`.
+    pub fn post(path: &str, body: impl Into<bytes::Bytes>) -> Invocation {
+        Invocation {
+            method: reqwest::Method::POST,
+            body: body.into(),
+            ..Invocation::get(path)
+        }
+    }
+}
+
+/// A connection to a Hearth server, acting in one tenant.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    server: String,
+    token: Option<String>,
+    tenant: String,
+}
+
+impl Client {
+    /// A client for `server` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(server: &str, token: Option<String>, tenant: &str) -> Result<Client> {
+        let server = server.trim_end_matches('/').to_owned();
+        if !(server.starts_with("http://") || server.starts_with("https://")) {
+            return Err(ClientError::Config(format!(
+                "server URL `{server}` must start with http:// or https://"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(|source| ClientError::Transport { url: server.clone(), error: source })?;
+        Ok(Client {
+            http,
+            server,
+            token,
+            tenant: tenant.to_owned(),
+        })
+    }
+
+    /// The server's base URL.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The full URL a function is invoked at.
+    pub fn invoke_url(&self, function: &str) -> String {
+        format!("{}/fn/{}/{}/", self.server, self.tenant, function)
+    }
+
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let builder = self.http.request(method, url);
+        match &self.token {
+            Some(token) => builder.header(AUTHORIZATION, format!("Bearer {token}")),
+            None => builder,
+        }
+    }
+
+    fn control_url(&self, path: &str) -> String {
+        format!("{}/v1{path}?tenant={}", self.server, self.tenant)
+    }
+
+    /// Uploads the project's manifest and built component as a new version.
+    /// `progress(sent, total)` is called as the component streams.
+    pub async fn deploy(
+        &self,
+        project: &Project,
+        progress: impl Fn(u64, u64) + Send + Sync + 'static,
+    ) -> Result<FunctionVersion> {
+        let path = project.component_path()?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|source| ClientError::Io { path: path.clone(), source })?;
+        let total = file
+            .metadata()
+            .await
+            .map_err(|source| ClientError::Io { path: path.clone(), source })?
+            .len();
+        let mut sent = 0u64;
+        let stream = tokio_util::io::ReaderStream::new(file).inspect_ok(move |chunk| {
+            sent += chunk.len() as u64;
+            progress(sent, total);
+        });
+        let component = reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), total)
+            .file_name("component.wasm")
+            .mime_str("application/wasm")
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let manifest = reqwest::multipart::Part::text(project.manifest_text().to_owned())
+            .mime_str("application/toml")
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        let form = reqwest::multipart::Form::new()
+            .part("manifest", manifest)
+            .part("component", component);
+        let url = self.control_url("/functions");
+        let response = self.send(self.request(reqwest::Method::POST, &url).multipart(form), &url).await?;
+        json(response, &url).await
+    }
+
+    /// Sends `invocation` to `function` and returns the raw response, whatever
+    /// its status: a function's 4xx is an answer, not an SDK error.
+    pub async fn invoke(&self, function: &str, invocation: Invocation) -> Result<reqwest::Response> {
+        let path = invocation.path.trim_start_matches('/');
+        let url = format!("{}{path}", self.invoke_url(function));
+        let mut headers = HeaderMap::new();
+        for (name, value) in &invocation.headers {
+            let name = HeaderName::from_bytes(name.trim().as_bytes())
+                .map_err(|e| ClientError::Config(format!("header name `{name}`: {e}")))?;
+            let value = HeaderValue::from_str(value.trim())
+                .map_err(|e| ClientError::Config(format!("header `{name}` value: {e}")))?;
+            headers.append(name, value);
+        }
+        let builder = self
+            .request(invocation.method.clone(), &url)
+            .headers(headers)
+            .body(invocation.body.clone());
+        builder
+            .send()
+            .await
+            .map_err(|error| ClientError::Transport { url, error })
+    }
+
+    /// The newest version of each function.
+    pub async fn list(&self) -> Result<Vec<FunctionVersion>> {
+        #[derive(Deserialize)]
+        struct List {
+            functions: Vec<FunctionVersion>,
+        }
+        let url = self.control_url("/functions");
+        let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
+        Ok(json::<List>(response, &url).await?.functions)
+    }
+
+    /// One function, its manifest and its versions.
+    pub async fn show(&self, name: &str) -> Result<FunctionDetail> {
+        let url = self.control_url(&format!("/functions/{name}"));
+        let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
+        json(response, &url).await
+    }
+
+    /// Deletes a function.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let url = self.control_url(&format!("/functions/{name}"));
+        self.send(self.request(reqwest::Method::DELETE, &url), &url).await?;
+        Ok(())
+    }
+
+    /// Sends a control request; a non-2xx answer becomes [`ClientError::Api`].
+    async fn send(&self, builder: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response> {
+        let response = builder.send().await.map_err(|source| ClientError::Transport { url: url.to_owned(), error: source })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(ClientError::Api(problem_of(response).await))
+    }
+}
+
+/// The innermost useful cause of a transport error (reqwest repeats the URL
+/// at every level of its chain).
+fn transport_cause(err: &reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// Reads a problem body from a failed response (or describes a non-problem one).
+pub async fn problem_of(response: reqwest::Response) -> Problem {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/problem+json"));
+    let text = response.text().await.unwrap_or_default();
+    if is_problem && let Ok(problem) = serde_json::from_str::<Problem>(&text) {
+        return problem;
+    }
+    Problem {
+        kind: "about:blank".into(),
+        title: status.canonical_reason().unwrap_or("error").into(),
+        status: status.as_u16(),
+        detail: text,
+        invocation_id: None,
+        outcome: None,
+        key: None,
+    }
+}
+
+async fn json<T: serde::de::DeserializeOwned>(response: reqwest::Response, url: &str) -> Result<T> {
+    response.json().await.map_err(|source| ClientError::Transport { url: url.to_owned(), error: source })
+}

@@ -1,0 +1,172 @@
+//! Running one request in a fresh instance.
+//!
+//! The guest runs in its own tokio task so that its response head can be sent
+//! while it is still streaming the body. Two guards bound it:
+//! - the epoch deadline: every [`EPOCH_TICK`](crate::EPOCH_TICK) a running
+//!   guest yields to the scheduler (so a spinning guest cannot hog a worker
+//!   thread), and past the deadline it traps;
+//! - a tokio timeout around the whole call, for guests parked in a host call
+//!   (reading a body that never comes) where no epoch check runs.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpView as _;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+use crate::state::HostState;
+use crate::{Engine, Prepared, error_chain};
+
+/// The body of a guest's response, streamed as the guest writes it.
+pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+/// What one invocation may use.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Linear memory cap, in bytes.
+    pub memory_bytes: usize,
+    /// Wall-clock deadline from the start of instantiation.
+    pub timeout: Duration,
+}
+
+/// Why an invocation produced no response. Each maps to one HTTP status and
+/// one usage outcome in the HTTP layer.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum InvokeError {
+    /// The guest trapped (unreachable, out-of-bounds access, stack overflow…).
+    #[error("guest trapped: {reason}")]
+    Trap {
+        /// Wasmtime's description of the trap.
+        reason: String,
+    },
+    /// The deadline passed before the guest answered.
+    #[error("deadline of {} ms exceeded", .0.as_millis())]
+    Timeout(Duration),
+    /// The guest tried to grow its memory past the function's limit.
+    #[error("memory limit of {limit_mb} MiB exceeded")]
+    MemoryLimit {
+        /// The function's limit.
+        limit_mb: usize,
+    },
+    /// The guest returned without sending a response.
+    #[error("guest returned without sending a response")]
+    NoResponse,
+    /// The guest answered with a `wasi:http` error instead of a response.
+    #[error("guest failed the request: {0}")]
+    GuestError(String),
+    /// Every instance slot is in use.
+    #[error("no free instance slot")]
+    Capacity,
+    /// A host-side failure unrelated to the guest.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Engine {
+    /// Runs `request` through a fresh instance of `prepared` and returns its
+    /// response as soon as the guest sends the head. `label` names the
+    /// function in logs (the guest's captured stdout/stderr go there).
+    pub async fn invoke<B>(
+        &self,
+        prepared: &Prepared,
+        limits: Limits,
+        label: &str,
+        request: hyper::Request<B>,
+    ) -> Result<hyper::Response<ResponseBody>, InvokeError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let mut store = Store::new(&self.inner.engine, HostState::new(limits.memory_bytes));
+        store.limiter(|state| &mut state.limiter);
+        let deadline = Instant::now() + limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let http = store.data_mut();
+        let request = http
+            .http()
+            .new_incoming_request(Scheme::Http, request.map(|body| body.map_err(Into::into)))
+            .map_err(|e| InvokeError::Internal(error_chain(&e)))?;
+        let outparam = http
+            .http()
+            .new_response_outparam(sender)
+            .map_err(|e| InvokeError::Internal(error_chain(&e)))?;
+
+        let pre = prepared.pre.clone();
+        let label = label.to_owned();
+        let timeout = limits.timeout;
+        let task = tokio::spawn(async move {
+            let run = async {
+                let proxy = pre.instantiate_async(&mut store).await?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, request, outparam)
+                    .await
+            };
+            let outcome = match tokio::time::timeout(timeout, run).await {
+                Err(_elapsed) => Err(InvokeError::Timeout(timeout)),
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(err)) => Err(classify(&err, store.data(), timeout)),
+            };
+            if let Err(err) = &outcome {
+                tracing::debug!(function = %label, error = %err, "invocation failed");
+            }
+            log_guest_output(&label, store.data());
+            outcome
+        });
+
+        match receiver.await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(code)) => Err(InvokeError::GuestError(format!("{code:?}"))),
+            // The guest dropped the response outparam: the task's outcome says why.
+            Err(_) => match task.await {
+                Ok(Ok(())) => Err(InvokeError::NoResponse),
+                Ok(Err(err)) => Err(err),
+                Err(join) => Err(InvokeError::Internal(format!("guest task failed: {join}"))),
+            },
+        }
+    }
+}
+
+fn classify(err: &wasmtime::Error, state: &HostState, timeout: Duration) -> InvokeError {
+    if state.limiter.exceeded {
+        return InvokeError::MemoryLimit {
+            limit_mb: state.limiter.limit_bytes() >> 20,
+        };
+    }
+    if err.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+        return InvokeError::Capacity;
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => InvokeError::Timeout(timeout),
+        Some(trap) => InvokeError::Trap {
+            reason: trap.to_string(),
+        },
+        None => InvokeError::Trap {
+            reason: error_chain(err),
+        },
+    }
+}
+
+/// Logs what the guest printed, one event per line.
+fn log_guest_output(label: &str, state: &HostState) {
+    for (stream, pipe) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
+        let contents = pipe.contents();
+        if contents.is_empty() {
+            continue;
+        }
+        for line in String::from_utf8_lossy(&contents).lines() {
+            tracing::info!(target: "hearth::guest", function = %label, stream, "{line}");
+        }
+    }
+}

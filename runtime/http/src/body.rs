@@ -1,0 +1,94 @@
+//! A request body that enforces a size limit while it streams.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+/// Wraps a body and fails it with `HttpRequestBodySize` once more than
+/// `limit` bytes have arrived, recording that in a shared flag so the caller
+/// can answer 413 even though the guest only saw a read error.
+#[derive(Debug)]
+pub(crate) struct LimitedBody<B> {
+    inner: B,
+    remaining: u64,
+    limit: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+impl<B> LimitedBody<B> {
+    pub(crate) fn new(inner: B, limit: u64) -> (LimitedBody<B>, Arc<AtomicBool>) {
+        let exceeded = Arc::new(AtomicBool::new(false));
+        let body = LimitedBody {
+            inner,
+            remaining: limit,
+            limit,
+            exceeded: exceeded.clone(),
+        };
+        (body, exceeded)
+    }
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = hearth_engine::BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        this.exceeded.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(hearth_engine::BodyError::HttpRequestBodySize(Some(
+                            this.limit,
+                        )))));
+                    }
+                    this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                tracing::debug!(error = %err, "request body failed");
+                Poll::Ready(Some(Err(hearth_engine::BodyError::ConnectionTerminated)))
+            }
+            other => other.map(|_| None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt as _, Full};
+
+    #[tokio::test]
+    async fn passes_bodies_up_to_the_limit_and_flags_larger_ones() {
+        let (body, exceeded) = LimitedBody::new(Full::new(Bytes::from_static(b"12345")), 5);
+        assert_eq!(body.collect().await.expect("within limit").to_bytes(), "12345");
+        assert!(!exceeded.load(Ordering::Relaxed));
+
+        let (body, exceeded) = LimitedBody::new(Full::new(Bytes::from_static(b"123456")), 5);
+        assert!(body.collect().await.is_err());
+        assert!(exceeded.load(Ordering::Relaxed));
+    }
+}

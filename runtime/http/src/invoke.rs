@@ -1,0 +1,142 @@
+//! `ANY /fn/{tenant}/{function}/{rest...}`: run a function.
+//!
+//! The guest sees the request as if served at the root (`/fn/acme/ocr/v1/read?x=1`
+//! arrives as `/v1/read?x=1`), with the mount in `x-hearth-base-path`. Every
+//! answer, success or problem, carries `x-hearth-invocation-id`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::response::Response;
+use hearth_auth::Action;
+use hearth_engine::{InvokeError, Limits};
+use http::{HeaderValue, Uri, header};
+use uuid::Uuid;
+
+use crate::body::LimitedBody;
+use crate::{ApiError, AppState, BASE_PATH_HEADER, INVOCATION_ID_HEADER};
+
+/// The route's parameters; the path below the mount is taken from the raw
+/// URI instead, so percent-encoding reaches the guest untouched.
+#[derive(serde::Deserialize)]
+pub(crate) struct Target {
+    tenant: String,
+    function: String,
+}
+
+pub(crate) async fn handle(State(state): State<Arc<AppState>>, Path(target): Path<Target>, request: Request) -> Response {
+    let Target { tenant, function } = target;
+    let rest = {
+        let base = format!("/fn/{tenant}/{function}");
+        let path = request.uri().path();
+        path.strip_prefix(&base)
+            .map(|rest| rest.strip_prefix('/').unwrap_or(rest).to_owned())
+            .unwrap_or_default()
+    };
+    run(state, tenant, function, rest, request).await
+}
+
+async fn run(state: Arc<AppState>, tenant: String, function: String, rest: String, request: Request) -> Response {
+    let id = Uuid::now_v7();
+    let result = invoke(&state, &tenant, &function, &rest, request).await;
+    match result {
+        Ok(mut response) => {
+            if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+                response.headers_mut().insert(INVOCATION_ID_HEADER, value);
+            }
+            response
+        }
+        Err(err) => {
+            tracing::info!(invocation_id = %id, tenant, function, error = %err, "invocation failed");
+            err.into_problem(Some(id))
+        }
+    }
+}
+
+async fn invoke(state: &AppState, tenant: &str, function: &str, rest: &str, request: Request) -> Result<Response, ApiError> {
+    let not_found = || ApiError::NotFound(format!("function `{function}` not found in tenant `{tenant}`"));
+    if hearth_manifest::validate_name(tenant).is_err() || hearth_manifest::validate_name(function).is_err() {
+        return Err(not_found());
+    }
+    let deployed = state.registry.resolve(tenant, function).await?;
+    if !deployed.manifest.public {
+        let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let principal = state.auth.authenticate(authorization).await?;
+        principal.authorize(Action::Invoke, tenant)?;
+    }
+
+    let limit = state.limits.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+
+    let prepared = state.registry.prepared(&deployed).await?;
+    let (mut parts, body) = request.into_parts();
+    parts.uri = guest_uri(&parts.uri, parts.headers.get(header::HOST), rest)?;
+    let base = format!("/fn/{tenant}/{function}");
+    parts
+        .headers
+        .insert(BASE_PATH_HEADER, HeaderValue::from_str(&base).map_err(|e| ApiError::Internal(e.to_string()))?);
+    // Credentials are for Hearth, not for the guest.
+    parts.headers.remove(header::AUTHORIZATION);
+    let (body, exceeded) = LimitedBody::new(body, limit);
+
+    let limits = Limits {
+        memory_bytes: deployed.manifest.limits.memory_mb as usize * 1024 * 1024,
+        timeout: Duration::from_millis(deployed.manifest.limits.timeout_ms.into()),
+    };
+    let label = format!("{tenant}/{function}@{}", deployed.version.version);
+    match state
+        .engine
+        .invoke(&prepared, limits, &label, hyper::Request::from_parts(parts, body))
+        .await
+    {
+        Ok(response) => Ok(response.map(Body::new)),
+        Err(_) if exceeded.load(Ordering::Relaxed) => Err(ApiError::PayloadTooLarge { limit }),
+        Err(InvokeError::Capacity) => Err(ApiError::Invocation(InvokeError::Capacity)),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// The URI the guest sees: the path below the function's mount, the original
+/// query, and an authority (wasi:http requires one) from the Host header.
+fn guest_uri(original: &Uri, host: Option<&HeaderValue>, rest: &str) -> Result<Uri, ApiError> {
+    let mut path_and_query = format!("/{rest}");
+    if let Some(query) = original.query() {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
+    let authority = host.and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| ApiError::BadRequest {
+            detail: format!("cannot forward this request: {e}"),
+            key: None,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_sees_the_path_below_the_mount() {
+        let uri: Uri = "/fn/acme/ocr/v1/read?x=1".parse().expect("uri");
+        let host = HeaderValue::from_static("example.com:8080");
+        let guest = guest_uri(&uri, Some(&host), "v1/read").expect("uri");
+        assert_eq!(guest.to_string(), "http://example.com:8080/v1/read?x=1");
+        let root = guest_uri(&"/fn/acme/ocr".parse().expect("uri"), None, "").expect("uri");
+        assert_eq!(root.to_string(), "http://localhost/");
+    }
+}

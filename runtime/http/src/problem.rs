@@ -1,0 +1,250 @@
+//! The one place where errors become HTTP answers: `application/problem+json`
+//! (RFC 9457) with a precise status.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use hearth_auth::AuthError;
+use hearth_engine::InvokeError;
+use hearth_registry::RegistryError;
+use serde::Serialize;
+use uuid::Uuid;
+
+/// Header carrying the invocation id on every invocation response.
+pub const INVOCATION_ID_HEADER: &str = "x-hearth-invocation-id";
+
+/// Seconds a client should wait before retrying after a capacity answer.
+const RETRY_AFTER_S: &str = "1";
+
+/// Every error the HTTP layer can answer with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Missing or bad credentials (401).
+    #[error("{0}")]
+    Unauthorized(AuthError),
+    /// Valid credentials, wrong role (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such thing, or not the caller's to see (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// A malformed request (400), optionally about one manifest key.
+    #[error("{detail}")]
+    BadRequest {
+        /// What is wrong.
+        detail: String,
+        /// The manifest key at fault, if any.
+        key: Option<String>,
+    },
+    /// The body is larger than allowed (413).
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit, in bytes.
+        limit: u64,
+    },
+    /// A well-formed request that cannot be carried out (422), such as an
+    /// invalid component, optionally about one manifest key.
+    #[error("{detail}")]
+    Unprocessable {
+        /// What is wrong.
+        detail: String,
+        /// The manifest key at fault, if any.
+        key: Option<String>,
+    },
+    /// The guest failed (500, 504 for the deadline).
+    #[error("{0}")]
+    Invocation(InvokeError),
+    /// The server is shutting down or out of capacity (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A server-side failure (500); details are logged, not shown.
+    #[error("internal error")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invocation_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+}
+
+impl ApiError {
+    /// HTTP status, a stable slug for the problem type, and its title.
+    fn classify(&self) -> (StatusCode, &'static str, &'static str) {
+        use StatusCode as S;
+        match self {
+            ApiError::Unauthorized(_) => (S::UNAUTHORIZED, "unauthorized", "Unauthorized"),
+            ApiError::Forbidden(_) => (S::FORBIDDEN, "forbidden", "Forbidden"),
+            ApiError::NotFound(_) => (S::NOT_FOUND, "not-found", "Not found"),
+            ApiError::BadRequest { key: Some(_), .. } => (S::BAD_REQUEST, "invalid-manifest", "Invalid manifest"),
+            ApiError::BadRequest { .. } => (S::BAD_REQUEST, "bad-request", "Bad request"),
+            ApiError::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large"),
+            ApiError::Unprocessable { .. } => (S::UNPROCESSABLE_ENTITY, "unprocessable", "Cannot deploy"),
+            ApiError::Invocation(err) => match err {
+                InvokeError::Trap { .. } => (S::INTERNAL_SERVER_ERROR, "guest-trap", "Function trapped"),
+                InvokeError::Timeout(_) => (S::GATEWAY_TIMEOUT, "timeout", "Function deadline exceeded"),
+                InvokeError::MemoryLimit { .. } => {
+                    (S::INTERNAL_SERVER_ERROR, "memory-limit", "Function memory limit exceeded")
+                }
+                InvokeError::NoResponse | InvokeError::GuestError(_) => {
+                    (S::INTERNAL_SERVER_ERROR, "guest-error", "Function failed")
+                }
+                InvokeError::Capacity => (S::SERVICE_UNAVAILABLE, "capacity", "No capacity"),
+                InvokeError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
+            },
+            ApiError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
+            ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
+        }
+    }
+
+    /// The usage outcome of an invocation that ended with this error.
+    pub fn outcome(&self) -> Option<&'static str> {
+        Some(match self {
+            ApiError::Invocation(InvokeError::Trap { .. }) => "guest_trap",
+            ApiError::Invocation(InvokeError::Timeout(_)) => "timeout",
+            ApiError::Invocation(InvokeError::MemoryLimit { .. }) => "memory_limit",
+            ApiError::Invocation(InvokeError::NoResponse | InvokeError::GuestError(_)) => "guest_error",
+            ApiError::Invocation(InvokeError::Capacity) | ApiError::Unavailable(_) => "rejected",
+            ApiError::Invocation(InvokeError::Internal(_)) | ApiError::Internal(_) => "internal_error",
+            _ => return None,
+        })
+    }
+
+    /// The response, tagged with `invocation_id` when there is one.
+    pub fn into_problem(self, invocation_id: Option<Uuid>) -> Response {
+        let (status, slug, title) = self.classify();
+        let detail = match &self {
+            ApiError::Internal(cause) | ApiError::Invocation(InvokeError::Internal(cause)) => {
+                tracing::error!(invocation_id = ?invocation_id, cause, "internal error");
+                "internal error; the server log has the details".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let key = match &self {
+            ApiError::BadRequest { key, .. } | ApiError::Unprocessable { key, .. } => key.as_deref(),
+            _ => None,
+        };
+        let body = Problem {
+            kind: format!("urn:hearth:problem:{slug}"),
+            title,
+            status: status.as_u16(),
+            detail,
+            invocation_id: invocation_id.map(|id| id.to_string()),
+            outcome: if invocation_id.is_some() { self.outcome() } else { None },
+            key,
+        };
+        let mut response = (status, serde_json::to_vec(&body).unwrap_or_default()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        match &self {
+            ApiError::Unauthorized(AuthError::Missing) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"hearth\""));
+            }
+            ApiError::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"hearth\", error=\"invalid_token\""),
+                );
+            }
+            _ => {}
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+        }
+        if let Some(id) = invocation_id
+            && let Ok(value) = HeaderValue::from_str(&id.to_string())
+        {
+            headers.insert(INVOCATION_ID_HEADER, value);
+        }
+        response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.into_problem(None)
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Forbidden { .. } => ApiError::Forbidden(err.to_string()),
+            AuthError::OtherTenant => ApiError::NotFound("not found".into()),
+            AuthError::Store(e) => ApiError::Internal(e.to_string()),
+            other => ApiError::Unauthorized(other),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(err: RegistryError) -> Self {
+        match err {
+            RegistryError::NotFound { .. } => ApiError::NotFound(err.to_string()),
+            RegistryError::Manifest(e) => ApiError::BadRequest {
+                key: e.key().map(str::to_owned),
+                detail: e.to_string(),
+            },
+            RegistryError::Unsupported { ref key, .. } => ApiError::Unprocessable {
+                key: Some(key.clone()),
+                detail: err.to_string(),
+            },
+            RegistryError::Component(_) | RegistryError::EmptyComponent => ApiError::Unprocessable {
+                key: None,
+                detail: err.to_string(),
+            },
+            RegistryError::Store(_) | RegistryError::Engine(_) => ApiError::Internal(err.to_string()),
+        }
+    }
+}
+
+impl From<InvokeError> for ApiError {
+    fn from(err: InvokeError) -> Self {
+        ApiError::Invocation(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    async fn render(err: ApiError, id: Option<Uuid>) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+        let response = err.into_problem(id);
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.expect("body").to_bytes();
+        (parts.status, parts.headers, serde_json::from_slice(&bytes).expect("json"))
+    }
+
+    #[tokio::test]
+    async fn problems_carry_status_type_and_headers() {
+        let id = Uuid::now_v7();
+        let (status, headers, body) = render(InvokeError::MemoryLimit { limit_mb: 16 }.into(), Some(id)).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(body["outcome"], "memory_limit");
+        assert_eq!(body["invocation_id"], id.to_string());
+        assert_eq!(headers[INVOCATION_ID_HEADER], id.to_string().as_str());
+
+        let (status, headers, body) = render(AuthError::Unknown.into(), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(headers[header::WWW_AUTHENTICATE].to_str().expect("ascii").contains("invalid_token"));
+        assert_eq!(body["type"], "urn:hearth:problem:unauthorized");
+
+        let (status, headers, _) = render(InvokeError::Capacity.into(), Some(id)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(headers.contains_key(header::RETRY_AFTER));
+
+        let (status, _, body) = render(ApiError::Internal("secret path /x".into()), None).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!body["detail"].as_str().expect("detail").contains("secret"));
+    }
+}

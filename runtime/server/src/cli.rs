@@ -1,0 +1,232 @@
+//! The client verbs: `deploy`, `invoke`, `functions`. Each is a thin layer
+//! over the `hearth-client` SDK that formats results for a terminal.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use hearth_client::{Client, ClientError, FunctionVersion, Invocation, Project};
+
+use crate::ClientArgs;
+
+fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    Ok(Client::new(&args.server, args.token.clone(), &args.tenant)?)
+}
+
+/// Output format of listing commands.
+#[derive(Debug, Clone, Copy, Default, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns.
+    #[default]
+    Text,
+    /// JSON, for scripts.
+    Json,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum FunctionsCommand {
+    /// List functions with their newest version.
+    List {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show a function: manifest and every version.
+    Show {
+        /// Function name.
+        name: String,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete a function (running invocations finish; later ones get 404).
+    Delete {
+        /// Function name.
+        name: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InvokeArgs {
+    /// Function name.
+    function: String,
+    /// Request body: text, or `@FILE` to send a file (`@-` reads stdin).
+    #[arg(long, short)]
+    data: Option<String>,
+    /// Request header `NAME:VALUE`; repeatable.
+    #[arg(long = "header", short = 'H', value_name = "NAME:VALUE")]
+    headers: Vec<String>,
+    /// HTTP method; POST when --data is given, else GET.
+    #[arg(long, short = 'X')]
+    method: Option<String>,
+    /// Path below the function's mount, with query.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Print the status line and response headers before the body.
+    #[arg(long, short)]
+    include: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+pub async fn deploy(args: &ClientArgs, path: &Path, no_build: bool) -> anyhow::Result<ExitCode> {
+    let client = connect(args)?;
+    let project = Project::load(path)?;
+    if !no_build && let Some(build) = &project.manifest().build {
+        eprintln!("building: {build}");
+        let project = project.clone();
+        tokio::task::spawn_blocking(move || project.build())
+            .await
+            .context("build task failed")??;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress = bar.clone();
+    let result = client
+        .deploy(&project, move |sent, total| {
+            progress.set_length(total);
+            progress.set_position(sent);
+        })
+        .await;
+    bar.finish_and_clear();
+    let version = result?;
+    println!(
+        "deployed {} v{} ({}, {})",
+        version.name,
+        version.version,
+        short_digest(&version.component),
+        human_bytes(version.component_size)
+    );
+    println!("invoke: {}{}", client.server(), version.invoke_path);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn invoke(args: InvokeArgs) -> anyhow::Result<ExitCode> {
+    let client = connect(&args.client)?;
+    let body = match args.data.as_deref() {
+        None => Vec::new(),
+        Some("@-") => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
+            buf
+        }
+        Some(data) => match data.strip_prefix('@') {
+            Some(file) => std::fs::read(file).map_err(|source| ClientError::Io {
+                path: PathBuf::from(file),
+                source,
+            })?,
+            None => data.as_bytes().to_vec(),
+        },
+    };
+    let method = match &args.method {
+        Some(m) => m.to_uppercase().parse().with_context(|| format!("invalid method `{m}`"))?,
+        None if args.data.is_some() => reqwest::Method::POST,
+        None => reqwest::Method::GET,
+    };
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| {
+            h.split_once(':')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .with_context(|| format!("header `{h}` must be NAME:VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let response = client
+        .invoke(
+            &args.function,
+            Invocation {
+                method,
+                path: args.path.clone(),
+                headers,
+                body: body.into(),
+            },
+        )
+        .await?;
+    let status = response.status();
+    let mut stdout = std::io::stdout().lock();
+    if args.include {
+        writeln!(stdout, "{:?} {status}", response.version())?;
+        for (name, value) in response.headers() {
+            writeln!(stdout, "{name}: {}", String::from_utf8_lossy(value.as_bytes()))?;
+        }
+        writeln!(stdout)?;
+    }
+    if status.is_success() {
+        let bytes = response.bytes().await.context("reading the response")?;
+        stdout.write_all(&bytes)?;
+        stdout.flush()?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let problem = hearth_client::problem_of(response).await;
+    if args.include {
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&problem)?)?;
+    }
+    eprintln!("error: {problem}");
+    Ok(ExitCode::FAILURE)
+}
+
+pub async fn functions(args: &ClientArgs, command: FunctionsCommand) -> anyhow::Result<ExitCode> {
+    let client = connect(args)?;
+    match command {
+        FunctionsCommand::List { output } => {
+            let functions = client.list().await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&functions)?),
+                Output::Text if functions.is_empty() => eprintln!("no functions in tenant `{}`", args.tenant),
+                Output::Text => print_table(&functions),
+            }
+        }
+        FunctionsCommand::Show { name, output } => {
+            let detail = client.show(&name).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&detail)?),
+                Output::Text => {
+                    let f = &detail.function;
+                    println!("function  {}/{}", f.tenant, f.name);
+                    println!("version   {}", f.version);
+                    println!("invoke    {}{}", client.server(), f.invoke_path);
+                    println!("manifest  {}", serde_json::to_string(&detail.manifest)?);
+                    println!("versions:");
+                    print_table(&detail.versions);
+                }
+            }
+        }
+        FunctionsCommand::Delete { name } => {
+            client.delete(&name).await?;
+            println!("deleted {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(rows: &[FunctionVersion]) {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
+    println!("{:width$}  {:>7}  {:<19}  {:>9}  DEPLOYED", "NAME", "VERSION", "COMPONENT", "SIZE");
+    for r in rows {
+        println!(
+            "{:width$}  {:>7}  {:<19}  {:>9}  {}",
+            r.name,
+            r.version,
+            short_digest(&r.component),
+            human_bytes(r.component_size),
+            r.created_at
+        );
+    }
+}
+
+fn short_digest(digest: &str) -> String {
+    digest.chars().take("sha256:".len() + 12).collect()
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / f64::from(1 << 20)),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / f64::from(1 << 10)),
+        n => format!("{n} B"),
+    }
+}

@@ -1,0 +1,172 @@
+//! `hearth serve`: open the data directory, wire the runtime, serve HTTP.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hearth_auth::Auth;
+use hearth_engine::{Engine, EngineConfig};
+use hearth_http::{AppState, HttpLimits};
+use hearth_registry::Registry;
+use hearth_store::{BlobStore, SqliteStore, Store};
+use tokio::io::AsyncWriteExt as _;
+
+/// Default time in-flight requests get to finish after SIGTERM/SIGINT.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    #[arg(long, env = "HEARTH_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory for the database, blobs and compiled code.
+    #[arg(long, env = "HEARTH_DATA_DIR", default_value = "./.hearth")]
+    data_dir: PathBuf,
+    /// Operator admin token to accept; without it one is generated on the
+    /// first start and printed once.
+    #[arg(long = "admin-token", env = "HEARTH_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Largest invocation request body, in bytes.
+    #[arg(long, env = "HEARTH_MAX_BODY_BYTES", default_value_t = hearth_http::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: u64,
+    /// Largest deploy upload, in bytes.
+    #[arg(long, env = "HEARTH_MAX_UPLOAD_BYTES", default_value_t = hearth_http::DEFAULT_MAX_UPLOAD_BYTES)]
+    max_upload_bytes: u64,
+    /// Instances that may exist at once across all functions (pool size).
+    #[arg(long, env = "HEARTH_MAX_INSTANCES", default_value_t = hearth_engine::DEFAULT_MAX_INSTANCES)]
+    max_instances: u32,
+    /// Largest memory limit a function may ask for, in MiB.
+    #[arg(long, env = "HEARTH_MAX_MEMORY_MB", default_value_t = hearth_engine::DEFAULT_MAX_MEMORY_MB)]
+    max_memory_mb: u32,
+    /// Seconds in-flight requests get to finish on shutdown.
+    #[arg(long, env = "HEARTH_SHUTDOWN_GRACE_S", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
+    shutdown_grace_s: u64,
+    /// Log format on stderr.
+    #[arg(long, env = "HEARTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_logging(args.log_format);
+    let data_dir = args.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
+    let blobs = BlobStore::open(&data_dir).context("opening the blob store")?;
+    let auth = Auth::new(store.clone());
+    let generated = auth
+        .bootstrap(args.admin_token.as_deref())
+        .await
+        .context("creating the admin token")?;
+
+    let mut engine_config = EngineConfig::new(data_dir.join("compiled"));
+    engine_config.max_instances = args.max_instances;
+    engine_config.max_memory_mb = args.max_memory_mb;
+    let engine = Engine::new(engine_config).context("configuring wasmtime")?;
+    let registry = Registry::new(store.clone(), blobs, engine.clone());
+    let limits = HttpLimits {
+        max_body_bytes: args.max_body_bytes,
+        max_upload_bytes: args.max_upload_bytes,
+    };
+    let state = AppState::new(registry, auth, engine, store, limits);
+    let app = hearth_http::router(state.clone());
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+
+    // stdout carries the two lines a user (or a test) needs; logs go to stderr.
+    let mut banner = String::new();
+    if let Some(token) = generated {
+        banner.push_str(&format!(
+            "admin token (shown once, keep it): {token}\n  export HEARTH_TOKEN={token}\n"
+        ));
+    }
+    banner.push_str(&format!("hearth listening on http://{addr}\n"));
+    let mut stdout = tokio::io::stdout();
+    stdout.write_all(banner.as_bytes()).await.context("writing to stdout")?;
+    stdout.flush().await.context("writing to stdout")?;
+    tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    tokio::pin!(server);
+
+    tokio::select! {
+        result = &mut server => {
+            result.context("server task failed")?.context("serving HTTP")?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        signal = shutdown_signal() => {
+            tracing::info!(signal, "shutting down: no new connections, finishing in-flight requests");
+        }
+    }
+    state.start_draining();
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(args.shutdown_grace_s);
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(result) => {
+            result.context("server task failed")?.context("serving HTTP")?;
+            tracing::info!("stopped cleanly");
+        }
+        Err(_) => tracing::warn!(grace_s = grace.as_secs(), "grace period over; dropping remaining requests"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM, naming the signal.
+async fn shutdown_signal() -> &'static str {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                ctrl_c.await;
+                return "SIGINT";
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        ctrl_c.await;
+        "ctrl-c"
+    }
+}
