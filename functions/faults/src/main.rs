@@ -5,6 +5,8 @@
 //! - `/membomb`: allocates until memory runs out;
 //! - `/stack`: recurses until the stack overflows;
 //! - `/sleep?ms=N`: sleeps N ms, then answers (a slow but well-behaved call);
+//! - `/slow-body?ms=N`: sends the response head at once, then the body after
+//!   N ms (lets tests observe an invocation in flight);
 //! - anything else: answers `ok`.
 use hearth_guest::prelude::*;
 
@@ -27,17 +29,32 @@ async fn faults(request: Request<Body>) -> Result<Response<Body>> {
             Ok(text(StatusCode::OK, depth.to_string()))
         }
         "/sleep" => {
-            let ms = request
-                .uri()
-                .query()
-                .and_then(|q| q.strip_prefix("ms="))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(100);
-            hearth_guest::wstd::task::sleep(hearth_guest::wstd::time::Duration::from_millis(ms)).await;
+            sleep(millis(&request)).await;
             Ok(text(StatusCode::OK, "slept\n"))
+        }
+        "/slow-body" => {
+            let ms = millis(&request);
+            let body = futures_lite::stream::once_future(async move {
+                sleep(ms).await;
+                Ok::<_, std::convert::Infallible>(hearth_guest::wstd::http::body::Bytes::from_static(b"done\n"))
+            });
+            Ok(Response::new(Body::from_try_stream(body)))
         }
         _ => Ok(text(StatusCode::OK, "ok\n")),
     }
+}
+
+fn millis(request: &Request<Body>) -> u64 {
+    request
+        .uri()
+        .query()
+        .and_then(|q| q.strip_prefix("ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
+async fn sleep(ms: u64) {
+    hearth_guest::wstd::task::sleep(hearth_guest::wstd::time::Duration::from_millis(ms)).await;
 }
 
 fn spin() -> ! {

@@ -1,0 +1,235 @@
+//! Every error a user can cause: precise status, problem+json body, and the
+//! server keeps serving afterwards.
+
+use futures::StreamExt as _;
+use reqwest::multipart::{Form, Part};
+
+use crate::server::{Server, deploy, http, problem, still_serves};
+
+const FAULTS_LIMITS: &str = "[limits]\nmemory_mb = 32\ntimeout_ms = 300\n";
+
+async fn server_with_faults(tmp: &std::path::Path, extra_args: &[&str]) -> Server {
+    let server = Server::start(&tmp.join("data"), extra_args);
+    deploy(&server, tmp, "hello", hearth_fixtures::HELLO, "").await;
+    deploy(&server, tmp, "faults", hearth_fixtures::FAULTS, FAULTS_LIMITS).await;
+    server
+}
+
+fn upload(manifest: &str, component: Vec<u8>) -> Form {
+    Form::new()
+        .part("manifest", Part::text(manifest.to_owned()))
+        .part("component", Part::bytes(component))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guest_faults_map_to_precise_problems() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = server_with_faults(tmp.path(), &[]).await;
+    let call = |path: &str| http().get(server.fn_url("faults", path)).send();
+
+    let body = problem(call("/trap").await.expect("trap"), 500).await;
+    assert_eq!(body["type"], "urn:hearth:problem:guest-trap");
+    assert!(body["detail"].as_str().expect("detail").contains("unreachable"), "{body}");
+    assert!(body["invocation_id"].is_string());
+    still_serves(&server).await;
+
+    let body = problem(call("/loop").await.expect("loop"), 504).await;
+    assert_eq!(body["outcome"], "timeout");
+    assert!(body["detail"].as_str().expect("detail").contains("300 ms"), "{body}");
+    still_serves(&server).await;
+
+    // Parked in a host call (sleeping past the deadline): the deadline still fires.
+    let body = problem(call("/sleep?ms=60000").await.expect("sleep"), 504).await;
+    assert_eq!(body["outcome"], "timeout");
+    still_serves(&server).await;
+
+    let body = problem(call("/membomb").await.expect("membomb"), 500).await;
+    assert_eq!(body["outcome"], "memory_limit");
+    assert!(body["detail"].as_str().expect("detail").contains("32 MiB"), "{body}");
+    still_serves(&server).await;
+
+    let body = problem(call("/stack").await.expect("stack"), 500).await;
+    assert_eq!(body["type"], "urn:hearth:problem:guest-trap");
+    still_serves(&server).await;
+
+    let response = call("/").await.expect("ok");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_function_and_unknown_route_are_404() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = server_with_faults(tmp.path(), &[]).await;
+    let response = http().get(server.fn_url("nope", "/x")).send().await.expect("invoke");
+    assert!(response.headers().contains_key("x-hearth-invocation-id"));
+    let body = problem(response, 404).await;
+    assert!(body["detail"].as_str().expect("detail").contains("nope"));
+    for path in ["/fn/other-tenant/hello/", "/fn/default/..%2f..%2fetc/", "/fn/Default/hello/", "/nothing-here"] {
+        let response = http().get(format!("{}{path}", server.url)).send().await.expect("get");
+        problem(response, 404).await;
+    }
+    still_serves(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_tokens_get_401_with_www_authenticate() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = server_with_faults(tmp.path(), &[]).await;
+    let anonymous = reqwest::Client::new();
+    let cases = [
+        (None, "Bearer realm=\"hearth\""),
+        (Some("Bearer not-a-real-token"), "error=\"invalid_token\""),
+        (Some("Basic dXNlcjpwYXNz"), "error=\"invalid_token\""),
+    ];
+    for url in [server.fn_url("hello", "/"), format!("{}/v1/functions", server.url)] {
+        for (authorization, challenge) in cases {
+            let mut request = anonymous.get(&url);
+            if let Some(value) = authorization {
+                request = request.header("authorization", value);
+            }
+            let response = request.send().await.expect("request");
+            let www = response.headers()["www-authenticate"].to_str().expect("ascii").to_owned();
+            assert!(www.starts_with("Bearer") && www.contains(challenge), "{url} {authorization:?}: {www}");
+            problem(response, 401).await;
+        }
+    }
+    still_serves(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_over_the_limit_are_413_declared_or_streamed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &["--max-body-bytes", "4096", "--max-upload-bytes", "262144"]);
+    deploy(&server, tmp.path(), "hello", hearth_fixtures::HELLO, "").await;
+    deploy(&server, tmp.path(), "echo", hearth_fixtures::ECHO, "").await;
+
+    let response = http().post(server.fn_url("echo", "/")).body(vec![1u8; 4096]).send().await.expect("at limit");
+    assert_eq!(response.status(), 200);
+
+    let response = http().post(server.fn_url("echo", "/")).body(vec![1u8; 5000]).send().await.expect("declared");
+    let body = problem(response, 413).await;
+    assert!(body["detail"].as_str().expect("detail").contains("4096"));
+
+    // No Content-Length: the limit is enforced while the body streams to the guest.
+    let chunks = futures::stream::iter((0..10).map(|_| Ok::<_, std::io::Error>(vec![7u8; 1000])));
+    let response = http()
+        .post(server.fn_url("echo", "/"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("streamed");
+    problem(response, 413).await;
+
+    // Deploy uploads have their own limit (hello is ~240 KB, echo ~280 KB).
+    let component = std::fs::read(hearth_fixtures::ECHO).expect("echo");
+    let response = http()
+        .post(format!("{}/v1/functions", server.url))
+        .multipart(upload("name = \"big\"", component))
+        .send()
+        .await
+        .expect("upload");
+    problem(response, 413).await;
+    assert!(server.client().list().await.expect("list").iter().all(|f| f.name != "big"));
+    still_serves(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_components_are_422_and_nothing_is_stored() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = server_with_faults(tmp.path(), &[]).await;
+    let blobs = server.data_dir.join("blobs/sha256");
+    let blobs_before = std::fs::read_dir(&blobs).expect("blobs").count();
+    let mut truncated = std::fs::read(hearth_fixtures::ECHO).expect("echo");
+    truncated.truncate(truncated.len() / 2);
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        ("garbage", b"definitely not wasm".to_vec(), "not a WebAssembly file"),
+        ("core", hearth_fixtures::CORE_MODULE.to_vec(), "core WebAssembly module"),
+        ("truncated", truncated, "invalid component"),
+        ("empty", Vec::new(), "empty"),
+    ];
+    for (name, bytes, expected) in cases {
+        let response = http()
+            .post(format!("{}/v1/functions", server.url))
+            .multipart(upload(&format!("name = \"{name}\""), bytes))
+            .send()
+            .await
+            .expect("deploy");
+        let body = problem(response, 422).await;
+        assert!(body["detail"].as_str().expect("detail").contains(expected), "{name}: {body}");
+    }
+    let names: Vec<String> = server.client().list().await.expect("list").into_iter().map(|f| f.name).collect();
+    assert_eq!(names, ["faults", "hello"]);
+    assert_eq!(std::fs::read_dir(&blobs).expect("blobs").count(), blobs_before, "no blob kept");
+    assert_eq!(std::fs::read_dir(server.data_dir.join("tmp")).expect("tmp").count(), 0, "no staging file kept");
+    still_serves(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_manifests_are_400_naming_the_key() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = server_with_faults(tmp.path(), &[]).await;
+    let hello = std::fs::read(hearth_fixtures::HELLO).expect("hello");
+    let cases = [
+        ("name = \"x\"\n[limits]\nmemory_mbb = 3", "limits.memory_mbb"),
+        ("name = \"x\"\nflavour = \"mint\"", "flavour"),
+        ("name = \"X Y\"", "name"),
+        ("name = \"x\"\n[limits]\ntimeout_ms = 0", "limits.timeout_ms"),
+    ];
+    for (manifest, key) in cases {
+        let response = http()
+            .post(format!("{}/v1/functions", server.url))
+            .multipart(upload(manifest, hello.clone()))
+            .send()
+            .await
+            .expect("deploy");
+        let body = problem(response, 400).await;
+        assert_eq!(body["key"], key, "{manifest}");
+        assert!(body["detail"].as_str().expect("detail").contains(key), "{body}");
+    }
+    // Not TOML at all.
+    let response = http()
+        .post(format!("{}/v1/functions", server.url))
+        .multipart(upload("name = ", hello.clone()))
+        .send()
+        .await
+        .expect("deploy");
+    problem(response, 400).await;
+    // Not multipart at all.
+    let response = http()
+        .post(format!("{}/v1/functions", server.url))
+        .body("hello")
+        .send()
+        .await
+        .expect("deploy");
+    problem(response, 400).await;
+
+    // The CLI refuses the same manifest before uploading, naming the key.
+    let dir = crate::server::project(&tmp.path().join("typo"), "typo", hearth_fixtures::HELLO, "[limits]\nmemory_mbb = 3\n");
+    let output = server.cli().arg("deploy").arg(&dir).output().expect("deploy");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("limits.memory_mbb"));
+    still_serves(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_faults_do_not_disturb_healthy_calls() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = server_with_faults(tmp.path(), &[]).await;
+    let client = http();
+    let calls = (0..24).map(|i| {
+        let path = ["/trap", "/membomb", "/", "/loop"][i % 4];
+        let url = server.fn_url("faults", path);
+        let client = client.clone();
+        async move { (path, client.get(url).send().await.expect("call").status().as_u16()) }
+    });
+    let results: Vec<(&str, u16)> = futures::stream::iter(calls).buffer_unordered(24).collect().await;
+    for (path, status) in results {
+        let expected = match path {
+            "/trap" | "/membomb" => 500,
+            "/loop" => 504,
+            _ => 200,
+        };
+        assert_eq!(status, expected, "{path}");
+    }
+    still_serves(&server).await;
+}

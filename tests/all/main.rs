@@ -1,0 +1,10 @@
+//! Integration tests: each starts the real `hearth` binary on 127.0.0.1 with
+//! a fresh data directory and talks to it over real HTTP, with the CLI, the
+//! SDK, or plain reqwest. One test binary (as Wasmtime's `tests/all`), so the
+//! binary and the guests build once.
+
+mod server;
+
+mod deploy;
+mod errors;
+mod lifecycle;
