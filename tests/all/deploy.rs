@@ -14,7 +14,11 @@ async fn cli_deploy_then_echo_round_trips_method_path_query_headers_and_a_mebiby
 
     let output = server.cli().arg("deploy").arg(&dir).output().expect("hearth deploy");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "deploy failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "deploy failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("deployed echo v1"), "{stdout}");
     let invoke_url = format!("{}/fn/default/echo/", server.url);
     assert!(stdout.contains(&format!("invoke: {invoke_url}")), "{stdout}");
@@ -30,7 +34,10 @@ async fn cli_deploy_then_echo_round_trips_method_path_query_headers_and_a_mebiby
         .await
         .expect("invoke");
     assert_eq!(response.status(), 200);
-    let id = response.headers()["x-hearth-invocation-id"].to_str().expect("id").to_owned();
+    let id = response.headers()["x-hearth-invocation-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
     let id = uuid::Uuid::parse_str(&id).expect("uuid");
     assert_eq!(id.get_version_num(), 7);
     let echo: serde_json::Value = response.json().await.expect("json");
@@ -40,7 +47,10 @@ async fn cli_deploy_then_echo_round_trips_method_path_query_headers_and_a_mebiby
     assert_eq!(echo["headers"]["x-custom"][0], "hello");
     assert_eq!(echo["headers"]["x-multi"][0], "a");
     assert_eq!(echo["headers"]["x-hearth-base-path"][0], "/fn/default/echo");
-    assert!(echo["headers"].get("authorization").is_none(), "credentials must not reach the guest");
+    assert!(
+        echo["headers"].get("authorization").is_none(),
+        "credentials must not reach the guest"
+    );
     assert_eq!(echo["body_len"], 1 << 20);
     let echoed = base64::engine::general_purpose::STANDARD
         .decode(echo["body_base64"].as_str().expect("base64"))
@@ -50,7 +60,16 @@ async fn cli_deploy_then_echo_round_trips_method_path_query_headers_and_a_mebiby
     // The CLI's invoke prints the body and exits 0.
     let output = server
         .cli()
-        .args(["invoke", "echo", "--data", "from the cli", "-H", "x-from: cli", "--path", "/p?q=1"])
+        .args([
+            "invoke",
+            "echo",
+            "--data",
+            "from the cli",
+            "-H",
+            "x-from: cli",
+            "--path",
+            "/p?q=1",
+        ])
         .output()
         .expect("hearth invoke");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -67,13 +86,23 @@ async fn sdk_deploy_survives_restart_and_redeploy_serves_the_new_version() {
     let data = tmp.path().join("data");
     let server = Server::start(&data, &[]);
     assert_eq!(deploy(&server, tmp.path(), "echo", hearth_fixtures::ECHO, "").await, 1);
-    let response = http().post(server.fn_url("echo", "/before")).body("one").send().await.expect("invoke");
+    let response = http()
+        .post(server.fn_url("echo", "/before"))
+        .body("one")
+        .send()
+        .await
+        .expect("invoke");
     assert_eq!(response.status(), 200);
     assert!(server.terminate(), "SIGTERM should stop the server cleanly");
 
     // Same data directory, no redeploy: the function is still there.
     let server = Server::start(&data, &[]);
-    let response = http().post(server.fn_url("echo", "/after")).body("two").send().await.expect("invoke");
+    let response = http()
+        .post(server.fn_url("echo", "/after"))
+        .body("two")
+        .send()
+        .await
+        .expect("invoke");
     assert_eq!(response.status(), 200);
     let echo: serde_json::Value = response.json().await.expect("json");
     assert_eq!(echo["path"], "/after");
@@ -85,7 +114,10 @@ async fn sdk_deploy_survives_restart_and_redeploy_serves_the_new_version() {
     );
 
     // A redeploy under the same name (with another component) is version 2 and answers.
-    assert_eq!(deploy(&server, &tmp.path().join("v2"), "echo", hearth_fixtures::HELLO, "").await, 2);
+    assert_eq!(
+        deploy(&server, &tmp.path().join("v2"), "echo", hearth_fixtures::HELLO, "").await,
+        2
+    );
     let response = http().get(server.fn_url("echo", "/")).send().await.expect("invoke");
     assert_eq!(response.text().await.expect("body"), "hello from hearth\n");
 
@@ -102,7 +134,14 @@ async fn list_show_and_delete_through_cli_and_sdk() {
     deploy(&server, tmp.path(), "echo", hearth_fixtures::ECHO, "").await;
     deploy(&server, tmp.path(), "hello", hearth_fixtures::HELLO, "public = true").await;
 
-    let names: Vec<String> = server.client().list().await.expect("list").into_iter().map(|f| f.name).collect();
+    let names: Vec<String> = server
+        .client()
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
     assert_eq!(names, ["echo", "hello"]);
 
     let output = server.cli().args(["functions", "list"]).output().expect("list");
@@ -110,7 +149,11 @@ async fn list_show_and_delete_through_cli_and_sdk() {
     assert!(output.status.success());
     assert!(stdout.contains("echo") && stdout.contains("hello"), "{stdout}");
 
-    let output = server.cli().args(["functions", "show", "hello", "-o", "json"]).output().expect("show");
+    let output = server
+        .cli()
+        .args(["functions", "show", "hello", "-o", "json"])
+        .output()
+        .expect("show");
     let detail: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
     assert_eq!(detail["manifest"]["public"], true);
 
@@ -119,7 +162,11 @@ async fn list_show_and_delete_through_cli_and_sdk() {
     let response = anonymous.get(server.fn_url("hello", "/")).send().await.expect("invoke");
     assert_eq!(response.status(), 200);
 
-    let output = server.cli().args(["functions", "delete", "hello"]).output().expect("delete");
+    let output = server
+        .cli()
+        .args(["functions", "delete", "hello"])
+        .output()
+        .expect("delete");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let response = anonymous.get(server.fn_url("hello", "/")).send().await.expect("invoke");
     let body = problem(response, 404).await;
@@ -128,7 +175,10 @@ async fn list_show_and_delete_through_cli_and_sdk() {
     server.client().delete("echo").await.expect("sdk delete");
     assert!(server.client().list().await.expect("list").is_empty());
     let err = server.client().delete("echo").await.expect_err("already deleted");
-    assert!(matches!(err, hearth_client::ClientError::Api(ref p) if p.status == 404), "{err}");
+    assert!(
+        matches!(err, hearth_client::ClientError::Api(ref p) if p.status == 404),
+        "{err}"
+    );
 
     // The CLI says what went wrong and exits non-zero.
     let output = server.cli().args(["functions", "show", "echo"]).output().expect("show");
@@ -143,7 +193,12 @@ async fn deploy_runs_the_manifest_build_command() {
     // The "build" copies the prebuilt component into place, as a real build would produce it.
     let build = format!("build = \"mkdir -p out && cp {} out/fn.wasm\"", hearth_fixtures::HELLO);
     let dir = project(&tmp.path().join("built"), "built", "out/fn.wasm", &build);
-    let output = server.cli().arg("deploy").arg(dir.join("hearth.toml")).output().expect("deploy");
+    let output = server
+        .cli()
+        .arg("deploy")
+        .arg(dir.join("hearth.toml"))
+        .output()
+        .expect("deploy");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(dir.join("out/fn.wasm").is_file());
     let response = http().get(server.fn_url("built", "/")).send().await.expect("invoke");

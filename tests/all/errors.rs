@@ -29,7 +29,10 @@ async fn guest_faults_map_to_precise_problems() {
 
     let body = problem(call("/trap").await.expect("trap"), 500).await;
     assert_eq!(body["type"], "urn:hearth:problem:guest-trap");
-    assert!(body["detail"].as_str().expect("detail").contains("unreachable"), "{body}");
+    assert!(
+        body["detail"].as_str().expect("detail").contains("unreachable"),
+        "{body}"
+    );
     assert!(body["invocation_id"].is_string());
     still_serves(&server).await;
 
@@ -64,7 +67,12 @@ async fn unknown_function_and_unknown_route_are_404() {
     assert!(response.headers().contains_key("x-hearth-invocation-id"));
     let body = problem(response, 404).await;
     assert!(body["detail"].as_str().expect("detail").contains("nope"));
-    for path in ["/fn/other-tenant/hello/", "/fn/default/..%2f..%2fetc/", "/fn/Default/hello/", "/nothing-here"] {
+    for path in [
+        "/fn/other-tenant/hello/",
+        "/fn/default/..%2f..%2fetc/",
+        "/fn/Default/hello/",
+        "/nothing-here",
+    ] {
         let response = http().get(format!("{}{path}", server.url)).send().await.expect("get");
         problem(response, 404).await;
     }
@@ -88,8 +96,14 @@ async fn bad_tokens_get_401_with_www_authenticate() {
                 request = request.header("authorization", value);
             }
             let response = request.send().await.expect("request");
-            let www = response.headers()["www-authenticate"].to_str().expect("ascii").to_owned();
-            assert!(www.starts_with("Bearer") && www.contains(challenge), "{url} {authorization:?}: {www}");
+            let www = response.headers()["www-authenticate"]
+                .to_str()
+                .expect("ascii")
+                .to_owned();
+            assert!(
+                www.starts_with("Bearer") && www.contains(challenge),
+                "{url} {authorization:?}: {www}"
+            );
             problem(response, 401).await;
         }
     }
@@ -99,14 +113,27 @@ async fn bad_tokens_get_401_with_www_authenticate() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bodies_over_the_limit_are_413_declared_or_streamed() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&tmp.path().join("data"), &["--max-body-bytes", "4096", "--max-upload-bytes", "300000"]);
+    let server = Server::start(
+        &tmp.path().join("data"),
+        &["--max-body-bytes", "4096", "--max-upload-bytes", "300000"],
+    );
     deploy(&server, tmp.path(), "hello", hearth_fixtures::HELLO, "").await;
     deploy(&server, tmp.path(), "echo", hearth_fixtures::ECHO, "").await;
 
-    let response = http().post(server.fn_url("echo", "/")).body(vec![1u8; 4096]).send().await.expect("at limit");
+    let response = http()
+        .post(server.fn_url("echo", "/"))
+        .body(vec![1u8; 4096])
+        .send()
+        .await
+        .expect("at limit");
     assert_eq!(response.status(), 200);
 
-    let response = http().post(server.fn_url("echo", "/")).body(vec![1u8; 5000]).send().await.expect("declared");
+    let response = http()
+        .post(server.fn_url("echo", "/"))
+        .body(vec![1u8; 5000])
+        .send()
+        .await
+        .expect("declared");
     let body = problem(response, 413).await;
     assert!(body["detail"].as_str().expect("detail").contains("4096"));
 
@@ -129,7 +156,15 @@ async fn bodies_over_the_limit_are_413_declared_or_streamed() {
         .await
         .expect("upload");
     problem(response, 413).await;
-    assert!(server.client().list().await.expect("list").iter().all(|f| f.name != "big"));
+    assert!(
+        server
+            .client()
+            .list()
+            .await
+            .expect("list")
+            .iter()
+            .all(|f| f.name != "big")
+    );
     still_serves(&server).await;
 }
 
@@ -155,12 +190,30 @@ async fn invalid_components_are_422_and_nothing_is_stored() {
             .await
             .expect("deploy");
         let body = problem(response, 422).await;
-        assert!(body["detail"].as_str().expect("detail").contains(expected), "{name}: {body}");
+        assert!(
+            body["detail"].as_str().expect("detail").contains(expected),
+            "{name}: {body}"
+        );
     }
-    let names: Vec<String> = server.client().list().await.expect("list").into_iter().map(|f| f.name).collect();
+    let names: Vec<String> = server
+        .client()
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
     assert_eq!(names, ["faults", "hello"]);
-    assert_eq!(std::fs::read_dir(&blobs).expect("blobs").count(), blobs_before, "no blob kept");
-    assert_eq!(std::fs::read_dir(server.data_dir.join("tmp")).expect("tmp").count(), 0, "no staging file kept");
+    assert_eq!(
+        std::fs::read_dir(&blobs).expect("blobs").count(),
+        blobs_before,
+        "no blob kept"
+    );
+    assert_eq!(
+        std::fs::read_dir(server.data_dir.join("tmp")).expect("tmp").count(),
+        0,
+        "no staging file kept"
+    );
     still_serves(&server).await;
 }
 
@@ -204,7 +257,12 @@ async fn malformed_manifests_are_400_naming_the_key() {
     problem(response, 400).await;
 
     // The CLI refuses the same manifest before uploading, naming the key.
-    let dir = crate::server::project(&tmp.path().join("typo"), "typo", hearth_fixtures::HELLO, "[limits]\nmemory_mbb = 3\n");
+    let dir = crate::server::project(
+        &tmp.path().join("typo"),
+        "typo",
+        hearth_fixtures::HELLO,
+        "[limits]\nmemory_mbb = 3\n",
+    );
     let output = server.cli().arg("deploy").arg(&dir).output().expect("deploy");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("limits.memory_mbb"));

@@ -30,7 +30,10 @@ async fn sigterm_lets_in_flight_invocations_finish() {
     let terminated = std::thread::spawn(move || server.terminate());
     assert_eq!(response.text().await.expect("body finishes"), "done\n");
     assert!(terminated.join().expect("join"), "server exits 0 after draining");
-    assert!(reqwest::get(format!("{url}/healthz")).await.is_err(), "no longer listening");
+    assert!(
+        reqwest::get(format!("{url}/healthz")).await.is_err(),
+        "no longer listening"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -60,11 +63,17 @@ async fn first_start_prints_a_token_once() {
         lines
     };
     let first = run();
-    let token_line = first.iter().find(|l| l.starts_with("admin token")).expect("token printed");
+    let token_line = first
+        .iter()
+        .find(|l| l.starts_with("admin token"))
+        .expect("token printed");
     let token = token_line.rsplit(' ').next().expect("token").to_owned();
     assert!(token.starts_with("hth_"));
     let second = run();
     assert!(second.iter().all(|l| !l.contains("admin token")), "{second:?}");
     let db = std::fs::read(data.join("hearth.db")).expect("db");
-    assert!(!db.windows(token.len()).any(|w| w == token.as_bytes()), "token stored in clear");
+    assert!(
+        !db.windows(token.len()).any(|w| w == token.as_bytes()),
+        "token stored in clear"
+    );
 }

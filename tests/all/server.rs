@@ -130,7 +130,12 @@ pub fn project(dir: &Path, name: &str, component: &str, extra: &str) -> PathBuf 
 pub async fn deploy(server: &Server, dir: &Path, name: &str, component: &str, extra: &str) -> u32 {
     let dir = project(&dir.join(name), name, component, extra);
     let project = hearth_client::Project::load(&dir).expect("project");
-    server.client().deploy(&project, |_, _| {}).await.expect("deploy").version
+    server
+        .client()
+        .deploy(&project, |_, _| {})
+        .await
+        .expect("deploy")
+        .version
 }
 
 /// A reqwest client with the admin token preset.
@@ -140,7 +145,10 @@ pub fn http() -> reqwest::Client {
         reqwest::header::AUTHORIZATION,
         format!("Bearer {TOKEN}").parse().expect("header"),
     );
-    reqwest::Client::builder().default_headers(headers).build().expect("client")
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
 }
 
 /// Asserts that `response` is a problem with `status`, and returns its body.
@@ -156,7 +164,12 @@ pub async fn problem(response: reqwest::Response, status: u16) -> serde_json::Va
     assert_eq!(content_type, "application/problem+json");
     let body: serde_json::Value = response.json().await.expect("problem json");
     assert_eq!(body["status"], status);
-    assert!(body["type"].as_str().is_some_and(|t| t.starts_with("urn:hearth:problem:")), "{body}");
+    assert!(
+        body["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("urn:hearth:problem:")),
+        "{body}"
+    );
     assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
     assert!(body["detail"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
     body

@@ -255,18 +255,32 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("open"));
         let auth = Auth::new(store.clone());
-        let token = auth.bootstrap(None).await.expect("bootstrap").expect("first start prints a token");
+        let token = auth
+            .bootstrap(None)
+            .await
+            .expect("bootstrap")
+            .expect("first start prints a token");
         assert!(token.starts_with(TOKEN_PREFIX));
         assert_eq!(auth.bootstrap(None).await.expect("again"), None, "shown only once");
 
-        let who = auth.authenticate(Some(&format!("Bearer {token}"))).await.expect("valid");
+        let who = auth
+            .authenticate(Some(&format!("Bearer {token}")))
+            .await
+            .expect("valid");
         assert!(who.operator);
         assert_eq!(who.role, Role::Admin);
-        who.authorize(Action::Deploy, "anyone").expect("operator acts everywhere");
+        who.authorize(Action::Deploy, "anyone")
+            .expect("operator acts everywhere");
 
         assert!(matches!(auth.authenticate(None).await, Err(AuthError::Missing)));
-        assert!(matches!(auth.authenticate(Some("Basic abc")).await, Err(AuthError::Malformed)));
-        assert!(matches!(auth.authenticate(Some("Bearer nope")).await, Err(AuthError::Unknown)));
+        assert!(matches!(
+            auth.authenticate(Some("Basic abc")).await,
+            Err(AuthError::Malformed)
+        ));
+        assert!(matches!(
+            auth.authenticate(Some("Bearer nope")).await,
+            Err(AuthError::Unknown)
+        ));
     }
 
     #[tokio::test]
@@ -287,10 +301,22 @@ mod tests {
             operator: false,
         };
         assert!(who(Role::Invoker).authorize(Action::Invoke, "acme").is_ok());
-        assert!(matches!(who(Role::Invoker).authorize(Action::Deploy, "acme"), Err(AuthError::Forbidden { .. })));
+        assert!(matches!(
+            who(Role::Invoker).authorize(Action::Deploy, "acme"),
+            Err(AuthError::Forbidden { .. })
+        ));
         assert!(who(Role::Deployer).authorize(Action::Deploy, "acme").is_ok());
-        assert!(matches!(who(Role::Deployer).authorize(Action::Invoke, "acme"), Err(AuthError::Forbidden { .. })));
-        assert!(matches!(who(Role::Billing).authorize(Action::ReadFunctions, "acme"), Err(AuthError::Forbidden { .. })));
-        assert!(matches!(who(Role::Admin).authorize(Action::Invoke, "other"), Err(AuthError::OtherTenant)));
+        assert!(matches!(
+            who(Role::Deployer).authorize(Action::Invoke, "acme"),
+            Err(AuthError::Forbidden { .. })
+        ));
+        assert!(matches!(
+            who(Role::Billing).authorize(Action::ReadFunctions, "acme"),
+            Err(AuthError::Forbidden { .. })
+        ));
+        assert!(matches!(
+            who(Role::Admin).authorize(Action::Invoke, "other"),
+            Err(AuthError::OtherTenant)
+        ));
     }
 }

@@ -30,9 +30,9 @@ use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use invoke::{InvokeError, Limits, ResponseBody};
+use state::HostState;
 /// The error type request bodies passed to [`Engine::invoke`] fail with.
 pub use wasmtime_wasi_http::Error as BodyError;
-use state::HostState;
 
 /// How often the epoch advances. Deadlines are checked, and long-running
 /// guests yield to other tasks, at this granularity.
@@ -208,6 +208,12 @@ impl Engine {
         })
     }
 
+    /// The underlying wasmtime engine, configured as Hearth runs guests (for
+    /// benches and embedders that need raw wasmtime next to Hearth's).
+    pub fn wasmtime(&self) -> &wasmtime::Engine {
+        &self.inner.engine
+    }
+
     /// The settings this engine was made with.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
@@ -245,7 +251,10 @@ impl Engine {
         static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
         let seq = STAGING_SEQ.fetch_add(1, Ordering::Relaxed);
         let staging = target.with_extension(format!("tmp-{}-{seq}", std::process::id()));
-        let io = |source| EngineError::Io { path: target.clone(), source };
+        let io = |source| EngineError::Io {
+            path: target.clone(),
+            source,
+        };
         std::fs::write(&staging, &compiled).map_err(io)?;
         std::fs::rename(&staging, &target).map_err(io)?;
         match self.load_compiled(&target) {

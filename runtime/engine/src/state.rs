@@ -25,10 +25,7 @@ impl HostState {
         let stderr = MemoryOutputPipe::new(CAPTURED_OUTPUT_BYTES);
         // No preopened directories, no environment, no arguments, no network:
         // the builder grants nothing unless asked.
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .build();
+        let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
         HostState {
             wasi,
             http: WasiHttpCtx::new(),

@@ -37,7 +37,12 @@ struct TenantQuery {
 }
 
 /// Authenticates the caller and picks the tenant the call acts in.
-async fn scope(state: &AppState, headers: &HeaderMap, query: &TenantQuery, action: Action) -> Result<(Principal, String), ApiError> {
+async fn scope(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &TenantQuery,
+    action: Action,
+) -> Result<(Principal, String), ApiError> {
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let principal = state.auth.authenticate(authorization).await?;
     let tenant = query.tenant.clone().unwrap_or_else(|| principal.tenant.clone());
@@ -99,12 +104,20 @@ async fn deploy(
     let mut manifest: Option<Manifest> = None;
     let mut component = None;
     let mut received: u64 = 0;
-    while let Some(mut field) = multipart.next_field().await.map_err(|e| bad_request(format!("malformed upload: {e}")))? {
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| bad_request(format!("malformed upload: {e}")))?
+    {
         let name = field.name().unwrap_or_default().to_owned();
         match name.as_str() {
             "manifest" => {
                 let mut text = Vec::new();
-                while let Some(chunk) = field.chunk().await.map_err(|e| bad_request(format!("malformed upload: {e}")))? {
+                while let Some(chunk) = field
+                    .chunk()
+                    .await
+                    .map_err(|e| bad_request(format!("malformed upload: {e}")))?
+                {
                     received += chunk.len() as u64;
                     text.extend_from_slice(&chunk);
                     if text.len() > MAX_MANIFEST_BYTES {
@@ -116,7 +129,9 @@ async fn deploy(
             }
             "component" => {
                 if manifest.is_none() {
-                    return Err(bad_request("the `manifest` part must come before the `component` part".into()));
+                    return Err(bad_request(
+                        "the `manifest` part must come before the `component` part".into(),
+                    ));
                 }
                 let mut staged = state
                     .registry
@@ -124,16 +139,27 @@ async fn deploy(
                     .stage()
                     .await
                     .map_err(|e| ApiError::Internal(e.to_string()))?;
-                while let Some(chunk) = field.chunk().await.map_err(|e| bad_request(format!("malformed upload: {e}")))? {
+                while let Some(chunk) = field
+                    .chunk()
+                    .await
+                    .map_err(|e| bad_request(format!("malformed upload: {e}")))?
+                {
                     received += chunk.len() as u64;
                     if received > limit {
                         return Err(ApiError::PayloadTooLarge { limit });
                     }
-                    staged.write(&chunk).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+                    staged
+                        .write(&chunk)
+                        .await
+                        .map_err(|e| ApiError::Internal(e.to_string()))?;
                 }
                 component = Some(staged);
             }
-            other => return Err(bad_request(format!("unexpected upload part `{other}`: send `manifest` and `component`"))),
+            other => {
+                return Err(bad_request(format!(
+                    "unexpected upload part `{other}`: send `manifest` and `component`"
+                )));
+            }
         }
         if received > limit {
             return Err(ApiError::PayloadTooLarge { limit });
@@ -156,7 +182,13 @@ async fn list(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (_, tenant) = scope(&state, &headers, &query, Action::ReadFunctions).await?;
-    let functions: Vec<VersionView> = state.registry.list(&tenant).await?.iter().map(VersionView::from).collect();
+    let functions: Vec<VersionView> = state
+        .registry
+        .list(&tenant)
+        .await?
+        .iter()
+        .map(VersionView::from)
+        .collect();
     Ok(Json(serde_json::json!({ "functions": functions })))
 }
 
@@ -170,7 +202,13 @@ async fn show(
     let (_, tenant) = scope(&state, &headers, &query, Action::ReadFunctions).await?;
     check_name(&name)?;
     let current = state.registry.resolve(&tenant, &name).await?;
-    let versions: Vec<VersionView> = state.registry.versions(&tenant, &name).await?.iter().map(VersionView::from).collect();
+    let versions: Vec<VersionView> = state
+        .registry
+        .versions(&tenant, &name)
+        .await?
+        .iter()
+        .map(VersionView::from)
+        .collect();
     Ok(Json(serde_json::json!({
         "function": VersionView::from(&current.version),
         "manifest": current.manifest,

@@ -27,7 +27,11 @@ pub(crate) struct Target {
     function: String,
 }
 
-pub(crate) async fn handle(State(state): State<Arc<AppState>>, Path(target): Path<Target>, request: Request) -> Response {
+pub(crate) async fn handle(
+    State(state): State<Arc<AppState>>,
+    Path(target): Path<Target>,
+    request: Request,
+) -> Response {
     let Target { tenant, function } = target;
     let rest = {
         let base = format!("/fn/{tenant}/{function}");
@@ -56,14 +60,23 @@ async fn run(state: Arc<AppState>, tenant: String, function: String, rest: Strin
     }
 }
 
-async fn invoke(state: &AppState, tenant: &str, function: &str, rest: &str, request: Request) -> Result<Response, ApiError> {
+async fn invoke(
+    state: &AppState,
+    tenant: &str,
+    function: &str,
+    rest: &str,
+    request: Request,
+) -> Result<Response, ApiError> {
     let not_found = || ApiError::NotFound(format!("function `{function}` not found in tenant `{tenant}`"));
     if hearth_manifest::validate_name(tenant).is_err() || hearth_manifest::validate_name(function).is_err() {
         return Err(not_found());
     }
     let deployed = state.registry.resolve(tenant, function).await?;
     if !deployed.manifest.public {
-        let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let authorization = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         let principal = state.auth.authenticate(authorization).await?;
         principal.authorize(Action::Invoke, tenant)?;
     }
@@ -82,9 +95,10 @@ async fn invoke(state: &AppState, tenant: &str, function: &str, rest: &str, requ
     let (mut parts, body) = request.into_parts();
     parts.uri = guest_uri(&parts.uri, parts.headers.get(header::HOST), rest)?;
     let base = format!("/fn/{tenant}/{function}");
-    parts
-        .headers
-        .insert(BASE_PATH_HEADER, HeaderValue::from_str(&base).map_err(|e| ApiError::Internal(e.to_string()))?);
+    parts.headers.insert(
+        BASE_PATH_HEADER,
+        HeaderValue::from_str(&base).map_err(|e| ApiError::Internal(e.to_string()))?,
+    );
     // Credentials are for Hearth, not for the guest.
     parts.headers.remove(header::AUTHORIZATION);
     let (body, exceeded) = LimitedBody::new(body, limit);

@@ -68,7 +68,13 @@ pub struct AppState {
 
 impl AppState {
     /// Shared state for the router.
-    pub fn new(registry: Registry, auth: Auth, engine: Engine, store: Arc<dyn Store>, limits: HttpLimits) -> Arc<AppState> {
+    pub fn new(
+        registry: Registry,
+        auth: Auth,
+        engine: Engine,
+        store: Arc<dyn Store>,
+        limits: HttpLimits,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             registry,
             auth,

@@ -2,10 +2,10 @@
 //! (RFC 9457) with a precise status.
 
 use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, StatusCode, header};
 use hearth_auth::AuthError;
 use hearth_engine::InvokeError;
 use hearth_registry::RegistryError;
+use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -91,9 +91,11 @@ impl ApiError {
             ApiError::Invocation(err) => match err {
                 InvokeError::Trap { .. } => (S::INTERNAL_SERVER_ERROR, "guest-trap", "Function trapped"),
                 InvokeError::Timeout(_) => (S::GATEWAY_TIMEOUT, "timeout", "Function deadline exceeded"),
-                InvokeError::MemoryLimit { .. } => {
-                    (S::INTERNAL_SERVER_ERROR, "memory-limit", "Function memory limit exceeded")
-                }
+                InvokeError::MemoryLimit { .. } => (
+                    S::INTERNAL_SERVER_ERROR,
+                    "memory-limit",
+                    "Function memory limit exceeded",
+                ),
                 InvokeError::NoResponse | InvokeError::GuestError(_) => {
                     (S::INTERNAL_SERVER_ERROR, "guest-error", "Function failed")
                 }
@@ -143,10 +145,16 @@ impl ApiError {
         };
         let mut response = (status, serde_json::to_vec(&body).unwrap_or_default()).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         match &self {
             ApiError::Unauthorized(AuthError::Missing) => {
-                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"hearth\""));
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"hearth\""),
+                );
             }
             ApiError::Unauthorized(_) => {
                 headers.insert(
@@ -221,7 +229,11 @@ mod tests {
         let response = err.into_problem(id);
         let (parts, body) = response.into_parts();
         let bytes = body.collect().await.expect("body").to_bytes();
-        (parts.status, parts.headers, serde_json::from_slice(&bytes).expect("json"))
+        (
+            parts.status,
+            parts.headers,
+            serde_json::from_slice(&bytes).expect("json"),
+        )
     }
 
     #[tokio::test]
@@ -236,7 +248,12 @@ mod tests {
 
         let (status, headers, body) = render(AuthError::Unknown.into(), None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
-        assert!(headers[header::WWW_AUTHENTICATE].to_str().expect("ascii").contains("invalid_token"));
+        assert!(
+            headers[header::WWW_AUTHENTICATE]
+                .to_str()
+                .expect("ascii")
+                .contains("invalid_token")
+        );
         assert_eq!(body["type"], "urn:hearth:problem:unauthorized");
 
         let (status, headers, _) = render(InvokeError::Capacity.into(), Some(id)).await;

@@ -312,8 +312,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named_with_their_path() {
-        let err = Manifest::from_toml("name = \"echo\"\nflavour = 1\n[limits]\nmemory_mbb = 3\n")
-            .expect_err("unknown keys");
+        let err =
+            Manifest::from_toml("name = \"echo\"\nflavour = 1\n[limits]\nmemory_mbb = 3\n").expect_err("unknown keys");
         assert_eq!(
             err,
             ManifestError::UnknownKeys {
@@ -331,7 +331,10 @@ mod tests {
             ("name = \"e\"\n[limits]\nmemory_mb = 0", "limits.memory_mb"),
             ("name = \"e\"\n[limits]\ntimeout_ms = 0", "limits.timeout_ms"),
             ("name = \"e\"\n[scaling]\nmax_instances = 0", "scaling.max_instances"),
-            ("name = \"e\"\n[scaling]\nmin_instances = 9\nmax_instances = 2", "scaling.min_instances"),
+            (
+                "name = \"e\"\n[scaling]\nmin_instances = 9\nmax_instances = 2",
+                "scaling.min_instances",
+            ),
         ];
         for (text, key) in cases {
             let err = Manifest::from_toml(text).expect_err(text);
@@ -341,14 +344,36 @@ mod tests {
 
     #[test]
     fn wrong_types_and_bad_toml_are_syntax_errors() {
-        for text in ["name = 3", "name = \"e\"\n[limits]\nmemory_mb = \"lots\"", "name = ", ""] {
-            assert!(matches!(Manifest::from_toml(text), Err(ManifestError::Syntax { .. })), "{text}");
+        for text in [
+            "name = 3",
+            "name = \"e\"\n[limits]\nmemory_mb = \"lots\"",
+            "name = ",
+            "",
+        ] {
+            assert!(
+                matches!(Manifest::from_toml(text), Err(ManifestError::Syntax { .. })),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn names_reject_path_tricks() {
-        for bad in ["", "..", "a/b", "a.b", "a%2e", "a\0b", "Abc", "-a", "a-", "é", "а", "1abc", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "..",
+            "a/b",
+            "a.b",
+            "a%2e",
+            "a\0b",
+            "Abc",
+            "-a",
+            "a-",
+            "é",
+            "а",
+            "1abc",
+            &"a".repeat(64),
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
         for good in ["a", "echo", "mnist-mlp2", &"a".repeat(63)] {

@@ -123,7 +123,10 @@ pub async fn invoke(args: InvokeArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let method = match &args.method {
-        Some(m) => m.to_uppercase().parse().with_context(|| format!("invalid method `{m}`"))?,
+        Some(m) => m
+            .to_uppercase()
+            .parse()
+            .with_context(|| format!("invalid method `{m}`"))?,
         None if args.data.is_some() => reqwest::Method::POST,
         None => reqwest::Method::GET,
     };
@@ -206,7 +209,10 @@ pub async fn functions(args: &ClientArgs, command: FunctionsCommand) -> anyhow::
 
 fn print_table(rows: &[FunctionVersion]) {
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
-    println!("{:width$}  {:>7}  {:<19}  {:>9}  DEPLOYED", "NAME", "VERSION", "COMPONENT", "SIZE");
+    println!(
+        "{:width$}  {:>7}  {:<19}  {:>9}  DEPLOYED",
+        "NAME", "VERSION", "COMPONENT", "SIZE"
+    );
     for r in rows {
         println!(
             "{:width$}  {:>7}  {:<19}  {:>9}  {}",

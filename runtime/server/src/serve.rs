@@ -60,7 +60,9 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -138,7 +140,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             result.context("server task failed")?.context("serving HTTP")?;
             tracing::info!("stopped cleanly");
         }
-        Err(_) => tracing::warn!(grace_s = grace.as_secs(), "grace period over; dropping remaining requests"),
+        Err(_) => tracing::warn!(
+            grace_s = grace.as_secs(),
+            "grace period over; dropping remaining requests"
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }

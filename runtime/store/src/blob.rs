@@ -50,7 +50,10 @@ impl BlobStore {
         let blobs = data_dir.join("blobs").join("sha256");
         let staging = data_dir.join("tmp");
         for dir in [&blobs, &staging] {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.clone(),
+                source,
+            })?;
         }
         Ok(BlobStore { blobs, staging })
     }
@@ -63,9 +66,10 @@ impl BlobStore {
     /// Starts writing a new blob; its digest is known once it is complete.
     pub async fn stage(&self) -> Result<StagedBlob> {
         let path = self.staging.join(format!("upload-{}", uuid::Uuid::now_v7()));
-        let file = tokio::fs::File::create(&path)
-            .await
-            .map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        let file = tokio::fs::File::create(&path).await.map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
         Ok(StagedBlob {
             file: Some(file),
             path,
@@ -92,8 +96,14 @@ impl StagedBlob {
     pub async fn write(&mut self, chunk: &[u8]) -> Result<()> {
         self.hasher.update(chunk);
         self.len += chunk.len() as u64;
-        let file = self.file.as_mut().ok_or_else(|| StoreError::Worker("blob already closed".into()))?;
-        file.write_all(chunk).await.map_err(|source| StoreError::Io { path: self.path.clone(), source })
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| StoreError::Worker("blob already closed".into()))?;
+        file.write_all(chunk).await.map_err(|source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// Bytes written so far.
@@ -115,7 +125,10 @@ impl StagedBlob {
     /// not yet visible under that name.
     pub async fn finish(&mut self) -> Result<Digest> {
         if let Some(mut file) = self.file.take() {
-            let io = |source| StoreError::Io { path: self.path.clone(), source };
+            let io = |source| StoreError::Io {
+                path: self.path.clone(),
+                source,
+            };
             file.flush().await.map_err(io)?;
             file.sync_all().await.map_err(io)?;
         }
@@ -129,7 +142,10 @@ impl StagedBlob {
         let target = self.blobs.join(digest.as_str());
         tokio::fs::rename(&self.path, &target)
             .await
-            .map_err(|source| StoreError::Io { path: target.clone(), source })?;
+            .map_err(|source| StoreError::Io {
+                path: target.clone(),
+                source,
+            })?;
         Ok(digest)
     }
 }
@@ -168,7 +184,13 @@ mod tests {
     #[test]
     fn digests_are_validated() {
         assert!(Digest::parse(&"a".repeat(64)).is_some());
-        for bad in ["", "../etc/passwd", &"A".repeat(64), &"a".repeat(63), &format!("{}/", "a".repeat(63))] {
+        for bad in [
+            "",
+            "../etc/passwd",
+            &"A".repeat(64),
+            &"a".repeat(63),
+            &format!("{}/", "a".repeat(63)),
+        ] {
             assert!(Digest::parse(bad).is_none(), "{bad}");
         }
     }

@@ -345,7 +345,11 @@ mod tests {
         drop(store);
 
         let store = SqliteStore::open(dir.path()).expect("reopen");
-        let latest = store.latest_version("default", "echo").await.expect("latest").expect("exists");
+        let latest = store
+            .latest_version("default", "echo")
+            .await
+            .expect("latest")
+            .expect("exists");
         assert_eq!(latest, v2);
         assert_eq!(store.list_versions("default", "echo").await.expect("versions").len(), 2);
         assert_eq!(store.list_functions("default").await.expect("list"), vec![v2]);
@@ -388,7 +392,9 @@ mod tests {
         drop(SqliteStore::open(dir.path()).expect("open"));
         let store = SqliteStore::open(dir.path()).expect("reopen");
         let conn = store.conn.lock().expect("lock");
-        let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0)).expect("pragma");
+        let version: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("pragma");
         assert_eq!(version, MIGRATIONS.len());
     }
 }

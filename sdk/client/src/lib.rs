@@ -30,7 +30,7 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 pub enum ClientError {
     /// The server answered with a problem.
     #[error("{0}")]
-    Api(Problem),
+    Api(Box<Problem>),
     /// The server could not be reached, or the connection broke.
     #[error("request to {url} failed: {}", transport_cause(error))]
     Transport {
@@ -177,7 +177,10 @@ impl Client {
         }
         let http = reqwest::Client::builder()
             .build()
-            .map_err(|source| ClientError::Transport { url: server.clone(), error: source })?;
+            .map_err(|source| ClientError::Transport {
+                url: server.clone(),
+                error: source,
+            })?;
         Ok(Client {
             http,
             server,
@@ -216,13 +219,17 @@ impl Client {
         progress: impl Fn(u64, u64) + Send + Sync + 'static,
     ) -> Result<FunctionVersion> {
         let path = project.component_path()?;
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|source| ClientError::Io { path: path.clone(), source })?;
+        let file = tokio::fs::File::open(&path).await.map_err(|source| ClientError::Io {
+            path: path.clone(),
+            source,
+        })?;
         let total = file
             .metadata()
             .await
-            .map_err(|source| ClientError::Io { path: path.clone(), source })?
+            .map_err(|source| ClientError::Io {
+                path: path.clone(),
+                source,
+            })?
             .len();
         let mut sent = 0u64;
         let stream = tokio_util::io::ReaderStream::new(file).inspect_ok(move |chunk| {
@@ -240,7 +247,9 @@ impl Client {
             .part("manifest", manifest)
             .part("component", component);
         let url = self.control_url("/functions");
-        let response = self.send(self.request(reqwest::Method::POST, &url).multipart(form), &url).await?;
+        let response = self
+            .send(self.request(reqwest::Method::POST, &url).multipart(form), &url)
+            .await?;
         json(response, &url).await
     }
 
@@ -294,11 +303,14 @@ impl Client {
 
     /// Sends a control request; a non-2xx answer becomes [`ClientError::Api`].
     async fn send(&self, builder: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response> {
-        let response = builder.send().await.map_err(|source| ClientError::Transport { url: url.to_owned(), error: source })?;
+        let response = builder.send().await.map_err(|source| ClientError::Transport {
+            url: url.to_owned(),
+            error: source,
+        })?;
         if response.status().is_success() {
             return Ok(response);
         }
-        Err(ClientError::Api(problem_of(response).await))
+        Err(ClientError::Api(Box::new(problem_of(response).await)))
     }
 }
 
@@ -336,5 +348,8 @@ pub async fn problem_of(response: reqwest::Response) -> Problem {
 }
 
 async fn json<T: serde::de::DeserializeOwned>(response: reqwest::Response, url: &str) -> Result<T> {
-    response.json().await.map_err(|source| ClientError::Transport { url: url.to_owned(), error: source })
+    response.json().await.map_err(|source| ClientError::Transport {
+        url: url.to_owned(),
+        error: source,
+    })
 }

@@ -20,14 +20,22 @@ pub struct Project {
 impl Project {
     /// Loads `path`: a directory holding `hearth.toml`, or the manifest itself.
     pub fn load(path: &Path) -> Result<Project> {
-        let manifest_path = if path.is_dir() { path.join(MANIFEST_FILE) } else { path.to_owned() };
+        let manifest_path = if path.is_dir() {
+            path.join(MANIFEST_FILE)
+        } else {
+            path.to_owned()
+        };
         let manifest_text = std::fs::read_to_string(&manifest_path).map_err(|source| ClientError::Io {
             path: manifest_path.clone(),
             source,
         })?;
         let manifest = Manifest::from_toml(&manifest_text)?;
         let dir = manifest_path.parent().map(Path::to_owned).unwrap_or_default();
-        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
         Ok(Project {
             dir,
             manifest_text,
@@ -66,7 +74,10 @@ impl Project {
             } else {
                 "build it first, or set `build` in hearth.toml"
             };
-            return Err(ClientError::Project(format!("component {} not found: {hint}", path.display())));
+            return Err(ClientError::Project(format!(
+                "component {} not found: {hint}",
+                path.display()
+            )));
         }
         Ok(path)
     }
@@ -87,7 +98,9 @@ impl Project {
                 source,
             })?;
         if !status.success() {
-            return Err(ClientError::Project(format!("build command `{command}` failed ({status})")));
+            return Err(ClientError::Project(format!(
+                "build command `{command}` failed ({status})"
+            )));
         }
         Ok(())
     }

@@ -32,9 +32,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything a handler usually needs, in one `use`.
 pub mod prelude {
-    pub use crate::{
-        Body, HeaderMap, Method, Request, Response, Result, StatusCode, json, read_body, text,
-    };
+    pub use crate::{Body, HeaderMap, Method, Request, Response, Result, StatusCode, json, read_body, text};
 }
 
 /// A response with `body` serialised as JSON and `content-type: application/json`.
@@ -45,17 +43,14 @@ pub fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Body>
         Ok(bytes) => (status, bytes),
         Err(err) => (
             StatusCode::INTERNAL_SERVER_ERROR,
-            serde_json::json!({ "error": err.to_string() })
-                .to_string()
-                .into_bytes(),
+            serde_json::json!({ "error": err.to_string() }).to_string().into_bytes(),
         ),
     };
     let mut response = Response::new(Body::from(bytes));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        "content-type",
-        wstd::http::HeaderValue::from_static("application/json"),
-    );
+    response
+        .headers_mut()
+        .insert("content-type", wstd::http::HeaderValue::from_static("application/json"));
     response
 }
 

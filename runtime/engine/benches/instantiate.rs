@@ -1,0 +1,83 @@
+//! Fresh-instance cost, pooled vs on-demand allocation, side by side:
+//! - `minimal`: a component with one exported function (store + instantiate
+//!   + call + drop), the floor set by wasmtime itself;
+//! - `hello` / `echo`: a full `wasi:http` invocation through
+//!   [`Engine::invoke`] (store, WASI context, instantiate, guest start-up,
+//!   handler, response body collected, drop).
+//!
+//! Run: `cargo bench -p hearth-engine --bench instantiate`.
+
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use hearth_engine::{Engine, EngineConfig, Limits};
+use http_body_util::{BodyExt as _, Empty};
+
+const MINIMAL: &str = r#"(component
+  (core module $m (func (export "run") (result i32) i32.const 42))
+  (core instance $i (instantiate $m))
+  (func (export "run") (result u32) (canon lift (core func $i "run"))))"#;
+
+fn engine(pooling: bool, dir: &std::path::Path) -> Engine {
+    let mut config = EngineConfig::new(dir.join(if pooling { "pooled" } else { "on-demand" }));
+    config.pooling = pooling;
+    Engine::new(config).expect("engine")
+}
+
+fn bench(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut group = c.benchmark_group("instantiate");
+    group.measurement_time(Duration::from_secs(5));
+
+    for pooling in [true, false] {
+        let label = if pooling { "pooled" } else { "on-demand" };
+        let engine = engine(pooling, dir.path());
+
+        // The floor: wasmtime alone, same engine configuration.
+        let wasm = engine.wasmtime();
+        let component = wasmtime::component::Component::new(wasm, MINIMAL).expect("minimal");
+        let linker = wasmtime::component::Linker::<()>::new(wasm);
+        let pre = linker.instantiate_pre(&component).expect("pre");
+        group.bench_function(BenchmarkId::new("minimal", label), |b| {
+            b.to_async(&runtime).iter(|| async {
+                let mut store = wasmtime::Store::new(wasm, ());
+                store.set_epoch_deadline(u64::MAX / 2);
+                let instance = pre.instantiate_async(&mut store).await.expect("instantiate");
+                let run = instance
+                    .get_typed_func::<(), (u32,)>(&mut store, "run")
+                    .expect("run");
+                let (answer,) = run.call_async(&mut store, ()).await.expect("call");
+                assert_eq!(answer, 42);
+            });
+        });
+
+        for (name, path) in [("hello", hearth_fixtures::HELLO), ("echo", hearth_fixtures::ECHO)] {
+            let key = format!("{name}-{label}");
+            engine.precompile(&key, path.as_ref()).expect("precompile");
+            let prepared = engine.load(&key, path.as_ref()).expect("load");
+            let limits = Limits {
+                memory_bytes: 128 << 20,
+                timeout: Duration::from_secs(10),
+            };
+            group.bench_function(BenchmarkId::new(name, label), |b| {
+                b.to_async(&runtime).iter(|| async {
+                    let request = hyper::Request::get("http://localhost/bench?x=1")
+                        .header("x-bench", "1")
+                        .body(Empty::<bytes::Bytes>::new().map_err(|never| -> hearth_engine::BodyError { match never {} }))
+                        .expect("request");
+                    let response = engine.invoke(&prepared, limits, name, request).await.expect("invoke");
+                    let body = response.into_body().collect().await.expect("body");
+                    assert!(!body.to_bytes().is_empty());
+                });
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
