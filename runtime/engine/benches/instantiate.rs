@@ -47,9 +47,7 @@ fn bench(c: &mut Criterion) {
                 let mut store = wasmtime::Store::new(wasm, ());
                 store.set_epoch_deadline(u64::MAX / 2);
                 let instance = pre.instantiate_async(&mut store).await.expect("instantiate");
-                let run = instance
-                    .get_typed_func::<(), (u32,)>(&mut store, "run")
-                    .expect("run");
+                let run = instance.get_typed_func::<(), (u32,)>(&mut store, "run").expect("run");
                 let (answer,) = run.call_async(&mut store, ()).await.expect("call");
                 assert_eq!(answer, 42);
             });
@@ -67,7 +65,10 @@ fn bench(c: &mut Criterion) {
                 b.to_async(&runtime).iter(|| async {
                     let request = hyper::Request::get("http://localhost/bench?x=1")
                         .header("x-bench", "1")
-                        .body(Empty::<bytes::Bytes>::new().map_err(|never| -> hearth_engine::BodyError { match never {} }))
+                        .body(
+                            Empty::<bytes::Bytes>::new()
+                                .map_err(|never| -> hearth_engine::BodyError { match never {} }),
+                        )
                         .expect("request");
                     let response = engine.invoke(&prepared, limits, name, request).await.expect("invoke");
                     let body = response.into_body().collect().await.expect("body");

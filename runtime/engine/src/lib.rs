@@ -42,6 +42,9 @@ pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
 /// Default largest linear memory any function may be given, in MiB.
 pub const DEFAULT_MAX_MEMORY_MB: u32 = 4096;
 
+/// Default bytes of each pooled memory kept resident between instances.
+pub const DEFAULT_MEMORY_KEEP_RESIDENT: usize = 4 << 20;
+
 /// Result of an engine operation.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -79,6 +82,9 @@ pub struct EngineConfig {
     pub max_instances: u32,
     /// Largest memory limit a function may have, in MiB.
     pub max_memory_mb: u32,
+    /// Bytes of each pooled linear memory kept resident (zeroed with memset)
+    /// when an instance is dropped, instead of being decommitted.
+    pub memory_keep_resident: usize,
 }
 
 impl EngineConfig {
@@ -89,6 +95,7 @@ impl EngineConfig {
             pooling: true,
             max_instances: DEFAULT_MAX_INSTANCES,
             max_memory_mb: DEFAULT_MAX_MEMORY_MB,
+            memory_keep_resident: DEFAULT_MEMORY_KEEP_RESIDENT,
         }
     }
 }
@@ -178,7 +185,7 @@ impl Engine {
                 // Keep the first pages of each slot resident and decommit in
                 // batches: fresh instances then cost far fewer page faults and
                 // madvise calls (measured in FACTS.md).
-                .linear_memory_keep_resident(4 << 20)
+                .linear_memory_keep_resident(config.memory_keep_resident)
                 .table_keep_resident(64 << 10)
                 .decommit_batch_size(64);
             wasm.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
@@ -292,16 +299,6 @@ impl Engine {
     /// The cached pre-linked component for `key`, if loaded.
     pub fn cached(&self, key: &str) -> Option<Prepared> {
         self.inner.loaded.get(key).map(|p| p.clone())
-    }
-
-    /// Drops the cached component for `key` (its `.cwasm` stays on disk).
-    pub fn unload(&self, key: &str) {
-        self.inner.loaded.remove(key);
-    }
-
-    /// Number of components currently loaded.
-    pub fn loaded_count(&self) -> usize {
-        self.inner.loaded.len()
     }
 
     fn load_compiled(&self, path: &Path) -> Result<Prepared> {

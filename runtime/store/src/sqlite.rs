@@ -4,7 +4,7 @@
 //! the connection behind a mutex; metadata calls are rare (deploys, token
 //! look-ups that miss the auth cache) and short.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -55,7 +55,6 @@ const MIGRATIONS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
-    path: PathBuf,
 }
 
 impl SqliteStore {
@@ -74,13 +73,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
-            path,
         })
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Runs `f` with the connection on the blocking pool.
