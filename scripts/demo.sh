@@ -24,7 +24,9 @@ export HEARTH_ADMIN_TOKEN HEARTH_TOKEN="$HEARTH_ADMIN_TOKEN" HEARTH_URL="http://
 
 "$hearth" serve --listen "$listen" --data-dir "$data_dir" &
 server=$!
-trap 'kill -TERM $server 2>/dev/null; wait $server' INT TERM EXIT
+stop() { kill -TERM $server 2>/dev/null; wait $server 2>/dev/null; }
+trap 'stop; exit 0' INT TERM
+trap stop EXIT
 for _ in $(seq 1 100); do
   curl -fsS "$HEARTH_URL/readyz" >/dev/null 2>&1 && break
   kill -0 $server 2>/dev/null || { echo "hearth serve exited" >&2; exit 1; }

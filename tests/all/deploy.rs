@@ -4,7 +4,7 @@
 use base64::Engine as _;
 use rand::RngCore as _;
 
-use crate::server::{Server, deploy, http, problem, project};
+use crate::server::{Server, deploy, function_names, http, problem, project};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_deploy_then_echo_round_trips_method_path_query_headers_and_a_mebibyte() {
@@ -134,15 +134,7 @@ async fn list_show_and_delete_through_cli_and_sdk() {
     deploy(&server, tmp.path(), "echo", hearth_fixtures::ECHO, "").await;
     deploy(&server, tmp.path(), "hello", hearth_fixtures::HELLO, "public = true").await;
 
-    let names: Vec<String> = server
-        .client()
-        .list()
-        .await
-        .expect("list")
-        .into_iter()
-        .map(|f| f.name)
-        .collect();
-    assert_eq!(names, ["echo", "hello"]);
+    assert_eq!(function_names(&server).await, ["echo", "hello"]);
 
     let output = server.cli().args(["functions", "list"]).output().expect("list");
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -181,3 +181,15 @@ pub async fn still_serves(server: &Server) {
     assert_eq!(response.status(), 200, "server stopped serving; log:\n{}", server.log());
     assert_eq!(response.text().await.expect("body"), "hello from hearth\n");
 }
+
+/// Names of the functions deployed in tenant `default`, sorted.
+pub async fn function_names(server: &Server) -> Vec<String> {
+    server
+        .client()
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|f| f.name)
+        .collect()
+}
