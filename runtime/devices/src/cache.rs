@@ -1,0 +1,339 @@
+//! The warm model cache: each model content loaded once, shared by all.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::OnceCell;
+
+use crate::{BatchConfig, Batcher, DeviceError, DeviceId, DevicePool, PreparedModel, Result};
+
+/// Default idle time after which an unused model is unloaded.
+pub const DEFAULT_MODEL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default memory budget for loaded models (by model file size).
+pub const DEFAULT_MODEL_MEMORY_BUDGET: u64 = 8 << 30;
+
+/// Cache policy.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    /// Unused models are unloaded after this long.
+    pub idle_timeout: Duration,
+    /// Least recently used unused models are unloaded above this many bytes.
+    pub memory_budget: u64,
+    /// Batching of every model's compute calls.
+    pub batch: BatchConfig,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            idle_timeout: DEFAULT_MODEL_IDLE_TIMEOUT,
+            memory_budget: DEFAULT_MODEL_MEMORY_BUDGET,
+            batch: BatchConfig::default(),
+        }
+    }
+}
+
+/// A model warm on its device. Holders of an `Arc<LoadedModel>` (guest
+/// graph handles) keep it from being evicted.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The prepared model.
+    pub model: Arc<PreparedModel>,
+    /// Where it runs.
+    pub device: DeviceId,
+    /// Its batcher.
+    pub batcher: Batcher,
+    /// Content key (SHA-256 of the ONNX file).
+    pub key: String,
+}
+
+#[derive(Debug)]
+struct Slot {
+    cell: OnceCell<Arc<LoadedModel>>,
+    last_used_ms: AtomicU64,
+}
+
+/// What `/v1/status` shows for one cached model.
+#[derive(Debug, Clone)]
+pub struct CachedModel {
+    /// Content key.
+    pub key: String,
+    /// Device.
+    pub device: DeviceId,
+    /// Model file size.
+    pub size_bytes: u64,
+    /// Handles held by guests right now.
+    pub users: usize,
+    /// Runs and calls served.
+    pub runs: u64,
+    /// Calls served.
+    pub calls: u64,
+}
+
+/// Loads models once and keeps them warm.
+#[derive(Debug)]
+pub struct ModelCache {
+    devices: DevicePool,
+    config: CacheConfig,
+    slots: DashMap<String, Arc<Slot>>,
+    epoch: Instant,
+    loads: AtomicU64,
+}
+
+impl ModelCache {
+    /// An empty cache over `devices`.
+    pub fn new(devices: DevicePool, config: CacheConfig) -> Arc<ModelCache> {
+        Arc::new(ModelCache {
+            devices,
+            config,
+            slots: DashMap::new(),
+            epoch: Instant::now(),
+            loads: AtomicU64::new(0),
+        })
+    }
+
+    /// The devices models are placed on.
+    pub fn devices(&self) -> &DevicePool {
+        &self.devices
+    }
+
+    /// The model with content `key`, stored at `path`: warm if loaded, else
+    /// loaded now (once, however many callers ask at the same time).
+    pub async fn get(&self, key: &str, path: &Path, wants_gpu: bool) -> Result<Arc<LoadedModel>> {
+        let slot = self
+            .slots
+            .entry(key.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    cell: OnceCell::new(),
+                    last_used_ms: AtomicU64::new(0),
+                })
+            })
+            .clone();
+        let loaded = slot
+            .cell
+            .get_or_try_init(|| self.load(key, path.to_owned(), wants_gpu))
+            .await;
+        let loaded = match loaded {
+            Ok(loaded) => loaded.clone(),
+            Err(err) => {
+                // Do not cache failures: a fixed blob may load next time.
+                self.slots.remove_if(key, |_, s| Arc::ptr_eq(s, &slot));
+                return Err(err);
+            }
+        };
+        slot.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.enforce_budget();
+        Ok(loaded)
+    }
+
+    async fn load(&self, key: &str, path: PathBuf, wants_gpu: bool) -> Result<Arc<LoadedModel>> {
+        let device = self.devices.place(wants_gpu)?;
+        let id = device.id();
+        let started = Instant::now();
+        let model = tokio::task::spawn_blocking(move || {
+            let bytes =
+                std::fs::read(&path).map_err(|e| DeviceError::InvalidModel(format!("{}: {e}", path.display())))?;
+            device.prepare(&bytes)
+        })
+        .await
+        .map_err(|_| DeviceError::Unavailable)??;
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(model = key, device = %id, size_bytes = model.size_bytes(), load_ms = started.elapsed().as_millis() as u64, "model loaded");
+        let model = Arc::new(model);
+        Ok(Arc::new(LoadedModel {
+            batcher: Batcher::new(model.clone(), self.config.batch),
+            model,
+            device: id,
+            key: key.to_owned(),
+        }))
+    }
+
+    /// Models loaded since start (a model loaded, evicted and loaded again
+    /// counts twice).
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
+    }
+
+    /// The models now warm.
+    pub fn cached(&self) -> Vec<CachedModel> {
+        let mut models: Vec<CachedModel> = self
+            .slots
+            .iter()
+            .filter_map(|entry| {
+                let loaded = entry.value().cell.get()?;
+                Some(CachedModel {
+                    key: loaded.key.clone(),
+                    device: loaded.device,
+                    size_bytes: loaded.model.size_bytes(),
+                    users: Arc::strong_count(loaded) - 1,
+                    runs: loaded.batcher.stats().runs.load(Ordering::Relaxed),
+                    calls: loaded.batcher.stats().calls.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        models.sort_by(|a, b| a.key.cmp(&b.key));
+        models
+    }
+
+    /// Unloads models nobody holds that were idle longer than the timeout;
+    /// returns how many.
+    pub fn evict_idle(&self) -> usize {
+        let now = self.now_ms();
+        let timeout = self.config.idle_timeout.as_millis() as u64;
+        let before = self.slots.len();
+        self.slots.retain(|_, slot| {
+            let idle = now.saturating_sub(slot.last_used_ms.load(Ordering::Relaxed)) >= timeout;
+            !(idle && unused(slot))
+        });
+        before - self.slots.len()
+    }
+
+    /// Evicts least recently used unheld models while over the budget.
+    fn enforce_budget(&self) {
+        let total: u64 = self
+            .slots
+            .iter()
+            .filter_map(|e| e.cell.get().map(|m| m.model.size_bytes()))
+            .sum();
+        if total <= self.config.memory_budget {
+            return;
+        }
+        let mut candidates: Vec<(u64, String, u64)> = self
+            .slots
+            .iter()
+            .filter(|e| unused(e.value()))
+            .filter_map(|e| {
+                let size = e.cell.get()?.model.size_bytes();
+                Some((e.last_used_ms.load(Ordering::Relaxed), e.key().clone(), size))
+            })
+            .collect();
+        candidates.sort();
+        let mut excess = total - self.config.memory_budget;
+        for (_, key, size) in candidates {
+            if excess == 0 {
+                break;
+            }
+            if self.slots.remove_if(&key, |_, slot| unused(slot)).is_some() {
+                tracing::info!(model = %key, "model evicted: over the memory budget");
+                excess = excess.saturating_sub(size);
+            }
+        }
+    }
+
+    /// Runs [`ModelCache::evict_idle`] periodically until the cache is dropped.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let period = (self.config.idle_timeout / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let Some(cache) = weak.upgrade() else { break };
+                let evicted = cache.evict_idle();
+                if evicted > 0 {
+                    tracing::info!(evicted, "idle models unloaded");
+                }
+            }
+        });
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// Loaded, and held by nobody but the cache (or still loading: never evicted).
+fn unused(slot: &Slot) -> bool {
+    slot.cell.get().is_some_and(|m| Arc::strong_count(m) == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_file(dir: &Path, seed: u64) -> PathBuf {
+        let path = dir.join(format!("mlp-{seed}.onnx"));
+        std::fs::write(&path, hearth_fixtures::models::mlp(seed)).expect("write");
+        path
+    }
+
+    fn cache(idle_timeout: Duration, memory_budget: u64) -> Arc<ModelCache> {
+        ModelCache::new(
+            DevicePool::cpu_only(),
+            CacheConfig {
+                idle_timeout,
+                memory_budget,
+                batch: BatchConfig::default(),
+            },
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_uses_load_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = model_file(dir.path(), 1);
+        let cache = cache(DEFAULT_MODEL_IDLE_TIMEOUT, DEFAULT_MODEL_MEMORY_BUDGET);
+        let gets = (0..8).map(|_| {
+            let (cache, path) = (cache.clone(), path.clone());
+            tokio::spawn(async move { cache.get("m1", &path, false).await.expect("get") })
+        });
+        let gets: Vec<_> = gets.collect();
+        let mut models = Vec::new();
+        for get in gets {
+            models.push(get.await.expect("join"));
+        }
+        assert_eq!(cache.loads(), 1);
+        assert!(models.iter().all(|m| Arc::ptr_eq(m, &models[0])));
+        assert_eq!(cache.cached()[0].users, 8);
+    }
+
+    #[tokio::test]
+    async fn idle_unheld_models_are_evicted_held_ones_stay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = cache(Duration::ZERO, DEFAULT_MODEL_MEMORY_BUDGET);
+        let held = cache.get("a", &model_file(dir.path(), 1), false).await.expect("a");
+        drop(cache.get("b", &model_file(dir.path(), 2), false).await.expect("b"));
+        assert_eq!(cache.evict_idle(), 1);
+        let keys: Vec<String> = cache.cached().into_iter().map(|m| m.key).collect();
+        assert_eq!(keys, ["a"]);
+        drop(held);
+        assert_eq!(cache.evict_idle(), 1);
+        assert!(cache.cached().is_empty());
+    }
+
+    #[tokio::test]
+    async fn over_budget_the_least_recently_used_unheld_model_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let size = hearth_fixtures::models::mlp(1).len() as u64;
+        let cache = cache(DEFAULT_MODEL_IDLE_TIMEOUT, size * 2);
+        drop(cache.get("a", &model_file(dir.path(), 1), false).await.expect("a"));
+        drop(cache.get("b", &model_file(dir.path(), 2), false).await.expect("b"));
+        drop(cache.get("c", &model_file(dir.path(), 3), false).await.expect("c"));
+        let keys: Vec<String> = cache.cached().into_iter().map(|m| m.key).collect();
+        assert_eq!(keys, ["b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn failures_are_not_cached_and_gpu_models_need_a_gpu() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = cache(DEFAULT_MODEL_IDLE_TIMEOUT, DEFAULT_MODEL_MEMORY_BUDGET);
+        let missing = dir.path().join("missing.onnx");
+        assert!(matches!(
+            cache.get("m", &missing, false).await,
+            Err(DeviceError::InvalidModel(_))
+        ));
+        std::fs::write(&missing, hearth_fixtures::models::mlp(1)).expect("write");
+        cache
+            .get("m", &missing, false)
+            .await
+            .expect("loads once the file is there");
+        assert!(matches!(
+            cache.get("g", &missing, true).await,
+            Err(DeviceError::NoDevice(_))
+        ));
+    }
+}
