@@ -6,12 +6,16 @@ use reqwest::multipart::{Form, Part};
 
 use crate::server::{Server, deploy, function_names, http, problem, still_serves};
 
-const FAULTS_LIMITS: &str = "[limits]\nmemory_mb = 32\ntimeout_ms = 300\n";
+/// `faults` has a deadline no fault can reach by accident on a loaded
+/// machine; `slow` (the same component) has a short one, for the deadline cases.
+const FAULTS_LIMITS: &str = "[limits]\nmemory_mb = 32\ntimeout_ms = 60000\n";
+const SLOW_LIMITS: &str = "[limits]\nmemory_mb = 32\ntimeout_ms = 300\n";
 
 async fn server_with_faults(tmp: &std::path::Path, extra_args: &[&str]) -> Server {
     let server = Server::start(&tmp.join("data"), extra_args);
     deploy(&server, tmp, "hello", hearth_fixtures::HELLO, "").await;
     deploy(&server, tmp, "faults", hearth_fixtures::FAULTS, FAULTS_LIMITS).await;
+    deploy(&server, tmp, "slow", hearth_fixtures::FAULTS, SLOW_LIMITS).await;
     server
 }
 
@@ -26,6 +30,7 @@ async fn guest_faults_map_to_precise_problems() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let server = server_with_faults(tmp.path(), &[]).await;
     let call = |path: &str| http().get(server.fn_url("faults", path)).send();
+    let call_slow = |path: &str| http().get(server.fn_url("slow", path)).send();
 
     let body = problem(call("/trap").await.expect("trap"), 500).await;
     assert_eq!(body["type"], "urn:hearth:problem:guest-trap");
@@ -36,13 +41,13 @@ async fn guest_faults_map_to_precise_problems() {
     assert!(body["invocation_id"].is_string());
     still_serves(&server).await;
 
-    let body = problem(call("/loop").await.expect("loop"), 504).await;
+    let body = problem(call_slow("/loop").await.expect("loop"), 504).await;
     assert_eq!(body["outcome"], "timeout");
     assert!(body["detail"].as_str().expect("detail").contains("300 ms"), "{body}");
     still_serves(&server).await;
 
     // Parked in a host call (sleeping past the deadline): the deadline still fires.
-    let body = problem(call("/sleep?ms=60000").await.expect("sleep"), 504).await;
+    let body = problem(call_slow("/sleep?ms=60000").await.expect("sleep"), 504).await;
     assert_eq!(body["outcome"], "timeout");
     still_serves(&server).await;
 
@@ -187,7 +192,7 @@ async fn invalid_components_are_422_and_nothing_is_stored() {
             "{name}: {body}"
         );
     }
-    assert_eq!(function_names(&server).await, ["faults", "hello"]);
+    assert_eq!(function_names(&server).await, ["faults", "hello", "slow"]);
     assert_eq!(
         std::fs::read_dir(&blobs).expect("blobs").count(),
         blobs_before,
@@ -260,7 +265,8 @@ async fn concurrent_faults_do_not_disturb_healthy_calls() {
     let client = http();
     let calls = (0..24).map(|i| {
         let path = ["/trap", "/membomb", "/", "/loop"][i % 4];
-        let url = server.fn_url("faults", path);
+        let function = if path == "/loop" { "slow" } else { "faults" };
+        let url = server.fn_url(function, path);
         let client = client.clone();
         async move { (path, client.get(url).send().await.expect("call").status().as_u16()) }
     });

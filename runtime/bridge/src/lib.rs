@@ -1,0 +1,526 @@
+//! The host side of `wasi:nn` (the WIT in `wit/wasi-nn.wit`), async.
+//!
+//! Each instance gets an [`NnCtx`]: the models its function may load (name →
+//! content key and file) and a [`ResourceTable`] of the handles it created.
+//! `load-by-name` resolves to the process-wide warm [`ModelCache`], so every
+//! instance of every function naming the same model shares one prepared copy;
+//! `compute` goes through that model's batcher and awaits it, so a guest
+//! waiting for a batch never blocks a runtime thread.
+//!
+//! Every guest-supplied value is checked before it reaches a model: element
+//! type, dimensions against the model, byte length against dims × element size
+//! (overflow-safe), a size cap, and a cap on handles per instance. Bad input
+//! is a `wasi:nn` error the guest can handle, never a trap or a host panic.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hearth_devices::{DatumType, LoadedModel, ModelCache, Tensor};
+use wasmtime::component::{HasData, Resource, ResourceTable};
+
+wasmtime::component::bindgen!({
+    path: "../../wit",
+    world: "wasi:nn/ml",
+    imports: { default: async | trappable },
+    with: {
+        "wasi:nn/tensor.tensor": crate::TensorHandle,
+        "wasi:nn/graph.graph": crate::GraphHandle,
+        "wasi:nn/inference.graph-execution-context": crate::ContextHandle,
+        "wasi:nn/errors.error": crate::NnError,
+    },
+});
+
+use wasi::nn::errors::ErrorCode;
+use wasi::nn::graph::{ExecutionTarget, GraphEncoding};
+use wasi::nn::tensor::TensorType;
+
+/// Largest tensor a guest may create or receive, in bytes.
+pub const MAX_TENSOR_BYTES: u64 = 64 << 20;
+/// Most live `wasi:nn` handles (tensors, graphs, contexts, errors) per instance.
+pub const MAX_HANDLES: usize = 4096;
+
+/// A guest-owned tensor.
+#[derive(Debug, Clone)]
+pub struct TensorHandle {
+    dims: Vec<u32>,
+    ty: TensorType,
+    data: Vec<u8>,
+}
+
+/// A loaded model, held by a guest (keeps it warm).
+#[derive(Debug, Clone)]
+pub struct GraphHandle(Arc<LoadedModel>);
+
+/// An execution context of a graph.
+#[derive(Debug, Clone)]
+pub struct ContextHandle(Arc<LoadedModel>);
+
+/// An error returned to the guest.
+#[derive(Debug, Clone)]
+pub struct NnError {
+    code: ErrorCode,
+    message: String,
+}
+
+/// A model the function may load by name.
+#[derive(Debug, Clone)]
+pub struct ModelRef {
+    /// Content key (SHA-256 of the ONNX file).
+    pub key: String,
+    /// Where the file is.
+    pub path: PathBuf,
+    /// Whether the manifest asks for a GPU.
+    pub wants_gpu: bool,
+}
+
+/// Per-instance `wasi:nn` state.
+#[derive(Debug)]
+pub struct NnCtx {
+    cache: Arc<ModelCache>,
+    models: Arc<HashMap<String, ModelRef>>,
+    table: ResourceTable,
+    /// Live handles in `table`, checked against [`MAX_HANDLES`].
+    live: usize,
+    /// Compute calls made, and the calls they were batched with in total
+    /// (for usage records).
+    pub compute_calls: u64,
+    /// Sum over compute calls of the number of calls in their batch.
+    pub batched_with: u64,
+}
+
+impl NnCtx {
+    /// State for one instance of a function whose models are `models`.
+    pub fn new(cache: Arc<ModelCache>, models: Arc<HashMap<String, ModelRef>>) -> NnCtx {
+        NnCtx {
+            cache,
+            models,
+            table: ResourceTable::new(),
+            live: 0,
+            compute_calls: 0,
+            batched_with: 0,
+        }
+    }
+
+    fn push<T: Send + 'static>(&mut self, value: T) -> wasmtime::Result<Result<Resource<T>, Resource<NnError>>> {
+        if self.live >= MAX_HANDLES {
+            return self.fail(
+                ErrorCode::TooLarge,
+                format!("more than {MAX_HANDLES} live wasi-nn handles"),
+            );
+        }
+        self.live += 1;
+        Ok(Ok(self.table.push(value)?))
+    }
+
+    /// Frees a handle the guest dropped.
+    fn release<T: 'static>(&mut self, handle: Resource<T>) -> wasmtime::Result<()> {
+        self.table.delete(handle)?;
+        self.live = self.live.saturating_sub(1);
+        Ok(())
+    }
+
+    fn fail<T>(
+        &mut self,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> wasmtime::Result<Result<T, Resource<NnError>>> {
+        // Errors count against the cap too, but the cap never stops an error
+        // from being reported: past it, the instance traps instead.
+        if self.live > MAX_HANDLES {
+            wasmtime::bail!("guest leaked more than {MAX_HANDLES} wasi-nn handles");
+        }
+        self.live += 1;
+        let error = self.table.push(NnError {
+            code,
+            message: message.into(),
+        })?;
+        Ok(Err(error))
+    }
+}
+
+/// The [`HasData`] marker for adding `wasi:nn` to a linker.
+#[derive(Debug)]
+pub struct WasiNn;
+
+impl HasData for WasiNn {
+    type Data<'a> = &'a mut NnCtx;
+}
+
+/// Adds the `wasi:nn` imports to `linker`, reaching each instance's
+/// [`NnCtx`] through `get`.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut wasmtime::component::Linker<T>,
+    get: fn(&mut T) -> &mut NnCtx,
+) -> wasmtime::Result<()> {
+    Ml::add_to_linker::<T, WasiNn>(linker, get)
+}
+
+fn element_size(ty: TensorType) -> Option<(usize, DatumType)> {
+    match ty {
+        TensorType::Fp32 => Some((4, DatumType::F32)),
+        TensorType::I32 => Some((4, DatumType::I32)),
+        TensorType::I64 => Some((8, DatumType::I64)),
+        _ => None,
+    }
+}
+
+fn tensor_type(dt: DatumType) -> Option<TensorType> {
+    match dt {
+        DatumType::F32 => Some(TensorType::Fp32),
+        DatumType::I32 => Some(TensorType::I32),
+        DatumType::I64 => Some(TensorType::I64),
+        _ => None,
+    }
+}
+
+/// Checks a guest tensor and converts it to a model tensor.
+fn to_model_tensor(t: &TensorHandle) -> Result<Tensor, String> {
+    let (size, dt) = element_size(t.ty).ok_or_else(|| format!("tensor type {:?} is not supported", t.ty))?;
+    let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+    let expected = shape
+        .iter()
+        .try_fold(size as u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&n| n <= MAX_TENSOR_BYTES)
+        .ok_or_else(|| format!("tensor dimensions {:?} exceed {MAX_TENSOR_BYTES} bytes", t.dims))?;
+    if t.data.len() as u64 != expected {
+        return Err(format!(
+            "tensor data is {} bytes but dimensions {:?} of {:?} need {expected}",
+            t.data.len(),
+            t.dims,
+            t.ty
+        ));
+    }
+    let result = match dt {
+        DatumType::F32 => {
+            let values: Vec<f32> = t
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Tensor::from_shape(&shape, &values)
+        }
+        DatumType::I32 => {
+            let values: Vec<i32> = t
+                .data
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Tensor::from_shape(&shape, &values)
+        }
+        _ => {
+            let values: Vec<i64> = t
+                .data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect();
+            Tensor::from_shape(&shape, &values)
+        }
+    };
+    result.map_err(|e| e.to_string())
+}
+
+fn from_model_tensor(t: &Tensor) -> Result<TensorHandle, String> {
+    let ty = tensor_type(t.datum_type())
+        .ok_or_else(|| format!("model output type {:?} is not supported", t.datum_type()))?;
+    let dims = t
+        .shape()
+        .iter()
+        .map(|&d| u32::try_from(d).map_err(|_| "output dimension too large".to_owned()))
+        .collect::<Result<Vec<u32>, String>>()?;
+    Ok(TensorHandle {
+        dims,
+        ty,
+        data: t.as_bytes().to_vec(),
+    })
+}
+
+type NnResult<T> = wasmtime::Result<Result<T, Resource<NnError>>>;
+
+impl wasi::nn::tensor::Host for &mut NnCtx {}
+
+impl wasi::nn::tensor::HostTensor for &mut NnCtx {
+    async fn new(
+        &mut self,
+        dimensions: Vec<u32>,
+        ty: TensorType,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Resource<TensorHandle>> {
+        // The constructor cannot return an error: contents (type, length,
+        // size cap) are checked at compute, where an error can be returned.
+        // Only hoarding handles traps.
+        if self.live >= MAX_HANDLES {
+            wasmtime::bail!("guest created more than {MAX_HANDLES} live wasi-nn handles");
+        }
+        self.live += 1;
+        Ok(self.table.push(TensorHandle {
+            dims: dimensions,
+            ty,
+            data,
+        })?)
+    }
+
+    async fn dimensions(&mut self, tensor: Resource<TensorHandle>) -> wasmtime::Result<Vec<u32>> {
+        Ok(self.table.get(&tensor)?.dims.clone())
+    }
+
+    async fn ty(&mut self, tensor: Resource<TensorHandle>) -> wasmtime::Result<TensorType> {
+        Ok(self.table.get(&tensor)?.ty)
+    }
+
+    async fn data(&mut self, tensor: Resource<TensorHandle>) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.table.get(&tensor)?.data.clone())
+    }
+
+    async fn drop(&mut self, tensor: Resource<TensorHandle>) -> wasmtime::Result<()> {
+        self.release(tensor)
+    }
+}
+
+impl wasi::nn::graph::Host for &mut NnCtx {
+    async fn load(
+        &mut self,
+        _builder: Vec<Vec<u8>>,
+        _encoding: GraphEncoding,
+        _target: ExecutionTarget,
+    ) -> NnResult<Resource<GraphHandle>> {
+        self.fail(
+            ErrorCode::UnsupportedOperation,
+            "loading model bytes from a guest is not allowed: deploy the model with the function ([[models]] in hearth.toml) and use load-by-name",
+        )
+    }
+
+    async fn load_by_name(&mut self, name: String) -> NnResult<Resource<GraphHandle>> {
+        let Some(model) = self.models.get(&name).cloned() else {
+            return self.fail(
+                ErrorCode::NotFound,
+                format!("no model named `{name}` in this function's manifest"),
+            );
+        };
+        match self.cache.get(&model.key, &model.path, model.wants_gpu).await {
+            Ok(loaded) => self.push(GraphHandle(loaded)),
+            Err(err) => self.fail(ErrorCode::RuntimeError, format!("model `{name}`: {err}")),
+        }
+    }
+}
+
+impl wasi::nn::graph::HostGraph for &mut NnCtx {
+    async fn init_execution_context(&mut self, graph: Resource<GraphHandle>) -> NnResult<Resource<ContextHandle>> {
+        let model = self.table.get(&graph)?.0.clone();
+        self.push(ContextHandle(model))
+    }
+
+    async fn drop(&mut self, graph: Resource<GraphHandle>) -> wasmtime::Result<()> {
+        self.release(graph)
+    }
+}
+
+impl wasi::nn::inference::Host for &mut NnCtx {}
+
+impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
+    async fn compute(
+        &mut self,
+        context: Resource<ContextHandle>,
+        inputs: Vec<(String, Resource<TensorHandle>)>,
+    ) -> NnResult<Vec<(String, Resource<TensorHandle>)>> {
+        let loaded = self.table.get(&context)?.0.clone();
+        let specs = loaded.model.inputs();
+        let mut ordered: Vec<Option<Tensor>> = vec![None; specs.len()];
+        for (name, tensor) in &inputs {
+            let Some(index) = specs.iter().position(|s| &s.name == name) else {
+                let known: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+                return self.fail(
+                    ErrorCode::InvalidArgument,
+                    format!("the model has no input `{name}` (inputs: {known:?})"),
+                );
+            };
+            let tensor = match to_model_tensor(self.table.get(tensor)?) {
+                Ok(tensor) => tensor,
+                Err(message) => return self.fail(ErrorCode::InvalidArgument, format!("input `{name}`: {message}")),
+            };
+            if let Err(err) = loaded.model.check_input(index, tensor.datum_type(), tensor.shape()) {
+                return self.fail(ErrorCode::InvalidArgument, err.to_string());
+            }
+            ordered[index] = Some(tensor);
+        }
+        let mut model_inputs = Vec::with_capacity(ordered.len());
+        for (spec, tensor) in specs.iter().zip(ordered) {
+            match tensor {
+                Some(tensor) => model_inputs.push(tensor),
+                None => return self.fail(ErrorCode::InvalidArgument, format!("missing input `{}`", spec.name)),
+            }
+        }
+        if loaded.model.batchable() {
+            let rows = model_inputs[0].shape()[0];
+            if model_inputs.iter().any(|t| t.shape()[0] != rows) {
+                return self.fail(ErrorCode::InvalidArgument, "inputs disagree on the batch dimension");
+            }
+        }
+        let batched = match loaded.batcher.run(model_inputs).await {
+            Ok(batched) => batched,
+            Err(err) => return self.fail(ErrorCode::RuntimeError, err.to_string()),
+        };
+        self.compute_calls += 1;
+        self.batched_with += batched.calls as u64;
+        let mut outputs = Vec::with_capacity(batched.outputs.len());
+        for (spec, tensor) in loaded.model.outputs().iter().zip(&batched.outputs) {
+            let handle = match from_model_tensor(tensor) {
+                Ok(handle) => handle,
+                Err(message) => return self.fail(ErrorCode::RuntimeError, message),
+            };
+            match self.push(handle)? {
+                Ok(resource) => outputs.push((spec.name.clone(), resource)),
+                Err(error) => return Ok(Err(error)),
+            }
+        }
+        Ok(Ok(outputs))
+    }
+
+    async fn drop(&mut self, context: Resource<ContextHandle>) -> wasmtime::Result<()> {
+        self.release(context)
+    }
+}
+
+impl wasi::nn::errors::Host for &mut NnCtx {}
+
+impl wasi::nn::errors::HostError for &mut NnCtx {
+    async fn code(&mut self, error: Resource<NnError>) -> wasmtime::Result<ErrorCode> {
+        Ok(self.table.get(&error)?.code)
+    }
+
+    async fn data(&mut self, error: Resource<NnError>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&error)?.message.clone())
+    }
+
+    async fn drop(&mut self, error: Resource<NnError>) -> wasmtime::Result<()> {
+        self.release(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_devices::{CacheConfig, DevicePool};
+    use hearth_fixtures::models::{MLP_CLASSES, MLP_INPUTS, mlp, mlp_input};
+    use wasi::nn::graph::{Host as _, HostGraph as _};
+    use wasi::nn::inference::HostGraphExecutionContext as _;
+    use wasi::nn::tensor::HostTensor as _;
+
+    fn ctx(dir: &std::path::Path) -> NnCtx {
+        let path = dir.join("mlp.onnx");
+        std::fs::write(&path, mlp(1)).expect("write");
+        let models = HashMap::from([(
+            "mnist-mlp".to_owned(),
+            ModelRef {
+                key: "mlp-1".into(),
+                path,
+                wants_gpu: false,
+            },
+        )]);
+        NnCtx::new(
+            ModelCache::new(DevicePool::cpu_only(), CacheConfig::default()),
+            Arc::new(models),
+        )
+    }
+
+    fn bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    async fn code_of(ctx: &mut NnCtx, error: Resource<NnError>) -> ErrorCode {
+        wasi::nn::errors::HostError::code(&mut &mut *ctx, error)
+            .await
+            .expect("code")
+    }
+
+    async fn compute(
+        ctx: &mut NnCtx,
+        name: &str,
+        dims: Vec<u32>,
+        ty: TensorType,
+        data: Vec<u8>,
+    ) -> Result<Vec<(String, Resource<TensorHandle>)>, ErrorCode> {
+        let mut host = &mut *ctx;
+        let graph = host
+            .load_by_name("mnist-mlp".into())
+            .await
+            .expect("host")
+            .expect("graph");
+        let context = host
+            .init_execution_context(graph)
+            .await
+            .expect("host")
+            .expect("context");
+        let tensor = host.new(dims, ty, data).await.expect("tensor");
+        match host.compute(context, vec![(name.into(), tensor)]).await.expect("host") {
+            Ok(outputs) => Ok(outputs),
+            Err(error) => Err(code_of(ctx, error).await),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compute_runs_the_named_model() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ctx = ctx(dir.path());
+        let outputs = compute(
+            &mut ctx,
+            "input",
+            vec![1, MLP_INPUTS as u32],
+            TensorType::Fp32,
+            bytes(&mlp_input(0)),
+        )
+        .await
+        .expect("compute");
+        assert_eq!(outputs[0].0, "output");
+        let mut host = &mut ctx;
+        let out = &outputs[0].1;
+        let dims = host.dimensions(Resource::new_borrow(out.rep())).await.expect("dims");
+        assert_eq!(dims, [1, MLP_CLASSES as u32]);
+        let data = host.data(Resource::new_borrow(out.rep())).await.expect("data");
+        let probabilities: Vec<f32> = data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert!((probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        assert_eq!(ctx.compute_calls, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_inputs_are_wasi_nn_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ctx = ctx(dir.path());
+        let row = bytes(&mlp_input(0));
+        let n = MLP_INPUTS as u32;
+        let cases: Vec<(&str, Vec<u32>, TensorType, Vec<u8>)> = vec![
+            ("input", vec![1, n - 1], TensorType::Fp32, row[..row.len() - 4].to_vec()),
+            ("input", vec![1, n], TensorType::Fp32, row[..row.len() - 1].to_vec()),
+            (
+                "input",
+                vec![u32::MAX, u32::MAX, u32::MAX],
+                TensorType::Fp32,
+                vec![0; 16],
+            ),
+            ("input", vec![1, n], TensorType::Fp16, row.clone()),
+            ("input", vec![1, n], TensorType::I32, row.clone()),
+            ("nope", vec![1, n], TensorType::Fp32, row.clone()),
+        ];
+        for (name, dims, ty, data) in cases {
+            let result = compute(&mut ctx, name, dims.clone(), ty, data).await;
+            assert_eq!(result.err(), Some(ErrorCode::InvalidArgument), "{name} {dims:?} {ty:?}");
+        }
+        let mut host = &mut ctx;
+        let missing = host
+            .load_by_name("other".into())
+            .await
+            .expect("host")
+            .expect_err("unknown");
+        assert_eq!(code_of(&mut ctx, missing).await, ErrorCode::NotFound);
+        let mut host = &mut ctx;
+        let refused = host
+            .load(vec![mlp(1)], GraphEncoding::Onnx, ExecutionTarget::Cpu)
+            .await
+            .expect("host")
+            .expect_err("raw bytes");
+        assert_eq!(code_of(&mut ctx, refused).await, ErrorCode::UnsupportedOperation);
+    }
+}
