@@ -70,7 +70,10 @@ fn bench(c: &mut Criterion) {
                                 .map_err(|never| -> hearth_engine::BodyError { match never {} }),
                         )
                         .expect("request");
-                    let response = engine.invoke(&prepared, limits, name, request).await.expect("invoke");
+                    let response = engine
+                        .invoke(&prepared, limits, Default::default(), name, request)
+                        .await
+                        .expect("invoke");
                     let body = response.into_body().collect().await.expect("body");
                     assert!(!body.to_bytes().is_empty());
                 });

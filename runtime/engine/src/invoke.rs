@@ -22,6 +22,9 @@ use crate::{Engine, Prepared, error_chain};
 /// The body of a guest's response, streamed as the guest writes it.
 pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
+/// The models a function may load by name (from its manifest).
+pub type ModelMap = std::sync::Arc<std::collections::HashMap<String, hearth_bridge::ModelRef>>;
+
 /// What one invocation may use.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -72,6 +75,7 @@ impl Engine {
         &self,
         prepared: &Prepared,
         limits: Limits,
+        models: ModelMap,
         label: &str,
         request: hyper::Request<B>,
     ) -> Result<hyper::Response<ResponseBody>, InvokeError>
@@ -79,7 +83,13 @@ impl Engine {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let mut store = Store::new(&self.inner.engine, HostState::new(limits.memory_bytes));
+        let mut store = Store::new(
+            &self.inner.engine,
+            HostState::new(
+                limits.memory_bytes,
+                hearth_bridge::NnCtx::new(self.inner.config.models.clone(), models),
+            ),
+        );
         store.limiter(|state| &mut state.limiter);
         let deadline = Instant::now() + limits.timeout;
         store.set_epoch_deadline(1);

@@ -14,7 +14,8 @@
 //!   function's memory limit and deadline (see [`invoke`]).
 //!
 //! Guests get WASI p2 with no filesystem, no environment, no sockets, captured
-//! stdout/stderr, and `wasi:http` with outgoing requests refused.
+//! stdout/stderr, `wasi:http` with outgoing requests refused, and `wasi:nn`
+//! over the shared model cache (only the models their function names).
 
 mod invoke;
 mod state;
@@ -26,10 +27,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use hearth_devices::{CacheConfig, DevicePool, ModelCache};
 use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-pub use invoke::{InvokeError, Limits, ResponseBody};
+pub use invoke::{InvokeError, Limits, ModelMap, ResponseBody};
 use state::HostState;
 /// The error type request bodies passed to [`Engine::invoke`] fail with.
 pub use wasmtime_wasi_http::Error as BodyError;
@@ -85,6 +87,8 @@ pub struct EngineConfig {
     /// Bytes of each pooled linear memory kept resident (zeroed with memset)
     /// when an instance is dropped, instead of being decommitted.
     pub memory_keep_resident: usize,
+    /// The warm models every instance's `wasi:nn` imports share.
+    pub models: Arc<ModelCache>,
 }
 
 impl EngineConfig {
@@ -96,6 +100,7 @@ impl EngineConfig {
             max_instances: DEFAULT_MAX_INSTANCES,
             max_memory_mb: DEFAULT_MAX_MEMORY_MB,
             memory_keep_resident: DEFAULT_MEMORY_KEEP_RESIDENT,
+            models: ModelCache::new(DevicePool::cpu_only(), CacheConfig::default()),
         }
     }
 }
@@ -195,6 +200,7 @@ impl Engine {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(wasmtime_err)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(wasmtime_err)?;
+        hearth_bridge::add_to_linker(&mut linker, |state: &mut HostState| &mut state.nn).map_err(wasmtime_err)?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);

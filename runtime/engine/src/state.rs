@@ -17,10 +17,11 @@ pub(crate) struct HostState {
     pub(crate) limiter: MemoryLimiter,
     pub(crate) stdout: MemoryOutputPipe,
     pub(crate) stderr: MemoryOutputPipe,
+    pub(crate) nn: hearth_bridge::NnCtx,
 }
 
 impl HostState {
-    pub(crate) fn new(memory_limit_bytes: usize) -> HostState {
+    pub(crate) fn new(memory_limit_bytes: usize, nn: hearth_bridge::NnCtx) -> HostState {
         let stdout = MemoryOutputPipe::new(CAPTURED_OUTPUT_BYTES);
         let stderr = MemoryOutputPipe::new(CAPTURED_OUTPUT_BYTES);
         // No preopened directories, no environment, no arguments, no network:
@@ -34,6 +35,7 @@ impl HostState {
             limiter: MemoryLimiter::new(memory_limit_bytes),
             stdout,
             stderr,
+            nn,
         }
     }
 }

@@ -110,7 +110,15 @@ async fn invoke(
     let label = format!("{tenant}/{function}@{}", deployed.version.version);
     match state
         .engine
-        .invoke(&prepared, limits, &label, hyper::Request::from_parts(parts, body))
+        // Models become deployable with the function in the next step; until
+        // then no name resolves and `load-by-name` answers `not-found`.
+        .invoke(
+            &prepared,
+            limits,
+            Default::default(),
+            &label,
+            hyper::Request::from_parts(parts, body),
+        )
         .await
     {
         Ok(response) => Ok(response.map(Body::new)),

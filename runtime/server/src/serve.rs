@@ -86,6 +86,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut engine_config = EngineConfig::new(data_dir.join("compiled"));
     engine_config.max_instances = args.max_instances;
     engine_config.max_memory_mb = args.max_memory_mb;
+    // Devices are found once; without a CUDA driver this logs "CPU only".
+    let models = hearth_devices::ModelCache::new(hearth_devices::DevicePool::discover(), Default::default());
+    models.spawn_reaper();
+    engine_config.models = models;
     let engine = Engine::new(engine_config).context("configuring wasmtime")?;
     let registry = Registry::new(store.clone(), blobs, engine.clone());
     let limits = HttpLimits {
