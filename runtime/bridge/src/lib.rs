@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hearth_devices::{DatumType, LoadedModel, ModelCache, Tensor};
+use hearth_devices::{Datum, DatumType, LoadedModel, ModelCache, Tensor};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
 wasmtime::component::bindgen!({
@@ -192,32 +192,24 @@ fn to_model_tensor(t: &TensorHandle) -> Result<Tensor, String> {
         ));
     }
     let result = match dt {
-        DatumType::F32 => {
-            let values: Vec<f32> = t
-                .data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            Tensor::from_shape(&shape, &values)
-        }
-        DatumType::I32 => {
-            let values: Vec<i32> = t
-                .data
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            Tensor::from_shape(&shape, &values)
-        }
-        _ => {
-            let values: Vec<i64> = t
-                .data
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect();
-            Tensor::from_shape(&shape, &values)
-        }
+        DatumType::F32 => decode(&t.data, &shape, f32::from_le_bytes),
+        DatumType::I32 => decode(&t.data, &shape, i32::from_le_bytes),
+        _ => decode(&t.data, &shape, i64::from_le_bytes),
     };
     result.map_err(|e| e.to_string())
+}
+
+/// Little-endian element bytes (length already checked) to a tensor.
+fn decode<T: Datum + Copy, const N: usize>(
+    data: &[u8],
+    shape: &[usize],
+    from_le: fn([u8; N]) -> T,
+) -> hearth_devices::TractResult<Tensor> {
+    let values: Vec<T> = data
+        .chunks_exact(N)
+        .map(|chunk| from_le(chunk.try_into().unwrap_or([0; N])))
+        .collect();
+    Tensor::from_shape(shape, &values)
 }
 
 fn from_model_tensor(t: &Tensor) -> Result<TensorHandle, String> {

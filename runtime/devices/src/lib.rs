@@ -25,7 +25,7 @@ pub use cache::{CacheConfig, LoadedModel, ModelCache};
 pub use cpu::CpuDevice;
 pub use cuda::{GpuInfo, discover_gpus};
 pub use model::{Dim, IoSpec, PreparedModel};
-pub use tract_onnx::prelude::{DatumType, Tensor};
+pub use tract_onnx::prelude::{Datum, DatumType, Tensor, TractResult};
 
 /// Result of a device operation.
 pub type Result<T, E = DeviceError> = std::result::Result<T, E>;
