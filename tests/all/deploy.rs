@@ -160,9 +160,12 @@ async fn list_show_and_delete_through_cli_and_sdk() {
         .output()
         .expect("delete");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let response = anonymous.get(server.fn_url("hello", "/")).send().await.expect("invoke");
+    let response = http().get(server.fn_url("hello", "/")).send().await.expect("invoke");
     let body = problem(response, 404).await;
     assert!(body["invocation_id"].is_string());
+    // Without a token, a missing function looks like any private one.
+    let response = anonymous.get(server.fn_url("hello", "/")).send().await.expect("invoke");
+    problem(response, 401).await;
 
     server.client().delete("echo").await.expect("sdk delete");
     assert!(server.client().list().await.expect("list").is_empty());

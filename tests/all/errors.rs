@@ -72,6 +72,9 @@ async fn unknown_function_and_unknown_route_are_404() {
     assert!(response.headers().contains_key("x-hearth-invocation-id"));
     let body = problem(response, 404).await;
     assert!(body["detail"].as_str().expect("detail").contains("nope"));
+    // Without a token, a missing function is indistinguishable from a private one.
+    let response = reqwest::get(server.fn_url("nope", "/")).await.expect("anonymous");
+    problem(response, 401).await;
     for path in [
         "/fn/other-tenant/hello/",
         "/fn/default/..%2f..%2fetc/",

@@ -71,8 +71,12 @@ async fn invoke(
     if hearth_manifest::validate_name(tenant).is_err() || hearth_manifest::validate_name(function).is_err() {
         return Err(not_found());
     }
-    let deployed = state.registry.resolve(tenant, function).await?;
-    if !deployed.manifest.public {
+    // Only a public function answers without a token. For anything else the
+    // caller authenticates first, so an anonymous caller cannot tell a
+    // private function from a missing one (both are 401).
+    let resolved = state.registry.resolve(tenant, function).await;
+    let public = matches!(&resolved, Ok(deployed) if deployed.manifest.public);
+    if !public {
         let authorization = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -80,6 +84,7 @@ async fn invoke(
         let principal = state.auth.authenticate(authorization).await?;
         principal.authorize(Action::Invoke, tenant)?;
     }
+    let deployed = resolved?;
 
     let limit = state.limits.max_body_bytes;
     let declared = request
