@@ -55,8 +55,7 @@ fn bench(c: &mut Criterion) {
 
         for (name, path) in [("hello", hearth_fixtures::HELLO), ("echo", hearth_fixtures::ECHO)] {
             let key = format!("{name}-{label}");
-            engine.precompile(&key, path.as_ref()).expect("precompile");
-            let prepared = engine.load(&key, path.as_ref()).expect("load");
+            let prepared = engine.precompile(&key, path.as_ref()).expect("precompile");
             let limits = Limits {
                 memory_bytes: 128 << 20,
                 timeout: Duration::from_secs(10),

@@ -23,7 +23,7 @@ mod state;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -131,7 +131,6 @@ struct Inner {
     /// Pre-linked components by content key (the component's digest).
     loaded: DashMap<String, Prepared>,
     compat: String,
-    ticker_stop: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -140,12 +139,6 @@ impl std::fmt::Debug for Inner {
             .field("config", &self.config)
             .field("loaded", &self.loaded.len())
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -206,8 +199,7 @@ impl Engine {
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let compat = format!("{:016x}", hasher.finish());
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        spawn_ticker(engine.weak(), ticker_stop.clone())?;
+        spawn_ticker(engine.weak())?;
 
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -216,7 +208,6 @@ impl Engine {
                 config,
                 loaded: DashMap::new(),
                 compat,
-                ticker_stop,
             }),
         })
     }
@@ -245,8 +236,9 @@ impl Engine {
     /// Validates and compiles the component at `component`, writes the
     /// artifact for `key`, and checks that Hearth can link and serve it.
     /// Blocking (compilation takes milliseconds to seconds): call it from a
-    /// blocking thread. On error nothing is left on disk.
-    pub fn precompile(&self, key: &str, component: &Path) -> Result<()> {
+    /// blocking thread. On error nothing is left on disk. The result is
+    /// cached for `key`.
+    pub fn precompile(&self, key: &str, component: &Path) -> Result<Prepared> {
         let bytes = std::fs::read(component).map_err(|source| EngineError::Io {
             path: component.to_owned(),
             source,
@@ -272,8 +264,8 @@ impl Engine {
         std::fs::rename(&staging, &target).map_err(io)?;
         match self.load_compiled(&target) {
             Ok(prepared) => {
-                self.inner.loaded.insert(key.to_owned(), prepared);
-                Ok(())
+                self.inner.loaded.insert(key.to_owned(), prepared.clone());
+                Ok(prepared)
             }
             Err(err) => {
                 let _ = std::fs::remove_file(&target);
@@ -289,17 +281,16 @@ impl Engine {
         if let Some(prepared) = self.inner.loaded.get(key) {
             return Ok(prepared.clone());
         }
-        let compiled = self.compiled_path(key);
-        let prepared = match self.load_compiled(&compiled) {
-            Ok(prepared) => prepared,
+        match self.load_compiled(&self.compiled_path(key)) {
+            Ok(prepared) => {
+                self.inner.loaded.insert(key.to_owned(), prepared.clone());
+                Ok(prepared)
+            }
             Err(err) => {
                 tracing::info!(key, error = %err, "compiled artifact unusable, recompiling");
-                self.precompile(key, component)?;
-                return self.load(key, component);
+                self.precompile(key, component)
             }
-        };
-        self.inner.loaded.insert(key.to_owned(), prepared.clone());
-        Ok(prepared)
+        }
     }
 
     /// The cached pre-linked component for `key`, if loaded.
@@ -308,12 +299,6 @@ impl Engine {
     }
 
     fn load_compiled(&self, path: &Path) -> Result<Prepared> {
-        if !path.exists() {
-            return Err(EngineError::Io {
-                path: path.to_owned(),
-                source: std::io::ErrorKind::NotFound.into(),
-            });
-        }
         #[expect(unsafe_code, reason = "mapping precompiled code is wasmtime's fast path")]
         // SAFETY: `deserialize_file` trusts the file to be wasmtime output for
         // a compatible engine. Hearth writes these files itself, from
@@ -355,18 +340,16 @@ fn describe_non_component(bytes: &[u8]) -> String {
     }
 }
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] until `stop` is set or
-/// the engine is gone.
-fn spawn_ticker(engine: wasmtime::EngineWeak, stop: Arc<AtomicBool>) -> Result<()> {
+/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is gone
+/// (the thread holds only a weak reference, so it ends with the last clone).
+fn spawn_ticker(engine: wasmtime::EngineWeak) -> Result<()> {
     std::thread::Builder::new()
         .name("hearth-epoch".into())
         .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
+            while let Some(engine) = engine.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
                 std::thread::sleep(EPOCH_TICK);
-                match engine.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => break,
-                }
             }
         })
         .map(drop)
