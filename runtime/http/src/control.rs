@@ -8,14 +8,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
-use hearth_auth::{Action, Principal};
+use hearth_auth::Action;
 use hearth_manifest::Manifest;
 use hearth_store::{FunctionVersion, format_ms};
 use serde::{Deserialize, Serialize};
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, authenticate, check_declared_length};
 
 /// Largest manifest accepted, in bytes.
 const MAX_MANIFEST_BYTES: usize = 64 * 1024;
@@ -37,21 +37,15 @@ struct TenantQuery {
 }
 
 /// Authenticates the caller and picks the tenant the call acts in.
-async fn scope(
-    state: &AppState,
-    headers: &HeaderMap,
-    query: &TenantQuery,
-    action: Action,
-) -> Result<(Principal, String), ApiError> {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let principal = state.auth.authenticate(authorization).await?;
+async fn scope(state: &AppState, headers: &HeaderMap, query: &TenantQuery, action: Action) -> Result<String, ApiError> {
+    let principal = authenticate(state, headers).await?;
     let tenant = query.tenant.clone().unwrap_or_else(|| principal.tenant.clone());
     hearth_manifest::validate_name(&tenant).map_err(|reason| ApiError::BadRequest {
         detail: format!("tenant: {reason}"),
         key: None,
     })?;
     principal.authorize(action, &tenant)?;
-    Ok((principal, tenant))
+    Ok(tenant)
 }
 
 /// A function version as the API shows it.
@@ -90,15 +84,9 @@ async fn deploy(
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<(StatusCode, Json<VersionView>), ApiError> {
-    let (_, tenant) = scope(&state, &headers, &query, Action::Deploy).await?;
+    let tenant = scope(&state, &headers, &query, Action::Deploy).await?;
     let limit = state.limits.max_upload_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
+    check_declared_length(&headers, limit)?;
     let mut multipart = multipart.map_err(|e| bad_request(format!("expected a multipart/form-data upload: {e}")))?;
 
     let mut manifest: Option<Manifest> = None;
@@ -181,7 +169,7 @@ async fn list(
     Query(query): Query<TenantQuery>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (_, tenant) = scope(&state, &headers, &query, Action::ReadFunctions).await?;
+    let tenant = scope(&state, &headers, &query, Action::ReadFunctions).await?;
     let functions: Vec<VersionView> = state
         .registry
         .list(&tenant)
@@ -199,7 +187,7 @@ async fn show(
     Query(query): Query<TenantQuery>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (_, tenant) = scope(&state, &headers, &query, Action::ReadFunctions).await?;
+    let tenant = scope(&state, &headers, &query, Action::ReadFunctions).await?;
     check_name(&name)?;
     let current = state.registry.resolve(&tenant, &name).await?;
     let versions: Vec<VersionView> = state
@@ -223,7 +211,7 @@ async fn delete(
     Query(query): Query<TenantQuery>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let (_, tenant) = scope(&state, &headers, &query, Action::Deploy).await?;
+    let tenant = scope(&state, &headers, &query, Action::Deploy).await?;
     check_name(&name)?;
     state.registry.delete(&tenant, &name).await?;
     Ok(StatusCode::NO_CONTENT)

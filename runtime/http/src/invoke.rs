@@ -12,12 +12,12 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use hearth_auth::Action;
-use hearth_engine::{InvokeError, Limits};
+use hearth_engine::Limits;
 use http::{HeaderValue, Uri, header};
 use uuid::Uuid;
 
 use crate::body::LimitedBody;
-use crate::{ApiError, AppState, BASE_PATH_HEADER, INVOCATION_ID_HEADER};
+use crate::{ApiError, AppState, BASE_PATH_HEADER, INVOCATION_ID_HEADER, authenticate, check_declared_length};
 
 /// The route's parameters; the path below the mount is taken from the raw
 /// URI instead, so percent-encoding reaches the guest untouched.
@@ -77,24 +77,14 @@ async fn invoke(
     let resolved = state.registry.resolve(tenant, function).await;
     let public = matches!(&resolved, Ok(deployed) if deployed.manifest.public);
     if !public {
-        let authorization = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let principal = state.auth.authenticate(authorization).await?;
-        principal.authorize(Action::Invoke, tenant)?;
+        authenticate(state, request.headers())
+            .await?
+            .authorize(Action::Invoke, tenant)?;
     }
     let deployed = resolved?;
 
     let limit = state.limits.max_body_bytes;
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
+    check_declared_length(request.headers(), limit)?;
 
     let prepared = state.registry.prepared(&deployed).await?;
     let (mut parts, body) = request.into_parts();
@@ -128,7 +118,6 @@ async fn invoke(
     {
         Ok(response) => Ok(response.map(Body::new)),
         Err(_) if exceeded.load(Ordering::Relaxed) => Err(ApiError::PayloadTooLarge { limit }),
-        Err(InvokeError::Capacity) => Err(ApiError::Invocation(InvokeError::Capacity)),
         Err(err) => Err(err.into()),
     }
 }

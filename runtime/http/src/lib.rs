@@ -105,6 +105,28 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Authenticates the request's `Authorization` header.
+pub(crate) async fn authenticate(
+    state: &AppState,
+    headers: &http::HeaderMap,
+) -> Result<hearth_auth::Principal, ApiError> {
+    let authorization = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    Ok(state.auth.authenticate(authorization).await?)
+}
+
+/// Refuses (413) a body whose declared `Content-Length` exceeds `limit`,
+/// before any of it is read; bodies without one are counted as they stream.
+pub(crate) fn check_declared_length(headers: &http::HeaderMap, limit: u64) -> Result<(), ApiError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > limit => Err(ApiError::PayloadTooLarge { limit }),
+        _ => Ok(()),
+    }
+}
+
 async fn healthz() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({ "status": "ok" }))
 }
