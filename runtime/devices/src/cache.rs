@@ -126,7 +126,6 @@ impl ModelCache {
             }
         };
         slot.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
-        self.enforce_budget();
         Ok(loaded)
     }
 
@@ -142,6 +141,9 @@ impl ModelCache {
         .await
         .map_err(|_| DeviceError::Unavailable)??;
         self.loads.fetch_add(1, Ordering::Relaxed);
+        // Only a load can push the cache over its budget, so the budget is
+        // enforced here, not on every warm `get`.
+        self.enforce_budget(model.size_bytes());
         tracing::info!(model = key, device = %id, size_bytes = model.size_bytes(), load_ms = started.elapsed().as_millis() as u64, "model loaded");
         let model = Arc::new(model);
         Ok(Arc::new(LoadedModel {
@@ -192,13 +194,15 @@ impl ModelCache {
         before - self.slots.len()
     }
 
-    /// Evicts least recently used unheld models while over the budget.
-    fn enforce_budget(&self) {
-        let total: u64 = self
+    /// Evicts least recently used unheld models while the loaded ones plus
+    /// `incoming` bytes (a model about to join) exceed the budget.
+    fn enforce_budget(&self, incoming: u64) {
+        let loaded: u64 = self
             .slots
             .iter()
             .filter_map(|e| e.cell.get().map(|m| m.model.size_bytes()))
             .sum();
+        let total = loaded + incoming;
         if total <= self.config.memory_budget {
             return;
         }
