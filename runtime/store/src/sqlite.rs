@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::{Digest, FunctionVersion, NewVersion, Result, Store, StoreError, TokenRecord, now_ms};
@@ -107,26 +108,20 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 
 const VERSION_COLUMNS: &str = "v.tenant, v.name, v.version, v.manifest, v.component, v.component_size, v.created_at_ms";
 
-fn version_from_row(row: &Row<'_>) -> rusqlite::Result<(FunctionVersion, String)> {
+fn version_from_row(row: &Row<'_>) -> rusqlite::Result<FunctionVersion> {
     let component: String = row.get(4)?;
-    Ok((
-        FunctionVersion {
-            tenant: row.get(0)?,
-            name: row.get(1)?,
-            version: row.get(2)?,
-            manifest: row.get(3)?,
-            component: Digest::of(b""),
-            component_size: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
-            created_at_ms: row.get(6)?,
-        },
+    let component = Digest::parse(&component).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(4, Type::Text, format!("bad component digest {component:?}").into())
+    })?;
+    Ok(FunctionVersion {
+        tenant: row.get(0)?,
+        name: row.get(1)?,
+        version: row.get(2)?,
+        manifest: row.get(3)?,
         component,
-    ))
-}
-
-fn decode_version((mut version, component): (FunctionVersion, String)) -> Result<FunctionVersion> {
-    version.component = Digest::parse(&component)
-        .ok_or_else(|| StoreError::Corrupt(format!("{}/{}: bad digest {component:?}", version.tenant, version.name)))?;
-    Ok(version)
+        component_size: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
+        created_at_ms: row.get(6)?,
+    })
 }
 
 fn token_from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
@@ -250,8 +245,7 @@ impl Store for SqliteStore {
 
     async fn latest_version(&self, tenant: &str, name: &str) -> Result<Option<FunctionVersion>> {
         let (tenant, name) = (tenant.to_owned(), name.to_owned());
-        let row = self
-            .with(move |conn| {
+        self.with(move |conn| {
                 Ok(conn
                     .prepare_cached(&format!(
                         "SELECT {VERSION_COLUMNS} FROM functions f
@@ -261,14 +255,12 @@ impl Store for SqliteStore {
                     .query_row(params![tenant, name], version_from_row)
                     .optional()?)
             })
-            .await?;
-        row.map(decode_version).transpose()
+            .await
     }
 
     async fn list_functions(&self, tenant: &str) -> Result<Vec<FunctionVersion>> {
         let tenant = tenant.to_owned();
-        let rows = self
-            .with(move |conn| {
+        self.with(move |conn| {
                 let mut stmt = conn.prepare_cached(&format!(
                     "SELECT {VERSION_COLUMNS} FROM functions f
                      JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name AND v.version = f.latest_version
@@ -277,24 +269,21 @@ impl Store for SqliteStore {
                 let rows = stmt.query_map(params![tenant], version_from_row)?;
                 Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
             })
-            .await?;
-        rows.into_iter().map(decode_version).collect()
+            .await
     }
 
     async fn list_versions(&self, tenant: &str, name: &str) -> Result<Vec<FunctionVersion>> {
         let (tenant, name) = (tenant.to_owned(), name.to_owned());
-        let rows = self
-            .with(move |conn| {
-                let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT {VERSION_COLUMNS} FROM functions f
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {VERSION_COLUMNS} FROM functions f
                      JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name
                      WHERE f.tenant = ?1 AND f.name = ?2 AND f.deleted_at_ms IS NULL ORDER BY v.version"
-                ))?;
-                let rows = stmt.query_map(params![tenant, name], version_from_row)?;
-                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-            })
-            .await?;
-        rows.into_iter().map(decode_version).collect()
+            ))?;
+            let rows = stmt.query_map(params![tenant, name], version_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
     }
 
     async fn delete_function(&self, tenant: &str, name: &str) -> Result<bool> {
