@@ -7,4 +7,5 @@ mod server;
 
 mod deploy;
 mod errors;
+mod inference;
 mod lifecycle;

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hearth_devices::{Datum, DatumType, LoadedModel, ModelCache, Tensor};
+use hearth_devices::{Datum, DatumType, LoadedModel, ModelCache, Placement, Tensor};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
 wasmtime::component::bindgen!({
@@ -70,8 +70,8 @@ pub struct ModelRef {
     pub key: String,
     /// Where the file is.
     pub path: PathBuf,
-    /// Whether the manifest asks for a GPU.
-    pub wants_gpu: bool,
+    /// The device the manifest asks for.
+    pub placement: Placement,
 }
 
 /// Per-instance `wasi:nn` state.
@@ -289,7 +289,7 @@ impl wasi::nn::graph::Host for &mut NnCtx {
                 format!("no model named `{name}` in this function's manifest"),
             );
         };
-        match self.cache.get(&model.key, &model.path, model.wants_gpu).await {
+        match self.cache.get(&model.key, &model.path, model.placement).await {
             Ok(loaded) => self.push(GraphHandle(loaded)),
             Err(err) => self.fail(ErrorCode::RuntimeError, format!("model `{name}`: {err}")),
         }
@@ -406,7 +406,7 @@ mod tests {
             ModelRef {
                 key: "mlp-1".into(),
                 path,
-                wants_gpu: false,
+                placement: Placement::Auto,
             },
         )]);
         NnCtx::new(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use tokio::sync::OnceCell;
 
-use crate::{BatchConfig, Batcher, DeviceError, DeviceId, DevicePool, PreparedModel, Result};
+use crate::{BatchConfig, Batcher, DeviceError, DeviceId, DevicePool, Placement, PreparedModel, Result};
 
 /// Default idle time after which an unused model is unloaded.
 pub const DEFAULT_MODEL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -48,7 +48,13 @@ pub struct LoadedModel {
     pub batcher: Batcher,
     /// Content key (SHA-256 of the ONNX file).
     pub key: String,
+    /// The placement it was asked for.
+    pub placement: Placement,
 }
+
+/// A model content and the placement asked for: the same file wished on
+/// different devices is two loaded models.
+type SlotKey = (String, Placement);
 
 #[derive(Debug)]
 struct Slot {
@@ -61,6 +67,8 @@ struct Slot {
 pub struct CachedModel {
     /// Content key.
     pub key: String,
+    /// Placement asked for.
+    pub placement: Placement,
     /// Device.
     pub device: DeviceId,
     /// Model file size.
@@ -78,7 +86,7 @@ pub struct CachedModel {
 pub struct ModelCache {
     devices: DevicePool,
     config: CacheConfig,
-    slots: DashMap<String, Arc<Slot>>,
+    slots: DashMap<SlotKey, Arc<Slot>>,
     epoch: Instant,
     loads: AtomicU64,
 }
@@ -102,10 +110,11 @@ impl ModelCache {
 
     /// The model with content `key`, stored at `path`: warm if loaded, else
     /// loaded now (once, however many callers ask at the same time).
-    pub async fn get(&self, key: &str, path: &Path, wants_gpu: bool) -> Result<Arc<LoadedModel>> {
+    pub async fn get(&self, key: &str, path: &Path, placement: Placement) -> Result<Arc<LoadedModel>> {
+        let slot_key = (key.to_owned(), placement);
         let slot = self
             .slots
-            .entry(key.to_owned())
+            .entry(slot_key.clone())
             .or_insert_with(|| {
                 Arc::new(Slot {
                     cell: OnceCell::new(),
@@ -115,13 +124,13 @@ impl ModelCache {
             .clone();
         let loaded = slot
             .cell
-            .get_or_try_init(|| self.load(key, path.to_owned(), wants_gpu))
+            .get_or_try_init(|| self.load(key, path.to_owned(), placement))
             .await;
         let loaded = match loaded {
             Ok(loaded) => loaded.clone(),
             Err(err) => {
                 // Do not cache failures: a fixed blob may load next time.
-                self.slots.remove_if(key, |_, s| Arc::ptr_eq(s, &slot));
+                self.slots.remove_if(&slot_key, |_, s| Arc::ptr_eq(s, &slot));
                 return Err(err);
             }
         };
@@ -129,8 +138,8 @@ impl ModelCache {
         Ok(loaded)
     }
 
-    async fn load(&self, key: &str, path: PathBuf, wants_gpu: bool) -> Result<Arc<LoadedModel>> {
-        let device = self.devices.place(wants_gpu)?;
+    async fn load(&self, key: &str, path: PathBuf, placement: Placement) -> Result<Arc<LoadedModel>> {
+        let device = self.devices.place(placement)?;
         let id = device.id();
         let started = Instant::now();
         let model = tokio::task::spawn_blocking(move || {
@@ -151,6 +160,7 @@ impl ModelCache {
             model,
             device: id,
             key: key.to_owned(),
+            placement,
         }))
     }
 
@@ -169,6 +179,7 @@ impl ModelCache {
                 let loaded = entry.value().cell.get()?;
                 Some(CachedModel {
                     key: loaded.key.clone(),
+                    placement: loaded.placement,
                     device: loaded.device,
                     size_bytes: loaded.model.size_bytes(),
                     users: Arc::strong_count(loaded) - 1,
@@ -177,7 +188,7 @@ impl ModelCache {
                 })
             })
             .collect();
-        models.sort_by(|a, b| a.key.cmp(&b.key));
+        models.sort_by(|a, b| (&a.key, a.device.to_string()).cmp(&(&b.key, b.device.to_string())));
         models
     }
 
@@ -206,7 +217,7 @@ impl ModelCache {
         if total <= self.config.memory_budget {
             return;
         }
-        let mut candidates: Vec<(u64, String, u64)> = self
+        let mut candidates: Vec<(u64, SlotKey, u64)> = self
             .slots
             .iter()
             .filter(|e| unused(e.value()))
@@ -222,7 +233,7 @@ impl ModelCache {
                 break;
             }
             if self.slots.remove_if(&key, |_, slot| unused(slot)).is_some() {
-                tracing::info!(model = %key, "model evicted: over the memory budget");
+                tracing::info!(model = %key.0, "model evicted: over the memory budget");
                 excess = excess.saturating_sub(size);
             }
         }
@@ -283,7 +294,7 @@ mod tests {
         let cache = cache(DEFAULT_MODEL_IDLE_TIMEOUT, DEFAULT_MODEL_MEMORY_BUDGET);
         let gets = (0..8).map(|_| {
             let (cache, path) = (cache.clone(), path.clone());
-            tokio::spawn(async move { cache.get("m1", &path, false).await.expect("get") })
+            tokio::spawn(async move { cache.get("m1", &path, Placement::Cpu).await.expect("get") })
         });
         let gets: Vec<_> = gets.collect();
         let mut models = Vec::new();
@@ -299,8 +310,16 @@ mod tests {
     async fn idle_unheld_models_are_evicted_held_ones_stay() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = cache(Duration::ZERO, DEFAULT_MODEL_MEMORY_BUDGET);
-        let held = cache.get("a", &model_file(dir.path(), 1), false).await.expect("a");
-        drop(cache.get("b", &model_file(dir.path(), 2), false).await.expect("b"));
+        let held = cache
+            .get("a", &model_file(dir.path(), 1), Placement::Cpu)
+            .await
+            .expect("a");
+        drop(
+            cache
+                .get("b", &model_file(dir.path(), 2), Placement::Cpu)
+                .await
+                .expect("b"),
+        );
         assert_eq!(cache.evict_idle(), 1);
         let keys: Vec<String> = cache.cached().into_iter().map(|m| m.key).collect();
         assert_eq!(keys, ["a"]);
@@ -314,9 +333,24 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let size = hearth_fixtures::models::mlp(1).len() as u64;
         let cache = cache(DEFAULT_MODEL_IDLE_TIMEOUT, size * 2);
-        drop(cache.get("a", &model_file(dir.path(), 1), false).await.expect("a"));
-        drop(cache.get("b", &model_file(dir.path(), 2), false).await.expect("b"));
-        drop(cache.get("c", &model_file(dir.path(), 3), false).await.expect("c"));
+        drop(
+            cache
+                .get("a", &model_file(dir.path(), 1), Placement::Cpu)
+                .await
+                .expect("a"),
+        );
+        drop(
+            cache
+                .get("b", &model_file(dir.path(), 2), Placement::Cpu)
+                .await
+                .expect("b"),
+        );
+        drop(
+            cache
+                .get("c", &model_file(dir.path(), 3), Placement::Cpu)
+                .await
+                .expect("c"),
+        );
         let keys: Vec<String> = cache.cached().into_iter().map(|m| m.key).collect();
         assert_eq!(keys, ["b", "c"]);
     }
@@ -327,16 +361,16 @@ mod tests {
         let cache = cache(DEFAULT_MODEL_IDLE_TIMEOUT, DEFAULT_MODEL_MEMORY_BUDGET);
         let missing = dir.path().join("missing.onnx");
         assert!(matches!(
-            cache.get("m", &missing, false).await,
+            cache.get("m", &missing, Placement::Cpu).await,
             Err(DeviceError::InvalidModel(_))
         ));
         std::fs::write(&missing, hearth_fixtures::models::mlp(1)).expect("write");
         cache
-            .get("m", &missing, false)
+            .get("m", &missing, Placement::Cpu)
             .await
             .expect("loads once the file is there");
         assert!(matches!(
-            cache.get("g", &missing, true).await,
+            cache.get("g", &missing, Placement::Gpu).await,
             Err(DeviceError::NoDevice(_))
         ));
     }

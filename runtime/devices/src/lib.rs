@@ -21,7 +21,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use batcher::{BatchConfig, Batcher};
-pub use cache::{CacheConfig, LoadedModel, ModelCache};
+pub use cache::{CacheConfig, CachedModel, LoadedModel, ModelCache};
 pub use cpu::CpuDevice;
 pub use cuda::{GpuInfo, discover_gpus};
 pub use model::{Dim, IoSpec, PreparedModel};
@@ -65,6 +65,28 @@ impl fmt::Display for DeviceId {
             DeviceId::Cpu => f.write_str("cpu"),
             DeviceId::Cuda(n) => write!(f, "cuda:{n}"),
         }
+    }
+}
+
+/// Where a model asks to run (the manifest's `device`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Placement {
+    /// A GPU with room for it, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// A GPU, or nothing.
+    Gpu,
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Placement::Auto => "auto",
+            Placement::Cpu => "cpu",
+            Placement::Gpu => "gpu",
+        })
     }
 }
 
@@ -125,11 +147,11 @@ impl DevicePool {
         &self.gpus
     }
 
-    /// Picks the device for a model: `wants_gpu` is the manifest's `gpu`.
-    /// Without a GPU backend every model runs on the CPU; a model that
-    /// insists on a GPU is refused, with the reason.
-    pub fn place(&self, wants_gpu: bool) -> Result<Arc<dyn Device>> {
-        if wants_gpu {
+    /// Picks the device for a model: the manifest's wish first. Without a
+    /// GPU backend every model runs on the CPU; a model that insists on a GPU
+    /// is refused, with the reason.
+    pub fn place(&self, placement: Placement) -> Result<Arc<dyn Device>> {
+        if placement == Placement::Gpu {
             let reason = if self.gpus.is_empty() {
                 "`device = \"gpu\"` but this server has no CUDA GPU; use `device = \"auto\"` to run on the CPU"
             } else {

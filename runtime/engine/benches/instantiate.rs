@@ -70,7 +70,7 @@ fn bench(c: &mut Criterion) {
                         )
                         .expect("request");
                     let response = engine
-                        .invoke(&prepared, limits, Default::default(), name, request)
+                        .invoke(&prepared, limits, &Default::default(), name, request)
                         .await
                         .expect("invoke");
                     let body = response.into_body().collect().await.expect("body");

@@ -25,6 +25,17 @@ pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 /// The models a function may load by name (from its manifest).
 pub type ModelMap = std::sync::Arc<std::collections::HashMap<String, hearth_bridge::ModelRef>>;
 
+/// What a function's instances are given besides WASI's basics: the models
+/// it may load and the directory of its read-only assets.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    /// Models by the name the guest loads them with.
+    pub models: ModelMap,
+    /// Host directory mounted read-only at the guest's `/`, if the function
+    /// has `[[files]]`.
+    pub assets: Option<std::sync::Arc<std::path::Path>>,
+}
+
 /// What one invocation may use.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -75,7 +86,7 @@ impl Engine {
         &self,
         prepared: &Prepared,
         limits: Limits,
-        models: ModelMap,
+        grants: &Grants,
         label: &str,
         request: hyper::Request<B>,
     ) -> Result<hyper::Response<ResponseBody>, InvokeError>
@@ -83,13 +94,10 @@ impl Engine {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let mut store = Store::new(
-            &self.inner.engine,
-            HostState::new(
-                limits.memory_bytes,
-                hearth_bridge::NnCtx::new(self.inner.config.models.clone(), models),
-            ),
-        );
+        let nn = hearth_bridge::NnCtx::new(self.inner.config.models.clone(), grants.models.clone());
+        let state = HostState::new(limits.memory_bytes, nn, grants.assets.as_deref())
+            .map_err(|e| InvokeError::Internal(format!("mounting the function's assets: {}", error_chain(&e))))?;
+        let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
         let deadline = Instant::now() + limits.timeout;
         store.set_epoch_deadline(1);

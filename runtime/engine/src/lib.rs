@@ -31,7 +31,7 @@ use hearth_devices::{CacheConfig, DevicePool, ModelCache};
 use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-pub use invoke::{InvokeError, Limits, ModelMap, ResponseBody};
+pub use invoke::{Grants, InvokeError, Limits, ModelMap, ResponseBody};
 use state::HostState;
 /// The error type request bodies passed to [`Engine::invoke`] fail with.
 pub use wasmtime_wasi_http::Error as BodyError;

@@ -1,8 +1,10 @@
 //! Per-instance host state: what a guest's imports see.
 
+use std::path::Path;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 /// Bytes of guest stdout/stderr kept per invocation; more is dropped.
@@ -21,13 +23,23 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(memory_limit_bytes: usize, nn: hearth_bridge::NnCtx) -> HostState {
+    pub(crate) fn new(
+        memory_limit_bytes: usize,
+        nn: hearth_bridge::NnCtx,
+        assets: Option<&Path>,
+    ) -> wasmtime::Result<HostState> {
         let stdout = MemoryOutputPipe::new(CAPTURED_OUTPUT_BYTES);
         let stderr = MemoryOutputPipe::new(CAPTURED_OUTPUT_BYTES);
-        // No preopened directories, no environment, no arguments, no network:
-        // the builder grants nothing unless asked.
-        let wasi = WasiCtx::builder().stdout(stdout.clone()).stderr(stderr.clone()).build();
-        HostState {
+        // No environment, no arguments, no network, and no directory but the
+        // function's own assets, read-only: the builder grants nothing unless
+        // asked.
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(stdout.clone()).stderr(stderr.clone());
+        if let Some(dir) = assets {
+            wasi.preopened_dir(dir, "/", FsPerms::ReadOnly)?;
+        }
+        let wasi = wasi.build();
+        Ok(HostState {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
@@ -36,7 +48,7 @@ impl HostState {
             stdout,
             stderr,
             nn,
-        }
+        })
     }
 }
 

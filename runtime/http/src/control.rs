@@ -4,6 +4,7 @@
 //! operator tokens the `tenant` query parameter (default `default`). A tenant
 //! the caller cannot see answers 404, exactly as a missing function does.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -12,7 +13,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use hearth_auth::Action;
 use hearth_manifest::Manifest;
-use hearth_store::{FunctionVersion, format_ms};
+use hearth_registry::{FILE_PART_PREFIX, MODEL_PART_PREFIX, Upload};
+use hearth_store::{ArtifactKind, FunctionVersion, format_ms};
 use serde::{Deserialize, Serialize};
 
 use crate::{ApiError, AppState, authenticate, check_declared_length};
@@ -29,6 +31,7 @@ pub(crate) fn routes() -> axum::Router<Arc<AppState>> {
             post(deploy).get(list).layer(DefaultBodyLimit::disable()),
         )
         .route("/functions/{name}", get(show).delete(delete))
+        .route("/status", get(status))
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,6 +41,16 @@ struct TenantQuery {
 
 /// Authenticates the caller and picks the tenant the call acts in.
 async fn scope(state: &AppState, headers: &HeaderMap, query: &TenantQuery, action: Action) -> Result<String, ApiError> {
+    Ok(scoped_principal(state, headers, query, action).await?.0)
+}
+
+/// [`scope`], also returning who the caller is.
+async fn scoped_principal(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &TenantQuery,
+    action: Action,
+) -> Result<(String, hearth_auth::Principal), ApiError> {
     let principal = authenticate(state, headers).await?;
     let tenant = query.tenant.clone().unwrap_or_else(|| principal.tenant.clone());
     hearth_manifest::validate_name(&tenant).map_err(|reason| ApiError::BadRequest {
@@ -45,7 +58,7 @@ async fn scope(state: &AppState, headers: &HeaderMap, query: &TenantQuery, actio
         key: None,
     })?;
     principal.authorize(action, &tenant)?;
-    Ok(tenant)
+    Ok((tenant, principal))
 }
 
 /// A function version as the API shows it.
@@ -58,6 +71,18 @@ struct VersionView {
     component_size: u64,
     created_at: String,
     invoke_path: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    models: Vec<ArtifactView>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    files: Vec<ArtifactView>,
+}
+
+/// A model or asset deployed with a version.
+#[derive(Debug, Serialize)]
+struct ArtifactView {
+    name: String,
+    digest: String,
+    size: u64,
 }
 
 impl From<&FunctionVersion> for VersionView {
@@ -70,14 +95,30 @@ impl From<&FunctionVersion> for VersionView {
             component_size: v.component_size,
             created_at: format_ms(v.created_at_ms),
             invoke_path: format!("/fn/{}/{}/", v.tenant, v.name),
+            models: artifacts(v, ArtifactKind::Model),
+            files: artifacts(v, ArtifactKind::File),
         }
     }
 }
 
+fn artifacts(v: &FunctionVersion, kind: ArtifactKind) -> Vec<ArtifactView> {
+    v.artifacts
+        .iter()
+        .filter(|a| a.kind == kind)
+        .map(|a| ArtifactView {
+            name: a.name.clone(),
+            digest: format!("sha256:{}", a.digest),
+            size: a.size,
+        })
+        .collect()
+}
+
 /// `POST /v1/functions`: a `multipart/form-data` upload with a `manifest`
 /// part (the `hearth.toml` text) first, then a `component` part (the
-/// `.wasm`). The component streams to a staging file; it is compiled and
-/// checked before anything is recorded.
+/// `.wasm`), a `model:<name>` part for each `[[models]]` entry and a
+/// `file:<index>` part for each `[[files]]` entry (0-based), in any order. Every part
+/// streams to a staging file; the whole is checked (component compiled,
+/// models loaded) before anything is recorded.
 async fn deploy(
     State(state): State<Arc<AppState>>,
     Query(query): Query<TenantQuery>,
@@ -91,6 +132,8 @@ async fn deploy(
 
     let mut manifest: Option<Manifest> = None;
     let mut component = None;
+    let mut models = HashMap::new();
+    let mut files = HashMap::new();
     let mut received: u64 = 0;
     while let Some(mut field) = multipart
         .next_field()
@@ -98,65 +141,86 @@ async fn deploy(
         .map_err(|e| bad_request(format!("malformed upload: {e}")))?
     {
         let name = field.name().unwrap_or_default().to_owned();
-        match name.as_str() {
-            "manifest" => {
-                let mut text = Vec::new();
-                while let Some(chunk) = field
-                    .chunk()
-                    .await
-                    .map_err(|e| bad_request(format!("malformed upload: {e}")))?
-                {
-                    received += chunk.len() as u64;
-                    text.extend_from_slice(&chunk);
-                    if text.len() > MAX_MANIFEST_BYTES {
-                        return Err(bad_request(format!("the manifest exceeds {MAX_MANIFEST_BYTES} bytes")));
-                    }
+        if name == "manifest" {
+            let mut text = Vec::new();
+            while let Some(chunk) = next_chunk(&mut field).await? {
+                received += chunk.len() as u64;
+                text.extend_from_slice(&chunk);
+                if text.len() > MAX_MANIFEST_BYTES {
+                    return Err(bad_request(format!("the manifest exceeds {MAX_MANIFEST_BYTES} bytes")));
                 }
-                let text = String::from_utf8(text).map_err(|_| bad_request("the manifest is not UTF-8 text".into()))?;
-                manifest = Some(Manifest::from_toml(&text).map_err(hearth_registry::RegistryError::from)?);
             }
-            "component" => {
-                if manifest.is_none() {
-                    return Err(bad_request(
-                        "the `manifest` part must come before the `component` part".into(),
-                    ));
-                }
-                let mut staged = state
-                    .registry
-                    .blobs()
-                    .stage()
-                    .await
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
-                while let Some(chunk) = field
-                    .chunk()
-                    .await
-                    .map_err(|e| bad_request(format!("malformed upload: {e}")))?
-                {
-                    received += chunk.len() as u64;
-                    if received > limit {
-                        return Err(ApiError::PayloadTooLarge { limit });
-                    }
-                    staged
-                        .write(&chunk)
-                        .await
-                        .map_err(|e| ApiError::Internal(e.to_string()))?;
-                }
-                component = Some(staged);
-            }
-            other => {
+            let text = String::from_utf8(text).map_err(|_| bad_request("the manifest is not UTF-8 text".into()))?;
+            manifest = Some(Manifest::from_toml(&text).map_err(hearth_registry::RegistryError::from)?);
+            continue;
+        }
+        let Some(declared) = &manifest else {
+            return Err(bad_request(format!(
+                "the `manifest` part must come first (got `{name}` before it)"
+            )));
+        };
+        // Only parts the manifest declares are stored, each once.
+        let slot = if name == "component" {
+            &mut component
+        } else if let Some(model) = name.strip_prefix(MODEL_PART_PREFIX) {
+            if !declared.models.iter().any(|m| m.name == model) {
                 return Err(bad_request(format!(
-                    "unexpected upload part `{other}`: send `manifest` and `component`"
+                    "upload part `{name}`: the manifest has no model named `{model}`"
                 )));
             }
+            models.entry(model.to_owned()).or_insert(None)
+        } else if let Some(index) = name.strip_prefix(FILE_PART_PREFIX) {
+            // Files are numbered by their place in `[[files]]`: a guest path
+            // is not a safe multipart name.
+            let Some(file) = index.parse::<usize>().ok().and_then(|i| declared.files.get(i)) else {
+                return Err(bad_request(format!(
+                    "upload part `{name}`: the manifest has no `[[files]]` entry {index}"
+                )));
+            };
+            files.entry(file.target.clone()).or_insert(None)
+        } else {
+            return Err(bad_request(format!(
+                "unexpected upload part `{name}`: send `manifest`, `component`, `{MODEL_PART_PREFIX}<name>` and `{FILE_PART_PREFIX}<index>`"
+            )));
+        };
+        if slot.is_some() {
+            return Err(bad_request(format!("upload part `{name}` appears twice")));
         }
+        let mut staged = state
+            .registry
+            .blobs()
+            .stage()
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        while let Some(chunk) = next_chunk(&mut field).await? {
+            received += chunk.len() as u64;
+            if received > limit {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            staged
+                .write(&chunk)
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
+        *slot = Some(staged);
         if received > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }
     }
     let manifest = manifest.ok_or_else(|| bad_request("the upload has no `manifest` part".into()))?;
     let component = component.ok_or_else(|| bad_request("the upload has no `component` part".into()))?;
-    let version = state.registry.deploy(&tenant, manifest, component).await?;
+    let mut upload = Upload::new(manifest, component);
+    upload.models = models.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+    upload.files = files.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+    let version = state.registry.deploy(&tenant, upload).await?;
     Ok((StatusCode::CREATED, Json(VersionView::from(&version))))
+}
+
+async fn next_chunk(field: &mut axum::extract::multipart::Field<'_>) -> Result<Option<bytes::Bytes>, ApiError> {
+    field
+        .chunk()
+        .await
+        .map_err(|e| bad_request(format!("malformed upload: {e}")))
 }
 
 fn bad_request(detail: String) -> ApiError {
@@ -219,4 +283,75 @@ async fn delete(
 
 fn check_name(name: &str) -> Result<(), ApiError> {
     hearth_manifest::validate_name(name).map_err(|reason| bad_request(format!("function name: {reason}")))
+}
+
+/// `GET /v1/status`: the devices, the models warm on them, and the tenant's
+/// functions with the models they name. Operators see every warm model;
+/// others only those their tenant's functions name.
+async fn status(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<TenantQuery>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (tenant, principal) = scoped_principal(&state, &headers, &query, Action::ReadFunctions).await?;
+    let cache = &state.engine.config().models;
+    let functions = state.registry.list(&tenant).await?;
+    let warm = cache.cached();
+    let named: std::collections::HashSet<String> = functions
+        .iter()
+        .flat_map(|f| f.artifacts.iter())
+        .filter(|a| a.kind == ArtifactKind::Model)
+        .map(|a| a.digest.to_string())
+        .collect();
+    let models: Vec<serde_json::Value> = warm
+        .iter()
+        .filter(|m| principal.operator || named.contains(&m.key))
+        .map(|m| {
+            serde_json::json!({
+                "digest": format!("sha256:{}", m.key),
+                "placement": m.placement.to_string(),
+                "device": m.device.to_string(),
+                "size": m.size_bytes,
+                "users": m.users,
+                "runs": m.runs,
+                "calls": m.calls,
+            })
+        })
+        .collect();
+    let mut devices = vec![serde_json::json!({ "id": "cpu", "kind": "cpu" })];
+    for gpu in cache.devices().gpus() {
+        devices.push(serde_json::json!({
+            "id": format!("cuda:{}", gpu.ordinal),
+            "kind": "cuda",
+            "name": gpu.name,
+            "total_bytes": gpu.total_bytes,
+            "free_bytes_at_start": gpu.free_bytes,
+        }));
+    }
+    let functions: Vec<serde_json::Value> = functions
+        .iter()
+        .map(|f| {
+            let models: Vec<serde_json::Value> = f
+                .artifacts
+                .iter()
+                .filter(|a| a.kind == ArtifactKind::Model)
+                .map(|a| {
+                    let key = a.digest.to_string();
+                    serde_json::json!({
+                        "name": a.name,
+                        "digest": format!("sha256:{key}"),
+                        "warm": warm.iter().any(|m| m.key == key),
+                    })
+                })
+                .collect();
+            serde_json::json!({ "name": f.name, "version": f.version, "models": models })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "tenant": tenant,
+        "devices": devices,
+        "models": models,
+        "model_loads": cache.loads(),
+        "functions": functions,
+    })))
 }

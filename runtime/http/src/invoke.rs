@@ -105,12 +105,10 @@ async fn invoke(
     let label = format!("{tenant}/{function}@{}", deployed.version.version);
     match state
         .engine
-        // Models become deployable with the function in the next step; until
-        // then no name resolves and `load-by-name` answers `not-found`.
         .invoke(
             &prepared,
             limits,
-            Default::default(),
+            &deployed.grants,
             &label,
             hyper::Request::from_parts(parts, body),
         )

@@ -201,10 +201,13 @@ impl From<RegistryError> for ApiError {
                 key: e.key().map(str::to_owned),
                 detail: e.to_string(),
             },
-            RegistryError::Unsupported { ref key, .. } => ApiError::Unprocessable {
-                key: Some(key.clone()),
-                detail: err.to_string(),
-            },
+            RegistryError::Upload(detail) => ApiError::BadRequest { detail, key: None },
+            RegistryError::Unsupported { ref key, .. } | RegistryError::Model { ref key, .. } => {
+                ApiError::Unprocessable {
+                    key: Some(key.clone()),
+                    detail: err.to_string(),
+                }
+            }
             RegistryError::Component(_) | RegistryError::EmptyComponent => ApiError::Unprocessable {
                 key: None,
                 detail: err.to_string(),

@@ -81,6 +81,9 @@ pub struct Manifest {
     /// Models the function loads through wasi-nn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<ModelSpec>,
+    /// Read-only assets mounted into the guest's filesystem.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileSpec>,
     /// Per-instance limits.
     #[serde(default)]
     pub limits: Limits,
@@ -99,6 +102,17 @@ pub struct ModelSpec {
     /// Where to run it.
     #[serde(default)]
     pub device: DeviceWish,
+}
+
+/// A read-only asset in `[[files]]`: a file next to the manifest, deployed
+/// with the function and visible to the guest at `target` (and nothing else
+/// of the host is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSpec {
+    /// Path of the file, relative to the manifest (client side).
+    pub source: String,
+    /// Absolute path the guest opens it at, e.g. `/assets/labels.txt`.
+    pub target: String,
 }
 
 /// The device a model asks for.
@@ -237,6 +251,29 @@ impl Manifest {
                 return Err(invalid(&format!("models[{i}].path"), "must not be empty"));
             }
         }
+        let mut targets = std::collections::HashSet::new();
+        for (i, file) in self.files.iter().enumerate() {
+            if file.source.is_empty() {
+                return Err(invalid(&format!("files[{i}].source"), "must not be empty"));
+            }
+            validate_target(&file.target).map_err(|r| invalid(&format!("files[{i}].target"), r))?;
+            if !targets.insert(file.target.as_str()) {
+                return Err(invalid(
+                    &format!("files[{i}].target"),
+                    format!("`{}` is named twice", file.target),
+                ));
+            }
+        }
+        for (i, file) in self.files.iter().enumerate() {
+            // `/a` and `/a/b` cannot both be files.
+            let dir = format!("{}/", file.target);
+            if self.files.iter().any(|other| other.target.starts_with(&dir)) {
+                return Err(invalid(
+                    &format!("files[{i}].target"),
+                    format!("`{}` is a file, so nothing can be mounted below it", file.target),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -246,6 +283,36 @@ fn invalid(key: &str, reason: impl Into<String>) -> ManifestError {
         key: key.to_owned(),
         reason: reason.into(),
     }
+}
+
+/// Most components in an asset's guest path.
+const MAX_TARGET_DEPTH: usize = 8;
+
+/// Checks an asset's guest path: absolute, at most 8 components of ASCII
+/// letters, digits, `.`, `_` and `-`, none of them `.` or `..`, so it can be
+/// joined under the function's asset directory without escaping it.
+pub fn validate_target(target: &str) -> std::result::Result<(), String> {
+    let Some(relative) = target.strip_prefix('/') else {
+        return Err(format!(
+            "`{}` must be an absolute path such as `/assets/labels.txt`",
+            target.escape_debug()
+        ));
+    };
+    let parts: Vec<&str> = relative.split('/').collect();
+    let part_ok = |part: &&str| {
+        !part.is_empty()
+            && *part != "."
+            && *part != ".."
+            && part.len() <= 255
+            && part.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    if parts.len() > MAX_TARGET_DEPTH || !parts.iter().all(part_ok) {
+        return Err(format!(
+            "`{}` is not a valid guest path: use up to {MAX_TARGET_DEPTH} `/`-separated parts of letters, digits, `.`, `_` and `-` (no `.` or `..` parts)",
+            target.escape_debug()
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a function, model or tenant name: 1 to 63 characters of lowercase
@@ -283,6 +350,9 @@ mod tests {
             name = "mnist-mlp"
             path = "models/mlp.onnx"
             device = "gpu"
+            [[files]]
+            source = "labels.txt"
+            target = "/assets/labels.txt"
             [limits]
             memory_mb = 256
             timeout_ms = 500
@@ -297,6 +367,7 @@ mod tests {
         assert_eq!(m.name, "classify");
         assert!(m.public);
         assert_eq!(m.models[0].device, DeviceWish::Gpu);
+        assert_eq!(m.files[0].target, "/assets/labels.txt");
         assert_eq!(m.limits.memory_mb, 256);
         assert_eq!(m.scaling.qos, Qos::Batch);
         assert_eq!(Manifest::from_toml(&m.to_toml()), Ok(m));
@@ -355,6 +426,39 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn asset_targets_stay_inside_their_mount() {
+        for bad in [
+            "",
+            "labels.txt",
+            "/",
+            "/a//b",
+            "/a/../b",
+            "/./a",
+            "/a/",
+            "/a b",
+            "/a\\b",
+            "/a/b/c/d/e/f/g/h/i",
+        ] {
+            assert!(validate_target(bad).is_err(), "{bad:?}");
+        }
+        for good in ["/labels.txt", "/assets/vocab-v2.json", "/.hidden/_x"] {
+            assert!(validate_target(good).is_ok(), "{good:?}");
+        }
+        let nested =
+            "name = \"e\"\n[[files]]\nsource = \"a\"\ntarget = \"/a\"\n[[files]]\nsource = \"b\"\ntarget = \"/a/b\"\n";
+        assert_eq!(
+            Manifest::from_toml(nested).expect_err("nested").key(),
+            Some("files[0].target")
+        );
+        let twice =
+            "name = \"e\"\n[[files]]\nsource = \"a\"\ntarget = \"/a\"\n[[files]]\nsource = \"b\"\ntarget = \"/a\"\n";
+        assert_eq!(
+            Manifest::from_toml(twice).expect_err("twice").key(),
+            Some("files[1].target")
+        );
     }
 
     #[test]

@@ -6,13 +6,22 @@
 //! on every invocation. The newest version of each function is cached in
 //! memory; a deploy or delete through this process updates the cache.
 
+mod assets;
+
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use hearth_engine::{Engine, EngineError, Prepared};
-use hearth_manifest::{Manifest, ManifestError};
-use hearth_store::{BlobStore, Digest, FunctionVersion, NewVersion, StagedBlob, Store, StoreError};
+use hearth_bridge::ModelRef;
+use hearth_devices::{DeviceError, Placement};
+use hearth_engine::{Engine, EngineError, Grants, Prepared};
+use hearth_manifest::{DeviceWish, Manifest, ManifestError};
+use hearth_store::{
+    Artifact, ArtifactKind, BlobStore, Digest, FunctionVersion, NewVersion, StagedBlob, Store, StoreError,
+};
+
+use crate::assets::AssetDirs;
 
 /// Result of a registry operation.
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -45,6 +54,18 @@ pub enum RegistryError {
     /// The upload carried no component bytes.
     #[error("the component is empty")]
     EmptyComponent,
+    /// The upload's parts do not match the manifest's `[[models]]` and
+    /// `[[files]]`.
+    #[error("{0}")]
+    Upload(String),
+    /// A model cannot be served (not ONNX, unsupported, or no device for it).
+    #[error("hearth.toml: `{key}`: {reason}")]
+    Model {
+        /// The manifest key at fault (`models[0].path`, `models[0].device`).
+        key: String,
+        /// Why.
+        reason: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -62,13 +83,84 @@ impl From<EngineError> for RegistryError {
     }
 }
 
-/// The version of a function that currently answers, with its parsed manifest.
+/// The version of a function that currently answers, with its parsed
+/// manifest and what its instances are given.
 #[derive(Debug, Clone)]
 pub struct Deployed {
     /// The stored version.
     pub version: FunctionVersion,
     /// Its manifest, parsed.
     pub manifest: Manifest,
+    /// Its models and asset directory.
+    pub grants: Grants,
+}
+
+/// One deploy's upload, fully received but not yet committed: the manifest
+/// and a staged blob for the component and for each model and file it names.
+#[derive(Debug)]
+pub struct Upload {
+    /// The parsed manifest.
+    pub manifest: Manifest,
+    /// The component.
+    pub component: StagedBlob,
+    /// Models, by their `[[models]]` name.
+    pub models: HashMap<String, StagedBlob>,
+    /// Assets, by their `[[files]]` target.
+    pub files: HashMap<String, StagedBlob>,
+}
+
+impl Upload {
+    /// An upload of `manifest` with nothing received yet but the component.
+    pub fn new(manifest: Manifest, component: StagedBlob) -> Upload {
+        Upload {
+            manifest,
+            component,
+            models: HashMap::new(),
+            files: HashMap::new(),
+        }
+    }
+
+    /// Checks that every model and file the manifest names arrived.
+    fn check_complete(&self) -> Result<()> {
+        let missing: Vec<String> = self
+            .manifest
+            .models
+            .iter()
+            .filter(|m| !self.models.contains_key(&m.name))
+            .map(|m| format!("`{}{}`", MODEL_PART_PREFIX, m.name))
+            .chain(
+                self.manifest
+                    .files
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| !self.files.contains_key(&f.target))
+                    .map(|(i, f)| format!("`{FILE_PART_PREFIX}{i}` ({})", f.target)),
+            )
+            .collect();
+        if !missing.is_empty() {
+            return Err(RegistryError::Upload(format!(
+                "the upload lacks part{} {} named by the manifest",
+                if missing.len() == 1 { "" } else { "s" },
+                missing.join(", ")
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Multipart name prefix of a model part: `model:<name>`.
+pub const MODEL_PART_PREFIX: &str = "model:";
+/// Multipart name prefix of an asset part: `file:<index>`, its 0-based place
+/// in `[[files]]`.
+pub const FILE_PART_PREFIX: &str = "file:";
+
+/// The placement a manifest's `device` asks for.
+pub fn placement(wish: DeviceWish) -> Placement {
+    match wish {
+        DeviceWish::Auto => Placement::Auto,
+        DeviceWish::Cpu => Placement::Cpu,
+        DeviceWish::Gpu => Placement::Gpu,
+    }
 }
 
 /// The registry. Cheap to clone.
@@ -77,16 +169,19 @@ pub struct Registry {
     store: Arc<dyn Store>,
     blobs: BlobStore,
     engine: Engine,
+    assets: AssetDirs,
     latest: Arc<DashMap<(String, String), Arc<Deployed>>>,
 }
 
 impl Registry {
-    /// A registry over `store` and `blobs`, compiling with `engine`.
-    pub fn new(store: Arc<dyn Store>, blobs: BlobStore, engine: Engine) -> Registry {
+    /// A registry over `store` and `blobs`, compiling with `engine`; asset
+    /// directories are laid out under `assets_root`.
+    pub fn new(store: Arc<dyn Store>, blobs: BlobStore, engine: Engine, assets_root: PathBuf) -> Registry {
         Registry {
             store,
             blobs,
             engine,
+            assets: AssetDirs::new(assets_root),
             latest: Arc::new(DashMap::new()),
         }
     }
@@ -96,24 +191,34 @@ impl Registry {
         &self.blobs
     }
 
-    /// Deploys `component` (fully uploaded, not yet committed) under
-    /// `manifest` as the next version of the function in `tenant`.
-    pub async fn deploy(&self, tenant: &str, manifest: Manifest, mut component: StagedBlob) -> Result<FunctionVersion> {
-        if let Some(model) = manifest.models.first() {
-            return Err(RegistryError::Unsupported {
-                key: "models".into(),
-                reason: format!(
-                    "model `{}`: this server does not serve models yet (wasi-nn arrives with the inference bridge)",
-                    model.name
-                ),
-            });
-        }
+    /// Deploys an upload (fully received, not yet committed) as the next
+    /// version of its function in `tenant`. Everything is checked first (the
+    /// manifest against this server, the component compiled, every model
+    /// loaded on its device), then the blobs are committed and the version
+    /// recorded, so a refused deploy leaves nothing behind.
+    pub async fn deploy(&self, tenant: &str, upload: Upload) -> Result<FunctionVersion> {
+        upload.check_complete()?;
+        let Upload {
+            manifest,
+            mut component,
+            mut models,
+            mut files,
+        } = upload;
         let max_mb = self.engine.config().max_memory_mb;
         if manifest.limits.memory_mb > max_mb {
             return Err(RegistryError::Unsupported {
                 key: "limits.memory_mb".into(),
                 reason: format!("this server allows at most {max_mb} MiB per instance"),
             });
+        }
+        let cache = self.engine.config().models.clone();
+        for (i, model) in manifest.models.iter().enumerate() {
+            if let Err(err) = cache.devices().place(placement(model.device)) {
+                return Err(RegistryError::Model {
+                    key: format!("models[{i}].device"),
+                    reason: err.to_string(),
+                });
+            }
         }
         if component.is_empty() {
             return Err(RegistryError::EmptyComponent);
@@ -128,8 +233,59 @@ impl Registry {
                 .await
                 .map_err(|e| RegistryError::Engine(e.to_string()))??;
         }
+
+        let mut staged = Vec::new();
+        for (i, spec) in manifest.models.iter().enumerate() {
+            let mut blob = models
+                .remove(&spec.name)
+                .ok_or_else(|| RegistryError::Upload(spec.name.clone()))?;
+            let key = format!("models[{i}].path");
+            if blob.is_empty() {
+                return Err(RegistryError::Model {
+                    key,
+                    reason: format!("model `{}` is empty", spec.name),
+                });
+            }
+            let digest = blob.finish().await?;
+            // Loading is the one complete check that a model will run here;
+            // the loaded model then stays warm for the first invocations.
+            if let Err(err) = cache
+                .get(digest.as_str(), blob.staged_path(), placement(spec.device))
+                .await
+            {
+                let key = match err {
+                    DeviceError::NoDevice(_) => format!("models[{i}].device"),
+                    _ => key,
+                };
+                return Err(RegistryError::Model {
+                    key,
+                    reason: format!("model `{}` ({}): {err}", spec.name, spec.path),
+                });
+            }
+            staged.push((ArtifactKind::Model, spec.name.clone(), blob));
+        }
+        for spec in &manifest.files {
+            let mut blob = files
+                .remove(&spec.target)
+                .ok_or_else(|| RegistryError::Upload(spec.target.clone()))?;
+            blob.finish().await?;
+            staged.push((ArtifactKind::File, spec.target.clone(), blob));
+        }
+
         let committed = component.commit().await?;
         debug_assert_eq!(committed, digest);
+        let mut artifacts = Vec::with_capacity(staged.len());
+        for (kind, name, blob) in staged {
+            let size = blob.len();
+            let digest = blob.commit().await?;
+            artifacts.push(Artifact {
+                kind,
+                name,
+                digest,
+                size,
+            });
+        }
+        let grants = self.grants(&manifest, &artifacts).await?;
         self.store.ensure_tenant(tenant).await?;
         let version = self
             .store
@@ -139,17 +295,49 @@ impl Registry {
                 manifest: manifest.to_toml(),
                 component: digest,
                 component_size: size,
+                artifacts,
             })
             .await?;
-        tracing::info!(tenant, function = %version.name, version = version.version, component = %version.component, "deployed");
+        tracing::info!(tenant, function = %version.name, version = version.version, component = %version.component, artifacts = version.artifacts.len(), "deployed");
         self.latest.insert(
             (tenant.to_owned(), manifest.name.clone()),
             Arc::new(Deployed {
                 version: version.clone(),
                 manifest,
+                grants,
             }),
         );
         Ok(version)
+    }
+
+    /// What a version's instances are given: its models by name, and its
+    /// asset directory (built from the blobs if missing).
+    async fn grants(&self, manifest: &Manifest, artifacts: &[Artifact]) -> Result<Grants> {
+        let models: HashMap<String, ModelRef> = artifacts
+            .iter()
+            .filter(|a| a.kind == ArtifactKind::Model)
+            .filter_map(|a| {
+                let spec = manifest.models.iter().find(|m| m.name == a.name)?;
+                let model = ModelRef {
+                    key: a.digest.to_string(),
+                    path: self.blobs.path(&a.digest),
+                    placement: placement(spec.device),
+                };
+                Some((a.name.clone(), model))
+            })
+            .collect();
+        let (assets, blobs, artifacts) = (self.assets.clone(), self.blobs.clone(), artifacts.to_vec());
+        let assets = tokio::task::spawn_blocking(move || assets.ensure(&artifacts, &blobs))
+            .await
+            .map_err(|e| RegistryError::Engine(e.to_string()))?
+            .map_err(|e| StoreError::Io {
+                path: PathBuf::from("assets"),
+                source: e,
+            })?;
+        Ok(Grants {
+            models: Arc::new(models),
+            assets: assets.map(Arc::from),
+        })
     }
 
     /// The version of `name` that answers invocations now.
@@ -165,7 +353,12 @@ impl Registry {
             .ok_or_else(|| not_found(tenant, name))?;
         let manifest = Manifest::from_toml(&version.manifest)
             .map_err(|e| StoreError::Corrupt(format!("{tenant}/{name} v{}: {e}", version.version)))?;
-        let deployed = Arc::new(Deployed { version, manifest });
+        let grants = self.grants(&manifest, &version.artifacts).await?;
+        let deployed = Arc::new(Deployed {
+            version,
+            manifest,
+            grants,
+        });
         self.latest.insert(key, deployed.clone());
         Ok(deployed)
     }

@@ -1,4 +1,4 @@
-//! The client verbs: `deploy`, `invoke`, `functions`. Each is a thin layer
+//! The client verbs: `deploy`, `invoke`, `functions`, `status`. Each is a thin layer
 //! over the `hearth-client` SDK that formats results for a terminal.
 
 use std::io::Write as _;
@@ -203,6 +203,65 @@ pub async fn functions(args: &ClientArgs, command: FunctionsCommand) -> anyhow::
             client.delete(&name).await?;
             println!("deleted {name}");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn status(args: &ClientArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let client = connect(args)?;
+    let status = client.status().await?;
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("devices:");
+    for d in &status.devices {
+        let detail = match (&d.name, d.total_bytes) {
+            (Some(name), Some(total)) => format!("{name}, {}", human_bytes(total)),
+            _ => String::new(),
+        };
+        println!("  {:<8} {detail}", d.id);
+    }
+    println!("warm models ({} loads since start):", status.model_loads);
+    if status.models.is_empty() {
+        println!("  none");
+    }
+    for m in &status.models {
+        let mean = if m.runs == 0 {
+            0.0
+        } else {
+            m.calls as f64 / m.runs as f64
+        };
+        println!(
+            "  {:<19}  {:<7} {:>9}  {} in use  {} calls in {} runs (mean batch {mean:.1})",
+            short_digest(&m.digest),
+            m.device,
+            human_bytes(m.size),
+            m.users,
+            m.calls,
+            m.runs
+        );
+    }
+    println!("functions in `{}`:", status.tenant);
+    for f in &status.functions {
+        let models: Vec<String> = f
+            .models
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} ({}{})",
+                    m.name,
+                    short_digest(&m.digest),
+                    if m.warm { ", warm" } else { "" }
+                )
+            })
+            .collect();
+        let models = if models.is_empty() {
+            "no models".to_owned()
+        } else {
+            models.join(", ")
+        };
+        println!("  {} v{}: {models}", f.name, f.version);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -57,6 +57,14 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Show devices, warm models and the models each function names.
+    Status {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: cli::Output,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -74,6 +82,7 @@ fn main() -> std::process::ExitCode {
             Command::Deploy { path, no_build, client } => cli::deploy(&client, &path, no_build).await,
             Command::Invoke(args) => cli::invoke(args).await,
             Command::Functions { command, client } => cli::functions(&client, command).await,
+            Command::Status { output, client } => cli::status(&client, output).await,
         }
     });
     match result {

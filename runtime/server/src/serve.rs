@@ -91,7 +91,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     models.spawn_reaper();
     engine_config.models = models;
     let engine = Engine::new(engine_config).context("configuring wasmtime")?;
-    let registry = Registry::new(store.clone(), blobs, engine.clone());
+    let registry = Registry::new(store.clone(), blobs, engine.clone(), data_dir.join("assets"));
     let limits = HttpLimits {
         max_body_bytes: args.max_body_bytes,
         max_upload_bytes: args.max_upload_bytes,

@@ -61,6 +61,49 @@ pub struct FunctionVersion {
     pub component_size: u64,
     /// When this version was deployed (Unix ms).
     pub created_at_ms: i64,
+    /// Models and assets deployed with it, by kind then name.
+    pub artifacts: Vec<Artifact>,
+}
+
+/// What an artifact is to the function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ArtifactKind {
+    /// An ONNX model from `[[models]]`, named by its model name.
+    Model,
+    /// A read-only asset from `[[files]]`, named by its guest path.
+    File,
+}
+
+impl ArtifactKind {
+    /// The kind as stored and shown (`model`, `file`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactKind::Model => "model",
+            ArtifactKind::File => "file",
+        }
+    }
+
+    /// Parses [`ArtifactKind::as_str`].
+    pub fn parse(text: &str) -> Option<ArtifactKind> {
+        match text {
+            "model" => Some(ArtifactKind::Model),
+            "file" => Some(ArtifactKind::File),
+            _ => None,
+        }
+    }
+}
+
+/// A blob deployed with a function version besides its component.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Artifact {
+    /// Model or asset.
+    pub kind: ArtifactKind,
+    /// The model's name, or the asset's guest path.
+    pub name: String,
+    /// SHA-256 of the blob.
+    pub digest: Digest,
+    /// Size in bytes.
+    pub size: u64,
 }
 
 /// What a deploy adds; the store assigns the version.
@@ -76,6 +119,8 @@ pub struct NewVersion {
     pub component: Digest,
     /// Size of the component in bytes.
     pub component_size: u64,
+    /// Models and assets, already in the [`BlobStore`].
+    pub artifacts: Vec<Artifact>,
 }
 
 /// A bearer token as stored: the secret itself is never kept, only its hash.

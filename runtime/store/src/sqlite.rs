@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::{Digest, FunctionVersion, NewVersion, Result, Store, StoreError, TokenRecord, now_ms};
+use crate::{
+    Artifact, ArtifactKind, Digest, FunctionVersion, NewVersion, Result, Store, StoreError, TokenRecord, now_ms,
+};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many
 /// have run. Never edit a released entry: append a new one.
@@ -49,6 +51,18 @@ const MIGRATIONS: &[&str] = &[
         created_at_ms INTEGER NOT NULL,
         PRIMARY KEY (tenant, name, version),
         FOREIGN KEY (tenant, name) REFERENCES functions(tenant, name)
+    );",
+    // 2: models and assets deployed with a version.
+    "CREATE TABLE version_artifacts (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        artifact TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        PRIMARY KEY (tenant, name, version, kind, artifact),
+        FOREIGN KEY (tenant, name, version) REFERENCES function_versions(tenant, name, version)
     );",
 ];
 
@@ -121,7 +135,32 @@ fn version_from_row(row: &Row<'_>) -> rusqlite::Result<FunctionVersion> {
         component,
         component_size: row.get::<_, i64>(5)?.try_into().unwrap_or(0),
         created_at_ms: row.get(6)?,
+        artifacts: Vec::new(),
     })
+}
+
+/// Fills in each version's artifacts.
+fn with_artifacts(conn: &Connection, mut versions: Vec<FunctionVersion>) -> Result<Vec<FunctionVersion>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT kind, artifact, digest, size FROM version_artifacts
+         WHERE tenant = ?1 AND name = ?2 AND version = ?3",
+    )?;
+    for version in &mut versions {
+        let rows = stmt.query_map(params![version.tenant, version.name, version.version], |row| {
+            let kind: String = row.get(0)?;
+            let digest: String = row.get(2)?;
+            let corrupt = |what: String| rusqlite::Error::FromSqlConversionFailure(0, Type::Text, what.into());
+            Ok(Artifact {
+                kind: ArtifactKind::parse(&kind).ok_or_else(|| corrupt(format!("bad artifact kind {kind:?}")))?,
+                name: row.get(1)?,
+                digest: Digest::parse(&digest).ok_or_else(|| corrupt(format!("bad artifact digest {digest:?}")))?,
+                size: row.get::<_, i64>(3)?.try_into().unwrap_or(0),
+            })
+        })?;
+        version.artifacts = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        version.artifacts.sort();
+    }
+    Ok(versions)
 }
 
 fn token_from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
@@ -229,7 +268,24 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![new.tenant, new.name, version, new.manifest, new.component.as_str(), size, now],
             )?;
+            for artifact in &new.artifacts {
+                tx.execute(
+                    "INSERT INTO version_artifacts (tenant, name, version, kind, artifact, digest, size)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        new.tenant,
+                        new.name,
+                        version,
+                        artifact.kind.as_str(),
+                        artifact.name,
+                        artifact.digest.as_str(),
+                        i64::try_from(artifact.size).unwrap_or(i64::MAX)
+                    ],
+                )?;
+            }
             tx.commit()?;
+            let mut artifacts = new.artifacts;
+            artifacts.sort();
             Ok(FunctionVersion {
                 tenant: new.tenant,
                 name: new.name,
@@ -238,6 +294,7 @@ impl Store for SqliteStore {
                 component: new.component,
                 component_size: new.component_size,
                 created_at_ms: now,
+                artifacts,
             })
         })
         .await
@@ -246,14 +303,15 @@ impl Store for SqliteStore {
     async fn latest_version(&self, tenant: &str, name: &str) -> Result<Option<FunctionVersion>> {
         let (tenant, name) = (tenant.to_owned(), name.to_owned());
         self.with(move |conn| {
-                Ok(conn
+                let version = conn
                     .prepare_cached(&format!(
                         "SELECT {VERSION_COLUMNS} FROM functions f
                          JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name AND v.version = f.latest_version
                          WHERE f.tenant = ?1 AND f.name = ?2 AND f.deleted_at_ms IS NULL"
                     ))?
                     .query_row(params![tenant, name], version_from_row)
-                    .optional()?)
+                    .optional()?;
+                Ok(with_artifacts(conn, version.into_iter().collect())?.pop())
             })
             .await
     }
@@ -267,7 +325,8 @@ impl Store for SqliteStore {
                      WHERE f.tenant = ?1 AND f.deleted_at_ms IS NULL ORDER BY f.name"
                 ))?;
                 let rows = stmt.query_map(params![tenant], version_from_row)?;
-                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                let versions = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+                with_artifacts(conn, versions)
             })
             .await
     }
@@ -281,7 +340,8 @@ impl Store for SqliteStore {
                      WHERE f.tenant = ?1 AND f.name = ?2 AND f.deleted_at_ms IS NULL ORDER BY v.version"
             ))?;
             let rows = stmt.query_map(params![tenant, name], version_from_row)?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            let versions = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            with_artifacts(conn, versions)
         })
         .await
     }
@@ -310,6 +370,7 @@ mod tests {
             manifest: format!("name = \"{name}\""),
             component: Digest::of(content),
             component_size: content.len() as u64,
+            artifacts: Vec::new(),
         }
     }
 
@@ -321,7 +382,26 @@ mod tests {
         assert!(store.tenant_exists("default").await.expect("exists"));
         assert!(!store.tenant_exists("acme").await.expect("exists"));
 
-        let v1 = store.create_version(new_version("echo", b"one")).await.expect("v1");
+        let model = Artifact {
+            kind: ArtifactKind::Model,
+            name: "mnist-mlp".into(),
+            digest: Digest::of(b"onnx"),
+            size: 4,
+        };
+        let labels = Artifact {
+            kind: ArtifactKind::File,
+            name: "/labels.txt".into(),
+            digest: Digest::of(b"labels"),
+            size: 6,
+        };
+        let v1 = store
+            .create_version(NewVersion {
+                artifacts: vec![labels.clone(), model.clone()],
+                ..new_version("echo", b"one")
+            })
+            .await
+            .expect("v1");
+        assert_eq!(v1.artifacts, [model, labels], "models first, then files");
         let v2 = store.create_version(new_version("echo", b"two")).await.expect("v2");
         assert_eq!((v1.version, v2.version), (1, 2));
         drop(store);
@@ -333,7 +413,8 @@ mod tests {
             .expect("latest")
             .expect("exists");
         assert_eq!(latest, v2);
-        assert_eq!(store.list_versions("default", "echo").await.expect("versions").len(), 2);
+        let versions = store.list_versions("default", "echo").await.expect("versions");
+        assert_eq!(versions, [v1.clone(), v2.clone()], "artifacts survive a reopen");
         assert_eq!(store.list_functions("default").await.expect("list"), vec![v2]);
 
         assert!(store.delete_function("default", "echo").await.expect("delete"));

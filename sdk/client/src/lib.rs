@@ -15,6 +15,8 @@
 mod project;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::TryStreamExt as _;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
@@ -110,6 +112,23 @@ pub struct FunctionVersion {
     pub created_at: String,
     /// Path to invoke it at, relative to the server.
     pub invoke_path: String,
+    /// Models deployed with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ArtifactInfo>,
+    /// Read-only assets deployed with it (named by guest path).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<ArtifactInfo>,
+}
+
+/// A model or asset file deployed with a function version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ArtifactInfo {
+    /// Model name, or the asset's guest path.
+    pub name: String,
+    /// `sha256:<hex>` of the content.
+    pub digest: String,
+    /// Size in bytes.
+    pub size: u64,
 }
 
 /// A function with its manifest and history.
@@ -121,6 +140,78 @@ pub struct FunctionDetail {
     pub manifest: serde_json::Value,
     /// Every version, oldest first.
     pub versions: Vec<FunctionVersion>,
+}
+
+/// What `GET /v1/status` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The tenant the functions are from.
+    pub tenant: String,
+    /// Devices models can run on.
+    pub devices: Vec<DeviceStatus>,
+    /// Models warm now (for a tenant token, those its functions name).
+    pub models: Vec<WarmModel>,
+    /// Model loads since the server started (a model loaded once and shared
+    /// counts once).
+    pub model_loads: u64,
+    /// The tenant's functions and the models they name.
+    pub functions: Vec<FunctionStatus>,
+}
+
+/// A device in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// `cpu` or `cuda:N`.
+    pub id: String,
+    /// `cpu` or `cuda`.
+    pub kind: String,
+    /// GPU name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// GPU memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+}
+
+/// A model warm on a device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WarmModel {
+    /// `sha256:<hex>` of the ONNX file.
+    pub digest: String,
+    /// What the manifest asked for (`auto`, `cpu`, `gpu`).
+    pub placement: String,
+    /// Where it runs (`cpu`, `cuda:N`).
+    pub device: String,
+    /// Model file size.
+    pub size: u64,
+    /// Live guest handles on it.
+    pub users: u64,
+    /// Model runs (one per batch).
+    pub runs: u64,
+    /// Compute calls served by those runs.
+    pub calls: u64,
+}
+
+/// A function in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionStatus {
+    /// Function name.
+    pub name: String,
+    /// Version answering now.
+    pub version: u32,
+    /// The models it names.
+    pub models: Vec<NamedModel>,
+}
+
+/// A model named by a function.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NamedModel {
+    /// Name the guest loads it by.
+    pub name: String,
+    /// `sha256:<hex>` of its content.
+    pub digest: String,
+    /// Whether it is loaded now.
+    pub warm: bool,
 }
 
 /// A request to send to a function.
@@ -211,41 +302,62 @@ impl Client {
         format!("{}/v1{path}?tenant={}", self.server, self.tenant)
     }
 
-    /// Uploads the project's manifest and built component as a new version.
-    /// `progress(sent, total)` is called as the component streams.
+    /// Uploads the project's manifest, built component, models and asset
+    /// files as a new version. `progress(sent, total)` is called as the
+    /// bytes stream, summed over every file.
     pub async fn deploy(
         &self,
         project: &Project,
         progress: impl Fn(u64, u64) + Send + Sync + 'static,
     ) -> Result<FunctionVersion> {
-        let path = project.component_path()?;
-        let file = tokio::fs::File::open(&path).await.map_err(|source| ClientError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let total = file
-            .metadata()
-            .await
-            .map_err(|source| ClientError::Io {
+        let mut uploads = vec![("component".to_owned(), project.component_path()?, "application/wasm")];
+        for model in &project.manifest().models {
+            uploads.push((
+                format!("model:{}", model.name),
+                project.path_of(&model.path),
+                "application/onnx",
+            ));
+        }
+        for (i, file) in project.manifest().files.iter().enumerate() {
+            uploads.push((
+                format!("file:{i}"),
+                project.path_of(&file.source),
+                "application/octet-stream",
+            ));
+        }
+        let mut opened = Vec::with_capacity(uploads.len());
+        for (part, path, mime) in uploads {
+            let io = |source| ClientError::Io {
                 path: path.clone(),
                 source,
-            })?
-            .len();
-        let mut sent = 0u64;
-        let stream = tokio_util::io::ReaderStream::new(file).inspect_ok(move |chunk| {
-            sent += chunk.len() as u64;
-            progress(sent, total);
-        });
-        let component = reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), total)
-            .file_name("component.wasm")
-            .mime_str("application/wasm")
-            .map_err(|e| ClientError::Config(e.to_string()))?;
+            };
+            let file = tokio::fs::File::open(&path).await.map_err(io)?;
+            let len = file.metadata().await.map_err(io)?.len();
+            opened.push((part, path, mime, file, len));
+        }
+        let total: u64 = opened.iter().map(|o| o.4).sum();
+        let sent = Arc::new(AtomicU64::new(0));
+        let progress = Arc::new(progress);
         let manifest = reqwest::multipart::Part::text(project.manifest_text().to_owned())
             .mime_str("application/toml")
             .map_err(|e| ClientError::Config(e.to_string()))?;
-        let form = reqwest::multipart::Form::new()
-            .part("manifest", manifest)
-            .part("component", component);
+        let mut form = reqwest::multipart::Form::new().part("manifest", manifest);
+        for (part, path, mime, file, len) in opened {
+            let (sent, progress) = (sent.clone(), progress.clone());
+            let stream = tokio_util::io::ReaderStream::new(file).inspect_ok(move |chunk| {
+                let now = sent.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+                progress(now, total);
+            });
+            let file_name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let body = reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
+                .file_name(file_name)
+                .mime_str(mime)
+                .map_err(|e| ClientError::Config(e.to_string()))?;
+            form = form.part(part, body);
+        }
         let url = self.control_url("/functions");
         let response = self
             .send(self.request(reqwest::Method::POST, &url).multipart(form), &url)
@@ -290,6 +402,13 @@ impl Client {
     /// One function, its manifest and its versions.
     pub async fn show(&self, name: &str) -> Result<FunctionDetail> {
         let url = self.control_url(&format!("/functions/{name}"));
+        let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
+        json(response, &url).await
+    }
+
+    /// Devices, warm models, and the tenant's functions with their models.
+    pub async fn status(&self) -> Result<Status> {
+        let url = self.control_url("/status");
         let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
         json(response, &url).await
     }

@@ -58,6 +58,12 @@ impl Project {
         &self.dir
     }
 
+    /// A path from the manifest (a model or asset), resolved against the
+    /// project directory.
+    pub fn path_of(&self, relative: &str) -> PathBuf {
+        self.dir.join(relative)
+    }
+
     /// Where the built component is: `component` from the manifest, relative
     /// to the project directory.
     pub fn component_path(&self) -> Result<PathBuf> {

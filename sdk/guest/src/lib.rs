@@ -8,6 +8,9 @@
 //! but the guest sees paths relative to that mount; the mount itself arrives in
 //! the [`BASE_PATH_HEADER`] header.
 //!
+//! Models deployed with the function are reached through [`nn`]:
+//! `Model::load("name")?.infer(&[("input", tensor)])`.
+//!
 //! ```ignore
 //! use hearth_guest::prelude::*;
 //!
@@ -17,6 +20,8 @@
 //!     Ok(text(StatusCode::OK, "hello from hearth\n"))
 //! }
 //! ```
+
+pub mod nn;
 
 pub use wstd;
 pub use wstd::http::{Body, HeaderMap, Method, Request, Response, StatusCode};

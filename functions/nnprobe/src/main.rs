@@ -1,0 +1,81 @@
+//! `nnprobe`, a test function: hands the host whatever the caller asks for,
+//! so tests can check Hearth's `wasi:nn` validation and asset mount end to end.
+//!
+//! - `POST /compute` with `{"model": NAME, "input": NAME, "dims": [..],
+//!   "type": "fp32"|"fp16"|"i32"|"i64"|"u8", "bytes": N}` sends a zero tensor of
+//!   `bytes` bytes; answers the output shapes, or the wasi-nn error as a 4xx/5xx.
+//! - `GET /file?path=/x` reads a file from the guest's filesystem; 404 with
+//!   the OS error when it cannot.
+//! - `POST /write?path=/x` tries to create a file (the mount is read-only).
+
+use hearth_guest::nn::{Model, Tensor, TensorType};
+use hearth_guest::prelude::*;
+use serde::Deserialize;
+
+hearth_guest::handler!(probe);
+
+#[derive(Deserialize)]
+struct Compute {
+    model: String,
+    input: String,
+    dims: Vec<u32>,
+    #[serde(rename = "type")]
+    ty: String,
+    bytes: usize,
+}
+
+async fn probe(mut request: Request<Body>) -> Result<Response<Body>> {
+    let path = request.uri().path().to_owned();
+    let query_path = request
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("path=")))
+        .unwrap_or("/")
+        .to_owned();
+    match path.as_str() {
+        "/compute" => {
+            let body = read_body(&mut request).await?;
+            let call: Compute = match serde_json::from_slice(&body) {
+                Ok(call) => call,
+                Err(err) => return Ok(message(StatusCode::BAD_REQUEST, &err.to_string())),
+            };
+            let ty = match call.ty.as_str() {
+                "fp16" => TensorType::Fp16,
+                "fp32" => TensorType::Fp32,
+                "i32" => TensorType::I32,
+                "i64" => TensorType::I64,
+                "u8" => TensorType::U8,
+                other => return Ok(message(StatusCode::BAD_REQUEST, &format!("unknown type {other}"))),
+            };
+            // Capped so the guest itself stays within its memory limit.
+            let tensor = Tensor::from_bytes(&call.dims, ty, vec![0; call.bytes.min(64 << 20)]);
+            let model = match Model::load(&call.model) {
+                Ok(model) => model,
+                Err(err) => return Ok(err.response()),
+            };
+            match model.infer(&[(call.input.as_str(), tensor)]) {
+                Ok(outputs) => {
+                    let shapes: Vec<serde_json::Value> = outputs
+                        .iter()
+                        .map(|(name, t)| serde_json::json!({ "name": name, "dims": t.dims() }))
+                        .collect();
+                    Ok(json(StatusCode::OK, &serde_json::json!({ "outputs": shapes })))
+                }
+                Err(err) => Ok(err.response()),
+            }
+        }
+        "/file" => match std::fs::read(&query_path) {
+            Ok(bytes) => Ok(Response::new(Body::from(bytes))),
+            Err(err) => Ok(message(StatusCode::NOT_FOUND, &err.to_string())),
+        },
+        "/write" => match std::fs::write(&query_path, b"x") {
+            Ok(()) => Ok(message(StatusCode::OK, "written")),
+            Err(err) => Ok(message(StatusCode::FORBIDDEN, &err.to_string())),
+        },
+        _ => Ok(message(StatusCode::NOT_FOUND, "try /compute, /file or /write")),
+    }
+}
+
+fn message(status: StatusCode, text: &str) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": text }))
+}
