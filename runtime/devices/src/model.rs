@@ -1,9 +1,10 @@
 //! A prepared model and the shapes it accepts.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::runtime::Runnable;
+use tract_onnx::tract_core::runtime::{Runnable, Runtime};
+use tract_onnx::tract_hir::infer::Factoid as _;
 use tract_onnx::tract_hir::internal::DimLike as _;
 
 use crate::{DeviceError, Result};
@@ -31,11 +32,34 @@ pub struct IoSpec {
     pub dims: Vec<Dim>,
 }
 
+/// Most shape-specialised plans kept per model (see [`Plans::PerShape`]).
+pub const MAX_SHAPE_PLANS: usize = 32;
+
+/// The input shapes a plan was optimised for, and the plan.
+type ShapePlan = (Vec<Vec<usize>>, Arc<dyn Runnable>);
+
+/// How a model's runnable plans are kept.
+#[derive(Debug)]
+enum Plans {
+    /// One plan for every input shape (symbolic dimensions resolved at run
+    /// time), optimised once.
+    Shared(Arc<dyn Runnable>),
+    /// Models whose graph only types with concrete input shapes (PaddleOCR's
+    /// reshapes, for one): the analysed model is kept and a plan optimised
+    /// for each input shape met, the most recent [`MAX_SHAPE_PLANS`] kept.
+    PerShape {
+        model: Box<InferenceModel>,
+        runtime: Arc<dyn Runtime>,
+        /// Most recently used first.
+        plans: Mutex<Vec<ShapePlan>>,
+    },
+}
+
 /// A model parsed, optimised and prepared for one device; shared by every
 /// instance that uses it, run concurrently.
 #[derive(Debug)]
 pub struct PreparedModel {
-    runnable: Arc<dyn Runnable>,
+    plans: Plans,
     inputs: Vec<IoSpec>,
     outputs: Vec<IoSpec>,
     batchable: bool,
@@ -43,7 +67,38 @@ pub struct PreparedModel {
 }
 
 impl PreparedModel {
-    pub(crate) fn new(runnable: Arc<dyn Runnable>, inputs: Vec<IoSpec>, outputs: Vec<IoSpec>, size_bytes: u64) -> Self {
+    /// Parses ONNX bytes and prepares them with `runtime`: optimised once for
+    /// all shapes when the graph allows it, else per input shape on first
+    /// use. Blocking.
+    pub fn compile(onnx: &[u8], runtime: Arc<dyn Runtime>) -> Result<PreparedModel> {
+        let invalid = |e: TractError| DeviceError::InvalidModel(format!("{e:#}"));
+        let model = tract_onnx::onnx().model_for_read(&mut &onnx[..]).map_err(invalid)?;
+        let size = onnx.len() as u64;
+        match model.clone().into_optimized() {
+            Ok(typed) => {
+                let (inputs, outputs) = io_specs(&typed).map_err(invalid)?;
+                let runnable = runtime.prepare(typed).map_err(invalid)?;
+                Ok(PreparedModel::new(
+                    Plans::Shared(Arc::from(runnable)),
+                    inputs,
+                    outputs,
+                    size,
+                ))
+            }
+            Err(shared_error) => {
+                let (inputs, outputs) = inference_io_specs(&model).map_err(invalid)?;
+                tracing::debug!(error = %format!("{shared_error:#}"), "model needs concrete input shapes: planning per shape");
+                let plans = Plans::PerShape {
+                    model: Box::new(model),
+                    runtime,
+                    plans: Mutex::new(Vec::new()),
+                };
+                Ok(PreparedModel::new(plans, inputs, outputs, size))
+            }
+        }
+    }
+
+    fn new(plans: Plans, inputs: Vec<IoSpec>, outputs: Vec<IoSpec>, size_bytes: u64) -> Self {
         let leading_batch = |specs: &[IoSpec]| {
             !specs.is_empty()
                 && specs.iter().all(|s| {
@@ -52,7 +107,7 @@ impl PreparedModel {
         };
         let batchable = leading_batch(&inputs) && leading_batch(&outputs);
         PreparedModel {
-            runnable,
+            plans,
             inputs,
             outputs,
             batchable,
@@ -109,12 +164,89 @@ impl PreparedModel {
 
     /// Runs the model once. Blocking: call from a blocking thread.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        let outputs = self
-            .runnable
+        let runnable = self.plan_for(&inputs)?;
+        let outputs = runnable
             .run(inputs.into_iter().map(TValue::from).collect())
             .map_err(|e| DeviceError::Runtime(format!("{e:#}")))?;
         Ok(outputs.into_iter().map(TValue::into_tensor).collect())
     }
+
+    /// The plan for these inputs' shapes, optimised now if it is new.
+    fn plan_for(&self, inputs: &[Tensor]) -> Result<Arc<dyn Runnable>> {
+        let (model, runtime, plans) = match &self.plans {
+            Plans::Shared(runnable) => return Ok(runnable.clone()),
+            Plans::PerShape { model, runtime, plans } => (model, runtime, plans),
+        };
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        let lock = || plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        {
+            let mut plans = lock();
+            if let Some(at) = plans.iter().position(|(s, _)| *s == shapes) {
+                let entry = plans.remove(at);
+                let runnable = entry.1.clone();
+                plans.insert(0, entry);
+                return Ok(runnable);
+            }
+        }
+        // Optimised outside the lock: other shapes keep running meanwhile.
+        let mut concrete = (**model).clone();
+        for (ix, (tensor, spec)) in inputs.iter().zip(&self.inputs).enumerate() {
+            let fact = InferenceFact::dt_shape(spec.dtype, tensor.shape());
+            concrete
+                .set_input_fact(ix, fact)
+                .map_err(|e| DeviceError::InvalidInput(format!("input `{}`: {e:#}", spec.name)))?;
+        }
+        let typed = concrete.into_optimized().map_err(|e| {
+            DeviceError::InvalidInput(format!("the model does not accept input shapes {shapes:?}: {e:#}"))
+        })?;
+        let runnable: Arc<dyn Runnable> = Arc::from(
+            runtime
+                .prepare(typed)
+                .map_err(|e| DeviceError::Runtime(format!("{e:#}")))?,
+        );
+        let mut plans = lock();
+        plans.insert(0, (shapes, runnable.clone()));
+        plans.truncate(MAX_SHAPE_PLANS);
+        Ok(runnable)
+    }
+}
+
+/// Reads input and output specs of a model that does not type without
+/// concrete shapes: known sizes are fixed, anything else is free.
+fn inference_io_specs(model: &InferenceModel) -> TractResult<(Vec<IoSpec>, Vec<IoSpec>)> {
+    let spec = |outlet: OutletId, fact: &InferenceFact| -> IoSpec {
+        let name = model
+            .outlet_label(outlet)
+            .map(str::to_owned)
+            .unwrap_or_else(|| model.node(outlet.node).name.clone());
+        let dims = fact
+            .shape
+            .dims()
+            .map(|d| match d.concretize().and_then(|d| d.to_usize().ok()) {
+                Some(n) => Dim::Fixed(n),
+                None => Dim::Any,
+            })
+            .collect();
+        IoSpec {
+            name,
+            // An unknown element type is checked when the plan is built.
+            dtype: fact.datum_type.concretize().unwrap_or(DatumType::F32),
+            dims,
+        }
+    };
+    let inputs = model
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(ix, outlet)| Ok(spec(*outlet, model.input_fact(ix)?)))
+        .collect::<TractResult<Vec<_>>>()?;
+    let outputs = model
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(ix, outlet)| Ok(spec(*outlet, model.output_fact(ix)?)))
+        .collect::<TractResult<Vec<_>>>()?;
+    Ok((inputs, outputs))
 }
 
 fn describe(dims: &[Dim]) -> String {
