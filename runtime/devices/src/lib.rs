@@ -20,7 +20,7 @@ mod model;
 use std::fmt;
 use std::sync::Arc;
 
-pub use batcher::{BatchConfig, Batcher};
+pub use batcher::{BatchConfig, Batcher, DEFAULT_BATCH_WINDOW, DEFAULT_MAX_BATCH_ROWS};
 pub use cache::{CacheConfig, CachedModel, LoadedModel, ModelCache};
 pub use cpu::CpuDevice;
 pub use cuda::{GpuInfo, discover_gpus};
@@ -140,6 +140,11 @@ impl DevicePool {
     /// The CPU device.
     pub fn cpu(&self) -> Arc<dyn Device> {
         self.cpu.clone()
+    }
+
+    /// Every device models can be placed on: the CPU first.
+    pub fn all(&self) -> Vec<Arc<dyn Device>> {
+        vec![self.cpu()]
     }
 
     /// GPUs found at start-up.

@@ -41,6 +41,20 @@ pub struct ServeArgs {
     /// Largest memory limit a function may ask for, in MiB.
     #[arg(long, env = "HEARTH_MAX_MEMORY_MB", default_value_t = hearth_engine::DEFAULT_MAX_MEMORY_MB)]
     max_memory_mb: u32,
+    /// How long a model's first compute call waits for others to batch with,
+    /// in milliseconds; 0 batches only calls already waiting.
+    #[arg(long, env = "HEARTH_BATCH_WINDOW_MS", default_value_t = 2)]
+    batch_window_ms: u64,
+    /// Largest batch, in rows; 1 turns batching off.
+    #[arg(long, env = "HEARTH_BATCH_MAX_ROWS", default_value_t = hearth_devices::DEFAULT_MAX_BATCH_ROWS)]
+    batch_max_rows: usize,
+    /// Seconds an unused model stays loaded.
+    #[arg(long, env = "HEARTH_MODEL_IDLE_TIMEOUT_S", default_value_t = 300)]
+    model_idle_timeout_s: u64,
+    /// Memory budget of loaded models (by model file size), in MiB; least
+    /// recently used idle models are unloaded above it.
+    #[arg(long, env = "HEARTH_MODEL_MEMORY_MB", default_value_t = 8192)]
+    model_memory_mb: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "HEARTH_SHUTDOWN_GRACE_S", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     shutdown_grace_s: u64,
@@ -87,7 +101,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     engine_config.max_instances = args.max_instances;
     engine_config.max_memory_mb = args.max_memory_mb;
     // Devices are found once; without a CUDA driver this logs "CPU only".
-    let models = hearth_devices::ModelCache::new(hearth_devices::DevicePool::discover(), Default::default());
+    let cache_config = hearth_devices::CacheConfig {
+        idle_timeout: Duration::from_secs(args.model_idle_timeout_s),
+        memory_budget: args.model_memory_mb << 20,
+        batch: hearth_devices::BatchConfig {
+            window: Duration::from_millis(args.batch_window_ms),
+            max_rows: args.batch_max_rows.max(1),
+        },
+    };
+    let models = hearth_devices::ModelCache::new(hearth_devices::DevicePool::discover(), cache_config);
     models.spawn_reaper();
     engine_config.models = models;
     let engine = Engine::new(engine_config).context("configuring wasmtime")?;
