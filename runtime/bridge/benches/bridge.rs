@@ -181,6 +181,28 @@ fn batching(c: &mut Criterion) {
             .map(|n| mlp_input(n).iter().flat_map(|v| v.to_le_bytes()).collect())
             .collect(),
     );
+    // The ceiling batching can reach: the model alone, 64 rows one at a time
+    // vs once as a batch.
+    let (plan, _) = direct(&mlp(MLP_SEED), &[1, MLP_INPUTS]);
+    let (batch_plan, _) = direct(&mlp(MLP_SEED), &[CALLERS as usize, MLP_INPUTS]);
+    let rows: Vec<Tensor> = (0..CALLERS)
+        .map(|n| Tensor::from_shape(&[1, MLP_INPUTS], &mlp_input(n)).expect("row"))
+        .collect();
+    let stacked = Tensor::stack_tensors(0, &rows).expect("stack");
+    let mut group = c.benchmark_group("batching/mlp-64-rows-model-only");
+    group.throughput(Throughput::Elements(CALLERS));
+    group.bench_function("64-runs-of-1", |b| {
+        b.iter(|| {
+            for row in &rows {
+                plan.run(tvec!(row.clone().into())).expect("run");
+            }
+        })
+    });
+    group.bench_function("1-run-of-64", |b| {
+        b.iter(|| batch_plan.run(tvec!(stacked.clone().into())).expect("run"))
+    });
+    group.finish();
+
     let mut group = c.benchmark_group("batching/mlp-64-callers");
     group.throughput(Throughput::Elements(CALLERS));
     for (label, batch) in [

@@ -69,6 +69,35 @@ pub struct BatchStats {
     pub runs: AtomicU64,
     /// Calls served by those runs.
     pub calls: AtomicU64,
+    /// Recent run time in nanoseconds (moving average; 0 before the first).
+    pub mean_run_ns: AtomicU64,
+}
+
+/// Runs shorter than this (on average) run on the calling thread: a hop to
+/// the blocking pool costs tens of microseconds, more than a small model's
+/// whole run. Longer ones go to the blocking pool so no runtime thread
+/// stalls.
+const INLINE_RUN_BELOW: Duration = Duration::from_micros(100);
+
+/// Runs `f` (a model run) inline when runs of this model are known to be
+/// short, else on the blocking pool; records its time.
+async fn run_on_device<T: Send + 'static>(
+    stats: &BatchStats,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let mean = stats.mean_run_ns.load(Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let result = if mean != 0 && mean < INLINE_RUN_BELOW.as_nanos() as u64 {
+        f()
+    } else {
+        tokio::task::spawn_blocking(f)
+            .await
+            .unwrap_or(Err(DeviceError::Unavailable))
+    };
+    let took = started.elapsed().as_nanos() as u64;
+    let updated = if mean == 0 { took } else { (mean * 7 + took) / 8 };
+    stats.mean_run_ns.store(updated.max(1), Ordering::Relaxed);
+    result
 }
 
 impl Batcher {
@@ -89,9 +118,7 @@ impl Batcher {
     pub async fn run(&self, inputs: Vec<Tensor>) -> Result<Batched> {
         let Some(queue) = &self.queue else {
             let model = self.model.clone();
-            let outputs = tokio::task::spawn_blocking(move || model.run(inputs))
-                .await
-                .map_err(|_| DeviceError::Unavailable)??;
+            let outputs = run_on_device(&self.stats, move || model.run(inputs)).await?;
             self.stats.runs.fetch_add(1, Ordering::Relaxed);
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
             return Ok(Batched { outputs, calls: 1 });
@@ -119,8 +146,20 @@ async fn worker(
     while let Some(first) = queue.recv().await {
         let mut rows = first.rows;
         let mut jobs = vec![first];
-        let deadline = tokio::time::Instant::now() + config.window;
+        // Calls already waiting join at once; then, with a window, later ones
+        // until it closes. (A zero window must not reach the timer: its
+        // millisecond granularity would make "no wait" a 1 ms wait.)
         while rows < config.max_rows {
+            match queue.try_recv() {
+                Ok(job) => {
+                    rows += job.rows;
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let deadline = tokio::time::Instant::now() + config.window;
+        while rows < config.max_rows && !config.window.is_zero() {
             match tokio::time::timeout_at(deadline, queue.recv()).await {
                 Ok(Some(job)) => {
                     rows += job.rows;
@@ -132,9 +171,7 @@ async fn worker(
         let model = model.clone();
         let inputs: Vec<Vec<Tensor>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.inputs)).collect();
         let row_counts: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
-        let result = tokio::task::spawn_blocking(move || run_joined(&model, inputs, &row_counts))
-            .await
-            .unwrap_or(Err(DeviceError::Unavailable));
+        let result = run_on_device(&stats, move || run_joined(&model, inputs, &row_counts)).await;
         stats.runs.fetch_add(1, Ordering::Relaxed);
         stats.calls.fetch_add(jobs.len() as u64, Ordering::Relaxed);
         let calls = jobs.len();

@@ -139,13 +139,13 @@ impl ModelCache {
     }
 
     async fn load(&self, key: &str, path: PathBuf, placement: Placement) -> Result<Arc<LoadedModel>> {
-        let device = self.devices.place(placement)?;
-        let id = device.id();
+        let devices = self.devices.clone();
         let started = Instant::now();
-        let model = tokio::task::spawn_blocking(move || {
+        let (model, id) = tokio::task::spawn_blocking(move || {
             let bytes =
                 std::fs::read(&path).map_err(|e| DeviceError::InvalidModel(format!("{}: {e}", path.display())))?;
-            device.prepare(&bytes)
+            let device = devices.place(placement, bytes.len() as u64)?;
+            Ok::<_, DeviceError>((device.prepare(&bytes)?, device.id()))
         })
         .await
         .map_err(|_| DeviceError::Unavailable)??;

@@ -1,7 +1,5 @@
 //! The CPU device: tract's default runtime.
 
-use std::sync::Arc;
-
 use tract_onnx::tract_core::runtime::DefaultRuntime;
 
 use crate::{Device, DeviceId, PreparedModel, Result};
@@ -23,7 +21,7 @@ impl Device for CpuDevice {
     }
 
     fn prepare(&self, onnx: &[u8]) -> Result<PreparedModel> {
-        PreparedModel::compile(onnx, Arc::new(DefaultRuntime))
+        PreparedModel::compile(onnx, &DefaultRuntime)
     }
 }
 

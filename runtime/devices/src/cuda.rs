@@ -1,7 +1,10 @@
-//! CUDA discovery through cudarc's dynamically loaded driver.
+//! CUDA: discovery through cudarc's dynamically loaded driver, and (with the
+//! `cuda` feature) a device that runs models with tract-cuda.
 //!
 //! cudarc panics on its first call when the driver library is missing, so
-//! nothing here calls CUDA before `is_culib_present` says the library loads.
+//! nothing here calls CUDA before `is_culib_present` says the library loads,
+//! and tract-cuda is only used after its runtime's `check` passes (it probes
+//! the driver, cudart, NVRTC, cuBLAS and cuDNN the same way).
 
 /// A GPU found at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,4 +46,46 @@ pub fn discover_gpus() -> Result<Vec<GpuInfo>, String> {
         return Err("the CUDA driver reports no devices".into());
     }
     Ok(gpus)
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) use gpu::CudaDevice;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use tract_onnx::tract_core::runtime::{Runtime, runtime_for_name};
+
+    use crate::{Device, DeviceId, PreparedModel, Result};
+
+    // Linking tract-cuda registers its runtime under the name `cuda`.
+    use tract_cuda as _;
+
+    /// Runs models on a GPU with tract-cuda. tract-cuda keeps one
+    /// process-wide context on device 0, so every model shares it (and only
+    /// `cuda:0` is used).
+    #[derive(Debug)]
+    pub(crate) struct CudaDevice {
+        runtime: &'static dyn Runtime,
+    }
+
+    impl CudaDevice {
+        /// The tract-cuda runtime, if its libraries load; else why not.
+        pub(crate) fn open() -> std::result::Result<CudaDevice, String> {
+            match runtime_for_name("cuda") {
+                Ok(Some(runtime)) => Ok(CudaDevice { runtime }),
+                Ok(None) => Err("this build has no tract-cuda runtime".into()),
+                Err(err) => Err(format!("{err:#}")),
+            }
+        }
+    }
+
+    impl Device for CudaDevice {
+        fn id(&self) -> DeviceId {
+            DeviceId::Cuda(0)
+        }
+
+        fn prepare(&self, onnx: &[u8]) -> Result<PreparedModel> {
+            PreparedModel::compile(onnx, self.runtime)
+        }
+    }
 }

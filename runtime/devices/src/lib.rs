@@ -105,7 +105,15 @@ pub trait Device: Send + Sync + fmt::Debug + 'static {
 pub struct DevicePool {
     cpu: Arc<CpuDevice>,
     gpus: Vec<GpuInfo>,
+    /// The GPU models run on, when a GPU backend loaded.
+    gpu: Option<Arc<dyn Device>>,
+    /// Bytes of model files placed on the GPU so far (placement budget).
+    gpu_placed: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// A model on a GPU takes several times its file size once optimised and
+/// with activations; `auto` placement keeps this factor free.
+const GPU_SIZE_FACTOR: u64 = 4;
 
 impl DevicePool {
     /// Discovers devices and logs what was found, once.
@@ -120,12 +128,12 @@ impl DevicePool {
         for gpu in &gpus {
             tracing::info!(device = %DeviceId::Cuda(gpu.ordinal), name = %gpu.name, free_bytes = gpu.free_bytes, "found GPU");
         }
-        if !gpus.is_empty() {
-            tracing::warn!("GPU execution is not built into this Hearth yet: models run on the CPU");
-        }
+        let gpu = if gpus.is_empty() { None } else { open_gpu() };
         DevicePool {
             cpu: Arc::new(CpuDevice::new()),
             gpus,
+            gpu,
+            gpu_placed: Default::default(),
         }
     }
 
@@ -134,6 +142,8 @@ impl DevicePool {
         DevicePool {
             cpu: Arc::new(CpuDevice::new()),
             gpus: Vec::new(),
+            gpu: None,
+            gpu_placed: Default::default(),
         }
     }
 
@@ -144,7 +154,9 @@ impl DevicePool {
 
     /// Every device models can be placed on: the CPU first.
     pub fn all(&self) -> Vec<Arc<dyn Device>> {
-        vec![self.cpu()]
+        let mut all = vec![self.cpu()];
+        all.extend(self.gpu.clone());
+        all
     }
 
     /// GPUs found at start-up.
@@ -152,18 +164,61 @@ impl DevicePool {
         &self.gpus
     }
 
-    /// Picks the device for a model: the manifest's wish first. Without a
-    /// GPU backend every model runs on the CPU; a model that insists on a GPU
-    /// is refused, with the reason.
-    pub fn place(&self, placement: Placement) -> Result<Arc<dyn Device>> {
-        if placement == Placement::Gpu {
-            let reason = if self.gpus.is_empty() {
-                "`device = \"gpu\"` but this server has no CUDA GPU; use `device = \"auto\"` to run on the CPU"
+    /// Picks the device for a model of `size_bytes`: the manifest's wish
+    /// first (`gpu` needs one, `cpu` never uses one), then for `auto` the GPU
+    /// while its free memory (at start-up, less what was placed there) holds
+    /// a few times the model, else the CPU.
+    pub fn place(&self, placement: Placement, size_bytes: u64) -> Result<Arc<dyn Device>> {
+        use std::sync::atomic::Ordering;
+        match (placement, &self.gpu) {
+            (Placement::Cpu, _) => Ok(self.cpu()),
+            (Placement::Gpu, None) => Err(DeviceError::NoDevice(if self.gpus.is_empty() {
+                "`device = \"gpu\"` but this server has no CUDA GPU; use `device = \"auto\"` to run on the CPU".into()
             } else {
-                "`device = \"gpu\"` but GPU execution is not built into this server yet; use `device = \"auto\"`"
-            };
-            return Err(DeviceError::NoDevice(reason.into()));
+                "`device = \"gpu\"` but this server's GPU backend is not available (see its start-up log); use `device = \"auto\"`".into()
+            })),
+            (Placement::Gpu, Some(gpu)) => {
+                self.gpu_placed.fetch_add(size_bytes, Ordering::Relaxed);
+                Ok(gpu.clone())
+            }
+            (Placement::Auto, None) => Ok(self.cpu()),
+            (Placement::Auto, Some(gpu)) => {
+                let free = self.gpus.first().map_or(0, |g| g.free_bytes);
+                let placed = self.gpu_placed.load(Ordering::Relaxed);
+                let needed = size_bytes.saturating_mul(GPU_SIZE_FACTOR);
+                if placed.saturating_add(needed) <= free {
+                    self.gpu_placed.fetch_add(size_bytes, Ordering::Relaxed);
+                    Ok(gpu.clone())
+                } else {
+                    Ok(self.cpu())
+                }
+            }
         }
-        Ok(self.cpu())
     }
+
+    /// Whether a GPU backend is running (for `gpu` placement checks at
+    /// deploy, before the model's size is known).
+    pub fn has_gpu(&self) -> bool {
+        self.gpu.is_some()
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_gpu() -> Option<Arc<dyn Device>> {
+    match cuda::CudaDevice::open() {
+        Ok(device) => {
+            tracing::info!("models placed on the GPU run on cuda:0 with tract-cuda");
+            Some(Arc::new(device))
+        }
+        Err(reason) => {
+            tracing::warn!(%reason, "a GPU is present but tract-cuda cannot run on it: models run on the CPU");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_gpu() -> Option<Arc<dyn Device>> {
+    tracing::warn!("a GPU is present but this Hearth was built without the `cuda` feature: models run on the CPU");
+    None
 }

@@ -49,7 +49,7 @@ enum Plans {
     /// for each input shape met, the most recent [`MAX_SHAPE_PLANS`] kept.
     PerShape {
         model: Box<InferenceModel>,
-        runtime: Arc<dyn Runtime>,
+        runtime: &'static dyn Runtime,
         /// Most recently used first.
         plans: Mutex<Vec<ShapePlan>>,
     },
@@ -70,7 +70,7 @@ impl PreparedModel {
     /// Parses ONNX bytes and prepares them with `runtime`: optimised once for
     /// all shapes when the graph allows it, else per input shape on first
     /// use. Blocking.
-    pub fn compile(onnx: &[u8], runtime: Arc<dyn Runtime>) -> Result<PreparedModel> {
+    pub fn compile(onnx: &[u8], runtime: &'static dyn Runtime) -> Result<PreparedModel> {
         let invalid = |e: TractError| DeviceError::InvalidModel(format!("{e:#}"));
         let model = tract_onnx::onnx().model_for_read(&mut &onnx[..]).map_err(invalid)?;
         let size = onnx.len() as u64;

@@ -213,10 +213,16 @@ impl Registry {
         }
         let cache = self.engine.config().models.clone();
         for (i, model) in manifest.models.iter().enumerate() {
-            if let Err(err) = cache.devices().place(placement(model.device)) {
+            if model.device == DeviceWish::Gpu && !cache.devices().has_gpu() {
+                let reason = cache
+                    .devices()
+                    .place(Placement::Gpu, 0)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
                 return Err(RegistryError::Model {
                     key: format!("models[{i}].device"),
-                    reason: err.to_string(),
+                    reason,
                 });
             }
         }

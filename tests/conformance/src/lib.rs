@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hearth_devices::{BatchConfig, Batcher, Device, DevicePool, PreparedModel, Tensor};
-use hearth_fixtures::models::{MLP_CLASSES, MLP_INPUTS, MLP_SEED, mlp, mlp_input, mlp_reference};
+use hearth_fixtures::models::{MLP_INPUTS, MLP_SEED, mlp, mlp_input, mlp_reference};
 
 /// Largest absolute difference allowed from the f64 reference for the MLP.
 pub const MLP_TOLERANCE: f32 = 1e-5;
@@ -222,7 +222,6 @@ pub async fn run(devices: &DevicePool, ocr_model: Option<&Path>) -> Vec<Outcome>
             Err(err) => outcomes.push(failed("ocr-rec/prepare", &*device, err.to_string())),
         }
     }
-    debug_assert!(MLP_CLASSES > 0);
     outcomes
 }
 
@@ -245,6 +244,69 @@ pub fn table(outcomes: &[Outcome]) -> String {
         ));
     }
     out
+}
+
+/// Throughput of `callers` concurrent single-row MLP calls on one device,
+/// batched (2 ms window, up to `callers` rows) and not.
+#[derive(Debug, Clone)]
+pub struct BatchingFigure {
+    /// Device.
+    pub device: String,
+    /// Calls per second with batching off.
+    pub off_per_s: f64,
+    /// Calls per second with batching on.
+    pub on_per_s: f64,
+    /// Mean calls per model run with batching on.
+    pub mean_batch: f64,
+}
+
+/// Measures [`BatchingFigure`] on every device: `rounds` rounds of `callers`
+/// concurrent calls each way.
+pub async fn batching(devices: &DevicePool, callers: usize, rounds: usize) -> Vec<BatchingFigure> {
+    let mut figures = Vec::new();
+    for device in devices.all() {
+        let Ok(model) = device.prepare(&mlp(MLP_SEED)) else {
+            continue;
+        };
+        let model = Arc::new(model);
+        let mut rates = Vec::new();
+        let mut mean_batch = 1.0;
+        for max_rows in [1, callers] {
+            let batcher = Batcher::new(
+                model.clone(),
+                BatchConfig {
+                    window: Duration::from_millis(2),
+                    max_rows,
+                },
+            );
+            let started = Instant::now();
+            for _ in 0..rounds {
+                let calls: Vec<_> = (0..callers as u64)
+                    .map(|n| {
+                        let batcher = batcher.clone();
+                        tokio::spawn(async move {
+                            let tensor = Tensor::from_shape(&[1, MLP_INPUTS], &mlp_input(n)).ok()?;
+                            batcher.run(vec![tensor]).await.ok()
+                        })
+                    })
+                    .collect();
+                for call in calls {
+                    let _ = call.await;
+                }
+            }
+            rates.push((callers * rounds) as f64 / started.elapsed().as_secs_f64());
+            let stats = batcher.stats();
+            let runs = stats.runs.load(std::sync::atomic::Ordering::Relaxed).max(1);
+            mean_batch = stats.calls.load(std::sync::atomic::Ordering::Relaxed) as f64 / runs as f64;
+        }
+        figures.push(BatchingFigure {
+            device: device.id().to_string(),
+            off_per_s: rates[0],
+            on_per_s: rates[1],
+            mean_batch,
+        });
+    }
+    figures
 }
 
 /// Where `scripts/fetch-ocr-model.sh` puts the OCR model, if it is there.
