@@ -36,6 +36,14 @@ done
 for fn in hello echo; do
   env -u CARGO_TARGET_DIR "$hearth" deploy "functions/$fn"
 done
+# classify's MLP is generated from fixed seeds; ocr's model comes from PyPI.
+cargo run -q --release --locked -p hearth-fixtures --bin gen-models >/dev/null
+env -u CARGO_TARGET_DIR "$hearth" deploy functions/classify
+if ./scripts/fetch-ocr-model.sh >/dev/null; then
+  env -u CARGO_TARGET_DIR "$hearth" deploy functions/ocr
+else
+  echo "(ocr not deployed: fetching its model from PyPI failed)" >&2
+fi
 
 cat <<EOT
 
@@ -43,6 +51,9 @@ Hearth is serving on $HEARTH_URL with the examples deployed.
   export HEARTH_URL=$HEARTH_URL HEARTH_TOKEN=$HEARTH_TOKEN
   $hearth invoke hello
   $hearth invoke echo --data 'hi' --path '/any/path?x=1'
+  python3 -c 'import json; print(json.dumps({"input": [0.5] * 784}))' | $hearth invoke classify --data @-
+  convert -size 360x56 xc:white -pointsize 32 -annotate +12+40 'HEARTH 2026' line.png && $hearth invoke ocr --data @line.png
+  $hearth status
   curl -H "Authorization: Bearer \$HEARTH_TOKEN" -d hi $HEARTH_URL/fn/default/echo/some/path
   $hearth functions list
 Press Ctrl-C to stop.
