@@ -50,6 +50,8 @@ pub struct LoadedModel {
     pub key: String,
     /// The placement it was asked for.
     pub placement: Placement,
+    /// GPU room it holds, given back when it is evicted.
+    _reservation: Option<crate::GpuReservation>,
 }
 
 /// A model content and the placement asked for: the same file wished on
@@ -141,11 +143,11 @@ impl ModelCache {
     async fn load(&self, key: &str, path: PathBuf, placement: Placement) -> Result<Arc<LoadedModel>> {
         let devices = self.devices.clone();
         let started = Instant::now();
-        let (model, id) = tokio::task::spawn_blocking(move || {
+        let (model, id, reservation) = tokio::task::spawn_blocking(move || {
             let bytes =
                 std::fs::read(&path).map_err(|e| DeviceError::InvalidModel(format!("{}: {e}", path.display())))?;
-            let device = devices.place(placement, bytes.len() as u64)?;
-            Ok::<_, DeviceError>((device.prepare(&bytes)?, device.id()))
+            let (device, reservation) = devices.reserve(placement, bytes.len() as u64)?;
+            Ok::<_, DeviceError>((device.prepare(&bytes)?, device.id(), reservation))
         })
         .await
         .map_err(|_| DeviceError::Unavailable)??;
@@ -161,6 +163,7 @@ impl ModelCache {
             device: id,
             key: key.to_owned(),
             placement,
+            _reservation: reservation,
         }))
     }
 

@@ -111,6 +111,20 @@ pub struct DevicePool {
     gpu_placed: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Bytes of model placed on the GPU, given back when the loaded model is
+/// dropped (evicted), so `auto` placement sees the room free again.
+#[derive(Debug)]
+pub(crate) struct GpuReservation {
+    placed: Arc<std::sync::atomic::AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for GpuReservation {
+    fn drop(&mut self) {
+        self.placed.fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A model on a GPU takes several times its file size once optimised and
 /// with activations; `auto` placement keeps this factor free.
 const GPU_SIZE_FACTOR: u64 = 4;
@@ -169,37 +183,54 @@ impl DevicePool {
     /// while its free memory (at start-up, less what was placed there) holds
     /// a few times the model, else the CPU.
     pub fn place(&self, placement: Placement, size_bytes: u64) -> Result<Arc<dyn Device>> {
+        Ok(self.reserve(placement, size_bytes)?.0)
+    }
+
+    /// [`DevicePool::place`], with the GPU room it takes, held until the
+    /// reservation is dropped.
+    pub(crate) fn reserve(
+        &self,
+        placement: Placement,
+        size_bytes: u64,
+    ) -> Result<(Arc<dyn Device>, Option<GpuReservation>)> {
         use std::sync::atomic::Ordering;
+        self.check(placement)?;
         match (placement, &self.gpu) {
-            (Placement::Cpu, _) => Ok(self.cpu()),
-            (Placement::Gpu, None) => Err(DeviceError::NoDevice(if self.gpus.is_empty() {
-                "`device = \"gpu\"` but this server has no CUDA GPU; use `device = \"auto\"` to run on the CPU".into()
-            } else {
-                "`device = \"gpu\"` but this server's GPU backend is not available (see its start-up log); use `device = \"auto\"`".into()
-            })),
-            (Placement::Gpu, Some(gpu)) => {
-                self.gpu_placed.fetch_add(size_bytes, Ordering::Relaxed);
-                Ok(gpu.clone())
-            }
-            (Placement::Auto, None) => Ok(self.cpu()),
+            (Placement::Cpu, _) | (Placement::Gpu, None) | (Placement::Auto, None) => Ok((self.cpu(), None)),
+            (Placement::Gpu, Some(gpu)) => Ok((gpu.clone(), Some(self.reservation(size_bytes)))),
             (Placement::Auto, Some(gpu)) => {
                 let free = self.gpus.first().map_or(0, |g| g.free_bytes);
                 let placed = self.gpu_placed.load(Ordering::Relaxed);
                 let needed = size_bytes.saturating_mul(GPU_SIZE_FACTOR);
                 if placed.saturating_add(needed) <= free {
-                    self.gpu_placed.fetch_add(size_bytes, Ordering::Relaxed);
-                    Ok(gpu.clone())
+                    Ok((gpu.clone(), Some(self.reservation(size_bytes))))
                 } else {
-                    Ok(self.cpu())
+                    Ok((self.cpu(), None))
                 }
             }
         }
     }
 
-    /// Whether a GPU backend is running (for `gpu` placement checks at
-    /// deploy, before the model's size is known).
-    pub fn has_gpu(&self) -> bool {
-        self.gpu.is_some()
+    fn reservation(&self, bytes: u64) -> GpuReservation {
+        let scaled = bytes.saturating_mul(GPU_SIZE_FACTOR);
+        self.gpu_placed.fetch_add(scaled, std::sync::atomic::Ordering::Relaxed);
+        GpuReservation {
+            placed: self.gpu_placed.clone(),
+            bytes: scaled,
+        }
+    }
+
+    /// Whether this server can honour `placement` at all (a deploy checks
+    /// this before it reads any model): `gpu` needs a working GPU backend.
+    pub fn check(&self, placement: Placement) -> Result<()> {
+        if placement != Placement::Gpu || self.gpu.is_some() {
+            return Ok(());
+        }
+        Err(DeviceError::NoDevice(if self.gpus.is_empty() {
+            "`device = \"gpu\"` but this server has no CUDA GPU; use `device = \"auto\"` to run on the CPU".into()
+        } else {
+            "`device = \"gpu\"` but this server's GPU backend is not available (see its start-up log); use `device = \"auto\"`".into()
+        }))
     }
 }
 

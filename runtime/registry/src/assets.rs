@@ -22,6 +22,11 @@ impl AssetDirs {
         AssetDirs { root }
     }
 
+    /// Where the asset directories live.
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The directory holding `artifacts`' files (their targets already
     /// validated by the manifest), built from `blobs` if it is not there yet.
     /// `None` when there are no files. Blocking.

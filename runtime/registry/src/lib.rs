@@ -213,16 +213,10 @@ impl Registry {
         }
         let cache = self.engine.config().models.clone();
         for (i, model) in manifest.models.iter().enumerate() {
-            if model.device == DeviceWish::Gpu && !cache.devices().has_gpu() {
-                let reason = cache
-                    .devices()
-                    .place(Placement::Gpu, 0)
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_default();
+            if let Err(err) = cache.devices().check(placement(model.device)) {
                 return Err(RegistryError::Model {
                     key: format!("models[{i}].device"),
-                    reason,
+                    reason: err.to_string(),
                 });
             }
         }
@@ -333,13 +327,11 @@ impl Registry {
             })
             .collect();
         let (assets, blobs, artifacts) = (self.assets.clone(), self.blobs.clone(), artifacts.to_vec());
+        let root = self.assets.root().to_owned();
         let assets = tokio::task::spawn_blocking(move || assets.ensure(&artifacts, &blobs))
             .await
             .map_err(|e| RegistryError::Engine(e.to_string()))?
-            .map_err(|e| StoreError::Io {
-                path: PathBuf::from("assets"),
-                source: e,
-            })?;
+            .map_err(|source| StoreError::Io { path: root, source })?;
         Ok(Grants {
             models: Arc::new(models),
             assets: assets.map(Arc::from),
