@@ -101,6 +101,11 @@ pub async fn deploy(args: &ClientArgs, path: &Path, no_build: bool) -> anyhow::R
         short_digest(&version.component),
         human_bytes(version.component_size)
     );
+    for (kind, artifacts) in [("model", &version.models), ("file", &version.files)] {
+        for a in artifacts {
+            println!("  {kind} {} ({}, {})", a.name, short_digest(&a.digest), human_bytes(a.size));
+        }
+    }
     println!("invoke: {}{}", client.server(), version.invoke_path);
     Ok(ExitCode::SUCCESS)
 }
