@@ -38,6 +38,7 @@ for fn in hello echo; do
 done
 # classify's MLP is generated from fixed seeds; ocr's model comes from PyPI.
 cargo run -q --release --locked -p hearth-fixtures --bin gen-models >/dev/null
+cargo run -q --release --locked -p hearth-fixtures --bin render-line -- 'HEARTH 2026' "$data_dir/line.png"
 env -u CARGO_TARGET_DIR "$hearth" deploy functions/classify
 if ./scripts/fetch-ocr-model.sh >/dev/null; then
   env -u CARGO_TARGET_DIR "$hearth" deploy functions/ocr
@@ -52,7 +53,7 @@ Hearth is serving on $HEARTH_URL with the examples deployed.
   $hearth invoke hello
   $hearth invoke echo --data 'hi' --path '/any/path?x=1'
   python3 -c 'import json; print(json.dumps({"input": [0.5] * 784}))' | $hearth invoke classify --data @-
-  convert -size 360x56 xc:white -pointsize 32 -annotate +12+40 'HEARTH 2026' line.png && $hearth invoke ocr --data @line.png
+  $hearth invoke ocr --data @$data_dir/line.png    # a rendered 'HEARTH 2026'
   $hearth status
   curl -H "Authorization: Bearer \$HEARTH_TOKEN" -d hi $HEARTH_URL/fn/default/echo/some/path
   $hearth functions list

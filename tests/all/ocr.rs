@@ -7,8 +7,6 @@
 
 use std::path::PathBuf;
 
-use ab_glyph::{Font as _, FontRef, PxScale, ScaleFont as _};
-
 use crate::server::{Server, deploy, http};
 
 /// The model cache, or `None` (having said why) when the test should skip.
@@ -28,40 +26,6 @@ fn model_cache() -> Option<PathBuf> {
     None
 }
 
-/// Black text on white, 32 px DejaVu Sans with a margin, as PNG.
-fn render(text: &str) -> Vec<u8> {
-    let font = FontRef::try_from_slice(dejavu::sans::regular()).expect("font");
-    let scaled = font.as_scaled(PxScale::from(32.0));
-    let margin = 12.0;
-    let width: f32 = text.chars().map(|c| scaled.h_advance(font.glyph_id(c))).sum();
-    let (w, h) = (
-        (width + 2.0 * margin).ceil() as u32,
-        (scaled.height() + 2.0 * margin).ceil() as u32,
-    );
-    let mut image = image::GrayImage::from_pixel(w, h, image::Luma([255]));
-    let mut x = margin;
-    for c in text.chars() {
-        let id = font.glyph_id(c);
-        let glyph = id.with_scale_and_position(PxScale::from(32.0), ab_glyph::point(x, margin + scaled.ascent()));
-        x += scaled.h_advance(id);
-        if let Some(outline) = font.outline_glyph(glyph) {
-            let bounds = outline.px_bounds();
-            outline.draw(|gx, gy, coverage| {
-                let (px, py) = (bounds.min.x as i64 + i64::from(gx), bounds.min.y as i64 + i64::from(gy));
-                if (0..i64::from(w)).contains(&px) && (0..i64::from(h)).contains(&py) {
-                    let pixel = image.get_pixel_mut(px as u32, py as u32);
-                    pixel[0] = pixel[0].min((255.0 * (1.0 - coverage)) as u8);
-                }
-            });
-        }
-    }
-    let mut png = Vec::new();
-    image
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .expect("png");
-    png
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ocr_reads_printed_lines_exactly() {
     let Some(cache) = model_cache() else { return };
@@ -78,7 +42,7 @@ async fn ocr_reads_printed_lines_exactly() {
         let response = http()
             .post(server.fn_url("ocr", "/"))
             .header("content-type", "image/png")
-            .body(render(line))
+            .body(hearth_fixtures::text::png(line))
             .send()
             .await
             .expect("ocr");

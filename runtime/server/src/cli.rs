@@ -103,7 +103,12 @@ pub async fn deploy(args: &ClientArgs, path: &Path, no_build: bool) -> anyhow::R
     );
     for (kind, artifacts) in [("model", &version.models), ("file", &version.files)] {
         for a in artifacts {
-            println!("  {kind} {} ({}, {})", a.name, short_digest(&a.digest), human_bytes(a.size));
+            println!(
+                "  {kind} {} ({}, {})",
+                a.name,
+                short_digest(&a.digest),
+                human_bytes(a.size)
+            );
         }
     }
     println!("invoke: {}{}", client.server(), version.invoke_path);
