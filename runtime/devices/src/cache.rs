@@ -20,7 +20,8 @@ pub const DEFAULT_MODEL_MEMORY_BUDGET: u64 = 8 << 30;
 pub struct CacheConfig {
     /// Unused models are unloaded after this long.
     pub idle_timeout: Duration,
-    /// Least recently used unused models are unloaded above this many bytes.
+    /// Least recently used unused models are unloaded above this many bytes
+    /// on one device.
     pub memory_budget: u64,
     /// Batching of every model's compute calls.
     pub batch: BatchConfig,
@@ -154,7 +155,7 @@ impl ModelCache {
         self.loads.fetch_add(1, Ordering::Relaxed);
         // Only a load can push the cache over its budget, so the budget is
         // enforced here, not on every warm `get`.
-        self.enforce_budget(model.size_bytes());
+        self.enforce_budget(id, model.size_bytes());
         tracing::info!(model = key, device = %id, size_bytes = model.size_bytes(), load_ms = started.elapsed().as_millis() as u64, "model loaded");
         let model = Arc::new(model);
         Ok(Arc::new(LoadedModel {
@@ -208,14 +209,17 @@ impl ModelCache {
         before - self.slots.len()
     }
 
-    /// Evicts least recently used unheld models while the loaded ones plus
-    /// `incoming` bytes (a model about to join) exceed the budget.
-    fn enforce_budget(&self, incoming: u64) {
-        let loaded: u64 = self
-            .slots
-            .iter()
-            .filter_map(|e| e.cell.get().map(|m| m.model.size_bytes()))
-            .sum();
+    /// Evicts least recently used unheld models of `device` while its loaded
+    /// ones plus `incoming` bytes (a model about to join) exceed the budget
+    /// (which applies to each device on its own).
+    fn enforce_budget(&self, device: DeviceId, incoming: u64) {
+        let on_device = |slot: &Slot| {
+            slot.cell
+                .get()
+                .filter(|m| m.device == device)
+                .map(|m| m.model.size_bytes())
+        };
+        let loaded: u64 = self.slots.iter().filter_map(|e| on_device(e.value())).sum();
         let total = loaded + incoming;
         if total <= self.config.memory_budget {
             return;
@@ -225,7 +229,7 @@ impl ModelCache {
             .iter()
             .filter(|e| unused(e.value()))
             .filter_map(|e| {
-                let size = e.cell.get()?.model.size_bytes();
+                let size = on_device(e.value())?;
                 Some((e.last_used_ms.load(Ordering::Relaxed), e.key().clone(), size))
             })
             .collect();
