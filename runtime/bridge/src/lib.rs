@@ -87,6 +87,9 @@ pub struct NnCtx {
     pub compute_calls: u64,
     /// Sum over compute calls of the number of calls in their batch.
     pub batched_with: u64,
+    /// Device-measured time of this instance's compute calls (its share of
+    /// each batch), in nanoseconds; 0 on devices that do not measure (CPU).
+    pub device_ns: u64,
 }
 
 impl NnCtx {
@@ -99,6 +102,7 @@ impl NnCtx {
             live: 0,
             compute_calls: 0,
             batched_with: 0,
+            device_ns: 0,
         }
     }
 
@@ -354,6 +358,7 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
         };
         self.compute_calls += 1;
         self.batched_with += batched.calls as u64;
+        self.device_ns += batched.device_time.map_or(0, |t| t.as_nanos() as u64);
         let mut outputs = Vec::with_capacity(batched.outputs.len());
         for (spec, tensor) in loaded.model.outputs().iter().zip(&batched.outputs) {
             let handle = match from_model_tensor(tensor) {

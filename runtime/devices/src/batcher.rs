@@ -46,6 +46,9 @@ pub struct Batched {
     pub outputs: Vec<Tensor>,
     /// Calls joined into the run (1 when not batched).
     pub calls: usize,
+    /// This call's share (by rows) of the time the device itself was busy
+    /// with the run, when the device can tell (GPUs).
+    pub device_time: Option<Duration>,
 }
 
 struct Job {
@@ -71,6 +74,8 @@ pub struct BatchStats {
     pub calls: AtomicU64,
     /// Recent run time in nanoseconds (moving average; 0 before the first).
     pub mean_run_ns: AtomicU64,
+    /// Device-measured busy time of all runs, in nanoseconds (GPUs).
+    pub device_ns: AtomicU64,
 }
 
 /// Runs shorter than this (on average) run on the calling thread: a hop to
@@ -118,10 +123,15 @@ impl Batcher {
     pub async fn run(&self, inputs: Vec<Tensor>) -> Result<Batched> {
         let Some(queue) = &self.queue else {
             let model = self.model.clone();
-            let outputs = run_on_device(&self.stats, move || model.run(inputs)).await?;
+            let (outputs, device_time) = run_on_device(&self.stats, move || model.run_timed(inputs)).await?;
             self.stats.runs.fetch_add(1, Ordering::Relaxed);
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
-            return Ok(Batched { outputs, calls: 1 });
+            record_device_time(&self.stats, device_time);
+            return Ok(Batched {
+                outputs,
+                calls: 1,
+                device_time,
+            });
         };
         let rows = inputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(1);
         let (reply, answer) = oneshot::channel();
@@ -175,10 +185,18 @@ async fn worker(
         stats.runs.fetch_add(1, Ordering::Relaxed);
         stats.calls.fetch_add(jobs.len() as u64, Ordering::Relaxed);
         let calls = jobs.len();
+        let total_rows: usize = jobs.iter().map(|j| j.rows).sum();
         match result {
-            Ok(per_job) => {
+            Ok((per_job, device_time)) => {
+                record_device_time(&stats, device_time);
                 for (job, outputs) in jobs.into_iter().zip(per_job) {
-                    let _ = job.reply.send(Ok(Batched { outputs, calls }));
+                    // The device's time is shared by rows: what each call is billed.
+                    let share = device_time.map(|t| t.mul_f64(job.rows as f64 / total_rows.max(1) as f64));
+                    let _ = job.reply.send(Ok(Batched {
+                        outputs,
+                        calls,
+                        device_time: share,
+                    }));
                 }
             }
             Err(err) => {
@@ -190,12 +208,22 @@ async fn worker(
     }
 }
 
+fn record_device_time(stats: &BatchStats, time: Option<Duration>) {
+    if let Some(time) = time {
+        stats.device_ns.fetch_add(time.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Per-call outputs of a joined run, and the device's time for the run.
+type JoinedOutputs = (Vec<Vec<Tensor>>, Option<Duration>);
+
 /// Concatenates each input along axis 0, runs once, and splits every output
 /// back into the callers' row ranges.
-fn run_joined(model: &PreparedModel, inputs: Vec<Vec<Tensor>>, rows: &[usize]) -> Result<Vec<Vec<Tensor>>> {
+fn run_joined(model: &PreparedModel, inputs: Vec<Vec<Tensor>>, rows: &[usize]) -> Result<JoinedOutputs> {
     if inputs.len() == 1 {
         let single = inputs.into_iter().next().unwrap_or_default();
-        return Ok(vec![model.run(single)?]);
+        let (outputs, time) = model.run_timed(single)?;
+        return Ok((vec![outputs], time));
     }
     let arity = model.inputs().len();
     let mut joined = Vec::with_capacity(arity);
@@ -205,7 +233,7 @@ fn run_joined(model: &PreparedModel, inputs: Vec<Vec<Tensor>>, rows: &[usize]) -
             Tensor::stack_tensors(0, &parts).map_err(|e| DeviceError::Runtime(format!("joining a batch: {e}")))?;
         joined.push(tensor);
     }
-    let outputs = model.run(joined)?;
+    let (outputs, time) = model.run_timed(joined)?;
     let mut per_call: Vec<Vec<Tensor>> = rows.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
     for output in &outputs {
         let mut start = 0;
@@ -217,7 +245,7 @@ fn run_joined(model: &PreparedModel, inputs: Vec<Vec<Tensor>>, rows: &[usize]) -
             start += n;
         }
     }
-    Ok(per_call)
+    Ok((per_call, time))
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ pub(crate) use gpu::CudaDevice;
 mod gpu {
     use tract_onnx::tract_core::runtime::{Runtime, runtime_for_name};
 
-    use crate::{Device, DeviceId, PreparedModel, Result};
+    use crate::{Device, DeviceId, PreparedModel, Result, Tensor};
 
     // Linking tract-cuda registers its runtime under the name `cuda`.
     use tract_cuda as _;
@@ -85,7 +85,34 @@ mod gpu {
         }
 
         fn prepare(&self, onnx: &[u8]) -> Result<PreparedModel> {
-            PreparedModel::compile(onnx, self.runtime)
+            Ok(PreparedModel::compile(onnx, self.runtime)?.with_timer(time_on_gpu))
+        }
+    }
+
+    /// Times `run` with CUDA events on this thread's tract-cuda stream (the
+    /// stream the run's kernels go to). A failure to time is logged, never
+    /// fails the run.
+    fn time_on_gpu(run: &mut dyn FnMut() -> Result<Vec<Tensor>>) -> Result<(Vec<Tensor>, Option<std::time::Duration>)> {
+        // cudarc's default event flags disable timing: ask for timing events.
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = tract_cuda::with_cuda_stream(|stream| Ok(stream.record_event(timing)?));
+        let outputs = run()?;
+        let elapsed = start.and_then(|start| {
+            tract_cuda::with_cuda_stream(|stream| {
+                let end = stream.record_event(timing)?;
+                end.synchronize()?;
+                Ok(start.elapsed_ms(&end)?)
+            })
+        });
+        match elapsed {
+            Ok(ms) => Ok((
+                outputs,
+                Some(std::time::Duration::from_secs_f64(f64::from(ms) / 1000.0)),
+            )),
+            Err(err) => {
+                tracing::debug!(error = %format!("{err:#}"), "timing a GPU run failed");
+                Ok((outputs, None))
+            }
         }
     }
 }

@@ -55,11 +55,17 @@ enum Plans {
     },
 }
 
+/// Times a run on its device (a GPU's own clock, with events) around the
+/// closure that performs it.
+pub(crate) type DeviceTimer =
+    fn(&mut dyn FnMut() -> Result<Vec<Tensor>>) -> Result<(Vec<Tensor>, Option<std::time::Duration>)>;
+
 /// A model parsed, optimised and prepared for one device; shared by every
 /// instance that uses it, run concurrently.
 #[derive(Debug)]
 pub struct PreparedModel {
     plans: Plans,
+    timer: Option<DeviceTimer>,
     inputs: Vec<IoSpec>,
     outputs: Vec<IoSpec>,
     batchable: bool,
@@ -108,6 +114,7 @@ impl PreparedModel {
         let batchable = leading_batch(&inputs) && leading_batch(&outputs);
         PreparedModel {
             plans,
+            timer: None,
             inputs,
             outputs,
             batchable,
@@ -160,6 +167,23 @@ impl PreparedModel {
             )));
         }
         Ok(())
+    }
+
+    /// Times runs with `timer` (the device's clock).
+    #[cfg_attr(not(feature = "cuda"), expect(dead_code, reason = "only GPUs time runs"))]
+    pub(crate) fn with_timer(mut self, timer: DeviceTimer) -> Self {
+        self.timer = Some(timer);
+        self
+    }
+
+    /// Runs the model once, and says how long the device itself was busy
+    /// when it can tell (GPUs, with events). Blocking.
+    pub fn run_timed(&self, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, Option<std::time::Duration>)> {
+        let Some(timer) = self.timer else {
+            return Ok((self.run(inputs)?, None));
+        };
+        let mut inputs = Some(inputs);
+        timer(&mut || self.run(inputs.take().unwrap_or_default()))
     }
 
     /// Runs the model once. Blocking: call from a blocking thread.
