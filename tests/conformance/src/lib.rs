@@ -35,8 +35,10 @@ pub struct Outcome {
     pub max_error: f32,
     /// Largest error allowed.
     pub tolerance: f32,
-    /// Run time (after preparing).
+    /// Run time (after preparing), wall clock.
     pub run: Duration,
+    /// The device's own measure of the run (GPUs, with events).
+    pub device_time: Option<Duration>,
     /// Why it failed, if it did.
     pub failure: Option<String>,
 }
@@ -68,6 +70,7 @@ fn outcome(case: &str, device: &dyn Device, max_error: f32, tolerance: f32, run:
         max_error,
         tolerance,
         run,
+        device_time: None,
         failure: None,
     }
 }
@@ -79,6 +82,7 @@ fn failed(case: &str, device: &dyn Device, why: String) -> Outcome {
         max_error: f32::INFINITY,
         tolerance: 0.0,
         run: Duration::ZERO,
+        device_time: None,
         failure: Some(why),
     }
 }
@@ -91,11 +95,14 @@ fn mlp_rows(model: &PreparedModel, device: &dyn Device, rows: usize) -> Outcome 
         Err(err) => return failed(&case, device, err.to_string()),
     };
     let started = Instant::now();
-    match model.run(vec![tensor]) {
-        Ok(out) => {
+    match model.run_timed(vec![tensor]) {
+        Ok((out, device_time)) => {
             let run = started.elapsed();
             let error = max_abs_diff(&values(&out[0]), &mlp_reference(MLP_SEED, &input));
-            outcome(&case, device, error, MLP_TOLERANCE, run)
+            Outcome {
+                device_time,
+                ..outcome(&case, device, error, MLP_TOLERANCE, run)
+            }
         }
         Err(err) => failed(&case, device, err.to_string()),
     }
@@ -160,8 +167,8 @@ fn ocr_case(model: &PreparedModel, device: &dyn Device, width: usize, cpu: Optio
         return (failed(&case, device, err.to_string()), Vec::new());
     }
     let started = Instant::now();
-    let out = match model.run(vec![tensor]) {
-        Ok(out) => out,
+    let (out, device_time) = match model.run_timed(vec![tensor]) {
+        Ok(done) => done,
         Err(err) => return (failed(&case, device, err.to_string()), Vec::new()),
     };
     let run = started.elapsed();
@@ -181,7 +188,11 @@ fn ocr_case(model: &PreparedModel, device: &dyn Device, width: usize, cpu: Optio
     if let Some(cpu) = cpu {
         error = error.max(max_abs_diff(&probs, cpu));
     }
-    (outcome(&case, device, error, OCR_TOLERANCE, run), probs)
+    let outcome = Outcome {
+        device_time,
+        ..outcome(&case, device, error, OCR_TOLERANCE, run)
+    };
+    (outcome, probs)
 }
 
 /// Runs every case on every device of `devices`; the OCR cases only when
@@ -227,15 +238,20 @@ pub async fn run(devices: &DevicePool, ocr_model: Option<&Path>) -> Vec<Outcome>
 
 /// The outcomes as a Markdown table.
 pub fn table(outcomes: &[Outcome]) -> String {
-    let mut out = String::from("| case | device | max error | tolerance | run | result |\n|---|---|---|---|---|---|\n");
+    let mut out = String::from(
+        "| case | device | max error | tolerance | run (wall) | run (device) | result |\n|---|---|---|---|---|---|---|\n",
+    );
     for o in outcomes {
         let result = match &o.failure {
             Some(why) => format!("FAIL: {why}"),
             None if o.passed() => "pass".into(),
             None => "FAIL: over tolerance".into(),
         };
+        let device_time = o
+            .device_time
+            .map_or_else(|| "-".to_owned(), |t| format!("{:.2} ms", t.as_secs_f64() * 1000.0));
         out.push_str(&format!(
-            "| {} | {} | {:.2e} | {:.0e} | {:.2} ms | {result} |\n",
+            "| {} | {} | {:.2e} | {:.0e} | {:.2} ms | {device_time} | {result} |\n",
             o.case,
             o.device,
             o.max_error,
