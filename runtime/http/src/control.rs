@@ -1,4 +1,5 @@
-//! The control API under `/v1`: deploy, list, show and delete functions.
+//! The control API under `/v1`: deploy, list, show and delete functions, and
+//! the status of devices and warm models.
 //!
 //! Every call needs a bearer token. The tenant is the token's own, or for
 //! operator tokens the `tenant` query parameter (default `default`). A tenant

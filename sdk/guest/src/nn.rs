@@ -33,8 +33,7 @@ pub use wit::wasi::nn::tensor::TensorType;
 
 /// A model deployed with the function, with an execution context ready.
 pub struct Model {
-    // The context keeps the graph alive on the host; the graph is kept too so
-    // the order of drops matches creation.
+    // Fields drop in declaration order: the context before its graph.
     context: inference::GraphExecutionContext,
     _graph: graph::Graph,
 }
