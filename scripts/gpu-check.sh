@@ -50,9 +50,18 @@ PY
   LD_LIBRARY_PATH="$(IFS=:; echo "${libs[*]:-}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export LD_LIBRARY_PATH
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(nvidia-smi not found)"
   export HEARTH_LOG="${HEARTH_LOG:-info}" RUST_LOG="${RUST_LOG:-tract_cuda=info}"
-  timeout 480 "$dist/hearth-conformance" --bench "$dist/ch_PP-OCRv4_rec_infer.onnx"
+  out="$(mktemp)"
+  status=0
+  timeout 480 "$dist/hearth-conformance" --bench "$dist/ch_PP-OCRv4_rec_infer.onnx" | tee "$out" || status=$?
+  # A GPU check that ran on the CPU alone proves nothing about the GPU.
+  if ! grep -q '| cuda:' "$out"; then
+    echo "no case ran on a CUDA device: see the log above for why the GPU was not used" >&2
+    status=1
+  fi
+  rm -f "$out"
+  exit "$status"
 }
 
 case "${1:-}" in
