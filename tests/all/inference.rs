@@ -393,3 +393,39 @@ async fn assets_are_mounted_read_only_and_nothing_else_is_visible() {
     let server = Server::start(&data, &[]);
     assert_eq!(read(&server, "/labels.txt").await, (200, "cat\ndog\n".into()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_models_of_warm_functions_are_preloaded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]);
+    write_model(&dir.path().join("warm"), &mlp(MLP_SEED));
+    let warm = format!("{MLP_MODEL}[scaling]\nmin_instances = 1\n");
+    deploy(&server, dir.path(), "warm", hearth_fixtures::CLASSIFY, &warm).await;
+    write_model(&dir.path().join("cold"), &mlp(2));
+    deploy(&server, dir.path(), "cold", hearth_fixtures::CLASSIFY, MLP_MODEL).await;
+    assert!(server.terminate());
+
+    let server = Server::start(&data, &[]);
+    let client = server.client();
+    // Preloading runs in the background after start: poll until it is done
+    // (the guard only stops a hang).
+    let guard = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        let status = client.status().await.expect("status");
+        if status.model_loads >= 1 || std::time::Instant::now() > guard {
+            break status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let warm_of = |name: &str| {
+        let f = status.functions.iter().find(|f| f.name == name).expect("function");
+        f.models[0].warm
+    };
+    assert!(warm_of("warm"), "{status:?}");
+    assert!(
+        !warm_of("cold"),
+        "models of functions without min_instances load on first use: {status:?}"
+    );
+    assert_eq!(status.model_loads, 1, "{status:?}");
+}

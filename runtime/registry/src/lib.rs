@@ -361,6 +361,32 @@ impl Registry {
         Ok(deployed)
     }
 
+    /// Loads the models of every function that keeps instances warm
+    /// (`scaling.min_instances > 0`), so their first invocation after a
+    /// restart finds them loaded. Failures are logged, not fatal: the model
+    /// loads again on first use. Returns how many models were loaded.
+    pub async fn warm_min_instance_models(&self) -> Result<usize> {
+        let cache = self.engine.config().models.clone();
+        let mut loaded = 0;
+        for tenant in self.store.list_tenants().await? {
+            for version in self.store.list_functions(&tenant).await? {
+                let deployed = self.resolve(&tenant, &version.name).await?;
+                if deployed.manifest.scaling.min_instances == 0 {
+                    continue;
+                }
+                for (name, model) in deployed.grants.models.iter() {
+                    match cache.get(&model.key, &model.path, model.placement).await {
+                        Ok(_) => loaded += 1,
+                        Err(err) => {
+                            tracing::warn!(tenant, function = %version.name, model = %name, error = %err, "could not preload a model")
+                        }
+                    }
+                }
+            }
+        }
+        Ok(loaded)
+    }
+
     /// The compiled component of a deployed version, loading it on first use
     /// (maps the precompiled artifact; recompiles only if it is missing).
     pub async fn prepared(&self, deployed: &Deployed) -> Result<Prepared> {

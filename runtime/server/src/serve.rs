@@ -114,6 +114,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     engine_config.models = models;
     let engine = Engine::new(engine_config).context("configuring wasmtime")?;
     let registry = Registry::new(store.clone(), blobs, engine.clone(), data_dir.join("assets"));
+    // Functions that keep instances warm get their models back in the
+    // background; requests are served meanwhile (a model loads once).
+    let warming = registry.clone();
+    tokio::spawn(async move {
+        match warming.warm_min_instance_models().await {
+            Ok(0) => {}
+            Ok(loaded) => tracing::info!(loaded, "preloaded the models of functions with min_instances > 0"),
+            Err(err) => tracing::warn!(error = %err, "preloading models failed"),
+        }
+    });
     let limits = HttpLimits {
         max_body_bytes: args.max_body_bytes,
         max_upload_bytes: args.max_upload_bytes,

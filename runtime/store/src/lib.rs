@@ -151,6 +151,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn ensure_tenant(&self, tenant: &str) -> Result<()>;
     /// Whether the tenant exists.
     async fn tenant_exists(&self, tenant: &str) -> Result<bool>;
+    /// Every tenant, by name.
+    async fn list_tenants(&self) -> Result<Vec<String>>;
 
     /// Adds a token.
     async fn insert_token(&self, token: TokenRecord) -> Result<()>;

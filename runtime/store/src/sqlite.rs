@@ -200,6 +200,15 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn list_tenants(&self) -> Result<Vec<String>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT name FROM tenants ORDER BY name")?;
+            let rows = stmt.query_map([], |row| row.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+        })
+        .await
+    }
+
     async fn insert_token(&self, token: TokenRecord) -> Result<()> {
         self.with(move |conn| {
             conn.execute(
@@ -380,6 +389,7 @@ mod tests {
         let store = SqliteStore::open(dir.path()).expect("open");
         store.ensure_tenant("default").await.expect("tenant");
         assert!(store.tenant_exists("default").await.expect("exists"));
+        assert_eq!(store.list_tenants().await.expect("tenants"), ["default"]);
         assert!(!store.tenant_exists("acme").await.expect("exists"));
 
         let model = Artifact {
