@@ -85,14 +85,16 @@ pub struct BatchStats {
 const INLINE_RUN_BELOW: Duration = Duration::from_micros(100);
 
 /// Runs `f` (a model run) inline when runs of this model are known to be
-/// short, else on the blocking pool; records its time.
+/// short and this one needs no planning (`planned`), else on the blocking
+/// pool; records its time.
 async fn run_on_device<T: Send + 'static>(
     stats: &BatchStats,
+    planned: bool,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let mean = stats.mean_run_ns.load(Ordering::Relaxed);
     let started = std::time::Instant::now();
-    let result = if mean != 0 && mean < INLINE_RUN_BELOW.as_nanos() as u64 {
+    let result = if planned && mean != 0 && mean < INLINE_RUN_BELOW.as_nanos() as u64 {
         f()
     } else {
         tokio::task::spawn_blocking(f)
@@ -123,7 +125,8 @@ impl Batcher {
     pub async fn run(&self, inputs: Vec<Tensor>) -> Result<Batched> {
         let Some(queue) = &self.queue else {
             let model = self.model.clone();
-            let (outputs, device_time) = run_on_device(&self.stats, move || model.run_timed(inputs)).await?;
+            let planned = model.is_planned(&inputs);
+            let (outputs, device_time) = run_on_device(&self.stats, planned, move || model.run_timed(inputs)).await?;
             self.stats.runs.fetch_add(1, Ordering::Relaxed);
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
             record_device_time(&self.stats, device_time);
@@ -181,7 +184,8 @@ async fn worker(
         let model = model.clone();
         let inputs: Vec<Vec<Tensor>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.inputs)).collect();
         let row_counts: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
-        let result = run_on_device(&stats, move || run_joined(&model, inputs, &row_counts)).await;
+        // Batchable models have one plan for every batch size.
+        let result = run_on_device(&stats, true, move || run_joined(&model, inputs, &row_counts)).await;
         stats.runs.fetch_add(1, Ordering::Relaxed);
         stats.calls.fetch_add(jobs.len() as u64, Ordering::Relaxed);
         let calls = jobs.len();

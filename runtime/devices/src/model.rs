@@ -195,6 +195,20 @@ impl PreparedModel {
         Ok(outputs.into_iter().map(TValue::into_tensor).collect())
     }
 
+    /// Whether a plan for these inputs' shapes exists (running them will not
+    /// optimise the model first, which can take a long time).
+    pub fn is_planned(&self, inputs: &[Tensor]) -> bool {
+        match &self.plans {
+            Plans::Shared(_) => true,
+            Plans::PerShape { plans, .. } => {
+                let plans = plans.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                plans.iter().any(|(shapes, _)| {
+                    shapes.len() == inputs.len() && shapes.iter().zip(inputs).all(|(s, t)| s == t.shape())
+                })
+            }
+        }
+    }
+
     /// The plan for these inputs' shapes, optimised now if it is new.
     fn plan_for(&self, inputs: &[Tensor]) -> Result<Arc<dyn Runnable>> {
         let (model, runtime, plans) = match &self.plans {
