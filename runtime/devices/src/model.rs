@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::{Runnable, Runtime};
 use tract_onnx::tract_hir::infer::Factoid as _;
-use tract_onnx::tract_hir::internal::DimLike as _;
+use tract_onnx::tract_hir::internal::{DimLike as _, Op};
 
 use crate::{DeviceError, Result};
 
@@ -252,11 +252,7 @@ impl PreparedModel {
 /// Reads input and output specs of a model that does not type without
 /// concrete shapes: known sizes are fixed, anything else is free.
 fn inference_io_specs(model: &InferenceModel) -> TractResult<(Vec<IoSpec>, Vec<IoSpec>)> {
-    let spec = |outlet: OutletId, fact: &InferenceFact| -> IoSpec {
-        let name = model
-            .outlet_label(outlet)
-            .map(str::to_owned)
-            .unwrap_or_else(|| model.node(outlet.node).name.clone());
+    collect_io_specs(model, |name, fact: &InferenceFact| {
         let dims = fact
             .shape
             .dims()
@@ -271,19 +267,34 @@ fn inference_io_specs(model: &InferenceModel) -> TractResult<(Vec<IoSpec>, Vec<I
             dtype: fact.datum_type.concretize().unwrap_or(DatumType::F32),
             dims,
         }
+    })
+}
+
+/// Every input, then every output, of `model` as an [`IoSpec`]: named by its
+/// outlet label (else its node's name), typed and shaped by `spec` from its
+/// fact.
+fn collect_io_specs<F, O>(
+    model: &Graph<F, O>,
+    mut spec: impl FnMut(String, &F) -> IoSpec,
+) -> TractResult<(Vec<IoSpec>, Vec<IoSpec>)>
+where
+    F: Fact + Clone + 'static,
+    O: std::fmt::Debug + std::fmt::Display + AsRef<dyn Op> + AsMut<dyn Op> + Clone + 'static,
+{
+    let mut specs = |outlets: &[OutletId]| {
+        outlets
+            .iter()
+            .map(|&outlet| {
+                let name = model
+                    .outlet_label(outlet)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| model.node(outlet.node).name.clone());
+                Ok(spec(name, model.outlet_fact(outlet)?))
+            })
+            .collect::<TractResult<Vec<_>>>()
     };
-    let inputs = model
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(ix, outlet)| Ok(spec(*outlet, model.input_fact(ix)?)))
-        .collect::<TractResult<Vec<_>>>()?;
-    let outputs = model
-        .outputs
-        .iter()
-        .enumerate()
-        .map(|(ix, outlet)| Ok(spec(*outlet, model.output_fact(ix)?)))
-        .collect::<TractResult<Vec<_>>>()?;
+    let inputs = specs(&model.inputs)?;
+    let outputs = specs(&model.outputs)?;
     Ok((inputs, outputs))
 }
 
@@ -303,11 +314,7 @@ fn describe(dims: &[Dim]) -> String {
 /// model; the first symbolic leading dimension found is the batch axis.
 pub(crate) fn io_specs(model: &TypedModel) -> TractResult<(Vec<IoSpec>, Vec<IoSpec>)> {
     let mut batch_symbol: Option<TDim> = None;
-    let mut spec = |outlet: OutletId, fact: &TypedFact| -> IoSpec {
-        let name = model
-            .outlet_label(outlet)
-            .map(str::to_owned)
-            .unwrap_or_else(|| model.node(outlet.node).name.clone());
+    collect_io_specs(model, |name, fact: &TypedFact| {
         let dims = fact
             .shape
             .iter()
@@ -326,14 +333,5 @@ pub(crate) fn io_specs(model: &TypedModel) -> TractResult<(Vec<IoSpec>, Vec<IoSp
             dtype: fact.datum_type,
             dims,
         }
-    };
-    let mut inputs = Vec::new();
-    for (ix, outlet) in model.inputs.iter().enumerate() {
-        inputs.push(spec(*outlet, model.input_fact(ix)?));
-    }
-    let mut outputs = Vec::new();
-    for (ix, outlet) in model.outputs.iter().enumerate() {
-        outputs.push(spec(*outlet, model.output_fact(ix)?));
-    }
-    Ok((inputs, outputs))
+    })
 }
