@@ -14,7 +14,7 @@
 //! Run: `cargo bench -p hearth-bridge --bench bridge`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -155,19 +155,10 @@ fn overhead(c: &mut Criterion) {
     let mlp_path = dir.path().join("mlp.onnx");
     std::fs::write(&mlp_path, mlp(MLP_SEED)).expect("write");
     overhead_case(c, "mlp", &mlp_path, "input", &[1, MLP_INPUTS]);
-    let ocr = ocr_model();
-    match ocr {
-        Some(path) => overhead_case(c, "ocr-rec", &path, "x", &[1, 3, 48, 320]),
+    match hearth_fixtures::models::fetched_ocr() {
+        Some(ocr) => overhead_case(c, "ocr-rec", &ocr.model, "x", &[1, 3, 48, 320]),
         None => eprintln!("skipping overhead/ocr-rec: run scripts/fetch-ocr-model.sh"),
     }
-}
-
-fn ocr_model() -> Option<PathBuf> {
-    let cache = std::env::var_os("HEARTH_MODEL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hearth/models")))?;
-    let path = cache.join("ch_PP-OCRv4_rec_infer.onnx");
-    path.is_file().then_some(path)
 }
 
 fn batching(c: &mut Criterion) {

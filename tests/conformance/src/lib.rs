@@ -325,27 +325,13 @@ pub async fn batching(devices: &DevicePool, callers: usize, rounds: usize) -> Ve
     figures
 }
 
-/// Where `scripts/fetch-ocr-model.sh` puts the OCR model, if it is there.
-pub fn fetched_ocr_model() -> Option<std::path::PathBuf> {
-    let cache = std::env::var_os("HEARTH_MODEL_CACHE")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/hearth/models")))?;
-    let path = cache.join("ch_PP-OCRv4_rec_infer.onnx");
-    path.is_file().then_some(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_case_passes_on_this_machines_devices() {
-        let ocr = fetched_ocr_model();
-        if ocr.is_none() {
-            let message = "the OCR model is not fetched (scripts/fetch-ocr-model.sh): OCR cases not run";
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
-            eprintln!("{message}");
-        }
+        let ocr = hearth_fixtures::models::fetched_ocr_for_test("the OCR conformance cases").map(|o| o.model);
         let outcomes = run(&DevicePool::discover(), ocr.as_deref()).await;
         let table = table(&outcomes);
         assert!(outcomes.iter().all(Outcome::passed), "{table}");

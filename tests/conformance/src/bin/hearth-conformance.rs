@@ -30,7 +30,7 @@ async fn main() -> ExitCode {
             path => ocr = Some(std::path::PathBuf::from(path)),
         }
     }
-    let ocr = ocr.or_else(hearth_conformance::fetched_ocr_model);
+    let ocr = ocr.or_else(|| hearth_fixtures::models::fetched_ocr().map(|o| o.model));
     if ocr.is_none() {
         eprintln!("no OCR model given or fetched: OCR cases not run");
     }
