@@ -110,16 +110,6 @@ pub struct Upload {
 }
 
 impl Upload {
-    /// An upload of `manifest` with nothing received yet but the component.
-    pub fn new(manifest: Manifest, component: StagedBlob) -> Upload {
-        Upload {
-            manifest,
-            component,
-            models: HashMap::new(),
-            files: HashMap::new(),
-        }
-    }
-
     /// Checks that every model and file the manifest names arrived.
     fn check_complete(&self) -> Result<()> {
         let missing: Vec<String> = self
@@ -370,10 +360,15 @@ impl Registry {
         let mut loaded = 0;
         for tenant in self.store.list_tenants().await? {
             for version in self.store.list_functions(&tenant).await? {
-                let deployed = self.resolve(&tenant, &version.name).await?;
-                if deployed.manifest.scaling.min_instances == 0 {
+                // Only functions that keep instances warm are resolved here
+                // (resolving lays out asset directories): the rest wait for
+                // their first call.
+                let keeps_warm =
+                    Manifest::from_toml(&version.manifest).is_ok_and(|manifest| manifest.scaling.min_instances > 0);
+                if !keeps_warm {
                     continue;
                 }
+                let deployed = self.resolve(&tenant, &version.name).await?;
                 for (name, model) in deployed.grants.models.iter() {
                     match cache.get(&model.key, &model.path, model.placement).await {
                         Ok(_) => loaded += 1,
