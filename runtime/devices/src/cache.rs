@@ -147,7 +147,7 @@ impl ModelCache {
         let (model, id, reservation) = tokio::task::spawn_blocking(move || {
             let bytes =
                 std::fs::read(&path).map_err(|e| DeviceError::InvalidModel(format!("{}: {e}", path.display())))?;
-            let (device, reservation) = devices.reserve(placement, bytes.len() as u64)?;
+            let (device, reservation) = devices.place(placement, bytes.len() as u64)?;
             Ok::<_, DeviceError>((device.prepare(&bytes)?, device.id(), reservation))
         })
         .await

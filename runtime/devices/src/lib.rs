@@ -181,14 +181,9 @@ impl DevicePool {
     /// Picks the device for a model of `size_bytes`: the manifest's wish
     /// first (`gpu` needs one, `cpu` never uses one), then for `auto` the GPU
     /// while its free memory (at start-up, less what was placed there) holds
-    /// a few times the model, else the CPU.
-    pub fn place(&self, placement: Placement, size_bytes: u64) -> Result<Arc<dyn Device>> {
-        Ok(self.reserve(placement, size_bytes)?.0)
-    }
-
-    /// [`DevicePool::place`], with the GPU room it takes, held until the
-    /// reservation is dropped.
-    pub(crate) fn reserve(
+    /// a few times the model, else the CPU. The GPU room it takes is held
+    /// until the returned reservation is dropped (with the loaded model).
+    pub(crate) fn place(
         &self,
         placement: Placement,
         size_bytes: u64,

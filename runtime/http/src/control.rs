@@ -210,9 +210,12 @@ async fn deploy(
     }
     let manifest = manifest.ok_or_else(|| bad_request("the upload has no `manifest` part".into()))?;
     let component = component.ok_or_else(|| bad_request("the upload has no `component` part".into()))?;
-    let mut upload = Upload::new(manifest, component);
-    upload.models = models.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
-    upload.files = files.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+    let upload = Upload {
+        manifest,
+        component,
+        models: models.into_iter().filter_map(|(k, v)| Some((k, v?))).collect(),
+        files: files.into_iter().filter_map(|(k, v)| Some((k, v?))).collect(),
+    };
     let version = state.registry.deploy(&tenant, upload).await?;
     Ok((StatusCode::CREATED, Json(VersionView::from(&version))))
 }
