@@ -159,6 +159,10 @@ pub struct Scaling {
     pub idle_timeout_s: u32,
     /// Admission class.
     pub qos: Qos,
+    /// Whether a warm instance may serve further requests after its first
+    /// (up to the server's reuse limit). `false` gives every request a fresh
+    /// instance: no state can leak from one request to the next.
+    pub reuse: bool,
 }
 
 impl Default for Scaling {
@@ -168,21 +172,54 @@ impl Default for Scaling {
             max_instances: DEFAULT_MAX_INSTANCES,
             idle_timeout_s: DEFAULT_IDLE_TIMEOUT_S,
             qos: Qos::Standard,
+            reuse: true,
         }
     }
 }
 
-/// Admission class of a function's invocations.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Admission class of a function's invocations, ordered by urgency
+/// (`Batch < Standard < Realtime`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Qos {
-    /// Served first.
-    Realtime,
+    /// Served when nothing more urgent waits.
+    Batch,
     /// The default.
     #[default]
     Standard,
-    /// Served when nothing more urgent waits.
-    Batch,
+    /// Served first.
+    Realtime,
+}
+
+impl Qos {
+    /// Every class, least urgent first.
+    pub const ALL: [Qos; 3] = [Qos::Batch, Qos::Standard, Qos::Realtime];
+
+    /// The name used in manifests, headers and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Qos::Batch => "batch",
+            Qos::Standard => "standard",
+            Qos::Realtime => "realtime",
+        }
+    }
+}
+
+impl std::fmt::Display for Qos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Qos {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Qos, String> {
+        Qos::ALL
+            .into_iter()
+            .find(|q| q.as_str() == s)
+            .ok_or_else(|| format!("unknown QoS class `{s}` (expected realtime, standard or batch)"))
+    }
 }
 
 impl Manifest {
@@ -361,6 +398,7 @@ mod tests {
             max_instances = 4
             idle_timeout_s = 5
             qos = "batch"
+            reuse = false
             "#,
         )
         .expect("valid manifest");
@@ -370,6 +408,7 @@ mod tests {
         assert_eq!(m.files[0].target, "/assets/labels.txt");
         assert_eq!(m.limits.memory_mb, 256);
         assert_eq!(m.scaling.qos, Qos::Batch);
+        assert!(!m.scaling.reuse);
         assert_eq!(Manifest::from_toml(&m.to_toml()), Ok(m));
     }
 
