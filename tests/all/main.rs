@@ -10,3 +10,4 @@ mod errors;
 mod inference;
 mod lifecycle;
 mod ocr;
+mod scaling;

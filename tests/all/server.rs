@@ -99,6 +99,21 @@ impl Server {
         child.wait().expect("wait").success()
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The server's resident memory, in KiB (Linux `VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
     /// The server's log so far (for assertion messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default()
@@ -180,6 +195,36 @@ pub async fn still_serves(server: &Server) {
     let response = http().get(server.fn_url("hello", "/")).send().await.expect("hello");
     assert_eq!(response.status(), 200, "server stopped serving; log:\n{}", server.log());
     assert_eq!(response.text().await.expect("body"), "hello from hearth\n");
+}
+
+/// The instance pool of `function` in tenant `default`, from `/v1/status`.
+pub async fn instances(server: &Server, function: &str) -> hearth_client::InstanceStatus {
+    let status = server.client().status().await.expect("status");
+    status
+        .functions
+        .into_iter()
+        .find(|f| f.name == function)
+        .map(|f| f.instances)
+        .unwrap_or_else(|| panic!("`{function}` not in /v1/status"))
+}
+
+/// Polls `/v1/status` until `done` holds for `function`'s pool, and returns
+/// it; panics after a generous guard (a hang guard, not a timing assertion).
+pub async fn wait_for_instances(
+    server: &Server,
+    function: &str,
+    what: &str,
+    done: impl Fn(&hearth_client::InstanceStatus) -> bool,
+) -> hearth_client::InstanceStatus {
+    let guard = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let pool = instances(server, function).await;
+        if done(&pool) {
+            return pool;
+        }
+        assert!(std::time::Instant::now() < guard, "{function} never {what}: {pool:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Names of the functions deployed in tenant `default`, sorted.

@@ -3,14 +3,16 @@
 //!   + call + drop), the floor set by wasmtime itself;
 //! - `hello` / `echo`: a full `wasi:http` invocation through
 //!   [`Engine::invoke`] (store, WASI context, instantiate, guest start-up,
-//!   handler, response body collected, drop).
+//!   handler, response body collected, drop);
+//! - `hello` / `echo` `reused`: the same invocation on a warm instance handed
+//!   back by the previous one (what the scheduler's pools do).
 //!
 //! Run: `cargo bench -p hearth-engine --bench instantiate`.
 
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use hearth_engine::{Engine, EngineConfig, Limits};
+use hearth_engine::{Engine, EngineConfig, Instance, Limits, Start};
 use http_body_util::{BodyExt as _, Empty};
 
 const MINIMAL: &str = r#"(component
@@ -60,17 +62,48 @@ fn bench(c: &mut Criterion) {
                 memory_bytes: 128 << 20,
                 timeout: Duration::from_secs(10),
             };
+            let request = || {
+                hyper::Request::get("http://localhost/bench?x=1")
+                    .header("x-bench", "1")
+                    .body(Empty::<bytes::Bytes>::new().map_err(|never| -> hearth_engine::BodyError { match never {} }))
+                    .expect("request")
+            };
             group.bench_function(BenchmarkId::new(name, label), |b| {
                 b.to_async(&runtime).iter(|| async {
-                    let request = hyper::Request::get("http://localhost/bench?x=1")
-                        .header("x-bench", "1")
-                        .body(
-                            Empty::<bytes::Bytes>::new()
-                                .map_err(|never| -> hearth_engine::BodyError { match never {} }),
-                        )
-                        .expect("request");
                     let response = engine
-                        .invoke(&prepared, limits, &Default::default(), name, request)
+                        .invoke(
+                            Start::Cold(&prepared),
+                            limits,
+                            &Default::default(),
+                            name,
+                            request(),
+                            drop,
+                        )
+                        .await
+                        .expect("invoke");
+                    let body = response.into_body().collect().await.expect("body");
+                    assert!(!body.to_bytes().is_empty());
+                });
+            });
+            if !pooling {
+                continue;
+            }
+            let (back_tx, back_rx) = std::sync::mpsc::channel::<Option<Instance>>();
+            back_tx.send(None).expect("channel");
+            group.bench_function(BenchmarkId::new(name, "reused"), |b| {
+                b.to_async(&runtime).iter(|| async {
+                    // The previous call's task hands its instance back once
+                    // the guest returns; wait for it (the body is complete
+                    // before that, so this is at most a task switch).
+                    let start = match back_rx.recv().expect("instance back") {
+                        Some(instance) => Start::Warm(instance),
+                        None => Start::Cold(&prepared),
+                    };
+                    let back = back_tx.clone();
+                    let response = engine
+                        .invoke(start, limits, &Default::default(), name, request(), move |done| {
+                            let _ = back.send(done.instance);
+                        })
                         .await
                         .expect("invoke");
                     let body = response.into_body().collect().await.expect("body");

@@ -1,4 +1,4 @@
-//! Running one request in a fresh instance.
+//! Running one request on a warm instance or a fresh one.
 //!
 //! The guest runs in its own tokio task so that its response head can be sent
 //! while it is still streaming the body. Two guards bound it:
@@ -15,6 +15,7 @@ use http_body_util::BodyExt as _;
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView as _;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
 use crate::state::HostState;
 use crate::{Engine, Prepared, error_chain};
@@ -78,36 +79,108 @@ pub enum InvokeError {
     Internal(String),
 }
 
+/// A live instance of a function: its store and its `wasi:http` export,
+/// ready to serve another request (see [`Engine::invoke`]).
+pub struct Instance {
+    store: Store<HostState>,
+    proxy: Proxy,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance").finish_non_exhaustive()
+    }
+}
+
+/// What an invocation runs on.
+#[derive(Debug)]
+pub enum Start<'a> {
+    /// A warm instance that served earlier requests.
+    Warm(Instance),
+    /// A fresh instance of this component (a cold start).
+    Cold(&'a Prepared),
+}
+
+/// What became of an invocation once its guest has finished: the instance,
+/// if it may serve another request, and how the call ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// The instance, unless it trapped, hit a limit or was interrupted.
+    pub instance: Option<Instance>,
+    /// How the guest's call ended.
+    pub outcome: Result<(), InvokeError>,
+}
+
 impl Engine {
-    /// Runs `request` through a fresh instance of `prepared` and returns its
-    /// response as soon as the guest sends the head. `label` names the
-    /// function in logs (the guest's captured stdout/stderr go there).
-    pub async fn invoke<B>(
+    /// Creates an instance of `prepared` ahead of any request (to keep a
+    /// function's `min_instances` warm).
+    pub async fn instantiate(
         &self,
         prepared: &Prepared,
         limits: Limits,
         grants: &Grants,
-        label: &str,
-        request: hyper::Request<B>,
-    ) -> Result<hyper::Response<ResponseBody>, InvokeError>
-    where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<wasmtime_wasi_http::Error>,
-    {
+    ) -> Result<Instance, InvokeError> {
+        let mut store = self.new_store(limits, grants)?;
+        store.data_mut().deadline = Instant::now() + limits.timeout;
+        store.set_epoch_deadline(1);
+        let proxy = tokio::time::timeout(limits.timeout, prepared.pre.instantiate_async(&mut store))
+            .await
+            .map_err(|_| InvokeError::Timeout(limits.timeout))?
+            .map_err(|err| classify(&err, store.data(), limits.timeout))?;
+        Ok(Instance { store, proxy })
+    }
+
+    fn new_store(&self, limits: Limits, grants: &Grants) -> Result<Store<HostState>, InvokeError> {
         let nn = hearth_bridge::NnCtx::new(self.inner.config.models.clone(), grants.models.clone());
         let state = HostState::new(limits.memory_bytes, nn, grants.assets.as_deref())
             .map_err(|e| InvokeError::Internal(format!("mounting the function's assets: {}", error_chain(&e))))?;
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let deadline = Instant::now() + limits.timeout;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline {
+        store.epoch_deadline_callback(|store| {
+            Ok(if Instant::now() >= store.data().deadline {
                 UpdateDeadline::Interrupt
             } else {
                 UpdateDeadline::Yield(1)
             })
         });
+        Ok(store)
+    }
+
+    /// Runs `request` on a warm instance or a fresh one (see [`Start`]) and returns its response as soon as the
+    /// guest sends the head. The guest keeps running in its own task while
+    /// the body streams; when it is done, `done` receives the instance back
+    /// (if it is fit for reuse) and the call's outcome. `label` names the
+    /// function in logs (the guest's captured stdout/stderr go there).
+    pub async fn invoke<B>(
+        &self,
+        start: Start<'_>,
+        limits: Limits,
+        grants: &Grants,
+        label: &str,
+        request: hyper::Request<B>,
+        done: impl FnOnce(Finished) + Send + 'static,
+    ) -> Result<hyper::Response<ResponseBody>, InvokeError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        /// `Start` without the borrow, to move into the guest's task.
+        enum Ready {
+            Warm(Proxy),
+            Cold(ProxyPre<HostState>),
+        }
+        let (mut store, ready) = match start {
+            Start::Warm(Instance { store, proxy }) => (store, Ready::Warm(proxy)),
+            Start::Cold(prepared) => (self.new_store(limits, grants)?, Ready::Cold(prepared.pre.clone())),
+        };
+        let state = store.data_mut();
+        state.deadline = Instant::now() + limits.timeout;
+        state.nn.compute_calls = 0;
+        state.nn.batched_with = 0;
+        state.nn.device_ns = 0;
+        let current = state.limiter.peak;
+        state.limiter.reset(current);
+        store.set_epoch_deadline(1);
 
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let http = store.data_mut();
@@ -120,37 +193,46 @@ impl Engine {
             .new_response_outparam(sender)
             .map_err(|e| InvokeError::Internal(error_chain(&e)))?;
 
-        let pre = prepared.pre.clone();
         let label = label.to_owned();
         let timeout = limits.timeout;
-        let task = tokio::spawn(async move {
+        let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
             let run = async {
-                let proxy = pre.instantiate_async(&mut store).await?;
+                let proxy = match ready {
+                    Ready::Warm(proxy) => proxy,
+                    Ready::Cold(pre) => pre.instantiate_async(&mut store).await?,
+                };
                 proxy
                     .wasi_http_incoming_handler()
                     .call_handle(&mut store, request, outparam)
-                    .await
+                    .await?;
+                wasmtime::Result::Ok(proxy)
             };
-            let outcome = match tokio::time::timeout(timeout, run).await {
-                Err(_elapsed) => Err(InvokeError::Timeout(timeout)),
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(err)) => Err(classify(&err, store.data(), timeout)),
+            let (outcome, proxy) = match tokio::time::timeout(timeout, run).await {
+                // Interrupted mid-call: the store's state is not to be trusted.
+                Err(_elapsed) => (Err(InvokeError::Timeout(timeout)), None),
+                Ok(Ok(proxy)) => (Ok(()), Some(proxy)),
+                Ok(Err(err)) => (Err(classify(&err, store.data(), timeout)), None),
             };
             if let Err(err) = &outcome {
                 tracing::debug!(function = %label, error = %err, "invocation failed");
             }
             log_guest_output(&label, store.data());
-            outcome
+            let _ = outcome_tx.send(outcome.clone());
+            done(Finished {
+                instance: proxy.map(|proxy| Instance { store, proxy }),
+                outcome,
+            });
         });
 
         match receiver.await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(code)) => Err(InvokeError::GuestError(format!("{code:?}"))),
             // The guest dropped the response outparam: the task's outcome says why.
-            Err(_) => match task.await {
+            Err(_) => match outcome_rx.await {
                 Ok(Ok(())) => Err(InvokeError::NoResponse),
                 Ok(Err(err)) => Err(err),
-                Err(join) => Err(InvokeError::Internal(format!("guest task failed: {join}"))),
+                Err(_) => Err(InvokeError::Internal("guest task ended without an outcome".into())),
             },
         }
     }
@@ -179,7 +261,7 @@ fn classify(err: &wasmtime::Error, state: &HostState, timeout: Duration) -> Invo
 /// Logs what the guest printed, one event per line.
 fn log_guest_output(label: &str, state: &HostState) {
     for (stream, pipe) in [("stdout", &state.stdout), ("stderr", &state.stderr)] {
-        let contents = pipe.contents();
+        let contents = pipe.take();
         if contents.is_empty() {
             continue;
         }

@@ -10,8 +10,11 @@
 //! - [`Engine::load`] runs on the first invocation of a component: it maps the
 //!   `.cwasm` file (`deserialize_file`, no recompilation) and caches the
 //!   pre-linked `ProxyPre`, shared by every later instance.
-//! - [`Engine::invoke`] runs one request in a fresh instance with the
-//!   function's memory limit and deadline (see [`invoke`]).
+//! - [`Engine::invoke`] runs one request on a warm [`Instance`] or a fresh
+//!   one, with the function's memory limit and deadline, and hands the
+//!   instance back for reuse when the guest ends cleanly (see [`invoke`]).
+//! - [`Engine::unload`] forgets a component's compiled code (the last tier of
+//!   scale to zero); the next [`Engine::load`] maps the `.cwasm` again.
 //!
 //! Guests get WASI p2 with no filesystem, no environment, no sockets, captured
 //! stdout/stderr, `wasi:http` with outgoing requests refused, and `wasi:nn`
@@ -31,7 +34,7 @@ use hearth_devices::{CacheConfig, DevicePool, ModelCache};
 use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-pub use invoke::{Grants, InvokeError, Limits, ModelMap, ResponseBody};
+pub use invoke::{Finished, Grants, Instance, InvokeError, Limits, ModelMap, ResponseBody, Start};
 use state::HostState;
 /// The error type request bodies passed to [`Engine::invoke`] fail with.
 pub use wasmtime_wasi_http::Error as BodyError;
@@ -291,6 +294,18 @@ impl Engine {
                 self.precompile(key, component)
             }
         }
+    }
+
+    /// Forgets the pre-linked component for `key` (its function scaled to
+    /// zero). Instances still alive keep their own reference; the next
+    /// [`Engine::load`] maps the precompiled file again, without compiling.
+    pub fn unload(&self, key: &str) -> bool {
+        self.inner.loaded.remove(key).is_some()
+    }
+
+    /// Whether the component for `key` is loaded.
+    pub fn is_loaded(&self, key: &str) -> bool {
+        self.inner.loaded.contains_key(key)
     }
 
     /// The cached pre-linked component for `key`, if loaded.

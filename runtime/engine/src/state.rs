@@ -1,8 +1,13 @@
 //! Per-instance host state: what a guest's imports see.
 
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
@@ -17,9 +22,11 @@ pub(crate) struct HostState {
     pub(crate) table: ResourceTable,
     pub(crate) hooks: DenyOutgoing,
     pub(crate) limiter: MemoryLimiter,
-    pub(crate) stdout: MemoryOutputPipe,
-    pub(crate) stderr: MemoryOutputPipe,
+    pub(crate) stdout: GuestOutput,
+    pub(crate) stderr: GuestOutput,
     pub(crate) nn: hearth_bridge::NnCtx,
+    /// When the current request's time is up (read by the epoch callback).
+    pub(crate) deadline: Instant,
 }
 
 impl HostState {
@@ -28,8 +35,8 @@ impl HostState {
         nn: hearth_bridge::NnCtx,
         assets: Option<&Path>,
     ) -> wasmtime::Result<HostState> {
-        let stdout = MemoryOutputPipe::new(CAPTURED_OUTPUT_BYTES);
-        let stderr = MemoryOutputPipe::new(CAPTURED_OUTPUT_BYTES);
+        let stdout = GuestOutput::new(CAPTURED_OUTPUT_BYTES);
+        let stderr = GuestOutput::new(CAPTURED_OUTPUT_BYTES);
         // No environment, no arguments, no network, and no directory but the
         // function's own assets, read-only: the builder grants nothing unless
         // asked.
@@ -48,7 +55,61 @@ impl HostState {
             stdout,
             stderr,
             nn,
+            deadline: Instant::now(),
         })
+    }
+}
+
+/// A guest's stdout or stderr: kept in memory up to a capacity per request
+/// and drained after each one (an instance may serve many requests, so the
+/// buffer must not fill up for good). Bytes past the capacity are dropped
+/// rather than failing the guest's write.
+#[derive(Debug, Clone)]
+pub(crate) struct GuestOutput {
+    buffer: Arc<Mutex<Vec<u8>>>,
+    capacity: usize,
+}
+
+impl GuestOutput {
+    fn new(capacity: usize) -> GuestOutput {
+        GuestOutput {
+            buffer: Arc::default(),
+            capacity,
+        }
+    }
+
+    /// What was written since the last call.
+    pub(crate) fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.buffer.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let mut buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);
+        let room = self.capacity.saturating_sub(buffer.len());
+        buffer.extend_from_slice(&buf[..buf.len().min(room)]);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -111,6 +172,12 @@ impl MemoryLimiter {
 impl MemoryLimiter {
     pub(crate) fn limit_bytes(&self) -> usize {
         self.limit
+    }
+
+    /// Starts a new request on an instance whose memory is `current` bytes.
+    pub(crate) fn reset(&mut self, current: usize) {
+        self.peak = current;
+        self.exceeded = false;
     }
 }
 

@@ -13,11 +13,12 @@ use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use hearth_auth::Action;
-use hearth_manifest::Manifest;
+use hearth_manifest::{Manifest, Qos};
 use hearth_registry::{FILE_PART_PREFIX, MODEL_PART_PREFIX, Upload};
 use hearth_store::{ArtifactKind, FunctionVersion, format_ms};
 use serde::{Deserialize, Serialize};
 
+use crate::run::pool_key;
 use crate::{ApiError, AppState, authenticate, check_declared_length};
 
 /// Largest manifest accepted, in bytes.
@@ -217,6 +218,15 @@ async fn deploy(
         files: files.into_iter().filter_map(|(k, v)| Some((k, v?))).collect(),
     };
     let version = state.registry.deploy(&tenant, upload).await?;
+    // Instances of the previous version go now, not at their idle timeout;
+    // a function that keeps instances warm gets new ones in the background.
+    state.pools.retire(&pool_key(&tenant, &version.name));
+    if let Ok(deployed) = state.registry.resolve(&tenant, &version.name).await
+        && deployed.manifest.scaling.min_instances > 0
+    {
+        let state = state.clone();
+        tokio::spawn(async move { crate::keep_warm(&state, &deployed).await });
+    }
     Ok((StatusCode::CREATED, Json(VersionView::from(&version))))
 }
 
@@ -282,6 +292,7 @@ async fn delete(
     let tenant = scope(&state, &headers, &query, Action::Deploy).await?;
     check_name(&name)?;
     state.registry.delete(&tenant, &name).await?;
+    state.pools.retire(&pool_key(&tenant, &name));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -298,6 +309,7 @@ async fn status(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (tenant, principal) = scoped_principal(&state, &headers, &query, Action::ReadFunctions).await?;
+    let (instances, queued) = state.pools.totals();
     let cache = &state.engine.config().models;
     let functions = state.registry.list(&tenant).await?;
     let warm = cache.cached();
@@ -348,7 +360,31 @@ async fn status(
                     })
                 })
                 .collect();
-            serde_json::json!({ "name": f.name, "version": f.version, "models": models })
+            let pool = state
+                .pools
+                .function_stats(&pool_key(&tenant, &f.name))
+                .unwrap_or_default();
+            let queued: serde_json::Map<String, serde_json::Value> = Qos::ALL
+                .iter()
+                .rev()
+                .map(|class| (class.to_string(), pool.queued[*class as usize].into()))
+                .collect();
+            serde_json::json!({
+                "name": f.name,
+                "version": f.version,
+                "models": models,
+                "instances": {
+                    "idle": pool.idle,
+                    "busy": pool.busy,
+                    "queued": queued,
+                    "cold_starts": pool.cold_starts,
+                    "warm_starts": pool.warm_starts,
+                    "scale_downs": pool.scale_downs,
+                    "unloads": pool.unloads,
+                    "rejected": pool.rejected,
+                    "loaded": state.engine.is_loaded(f.component.as_str()),
+                },
+            })
         })
         .collect();
     Ok(Json(serde_json::json!({
@@ -356,6 +392,9 @@ async fn status(
         "devices": devices,
         "models": models,
         "model_loads": cache.loads(),
+        "instances": instances,
+        "max_instances": state.pools.config().max_instances,
+        "queued": queued,
         "functions": functions,
     })))
 }

@@ -6,18 +6,20 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use hearth_auth::Action;
-use hearth_engine::Limits;
+use hearth_manifest::Qos;
 use http::{HeaderValue, Uri, header};
 use uuid::Uuid;
 
 use crate::body::LimitedBody;
-use crate::{ApiError, AppState, BASE_PATH_HEADER, INVOCATION_ID_HEADER, authenticate, check_declared_length};
+use crate::run::run_function;
+use crate::{
+    ApiError, AppState, BASE_PATH_HEADER, INVOCATION_ID_HEADER, QOS_HEADER, authenticate, check_declared_length,
+};
 
 /// The route's parameters; the path below the mount is taken from the raw
 /// URI instead, so percent-encoding reaches the guest untouched.
@@ -86,7 +88,7 @@ async fn invoke(
     let limit = state.limits.max_body_bytes;
     check_declared_length(request.headers(), limit)?;
 
-    let prepared = state.registry.prepared(&deployed).await?;
+    let class = requested_class(request.headers(), deployed.manifest.scaling.qos)?;
     let (mut parts, body) = request.into_parts();
     parts.uri = guest_uri(&parts.uri, parts.headers.get(header::HOST), rest)?;
     let base = format!("/fn/{tenant}/{function}");
@@ -98,26 +100,41 @@ async fn invoke(
     parts.headers.remove(header::AUTHORIZATION);
     let (body, exceeded) = LimitedBody::new(body, limit);
 
-    let limits = Limits {
-        memory_bytes: deployed.manifest.limits.memory_mb as usize * 1024 * 1024,
-        timeout: Duration::from_millis(deployed.manifest.limits.timeout_ms.into()),
-    };
-    let label = format!("{tenant}/{function}@{}", deployed.version.version);
-    match state
-        .engine
-        .invoke(
-            &prepared,
-            limits,
-            &deployed.grants,
-            &label,
-            hyper::Request::from_parts(parts, body),
-        )
-        .await
-    {
-        Ok(response) => Ok(response.map(Body::new)),
+    let deadline = tokio::time::Instant::now() + state.limits.queue_timeout;
+    let request = hyper::Request::from_parts(parts, body);
+    match run_function(state, &deployed, class, deadline, request).await {
+        Ok(response) => {
+            let mut response = response.map(Body::new);
+            response
+                .headers_mut()
+                .insert(QOS_HEADER, HeaderValue::from_static(class.as_str()));
+            Ok(response)
+        }
         Err(_) if exceeded.load(Ordering::Relaxed) => Err(ApiError::PayloadTooLarge { limit }),
-        Err(err) => Err(err.into()),
+        Err(err) => Err(err),
     }
+}
+
+/// The class an invocation runs at: the function's, or a lower one asked
+/// for in the `x-hearth-qos` header. Asking for a higher class is refused
+/// (400): urgency is the deployer's decision, not the caller's.
+pub(crate) fn requested_class(headers: &http::HeaderMap, function: Qos) -> Result<Qos, ApiError> {
+    let Some(value) = headers.get(QOS_HEADER) else {
+        return Ok(function);
+    };
+    let bad = |detail: String| ApiError::BadRequest { detail, key: None };
+    let asked: Qos = value
+        .to_str()
+        .map_err(|_| bad(format!("`{QOS_HEADER}` is not text")))?
+        .trim()
+        .parse()
+        .map_err(|e| bad(format!("`{QOS_HEADER}`: {e}")))?;
+    if asked > function {
+        return Err(bad(format!(
+            "`{QOS_HEADER}: {asked}` would raise this function's class `{function}`; a request may only lower it"
+        )));
+    }
+    Ok(asked)
 }
 
 /// The URI the guest sees: the path below the function's mount, the original
@@ -152,5 +169,23 @@ mod tests {
         assert_eq!(guest.to_string(), "http://example.com:8080/v1/read?x=1");
         let root = guest_uri(&"/fn/acme/ocr".parse().expect("uri"), None, "").expect("uri");
         assert_eq!(root.to_string(), "http://localhost/");
+    }
+
+    #[test]
+    fn the_qos_header_only_lowers_the_class() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(requested_class(&headers, Qos::Standard).ok(), Some(Qos::Standard));
+        headers.insert(QOS_HEADER, HeaderValue::from_static("batch"));
+        assert_eq!(requested_class(&headers, Qos::Realtime).ok(), Some(Qos::Batch));
+        headers.insert(QOS_HEADER, HeaderValue::from_static("realtime"));
+        assert!(matches!(
+            requested_class(&headers, Qos::Standard),
+            Err(ApiError::BadRequest { .. })
+        ));
+        headers.insert(QOS_HEADER, HeaderValue::from_static("urgent"));
+        assert!(matches!(
+            requested_class(&headers, Qos::Realtime),
+            Err(ApiError::BadRequest { .. })
+        ));
     }
 }

@@ -11,9 +11,11 @@ mod body;
 mod control;
 mod invoke;
 mod problem;
+mod run;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -24,6 +26,7 @@ use hearth_registry::Registry;
 use hearth_store::Store;
 
 pub use problem::{ApiError, INVOCATION_ID_HEADER};
+pub use run::{Pools, keep_warm, spawn_reaper};
 
 /// Default largest invocation request body: 16 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
@@ -31,6 +34,11 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 256 << 20;
 /// Header with the path a function is mounted at, passed to the guest.
 pub const BASE_PATH_HEADER: &str = "x-hearth-base-path";
+/// Request header that lowers an invocation's QoS class (never raises it);
+/// the response echoes the class it ran at.
+pub const QOS_HEADER: &str = "x-hearth-qos";
+/// Default longest wait in a function's queue before 429/503.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Limits applied at the HTTP edge.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +47,8 @@ pub struct HttpLimits {
     pub max_body_bytes: u64,
     /// Largest deploy upload, in bytes.
     pub max_upload_bytes: u64,
+    /// Longest a request waits for an instance before it is refused.
+    pub queue_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -46,6 +56,7 @@ impl Default for HttpLimits {
         HttpLimits {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
         }
     }
 }
@@ -59,6 +70,8 @@ pub struct AppState {
     pub auth: Auth,
     /// The wasmtime engine.
     pub engine: Engine,
+    /// Admission, queues and the instance pools.
+    pub pools: Pools,
     /// The metadata store (for readiness).
     pub store: Arc<dyn Store>,
     /// Edge limits.
@@ -72,6 +85,7 @@ impl AppState {
         registry: Registry,
         auth: Auth,
         engine: Engine,
+        pools: Pools,
         store: Arc<dyn Store>,
         limits: HttpLimits,
     ) -> Arc<AppState> {
@@ -79,6 +93,7 @@ impl AppState {
             registry,
             auth,
             engine,
+            pools,
             store,
             limits,
             draining: AtomicBool::new(false),

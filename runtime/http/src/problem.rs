@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use hearth_auth::AuthError;
 use hearth_engine::InvokeError;
 use hearth_registry::RegistryError;
+use hearth_scheduler::Rejection;
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 use uuid::Uuid;
@@ -53,6 +54,10 @@ pub enum ApiError {
     /// The guest failed (500, 504 for the deadline).
     #[error("{0}")]
     Invocation(InvokeError),
+    /// The scheduler refused the invocation: 429 when the function's own
+    /// limit held it back, 503 when the server's capacity did.
+    #[error("{0}")]
+    Rejected(Rejection),
     /// The server is shutting down or out of capacity (503).
     #[error("{0}")]
     Unavailable(String),
@@ -102,6 +107,10 @@ impl ApiError {
                 InvokeError::Capacity => (S::SERVICE_UNAVAILABLE, "capacity", "No capacity"),
                 InvokeError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
             },
+            ApiError::Rejected(r) if r.is_function_limit() => {
+                (S::TOO_MANY_REQUESTS, "too-many-requests", "Function at its limit")
+            }
+            ApiError::Rejected(_) => (S::SERVICE_UNAVAILABLE, "capacity", "No capacity"),
             ApiError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }
@@ -114,7 +123,9 @@ impl ApiError {
             ApiError::Invocation(InvokeError::Timeout(_)) => "timeout",
             ApiError::Invocation(InvokeError::MemoryLimit { .. }) => "memory_limit",
             ApiError::Invocation(InvokeError::NoResponse | InvokeError::GuestError(_)) => "guest_error",
-            ApiError::Invocation(InvokeError::Capacity) | ApiError::Unavailable(_) => "rejected",
+            ApiError::Invocation(InvokeError::Capacity) | ApiError::Rejected(_) | ApiError::Unavailable(_) => {
+                "rejected"
+            }
             ApiError::Invocation(InvokeError::Internal(_)) | ApiError::Internal(_) => "internal_error",
             _ => return None,
         })
@@ -164,7 +175,10 @@ impl ApiError {
             }
             _ => {}
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        if let ApiError::Rejected(rejection) = &self {
+            let seconds = rejection.retry_after().as_secs().max(1);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        } else if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
         }
         if let Some(id) = invocation_id
@@ -179,6 +193,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.into_problem(None)
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> Self {
+        ApiError::Rejected(rejection)
     }
 }
 

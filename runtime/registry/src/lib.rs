@@ -351,35 +351,42 @@ impl Registry {
         Ok(deployed)
     }
 
-    /// Loads the models of every function that keeps instances warm
-    /// (`scaling.min_instances > 0`), so their first invocation after a
-    /// restart finds them loaded. Failures are logged, not fatal: the model
-    /// loads again on first use. Returns how many models were loaded.
-    pub async fn warm_min_instance_models(&self) -> Result<usize> {
-        let cache = self.engine.config().models.clone();
-        let mut loaded = 0;
+    /// Every function that keeps instances warm (`min_instances > 0`),
+    /// resolved, so the server can bring them back after a restart. Only
+    /// these are resolved here (resolving lays out asset directories); the
+    /// rest wait for their first call.
+    pub async fn keep_warm_functions(&self) -> Result<Vec<Arc<Deployed>>> {
+        let mut warm = Vec::new();
         for tenant in self.store.list_tenants().await? {
             for version in self.store.list_functions(&tenant).await? {
-                // Only functions that keep instances warm are resolved here
-                // (resolving lays out asset directories): the rest wait for
-                // their first call.
                 let keeps_warm =
                     Manifest::from_toml(&version.manifest).is_ok_and(|manifest| manifest.scaling.min_instances > 0);
-                if !keeps_warm {
-                    continue;
-                }
-                let deployed = self.resolve(&tenant, &version.name).await?;
-                for (name, model) in deployed.grants.models.iter() {
-                    match cache.get(&model.key, &model.path, model.placement).await {
-                        Ok(_) => loaded += 1,
-                        Err(err) => {
-                            tracing::warn!(tenant, function = %version.name, model = %name, error = %err, "could not preload a model")
-                        }
-                    }
+                if keeps_warm {
+                    warm.push(self.resolve(&tenant, &version.name).await?);
                 }
             }
         }
-        Ok(loaded)
+        Ok(warm)
+    }
+
+    /// Loads every model `deployed` names into the warm cache; returns how
+    /// many loaded (failures are logged: the first call reports them).
+    pub async fn preload_models(&self, deployed: &Deployed) -> usize {
+        let cache = self.engine.config().models.clone();
+        let mut loaded = 0;
+        for (name, model) in deployed.grants.models.iter() {
+            match cache.get(&model.key, &model.path, model.placement).await {
+                Ok(_) => loaded += 1,
+                Err(err) => tracing::warn!(
+                    tenant = %deployed.version.tenant,
+                    function = %deployed.version.name,
+                    model = %name,
+                    error = %err,
+                    "could not preload a model"
+                ),
+            }
+        }
+        loaded
     }
 
     /// The compiled component of a deployed version, loading it on first use

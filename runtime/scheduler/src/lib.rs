@@ -469,27 +469,16 @@ impl<I: Send + 'static> Scheduler<I> {
         reaped
     }
 
-    /// Runs [`Scheduler::reap`] every `every` until the scheduler is gone,
-    /// calling `unload` with each function that scaled fully to zero.
-    pub fn spawn_reaper(&self, every: Duration, unload: impl Fn(&str) + Send + 'static) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(&self.shared);
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                let Some(shared) = weak.upgrade() else { return };
-                let reaped = Scheduler { shared }.reap(Instant::now());
-                if !reaped.instances.is_empty() {
-                    tracing::debug!(instances = reaped.instances.len(), "idle instances dropped");
-                }
-                drop(reaped.instances);
-                for function in &reaped.unloaded {
-                    tracing::debug!(function, "scaled to zero: compiled code unloaded");
-                    unload(function);
-                }
-            }
-        })
+    /// Functions with fewer instances than their `min_instances` (after a
+    /// trap, or before their first warm-up), by key.
+    pub fn below_min(&self) -> Vec<String> {
+        let state = self.shared.lock();
+        state
+            .pools
+            .iter()
+            .filter(|(_, pool)| pool.live() < pool.spec.min_instances as usize)
+            .map(|(key, _)| key.to_string())
+            .collect()
     }
 
     /// The pool figures of one function, if it has been used.

@@ -271,8 +271,24 @@ pub async fn status(args: &ClientArgs, output: Output) -> anyhow::Result<ExitCod
         } else {
             models.join(", ")
         };
+        let i = &f.instances;
+        let queued: usize = i.queued.values().sum();
         println!("  {} v{}: {models}", f.name, f.version);
+        println!(
+            "    instances: {} busy, {} idle, {queued} queued; {} cold / {} warm starts, {} scale-downs, {} rejected{}",
+            i.busy,
+            i.idle,
+            i.cold_starts,
+            i.warm_starts,
+            i.scale_downs,
+            i.rejected,
+            if i.loaded { "" } else { "; scaled to zero" }
+        );
     }
+    println!(
+        "server: {} of {} instances alive, {} requests queued",
+        status.instances, status.max_instances, status.queued
+    );
     Ok(ExitCode::SUCCESS)
 }
 

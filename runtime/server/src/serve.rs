@@ -55,6 +55,35 @@ pub struct ServeArgs {
     /// recently used idle models are unloaded above it.
     #[arg(long, env = "HEARTH_MODEL_MEMORY_MB", default_value_t = 8192)]
     model_memory_mb: u64,
+    /// Requests one instance serves before it is replaced (functions with
+    /// `scaling.reuse = false` get a fresh instance every time).
+    #[arg(long, env = "HEARTH_INSTANCE_REUSE_LIMIT", default_value_t = hearth_scheduler::DEFAULT_REUSE_LIMIT)]
+    instance_reuse_limit: u32,
+    /// Requests that may wait for an instance, across all functions; more are
+    /// refused with 503.
+    #[arg(long, env = "HEARTH_MAX_QUEUED", default_value_t = hearth_scheduler::DEFAULT_MAX_QUEUED)]
+    max_queued: usize,
+    /// Requests that may wait for one function's instances; more are refused
+    /// with 429.
+    #[arg(long, env = "HEARTH_MAX_QUEUED_PER_FUNCTION", default_value_t = hearth_scheduler::DEFAULT_MAX_QUEUED_PER_FUNCTION)]
+    max_queued_per_function: usize,
+    /// Longest a request waits in a queue before it is refused, in
+    /// milliseconds.
+    #[arg(long, env = "HEARTH_QUEUE_TIMEOUT_MS", default_value_t = hearth_http::DEFAULT_QUEUE_TIMEOUT.as_millis() as u64)]
+    queue_timeout_ms: u64,
+    /// Milliseconds of waiting that raise a queued request by one QoS class,
+    /// so `batch` is never starved by a steady stream of `realtime`.
+    #[arg(long, env = "HEARTH_QUEUE_AGING_MS", default_value_t = hearth_scheduler::DEFAULT_AGING.as_millis() as u64)]
+    queue_aging_ms: u64,
+    /// Seconds a function keeps its compiled code loaded after its last
+    /// instance is gone (the second tier of scale to zero; the code is mapped
+    /// again from disk, never recompiled).
+    #[arg(long, env = "HEARTH_FUNCTION_IDLE_TIMEOUT_S", default_value_t = hearth_scheduler::DEFAULT_FUNCTION_IDLE.as_secs())]
+    function_idle_timeout_s: u64,
+    /// How often idle instances and functions are checked for scale-down, in
+    /// milliseconds.
+    #[arg(long, env = "HEARTH_REAP_INTERVAL_MS", default_value_t = 1000)]
+    reap_interval_ms: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "HEARTH_SHUTDOWN_GRACE_S", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     shutdown_grace_s: u64,
@@ -114,21 +143,37 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     engine_config.models = models;
     let engine = Engine::new(engine_config).context("configuring wasmtime")?;
     let registry = Registry::new(store.clone(), blobs, engine.clone(), data_dir.join("assets"));
-    // Functions that keep instances warm get their models back in the
-    // background; requests are served meanwhile (a model loads once).
-    let warming = registry.clone();
-    tokio::spawn(async move {
-        match warming.warm_min_instance_models().await {
-            Ok(0) => {}
-            Ok(loaded) => tracing::info!(loaded, "preloaded the models of functions with min_instances > 0"),
-            Err(err) => tracing::warn!(error = %err, "preloading models failed"),
-        }
+    let pools = hearth_http::Pools::new(hearth_scheduler::SchedulerConfig {
+        max_instances: args.max_instances as usize,
+        max_queued: args.max_queued,
+        max_queued_per_function: args.max_queued_per_function,
+        reuse_limit: args.instance_reuse_limit.max(1),
+        aging: Duration::from_millis(args.queue_aging_ms),
+        function_idle: Duration::from_secs(args.function_idle_timeout_s),
     });
     let limits = HttpLimits {
         max_body_bytes: args.max_body_bytes,
         max_upload_bytes: args.max_upload_bytes,
+        queue_timeout: Duration::from_millis(args.queue_timeout_ms),
     };
-    let state = AppState::new(registry, auth, engine, store, limits);
+    let state = AppState::new(registry, auth, engine, pools, store, limits);
+    hearth_http::spawn_reaper(&state, Duration::from_millis(args.reap_interval_ms.max(10)));
+    // Functions that keep instances warm get them (and their models) back in
+    // the background; requests are served meanwhile.
+    let warming = state.clone();
+    tokio::spawn(async move {
+        match warming.registry.keep_warm_functions().await {
+            Ok(functions) => {
+                for deployed in &functions {
+                    hearth_http::keep_warm(&warming, deployed).await;
+                }
+                if !functions.is_empty() {
+                    tracing::info!(functions = functions.len(), "warmed functions with min_instances > 0");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "warming functions with min_instances > 0 failed"),
+        }
+    });
     let app = hearth_http::router(state.clone());
 
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -154,6 +154,15 @@ pub struct Status {
     /// Model loads since the server started (a model loaded once and shared
     /// counts once).
     pub model_loads: u64,
+    /// Instances alive now across all tenants (idle ones included).
+    #[serde(default)]
+    pub instances: usize,
+    /// The most instances the server runs at once.
+    #[serde(default)]
+    pub max_instances: usize,
+    /// Requests waiting for an instance across all tenants.
+    #[serde(default)]
+    pub queued: usize,
     /// The tenant's functions and the models they name.
     pub functions: Vec<FunctionStatus>,
 }
@@ -201,6 +210,33 @@ pub struct FunctionStatus {
     pub version: u32,
     /// The models it names.
     pub models: Vec<NamedModel>,
+    /// Its instance pool.
+    #[serde(default)]
+    pub instances: InstanceStatus,
+}
+
+/// A function's instance pool in [`FunctionStatus`]: what scale to zero and
+/// admission are doing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// Warm instances waiting for a request.
+    pub idle: usize,
+    /// Instances serving a request.
+    pub busy: usize,
+    /// Requests waiting, by QoS class (`realtime`, `standard`, `batch`).
+    pub queued: std::collections::BTreeMap<String, usize>,
+    /// Requests that needed a fresh instance.
+    pub cold_starts: u64,
+    /// Requests served by a reused warm instance.
+    pub warm_starts: u64,
+    /// Idle instances dropped (timeout, eviction, redeploy).
+    pub scale_downs: u64,
+    /// Times the compiled code was unloaded after the last instance went.
+    pub unloads: u64,
+    /// Requests refused with 429 or 503.
+    pub rejected: u64,
+    /// Whether the compiled code is in memory.
+    pub loaded: bool,
 }
 
 /// A model named by a function.

@@ -1,0 +1,156 @@
+//! From a resolved function to a running guest, for the synchronous route and
+//! for async invocations alike: admission through the scheduler, a warm
+//! instance or a fresh one from the compiled component, and the instance back
+//! to its pool when the guest is done. Also the background work that scales
+//! functions down to zero and keeps `min_instances` warm.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hearth_engine::{Instance, Limits, ResponseBody, Start};
+use hearth_manifest::Qos;
+use hearth_registry::Deployed;
+use hearth_scheduler::{FunctionSpec, Scheduler};
+use tokio::time::Instant;
+
+use crate::{ApiError, AppState};
+
+/// The instance pools of every function.
+pub type Pools = Scheduler<Instance>;
+
+/// The scheduler's key for a function.
+pub(crate) fn pool_key(tenant: &str, function: &str) -> String {
+    format!("{tenant}/{function}")
+}
+
+fn spec(deployed: &Deployed) -> FunctionSpec {
+    let scaling = &deployed.manifest.scaling;
+    FunctionSpec {
+        generation: deployed.version.version.into(),
+        max_instances: scaling.max_instances,
+        min_instances: scaling.min_instances,
+        idle_timeout: Duration::from_secs(scaling.idle_timeout_s.into()),
+        reuse: scaling.reuse,
+    }
+}
+
+fn limits(deployed: &Deployed) -> Limits {
+    Limits {
+        memory_bytes: deployed.manifest.limits.memory_mb as usize * 1024 * 1024,
+        timeout: Duration::from_millis(deployed.manifest.limits.timeout_ms.into()),
+    }
+}
+
+fn label(deployed: &Deployed) -> String {
+    let v = &deployed.version;
+    format!("{}/{}@{}", v.tenant, v.name, v.version)
+}
+
+/// Runs `request` on `deployed` at `class`, waiting in the function's queue
+/// until `deadline` at the latest. Returns once the guest sends the head of
+/// its response.
+pub(crate) async fn run_function<B>(
+    state: &AppState,
+    deployed: &Deployed,
+    class: Qos,
+    deadline: Instant,
+    request: hyper::Request<B>,
+) -> Result<hyper::Response<ResponseBody>, ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<hearth_engine::BodyError>,
+{
+    let key = pool_key(&deployed.version.tenant, &deployed.version.name);
+    let mut lease = state.pools.acquire(&key, &spec(deployed), class, deadline).await?;
+    let prepared;
+    let start = match lease.take_instance() {
+        Some(instance) => Start::Warm(instance),
+        None => {
+            prepared = state.registry.prepared(deployed).await?;
+            Start::Cold(&prepared)
+        }
+    };
+    let response = state
+        .engine
+        .invoke(
+            start,
+            limits(deployed),
+            &deployed.grants,
+            &label(deployed),
+            request,
+            move |finished| lease.finish(finished.instance),
+        )
+        .await?;
+    Ok(response)
+}
+
+/// Brings `deployed` up to its `min_instances` warm instances (and its models
+/// into the cache, which the instances will ask for).
+pub async fn keep_warm(state: &AppState, deployed: &Deployed) {
+    let min = deployed.manifest.scaling.min_instances;
+    if min == 0 {
+        return;
+    }
+    state.registry.preload_models(deployed).await;
+    let key = pool_key(&deployed.version.tenant, &deployed.version.name);
+    let spec = spec(deployed);
+    while let Some(lease) = state.pools.reserve_warm(&key, &spec) {
+        let prepared = match state.registry.prepared(deployed).await {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                tracing::warn!(function = %key, error = %err, "cannot keep instances warm");
+                return;
+            }
+        };
+        match state
+            .engine
+            .instantiate(&prepared, limits(deployed), &deployed.grants)
+            .await
+        {
+            Ok(instance) => lease.park(instance),
+            Err(err) => {
+                tracing::warn!(function = %key, error = %err, "cannot keep instances warm");
+                return;
+            }
+        }
+    }
+}
+
+/// Every `every`: drops instances idle past their function's timeout,
+/// unloads the compiled code of functions scaled fully to zero, and tops up
+/// `min_instances` (after a trap or a restart). Runs until the state is gone.
+pub fn spawn_reaper(state: &Arc<AppState>, every: Duration) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(state);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(state) = weak.upgrade() else { return };
+            let reaped = state.pools.reap(Instant::now());
+            if !reaped.instances.is_empty() {
+                tracing::debug!(instances = reaped.instances.len(), "scaled down idle instances");
+            }
+            drop(reaped.instances);
+            for key in reaped.unloaded {
+                let Some((tenant, function)) = key.split_once('/') else {
+                    continue;
+                };
+                if let Ok(deployed) = state.registry.resolve(tenant, function).await
+                    && state.engine.unload(deployed.version.component.as_str())
+                {
+                    tracing::debug!(function = %key, "scaled to zero: compiled code unloaded");
+                }
+            }
+            for key in state.pools.below_min() {
+                let Some((tenant, function)) = key.split_once('/') else {
+                    continue;
+                };
+                if let Ok(deployed) = state.registry.resolve(tenant, function).await {
+                    keep_warm(&state, &deployed).await;
+                }
+            }
+        }
+    })
+}
