@@ -5,6 +5,7 @@
 
 mod server;
 
+mod asynchronous;
 mod deploy;
 mod errors;
 mod inference;

@@ -33,6 +33,12 @@ pub(crate) fn routes() -> axum::Router<Arc<AppState>> {
             post(deploy).get(list).layer(DefaultBodyLimit::disable()),
         )
         .route("/functions/{name}", get(show).delete(delete))
+        .route("/functions/{name}/invocations", post(crate::asynchronous::submit))
+        .route("/functions/{name}/invocations/{id}", get(crate::asynchronous::show))
+        .route(
+            "/functions/{name}/invocations/{id}/response",
+            get(crate::asynchronous::response),
+        )
         .route("/status", get(status))
 }
 

@@ -7,6 +7,7 @@
 //! Every error leaves through [`ApiError`], the one place that maps errors to
 //! statuses and `application/problem+json` bodies.
 
+mod asynchronous;
 mod body;
 mod control;
 mod invoke;
@@ -25,6 +26,7 @@ use hearth_engine::Engine;
 use hearth_registry::Registry;
 use hearth_store::Store;
 
+pub use asynchronous::{DEFAULT_ASYNC_CONCURRENCY, spawn_async_runner};
 pub use problem::{ApiError, INVOCATION_ID_HEADER};
 pub use run::{Pools, keep_warm, spawn_reaper};
 
@@ -76,6 +78,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Edge limits.
     pub limits: HttpLimits,
+    /// Wakes the asynchronous invocation runner (a submission, a slot freed).
+    async_queue: tokio::sync::Notify,
     draining: AtomicBool,
 }
 
@@ -96,6 +100,7 @@ impl AppState {
             pools,
             store,
             limits,
+            async_queue: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
         })
     }

@@ -42,6 +42,9 @@ pub enum ApiError {
         /// The limit, in bytes.
         limit: u64,
     },
+    /// The request conflicts with the current state of the resource (409).
+    #[error("{0}")]
+    Conflict(String),
     /// A well-formed request that cannot be carried out (422), such as an
     /// invalid component, optionally about one manifest key.
     #[error("{detail}")]
@@ -92,6 +95,7 @@ impl ApiError {
             ApiError::BadRequest { key: Some(_), .. } => (S::BAD_REQUEST, "invalid-manifest", "Invalid manifest"),
             ApiError::BadRequest { .. } => (S::BAD_REQUEST, "bad-request", "Bad request"),
             ApiError::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large"),
+            ApiError::Conflict(_) => (S::CONFLICT, "conflict", "Conflict"),
             ApiError::Unprocessable { .. } => (S::UNPROCESSABLE_ENTITY, "unprocessable", "Cannot deploy"),
             ApiError::Invocation(err) => match err {
                 InvokeError::Trap { .. } => (S::INTERNAL_SERVER_ERROR, "guest-trap", "Function trapped"),

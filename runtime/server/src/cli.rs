@@ -66,6 +66,17 @@ pub struct InvokeArgs {
     /// Print the status line and response headers before the body.
     #[arg(long, short)]
     include: bool,
+    /// Run asynchronously: print the invocation id at once; the function
+    /// runs at the `batch` class when capacity allows.
+    #[arg(long = "async", conflicts_with = "result")]
+    asynchronous: bool,
+    /// Print the stored response of the asynchronous invocation ID (exit
+    /// status 2 while it has not finished, unless --wait).
+    #[arg(long, value_name = "ID")]
+    result: Option<String>,
+    /// With --result: wait until the invocation finishes.
+    #[arg(long, requires = "result")]
+    wait: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -117,6 +128,9 @@ pub async fn deploy(args: &ClientArgs, path: &Path, no_build: bool) -> anyhow::R
 
 pub async fn invoke(args: InvokeArgs) -> anyhow::Result<ExitCode> {
     let client = connect(&args.client)?;
+    if let Some(id) = &args.result {
+        return async_result(&client, &args.function, id, args.wait, args.include).await;
+    }
     let body = match args.data.as_deref() {
         None => Vec::new(),
         Some("@-") => {
@@ -149,17 +163,22 @@ pub async fn invoke(args: InvokeArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("header `{h}` must be NAME:VALUE"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let response = client
-        .invoke(
-            &args.function,
-            Invocation {
-                method,
-                path: args.path.clone(),
-                headers,
-                body: body.into(),
-            },
-        )
-        .await?;
+    let invocation = Invocation {
+        method,
+        path: args.path.clone(),
+        headers,
+        body: body.into(),
+    };
+    if args.asynchronous {
+        let accepted = client.submit(&args.function, invocation).await?;
+        println!("{}", accepted.id);
+        eprintln!(
+            "queued; fetch the result with: hearth invoke {} --result {} --wait",
+            args.function, accepted.id
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let response = client.invoke(&args.function, invocation).await?;
     let status = response.status();
     let mut stdout = std::io::stdout().lock();
     if args.include {
@@ -181,6 +200,52 @@ pub async fn invoke(args: InvokeArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!("error: {problem}");
     Ok(ExitCode::FAILURE)
+}
+
+/// `hearth invoke F --result ID`: prints a stored asynchronous response.
+async fn async_result(
+    client: &Client,
+    function: &str,
+    id: &str,
+    wait: bool,
+    include: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut poll = std::time::Duration::from_millis(100);
+    let invocation = loop {
+        let invocation = client.async_invocation(function, id).await?;
+        if invocation.is_finished() {
+            break invocation;
+        }
+        if !wait {
+            eprintln!(
+                "invocation {id} is {} (attempts: {})",
+                invocation.state, invocation.attempts
+            );
+            return Ok(ExitCode::from(2));
+        }
+        tokio::time::sleep(poll).await;
+        poll = (poll * 2).min(std::time::Duration::from_secs(2));
+    };
+    let Some(response) = invocation.response else {
+        anyhow::bail!("invocation {id} finished without a stored response");
+    };
+    let body = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &response.body_base64)
+        .context("decoding the stored body")?;
+    let mut stdout = std::io::stdout().lock();
+    if include {
+        writeln!(stdout, "{} ({})", response.status, invocation.state)?;
+        for (name, value) in &response.headers {
+            writeln!(stdout, "{name}: {value}")?;
+        }
+        writeln!(stdout)?;
+    }
+    stdout.write_all(&body)?;
+    stdout.flush()?;
+    Ok(if (200..300).contains(&response.status) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 pub async fn functions(args: &ClientArgs, command: FunctionsCommand) -> anyhow::Result<ExitCode> {

@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// milliseconds.
     #[arg(long, env = "HEARTH_REAP_INTERVAL_MS", default_value_t = 1000)]
     reap_interval_ms: u64,
+    /// Asynchronous invocations run at once (each also takes an instance of
+    /// its function at the `batch` class).
+    #[arg(long, env = "HEARTH_ASYNC_CONCURRENCY", default_value_t = hearth_http::DEFAULT_ASYNC_CONCURRENCY)]
+    async_concurrency: usize,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "HEARTH_SHUTDOWN_GRACE_S", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     shutdown_grace_s: u64,
@@ -158,6 +162,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let state = AppState::new(registry, auth, engine, pools, store, limits);
     hearth_http::spawn_reaper(&state, Duration::from_millis(args.reap_interval_ms.max(10)));
+    hearth_http::spawn_async_runner(&state, args.async_concurrency);
     // Functions that keep instances warm get them (and their models) back in
     // the background; requests are served meanwhile.
     let warming = state.clone();

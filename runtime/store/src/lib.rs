@@ -144,6 +144,86 @@ pub struct TokenRecord {
     pub revoked_at_ms: Option<i64>,
 }
 
+/// Where an asynchronous invocation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsyncState {
+    /// Accepted, waiting for capacity.
+    Queued,
+    /// Claimed by a runner (re-queued if the server stops before it ends).
+    Running,
+    /// The function answered; the response is stored (any HTTP status the
+    /// guest chose).
+    Succeeded,
+    /// Hearth could not get an answer from the function (trap, timeout,
+    /// deleted function); the stored response is the problem.
+    Failed,
+}
+
+impl AsyncState {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AsyncState::Queued => "queued",
+            AsyncState::Running => "running",
+            AsyncState::Succeeded => "succeeded",
+            AsyncState::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<AsyncState> {
+        [
+            AsyncState::Queued,
+            AsyncState::Running,
+            AsyncState::Succeeded,
+            AsyncState::Failed,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+    }
+}
+
+/// An HTTP message as stored for an asynchronous invocation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredMessage {
+    /// Method (requests) or empty (responses).
+    pub method: String,
+    /// Path and query below the function's mount (requests) or empty.
+    pub uri: String,
+    /// Status (responses) or 0 (requests).
+    pub status: u16,
+    /// Headers in order; values that are not text are dropped.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
+/// An asynchronous invocation: a request accepted now and run when capacity
+/// allows, with its response kept for the caller to fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AsyncInvocation {
+    /// UUIDv7, also the invocation id of the run.
+    pub id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Function name.
+    pub function: String,
+    /// Where it is.
+    pub state: AsyncState,
+    /// Runs started (more than one if the server stopped mid-run).
+    pub attempts: u32,
+    /// Accepted at (Unix ms).
+    pub submitted_at_ms: i64,
+    /// Last run started at (Unix ms).
+    pub started_at_ms: Option<i64>,
+    /// Finished at (Unix ms).
+    pub finished_at_ms: Option<i64>,
+    /// The request to run.
+    pub request: StoredMessage,
+    /// The response, once finished.
+    pub response: Option<StoredMessage>,
+}
+
 /// Hearth's metadata store. Every method is one transaction.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
@@ -173,6 +253,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes a function; its version numbers are not reused by a later
     /// deploy of the same name. Returns whether it existed.
     async fn delete_function(&self, tenant: &str, name: &str) -> Result<bool>;
+
+    /// Records an accepted asynchronous invocation (durably, before the 202).
+    async fn insert_async(&self, invocation: AsyncInvocation) -> Result<()>;
+    /// An asynchronous invocation of `tenant`, with its request and response.
+    async fn async_invocation(&self, tenant: &str, id: &str) -> Result<Option<AsyncInvocation>>;
+    /// Marks up to `limit` queued invocations running, oldest first, and
+    /// returns them.
+    async fn claim_async(&self, limit: usize) -> Result<Vec<AsyncInvocation>>;
+    /// Ends a run: stores the response and the final state, or puts the
+    /// invocation back in the queue (`AsyncState::Queued`, no response).
+    async fn finish_async(&self, id: &str, state: AsyncState, response: Option<StoredMessage>) -> Result<()>;
+    /// Puts invocations left running by a stopped server back in the queue;
+    /// returns how many.
+    async fn requeue_running_async(&self) -> Result<usize>;
 }
 
 /// The current time in Unix milliseconds.

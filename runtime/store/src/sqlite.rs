@@ -12,7 +12,8 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::{
-    Artifact, ArtifactKind, Digest, FunctionVersion, NewVersion, Result, Store, StoreError, TokenRecord, now_ms,
+    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Digest, FunctionVersion, NewVersion, Result, Store,
+    StoreError, StoredMessage, TokenRecord, now_ms,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many
@@ -64,6 +65,22 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, name, version, kind, artifact),
         FOREIGN KEY (tenant, name, version) REFERENCES function_versions(tenant, name, version)
     );",
+    // 3: asynchronous invocations, their requests and responses.
+    "CREATE TABLE async_invocations (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL REFERENCES tenants(name),
+        function TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        submitted_at_ms INTEGER NOT NULL,
+        started_at_ms INTEGER,
+        finished_at_ms INTEGER,
+        request_head TEXT NOT NULL,
+        request_body BLOB NOT NULL,
+        response_head TEXT,
+        response_body BLOB
+    );
+    CREATE INDEX async_invocations_queue ON async_invocations(state, submitted_at_ms);",
 ];
 
 /// SQLite-backed [`Store`].
@@ -118,6 +135,38 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     }
     tx.commit()?;
     Ok(())
+}
+
+const ASYNC_COLUMNS: &str = "id, tenant, function, state, attempts, submitted_at_ms, started_at_ms, finished_at_ms, \
+     request_head, request_body, response_head, response_body";
+
+fn async_from_row(row: &Row<'_>) -> rusqlite::Result<AsyncInvocation> {
+    let bad = |i: usize, what: String| rusqlite::Error::FromSqlConversionFailure(i, Type::Text, what.into());
+    let state: String = row.get(3)?;
+    let message = |head_at: usize, body_at: usize| -> rusqlite::Result<Option<StoredMessage>> {
+        let Some(head) = row.get::<_, Option<String>>(head_at)? else {
+            return Ok(None);
+        };
+        let mut message: StoredMessage = serde_json::from_str(&head).map_err(|e| bad(head_at, e.to_string()))?;
+        message.body = row.get::<_, Option<Vec<u8>>>(body_at)?.unwrap_or_default();
+        Ok(Some(message))
+    };
+    Ok(AsyncInvocation {
+        id: row.get(0)?,
+        tenant: row.get(1)?,
+        function: row.get(2)?,
+        state: AsyncState::parse(&state).ok_or_else(|| bad(3, format!("unknown state {state:?}")))?,
+        attempts: row.get(4)?,
+        submitted_at_ms: row.get(5)?,
+        started_at_ms: row.get(6)?,
+        finished_at_ms: row.get(7)?,
+        request: message(8, 9)?.unwrap_or_default(),
+        response: message(10, 11)?,
+    })
+}
+
+fn head_json(message: &StoredMessage) -> Result<String> {
+    serde_json::to_string(message).map_err(|e| StoreError::Worker(format!("encoding a message head: {e}")))
 }
 
 const VERSION_COLUMNS: &str = "v.tenant, v.name, v.version, v.manifest, v.component, v.component_size, v.created_at_ms";
@@ -366,6 +415,99 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn insert_async(&self, invocation: AsyncInvocation) -> Result<()> {
+        self.with(move |conn| {
+            let response_head = invocation.response.as_ref().map(head_json).transpose()?;
+            conn.execute(
+                &format!("INSERT INTO async_invocations ({ASYNC_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+                params![
+                    invocation.id,
+                    invocation.tenant,
+                    invocation.function,
+                    invocation.state.as_str(),
+                    invocation.attempts,
+                    invocation.submitted_at_ms,
+                    invocation.started_at_ms,
+                    invocation.finished_at_ms,
+                    head_json(&invocation.request)?,
+                    invocation.request.body,
+                    response_head,
+                    invocation.response.as_ref().map(|r| &r.body),
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn async_invocation(&self, tenant: &str, id: &str) -> Result<Option<AsyncInvocation>> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        self.with(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!(
+                    "SELECT {ASYNC_COLUMNS} FROM async_invocations WHERE tenant = ?1 AND id = ?2"
+                ))?
+                .query_row(params![tenant, id], async_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn claim_async(&self, limit: usize) -> Result<Vec<AsyncInvocation>> {
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let claimed = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "SELECT {ASYNC_COLUMNS} FROM async_invocations WHERE state = 'queued'
+                     ORDER BY submitted_at_ms, id LIMIT ?1"
+                ))?;
+                let rows = stmt.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], async_from_row)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            let now = now_ms();
+            let mut running = Vec::with_capacity(claimed.len());
+            for mut invocation in claimed {
+                tx.execute(
+                    "UPDATE async_invocations SET state = 'running', attempts = attempts + 1, started_at_ms = ?2
+                     WHERE id = ?1",
+                    params![invocation.id, now],
+                )?;
+                invocation.state = AsyncState::Running;
+                invocation.attempts += 1;
+                invocation.started_at_ms = Some(now);
+                running.push(invocation);
+            }
+            tx.commit()?;
+            Ok(running)
+        })
+        .await
+    }
+
+    async fn finish_async(&self, id: &str, state: AsyncState, response: Option<StoredMessage>) -> Result<()> {
+        let id = id.to_owned();
+        self.with(move |conn| {
+            let head = response.as_ref().map(head_json).transpose()?;
+            let finished = (state != AsyncState::Queued).then(now_ms);
+            conn.execute(
+                "UPDATE async_invocations SET state = ?2, finished_at_ms = ?3, response_head = ?4, response_body = ?5
+                 WHERE id = ?1",
+                params![id, state.as_str(), finished, head, response.map(|r| r.body)],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn requeue_running_async(&self) -> Result<usize> {
+        self.with(|conn| {
+            Ok(conn.execute(
+                "UPDATE async_invocations SET state = 'queued' WHERE state = 'running'",
+                [],
+            )?)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -381,6 +523,66 @@ mod tests {
             component_size: content.len() as u64,
             artifacts: Vec::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn async_invocations_queue_run_finish_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        store.ensure_tenant("default").await.expect("tenant");
+        let request = StoredMessage {
+            method: "POST".into(),
+            uri: "/x?y=1".into(),
+            status: 0,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: vec![0, 159, 146, 150],
+        };
+        for id in ["a", "b", "c"] {
+            store
+                .insert_async(AsyncInvocation {
+                    id: id.into(),
+                    tenant: "default".into(),
+                    function: "echo".into(),
+                    state: AsyncState::Queued,
+                    attempts: 0,
+                    submitted_at_ms: 1,
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                    request: request.clone(),
+                    response: None,
+                })
+                .await
+                .expect("insert");
+        }
+        let claimed = store.claim_async(2).await.expect("claim");
+        assert_eq!(claimed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(claimed[0].request, request, "the body survives byte for byte");
+        assert_eq!((claimed[0].state, claimed[0].attempts), (AsyncState::Running, 1));
+        let response = StoredMessage {
+            status: 201,
+            body: b"done".to_vec(),
+            ..StoredMessage::default()
+        };
+        store
+            .finish_async("a", AsyncState::Succeeded, Some(response.clone()))
+            .await
+            .expect("finish");
+        drop(store);
+
+        // "b" was running when the server stopped: it runs again.
+        let store = SqliteStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.requeue_running_async().await.expect("requeue"), 1);
+        let a = store.async_invocation("default", "a").await.expect("get").expect("a");
+        assert_eq!((a.state, a.response), (AsyncState::Succeeded, Some(response)));
+        assert!(a.finished_at_ms.is_some());
+        assert!(
+            store.async_invocation("other", "a").await.expect("get").is_none(),
+            "tenant-scoped"
+        );
+        let claimed = store.claim_async(10).await.expect("claim");
+        assert_eq!(claimed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(claimed[0].attempts, 2);
+        assert!(store.claim_async(10).await.expect("claim").is_empty());
     }
 
     #[tokio::test]

@@ -250,6 +250,48 @@ pub struct NamedModel {
     pub warm: bool,
 }
 
+/// An asynchronous invocation as the server reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AsyncInvocation {
+    /// Its id (UUIDv7), also the invocation id of the run.
+    pub id: String,
+    /// The function.
+    pub function: String,
+    /// `queued`, `running`, `succeeded` (the function answered, with any
+    /// status) or `failed` (Hearth got no answer: trap, timeout, deleted).
+    pub state: String,
+    /// Runs started (more than one when a server stopped mid-run).
+    pub attempts: u32,
+    /// When it was accepted (RFC 3339).
+    pub submitted_at: String,
+    /// When its last run started.
+    pub started_at: Option<String>,
+    /// When it finished.
+    pub finished_at: Option<String>,
+    /// The stored response, once finished.
+    pub response: Option<StoredResponse>,
+}
+
+impl AsyncInvocation {
+    /// Whether it has finished (succeeded or failed).
+    pub fn is_finished(&self) -> bool {
+        self.state == "succeeded" || self.state == "failed"
+    }
+}
+
+/// The response an asynchronous invocation stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers in order.
+    pub headers: Vec<(String, String)>,
+    /// The body as text, when it is UTF-8.
+    pub body: Option<String>,
+    /// The body, base64.
+    pub body_base64: String,
+}
+
 /// A request to send to a function.
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -422,6 +464,31 @@ impl Client {
             .send()
             .await
             .map_err(|error| ClientError::Transport { url, error })
+    }
+
+    /// Submits `invocation` to run asynchronously (at the `batch` class, when
+    /// capacity allows); returns at once with its id.
+    pub async fn submit(&self, function: &str, invocation: Invocation) -> Result<AsyncInvocation> {
+        let url = self.control_url(&format!("/functions/{function}/invocations"));
+        let mut builder = self
+            .request(reqwest::Method::POST, &url)
+            .query(&[
+                ("path", invocation.path.as_str()),
+                ("method", invocation.method.as_str()),
+            ])
+            .body(invocation.body.clone());
+        for (name, value) in &invocation.headers {
+            builder = builder.header(name.trim(), value.trim());
+        }
+        let response = self.send(builder, &url).await?;
+        json(response, &url).await
+    }
+
+    /// An asynchronous invocation's state and, once finished, its response.
+    pub async fn async_invocation(&self, function: &str, id: &str) -> Result<AsyncInvocation> {
+        let url = self.control_url(&format!("/functions/{function}/invocations/{id}"));
+        let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
+        json(response, &url).await
     }
 
     /// The newest version of each function.

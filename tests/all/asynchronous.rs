@@ -1,0 +1,158 @@
+//! Asynchronous invocations: accepted at once, run when capacity allows,
+//! results stored, and both survive a restart.
+
+use crate::server::*;
+
+/// Polls an asynchronous invocation until it has finished (a hang guard,
+/// not a timing assertion).
+async fn wait_finished(server: &Server, function: &str, id: &str) -> hearth_client::AsyncInvocation {
+    wait_state(server, function, id, |i| i.is_finished()).await
+}
+
+async fn wait_state(
+    server: &Server,
+    function: &str,
+    id: &str,
+    done: impl Fn(&hearth_client::AsyncInvocation) -> bool,
+) -> hearth_client::AsyncInvocation {
+    let guard = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let invocation = server.client().async_invocation(function, id).await.expect("get");
+        if done(&invocation) {
+            return invocation;
+        }
+        assert!(std::time::Instant::now() < guard, "{invocation:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn async_invocations_run_and_their_results_survive_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, &["--async-concurrency", "1"]);
+    deploy(&server, tmp.path(), "echo", hearth_fixtures::ECHO, "").await;
+    deploy(
+        &server,
+        tmp.path(),
+        "slow",
+        hearth_fixtures::FAULTS,
+        "[limits]\ntimeout_ms = 60000\n",
+    )
+    .await;
+
+    // Submit over plain HTTP: 202, an id, and where to look.
+    let response = http()
+        .post(format!("{}/v1/functions/echo/invocations?path=/a%3Fb%3D1", server.url))
+        .header("x-custom", "yes")
+        .body("hello async")
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().expect("ascii").to_owned();
+    let accepted: serde_json::Value = response.json().await.expect("json");
+    let id = accepted["id"].as_str().expect("id").to_owned();
+    assert_eq!(location, format!("/v1/functions/echo/invocations/{id}"));
+    assert_eq!(accepted["state"], "queued");
+
+    let done = wait_finished(&server, "echo", &id).await;
+    assert_eq!((done.state.as_str(), done.attempts), ("succeeded", 1), "{done:?}");
+    let stored = done.response.expect("response");
+    assert_eq!(stored.status, 200);
+    let echo: serde_json::Value = serde_json::from_str(stored.body.as_deref().expect("text")).expect("echo json");
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/a");
+    assert_eq!(echo["query"], "b=1");
+    assert_eq!(echo["body"], "hello async");
+    assert_eq!(echo["headers"]["x-custom"][0], "yes");
+    assert_eq!(echo["headers"]["x-hearth-base-path"][0], "/fn/default/echo");
+    assert!(
+        echo["headers"].get("authorization").is_none(),
+        "credentials stay with Hearth"
+    );
+
+    // The raw stored response.
+    let raw = http()
+        .get(format!("{}{location}/response", server.url))
+        .send()
+        .await
+        .expect("raw");
+    assert_eq!(raw.status(), 200);
+    assert_eq!(raw.headers()["content-type"], "application/json");
+
+    // Another function's or tenant's view of the id: 404.
+    let other = http()
+        .get(format!("{}/v1/functions/slow/invocations/{id}", server.url))
+        .send()
+        .await
+        .expect("other function");
+    problem(other, 404).await;
+
+    // A long run is cut short by a kill; a queued one waits behind it.
+    let long = server
+        .client()
+        .submit("slow", invocation("/sleep?ms=2000"))
+        .await
+        .expect("submit long");
+    wait_state(&server, "slow", &long.id, |i| i.state == "running").await;
+    let queued = server
+        .client()
+        .submit("slow", invocation("/ok"))
+        .await
+        .expect("submit queued");
+    let unfinished = http()
+        .get(format!(
+            "{}/v1/functions/slow/invocations/{}/response",
+            server.url, queued.id
+        ))
+        .send()
+        .await
+        .expect("unfinished");
+    problem(unfinished, 409).await;
+    drop(server); // SIGKILL
+
+    let server = Server::start(&data, &[]);
+    let again = server
+        .client()
+        .async_invocation("echo", &id)
+        .await
+        .expect("after restart");
+    assert_eq!(again.state, "succeeded");
+    assert_eq!(again.response.expect("stored").body, stored.body, "the result survived");
+    let long = wait_finished(&server, "slow", &long.id).await;
+    assert_eq!(
+        (long.state.as_str(), long.attempts),
+        ("succeeded", 2),
+        "ran again: {long:?}"
+    );
+    assert_eq!(long.response.expect("response").body.as_deref(), Some("slept\n"));
+    let queued = wait_finished(&server, "slow", &queued.id).await;
+    assert_eq!(queued.response.expect("response").body.as_deref(), Some("ok\n"));
+
+    // The CLI: --async prints the id, --result --wait prints the body.
+    let output = server
+        .cli()
+        .args(["invoke", "echo", "--async", "--data", "from the cli"])
+        .output()
+        .expect("cli");
+    assert!(output.status.success(), "{output:?}");
+    let id = String::from_utf8(output.stdout).expect("utf-8").trim().to_owned();
+    let output = server
+        .cli()
+        .args(["invoke", "echo", "--result", &id, "--wait"])
+        .output()
+        .expect("cli");
+    assert!(output.status.success(), "{output:?}");
+    let echo: serde_json::Value = serde_json::from_slice(&output.stdout).expect("echo json");
+    assert_eq!(echo["body"], "from the cli");
+}
+
+fn invocation(path: &str) -> hearth_client::Invocation {
+    hearth_client::Invocation {
+        method: reqwest::Method::GET,
+        path: path.into(),
+        headers: Vec::new(),
+        body: Default::default(),
+    }
+}
