@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
-# Load test: requests per second and latency of `echo` on a release
-# `hearth serve`, driven by wrk on loopback (bounded: DURATION seconds).
+# Load test: requests per second and latency on a release `hearth serve`,
+# driven by wrk on loopback (bounded: DURATION seconds per row), side by side
+# in one run:
+#   - `hello` and `echo` with warm-instance reuse (the default) and with a
+#     fresh instance per request (`scaling.reuse = false`);
+#   - the reference, when a `wasmtime` CLI is found (PATH, or
+#     ~/.cache/hearth/tools/bin from `cargo install wasmtime-cli`):
+#     `wasmtime serve` on the same hello component, fresh and with
+#     `--max-instance-reuse-count 1000`.
+# The functions are public, as `wasmtime serve` has no tokens either.
 #   scripts/load.sh [DURATION] [CONNECTIONS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,19 +19,50 @@ command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2
 cargo build --release --locked -p hearth-server
 (cd functions && env -u CARGO_TARGET_DIR cargo build --release --locked -p echo -p hello)
 hearth="${CARGO_TARGET_DIR:-target}/release/hearth"
-data_dir="$(mktemp -d)"
+wasm_dir="$PWD/functions/target/wasm32-wasip2/release"
+work="$(mktemp -d)"
 port=18080
 export HEARTH_ADMIN_TOKEN="hth_load_$$" HEARTH_TOKEN="hth_load_$$" HEARTH_URL="http://127.0.0.1:$port"
-HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$data_dir" >/dev/null &
+HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >/dev/null &
 server=$!
-trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data_dir"' EXIT
+reference=""
+trap 'kill -TERM $server ${reference:-} 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 1 100); do curl -fsS "$HEARTH_URL/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
-"$hearth" deploy functions/echo --no-build >/dev/null
-"$hearth" deploy functions/hello --no-build >/dev/null
 
 for fn in hello echo; do
-  echo "== $fn: wrk -t2 -c$connections -d${duration}s (fresh instance per request)"
-  wrk -t2 -c"$connections" -d"${duration}s" --latency \
-    -H "Authorization: Bearer $HEARTH_TOKEN" "$HEARTH_URL/fn/default/$fn/load?x=1" |
-    grep -E "Requests/sec|^\s+(50|99)%|Non-2xx|Socket errors"
+  for reuse in true false; do
+    name="$fn"; [ "$reuse" = false ] && name="$fn-fresh"
+    mkdir -p "$work/$name"
+    printf 'name = "%s"\ncomponent = "%s/%s.wasm"\npublic = true\n[scaling]\nreuse = %s\n' \
+      "$name" "$wasm_dir" "$fn" "$reuse" >"$work/$name/hearth.toml"
+    "$hearth" deploy "$work/$name" --no-build >/dev/null
+  done
+done
+
+row() { # label url
+  echo "== $1: wrk -t2 -c$connections -d${duration}s"
+  wrk -t2 -c"$connections" -d"${duration}s" --latency "$2" |
+    grep -E "Requests/sec|^\s+(50|99)%|Non-2xx|Socket errors" || true
+}
+
+for fn in hello echo; do
+  row "hearth $fn, fresh instance per request" "$HEARTH_URL/fn/default/$fn-fresh/load?x=1"
+  row "hearth $fn, warm instances reused" "$HEARTH_URL/fn/default/$fn/load?x=1"
+done
+
+wasmtime="$(command -v wasmtime || true)"
+[ -z "$wasmtime" ] && [ -x "$HOME/.cache/hearth/tools/bin/wasmtime" ] && wasmtime="$HOME/.cache/hearth/tools/bin/wasmtime"
+if [ -z "$wasmtime" ]; then
+  echo "== reference skipped: no wasmtime CLI (cargo install wasmtime-cli --version 48.0.8 --root ~/.cache/hearth/tools)"
+  exit 0
+fi
+for reuse in 1 1000; do
+  ref_port=$((port + 1))
+  "$wasmtime" serve -O pooling-allocator -S cli --addr "127.0.0.1:$ref_port" \
+    --max-instance-reuse-count "$reuse" "$wasm_dir/hello.wasm" >/dev/null 2>&1 &
+  reference=$!
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$ref_port/" >/dev/null 2>&1 && break; sleep 0.1; done
+  row "wasmtime serve hello, --max-instance-reuse-count $reuse" "http://127.0.0.1:$ref_port/load?x=1"
+  kill -TERM "$reference"; wait "$reference" 2>/dev/null || true
+  reference=""
 done

@@ -226,12 +226,16 @@ async fn deploy(
     let version = state.registry.deploy(&tenant, upload).await?;
     // Instances of the previous version go now, not at their idle timeout;
     // a function that keeps instances warm gets new ones in the background.
-    state.pools.retire(&pool_key(&tenant, &version.name));
-    if let Ok(deployed) = state.registry.resolve(&tenant, &version.name).await
-        && deployed.manifest.scaling.min_instances > 0
-    {
-        let state = state.clone();
-        tokio::spawn(async move { crate::keep_warm(&state, &deployed).await });
+    let key = pool_key(&tenant, &version.name);
+    state.pools.retire(&key);
+    if let Ok(deployed) = state.registry.resolve(&tenant, &version.name).await {
+        // The deploy compiled and loaded the component: it scales to zero
+        // like any other if it is never called.
+        state.pools.track_loaded(&key, &crate::run::spec(&deployed));
+        if deployed.manifest.scaling.min_instances > 0 {
+            let state = state.clone();
+            tokio::spawn(async move { crate::keep_warm(&state, &deployed).await });
+        }
     }
     Ok((StatusCode::CREATED, Json(VersionView::from(&version))))
 }

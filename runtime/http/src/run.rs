@@ -24,7 +24,8 @@ pub(crate) fn pool_key(tenant: &str, function: &str) -> String {
     format!("{tenant}/{function}")
 }
 
-fn spec(deployed: &Deployed) -> FunctionSpec {
+/// What the scheduler needs from a function's manifest.
+pub(crate) fn spec(deployed: &Deployed) -> FunctionSpec {
     let scaling = &deployed.manifest.scaling;
     FunctionSpec {
         generation: deployed.version.version.into(),

@@ -410,6 +410,21 @@ impl<I: Send + 'static> Scheduler<I> {
         })
     }
 
+    /// Records that `function`'s compiled code was just loaded (a deploy
+    /// compiles it) without running anything, so it scales to zero like a
+    /// function that served requests.
+    pub fn track_loaded(&self, function: &str, spec: &FunctionSpec) {
+        let mut trash = Trash::new();
+        let now = Instant::now();
+        let mut state = self.shared.lock();
+        let key = state.pool_key(function, spec, now, &mut trash);
+        if let Some(pool) = state.pools.get_mut(&key) {
+            pool.stats.loaded = true;
+            pool.note_if_empty(now);
+        }
+        drop(state);
+    }
+
     /// Drops the idle instances of `function` and stops reusing its busy ones
     /// (it was deleted or replaced).
     pub fn retire(&self, function: &str) {

@@ -334,3 +334,12 @@ async fn retire_drops_idle_instances_and_stops_reuse() {
     busy.finish(Some(2));
     assert_eq!(s.totals(), (0, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_deployed_function_that_never_ran_unloads_too() {
+    let s = scheduler(SchedulerConfig::default());
+    s.track_loaded("f", &spec(1));
+    assert!(s.reap(Instant::now()).unloaded.is_empty());
+    tokio::time::advance(DEFAULT_FUNCTION_IDLE).await;
+    assert_eq!(s.reap(Instant::now()).unloaded, vec!["f".to_owned()]);
+}

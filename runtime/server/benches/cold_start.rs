@@ -1,0 +1,128 @@
+//! Cold start, end to end through the real binary: `echo` scaled fully to
+//! zero (no instance left, compiled code unloaded) → first response byte,
+//! next to a warm request to the same component on the same server.
+//!
+//! The server reaps every 5 ms with `idle_timeout_s = 0` and
+//! `--function-idle-timeout-s 0`, so after each request the function drops
+//! back to zero; the bench waits (polling `/v1/status`) until it has, then
+//! times one request on a kept-alive connection until its response head.
+//!
+//! Run: `cargo bench -p hearth-server --bench cold_start` (samples:
+//! `HEARTH_BENCH_SAMPLES`, default 300).
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "hth_bench-cold-start";
+
+fn main() {
+    let samples: usize = std::env::var("HEARTH_BENCH_SAMPLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--reap-interval-ms", "5"])
+        .args(["--function-idle-timeout-s", "0", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .env("HEARTH_ADMIN_TOKEN", TOKEN)
+        .env("HEARTH_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("hearth serve");
+    let stdout = server.stdout.take().expect("stdout");
+    let url = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| line.strip_prefix("hearth listening on ").map(|u| u.trim().to_owned()))
+        .expect("server address");
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let client = hearth_client::Client::new(&url, Some(TOKEN.into()), "default").expect("client");
+        for (name, idle) in [("cold", 0), ("warm", 3600)] {
+            let dir = tmp.path().join(name);
+            std::fs::create_dir_all(&dir).expect("dir");
+            std::fs::write(
+                dir.join("hearth.toml"),
+                format!(
+                    "name = \"{name}\"\ncomponent = {:?}\npublic = true\n[scaling]\nidle_timeout_s = {idle}\n",
+                    hearth_fixtures::ECHO
+                ),
+            )
+            .expect("manifest");
+            let project = hearth_client::Project::load(&dir).expect("project");
+            client.deploy(&project, |_, _| {}).await.expect("deploy");
+        }
+        let http = reqwest::Client::new();
+        let call = |name: &str| {
+            let request = http.post(format!("{url}/fn/default/{name}/x")).body("cold?");
+            async move {
+                let started = Instant::now();
+                let response = request.send().await.expect("invoke");
+                let first_byte = started.elapsed();
+                assert_eq!(response.status(), 200);
+                response.bytes().await.expect("body");
+                first_byte
+            }
+        };
+        let scaled_to_zero = || async {
+            let status = client.status().await.expect("status");
+            status
+                .functions
+                .iter()
+                .find(|f| f.name == "cold")
+                .is_some_and(|f| f.instances.idle == 0 && f.instances.busy == 0 && !f.instances.loaded)
+        };
+
+        call("warm").await;
+        call("cold").await;
+        let mut cold = Vec::with_capacity(samples);
+        let mut warm = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            let guard = Instant::now() + Duration::from_secs(10);
+            while !scaled_to_zero().await {
+                assert!(Instant::now() < guard, "`cold` never scaled to zero");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            // Interleaved, so both see the same machine.
+            cold.push(call("cold").await);
+            warm.push(call("warm").await);
+        }
+        let stats = client.status().await.expect("status");
+        let pool = &stats
+            .functions
+            .iter()
+            .find(|f| f.name == "cold")
+            .expect("cold")
+            .instances;
+        assert!(
+            pool.cold_starts as usize > samples,
+            "every sample was a cold start: {pool:?}"
+        );
+        assert!(
+            pool.unloads as usize >= samples,
+            "and the compiled code was unloaded each time: {pool:?}"
+        );
+        report("scaled to zero -> first byte", &mut cold);
+        report("warm instance  -> first byte", &mut warm);
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+fn report(label: &str, times: &mut [Duration]) {
+    times.sort();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    let mean = times.iter().sum::<Duration>() / times.len() as u32;
+    println!(
+        "{label}: n={} p50={:.3} ms p99={:.3} ms mean={:.3} ms max={:.3} ms",
+        times.len(),
+        at(0.5).as_secs_f64() * 1e3,
+        at(0.99).as_secs_f64() * 1e3,
+        mean.as_secs_f64() * 1e3,
+        at(1.0).as_secs_f64() * 1e3
+    );
+}
