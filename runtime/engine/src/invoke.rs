@@ -178,8 +178,6 @@ impl Engine {
         state.nn.compute_calls = 0;
         state.nn.batched_with = 0;
         state.nn.device_ns = 0;
-        let current = state.limiter.peak;
-        state.limiter.reset(current);
         store.set_epoch_deadline(1);
 
         let (sender, receiver) = tokio::sync::oneshot::channel();

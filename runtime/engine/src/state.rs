@@ -173,12 +173,6 @@ impl MemoryLimiter {
     pub(crate) fn limit_bytes(&self) -> usize {
         self.limit
     }
-
-    /// Starts a new request on an instance whose memory is `current` bytes.
-    pub(crate) fn reset(&mut self, current: usize) {
-        self.peak = current;
-        self.exceeded = false;
-    }
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
