@@ -1,0 +1,166 @@
+//! The price table: what an invocation costs, versioned so that history
+//! stays priced as it was when it ran.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::record::{Usage, UsageRecord};
+
+/// Prices, from the server's `--price-table` file (TOML):
+///
+/// ```toml
+/// version = "2026-11"            # recorded on every record it prices
+/// currency = "USD"
+/// per_invocation = 0.0000002
+/// per_gb_second = 0.0000166667   # of peak linear memory, per billed second
+/// per_cpu_second = 0.00001       # of guest CPU time
+/// [per_gpu_second]               # of measured GPU time, by device kind
+/// cuda = 0.0004
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceTable {
+    /// Identifies this table in records.
+    pub version: String,
+    /// Currency code of every price.
+    #[serde(default = "usd")]
+    pub currency: String,
+    /// Per invocation that ran.
+    #[serde(default)]
+    pub per_invocation: f64,
+    /// Per GiB of peak memory per billed second.
+    #[serde(default)]
+    pub per_gb_second: f64,
+    /// Per second of guest CPU.
+    #[serde(default)]
+    pub per_cpu_second: f64,
+    /// Per second of GPU time, by device kind (`cuda`).
+    #[serde(default)]
+    pub per_gpu_second: BTreeMap<String, f64>,
+}
+
+fn usd() -> String {
+    "USD".into()
+}
+
+/// Why a price table was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PriceError {
+    /// Not valid TOML or unknown keys.
+    #[error("price table: {0}")]
+    Syntax(String),
+    /// A price that is negative or not a number.
+    #[error("price table: `{key}` must be a finite, non-negative number")]
+    Invalid {
+        /// The key.
+        key: String,
+    },
+}
+
+impl Default for PriceTable {
+    /// The built-in table (version `builtin-1`), in the range of public
+    /// serverless prices.
+    fn default() -> Self {
+        PriceTable {
+            version: "builtin-1".into(),
+            currency: usd(),
+            per_invocation: 0.000_000_2,
+            per_gb_second: 0.000_016_666_7,
+            per_cpu_second: 0.000_01,
+            per_gpu_second: BTreeMap::from([("cuda".to_owned(), 0.000_4)]),
+        }
+    }
+}
+
+impl PriceTable {
+    /// Parses and checks a table.
+    pub fn from_toml(text: &str) -> Result<PriceTable, PriceError> {
+        let table: PriceTable = toml::from_str(text).map_err(|e| PriceError::Syntax(e.to_string()))?;
+        let mut prices = vec![
+            ("per_invocation".to_owned(), table.per_invocation),
+            ("per_gb_second".to_owned(), table.per_gb_second),
+            ("per_cpu_second".to_owned(), table.per_cpu_second),
+        ];
+        prices.extend(
+            table
+                .per_gpu_second
+                .iter()
+                .map(|(kind, price)| (format!("per_gpu_second.{kind}"), *price)),
+        );
+        if let Some((key, _)) = prices.into_iter().find(|(_, p)| !p.is_finite() || *p < 0.0) {
+            return Err(PriceError::Invalid { key });
+        }
+        if table.version.trim().is_empty() {
+            return Err(PriceError::Syntax("`version` must not be empty".into()));
+        }
+        Ok(table)
+    }
+
+    /// Prices `usage`: invocations that never ran cost nothing.
+    pub fn price(&self, usage: Usage) -> UsageRecord {
+        let cost = if usage.outcome.ran() {
+            let billed_s = usage.billed_ms() as f64 / 1e3;
+            let gib = usage.memory_peak_bytes as f64 / (1u64 << 30) as f64;
+            let kind = usage.device.split(':').next().unwrap_or_default();
+            let gpu = self.per_gpu_second.get(kind).copied().unwrap_or(0.0);
+            self.per_invocation
+                + self.per_gb_second * gib * billed_s
+                + self.per_cpu_second * usage.guest_cpu_us as f64 / 1e6
+                + gpu * usage.gpu_us as f64 / 1e6
+        } else {
+            0.0
+        };
+        UsageRecord {
+            usage,
+            cost_nanos: (cost * 1e9).round() as i64,
+            currency: self.currency.clone(),
+            price_version: self.version.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Outcome;
+
+    #[test]
+    fn prices_follow_the_table() {
+        let table = PriceTable::from_toml(
+            r#"
+            version = "test-1"
+            currency = "EUR"
+            per_invocation = 0.001
+            per_gb_second = 1.0
+            per_cpu_second = 0.5
+            [per_gpu_second]
+            cuda = 2.0
+            "#,
+        )
+        .expect("table");
+        let mut usage = crate::tests::usage("a", Outcome::Ok);
+        usage.ended_at_us = usage.started_at_us + 500_000; // 500 ms
+        usage.memory_peak_bytes = 1 << 29; // 0.5 GiB
+        usage.guest_cpu_us = 200_000; // 0.2 s
+        usage.device = "cuda:0".into();
+        usage.gpu_us = 100_000; // 0.1 s
+        let record = table.price(usage.clone());
+        // 0.001 + 1.0 * 0.5 * 0.5 + 0.5 * 0.2 + 2.0 * 0.1
+        assert_eq!(record.cost_nanos, 551_000_000);
+        assert_eq!(
+            (record.currency.as_str(), record.price_version.as_str()),
+            ("EUR", "test-1")
+        );
+        usage.outcome = Outcome::Rejected;
+        assert_eq!(table.price(usage).cost_nanos, 0);
+    }
+
+    #[test]
+    fn bad_tables_are_refused_with_the_key() {
+        let err = PriceTable::from_toml("version = \"x\"\nper_invocation = -1.0").expect_err("negative");
+        assert!(err.to_string().contains("per_invocation"), "{err}");
+        let err = PriceTable::from_toml("version = \"x\"\nper_invocations = 1.0").expect_err("unknown");
+        assert!(err.to_string().contains("per_invocations"), "{err}");
+    }
+}

@@ -1,0 +1,240 @@
+//! One usage record per invocation: what ran, for whom, how long, on what,
+//! and what it cost.
+
+use serde::{Deserialize, Serialize};
+
+/// How an invocation ended, for billing and for operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The guest answered (any status it chose).
+    Ok,
+    /// The guest failed without trapping (no response, a `wasi:http` error,
+    /// a body cut short).
+    GuestError,
+    /// The guest trapped.
+    GuestTrap,
+    /// The deadline passed.
+    Timeout,
+    /// The guest hit its memory limit.
+    MemoryLimit,
+    /// Refused before running: queue full, queue deadline, no capacity.
+    Rejected,
+    /// The caller's request was at fault after the function was found (body
+    /// too large, bad QoS header).
+    BadRequest,
+    /// Hearth failed.
+    InternalError,
+}
+
+impl Outcome {
+    /// The name stored and exported.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::GuestError => "guest_error",
+            Outcome::GuestTrap => "guest_trap",
+            Outcome::Timeout => "timeout",
+            Outcome::MemoryLimit => "memory_limit",
+            Outcome::Rejected => "rejected",
+            Outcome::BadRequest => "bad_request",
+            Outcome::InternalError => "internal_error",
+        }
+    }
+
+    /// Every outcome.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::GuestError,
+        Outcome::GuestTrap,
+        Outcome::Timeout,
+        Outcome::MemoryLimit,
+        Outcome::Rejected,
+        Outcome::BadRequest,
+        Outcome::InternalError,
+    ];
+
+    pub(crate) fn parse(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
+    /// Whether the guest ran (and the invocation is billed).
+    pub fn ran(self) -> bool {
+        !matches!(self, Outcome::Rejected | Outcome::BadRequest)
+    }
+}
+
+/// What was measured about one invocation, before pricing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Usage {
+    /// The invocation id (UUIDv7), also the record id.
+    pub id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Function.
+    pub function: String,
+    /// Version that ran.
+    pub version: u32,
+    /// Unix microseconds when the request arrived.
+    pub started_at_us: i64,
+    /// Unix microseconds when the response (or refusal) was complete.
+    pub ended_at_us: i64,
+    /// HTTP status sent.
+    pub status: u16,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Whether it needed a fresh instance.
+    pub cold_start: bool,
+    /// Time waiting in the queue, microseconds.
+    pub queue_us: u64,
+    /// Largest linear memory of the instance, bytes.
+    pub memory_peak_bytes: u64,
+    /// CPU time of the guest's task (guest code and the host calls it made),
+    /// microseconds.
+    pub guest_cpu_us: u64,
+    /// `cpu` or `cuda:N`: where its inference ran (`cpu` without inference).
+    pub device: String,
+    /// Its share of measured GPU time, microseconds.
+    pub gpu_us: u64,
+    /// `wasi:nn` compute calls.
+    pub inference_calls: u64,
+    /// Sum over compute calls of the calls in their batch.
+    pub batched_calls: u64,
+    /// Request body bytes read.
+    pub bytes_in: u64,
+    /// Response body bytes sent.
+    pub bytes_out: u64,
+}
+
+impl Usage {
+    /// Wall time, microseconds.
+    pub fn wall_us(&self) -> u64 {
+        u64::try_from(self.ended_at_us.saturating_sub(self.started_at_us)).unwrap_or(0)
+    }
+
+    /// Billed milliseconds: wall time rounded up to 1 ms, 0 if the guest
+    /// never ran.
+    pub fn billed_ms(&self) -> u64 {
+        if self.outcome.ran() {
+            self.wall_us().div_ceil(1000).max(1)
+        } else {
+            0
+        }
+    }
+}
+
+/// A priced, durable usage record: the [`Usage`] with its cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRecord {
+    /// What was measured.
+    pub usage: Usage,
+    /// Cost in billionths of the price table's currency unit.
+    pub cost_nanos: i64,
+    /// Currency of the cost.
+    pub currency: String,
+    /// Version of the price table that priced it.
+    pub price_version: String,
+}
+
+/// A record as exported (JSON lines, CloudEvents data, the API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordView {
+    pub id: String,
+    pub tenant: String,
+    pub function: String,
+    pub version: u32,
+    pub started_at: String,
+    pub ended_at: String,
+    pub status: u16,
+    pub outcome: String,
+    pub cold_start: bool,
+    pub wall_ms: f64,
+    pub billed_ms: u64,
+    pub queue_ms: f64,
+    pub memory_peak_bytes: u64,
+    pub guest_cpu_us: u64,
+    pub device: String,
+    pub gpu_ms: f64,
+    pub inference_calls: u64,
+    pub batched_with: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Decimal string, nine places: exact, unlike a float.
+    pub cost: String,
+    pub currency: String,
+    pub price_version: String,
+}
+
+/// Formats billionths as a decimal with nine places (`0.000001234`).
+pub fn format_nanos(nanos: i64) -> String {
+    let sign = if nanos < 0 { "-" } else { "" };
+    let abs = nanos.unsigned_abs();
+    format!("{sign}{}.{:09}", abs / 1_000_000_000, abs % 1_000_000_000)
+}
+
+/// Formats Unix microseconds as RFC 3339 with microseconds.
+pub fn format_us(us: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+impl From<&UsageRecord> for RecordView {
+    fn from(record: &UsageRecord) -> Self {
+        let u = &record.usage;
+        RecordView {
+            id: u.id.clone(),
+            tenant: u.tenant.clone(),
+            function: u.function.clone(),
+            version: u.version,
+            started_at: format_us(u.started_at_us),
+            ended_at: format_us(u.ended_at_us),
+            status: u.status,
+            outcome: u.outcome.as_str().to_owned(),
+            cold_start: u.cold_start,
+            wall_ms: u.wall_us() as f64 / 1000.0,
+            billed_ms: u.billed_ms(),
+            queue_ms: u.queue_us as f64 / 1000.0,
+            memory_peak_bytes: u.memory_peak_bytes,
+            guest_cpu_us: u.guest_cpu_us,
+            device: u.device.clone(),
+            gpu_ms: u.gpu_us as f64 / 1000.0,
+            inference_calls: u.inference_calls,
+            batched_with: if u.inference_calls == 0 {
+                0.0
+            } else {
+                u.batched_calls as f64 / u.inference_calls as f64
+            },
+            bytes_in: u.bytes_in,
+            bytes_out: u.bytes_out,
+            cost: format_nanos(record.cost_nanos),
+            currency: record.currency.clone(),
+            price_version: record.price_version.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costs_format_exactly() {
+        assert_eq!(format_nanos(0), "0.000000000");
+        assert_eq!(format_nanos(1_234), "0.000001234");
+        assert_eq!(format_nanos(12_000_000_001), "12.000000001");
+        assert_eq!(format_nanos(-5), "-0.000000005");
+    }
+
+    #[test]
+    fn billed_time_rounds_up_and_refusals_bill_nothing() {
+        let mut usage = crate::tests::usage("a", Outcome::Ok);
+        usage.ended_at_us = usage.started_at_us + 1_001;
+        assert_eq!(usage.billed_ms(), 2);
+        usage.ended_at_us = usage.started_at_us;
+        assert_eq!(usage.billed_ms(), 1, "a run bills at least 1 ms");
+        usage.outcome = Outcome::Rejected;
+        assert_eq!(usage.billed_ms(), 0);
+    }
+}

@@ -1,0 +1,137 @@
+//! Shared test helpers and the usage log's tests.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::*;
+
+/// A plausible usage of an `echo` call.
+pub(crate) fn usage(id: &str, outcome: Outcome) -> Usage {
+    Usage {
+        id: id.into(),
+        tenant: "acme".into(),
+        function: "echo".into(),
+        version: 3,
+        started_at_us: 1_764_000_000_000_000,
+        ended_at_us: 1_764_000_000_002_500,
+        status: 200,
+        outcome,
+        cold_start: true,
+        queue_us: 10,
+        memory_peak_bytes: 1 << 20,
+        guest_cpu_us: 300,
+        device: "cpu".into(),
+        gpu_us: 0,
+        inference_calls: 2,
+        batched_calls: 6,
+        bytes_in: 5,
+        bytes_out: 120,
+    }
+}
+
+fn record(id: &str) -> UsageRecord {
+    PriceTable::default().price(usage(id, Outcome::Ok))
+}
+
+#[tokio::test]
+async fn records_commit_once_and_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = UsageLog::open(dir.path()).expect("open");
+    let ids: Vec<String> = (0..50).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let writes = ids.iter().map(|id| log.record(record(id)));
+    for result in futures::future::join_all(writes).await {
+        result.expect("committed");
+    }
+    // A retry of the same record never doubles it.
+    log.record(record(&ids[0])).await.expect("committed again");
+    let all = log.page(&Filter::default(), None, 1000).await.expect("page");
+    assert_eq!(all.len(), 50);
+    assert_eq!(all.iter().map(|r| r.usage.id.clone()).collect::<Vec<_>>(), ids);
+    assert_eq!(all[0], record(&ids[0]), "read back exactly as written");
+    assert!(log.stats().commits.load(Ordering::Relaxed) < 51, "commits were grouped");
+
+    // Paging by cursor covers everything once.
+    let first = log.page(&Filter::default(), None, 20).await.expect("page");
+    let rest = log
+        .page(&Filter::default(), Some(&first[19].usage.id), 1000)
+        .await
+        .expect("page");
+    assert_eq!(first.len() + rest.len(), 50);
+
+    let other = Filter {
+        tenant: Some("other".into()),
+        ..Filter::default()
+    };
+    assert!(log.page(&other, None, 10).await.expect("page").is_empty());
+    let summary = log.summary(&Filter::default()).await.expect("summary");
+    assert_eq!(summary.len(), 1);
+    assert_eq!(
+        (summary[0].invocations, summary[0].ran, summary[0].day.as_str()),
+        (50, 50, "2025-11-24")
+    );
+    assert_eq!(summary[0].billed_ms, 150);
+
+    // Durable: a new log over the same file sees them.
+    drop(log);
+    let log = UsageLog::open(dir.path()).expect("reopen");
+    assert_eq!(log.page(&Filter::default(), None, 1000).await.expect("page").len(), 50);
+}
+
+/// Fails the first `failures` writes (as a full disk or a failed fsync
+/// would), remembering what reached "disk".
+struct FlakySink {
+    failures: AtomicUsize,
+    written: Arc<Mutex<Vec<String>>>,
+    reopened: Arc<AtomicUsize>,
+}
+
+impl Sink for FlakySink {
+    fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
+        if self.failures.load(Ordering::SeqCst) > 0 {
+            self.failures.fetch_sub(1, Ordering::SeqCst);
+            return Err("disk I/O error".into());
+        }
+        let mut written = self.written.lock().expect("lock");
+        for r in batch {
+            if !written.contains(&r.usage.id) {
+                written.push(r.usage.id.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn reopen(&mut self) -> Result<(), String> {
+        self.reopened.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn committed(&mut self, ids: &[&str]) -> Result<usize, String> {
+        let written = self.written.lock().expect("lock");
+        Ok(ids.iter().filter(|id| written.iter().any(|w| w == *id)).count())
+    }
+}
+
+#[tokio::test]
+async fn a_failed_write_stops_the_log_until_it_has_reopened_and_committed() {
+    let written = Arc::new(Mutex::new(Vec::new()));
+    let reopened = Arc::new(AtomicUsize::new(0));
+    let log = UsageLog::with_sink(FlakySink {
+        failures: AtomicUsize::new(2),
+        written: written.clone(),
+        reopened: reopened.clone(),
+    })
+    .expect("log");
+    assert!(log.healthy());
+    let pending = tokio::spawn({
+        let log = log.clone();
+        async move { log.record(record("a")).await }
+    });
+    // The caller hears back only after recovery, and its record is there.
+    pending.await.expect("task").expect("committed after recovery");
+    assert!(log.healthy());
+    assert_eq!(*written.lock().expect("lock"), vec!["a".to_owned()]);
+    assert_eq!(reopened.load(Ordering::SeqCst), 2, "reopened before each retry");
+    assert_eq!(log.stats().failures.load(Ordering::Relaxed), 2, "each failure counted");
+    log.record(record("b")).await.expect("committed");
+    assert_eq!(written.lock().expect("lock").len(), 2);
+}
