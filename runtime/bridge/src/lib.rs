@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hearth_devices::{Datum, DatumType, LoadedModel, ModelCache, Placement, Tensor};
+use hearth_devices::{Datum, DatumType, DeviceId, LoadedModel, ModelCache, Placement, Tensor};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
 wasmtime::component::bindgen!({
@@ -90,6 +90,8 @@ pub struct NnCtx {
     /// Device-measured time of this instance's compute calls (its share of
     /// each batch), in nanoseconds; 0 on devices that do not measure (CPU).
     pub device_ns: u64,
+    /// Where the last compute call ran (`None` before any).
+    pub device: Option<DeviceId>,
 }
 
 impl NnCtx {
@@ -103,6 +105,7 @@ impl NnCtx {
             compute_calls: 0,
             batched_with: 0,
             device_ns: 0,
+            device: None,
         }
     }
 
@@ -357,6 +360,7 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
             Err(err) => return self.fail(ErrorCode::RuntimeError, err.to_string()),
         };
         self.compute_calls += 1;
+        self.device = Some(loaded.device);
         self.batched_with += batched.calls as u64;
         self.device_ns += batched.device_time.map_or(0, |t| t.as_nanos() as u64);
         let mut outputs = Vec::with_capacity(batched.outputs.len());

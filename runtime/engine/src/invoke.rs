@@ -102,13 +102,33 @@ pub enum Start<'a> {
 }
 
 /// What became of an invocation once its guest has finished: the instance,
-/// if it may serve another request, and how the call ended.
+/// if it may serve another request, how the call ended, and what it used.
 #[derive(Debug)]
 pub struct Finished {
     /// The instance, unless it trapped, hit a limit or was interrupted.
     pub instance: Option<Instance>,
     /// How the guest's call ended.
     pub outcome: Result<(), InvokeError>,
+    /// What it used, for its usage record.
+    pub report: Report,
+}
+
+/// What one invocation used.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// CPU time of the guest's task: guest code and the host calls it made
+    /// on its thread (inference that ran in the batcher is not included).
+    pub cpu_time: Duration,
+    /// Largest linear memory the instance has had, in bytes.
+    pub memory_peak_bytes: u64,
+    /// `wasi:nn` compute calls.
+    pub inference_calls: u64,
+    /// Sum over compute calls of the calls in their batch.
+    pub batched_calls: u64,
+    /// This invocation's share of measured device (GPU) time.
+    pub device_time: Duration,
+    /// Where its inference ran, if it ran any.
+    pub device: Option<hearth_devices::DeviceId>,
 }
 
 impl Engine {
@@ -178,6 +198,7 @@ impl Engine {
         state.nn.compute_calls = 0;
         state.nn.batched_with = 0;
         state.nn.device_ns = 0;
+        state.nn.device = None;
         store.set_epoch_deadline(1);
 
         let (sender, receiver) = tokio::sync::oneshot::channel();
@@ -206,7 +227,12 @@ impl Engine {
                     .await?;
                 wasmtime::Result::Ok(proxy)
             };
-            let (outcome, proxy) = match tokio::time::timeout(timeout, run).await {
+            let (timed, cpu_time) = {
+                let mut run = CpuTimed::new(run);
+                let timed = tokio::time::timeout(timeout, &mut run).await;
+                (timed, run.total)
+            };
+            let (outcome, proxy) = match timed {
                 // Interrupted mid-call: the store's state is not to be trusted.
                 Err(_elapsed) => (Err(InvokeError::Timeout(timeout)), None),
                 Ok(Ok(proxy)) => (Ok(()), Some(proxy)),
@@ -217,9 +243,19 @@ impl Engine {
             }
             log_guest_output(&label, store.data());
             let _ = outcome_tx.send(outcome.clone());
+            let state = store.data();
+            let report = Report {
+                cpu_time,
+                memory_peak_bytes: state.limiter.peak as u64,
+                inference_calls: state.nn.compute_calls,
+                batched_calls: state.nn.batched_with,
+                device_time: Duration::from_nanos(state.nn.device_ns),
+                device: state.nn.device,
+            };
             done(Finished {
                 instance: proxy.map(|proxy| Instance { store, proxy }),
                 outcome,
+                report,
             });
         });
 
@@ -233,6 +269,34 @@ impl Engine {
                 Err(_) => Err(InvokeError::Internal("guest task ended without an outcome".into())),
             },
         }
+    }
+}
+
+/// A future that adds up the thread CPU time spent polling it.
+struct CpuTimed<F> {
+    inner: std::pin::Pin<Box<F>>,
+    total: Duration,
+}
+
+impl<F: Future> CpuTimed<F> {
+    fn new(inner: F) -> Self {
+        CpuTimed {
+            inner: Box::pin(inner),
+            total: Duration::ZERO,
+        }
+    }
+}
+
+impl<F: Future> Future for CpuTimed<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let start = cpu_time::ThreadTime::try_now().ok();
+        let poll = self.inner.as_mut().poll(cx);
+        if let Some(elapsed) = start.and_then(|s| s.try_elapsed().ok()) {
+            self.total += elapsed;
+        }
+        poll
     }
 }
 

@@ -34,7 +34,7 @@ use hearth_devices::{CacheConfig, DevicePool, ModelCache};
 use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-pub use invoke::{Finished, Grants, Instance, InvokeError, Limits, ModelMap, ResponseBody, Start};
+pub use invoke::{Finished, Grants, Instance, InvokeError, Limits, ModelMap, Report, ResponseBody, Start};
 use state::HostState;
 /// The error type request bodies passed to [`Engine::invoke`] fail with.
 pub use wasmtime_wasi_http::Error as BodyError;

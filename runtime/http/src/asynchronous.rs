@@ -21,6 +21,7 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use crate::meter::{Meter, now_us};
 use crate::run::run_function;
 use crate::{ApiError, AppState, BASE_PATH_HEADER, INVOCATION_ID_HEADER, authenticate, check_declared_length};
 
@@ -286,7 +287,9 @@ async fn run_one(state: &AppState, invocation: &AsyncInvocation) -> Option<(Asyn
         Err(err) => return failed_with_body(err, id).await,
     };
     let deadline = tokio::time::Instant::now() + state.limits.queue_timeout;
-    match run_function(state, &deployed, Qos::Batch, deadline, request).await {
+    let mut meter = Meter::new(state, &invocation.id, now_us(), &deployed);
+    meter.set_bytes_in(invocation.request.body.len() as u64);
+    match run_function(state, &deployed, Qos::Batch, deadline, meter, false, request).await {
         Ok(response) => {
             let (parts, body) = response.into_parts();
             match Limited::new(body, MAX_STORED_RESPONSE_BYTES).collect().await {
@@ -306,7 +309,9 @@ async fn run_one(state: &AppState, invocation: &AsyncInvocation) -> Option<(Asyn
                 }
             }
         }
-        Err(ApiError::Rejected(_)) => None,
+        // Refused for now (queue full, or the usage log recovering): it
+        // stays queued and runs later under the same id.
+        Err(ApiError::Rejected(_) | ApiError::Unavailable(_)) => None,
         Err(err) => failed_with_body(err, id).await,
     }
 }

@@ -2,33 +2,41 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+/// What a [`LimitedBody`] saw: bytes read (for the usage record) and
+/// whether the limit was passed (so the caller can answer 413 even though
+/// the guest only saw a read error).
+#[derive(Debug, Default)]
+pub(crate) struct BodyMeter {
+    pub(crate) read: AtomicU64,
+    pub(crate) exceeded: AtomicBool,
+}
+
 /// Wraps a body and fails it with `HttpRequestBodySize` once more than
-/// `limit` bytes have arrived, recording that in a shared flag so the caller
-/// can answer 413 even though the guest only saw a read error.
+/// `limit` bytes have arrived.
 #[derive(Debug)]
 pub(crate) struct LimitedBody<B> {
     inner: B,
     remaining: u64,
     limit: u64,
-    exceeded: Arc<AtomicBool>,
+    meter: Arc<BodyMeter>,
 }
 
 impl<B> LimitedBody<B> {
-    pub(crate) fn new(inner: B, limit: u64) -> (LimitedBody<B>, Arc<AtomicBool>) {
-        let exceeded = Arc::new(AtomicBool::new(false));
+    pub(crate) fn new(inner: B, limit: u64) -> (LimitedBody<B>, Arc<BodyMeter>) {
+        let meter = Arc::new(BodyMeter::default());
         let body = LimitedBody {
             inner,
             remaining: limit,
             limit,
-            exceeded: exceeded.clone(),
+            meter: meter.clone(),
         };
-        (body, exceeded)
+        (body, meter)
     }
 }
 
@@ -47,12 +55,13 @@ where
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {
-                        this.exceeded.store(true, Ordering::Relaxed);
+                        this.meter.exceeded.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(hearth_engine::BodyError::HttpRequestBodySize(Some(
                             this.limit,
                         )))));
                     }
                     this.remaining -= len;
+                    this.meter.read.fetch_add(len, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -82,10 +91,11 @@ mod tests {
     async fn passes_bodies_up_to_the_limit_and_flags_larger_ones() {
         let (body, exceeded) = LimitedBody::new(Full::new(Bytes::from_static(b"12345")), 5);
         assert_eq!(body.collect().await.expect("within limit").to_bytes(), "12345");
-        assert!(!exceeded.load(Ordering::Relaxed));
+        assert!(!exceeded.exceeded.load(Ordering::Relaxed));
+        assert_eq!(exceeded.read.load(Ordering::Relaxed), 5);
 
         let (body, exceeded) = LimitedBody::new(Full::new(Bytes::from_static(b"123456")), 5);
         assert!(body.collect().await.is_err());
-        assert!(exceeded.load(Ordering::Relaxed));
+        assert!(exceeded.exceeded.load(Ordering::Relaxed));
     }
 }

@@ -5,7 +5,6 @@
 //! answer, success or problem, carries `x-hearth-invocation-id`.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -15,7 +14,8 @@ use hearth_manifest::Qos;
 use http::{HeaderValue, Uri, header};
 use uuid::Uuid;
 
-use crate::body::LimitedBody;
+use crate::body::{BodyMeter, LimitedBody};
+use crate::meter::{Meter, now_us};
 use crate::run::run_function;
 use crate::{
     ApiError, AppState, BASE_PATH_HEADER, INVOCATION_ID_HEADER, QOS_HEADER, authenticate, check_declared_length,
@@ -47,7 +47,8 @@ pub(crate) async fn handle(
 
 async fn run(state: Arc<AppState>, tenant: String, function: String, rest: String, request: Request) -> Response {
     let id = Uuid::now_v7();
-    let result = invoke(&state, &tenant, &function, &rest, request).await;
+    let started_at_us = now_us();
+    let result = invoke(&state, id, started_at_us, &tenant, &function, &rest, request).await;
     match result {
         Ok(mut response) => {
             if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
@@ -64,6 +65,8 @@ async fn run(state: Arc<AppState>, tenant: String, function: String, rest: Strin
 
 async fn invoke(
     state: &AppState,
+    id: Uuid,
+    started_at_us: i64,
     tenant: &str,
     function: &str,
     rest: &str,
@@ -84,10 +87,38 @@ async fn invoke(
             .authorize(Action::Invoke, tenant)?;
     }
     let deployed = resolved?;
+    // From here on the invocation is the tenant's: every ending is recorded.
+    let meter = Meter::new(state, &id.to_string(), started_at_us, &deployed);
+    let prepared = prepare(state, &deployed, tenant, function, rest, request);
+    let (class, request, body_meter) = match prepared {
+        Ok(prepared) => prepared,
+        Err(err) => return Err(meter.finish_error(err).await),
+    };
+    let mut meter = meter;
+    meter.count_body(body_meter);
+    let deadline = tokio::time::Instant::now() + state.limits.queue_timeout;
+    let mut response = run_function(state, &deployed, class, deadline, meter, true, request).await?;
+    response
+        .headers_mut()
+        .insert(QOS_HEADER, HeaderValue::from_static(class.as_str()));
+    Ok(response)
+}
 
+/// A request as the guest receives it, its body counted and limited.
+type GuestRequest = hyper::Request<LimitedBody<Body>>;
+
+/// Checks the caller's request and turns it into the guest's: its class,
+/// the request as the guest sees it, and the meter of its body.
+fn prepare(
+    state: &AppState,
+    deployed: &hearth_registry::Deployed,
+    tenant: &str,
+    function: &str,
+    rest: &str,
+    request: Request,
+) -> Result<(Qos, GuestRequest, Arc<BodyMeter>), ApiError> {
     let limit = state.limits.max_body_bytes;
     check_declared_length(request.headers(), limit)?;
-
     let class = requested_class(request.headers(), deployed.manifest.scaling.qos)?;
     let (mut parts, body) = request.into_parts();
     parts.uri = guest_uri(&parts.uri, parts.headers.get(header::HOST), rest)?;
@@ -98,21 +129,8 @@ async fn invoke(
     );
     // Credentials are for Hearth, not for the guest.
     parts.headers.remove(header::AUTHORIZATION);
-    let (body, exceeded) = LimitedBody::new(body, limit);
-
-    let deadline = tokio::time::Instant::now() + state.limits.queue_timeout;
-    let request = hyper::Request::from_parts(parts, body);
-    match run_function(state, &deployed, class, deadline, request).await {
-        Ok(response) => {
-            let mut response = response.map(Body::new);
-            response
-                .headers_mut()
-                .insert(QOS_HEADER, HeaderValue::from_static(class.as_str()));
-            Ok(response)
-        }
-        Err(_) if exceeded.load(Ordering::Relaxed) => Err(ApiError::PayloadTooLarge { limit }),
-        Err(err) => Err(err),
-    }
+    let (body, meter) = LimitedBody::new(body, limit);
+    Ok((class, hyper::Request::from_parts(parts, body), meter))
 }
 
 /// The class an invocation runs at: the function's, or a lower one asked

@@ -11,6 +11,7 @@ mod asynchronous;
 mod body;
 mod control;
 mod invoke;
+mod meter;
 mod problem;
 mod run;
 
@@ -78,6 +79,10 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Edge limits.
     pub limits: HttpLimits,
+    /// Where usage records go; `None` runs without metering (benchmarks).
+    pub usage: Option<hearth_metering::UsageLog>,
+    /// Prices records.
+    pub prices: Arc<hearth_metering::PriceTable>,
     /// Wakes the asynchronous invocation runner (a submission, a slot freed).
     async_queue: tokio::sync::Notify,
     draining: AtomicBool,
@@ -85,6 +90,10 @@ pub struct AppState {
 
 impl AppState {
     /// Shared state for the router.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each part is built by `serve` from its own flags"
+    )]
     pub fn new(
         registry: Registry,
         auth: Auth,
@@ -92,6 +101,8 @@ impl AppState {
         pools: Pools,
         store: Arc<dyn Store>,
         limits: HttpLimits,
+        usage: Option<hearth_metering::UsageLog>,
+        prices: hearth_metering::PriceTable,
     ) -> Arc<AppState> {
         Arc::new(AppState {
             registry,
@@ -100,6 +111,8 @@ impl AppState {
             pools,
             store,
             limits,
+            usage,
+            prices: Arc::new(prices),
             async_queue: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
         })

@@ -85,6 +85,11 @@ struct Problem<'a> {
 }
 
 impl ApiError {
+    /// The HTTP status this error answers with.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.classify().0
+    }
+
     /// HTTP status, a stable slug for the problem type, and its title.
     fn classify(&self) -> (StatusCode, &'static str, &'static str) {
         use StatusCode as S;

@@ -7,13 +7,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::response::Response;
 use bytes::Bytes;
-use hearth_engine::{Instance, Limits, ResponseBody, Start};
+use hearth_engine::{Instance, Limits, Start};
 use hearth_manifest::Qos;
 use hearth_registry::Deployed;
 use hearth_scheduler::{FunctionSpec, Scheduler};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::meter::Meter;
 use crate::{ApiError, AppState};
 
 /// The instance pools of every function.
@@ -50,29 +54,55 @@ fn label(deployed: &Deployed) -> String {
 
 /// Runs `request` on `deployed` at `class`, waiting in the function's queue
 /// until `deadline` at the latest. Returns once the guest sends the head of
-/// its response.
+/// its response; the body's end commits the usage record `meter` holds.
+/// Every other ending commits the record before returning the error, except
+/// a refusal when `record_refusals` is false (an asynchronous run that will
+/// be retried under the same id).
 pub(crate) async fn run_function<B>(
     state: &AppState,
     deployed: &Deployed,
     class: Qos,
     deadline: Instant,
+    mut meter: Meter,
+    record_refusals: bool,
     request: hyper::Request<B>,
-) -> Result<hyper::Response<ResponseBody>, ApiError>
+) -> Result<Response<Body>, ApiError>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<hearth_engine::BodyError>,
 {
+    if let Some(log) = &state.usage
+        && !log.healthy()
+    {
+        meter.discard();
+        return Err(ApiError::Unavailable(
+            "the usage log is recovering from a failed write; invocations resume once it has".into(),
+        ));
+    }
     let key = pool_key(&deployed.version.tenant, &deployed.version.name);
-    let mut lease = state.pools.acquire(&key, &spec(deployed), class, deadline).await?;
+    let mut lease = match state.pools.acquire(&key, &spec(deployed), class, deadline).await {
+        Ok(lease) => lease,
+        Err(rejection) if !record_refusals => {
+            meter.discard();
+            return Err(rejection.into());
+        }
+        Err(rejection) => return Err(meter.finish_error(rejection.into()).await),
+    };
+    meter.admitted(lease.queued(), lease.is_cold());
     let prepared;
     let start = match lease.take_instance() {
         Some(instance) => Start::Warm(instance),
-        None => {
-            prepared = state.registry.prepared(deployed).await?;
-            Start::Cold(&prepared)
-        }
+        None => match state.registry.prepared(deployed).await {
+            Ok(loaded) => {
+                prepared = loaded;
+                Start::Cold(&prepared)
+            }
+            Err(err) => return Err(meter.finish_error(err.into()).await),
+        },
     };
-    let response = state
+    let (report_tx, report_rx) = oneshot::channel();
+    meter.expect_report(report_rx);
+    let invoked = state
         .engine
         .invoke(
             start,
@@ -80,10 +110,24 @@ where
             &deployed.grants,
             &label(deployed),
             request,
-            move |finished| lease.finish(finished.instance),
+            move |finished| {
+                lease.finish(finished.instance);
+                let _ = report_tx.send((finished.outcome, finished.report));
+            },
         )
-        .await?;
-    Ok(response)
+        .await;
+    match invoked {
+        Ok(response) => {
+            let (parts, body) = response.into_parts();
+            let status = parts.status;
+            Ok(Response::from_parts(parts, meter.body(status, body)))
+        }
+        Err(_) if meter.body_exceeded() => {
+            let limit = state.limits.max_body_bytes;
+            Err(meter.finish_error(ApiError::PayloadTooLarge { limit }).await)
+        }
+        Err(err) => Err(meter.finish_error(err.into()).await),
+    }
 }
 
 /// Brings `deployed` up to its `min_instances` warm instances (and its models

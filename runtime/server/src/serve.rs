@@ -88,6 +88,15 @@ pub struct ServeArgs {
     /// its function at the `batch` class).
     #[arg(long, env = "HEARTH_ASYNC_CONCURRENCY", default_value_t = hearth_http::DEFAULT_ASYNC_CONCURRENCY)]
     async_concurrency: usize,
+    /// Price table (TOML: version, currency, per_invocation, per_gb_second,
+    /// per_cpu_second, [per_gpu_second]); without it the built-in table
+    /// `builtin-1` prices records.
+    #[arg(long, env = "HEARTH_PRICE_TABLE", value_name = "FILE")]
+    price_table: Option<PathBuf>,
+    /// Write no usage records (for measuring metering's cost only: nothing
+    /// is billed).
+    #[arg(long, env = "HEARTH_NO_METERING")]
+    no_metering: bool,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "HEARTH_SHUTDOWN_GRACE_S", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     shutdown_grace_s: u64,
@@ -160,7 +169,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_upload_bytes: args.max_upload_bytes,
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
     };
-    let state = AppState::new(registry, auth, engine, pools, store, limits);
+    let prices = match &args.price_table {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            hearth_metering::PriceTable::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => hearth_metering::PriceTable::default(),
+    };
+    let usage = if args.no_metering {
+        tracing::warn!("metering is off: invocations leave no usage records");
+        None
+    } else {
+        Some(hearth_metering::UsageLog::open(&data_dir).context("opening the usage log")?)
+    };
+    tracing::info!(version = %prices.version, currency = %prices.currency, "price table");
+    let state = AppState::new(registry, auth, engine, pools, store, limits, usage, prices);
     hearth_http::spawn_reaper(&state, Duration::from_millis(args.reap_interval_ms.max(10)));
     hearth_http::spawn_async_runner(&state, args.async_concurrency);
     // Functions that keep instances warm get them (and their models) back in

@@ -1,0 +1,347 @@
+//! One usage record per invocation, committed before the client sees the
+//! invocation complete.
+//!
+//! A [`Meter`] starts when the function is resolved. An invocation refused
+//! or failed before its response head commits its record with the problem
+//! ([`Meter::finish_error`]) before the problem is sent. A response that
+//! streams is wrapped in a [`MeteredBody`]: it holds back the last frame,
+//! waits for the guest's report when the body ends, commits the record, and
+//! only then sends that frame and ends the body. A client that goes away
+//! early still gets its invocation recorded (from the body's drop).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use bytes::Bytes;
+use hearth_engine::{InvokeError, Report};
+
+use hearth_metering::{LogError, Outcome, PriceTable, Usage, UsageLog};
+use hearth_registry::Deployed;
+use http_body::Frame;
+use tokio::sync::oneshot;
+
+use crate::body::BodyMeter;
+use crate::{ApiError, AppState};
+
+/// How a guest's call ended and what it used, from the engine's `done`.
+pub(crate) type GuestReport = (Result<(), InvokeError>, Report);
+
+/// Microseconds since the Unix epoch.
+pub(crate) fn now_us() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// The usage record of one invocation, being filled in.
+#[derive(Debug)]
+pub(crate) struct Meter {
+    log: Option<UsageLog>,
+    prices: Arc<PriceTable>,
+    usage: Usage,
+    body: Option<Arc<BodyMeter>>,
+    report: Option<oneshot::Receiver<GuestReport>>,
+}
+
+impl Meter {
+    /// Starts the record of invocation `id` of `deployed`, which arrived at
+    /// `started_at_us`.
+    pub(crate) fn new(state: &AppState, id: &str, started_at_us: i64, deployed: &Deployed) -> Meter {
+        Meter {
+            log: state.usage.clone(),
+            prices: state.prices.clone(),
+            usage: Usage {
+                id: id.to_owned(),
+                tenant: deployed.version.tenant.clone(),
+                function: deployed.version.name.clone(),
+                version: deployed.version.version,
+                started_at_us,
+                ended_at_us: started_at_us,
+                status: 0,
+                outcome: Outcome::Ok,
+                cold_start: false,
+                queue_us: 0,
+                memory_peak_bytes: 0,
+                guest_cpu_us: 0,
+                device: "cpu".into(),
+                gpu_us: 0,
+                inference_calls: 0,
+                batched_calls: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+            },
+            body: None,
+            report: None,
+        }
+    }
+
+    /// The guest runs: its report arrives on `report` when it is done.
+    pub(crate) fn expect_report(&mut self, report: oneshot::Receiver<GuestReport>) {
+        self.report = Some(report);
+    }
+
+    /// Drops the record unwritten: the invocation did not happen as far as
+    /// billing goes (an asynchronous run refused for now, to be retried under
+    /// the same id; or the usage log is down and the request is refused).
+    pub(crate) fn discard(mut self) {
+        self.log = None;
+    }
+
+    /// Counts the request body through `meter` (bytes read, over the limit).
+    pub(crate) fn count_body(&mut self, meter: Arc<BodyMeter>) {
+        self.body = Some(meter);
+    }
+
+    /// Sets the request body size when it was read whole.
+    pub(crate) fn set_bytes_in(&mut self, bytes: u64) {
+        self.usage.bytes_in = bytes;
+    }
+
+    /// Whether the request body went over its limit.
+    pub(crate) fn body_exceeded(&self) -> bool {
+        self.body.as_ref().is_some_and(|b| b.exceeded.load(Ordering::Relaxed))
+    }
+
+    /// Records the admission: queue time and whether it was a cold start.
+    pub(crate) fn admitted(&mut self, queued: std::time::Duration, cold: bool) {
+        self.usage.queue_us = u64::try_from(queued.as_micros()).unwrap_or(u64::MAX);
+        self.usage.cold_start = cold;
+    }
+
+    fn apply(&mut self, report: &Report) {
+        let u = &mut self.usage;
+        u.guest_cpu_us = u64::try_from(report.cpu_time.as_micros()).unwrap_or(u64::MAX);
+        u.memory_peak_bytes = report.memory_peak_bytes;
+        u.inference_calls = report.inference_calls;
+        u.batched_calls = report.batched_calls;
+        u.gpu_us = u64::try_from(report.device_time.as_micros()).unwrap_or(u64::MAX);
+        if let Some(device) = report.device {
+            u.device = device.to_string();
+        }
+    }
+
+    /// Waits for the guest's report (if it ran) and applies it; `failed`
+    /// marks a body the guest cut short.
+    async fn take_report(&mut self, failed: bool) {
+        let report = match self.report.take() {
+            Some(rx) => rx.await.ok(),
+            None => None,
+        };
+        match report {
+            Some((outcome, report)) => {
+                self.apply(&report);
+                if let Err(err) = outcome {
+                    self.usage.outcome = outcome_of(&ApiError::Invocation(err));
+                } else if failed {
+                    self.usage.outcome = Outcome::GuestError;
+                }
+            }
+            None if failed => self.usage.outcome = Outcome::GuestError,
+            None => {}
+        }
+    }
+
+    /// Commits the record; the caller sends its response only after this.
+    /// The write runs in its own task, so a caller that goes away mid-way
+    /// does not lose it.
+    async fn commit(mut self) -> Result<(), LogError> {
+        self.usage.ended_at_us = now_us().max(self.usage.started_at_us);
+        if let Some(body) = &self.body {
+            self.usage.bytes_in = body.read.load(Ordering::Relaxed);
+        }
+        let Some(log) = self.log.take() else {
+            return Ok(());
+        };
+        let id = self.usage.id.clone();
+        let record = self.prices.price(self.usage.clone());
+        let result = match tokio::spawn(async move { log.record(record).await }).await {
+            Ok(result) => result,
+            Err(join) => Err(LogError::Unavailable(join.to_string())),
+        };
+        if let Err(err) = &result {
+            tracing::error!(invocation_id = %id, error = %err, "usage record not committed");
+        }
+        result
+    }
+
+    /// Ends an invocation that produced no response with `err` (refused,
+    /// failed, timed out). `report` is the guest's, if it ran. Returns the
+    /// error to answer with: `err`, or 503 if its record could not be
+    /// committed (the client must not see an unrecorded invocation complete).
+    pub(crate) async fn finish_error(mut self, err: ApiError) -> ApiError {
+        self.usage.status = err.status().as_u16();
+        self.usage.outcome = outcome_of(&err);
+        self.take_report(false).await;
+        // The guest's own account of a failure is the more precise one, but a
+        // refusal or a bad request stays what it was.
+        if matches!(outcome_of(&err), Outcome::Rejected | Outcome::BadRequest) {
+            self.usage.outcome = outcome_of(&err);
+        }
+        match self.commit().await {
+            Ok(()) => err,
+            Err(log) => ApiError::Unavailable(format!("the invocation's usage record was not committed: {log}")),
+        }
+    }
+
+    /// Wraps the guest's response body: the record commits when the body
+    /// ends (with the guest's report from `report`), before its last frame
+    /// is sent.
+    pub(crate) fn body<B>(mut self, status: http::StatusCode, inner: B) -> Body
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        self.usage.status = status.as_u16();
+        Body::new(MeteredBody {
+            inner,
+            held: None,
+            state: BodyState::Streaming,
+            meter: Some(self),
+        })
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        // Never committed: the caller went away (client disconnect) before
+        // the invocation ended. The guest may still be running; record it
+        // once it is done.
+        if self.log.is_none() {
+            return;
+        }
+        let mut orphan = Meter {
+            log: self.log.take(),
+            prices: self.prices.clone(),
+            usage: self.usage.clone(),
+            body: self.body.take(),
+            report: self.report.take(),
+        };
+        if orphan.usage.status == 0 {
+            orphan.usage.status = CLIENT_CLOSED_REQUEST;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                orphan.take_report(false).await;
+                let _ = orphan.commit().await;
+            });
+        }
+    }
+}
+
+/// The status recorded for a request whose client went away before the
+/// answer (nginx's convention; never sent).
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// The usage outcome of an invocation that ended with `err`.
+fn outcome_of(err: &ApiError) -> Outcome {
+    match err {
+        ApiError::Invocation(InvokeError::Trap { .. }) => Outcome::GuestTrap,
+        ApiError::Invocation(InvokeError::Timeout(_)) => Outcome::Timeout,
+        ApiError::Invocation(InvokeError::MemoryLimit { .. }) => Outcome::MemoryLimit,
+        ApiError::Invocation(InvokeError::NoResponse | InvokeError::GuestError(_)) => Outcome::GuestError,
+        ApiError::Invocation(InvokeError::Capacity) | ApiError::Rejected(_) | ApiError::Unavailable(_) => {
+            Outcome::Rejected
+        }
+        ApiError::BadRequest { .. } | ApiError::PayloadTooLarge { .. } => Outcome::BadRequest,
+        _ => Outcome::InternalError,
+    }
+}
+
+type Commit = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send>>;
+
+enum BodyState {
+    Streaming,
+    Committing(Commit),
+    Done,
+}
+
+/// A response body whose last frame waits for the usage record.
+struct MeteredBody<B> {
+    inner: B,
+    held: Option<Frame<Bytes>>,
+    state: BodyState,
+    meter: Option<Meter>,
+}
+
+/// Finishes the record once the guest's report is in.
+async fn finish_body(mut meter: Meter, failed: bool) -> Result<(), LogError> {
+    meter.take_report(failed).await;
+    meter.commit().await
+}
+
+impl<B> http_body::Body for MeteredBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                BodyState::Streaming => match Pin::new(&mut this.inner).poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(data), Some(meter)) = (frame.data_ref(), this.meter.as_mut()) {
+                            meter.usage.bytes_out += data.len() as u64;
+                        }
+                        if let Some(previous) = this.held.replace(frame) {
+                            return Poll::Ready(Some(Ok(previous)));
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        let Some(meter) = this.meter.take() else {
+                            this.state = BodyState::Done;
+                            continue;
+                        };
+                        this.state = BodyState::Committing(Box::pin(finish_body(meter, false)));
+                    }
+                    Poll::Ready(Some(Err(err))) => {
+                        // The guest failed mid-body: record it, then cut the
+                        // response (the client never sees it complete).
+                        if let Some(meter) = this.meter.take() {
+                            tokio::spawn(finish_body(meter, true));
+                        }
+                        this.state = BodyState::Done;
+                        this.held = None;
+                        return Poll::Ready(Some(Err(err.into())));
+                    }
+                },
+                BodyState::Committing(commit) => match commit.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) => {
+                        this.state = BodyState::Done;
+                        if let Some(last) = this.held.take() {
+                            return Poll::Ready(Some(Ok(last)));
+                        }
+                    }
+                    Poll::Ready(Err(err)) => {
+                        this.state = BodyState::Done;
+                        this.held = None;
+                        return Poll::Ready(Some(Err(Box::new(err))));
+                    }
+                },
+                BodyState::Done => return Poll::Ready(this.held.take().map(Ok)),
+            }
+        }
+    }
+}
+
+impl<B> Drop for MeteredBody<B> {
+    fn drop(&mut self) {
+        // The client went away while the record was committing: finish the
+        // commit anyway. (Before that, the meter's own drop records it.)
+        if let BodyState::Committing(commit) = std::mem::replace(&mut self.state, BodyState::Done)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(commit);
+        }
+    }
+}
