@@ -12,7 +12,7 @@ use tract_onnx::tract_core::runtime::{DefaultRuntime, Runnable};
 use crate::server::{Server, deploy, http, problem, project, still_serves};
 
 /// The manifest lines of a function naming the MLP at `models/mnist-mlp.onnx`.
-const MLP_MODEL: &str = "[[models]]\nname = \"mnist-mlp\"\npath = \"models/mnist-mlp.onnx\"\n";
+pub(crate) const MLP_MODEL: &str = "[[models]]\nname = \"mnist-mlp\"\npath = \"models/mnist-mlp.onnx\"\n";
 
 /// Writes the `classify` model (fixed seed) into a project directory.
 fn write_model(project_dir: &Path, bytes: &[u8]) {
@@ -20,7 +20,7 @@ fn write_model(project_dir: &Path, bytes: &[u8]) {
     std::fs::write(project_dir.join("models/mnist-mlp.onnx"), bytes).expect("model");
 }
 
-async fn deploy_classify(server: &Server, root: &Path, name: &str) {
+pub(crate) async fn deploy_classify(server: &Server, root: &Path, name: &str) {
     write_model(&root.join(name), &mlp(MLP_SEED));
     deploy(
         server,

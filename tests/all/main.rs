@@ -12,3 +12,4 @@ mod inference;
 mod lifecycle;
 mod ocr;
 mod scaling;
+mod usage;

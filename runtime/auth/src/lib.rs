@@ -65,6 +65,8 @@ pub enum Action {
     ReadFunctions,
     /// Invoke a function.
     Invoke,
+    /// Read usage records and summaries.
+    ReadUsage,
 }
 
 impl Action {
@@ -74,6 +76,7 @@ impl Action {
             (_, Role::Admin)
                 | (Action::Deploy | Action::ReadFunctions, Role::Deployer)
                 | (Action::Invoke, Role::Invoker)
+                | (Action::ReadUsage, Role::Billing)
         )
     }
 }

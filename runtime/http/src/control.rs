@@ -33,6 +33,8 @@ pub(crate) fn routes() -> axum::Router<Arc<AppState>> {
             post(deploy).get(list).layer(DefaultBodyLimit::disable()),
         )
         .route("/functions/{name}", get(show).delete(delete))
+        .route("/usage", get(crate::usage::export))
+        .route("/usage/summary", get(crate::usage::summary))
         .route("/functions/{name}/invocations", post(crate::asynchronous::submit))
         .route("/functions/{name}/invocations/{id}", get(crate::asynchronous::show))
         .route(
@@ -43,8 +45,8 @@ pub(crate) fn routes() -> axum::Router<Arc<AppState>> {
 }
 
 #[derive(Debug, Deserialize)]
-struct TenantQuery {
-    tenant: Option<String>,
+pub(crate) struct TenantQuery {
+    pub(crate) tenant: Option<String>,
 }
 
 /// Authenticates the caller and picks the tenant the call acts in.
@@ -53,7 +55,7 @@ async fn scope(state: &AppState, headers: &HeaderMap, query: &TenantQuery, actio
 }
 
 /// [`scope`], also returning who the caller is.
-async fn scoped_principal(
+pub(crate) async fn scoped_principal(
     state: &AppState,
     headers: &HeaderMap,
     query: &TenantQuery,

@@ -14,6 +14,7 @@ mod invoke;
 mod meter;
 mod problem;
 mod run;
+mod usage;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +31,7 @@ use hearth_store::Store;
 pub use asynchronous::{DEFAULT_ASYNC_CONCURRENCY, spawn_async_runner};
 pub use problem::{ApiError, INVOCATION_ID_HEADER};
 pub use run::{Pools, keep_warm, spawn_reaper};
+pub use usage::NEXT_CURSOR_HEADER;
 
 /// Default largest invocation request body: 16 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;

@@ -47,6 +47,54 @@ pub enum FunctionsCommand {
     },
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum UsageCommand {
+    /// Stream usage records to a file (or stdout), oldest first.
+    Export {
+        /// From this time (RFC 3339, or YYYY-MM-DD for UTC midnight), inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time, exclusive.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this function.
+        #[arg(long)]
+        function: Option<String>,
+        /// Record format.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// Write here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Totals per function and UTC day.
+    Summary {
+        /// From this time, inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time, exclusive.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this function.
+        #[arg(long)]
+        function: Option<String>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// Usage export formats.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// CSV with a header row.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+    /// One CloudEvents 1.0 JSON event per line (id = record id, subject = tenant).
+    Cloudevents,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct InvokeArgs {
     /// Function name.
@@ -246,6 +294,78 @@ async fn async_result(
     } else {
         ExitCode::FAILURE
     })
+}
+
+pub async fn usage(args: &ClientArgs, command: UsageCommand) -> anyhow::Result<ExitCode> {
+    let client = connect(args)?;
+    match command {
+        UsageCommand::Export {
+            since,
+            until,
+            function,
+            format,
+            output,
+        } => {
+            let query = hearth_client::UsageQuery { since, until, function };
+            let format = match format {
+                ExportFormat::Csv => "csv",
+                ExportFormat::Jsonl => "jsonl",
+                ExportFormat::Cloudevents => "cloudevents",
+            };
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("exporting {bytes} {bytes_per_sec}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            let progress = bar.clone();
+            let written = match &output {
+                Some(path) => {
+                    let mut file = tokio::fs::File::create(path)
+                        .await
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    client
+                        .usage_export(&query, format, &mut file, move |n| progress.set_position(n))
+                        .await?
+                }
+                None => {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+                    let mut stdout = tokio::io::stdout();
+                    client.usage_export(&query, format, &mut stdout, |_| {}).await?
+                }
+            };
+            bar.finish_and_clear();
+            if let Some(path) = output {
+                eprintln!("wrote {} to {}", human_bytes(written), path.display());
+            }
+        }
+        UsageCommand::Summary {
+            since,
+            until,
+            function,
+            output,
+        } => {
+            let rows = client
+                .usage_summary(&hearth_client::UsageQuery { since, until, function })
+                .await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                Output::Text if rows.is_empty() => eprintln!("no usage in tenant `{}`", args.tenant),
+                Output::Text => {
+                    println!(
+                        "{:<10}  {:<20} {:>9} {:>8} {:>6} {:>10} {:>10}  cost",
+                        "day", "function", "calls", "rejected", "cold", "billed ms", "gpu ms"
+                    );
+                    for r in rows {
+                        println!(
+                            "{:<10}  {:<20} {:>9} {:>8} {:>6} {:>10} {:>10.1}  {} {}",
+                            r.day, r.function, r.invocations, r.rejected, r.cold_starts, r.billed_ms, r.gpu_ms, r.cost, r.currency
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn functions(args: &ClientArgs, command: FunctionsCommand) -> anyhow::Result<ExitCode> {

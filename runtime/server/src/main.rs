@@ -57,6 +57,13 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Export usage records or show totals (needs a billing or admin token).
+    Usage {
+        #[command(subcommand)]
+        command: cli::UsageCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show devices, warm models and the models each function names.
     Status {
         /// Output format.
@@ -83,6 +90,7 @@ fn main() -> std::process::ExitCode {
             Command::Invoke(args) => cli::invoke(args).await,
             Command::Functions { command, client } => cli::functions(&client, command).await,
             Command::Status { output, client } => cli::status(&client, output).await,
+            Command::Usage { command, client } => cli::usage(&client, command).await,
         }
     });
     match result {

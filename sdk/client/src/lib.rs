@@ -292,6 +292,64 @@ pub struct StoredResponse {
     pub body_base64: String,
 }
 
+/// Which usage records to export or sum up.
+#[derive(Debug, Clone, Default)]
+pub struct UsageQuery {
+    /// RFC 3339 time or `YYYY-MM-DD`, inclusive.
+    pub since: Option<String>,
+    /// RFC 3339 time or `YYYY-MM-DD`, exclusive.
+    pub until: Option<String>,
+    /// Only this function.
+    pub function: Option<String>,
+}
+
+impl UsageQuery {
+    fn pairs(&self) -> Vec<(&'static str, &str)> {
+        let mut pairs = Vec::new();
+        for (name, value) in [("since", &self.since), ("until", &self.until), ("function", &self.function)] {
+            if let Some(value) = value {
+                pairs.push((name, value.as_str()));
+            }
+        }
+        pairs
+    }
+}
+
+/// Usage totals of one function on one UTC day.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UsageSummary {
+    /// Tenant.
+    pub tenant: String,
+    /// Function.
+    pub function: String,
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    /// Invocations recorded.
+    pub invocations: u64,
+    /// Of which ran.
+    pub ran: u64,
+    /// Of which were refused (429/503).
+    pub rejected: u64,
+    /// Cold starts.
+    pub cold_starts: u64,
+    /// Billed milliseconds.
+    pub billed_ms: u64,
+    /// Guest CPU microseconds.
+    pub guest_cpu_us: u64,
+    /// GPU milliseconds.
+    pub gpu_ms: f64,
+    /// Inference calls.
+    pub inference_calls: u64,
+    /// Request bytes.
+    pub bytes_in: u64,
+    /// Response bytes.
+    pub bytes_out: u64,
+    /// Cost, decimal with nine places.
+    pub cost: String,
+    /// Its currency.
+    pub currency: String,
+}
+
 /// A request to send to a function.
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -489,6 +547,58 @@ impl Client {
         let url = self.control_url(&format!("/functions/{function}/invocations/{id}"));
         let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
         json(response, &url).await
+    }
+
+    /// Streams usage records (`format`: `csv`, `jsonl` or `cloudevents`)
+    /// into `out`; returns the bytes written. `progress(bytes)` is called as
+    /// they arrive.
+    pub async fn usage_export(
+        &self,
+        query: &UsageQuery,
+        format: &str,
+        out: &mut (impl tokio::io::AsyncWrite + Unpin),
+        progress: impl Fn(u64),
+    ) -> Result<u64> {
+        use futures::StreamExt as _;
+        use tokio::io::AsyncWriteExt as _;
+        let url = self.control_url("/usage");
+        let mut pairs = query.pairs();
+        pairs.push(("format", format));
+        let response = self
+            .send(self.request(reqwest::Method::GET, &url).query(&pairs), &url)
+            .await?;
+        let mut written = 0u64;
+        let mut chunks = response.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|error| ClientError::Transport {
+                url: url.clone(),
+                error,
+            })?;
+            out.write_all(&chunk).await.map_err(|source| ClientError::Io {
+                path: "<usage export output>".into(),
+                source,
+            })?;
+            written += chunk.len() as u64;
+            progress(written);
+        }
+        out.flush().await.map_err(|source| ClientError::Io {
+            path: "<usage export output>".into(),
+            source,
+        })?;
+        Ok(written)
+    }
+
+    /// Usage totals per function and UTC day.
+    pub async fn usage_summary(&self, query: &UsageQuery) -> Result<Vec<UsageSummary>> {
+        #[derive(Deserialize)]
+        struct Rows {
+            rows: Vec<UsageSummary>,
+        }
+        let url = self.control_url("/usage/summary");
+        let response = self
+            .send(self.request(reqwest::Method::GET, &url).query(&query.pairs()), &url)
+            .await?;
+        Ok(json::<Rows>(response, &url).await?.rows)
     }
 
     /// The newest version of each function.
