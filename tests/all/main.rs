@@ -6,6 +6,7 @@
 mod server;
 
 mod asynchronous;
+mod crash;
 mod deploy;
 mod errors;
 mod inference;

@@ -113,7 +113,11 @@ async fn every_invocation_leaves_one_priced_record_and_exports_agree() {
     // One slow call holds the only instance; with no queue the next is refused.
     let slow = tokio::spawn(http().get(server.fn_url("faults", "/slow-body?ms=250")).send());
     wait_for_instances(&server, "faults", "busy", |p| p.busy == 1).await;
-    let rejected = http().get(server.fn_url("faults", "/ok")).send().await.expect("rejected");
+    let rejected = http()
+        .get(server.fn_url("faults", "/ok"))
+        .send()
+        .await
+        .expect("rejected");
     ids.insert("rejected", id_of(&rejected));
     problem(rejected, 429).await;
     let slow = slow.await.expect("task").expect("slow");
@@ -130,15 +134,19 @@ async fn every_invocation_leaves_one_priced_record_and_exports_agree() {
         .map(|line| serde_json::from_str(line).expect("json line"))
         .collect();
     assert_eq!(records.len(), ids.len(), "one record per invocation: {jsonl}");
-    let by_id: HashMap<&str, &Value> = records
-        .iter()
-        .map(|r| (r["id"].as_str().expect("id"), r))
-        .collect();
-    let record = |name: &str| *by_id.get(ids[name].as_str()).unwrap_or_else(|| panic!("no record for {name}"));
+    let by_id: HashMap<&str, &Value> = records.iter().map(|r| (r["id"].as_str().expect("id"), r)).collect();
+    let record = |name: &str| {
+        *by_id
+            .get(ids[name].as_str())
+            .unwrap_or_else(|| panic!("no record for {name}"))
+    };
 
     let r = record("echo");
     assert_eq!((r["status"].as_u64(), r["outcome"].as_str()), (Some(200), Some("ok")));
-    assert_eq!((r["tenant"].as_str(), r["function"].as_str(), r["version"].as_u64()), (Some("default"), Some("echo"), Some(1)));
+    assert_eq!(
+        (r["tenant"].as_str(), r["function"].as_str(), r["version"].as_u64()),
+        (Some("default"), Some("echo"), Some(1))
+    );
     assert_eq!(r["cold_start"], true);
     assert_eq!(r["bytes_in"], 12);
     assert_eq!(r["bytes_out"].as_u64(), Some(echo_len));
@@ -146,23 +154,44 @@ async fn every_invocation_leaves_one_priced_record_and_exports_agree() {
     assert!(r["billed_ms"].as_f64() >= r["wall_ms"].as_f64());
     assert!(r["memory_peak_bytes"].as_u64().is_some_and(|b| b > 0));
     assert!(r["guest_cpu_us"].as_u64().is_some_and(|us| us > 0));
-    assert_eq!((r["device"].as_str(), r["inference_calls"].as_u64()), (Some("cpu"), Some(0)));
-    assert_eq!((r["price_version"].as_str(), r["currency"].as_str()), (Some("test-2"), Some("EUR")));
+    assert_eq!(
+        (r["device"].as_str(), r["inference_calls"].as_u64()),
+        (Some("cpu"), Some(0))
+    );
+    assert_eq!(
+        (r["price_version"].as_str(), r["currency"].as_str()),
+        (Some("test-2"), Some("EUR"))
+    );
 
     let r = record("classify");
     assert_eq!(r["outcome"], "ok");
-    assert_eq!((r["device"].as_str(), r["inference_calls"].as_u64()), (Some("cpu"), Some(1)));
+    assert_eq!(
+        (r["device"].as_str(), r["inference_calls"].as_u64()),
+        (Some("cpu"), Some(1))
+    );
     assert!(r["batched_with"].as_f64().is_some_and(|b| b >= 1.0));
     assert_eq!(r["gpu_ms"], 0.0, "CPU inference has no GPU time");
 
     let r = record("trap");
-    assert_eq!((r["status"].as_u64(), r["outcome"].as_str()), (Some(500), Some("guest_trap")));
+    assert_eq!(
+        (r["status"].as_u64(), r["outcome"].as_str()),
+        (Some(500), Some("guest_trap"))
+    );
     let r = record("timeout");
-    assert_eq!((r["status"].as_u64(), r["outcome"].as_str()), (Some(504), Some("timeout")));
+    assert_eq!(
+        (r["status"].as_u64(), r["outcome"].as_str()),
+        (Some(504), Some("timeout"))
+    );
     assert!(r["wall_ms"].as_f64().is_some_and(|ms| ms >= 300.0));
     let r = record("rejected");
-    assert_eq!((r["status"].as_u64(), r["outcome"].as_str()), (Some(429), Some("rejected")));
-    assert_eq!((r["billed_ms"].as_u64(), r["cost"].as_str()), (Some(0), Some("0.000000000")));
+    assert_eq!(
+        (r["status"].as_u64(), r["outcome"].as_str()),
+        (Some(429), Some("rejected"))
+    );
+    assert_eq!(
+        (r["billed_ms"].as_u64(), r["cost"].as_str()),
+        (Some(0), Some("0.000000000"))
+    );
 
     for r in &records {
         let cost = cost_nanos(r["cost"].as_str().expect("cost"));
@@ -209,7 +238,10 @@ async fn every_invocation_leaves_one_priced_record_and_exports_agree() {
         .send()
         .await
         .expect("page");
-    let cursor = page.headers()["x-hearth-next-cursor"].to_str().expect("cursor").to_owned();
+    let cursor = page.headers()["x-hearth-next-cursor"]
+        .to_str()
+        .expect("cursor")
+        .to_owned();
     assert_eq!(page.text().await.expect("body").lines().count(), 4);
     let rest = http()
         .get(format!("{}/v1/usage?cursor={cursor}", server.url))

@@ -48,7 +48,11 @@ fn parse_time(name: &str, value: &str) -> Result<i64, ApiError> {
         let format = time::macros::format_description!("[year]-[month]-[day]");
         time::Date::parse(value, &format).map(|d| d.midnight().assume_utc())
     });
-    let at = parsed.map_err(|_| bad(format!("`{name}={value}`: expected RFC 3339 (2026-11-29T10:00:00Z) or a date (2026-11-29)")))?;
+    let at = parsed.map_err(|_| {
+        bad(format!(
+            "`{name}={value}`: expected RFC 3339 (2026-11-29T10:00:00Z) or a date (2026-11-29)"
+        ))
+    })?;
     i64::try_from(at.unix_timestamp_nanos() / 1000).map_err(|_| bad(format!("`{name}` is out of range")))
 }
 
@@ -78,8 +82,9 @@ pub(crate) async fn export(
 ) -> Result<Response, ApiError> {
     let format = match query.format.as_deref() {
         None => Format::Jsonl,
-        Some(name) => Format::parse(name)
-            .ok_or_else(|| bad(format!("`format={name}`: expected csv, jsonl or cloudevents")))?,
+        Some(name) => {
+            Format::parse(name).ok_or_else(|| bad(format!("`format={name}`: expected csv, jsonl or cloudevents")))?
+        }
     };
     let (filter, log) = filter(&state, &headers, &query).await?;
     let source = headers

@@ -358,7 +358,15 @@ pub async fn usage(args: &ClientArgs, command: UsageCommand) -> anyhow::Result<E
                     for r in rows {
                         println!(
                             "{:<10}  {:<20} {:>9} {:>8} {:>6} {:>10} {:>10.1}  {} {}",
-                            r.day, r.function, r.invocations, r.rejected, r.cold_starts, r.billed_ms, r.gpu_ms, r.cost, r.currency
+                            r.day,
+                            r.function,
+                            r.invocations,
+                            r.rejected,
+                            r.cold_starts,
+                            r.billed_ms,
+                            r.gpu_ms,
+                            r.cost,
+                            r.currency
                         );
                     }
                 }

@@ -306,7 +306,11 @@ pub struct UsageQuery {
 impl UsageQuery {
     fn pairs(&self) -> Vec<(&'static str, &str)> {
         let mut pairs = Vec::new();
-        for (name, value) in [("since", &self.since), ("until", &self.until), ("function", &self.function)] {
+        for (name, value) in [
+            ("since", &self.since),
+            ("until", &self.until),
+            ("function", &self.function),
+        ] {
             if let Some(value) = value {
                 pairs.push((name, value.as_str()));
             }
