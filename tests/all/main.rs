@@ -13,4 +13,5 @@ mod inference;
 mod lifecycle;
 mod ocr;
 mod scaling;
+mod telemetry;
 mod usage;

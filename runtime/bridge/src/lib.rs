@@ -355,7 +355,8 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
                 return self.fail(ErrorCode::InvalidArgument, "inputs disagree on the batch dimension");
             }
         }
-        let batched = match loaded.batcher.run(model_inputs).await {
+        let span = tracing::info_span!("inference", model = %loaded.key, device = %loaded.device);
+        let batched = match tracing::Instrument::instrument(loaded.batcher.run(model_inputs), span).await {
             Ok(batched) => batched,
             Err(err) => return self.fail(ErrorCode::RuntimeError, err.to_string()),
         };

@@ -148,6 +148,17 @@ impl Batcher {
     pub fn stats(&self) -> &BatchStats {
         &self.stats
     }
+
+    /// Time the device spent on this model's runs, in nanoseconds: measured
+    /// where the device can tell (GPUs), else runs × the mean run time.
+    pub fn busy_ns(&self) -> u64 {
+        let measured = self.stats.device_ns.load(Ordering::Relaxed);
+        if measured > 0 {
+            return measured;
+        }
+        let runs = self.stats.runs.load(Ordering::Relaxed);
+        runs.saturating_mul(self.stats.mean_run_ns.load(Ordering::Relaxed))
+    }
 }
 
 async fn worker(

@@ -82,6 +82,9 @@ pub struct CachedModel {
     pub runs: u64,
     /// Calls served.
     pub calls: u64,
+    /// Time its device spent running it, in nanoseconds (measured on GPUs,
+    /// estimated from run times on the CPU).
+    pub busy_ns: u64,
 }
 
 /// Loads models once and keeps them warm.
@@ -92,6 +95,7 @@ pub struct ModelCache {
     slots: DashMap<SlotKey, Arc<Slot>>,
     epoch: Instant,
     loads: AtomicU64,
+    gets: AtomicU64,
 }
 
 impl ModelCache {
@@ -103,6 +107,7 @@ impl ModelCache {
             slots: DashMap::new(),
             epoch: Instant::now(),
             loads: AtomicU64::new(0),
+            gets: AtomicU64::new(0),
         })
     }
 
@@ -114,6 +119,7 @@ impl ModelCache {
     /// The model with content `key`, stored at `path`: warm if loaded, else
     /// loaded now (once, however many callers ask at the same time).
     pub async fn get(&self, key: &str, path: &Path, placement: Placement) -> Result<Arc<LoadedModel>> {
+        self.gets.fetch_add(1, Ordering::Relaxed);
         let slot_key = (key.to_owned(), placement);
         let slot = self
             .slots
@@ -174,6 +180,11 @@ impl ModelCache {
         self.loads.load(Ordering::Relaxed)
     }
 
+    /// Model look-ups since start (cache hits are `gets() - loads()`).
+    pub fn gets(&self) -> u64 {
+        self.gets.load(Ordering::Relaxed)
+    }
+
     /// The models now warm.
     pub fn cached(&self) -> Vec<CachedModel> {
         let mut models: Vec<CachedModel> = self
@@ -189,6 +200,7 @@ impl ModelCache {
                     users: Arc::strong_count(loaded) - 1,
                     runs: loaded.batcher.stats().runs.load(Ordering::Relaxed),
                     calls: loaded.batcher.stats().calls.load(Ordering::Relaxed),
+                    busy_ns: loaded.batcher.busy_ns(),
                 })
             })
             .collect();

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
+use tracing::Instrument as _;
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView as _;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -215,49 +216,58 @@ impl Engine {
         let label = label.to_owned();
         let timeout = limits.timeout;
         let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let run = async {
-                let proxy = match ready {
-                    Ready::Warm(proxy) => proxy,
-                    Ready::Cold(pre) => pre.instantiate_async(&mut store).await?,
+        let cold = matches!(ready, Ready::Cold(_));
+        let span = tracing::info_span!("guest", function = %label, cold);
+        tokio::spawn(
+            async move {
+                let run = async {
+                    let proxy = match ready {
+                        Ready::Warm(proxy) => proxy,
+                        Ready::Cold(pre) => {
+                            pre.instantiate_async(&mut store)
+                                .instrument(tracing::info_span!("instantiate"))
+                                .await?
+                        }
+                    };
+                    proxy
+                        .wasi_http_incoming_handler()
+                        .call_handle(&mut store, request, outparam)
+                        .await?;
+                    wasmtime::Result::Ok(proxy)
                 };
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, request, outparam)
-                    .await?;
-                wasmtime::Result::Ok(proxy)
-            };
-            let (timed, cpu_time) = {
-                let mut run = CpuTimed::new(run);
-                let timed = tokio::time::timeout(timeout, &mut run).await;
-                (timed, run.total)
-            };
-            let (outcome, proxy) = match timed {
-                // Interrupted mid-call: the store's state is not to be trusted.
-                Err(_elapsed) => (Err(InvokeError::Timeout(timeout)), None),
-                Ok(Ok(proxy)) => (Ok(()), Some(proxy)),
-                Ok(Err(err)) => (Err(classify(&err, store.data(), timeout)), None),
-            };
-            if let Err(err) = &outcome {
-                tracing::debug!(function = %label, error = %err, "invocation failed");
+                let (timed, cpu_time) = {
+                    let mut run = CpuTimed::new(run);
+                    let timed = tokio::time::timeout(timeout, &mut run).await;
+                    (timed, run.total)
+                };
+                let (outcome, proxy) = match timed {
+                    // Interrupted mid-call: the store's state is not to be trusted.
+                    Err(_elapsed) => (Err(InvokeError::Timeout(timeout)), None),
+                    Ok(Ok(proxy)) => (Ok(()), Some(proxy)),
+                    Ok(Err(err)) => (Err(classify(&err, store.data(), timeout)), None),
+                };
+                if let Err(err) = &outcome {
+                    tracing::debug!(function = %label, error = %err, "invocation failed");
+                }
+                log_guest_output(&label, store.data());
+                let _ = outcome_tx.send(outcome.clone());
+                let state = store.data();
+                let report = Report {
+                    cpu_time,
+                    memory_peak_bytes: state.limiter.peak as u64,
+                    inference_calls: state.nn.compute_calls,
+                    batched_calls: state.nn.batched_with,
+                    device_time: Duration::from_nanos(state.nn.device_ns),
+                    device: state.nn.device,
+                };
+                done(Finished {
+                    instance: proxy.map(|proxy| Instance { store, proxy }),
+                    outcome,
+                    report,
+                });
             }
-            log_guest_output(&label, store.data());
-            let _ = outcome_tx.send(outcome.clone());
-            let state = store.data();
-            let report = Report {
-                cpu_time,
-                memory_peak_bytes: state.limiter.peak as u64,
-                inference_calls: state.nn.compute_calls,
-                batched_calls: state.nn.batched_with,
-                device_time: Duration::from_nanos(state.nn.device_ns),
-                device: state.nn.device,
-            };
-            done(Finished {
-                instance: proxy.map(|proxy| Instance { store, proxy }),
-                outcome,
-                report,
-            });
-        });
+            .instrument(span),
+        );
 
         match receiver.await {
             Ok(Ok(response)) => Ok(response),

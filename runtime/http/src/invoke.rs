@@ -12,6 +12,7 @@ use axum::response::Response;
 use hearth_auth::Action;
 use hearth_manifest::Qos;
 use http::{HeaderValue, Uri, header};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::body::{BodyMeter, LimitedBody};
@@ -48,7 +49,10 @@ pub(crate) async fn handle(
 async fn run(state: Arc<AppState>, tenant: String, function: String, rest: String, request: Request) -> Response {
     let id = Uuid::now_v7();
     let started_at_us = now_us();
-    let result = invoke(&state, id, started_at_us, &tenant, &function, &rest, request).await;
+    let span = tracing::info_span!("invocation", invocation_id = %id, tenant = %tenant, function = %function);
+    let result = invoke(&state, id, started_at_us, &tenant, &function, &rest, request)
+        .instrument(span)
+        .await;
     match result {
         Ok(mut response) => {
             if let Ok(value) = HeaderValue::from_str(&id.to_string()) {

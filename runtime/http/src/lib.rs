@@ -2,7 +2,8 @@
 //!
 //! - `/fn/{tenant}/{function}/...` runs a function ([`invoke`]);
 //! - `/v1/...` is the control API, behind bearer tokens ([`control`]);
-//! - `/healthz` and `/readyz` are for load balancers and orchestrators.
+//! - `/healthz` and `/readyz` are for load balancers and orchestrators;
+//! - `/metrics` is for Prometheus ([`metrics`]).
 //!
 //! Every error leaves through [`ApiError`], the one place that maps errors to
 //! statuses and `application/problem+json` bodies.
@@ -12,6 +13,7 @@ mod body;
 mod control;
 mod invoke;
 mod meter;
+mod metrics;
 mod problem;
 mod run;
 mod usage;
@@ -29,6 +31,7 @@ use hearth_registry::Registry;
 use hearth_store::Store;
 
 pub use asynchronous::{DEFAULT_ASYNC_CONCURRENCY, spawn_async_runner};
+pub use metrics::observe;
 pub use problem::{ApiError, INVOCATION_ID_HEADER};
 pub use run::{Pools, keep_warm, spawn_reaper};
 pub use usage::NEXT_CURSOR_HEADER;
@@ -85,6 +88,8 @@ pub struct AppState {
     pub usage: Option<hearth_metering::UsageLog>,
     /// Prices records.
     pub prices: Arc<hearth_metering::PriceTable>,
+    /// Metrics.
+    pub telemetry: Arc<hearth_telemetry::Telemetry>,
     /// Wakes the asynchronous invocation runner (a submission, a slot freed).
     async_queue: tokio::sync::Notify,
     draining: AtomicBool,
@@ -105,6 +110,7 @@ impl AppState {
         limits: HttpLimits,
         usage: Option<hearth_metering::UsageLog>,
         prices: hearth_metering::PriceTable,
+        telemetry: Arc<hearth_telemetry::Telemetry>,
     ) -> Arc<AppState> {
         Arc::new(AppState {
             registry,
@@ -115,6 +121,7 @@ impl AppState {
             limits,
             usage,
             prices: Arc::new(prices),
+            telemetry,
             async_queue: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
         })
@@ -135,6 +142,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/fn/{tenant}/{function}/{*rest}", any(invoke::handle))
         .nest("/v1", control::routes())
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics::metrics))
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .with_state(state)

@@ -41,6 +41,10 @@ pub(crate) fn now_us() -> i64 {
 /// The usage record of one invocation, being filled in.
 #[derive(Debug)]
 pub(crate) struct Meter {
+    telemetry: Arc<hearth_telemetry::Telemetry>,
+    /// Whether the invocation is still to be accounted for (metrics, log
+    /// line and usage record).
+    open: bool,
     log: Option<UsageLog>,
     prices: Arc<PriceTable>,
     usage: Usage,
@@ -53,6 +57,8 @@ impl Meter {
     /// `started_at_us`.
     pub(crate) fn new(state: &AppState, id: &str, started_at_us: i64, deployed: &Deployed) -> Meter {
         Meter {
+            telemetry: state.telemetry.clone(),
+            open: true,
             log: state.usage.clone(),
             prices: state.prices.clone(),
             usage: Usage {
@@ -89,6 +95,7 @@ impl Meter {
     /// billing goes (an asynchronous run refused for now, to be retried under
     /// the same id; or the usage log is down and the request is refused).
     pub(crate) fn discard(mut self) {
+        self.open = false;
         self.log = None;
     }
 
@@ -154,6 +161,9 @@ impl Meter {
         if let Some(body) = &self.body {
             self.usage.bytes_in = body.read.load(Ordering::Relaxed);
         }
+        if std::mem::replace(&mut self.open, false) {
+            self.account();
+        }
         let Some(log) = self.log.take() else {
             return Ok(());
         };
@@ -206,15 +216,57 @@ impl Meter {
     }
 }
 
+impl Meter {
+    /// Metrics and the request log line of the finished invocation.
+    fn account(&self) {
+        let u = &self.usage;
+        let wall = std::time::Duration::from_micros(u.wall_us());
+        let batch_size = if u.inference_calls == 0 {
+            0.0
+        } else {
+            u.batched_calls as f64 / u.inference_calls as f64
+        };
+        self.telemetry.invocation(&hearth_telemetry::InvocationMetrics {
+            tenant: &u.tenant,
+            function: &u.function,
+            outcome: u.outcome.as_str(),
+            status: u.status,
+            wall,
+            queue: std::time::Duration::from_micros(u.queue_us),
+            cold_start: u.cold_start,
+            batch_size,
+            gpu: std::time::Duration::from_micros(u.gpu_us),
+            device: &u.device,
+        });
+        tracing::info!(
+            target: "hearth::request",
+            invocation_id = %u.id,
+            tenant = %u.tenant,
+            function = %u.function,
+            version = u.version,
+            status = u.status,
+            outcome = u.outcome.as_str(),
+            wall_ms = wall.as_secs_f64() * 1e3,
+            queue_ms = u.queue_us as f64 / 1e3,
+            cold_start = u.cold_start,
+            bytes_in = u.bytes_in,
+            bytes_out = u.bytes_out,
+            "invocation"
+        );
+    }
+}
+
 impl Drop for Meter {
     fn drop(&mut self) {
         // Never committed: the caller went away (client disconnect) before
         // the invocation ended. The guest may still be running; record it
         // once it is done.
-        if self.log.is_none() {
+        if !self.open {
             return;
         }
         let mut orphan = Meter {
+            telemetry: self.telemetry.clone(),
+            open: std::mem::replace(&mut self.open, false),
             log: self.log.take(),
             prices: self.prices.clone(),
             usage: self.usage.clone(),

@@ -16,6 +16,7 @@ use hearth_registry::Deployed;
 use hearth_scheduler::{FunctionSpec, Scheduler};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::meter::Meter;
 use crate::{ApiError, AppState};
@@ -80,7 +81,12 @@ where
         ));
     }
     let key = pool_key(&deployed.version.tenant, &deployed.version.name);
-    let mut lease = match state.pools.acquire(&key, &spec(deployed), class, deadline).await {
+    let spec = spec(deployed);
+    let queued = state
+        .pools
+        .acquire(&key, &spec, class, deadline)
+        .instrument(tracing::info_span!("queue", class = class.as_str()));
+    let mut lease = match queued.await {
         Ok(lease) => lease,
         Err(rejection) if !record_refusals => {
             meter.discard();

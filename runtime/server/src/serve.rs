@@ -113,20 +113,14 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    init_logging(args.log_format);
+    let format = match args.log_format {
+        LogFormat::Text => hearth_telemetry::LogFormat::Text,
+        LogFormat::Json => hearth_telemetry::LogFormat::Json,
+    };
+    // Flushes exported spans when the server stops.
+    let _tracing = hearth_telemetry::init_tracing(format, "hearth").context("starting tracing")?;
+    let telemetry = Arc::new(hearth_telemetry::Telemetry::new().context("starting metrics")?);
     let data_dir = args.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
 
@@ -183,7 +177,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(hearth_metering::UsageLog::open(&data_dir).context("opening the usage log")?)
     };
     tracing::info!(version = %prices.version, currency = %prices.currency, "price table");
-    let state = AppState::new(registry, auth, engine, pools, store, limits, usage, prices);
+    let state = AppState::new(registry, auth, engine, pools, store, limits, usage, prices, telemetry);
+    hearth_http::observe(&state);
     hearth_http::spawn_reaper(&state, Duration::from_millis(args.reap_interval_ms.max(10)));
     hearth_http::spawn_async_runner(&state, args.async_concurrency);
     // Functions that keep instances warm get them (and their models) back in

@@ -1,0 +1,162 @@
+//! `GET /metrics`: OpenTelemetry metrics in the Prometheus text format, and
+//! the gauges observed from the runtime's state at each scrape (instances
+//! and queues per function, models and devices, the usage log).
+
+use std::sync::{Arc, Weak};
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use hearth_manifest::Qos;
+use http::{HeaderValue, header};
+use opentelemetry::KeyValue;
+
+use crate::{ApiError, AppState};
+
+/// `GET /metrics`.
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let text = state
+        .telemetry
+        .render()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(hearth_telemetry::PROMETHEUS_CONTENT_TYPE),
+    );
+    Ok(response)
+}
+
+fn function_labels(key: &str) -> [KeyValue; 2] {
+    let (tenant, function) = key.split_once('/').unwrap_or(("", key));
+    [
+        KeyValue::new("tenant", tenant.to_owned()),
+        KeyValue::new("function", function.to_owned()),
+    ]
+}
+
+/// Registers the observed instruments; they read `state` at each scrape
+/// (through a weak reference, so they never keep it alive).
+pub fn observe(state: &Arc<AppState>) {
+    let meter = state.telemetry.meter();
+    let weak = Arc::downgrade(state);
+
+    let s = weak.clone();
+    let _instances = meter
+        .u64_observable_gauge("hearth.instances")
+        .with_description("Instances per function, idle (warm) or busy")
+        .with_callback(move |gauge| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            for (key, pool) in state.pools.stats() {
+                let [tenant, function] = function_labels(&key);
+                for (which, n) in [("idle", pool.idle), ("busy", pool.busy)] {
+                    let labels = [tenant.clone(), function.clone(), KeyValue::new("state", which)];
+                    gauge.observe(n as u64, &labels);
+                }
+            }
+        })
+        .build();
+
+    let s = weak.clone();
+    let _queued = meter
+        .u64_observable_gauge("hearth.queue.depth")
+        .with_description("Requests waiting for an instance, per function and QoS class")
+        .with_callback(move |gauge| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            for (key, pool) in state.pools.stats() {
+                let [tenant, function] = function_labels(&key);
+                for class in Qos::ALL {
+                    let labels = [tenant.clone(), function.clone(), KeyValue::new("class", class.as_str())];
+                    gauge.observe(pool.queued[class as usize] as u64, &labels);
+                }
+            }
+        })
+        .build();
+
+    let s = weak.clone();
+    let _pool_events = meter
+        .u64_observable_counter("hearth.instances.events")
+        .with_description("Pool events per function: warm starts (reuse), scale-downs, unloads, rejections")
+        .with_callback(move |counter| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            for (key, pool) in state.pools.stats() {
+                let [tenant, function] = function_labels(&key);
+                for (event, n) in [
+                    ("warm_start", pool.warm_starts),
+                    ("scale_down", pool.scale_downs),
+                    ("unload", pool.unloads),
+                    ("rejected", pool.rejected),
+                ] {
+                    let labels = [tenant.clone(), function.clone(), KeyValue::new("event", event)];
+                    counter.observe(n, &labels);
+                }
+            }
+        })
+        .build();
+
+    let s = weak.clone();
+    let _model_memory = meter
+        .u64_observable_gauge("hearth.model.memory")
+        .with_unit("By")
+        .with_description("Size of the models loaded on each device")
+        .with_callback(move |gauge| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            let mut by_device = std::collections::BTreeMap::<String, u64>::new();
+            for model in state.engine.config().models.cached() {
+                *by_device.entry(model.device.to_string()).or_default() += model.size_bytes;
+            }
+            by_device.insert("cpu".into(), by_device.get("cpu").copied().unwrap_or(0));
+            for (device, bytes) in by_device {
+                gauge.observe(bytes, &[KeyValue::new("device", device)]);
+            }
+        })
+        .build();
+
+    let s = weak.clone();
+    let _device_busy = meter
+        .f64_observable_counter("hearth.device.busy_time")
+        .with_unit("s")
+        .with_description("Time each device spent running models (utilisation: its rate)")
+        .with_callback(move |counter| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            let mut by_device = std::collections::BTreeMap::<String, u64>::new();
+            for model in state.engine.config().models.cached() {
+                *by_device.entry(model.device.to_string()).or_default() += model.busy_ns;
+            }
+            for (device, ns) in by_device {
+                counter.observe(ns as f64 / 1e9, &[KeyValue::new("device", device)]);
+            }
+        })
+        .build();
+
+    let s = weak.clone();
+    let _model_cache = meter
+        .u64_observable_counter("hearth.model.cache.requests")
+        .with_description("Model look-ups by guests and warm-ups: hits, and misses that loaded the model")
+        .with_callback(move |counter| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            let cache = &state.engine.config().models;
+            let (gets, loads) = (cache.gets(), cache.loads());
+            counter.observe(gets.saturating_sub(loads), &[KeyValue::new("result", "hit")]);
+            counter.observe(loads, &[KeyValue::new("result", "miss")]);
+        })
+        .build();
+
+    let s = weak;
+    let _usage = meter
+        .u64_observable_counter("hearth.usage.log")
+        .with_description("Usage log: records and group commits written, failed writes")
+        .with_callback(move |counter| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            let Some(log) = &state.usage else { return };
+            let stats = log.stats();
+            use std::sync::atomic::Ordering::Relaxed;
+            for (what, n) in [
+                ("records", stats.records.load(Relaxed)),
+                ("commits", stats.commits.load(Relaxed)),
+                ("failures", stats.failures.load(Relaxed)),
+            ] {
+                counter.observe(n, &[KeyValue::new("kind", what)]);
+            }
+        })
+        .build();
+}

@@ -1,0 +1,284 @@
+//! Hearth's telemetry: what operators see of the runtime.
+//!
+//! - **Metrics** are OpenTelemetry instruments ([`Telemetry::meter`]) read by
+//!   a Prometheus exporter into its own registry; `GET /metrics` renders it
+//!   ([`Telemetry::render`]). Per-invocation instruments are recorded through
+//!   [`Telemetry::invocation`]; gauges of pools, queues and models are
+//!   observed from the runtime's state by callbacks the server registers.
+//! - **Traces**: every invocation is a `tracing` span with children (queue,
+//!   guest, inference); [`init_tracing`] exports them by OTLP/HTTP when
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and does nothing extra otherwise.
+//! - **Logs** are `tracing` events on stderr, as text or one JSON object per
+//!   line.
+
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// Why telemetry could not start or render.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The Prometheus exporter refused its configuration.
+    #[error("metrics exporter: {0}")]
+    Exporter(String),
+    /// Encoding the Prometheus text failed.
+    #[error("encoding metrics: {0}")]
+    Encode(String),
+    /// The OTLP exporter could not be built.
+    #[error("OTLP trace exporter: {0}")]
+    Otlp(String),
+}
+
+/// One finished invocation, as metrics see it.
+#[derive(Debug, Clone, Copy)]
+pub struct InvocationMetrics<'a> {
+    /// Tenant.
+    pub tenant: &'a str,
+    /// Function.
+    pub function: &'a str,
+    /// Usage outcome (`ok`, `guest_trap`, `rejected`, ...).
+    pub outcome: &'a str,
+    /// HTTP status.
+    pub status: u16,
+    /// Wall time.
+    pub wall: Duration,
+    /// Time in the queue.
+    pub queue: Duration,
+    /// Whether it started a fresh instance.
+    pub cold_start: bool,
+    /// Mean batch size of its inference calls (0 without inference).
+    pub batch_size: f64,
+    /// Its share of GPU time.
+    pub gpu: Duration,
+    /// Where its inference ran.
+    pub device: &'a str,
+}
+
+/// The metrics pipeline and the instruments recorded per invocation.
+#[derive(Debug)]
+pub struct Telemetry {
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+    meter: Meter,
+    invocations: Counter<u64>,
+    duration: Histogram<f64>,
+    queue: Histogram<f64>,
+    cold_starts: Counter<u64>,
+    batch_size: Histogram<f64>,
+    gpu_time: Counter<f64>,
+}
+
+/// Latency buckets, in seconds: 100 µs to 30 s.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0,
+];
+/// Batch size buckets.
+const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+impl Telemetry {
+    /// Starts the metrics pipeline.
+    pub fn new() -> Result<Telemetry, TelemetryError> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_target_info()
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let meter = provider.meter("hearth");
+        let invocations = meter
+            .u64_counter("hearth.invocations")
+            .with_description("Invocations that reached a function, by outcome")
+            .build();
+        let duration = meter
+            .f64_histogram("hearth.invocation.duration")
+            .with_unit("s")
+            .with_description("Wall time of invocations, from arrival to the end of the response")
+            .with_boundaries(DURATION_BUCKETS.to_vec())
+            .build();
+        let queue = meter
+            .f64_histogram("hearth.queue.duration")
+            .with_unit("s")
+            .with_description("Time invocations waited for an instance")
+            .with_boundaries(DURATION_BUCKETS.to_vec())
+            .build();
+        let cold_starts = meter
+            .u64_counter("hearth.cold_starts")
+            .with_description("Invocations that needed a fresh instance")
+            .build();
+        let batch_size = meter
+            .f64_histogram("hearth.inference.batch_size")
+            .with_description("Mean batch size of each invocation's inference calls")
+            .with_boundaries(BATCH_BUCKETS.to_vec())
+            .build();
+        let gpu_time = meter
+            .f64_counter("hearth.device.gpu_time")
+            .with_unit("s")
+            .with_description("GPU time of inference, shared among batched invocations")
+            .build();
+        Ok(Telemetry {
+            registry,
+            provider,
+            meter,
+            invocations,
+            duration,
+            queue,
+            cold_starts,
+            batch_size,
+            gpu_time,
+        })
+    }
+
+    /// The meter, for observable instruments the server registers.
+    pub fn meter(&self) -> &Meter {
+        &self.meter
+    }
+
+    /// Records one finished invocation.
+    pub fn invocation(&self, m: &InvocationMetrics<'_>) {
+        let function = [
+            KeyValue::new("tenant", m.tenant.to_owned()),
+            KeyValue::new("function", m.function.to_owned()),
+        ];
+        let with_outcome = [
+            function[0].clone(),
+            function[1].clone(),
+            KeyValue::new("outcome", m.outcome.to_owned()),
+            KeyValue::new("http.response.status_code", i64::from(m.status)),
+        ];
+        self.invocations.add(1, &with_outcome);
+        self.duration.record(m.wall.as_secs_f64(), &with_outcome);
+        self.queue.record(m.queue.as_secs_f64(), &function);
+        if m.cold_start {
+            self.cold_starts.add(1, &function);
+        }
+        if m.batch_size > 0.0 {
+            self.batch_size.record(m.batch_size, &function);
+        }
+        if !m.gpu.is_zero() {
+            self.gpu_time
+                .add(m.gpu.as_secs_f64(), &[KeyValue::new("device", m.device.to_owned())]);
+        }
+    }
+
+    /// Every metric in the Prometheus text format.
+    pub fn render(&self) -> Result<String, TelemetryError> {
+        use prometheus::Encoder as _;
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .map_err(|e| TelemetryError::Encode(e.to_string()))?;
+        String::from_utf8(out).map_err(|e| TelemetryError::Encode(e.to_string()))
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// The content type of [`Telemetry::render`]'s output.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Keeps the trace pipeline alive; flushes spans when dropped.
+#[derive(Debug)]
+pub struct TracingGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TracingGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Installs the global `tracing` subscriber: logs on stderr in `format`,
+/// filtered by `HEARTH_LOG` (default `info`), and, when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans exported by OTLP/HTTP.
+pub fn init_tracing(format: LogFormat, service: &str) -> Result<TracingGuard, TelemetryError> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let otlp = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    let provider = if otlp {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name(service.to_owned())
+            .build();
+        Some(
+            opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource)
+                .build(),
+        )
+    } else {
+        None
+    };
+    let layer = provider.as_ref().map(|provider| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(provider.tracer("hearth"))
+    });
+    tracing_subscriber::registry().with(filter).with(fmt).with(layer).init();
+    if otlp {
+        tracing::info!("exporting traces by OTLP to OTEL_EXPORTER_OTLP_ENDPOINT");
+    }
+    Ok(TracingGuard { provider })
+}
+
+use tracing_subscriber::Layer as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invocations_render_as_prometheus_text() {
+        let telemetry = Telemetry::new().expect("telemetry");
+        let m = InvocationMetrics {
+            tenant: "acme",
+            function: "echo",
+            outcome: "ok",
+            status: 200,
+            wall: Duration::from_millis(3),
+            queue: Duration::ZERO,
+            cold_start: true,
+            batch_size: 0.0,
+            gpu: Duration::ZERO,
+            device: "cpu",
+        };
+        telemetry.invocation(&m);
+        telemetry.invocation(&m);
+        let text = telemetry.render().expect("render");
+        assert!(
+            text.lines().any(|l| l.starts_with("hearth_invocations_total{")
+                && l.contains("function=\"echo\"")
+                && l.ends_with(" 2")),
+            "{text}"
+        );
+        assert!(text.contains("hearth_invocation_duration_seconds_bucket"), "{text}");
+        assert!(text.contains("hearth_cold_starts_total"), "{text}");
+    }
+}

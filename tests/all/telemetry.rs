@@ -1,0 +1,109 @@
+//! Telemetry: `/metrics` in the Prometheus format, scraped by a real
+//! Prometheus server (the Debian package, installed by `.ci/run`), whose
+//! HTTP API then answers for the invocation counter.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::server::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Kills the Prometheus child when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_the_invocation_counter() {
+    let Ok(prometheus) = which("prometheus") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "prometheus is not installed (apt-get install -y prometheus); CI must run this test"
+        );
+        eprintln!("skipped: no prometheus binary here (CI installs it)");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    deploy(&server, tmp.path(), "hello", hearth_fixtures::HELLO, "public = true\n").await;
+    for _ in 0..7 {
+        let response = http().get(server.fn_url("hello", "/")).send().await.expect("hello");
+        assert_eq!(response.status(), 200);
+    }
+
+    // Our own exposition first.
+    let metrics = reqwest::get(format!("{}/metrics", server.url)).await.expect("metrics");
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics.headers()["content-type"].to_str().expect("ascii").starts_with("text/plain"));
+    let text = metrics.text().await.expect("text");
+    let counter = text
+        .lines()
+        .find(|l| l.starts_with("hearth_invocations_total{") && l.contains("function=\"hello\""))
+        .unwrap_or_else(|| panic!("no invocation counter:\n{text}"));
+    assert!(counter.ends_with(" 7"), "{counter}");
+    for name in ["hearth_invocation_duration_seconds_bucket", "hearth_instances", "hearth_queue_depth", "hearth_cold_starts_total"] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+
+    // Then a real Prometheus scrapes it.
+    let port = free_port();
+    let target = server.url.trim_start_matches("http://").to_owned();
+    let config = tmp.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: hearth\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .expect("config");
+    let _prometheus = Child(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", tmp.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(tmp.path().join("prometheus.log")).expect("log"))
+            .spawn()
+            .expect("starting prometheus"),
+    );
+    let query = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query=sum(hearth_invocations_total%7Bfunction%3D%22hello%22%7D)"
+    );
+    let guard = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(response) = reqwest::get(&query).await
+            && let Ok(answer) = response.json::<serde_json::Value>().await
+            && let Some(value) = answer["data"]["result"][0]["value"][1].as_str()
+        {
+            assert_eq!(value, "7", "{answer}");
+            break;
+        }
+        assert!(
+            Instant::now() < guard,
+            "Prometheus never reported the counter; its log:\n{}",
+            std::fs::read_to_string(tmp.path().join("prometheus.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn which(binary: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(binary))
+        .find(|path| path.is_file())
+        .ok_or(())
+}
