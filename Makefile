@@ -13,9 +13,10 @@ lint:  ## formatting and clippy, host and guests
 	cargo clippy -p hearth-devices -p hearth-conformance --features cuda --all-targets --locked -- -D warnings
 	cd functions && cargo fmt --all --check && cargo clippy --release --locked -- -D warnings
 
-bench:  ## criterion: instantiation (pooled vs on-demand), wasi-nn bridge overhead and batching
+bench:  ## criterion: instantiation (pooled, on-demand, reused), wasi-nn bridge overhead and batching; cold start end to end
 	cargo bench -p hearth-engine --bench instantiate
 	cargo bench -p hearth-bridge --bench bridge
+	cargo bench -p hearth-server --bench cold_start
 
 models:  ## the example models: classify's MLP (generated) and ocr's PaddleOCR model (from PyPI)
 	cargo run -q --locked -p hearth-fixtures --bin gen-models
