@@ -46,14 +46,24 @@ async fn prometheus_scrapes_the_invocation_counter() {
     // Our own exposition first.
     let metrics = reqwest::get(format!("{}/metrics", server.url)).await.expect("metrics");
     assert_eq!(metrics.status(), 200);
-    assert!(metrics.headers()["content-type"].to_str().expect("ascii").starts_with("text/plain"));
+    assert!(
+        metrics.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/plain")
+    );
     let text = metrics.text().await.expect("text");
     let counter = text
         .lines()
         .find(|l| l.starts_with("hearth_invocations_total{") && l.contains("function=\"hello\""))
         .unwrap_or_else(|| panic!("no invocation counter:\n{text}"));
     assert!(counter.ends_with(" 7"), "{counter}");
-    for name in ["hearth_invocation_duration_seconds_bucket", "hearth_instances", "hearth_queue_depth", "hearth_cold_starts_total"] {
+    for name in [
+        "hearth_invocation_duration_seconds_bucket",
+        "hearth_instances",
+        "hearth_queue_depth",
+        "hearth_cold_starts_total",
+    ] {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
 
@@ -78,9 +88,8 @@ async fn prometheus_scrapes_the_invocation_counter() {
             .spawn()
             .expect("starting prometheus"),
     );
-    let query = format!(
-        "http://127.0.0.1:{port}/api/v1/query?query=sum(hearth_invocations_total%7Bfunction%3D%22hello%22%7D)"
-    );
+    let query =
+        format!("http://127.0.0.1:{port}/api/v1/query?query=sum(hearth_invocations_total%7Bfunction%3D%22hello%22%7D)");
     let guard = Instant::now() + Duration::from_secs(90);
     loop {
         if let Ok(response) = reqwest::get(&query).await

@@ -89,6 +89,9 @@ pub struct UsageLog {
     reader: Option<Arc<Mutex<Connection>>>,
 }
 
+/// One table clustered on the record id. Ids are UUIDv7, minted when the
+/// request arrives, so they sort by time: inserts append, and time ranges are
+/// id ranges (no second index to maintain on the hot path).
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
     id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -112,9 +115,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
     cost_nanos INTEGER NOT NULL,
     currency TEXT NOT NULL,
     price_version TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS usage_started ON usage(started_at_us);
-CREATE INDEX IF NOT EXISTS usage_tenant_started ON usage(tenant, started_at_us);";
+) WITHOUT ROWID;";
 
 const COLUMNS: &str = "id, tenant, function, version, started_at_us, ended_at_us, status, outcome, cold_start, \
      queue_us, memory_peak_bytes, guest_cpu_us, device, gpu_us, inference_calls, batched_calls, bytes_in, bytes_out, \
@@ -367,10 +368,12 @@ impl UsageLog {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM usage
-                 WHERE id > ?1 AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR function = ?3)
+                 WHERE id > ?1 AND id < ?7 AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR function = ?3)
                    AND (?4 IS NULL OR started_at_us >= ?4) AND (?5 IS NULL OR started_at_us < ?5)
                  ORDER BY id LIMIT ?6"
             ))?;
+            let (lower, upper) = id_bounds(&filter);
+            let after = after.max(lower);
             let rows = stmt.query_map(
                 params![
                     after,
@@ -378,7 +381,8 @@ impl UsageLog {
                     filter.function,
                     filter.since_us,
                     filter.until_us,
-                    limit
+                    limit,
+                    upper
                 ],
                 record_from_row,
             )?;
@@ -397,12 +401,20 @@ impl UsageLog {
                         sum(cold_start), sum(billed_ms), sum(guest_cpu_us), sum(gpu_us), sum(inference_calls),
                         sum(bytes_in), sum(bytes_out), sum(cost_nanos), max(currency)
                  FROM usage
-                 WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR function = ?2)
+                 WHERE id >= ?5 AND id < ?6 AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR function = ?2)
                    AND (?3 IS NULL OR started_at_us >= ?3) AND (?4 IS NULL OR started_at_us < ?4)
                  GROUP BY tenant, function, day ORDER BY day, tenant, function",
             )?;
+            let (lower, upper) = id_bounds(&filter);
             let rows = stmt.query_map(
-                params![filter.tenant, filter.function, filter.since_us, filter.until_us],
+                params![
+                    filter.tenant,
+                    filter.function,
+                    filter.since_us,
+                    filter.until_us,
+                    lower,
+                    upper
+                ],
                 |row| {
                     Ok(SummaryRow {
                         tenant: row.get(0)?,
@@ -429,6 +441,25 @@ impl UsageLog {
     }
 }
 
+/// The id range that holds every record of `filter`'s time range: ids are
+/// UUIDv7, whose first 48 bits are the Unix milliseconds at which the
+/// request arrived (taken a moment before `started_at_us`, hence the
+/// millisecond of slack on each side; the exact filter is applied too).
+fn id_bounds(filter: &Filter) -> (String, String) {
+    let bound = |ms: i64| {
+        let ms = u64::try_from(ms.max(0)).unwrap_or(0).min((1 << 48) - 1);
+        format!("{:08x}-{:04x}", ms >> 16, ms & 0xffff)
+    };
+    let lower = filter
+        .since_us
+        .map_or_else(String::new, |us| bound(us.div_euclid(1000) - 1));
+    // Past every id: 'g' sorts after any hex digit.
+    let upper = filter
+        .until_us
+        .map_or_else(|| "g".to_owned(), |us| bound(us.div_euclid(1000) + 2));
+    (lower, upper)
+}
+
 /// The writer thread: group commits until every sender is gone.
 fn writer(mut sink: impl Sink, mut rx: mpsc::Receiver<(UsageRecord, Ack)>, shared: &Shared) {
     while let Some(first) = rx.blocking_recv() {
@@ -439,7 +470,7 @@ fn writer(mut sink: impl Sink, mut rx: mpsc::Receiver<(UsageRecord, Ack)>, share
                 Err(_) => break,
             }
         }
-        let records: Vec<UsageRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+        let (records, acks): (Vec<UsageRecord>, Vec<Ack>) = batch.into_iter().unzip();
         if let Err(error) = sink.write(&records) {
             shared.healthy.store(false, Ordering::Release);
             shared.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -454,7 +485,7 @@ fn writer(mut sink: impl Sink, mut rx: mpsc::Receiver<(UsageRecord, Ack)>, share
         }
         shared.stats.commits.fetch_add(1, Ordering::Relaxed);
         shared.stats.records.fetch_add(records.len() as u64, Ordering::Relaxed);
-        for (_, ack) in batch {
+        for ack in acks {
             let _ = ack.send(Ok(()));
         }
     }

@@ -135,3 +135,28 @@ async fn a_failed_write_stops_the_log_until_it_has_reopened_and_committed() {
     log.record(record("b")).await.expect("committed");
     assert_eq!(written.lock().expect("lock").len(), 2);
 }
+
+#[tokio::test]
+async fn time_ranges_select_by_arrival() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = UsageLog::open(dir.path()).expect("open");
+    let t0_ms: u64 = 1_764_000_000_000;
+    for second in 0..3u64 {
+        let ms = t0_ms + second * 1000;
+        let ts = uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, ((ms % 1000) * 1_000_000) as u32);
+        let mut usage = usage(&uuid::Uuid::new_v7(ts).to_string(), Outcome::Ok);
+        usage.started_at_us = (ms * 1000) as i64 + 300;
+        usage.ended_at_us = usage.started_at_us + 1000;
+        log.record(PriceTable::default().price(usage)).await.expect("commit");
+    }
+    let window = Filter {
+        since_us: Some(((t0_ms + 1000) * 1000) as i64),
+        until_us: Some(((t0_ms + 2000) * 1000) as i64),
+        ..Filter::default()
+    };
+    let page = log.page(&window, None, 10).await.expect("page");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].usage.started_at_us, ((t0_ms + 1000) * 1000) as i64 + 300);
+    let summary = log.summary(&window).await.expect("summary");
+    assert_eq!(summary[0].invocations, 1);
+}

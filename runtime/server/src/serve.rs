@@ -218,6 +218,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    // Responses often go out as a head and a later last frame (which waits
+    // for the usage record): without TCP_NODELAY, Nagle's algorithm and the
+    // client's delayed ACK would hold that frame back by ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+        }
+    });
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
