@@ -154,8 +154,7 @@ impl Meter {
     }
 
     /// Commits the record; the caller sends its response only after this.
-    /// The write runs in its own task, so a caller that goes away mid-way
-    /// does not lose it.
+    /// A caller that goes away mid-way does not lose the record.
     async fn commit(mut self) -> Result<(), LogError> {
         self.usage.ended_at_us = now_us().max(self.usage.started_at_us);
         if let Some(body) = &self.body {
@@ -169,9 +168,15 @@ impl Meter {
         };
         let id = self.usage.id.clone();
         let record = self.prices.price(self.usage.clone());
-        let result = match tokio::spawn(async move { log.record(record).await }).await {
-            Ok(result) => result,
-            Err(join) => Err(LogError::Unavailable(join.to_string())),
+        // Once handed over, the record commits even if this caller goes
+        // away; only a full queue needs a task to hand it over for us.
+        let result = match log.try_submit(record) {
+            Ok(committed) => committed.wait().await,
+            Err(Some(record)) => match tokio::spawn(async move { log.record(record).await }).await {
+                Ok(result) => result,
+                Err(join) => Err(LogError::Unavailable(join.to_string())),
+            },
+            Err(None) => Err(LogError::Closed),
         };
         if let Err(err) = &result {
             tracing::error!(invocation_id = %id, error = %err, "usage record not committed");

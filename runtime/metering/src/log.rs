@@ -81,6 +81,25 @@ struct Shared {
 
 type Ack = oneshot::Sender<Result<(), LogError>>;
 
+/// A record handed to the writer; [`Committed::wait`] returns once it is on
+/// disk.
+#[derive(Debug)]
+pub struct Committed(oneshot::Receiver<Result<(), LogError>>);
+
+impl Committed {
+    /// Waits for the commit (at most a bounded time).
+    pub async fn wait(self) -> Result<(), LogError> {
+        match tokio::time::timeout(COMMIT_WAIT, self.0).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(LogError::Closed),
+            Err(_) => Err(LogError::Unavailable(format!(
+                "the record did not commit within {} s",
+                COMMIT_WAIT.as_secs()
+            ))),
+        }
+    }
+}
+
 /// The usage log. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct UsageLog {
@@ -333,13 +352,18 @@ impl UsageLog {
     pub async fn record(&self, record: UsageRecord) -> Result<(), LogError> {
         let (ack, committed) = oneshot::channel();
         self.tx.send((record, ack)).await.map_err(|_| LogError::Closed)?;
-        match tokio::time::timeout(COMMIT_WAIT, committed).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(LogError::Closed),
-            Err(_) => Err(LogError::Unavailable(format!(
-                "the record did not commit within {} s",
-                COMMIT_WAIT.as_secs()
-            ))),
+        Committed(committed).wait().await
+    }
+
+    /// Hands `record` to the writer without waiting, if there is room: from
+    /// then on it is committed even if nobody waits for the [`Committed`].
+    /// Gives the record back when the writer's queue is full.
+    pub fn try_submit(&self, record: UsageRecord) -> Result<Committed, Option<UsageRecord>> {
+        let (ack, committed) = oneshot::channel();
+        match self.tx.try_send((record, ack)) {
+            Ok(()) => Ok(Committed(committed)),
+            Err(mpsc::error::TrySendError::Full((record, _))) => Err(Some(record)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
         }
     }
 
