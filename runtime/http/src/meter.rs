@@ -172,7 +172,7 @@ impl Meter {
         // away; only a full queue needs a task to hand it over for us.
         let result = match log.try_submit(record) {
             Ok(committed) => committed.wait().await,
-            Err(Some(record)) => match tokio::spawn(async move { log.record(record).await }).await {
+            Err(Some(record)) => match tokio::spawn(async move { log.record(*record).await }).await {
                 Ok(result) => result,
                 Err(join) => Err(LogError::Unavailable(join.to_string())),
             },

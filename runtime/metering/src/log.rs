@@ -358,11 +358,11 @@ impl UsageLog {
     /// Hands `record` to the writer without waiting, if there is room: from
     /// then on it is committed even if nobody waits for the [`Committed`].
     /// Gives the record back when the writer's queue is full.
-    pub fn try_submit(&self, record: UsageRecord) -> Result<Committed, Option<UsageRecord>> {
+    pub fn try_submit(&self, record: UsageRecord) -> Result<Committed, Option<Box<UsageRecord>>> {
         let (ack, committed) = oneshot::channel();
         match self.tx.try_send((record, ack)) {
             Ok(()) => Ok(Committed(committed)),
-            Err(mpsc::error::TrySendError::Full((record, _))) => Err(Some(record)),
+            Err(mpsc::error::TrySendError::Full((record, _))) => Err(Some(Box::new(record))),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
         }
     }
