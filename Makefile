@@ -15,6 +15,7 @@ lint:  ## formatting and clippy, host and guests
 
 bench:  ## criterion: instantiation (pooled, on-demand, reused), wasi-nn bridge overhead and batching; cold start end to end
 	cargo bench -p hearth-engine --bench instantiate
+	cargo bench -p hearth-engine --bench reload
 	cargo bench -p hearth-bridge --bench bridge
 	cargo bench -p hearth-server --bench cold_start
 

@@ -8,7 +8,9 @@
 #     ~/.cache/hearth/tools/bin from `cargo install wasmtime-cli`):
 #     `wasmtime serve` on the same hello component, fresh and with
 #     `--max-instance-reuse-count 1000`.
-# The functions are public, as `wasmtime serve` has no tokens either.
+# The functions are public, as `wasmtime serve` has no tokens either. Usage
+# records are on (as in production); HEARTH_LOAD_METERING=off runs the server
+# with --no-metering to see the rest of the path alone.
 #   scripts/load.sh [DURATION] [CONNECTIONS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +25,9 @@ wasm_dir="$PWD/functions/target/wasm32-wasip2/release"
 work="$(mktemp -d)"
 port=18080
 export HEARTH_ADMIN_TOKEN="hth_load_$$" HEARTH_TOKEN="hth_load_$$" HEARTH_URL="http://127.0.0.1:$port"
-HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >/dev/null &
+metering=()
+[ "${HEARTH_LOAD_METERING:-on}" = off ] && metering=(--no-metering)
+HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$work/data" "${metering[@]}" >/dev/null 2>&1 &
 server=$!
 reference=""
 trap 'kill -TERM $server ${reference:-} 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
