@@ -14,4 +14,5 @@ mod lifecycle;
 mod ocr;
 mod scaling;
 mod telemetry;
+mod tokens;
 mod usage;

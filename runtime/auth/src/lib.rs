@@ -67,6 +67,8 @@ pub enum Action {
     Invoke,
     /// Read usage records and summaries.
     ReadUsage,
+    /// Create, list and revoke tokens.
+    ManageTokens,
 }
 
 impl Action {
@@ -168,7 +170,77 @@ pub fn generate_token() -> String {
     )
 }
 
+/// A token just created: its record and the secret, shown this once.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    /// The stored record (hash, not secret).
+    pub record: TokenRecord,
+    /// The secret to hand to the user.
+    pub token: String,
+}
+
 impl Auth {
+    /// Creates a token for `tenant` with `role`, valid for `ttl` (forever
+    /// with `None`). The caller must be an admin of `tenant`; creating the
+    /// first token of a new tenant (which creates the tenant) takes the
+    /// operator's admin token.
+    pub async fn create_token(
+        &self,
+        caller: &Principal,
+        tenant: &str,
+        role: Role,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<NewToken, AuthError> {
+        caller.authorize(Action::ManageTokens, tenant)?;
+        if !self.store.tenant_exists(tenant).await? {
+            // Only the operator reaches here for a tenant other than its own.
+            self.store.ensure_tenant(tenant).await?;
+        }
+        let token = generate_token();
+        let now = now_ms();
+        let record = TokenRecord {
+            id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
+            tenant: tenant.to_owned(),
+            role: role.as_str().into(),
+            operator: false,
+            hash: hash_token(&token),
+            created_at_ms: now,
+            expires_at_ms: ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))),
+            revoked_at_ms: None,
+        };
+        self.store.insert_token(record.clone()).await?;
+        Ok(NewToken { record, token })
+    }
+
+    /// The tokens of `tenant` the caller may manage.
+    pub async fn list_tokens(&self, caller: &Principal, tenant: &str) -> Result<Vec<TokenRecord>, AuthError> {
+        caller.authorize(Action::ManageTokens, tenant)?;
+        Ok(self.store.list_tokens(Some(tenant)).await?)
+    }
+
+    /// Revokes a token named by its id (`tok_…`) or by the token itself.
+    /// Effective at once: the verified-token cache forgets it. A token the
+    /// caller may not manage is [`AuthError::OtherTenant`] (answered 404).
+    pub async fn revoke(&self, caller: &Principal, id_or_token: &str) -> Result<TokenRecord, AuthError> {
+        let record = if id_or_token.starts_with("tok_") {
+            self.store.token_by_id(id_or_token).await?
+        } else {
+            self.store.token_by_hash(&hash_token(id_or_token)).await?
+        };
+        let record = record.ok_or(AuthError::OtherTenant)?;
+        caller.authorize(Action::ManageTokens, &record.tenant)?;
+        if record.operator && !caller.operator {
+            return Err(AuthError::OtherTenant);
+        }
+        let revoked = self
+            .store
+            .revoke_token(&record.id)
+            .await?
+            .ok_or(AuthError::OtherTenant)?;
+        self.verified.remove(&revoked.hash);
+        Ok(revoked)
+    }
+
     /// Authenticates against `store`.
     pub fn new(store: Arc<dyn Store>) -> Auth {
         Auth {
@@ -208,7 +280,9 @@ impl Auth {
         Ok(generated.then_some(token))
     }
 
-    /// Authenticates the value of an `Authorization` header.
+    /// Authenticates the value of an `Authorization` header. Checked on every
+    /// request (also on kept-alive connections), so a revocation applies to
+    /// the next request.
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
         let header = authorization.ok_or(AuthError::Missing)?;
         let token = header

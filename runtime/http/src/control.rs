@@ -33,6 +33,8 @@ pub(crate) fn routes() -> axum::Router<Arc<AppState>> {
             post(deploy).get(list).layer(DefaultBodyLimit::disable()),
         )
         .route("/functions/{name}", get(show).delete(delete))
+        .route("/tokens", post(crate::tokens::create).get(crate::tokens::list))
+        .route("/tokens/{id}", axum::routing::delete(crate::tokens::revoke))
         .route("/usage", get(crate::usage::export))
         .route("/usage/summary", get(crate::usage::summary))
         .route("/functions/{name}/invocations", post(crate::asynchronous::submit))

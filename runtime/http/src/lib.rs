@@ -16,6 +16,7 @@ mod meter;
 mod metrics;
 mod problem;
 mod run;
+mod tokens;
 mod usage;
 
 use std::sync::Arc;

@@ -48,6 +48,38 @@ pub enum FunctionsCommand {
 }
 
 #[derive(Debug, clap::Subcommand)]
+pub enum TokensCommand {
+    /// Create a token; prints it once, with its id (keep both).
+    Create {
+        /// Tenant the token acts for (created if new; the operator's token only).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// What it may do: admin (everything in its tenant), deployer (deploy,
+        /// list, delete), invoker (invoke), billing (read usage).
+        #[arg(long, value_parser = ["admin", "deployer", "invoker", "billing"])]
+        role: String,
+        /// Lifetime, like 30d, 12h or 90m (never expires without it).
+        #[arg(long)]
+        expires: Option<String>,
+        /// Output format (json: id and token for scripts).
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List the tenant's tokens (never their secrets).
+    List {
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Revoke a token by its id (tok_...) or by the token itself; effective
+    /// on its next request.
+    Revoke {
+        /// The token's id, or the token.
+        id_or_token: String,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
 pub enum UsageCommand {
     /// Stream usage records to a file (or stdout), oldest first.
     Export {
@@ -294,6 +326,69 @@ async fn async_result(
     } else {
         ExitCode::FAILURE
     })
+}
+
+pub async fn tokens(args: &ClientArgs, command: TokensCommand) -> anyhow::Result<ExitCode> {
+    let client = connect(args)?;
+    match command {
+        TokensCommand::Create {
+            tenant,
+            role,
+            expires,
+            output,
+        } => {
+            let created = client
+                .create_token(tenant.as_deref(), &role, expires.as_deref())
+                .await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&created)?),
+                Output::Text => {
+                    println!("{}", created.token.as_deref().unwrap_or_default());
+                    eprintln!(
+                        "created {} ({} in `{}`{}); the token above is shown once",
+                        created.id,
+                        created.role,
+                        created.tenant,
+                        created
+                            .expires_at
+                            .as_deref()
+                            .map(|at| format!(", expires {at}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        TokensCommand::List { output } => {
+            let tokens = client.list_tokens().await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&tokens)?),
+                Output::Text => {
+                    println!("{:<36}  {:<9} {:<24} {:<24} state", "id", "role", "created", "expires");
+                    for t in tokens {
+                        let state = if t.revoked_at.is_some() {
+                            "revoked"
+                        } else if t.operator {
+                            "operator"
+                        } else {
+                            "active"
+                        };
+                        println!(
+                            "{:<36}  {:<9} {:<24} {:<24} {state}",
+                            t.id,
+                            t.role,
+                            t.created_at,
+                            t.expires_at.as_deref().unwrap_or("never")
+                        );
+                    }
+                }
+            }
+        }
+        TokensCommand::Revoke { id_or_token } => {
+            let revoked = client.revoke_token(&id_or_token).await?;
+            println!("revoked {}", revoked.id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn usage(args: &ClientArgs, command: UsageCommand) -> anyhow::Result<ExitCode> {

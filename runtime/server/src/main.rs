@@ -57,6 +57,13 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Create, list or revoke bearer tokens (needs an admin token).
+    Tokens {
+        #[command(subcommand)]
+        command: cli::TokensCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Export usage records or show totals (needs a billing or admin token).
     Usage {
         #[command(subcommand)]
@@ -91,6 +98,7 @@ fn main() -> std::process::ExitCode {
             Command::Functions { command, client } => cli::functions(&client, command).await,
             Command::Status { output, client } => cli::status(&client, output).await,
             Command::Usage { command, client } => cli::usage(&client, command).await,
+            Command::Tokens { command, client } => cli::tokens(&client, command).await,
         }
     });
     match result {

@@ -240,6 +240,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>>;
     /// Whether any operator token exists (so a first start can create one).
     async fn has_operator_token(&self) -> Result<bool>;
+    /// A token by its public id.
+    async fn token_by_id(&self, id: &str) -> Result<Option<TokenRecord>>;
+    /// Tokens of `tenant` (every tenant's with `None`), oldest first.
+    async fn list_tokens(&self, tenant: Option<&str>) -> Result<Vec<TokenRecord>>;
+    /// Marks a token revoked (keeping the first revocation time); returns it
+    /// as stored afterwards.
+    async fn revoke_token(&self, id: &str) -> Result<Option<TokenRecord>>;
 
     /// Records a new version of a function (creating the function if needed)
     /// and returns it with its assigned number.

@@ -293,6 +293,51 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn token_by_id(&self, id: &str) -> Result<Option<TokenRecord>> {
+        let id = id.to_owned();
+        self.with(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT id, tenant, role, operator, hash, created_at_ms, expires_at_ms, revoked_at_ms
+                     FROM tokens WHERE id = ?1",
+                )?
+                .query_row(params![id], token_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn list_tokens(&self, tenant: Option<&str>) -> Result<Vec<TokenRecord>> {
+        let tenant = tenant.map(str::to_owned);
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, tenant, role, operator, hash, created_at_ms, expires_at_ms, revoked_at_ms
+                 FROM tokens WHERE ?1 IS NULL OR tenant = ?1 ORDER BY created_at_ms, id",
+            )?;
+            let rows = stmt.query_map(params![tenant], token_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, id: &str) -> Result<Option<TokenRecord>> {
+        let id = id.to_owned();
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE tokens SET revoked_at_ms = ?2 WHERE id = ?1 AND revoked_at_ms IS NULL",
+                params![id, now_ms()],
+            )?;
+            Ok(conn
+                .prepare_cached(
+                    "SELECT id, tenant, role, operator, hash, created_at_ms, expires_at_ms, revoked_at_ms
+                     FROM tokens WHERE id = ?1",
+                )?
+                .query_row(params![id], token_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
     async fn has_operator_token(&self) -> Result<bool> {
         self.with(|conn| {
             Ok(conn

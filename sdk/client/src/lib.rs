@@ -292,6 +292,29 @@ pub struct StoredResponse {
     pub body_base64: String,
 }
 
+/// A bearer token as the server shows it. `token` (the secret) is present
+/// only in the answer to [`Client::create_token`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Public id (`tok_…`), for revocation.
+    pub id: String,
+    /// Tenant it acts for.
+    pub tenant: String,
+    /// `admin`, `deployer`, `invoker` or `billing`.
+    pub role: String,
+    /// The operator's token (bootstrap), valid in every tenant.
+    pub operator: bool,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Expiry, if any.
+    pub expires_at: Option<String>,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<String>,
+    /// The secret, shown once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
 /// Which usage records to export or sum up.
 #[derive(Debug, Clone, Default)]
 pub struct UsageQuery {
@@ -590,6 +613,39 @@ impl Client {
             source,
         })?;
         Ok(written)
+    }
+
+    /// Creates a token for `tenant` (the client's by default) with `role`,
+    /// expiring after `expires` (`30d`, `12h`; never when `None`).
+    pub async fn create_token(&self, tenant: Option<&str>, role: &str, expires: Option<&str>) -> Result<TokenInfo> {
+        let url = format!("{}/v1/tokens", self.server);
+        let body = serde_json::json!({
+            "tenant": tenant.unwrap_or(&self.tenant),
+            "role": role,
+            "expires": expires,
+        });
+        let response = self
+            .send(self.request(reqwest::Method::POST, &url).json(&body), &url)
+            .await?;
+        json(response, &url).await
+    }
+
+    /// The tokens of the client's tenant (secrets never included).
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        #[derive(Deserialize)]
+        struct List {
+            tokens: Vec<TokenInfo>,
+        }
+        let url = self.control_url("/tokens");
+        let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
+        Ok(json::<List>(response, &url).await?.tokens)
+    }
+
+    /// Revokes a token by its id (`tok_…`) or by the token itself.
+    pub async fn revoke_token(&self, id_or_token: &str) -> Result<TokenInfo> {
+        let url = format!("{}/v1/tokens/{id_or_token}", self.server);
+        let response = self.send(self.request(reqwest::Method::DELETE, &url), &url).await?;
+        json(response, &url).await
     }
 
     /// Usage totals per function and UTC day.
