@@ -11,6 +11,7 @@ mod deploy;
 mod errors;
 mod inference;
 mod lifecycle;
+mod limits;
 mod ocr;
 mod scaling;
 mod telemetry;

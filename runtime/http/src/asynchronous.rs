@@ -311,7 +311,7 @@ async fn run_one(state: &AppState, invocation: &AsyncInvocation) -> Option<(Asyn
         }
         // Refused for now (queue full, or the usage log recovering): it
         // stays queued and runs later under the same id.
-        Err(ApiError::Rejected(_) | ApiError::Unavailable(_)) => None,
+        Err(ApiError::Rejected(_) | ApiError::TenantLimit(_) | ApiError::Unavailable(_)) => None,
         Err(err) => failed_with_body(err, id).await,
     }
 }

@@ -221,6 +221,7 @@ async fn deploy(
     }
     let manifest = manifest.ok_or_else(|| bad_request("the upload has no `manifest` part".into()))?;
     let component = component.ok_or_else(|| bad_request("the upload has no `component` part".into()))?;
+    check_holdings(&state, &tenant, &manifest, &models).await?;
     let upload = Upload {
         manifest,
         component,
@@ -242,6 +243,34 @@ async fn deploy(
         }
     }
     Ok((StatusCode::CREATED, Json(VersionView::from(&version))))
+}
+
+/// Refuses (429) a deploy that would take `tenant` past its function count
+/// or model bytes.
+async fn check_holdings(
+    state: &AppState,
+    tenant: &str,
+    manifest: &Manifest,
+    models: &HashMap<String, Option<hearth_store::StagedBlob>>,
+) -> Result<(), ApiError> {
+    let limits = state.tenants.limits(tenant);
+    if limits.max_functions.is_none() && limits.max_model_bytes.is_none() {
+        return Ok(());
+    }
+    let functions = state.registry.list(tenant).await?;
+    let others = functions.iter().filter(|f| f.name != manifest.name);
+    let other_model_bytes: u64 = others
+        .clone()
+        .flat_map(|f| f.artifacts.iter())
+        .filter(|a| a.kind == ArtifactKind::Model)
+        .map(|a| a.size)
+        .sum();
+    let new_model_bytes: u64 = models.values().flatten().map(|blob| blob.len()).sum();
+    let count = others.count() as u64 + 1;
+    state
+        .tenants
+        .check_deploy(tenant, count, other_model_bytes + new_model_bytes)?;
+    Ok(())
 }
 
 async fn next_chunk(field: &mut axum::extract::multipart::Field<'_>) -> Result<Option<bytes::Bytes>, ApiError> {

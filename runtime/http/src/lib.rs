@@ -81,6 +81,8 @@ pub struct AppState {
     pub engine: Engine,
     /// Admission, queues and the instance pools.
     pub pools: Pools,
+    /// Per-tenant limits.
+    pub tenants: hearth_scheduler::TenantGate,
     /// The metadata store (for readiness).
     pub store: Arc<dyn Store>,
     /// Edge limits.
@@ -106,7 +108,7 @@ impl AppState {
         registry: Registry,
         auth: Auth,
         engine: Engine,
-        pools: Pools,
+        (pools, tenants): (Pools, hearth_scheduler::TenantGate),
         store: Arc<dyn Store>,
         limits: HttpLimits,
         usage: Option<hearth_metering::UsageLog>,
@@ -118,6 +120,7 @@ impl AppState {
             auth,
             engine,
             pools,
+            tenants,
             store,
             limits,
             usage,

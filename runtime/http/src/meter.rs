@@ -301,9 +301,10 @@ fn outcome_of(err: &ApiError) -> Outcome {
         ApiError::Invocation(InvokeError::Timeout(_)) => Outcome::Timeout,
         ApiError::Invocation(InvokeError::MemoryLimit { .. }) => Outcome::MemoryLimit,
         ApiError::Invocation(InvokeError::NoResponse | InvokeError::GuestError(_)) => Outcome::GuestError,
-        ApiError::Invocation(InvokeError::Capacity) | ApiError::Rejected(_) | ApiError::Unavailable(_) => {
-            Outcome::Rejected
-        }
+        ApiError::Invocation(InvokeError::Capacity)
+        | ApiError::Rejected(_)
+        | ApiError::TenantLimit(_)
+        | ApiError::Unavailable(_) => Outcome::Rejected,
         ApiError::BadRequest { .. } | ApiError::PayloadTooLarge { .. } => Outcome::BadRequest,
         _ => Outcome::InternalError,
     }

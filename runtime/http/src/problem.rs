@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use hearth_auth::AuthError;
 use hearth_engine::InvokeError;
 use hearth_registry::RegistryError;
-use hearth_scheduler::Rejection;
+use hearth_scheduler::{Rejection, TenantRejection};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 use uuid::Uuid;
@@ -61,6 +61,9 @@ pub enum ApiError {
     /// limit held it back, 503 when the server's capacity did.
     #[error("{0}")]
     Rejected(Rejection),
+    /// A per-tenant limit refused the request (429), naming the limit.
+    #[error("{0}")]
+    TenantLimit(TenantRejection),
     /// The server is shutting down or out of capacity (503).
     #[error("{0}")]
     Unavailable(String),
@@ -120,6 +123,7 @@ impl ApiError {
                 (S::TOO_MANY_REQUESTS, "too-many-requests", "Function at its limit")
             }
             ApiError::Rejected(_) => (S::SERVICE_UNAVAILABLE, "capacity", "No capacity"),
+            ApiError::TenantLimit(_) => (S::TOO_MANY_REQUESTS, "tenant-limit", "Tenant limit reached"),
             ApiError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }
@@ -132,9 +136,10 @@ impl ApiError {
             ApiError::Invocation(InvokeError::Timeout(_)) => "timeout",
             ApiError::Invocation(InvokeError::MemoryLimit { .. }) => "memory_limit",
             ApiError::Invocation(InvokeError::NoResponse | InvokeError::GuestError(_)) => "guest_error",
-            ApiError::Invocation(InvokeError::Capacity) | ApiError::Rejected(_) | ApiError::Unavailable(_) => {
-                "rejected"
-            }
+            ApiError::Invocation(InvokeError::Capacity)
+            | ApiError::Rejected(_)
+            | ApiError::TenantLimit(_)
+            | ApiError::Unavailable(_) => "rejected",
             ApiError::Invocation(InvokeError::Internal(_)) | ApiError::Internal(_) => "internal_error",
             _ => return None,
         })
@@ -152,6 +157,7 @@ impl ApiError {
         };
         let key = match &self {
             ApiError::BadRequest { key, .. } | ApiError::Unprocessable { key, .. } => key.as_deref(),
+            ApiError::TenantLimit(rejection) => Some(rejection.limit_name()),
             _ => None,
         };
         let body = Problem {
@@ -184,9 +190,13 @@ impl ApiError {
             }
             _ => {}
         }
-        if let ApiError::Rejected(rejection) = &self {
-            let seconds = rejection.retry_after().as_secs().max(1);
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        let retry_after = match &self {
+            ApiError::Rejected(rejection) => Some(rejection.retry_after()),
+            ApiError::TenantLimit(rejection) => Some(rejection.retry_after()),
+            _ => None,
+        };
+        if let Some(wait) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
         } else if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
         }
@@ -202,6 +212,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.into_problem(None)
+    }
+}
+
+impl From<TenantRejection> for ApiError {
+    fn from(rejection: TenantRejection) -> Self {
+        ApiError::TenantLimit(rejection)
     }
 }
 

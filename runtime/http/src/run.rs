@@ -80,6 +80,14 @@ where
             "the usage log is recovering from a failed write; invocations resume once it has".into(),
         ));
     }
+    let permit = match state.tenants.admit(&deployed.version.tenant) {
+        Ok(permit) => permit,
+        Err(rejection) if !record_refusals => {
+            meter.discard();
+            return Err(rejection.into());
+        }
+        Err(rejection) => return Err(meter.finish_error(rejection.into()).await),
+    };
     let key = pool_key(&deployed.version.tenant, &deployed.version.name);
     let spec = spec(deployed);
     let queued = state
@@ -117,6 +125,8 @@ where
             &label(deployed),
             request,
             move |finished| {
+                // The tenant's concurrency is held until the guest is done.
+                drop(permit);
                 lease.finish(finished.instance);
                 let _ = report_tx.send((finished.outcome, finished.report));
             },

@@ -25,8 +25,15 @@
 //!   the caller can unload their compiled code. Models follow through the
 //!   model cache's own idle eviction once no instance holds them.
 //!
+//! - **Tenants.** [`TenantGate`] holds each tenant to its limits (concurrency,
+//!   request rate, functions, model bytes) before any of the above.
+//!
 //! The scheduler is generic over the instance type, so its logic is tested
 //! with paused time and plain values; the engine's instances are one `I`.
+
+mod tenant;
+
+pub use tenant::{TenantGate, TenantLimits, TenantLimitsConfig, TenantPermit, TenantRejection};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -93,6 +93,11 @@ pub struct ServeArgs {
     /// `builtin-1` prices records.
     #[arg(long, env = "HEARTH_PRICE_TABLE", value_name = "FILE")]
     price_table: Option<PathBuf>,
+    /// Per-tenant limits (TOML: [default] and [tenants.NAME] with
+    /// max_functions, max_model_bytes, max_concurrent, requests_per_second,
+    /// burst); without it tenants are limited only by the server's capacity.
+    #[arg(long, env = "HEARTH_TENANT_LIMITS", value_name = "FILE")]
+    tenant_limits: Option<PathBuf>,
     /// Write no usage records (for measuring metering's cost only: nothing
     /// is billed).
     #[arg(long, env = "HEARTH_NO_METERING")]
@@ -177,7 +182,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(hearth_metering::UsageLog::open(&data_dir).context("opening the usage log")?)
     };
     tracing::info!(version = %prices.version, currency = %prices.currency, "price table");
-    let state = AppState::new(registry, auth, engine, pools, store, limits, usage, prices, telemetry);
+    let tenant_limits = match &args.tenant_limits {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            hearth_scheduler::TenantLimitsConfig::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => hearth_scheduler::TenantLimitsConfig::default(),
+    };
+    let tenants = hearth_scheduler::TenantGate::new(tenant_limits);
+    let state = AppState::new(
+        registry,
+        auth,
+        engine,
+        (pools, tenants),
+        store,
+        limits,
+        usage,
+        prices,
+        telemetry,
+    );
     hearth_http::observe(&state);
     hearth_http::spawn_reaper(&state, Duration::from_millis(args.reap_interval_ms.max(10)));
     hearth_http::spawn_async_runner(&state, args.async_concurrency);

@@ -1,0 +1,295 @@
+//! Per-tenant limits: how much one tenant may hold and use, so that no tenant
+//! crowds out the others. Concurrency and request rate are checked when an
+//! invocation is admitted ([`TenantGate::admit`]); function count and model
+//! bytes when a version is deployed ([`TenantGate::check_deploy`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::time::Instant;
+
+/// One tenant's limits; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantLimits {
+    /// Functions it may have deployed.
+    pub max_functions: Option<u64>,
+    /// Bytes of models its functions may name, summed over functions.
+    pub max_model_bytes: Option<u64>,
+    /// Invocations running or queued at once.
+    pub max_concurrent: Option<u64>,
+    /// Sustained invocations per second (token bucket).
+    pub requests_per_second: Option<f64>,
+    /// Bucket size: invocations it may make in a burst (defaults to one
+    /// second's worth, at least 1).
+    pub burst: Option<f64>,
+}
+
+impl TenantLimits {
+    /// `self`, with every unset limit taken from `defaults`.
+    fn or(self, defaults: TenantLimits) -> TenantLimits {
+        TenantLimits {
+            max_functions: self.max_functions.or(defaults.max_functions),
+            max_model_bytes: self.max_model_bytes.or(defaults.max_model_bytes),
+            max_concurrent: self.max_concurrent.or(defaults.max_concurrent),
+            requests_per_second: self.requests_per_second.or(defaults.requests_per_second),
+            burst: self.burst.or(defaults.burst),
+        }
+    }
+}
+
+/// The server's tenant limits file (`--tenant-limits`, TOML):
+///
+/// ```toml
+/// [default]                 # every tenant
+/// max_functions = 100
+/// max_model_bytes = 4294967296
+/// max_concurrent = 64
+/// requests_per_second = 500
+/// [tenants.acme]            # overrides, key by key
+/// max_concurrent = 8
+/// requests_per_second = 20
+/// burst = 40
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantLimitsConfig {
+    /// Limits of every tenant.
+    pub default: TenantLimits,
+    /// Overrides by tenant name.
+    pub tenants: HashMap<String, TenantLimits>,
+}
+
+impl TenantLimitsConfig {
+    /// Parses and checks the file's text.
+    pub fn from_toml(text: &str) -> Result<TenantLimitsConfig, String> {
+        let config: TenantLimitsConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        for (name, limits) in
+            std::iter::once(("default", &config.default)).chain(config.tenants.iter().map(|(k, v)| (k.as_str(), v)))
+        {
+            for (key, value) in [
+                ("requests_per_second", limits.requests_per_second),
+                ("burst", limits.burst),
+            ] {
+                if value.is_some_and(|v| !v.is_finite() || v <= 0.0) {
+                    return Err(format!("[{name}] {key} must be a positive number"));
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// The limits that apply to `tenant`.
+    pub fn limits(&self, tenant: &str) -> TenantLimits {
+        self.tenants.get(tenant).copied().unwrap_or_default().or(self.default)
+    }
+}
+
+/// Which limit refused a request; answered 429 with `Retry-After`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TenantRejection {
+    /// Too many invocations in flight.
+    #[error("tenant `{tenant}` is at its limit max_concurrent = {limit} invocations in flight")]
+    Concurrency {
+        /// Tenant.
+        tenant: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// Over the request rate.
+    #[error("tenant `{tenant}` is over its limit requests_per_second = {limit}")]
+    Rate {
+        /// Tenant.
+        tenant: String,
+        /// The limit.
+        limit: f64,
+        /// When a request would be admitted again.
+        retry_after: Duration,
+    },
+    /// Deploying would pass a holding limit.
+    #[error("tenant `{tenant}` is at its limit {limit} = {value}")]
+    Holding {
+        /// Tenant.
+        tenant: String,
+        /// `max_functions` or `max_model_bytes`.
+        limit: &'static str,
+        /// The limit's value.
+        value: u64,
+    },
+}
+
+impl TenantRejection {
+    /// The limit's name as in the limits file.
+    pub fn limit_name(&self) -> &'static str {
+        match self {
+            TenantRejection::Concurrency { .. } => "max_concurrent",
+            TenantRejection::Rate { .. } => "requests_per_second",
+            TenantRejection::Holding { limit, .. } => limit,
+        }
+    }
+
+    /// How long the client should wait (whole seconds, at least 1).
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            TenantRejection::Rate { retry_after, .. } => *retry_after,
+            _ => crate::RETRY_AFTER,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct TenantState {
+    in_flight: u64,
+    tokens: f64,
+    refilled: Option<Instant>,
+}
+
+/// Enforces [`TenantLimitsConfig`]. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct TenantGate {
+    config: Arc<TenantLimitsConfig>,
+    state: Arc<Mutex<HashMap<String, TenantState>>>,
+}
+
+/// An admitted invocation's share of its tenant's concurrency; returned on
+/// drop.
+#[derive(Debug)]
+pub struct TenantPermit {
+    gate: TenantGate,
+    tenant: String,
+}
+
+impl Drop for TenantPermit {
+    fn drop(&mut self) {
+        let mut state = self.gate.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tenant) = state.get_mut(&self.tenant) {
+            tenant.in_flight = tenant.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl TenantGate {
+    /// A gate enforcing `config`.
+    pub fn new(config: TenantLimitsConfig) -> TenantGate {
+        TenantGate {
+            config: Arc::new(config),
+            state: Arc::default(),
+        }
+    }
+
+    /// The limits of `tenant`.
+    pub fn limits(&self, tenant: &str) -> TenantLimits {
+        self.config.limits(tenant)
+    }
+
+    /// Admits one invocation of `tenant`, or says which limit refuses it.
+    pub fn admit(&self, tenant: &str) -> Result<TenantPermit, TenantRejection> {
+        let limits = self.config.limits(tenant);
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = state.entry(tenant.to_owned()).or_default();
+        if let Some(limit) = limits.max_concurrent
+            && entry.in_flight >= limit
+        {
+            return Err(TenantRejection::Concurrency {
+                tenant: tenant.to_owned(),
+                limit,
+            });
+        }
+        if let Some(rate) = limits.requests_per_second {
+            let burst = limits.burst.unwrap_or(rate).max(1.0);
+            let elapsed = entry
+                .refilled
+                .map_or(Duration::MAX, |at| now.saturating_duration_since(at));
+            entry.tokens = (entry.tokens + elapsed.as_secs_f64() * rate).min(burst);
+            entry.refilled = Some(now);
+            if entry.tokens < 1.0 {
+                let wait = Duration::from_secs_f64((1.0 - entry.tokens) / rate);
+                return Err(TenantRejection::Rate {
+                    tenant: tenant.to_owned(),
+                    limit: rate,
+                    retry_after: Duration::from_secs(wait.as_secs_f64().ceil().max(1.0) as u64),
+                });
+            }
+            entry.tokens -= 1.0;
+        }
+        entry.in_flight += 1;
+        Ok(TenantPermit {
+            gate: self.clone(),
+            tenant: tenant.to_owned(),
+        })
+    }
+
+    /// Checks a deploy: `functions` the tenant would have and `model_bytes`
+    /// its functions would name, afterwards.
+    pub fn check_deploy(&self, tenant: &str, functions: u64, model_bytes: u64) -> Result<(), TenantRejection> {
+        let limits = self.config.limits(tenant);
+        for (limit, value, used) in [
+            ("max_functions", limits.max_functions, functions),
+            ("max_model_bytes", limits.max_model_bytes, model_bytes),
+        ] {
+            if let Some(value) = value
+                && used > value
+            {
+                return Err(TenantRejection::Holding {
+                    tenant: tenant.to_owned(),
+                    limit,
+                    value,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(text: &str) -> TenantGate {
+        TenantGate::new(TenantLimitsConfig::from_toml(text).expect("config"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_refills_over_time_and_bursts_up_to_the_bucket() {
+        let gate = gate("[tenants.acme]\nrequests_per_second = 2.0\nburst = 3.0\n");
+        let admitted = (0..5).filter(|_| gate.admit("acme").is_ok()).count();
+        assert_eq!(admitted, 3, "the burst");
+        let err = gate.admit("acme").expect_err("empty bucket");
+        assert_eq!(err.limit_name(), "requests_per_second");
+        assert_eq!(err.retry_after(), Duration::from_secs(1));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(gate.admit("acme").is_ok(), "one token back after 0.5 s at 2/s");
+        assert!(gate.admit("acme").is_err());
+        assert!(gate.admit("other").is_ok(), "other tenants are not limited");
+    }
+
+    #[test]
+    fn concurrency_is_returned_when_permits_drop() {
+        let gate = gate("[default]\nmax_concurrent = 2\n");
+        let a = gate.admit("acme").expect("first");
+        let _b = gate.admit("acme").expect("second");
+        let err = gate.admit("acme").expect_err("third");
+        assert_eq!(err.limit_name(), "max_concurrent");
+        assert!(err.to_string().contains("max_concurrent = 2"), "{err}");
+        drop(a);
+        assert!(gate.admit("acme").is_ok());
+    }
+
+    #[test]
+    fn deploys_are_checked_against_holdings_and_overrides_win() {
+        let gate = gate("[default]\nmax_functions = 2\n[tenants.big]\nmax_functions = 10\nmax_model_bytes = 100\n");
+        assert!(gate.check_deploy("acme", 2, 0).is_ok());
+        let err = gate.check_deploy("acme", 3, 0).expect_err("over");
+        assert_eq!(err.limit_name(), "max_functions");
+        assert!(gate.check_deploy("big", 3, 100).is_ok());
+        assert_eq!(
+            gate.check_deploy("big", 3, 101).expect_err("bytes").limit_name(),
+            "max_model_bytes"
+        );
+        assert!(TenantLimitsConfig::from_toml("[default]\nrequests_per_second = 0.0\n").is_err());
+        assert!(TenantLimitsConfig::from_toml("[default]\nmax_function = 1\n").is_err());
+    }
+}
