@@ -284,3 +284,53 @@ async fn concurrent_faults_do_not_disturb_healthy_calls() {
     }
     still_serves(&server).await;
 }
+
+/// Slow clients are cut off, oversized heads refused, and the server keeps
+/// serving everyone else.
+#[tokio::test]
+async fn slow_and_oversized_requests_are_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &tmp.path().join("data"),
+        &["--header-read-timeout-ms", "300", "--body-idle-timeout-ms", "300"],
+    );
+    deploy(&server, tmp.path(), "hello", hearth_fixtures::HELLO, "").await;
+    deploy(&server, tmp.path(), "echo", hearth_fixtures::ECHO, "public = true\n").await;
+    let addr = server.url.trim_start_matches("http://").to_owned();
+
+    // Slowloris: a head that never ends is closed by the server.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n")
+        .await
+        .expect("partial head");
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), slow.read_to_end(&mut buf))
+        .await
+        .expect("the server closes a slow head (hang guard)");
+    assert!(read.is_ok() || buf.is_empty(), "{read:?}");
+
+    // A body that stalls is cut off too: the request fails, nothing hangs.
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    stalled
+        .write_all(b"POST /fn/default/echo/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part")
+        .await
+        .expect("partial body");
+    let mut answer = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(30), stalled.read_to_end(&mut answer))
+        .await
+        .expect("the server ends a stalled body (hang guard)")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // Too many headers: 431.
+    let mut request = http().get(server.fn_url("hello", "/"));
+    for i in 0..150 {
+        request = request.header(format!("x-h{i}"), "v");
+    }
+    let response = request.send().await.expect("many headers");
+    assert_eq!(response.status(), 431);
+
+    still_serves(&server).await;
+}

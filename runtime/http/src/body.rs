@@ -15,6 +15,9 @@ use http_body::{Body, Frame, SizeHint};
 pub(crate) struct BodyMeter {
     pub(crate) read: AtomicU64,
     pub(crate) exceeded: AtomicBool,
+    /// The body broke off: it stalled past the idle timeout, or the client
+    /// went away.
+    pub(crate) broken: AtomicBool,
 }
 
 /// Wraps a body and fails it with `HttpRequestBodySize` once more than
@@ -67,6 +70,7 @@ where
             }
             Poll::Ready(Some(Err(err))) => {
                 tracing::debug!(error = %err, "request body failed");
+                this.meter.broken.store(true, Ordering::Relaxed);
                 Poll::Ready(Some(Err(hearth_engine::BodyError::ConnectionTerminated)))
             }
             other => other.map(|_| None),

@@ -114,6 +114,11 @@ impl Meter {
         self.body.as_ref().is_some_and(|b| b.exceeded.load(Ordering::Relaxed))
     }
 
+    /// Whether the request body broke off (stalled or cut).
+    pub(crate) fn body_broken(&self) -> bool {
+        self.body.as_ref().is_some_and(|b| b.broken.load(Ordering::Relaxed))
+    }
+
     /// Records the admission: queue time and whether it was a cold start.
     pub(crate) fn admitted(&mut self, queued: std::time::Duration, cold: bool) {
         self.usage.queue_us = u64::try_from(queued.as_micros()).unwrap_or(u64::MAX);
@@ -305,7 +310,9 @@ fn outcome_of(err: &ApiError) -> Outcome {
         | ApiError::Rejected(_)
         | ApiError::TenantLimit(_)
         | ApiError::Unavailable(_) => Outcome::Rejected,
-        ApiError::BadRequest { .. } | ApiError::PayloadTooLarge { .. } => Outcome::BadRequest,
+        ApiError::BadRequest { .. } | ApiError::PayloadTooLarge { .. } | ApiError::RequestTimeout => {
+            Outcome::BadRequest
+        }
         _ => Outcome::InternalError,
     }
 }

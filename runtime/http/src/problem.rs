@@ -42,6 +42,9 @@ pub enum ApiError {
         /// The limit, in bytes.
         limit: u64,
     },
+    /// The request body stalled past the idle timeout or broke off (408).
+    #[error("the request body stalled or broke off before it was complete")]
+    RequestTimeout,
     /// The request conflicts with the current state of the resource (409).
     #[error("{0}")]
     Conflict(String),
@@ -104,6 +107,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => (S::BAD_REQUEST, "bad-request", "Bad request"),
             ApiError::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large"),
             ApiError::Conflict(_) => (S::CONFLICT, "conflict", "Conflict"),
+            ApiError::RequestTimeout => (S::REQUEST_TIMEOUT, "request-timeout", "Request body timed out"),
             ApiError::Unprocessable { .. } => (S::UNPROCESSABLE_ENTITY, "unprocessable", "Cannot deploy"),
             ApiError::Invocation(err) => match err {
                 InvokeError::Trap { .. } => (S::INTERNAL_SERVER_ERROR, "guest-trap", "Function trapped"),

@@ -142,6 +142,7 @@ where
             let limit = state.limits.max_body_bytes;
             Err(meter.finish_error(ApiError::PayloadTooLarge { limit }).await)
         }
+        Err(_) if meter.body_broken() => Err(meter.finish_error(ApiError::RequestTimeout).await),
         Err(err) => Err(meter.finish_error(err.into()).await),
     }
 }

@@ -5,6 +5,7 @@
 //! thin wrappers over the `hearth-client` SDK.
 
 mod cli;
+mod listen;
 mod serve;
 
 use std::path::PathBuf;

@@ -102,6 +102,16 @@ pub struct ServeArgs {
     /// is billed).
     #[arg(long, env = "HEARTH_NO_METERING")]
     no_metering: bool,
+    /// Milliseconds a client has to send a request's complete head (slow
+    /// clients are cut off).
+    #[arg(long, env = "HEARTH_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    header_read_timeout_ms: u64,
+    /// Milliseconds a request body may go without sending anything.
+    #[arg(long, env = "HEARTH_BODY_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
+    body_idle_timeout_ms: u64,
+    /// Headers per request; more is a 431.
+    #[arg(long, env = "HEARTH_MAX_HEADERS", default_value_t = 100)]
+    max_headers: usize,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "HEARTH_SHUTDOWN_GRACE_S", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     shutdown_grace_s: u64,
@@ -241,27 +251,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     stdout.flush().await.context("writing to stdout")?;
     tracing::info!(%addr, data_dir = %data_dir.display(), "serving");
 
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    // Responses often go out as a head and a later last frame (which waits
-    // for the usage record): without TCP_NODELAY, Nagle's algorithm and the
-    // client's delayed ACK would hold that frame back by ~40 ms.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let conn_limits = crate::listen::ConnLimits {
+        header_read_timeout: Duration::from_millis(args.header_read_timeout_ms.max(1)),
+        body_idle_timeout: Duration::from_millis(args.body_idle_timeout_ms.max(1)),
+        max_headers: args.max_headers.max(1),
+        max_header_bytes: 64 << 10,
+    };
+    let server = tokio::spawn(crate::listen::serve(listener, app, conn_limits, stop_rx));
     tokio::pin!(server);
 
     tokio::select! {
         result = &mut server => {
-            result.context("server task failed")?.context("serving HTTP")?;
+            result.context("server task failed")?;
             return Ok(ExitCode::SUCCESS);
         }
         signal = shutdown_signal() => {
@@ -273,7 +275,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let grace = Duration::from_secs(args.shutdown_grace_s);
     match tokio::time::timeout(grace, &mut server).await {
         Ok(result) => {
-            result.context("server task failed")?.context("serving HTTP")?;
+            result.context("server task failed")?;
             tracing::info!("stopped cleanly");
         }
         Err(_) => tracing::warn!(

@@ -1,0 +1,81 @@
+//! The HTTP listener: hyper with the connection limits axum's `serve` does
+//! not expose. Slow clients are cut off (a header read timeout, a request
+//! body idle timeout), header count and size are bounded, every connection
+//! gets `TCP_NODELAY`, and a stop signal drains connections gracefully.
+
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Limits on each connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Time a client has to send a request's complete head.
+    pub header_read_timeout: Duration,
+    /// Time a request body may go without sending anything.
+    pub body_idle_timeout: Duration,
+    /// Headers per request (HTTP/1.1; more is a 431).
+    pub max_headers: usize,
+    /// Bytes of headers per request (HTTP/2 header list size).
+    pub max_header_bytes: u32,
+}
+
+/// Serves `app` on `listener` until `stop` turns true, then waits for open
+/// connections to finish their requests (the caller bounds that wait).
+pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, mut stop: watch::Receiver<bool>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes);
+    let service = tower::ServiceBuilder::new()
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            limits.body_idle_timeout,
+        ))
+        .service(app);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors and the like: back off briefly
+                // instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        // Responses often go out as a head and a later last frame (which
+        // waits for the usage record): without TCP_NODELAY, Nagle's algorithm
+        // and the client's delayed ACK would hold that frame back by ~40 ms.
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+        }
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
