@@ -13,6 +13,7 @@ mod inference;
 mod lifecycle;
 mod limits;
 mod ocr;
+mod sandbox;
 mod scaling;
 mod telemetry;
 mod tokens;

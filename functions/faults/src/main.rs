@@ -7,6 +7,8 @@
 //! - `/sleep?ms=N`: sleeps N ms, then answers (a slow but well-behaved call);
 //! - `/slow-body?ms=N`: sends the response head at once, then the body after
 //!   N ms (lets tests observe an invocation in flight);
+//! - `/fetch?url=U`: sends `GET U` and answers 200 with the status and body
+//!   it got, or 502 with the error (an outgoing request the host refused);
 //! - anything else: answers `ok`.
 use hearth_guest::prelude::*;
 
@@ -40,7 +42,29 @@ async fn faults(request: Request<Body>) -> Result<Response<Body>> {
             });
             Ok(Response::new(Body::from_try_stream(body)))
         }
+        "/fetch" => fetch(&request).await,
         _ => Ok(text(StatusCode::OK, "ok\n")),
+    }
+}
+
+async fn fetch(request: &Request<Body>) -> Result<Response<Body>> {
+    let url = request
+        .uri()
+        .query()
+        .and_then(|q| q.strip_prefix("url="))
+        .unwrap_or_default()
+        .to_owned();
+    let outgoing = match Request::get(url.as_str()).body(Body::empty()) {
+        Ok(outgoing) => outgoing,
+        Err(err) => return Ok(text(StatusCode::BAD_REQUEST, format!("bad url {url}: {err}\n"))),
+    };
+    match hearth_guest::wstd::http::Client::new().send(outgoing).await {
+        Ok(mut response) => {
+            let status = response.status().as_u16();
+            let body = response.body_mut().str_contents().await.map(str::to_owned).unwrap_or_default();
+            Ok(text(StatusCode::OK, format!("{status}\n{body}")))
+        }
+        Err(err) => Ok(text(StatusCode::BAD_GATEWAY, format!("{err:?}\n"))),
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Grants {
     /// Host directory mounted read-only at the guest's `/`, if the function
     /// has `[[files]]`.
     pub assets: Option<std::sync::Arc<std::path::Path>>,
+    /// Origins the guest may send HTTP requests to (none by default).
+    pub outbound: std::sync::Arc<[hearth_manifest::Origin]>,
 }
 
 /// What one invocation may use.
@@ -153,8 +155,13 @@ impl Engine {
 
     fn new_store(&self, limits: Limits, grants: &Grants) -> Result<Store<HostState>, InvokeError> {
         let nn = hearth_bridge::NnCtx::new(self.inner.config.models.clone(), grants.models.clone());
-        let state = HostState::new(limits.memory_bytes, nn, grants.assets.as_deref())
-            .map_err(|e| InvokeError::Internal(format!("mounting the function's assets: {}", error_chain(&e))))?;
+        let state = HostState::new(
+            limits.memory_bytes,
+            nn,
+            grants.assets.as_deref(),
+            grants.outbound.clone(),
+        )
+        .map_err(|e| InvokeError::Internal(format!("mounting the function's assets: {}", error_chain(&e))))?;
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_callback(|store| {

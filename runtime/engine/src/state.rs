@@ -20,7 +20,7 @@ pub(crate) struct HostState {
     pub(crate) wasi: WasiCtx,
     pub(crate) http: WasiHttpCtx,
     pub(crate) table: ResourceTable,
-    pub(crate) hooks: DenyOutgoing,
+    pub(crate) hooks: OutgoingPolicy,
     pub(crate) limiter: MemoryLimiter,
     pub(crate) stdout: GuestOutput,
     pub(crate) stderr: GuestOutput,
@@ -34,6 +34,7 @@ impl HostState {
         memory_limit_bytes: usize,
         nn: hearth_bridge::NnCtx,
         assets: Option<&Path>,
+        outbound: Arc<[hearth_manifest::Origin]>,
     ) -> wasmtime::Result<HostState> {
         let stdout = GuestOutput::new(CAPTURED_OUTPUT_BYTES);
         let stderr = GuestOutput::new(CAPTURED_OUTPUT_BYTES);
@@ -50,7 +51,7 @@ impl HostState {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            hooks: DenyOutgoing,
+            hooks: OutgoingPolicy { allowed: outbound },
             limiter: MemoryLimiter::new(memory_limit_bytes),
             stdout,
             stderr,
@@ -132,22 +133,37 @@ impl WasiHttpView for HostState {
     }
 }
 
-/// `wasi:http` hooks that refuse every outgoing request.
-pub(crate) struct DenyOutgoing;
+/// `wasi:http` hooks that let a guest's outgoing request through only to the
+/// origins its manifest lists (`allowed_outbound_hosts`), checked on every
+/// request (a guest that follows a redirect sends a new, checked request).
+pub(crate) struct OutgoingPolicy {
+    allowed: Arc<[hearth_manifest::Origin]>,
+}
 
 type SendResult = wasmtime_wasi_http::Result<(
     http::Response<wasmtime_wasi_http::WasiBody>,
     Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
 )>;
 
-impl WasiHttpHooks for DenyOutgoing {
+impl WasiHttpHooks for OutgoingPolicy {
     fn send_request(
         &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+        if !self.allowed.iter().any(|origin| origin.matches(request.uri())) {
+            tracing::debug!(uri = %request.uri(), "outgoing request denied");
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+            ))
+        })
     }
 }
 

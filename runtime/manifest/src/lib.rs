@@ -78,6 +78,11 @@ pub struct Manifest {
     /// Whether invocation needs no token.
     #[serde(default)]
     pub public: bool,
+    /// Origins (`https://api.example.com`, `http://10.0.0.5:8080`) the guest
+    /// may send HTTP requests to; every other outgoing request is refused,
+    /// the server's own address and loopback included unless listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_outbound_hosts: Vec<String>,
     /// Models the function loads through wasi-nn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<ModelSpec>,
@@ -90,6 +95,60 @@ pub struct Manifest {
     /// How instances scale.
     #[serde(default)]
     pub scaling: Scaling,
+}
+
+/// An origin a guest may send requests to: scheme, host and port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    /// Whether the scheme is `https`.
+    pub https: bool,
+    /// Host name or address, lowercase.
+    pub host: String,
+    /// Port (the scheme's default when not written).
+    pub port: u16,
+}
+
+impl Origin {
+    /// Parses `http(s)://host[:port]` (nothing after the authority but an
+    /// optional `/`).
+    pub fn parse(text: &str) -> std::result::Result<Origin, String> {
+        let uri: http::Uri = text.parse().map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("`{text}`: the scheme must be http or https")),
+        };
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty() && !h.contains('*'))
+            .ok_or_else(|| format!("`{text}` names no host (wildcards are not supported)"))?;
+        if uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+        {
+            return Err(format!("`{text}`: give an origin only, without a path or query"));
+        }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(format!("`{text}`: credentials do not belong in an origin"));
+        }
+        Ok(Origin {
+            https,
+            host: host.to_ascii_lowercase(),
+            port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+        })
+    }
+
+    /// Whether `uri` (an outgoing request's) is on this origin.
+    pub fn matches(&self, uri: &http::Uri) -> bool {
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return false,
+        };
+        let Some(host) = uri.host() else { return false };
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        https == self.https && port == self.port && host.eq_ignore_ascii_case(&self.host)
+    }
 }
 
 /// A model the function names in `[[models]]`.
@@ -252,6 +311,9 @@ impl Manifest {
     /// Checks every value against its bounds.
     pub fn validate(&self) -> Result<()> {
         validate_name(&self.name).map_err(|reason| invalid("name", reason))?;
+        for (i, origin) in self.allowed_outbound_hosts.iter().enumerate() {
+            Origin::parse(origin).map_err(|reason| invalid(&format!("allowed_outbound_hosts[{i}]"), reason))?;
+        }
         let limits = &self.limits;
         if !(1..=MAX_MEMORY_MB).contains(&limits.memory_mb) {
             return Err(invalid(
@@ -522,5 +584,43 @@ mod tests {
         for good in ["a", "echo", "mnist-mlp2", &"a".repeat(63)] {
             assert!(validate_name(good).is_ok(), "{good:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::*;
+
+    #[test]
+    fn origins_parse_strictly_and_match_scheme_host_and_port() {
+        let api = Origin::parse("https://API.example.com").expect("origin");
+        assert_eq!((api.https, api.host.as_str(), api.port), (true, "api.example.com", 443));
+        assert!(api.matches(&"https://api.example.com/v1/x?y=1".parse().expect("uri")));
+        assert!(api.matches(&"https://api.example.com:443/".parse().expect("uri")));
+        assert!(!api.matches(&"http://api.example.com/".parse().expect("uri")), "scheme");
+        assert!(
+            !api.matches(&"https://api.example.com:8443/".parse().expect("uri")),
+            "port"
+        );
+        assert!(
+            !api.matches(&"https://evil.com/?api.example.com".parse().expect("uri")),
+            "host"
+        );
+        assert!(!api.matches(&"https://api.example.com.evil.com/".parse().expect("uri")));
+        let local = Origin::parse("http://127.0.0.1:8080/").expect("origin");
+        assert!(local.matches(&"http://127.0.0.1:8080/x".parse().expect("uri")));
+        for bad in [
+            "ftp://x.com",
+            "https://*.example.com",
+            "https://x.com/path",
+            "https://user:pw@x.com",
+            "x.com",
+            "",
+        ] {
+            assert!(Origin::parse(bad).is_err(), "{bad}");
+        }
+        let err = Manifest::from_toml("name = \"f\"\nallowed_outbound_hosts = [\"https://ok.com\", \"nope\"]")
+            .expect_err("bad origin");
+        assert!(err.to_string().contains("allowed_outbound_hosts[1]"), "{err}");
     }
 }

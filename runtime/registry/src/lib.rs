@@ -322,9 +322,15 @@ impl Registry {
             .await
             .map_err(|e| RegistryError::Engine(e.to_string()))?
             .map_err(|source| StoreError::Io { path: root, source })?;
+        let outbound: Vec<hearth_manifest::Origin> = manifest
+            .allowed_outbound_hosts
+            .iter()
+            .filter_map(|origin| hearth_manifest::Origin::parse(origin).ok())
+            .collect();
         Ok(Grants {
             models: Arc::new(models),
             assets: assets.map(Arc::from),
+            outbound: outbound.into(),
         })
     }
 
