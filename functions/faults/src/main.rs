@@ -61,7 +61,12 @@ async fn fetch(request: &Request<Body>) -> Result<Response<Body>> {
     match hearth_guest::wstd::http::Client::new().send(outgoing).await {
         Ok(mut response) => {
             let status = response.status().as_u16();
-            let body = response.body_mut().str_contents().await.map(str::to_owned).unwrap_or_default();
+            let body = response
+                .body_mut()
+                .str_contents()
+                .await
+                .map(str::to_owned)
+                .unwrap_or_default();
             Ok(text(StatusCode::OK, format!("{status}\n{body}")))
         }
         Err(err) => Ok(text(StatusCode::BAD_GATEWAY, format!("{err:?}\n"))),
