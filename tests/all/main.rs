@@ -9,6 +9,7 @@ mod asynchronous;
 mod crash;
 mod deploy;
 mod errors;
+mod faults;
 mod inference;
 mod lifecycle;
 mod limits;

@@ -1,0 +1,157 @@
+//! Rows of the fault matrix that involve the control plane while invocations
+//! run: delete during a long invocation, redeploy under load, and another
+//! tenant reaching for what is not theirs.
+
+use crate::server::*;
+
+/// Deleting a function lets a running invocation finish (and be recorded);
+/// later calls are 404.
+#[tokio::test]
+async fn delete_during_a_long_invocation() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    deploy(
+        &server,
+        tmp.path(),
+        "slow",
+        hearth_fixtures::FAULTS,
+        "public = true\n[limits]\ntimeout_ms = 60000\n",
+    )
+    .await;
+    let running = tokio::spawn(reqwest::get(server.fn_url("slow", "/slow-body?ms=800")));
+    wait_for_instances(&server, "slow", "busy", |p| p.busy == 1).await;
+    server.client().delete("slow").await.expect("delete");
+    let running = running.await.expect("task").expect("response");
+    assert_eq!(running.status(), 200);
+    let id = running.headers()["x-hearth-invocation-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert_eq!(
+        running.text().await.expect("body"),
+        "done\n",
+        "the running call completes"
+    );
+    // (Anonymous callers get 401 for any non-public path, existing or not.)
+    let after = http().get(server.fn_url("slow", "/ok")).send().await.expect("after");
+    problem(after, 404).await;
+    let usage = http()
+        .get(format!("{}/v1/usage?function=slow", server.url))
+        .send()
+        .await
+        .expect("usage")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        usage.contains(&id),
+        "the deleted function's last call is recorded: {usage}"
+    );
+}
+
+/// Redeploying while a stream of calls runs: every answer is 200 from exactly
+/// one version (old or new), never a 5xx.
+#[tokio::test]
+async fn redeploy_under_load_answers_from_one_version() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    deploy(&server, tmp.path(), "svc", hearth_fixtures::HELLO, "public = true\n").await;
+    let url = server.fn_url("svc", "/path");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut bodies = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let response = http.get(&url).send().await.expect("no dropped connection");
+                    let status = response.status().as_u16();
+                    bodies.push((status, response.text().await.expect("body")));
+                }
+                bodies
+            })
+        })
+        .collect();
+    // Two redeploys: hello → echo → hello, while the clients run.
+    deploy(&server, tmp.path(), "svc", hearth_fixtures::ECHO, "public = true\n").await;
+    deploy(&server, tmp.path(), "svc", hearth_fixtures::HELLO, "public = true\n").await;
+    // Let the clients see the last version at least once.
+    let guard = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let body = reqwest::get(&url).await.expect("probe").text().await.expect("body");
+        if body == "hello from hearth\n" {
+            break;
+        }
+        assert!(std::time::Instant::now() < guard);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut versions = std::collections::BTreeSet::new();
+    for client in clients {
+        for (status, body) in client.await.expect("client") {
+            assert_eq!(status, 200, "{body}");
+            if body == "hello from hearth\n" {
+                versions.insert("hello");
+            } else {
+                let echo: serde_json::Value = serde_json::from_str(&body).expect("either hello or an echo");
+                assert_eq!(echo["path"], "/path");
+                versions.insert("echo");
+            }
+        }
+    }
+    assert!(versions.contains("hello"), "{versions:?}");
+}
+
+/// Another tenant's functions, versions and usage do not exist for a
+/// tenant's tokens: 404, and nothing is recorded under the owner.
+#[tokio::test]
+async fn other_tenants_see_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    deploy(&server, tmp.path(), "private", hearth_fixtures::HELLO, "").await;
+    let admin = server
+        .client()
+        .create_token(Some("mallory"), "admin", None)
+        .await
+        .expect("token")
+        .token
+        .expect("secret");
+    let http = reqwest::Client::new();
+    let as_mallory = |request: reqwest::RequestBuilder| request.bearer_auth(&admin).send();
+    for (what, request) in [
+        ("invoke", http.get(server.fn_url("private", "/"))),
+        (
+            "show",
+            http.get(format!("{}/v1/functions/private?tenant=default", server.url)),
+        ),
+        (
+            "delete",
+            http.delete(format!("{}/v1/functions/private?tenant=default", server.url)),
+        ),
+        ("usage", http.get(format!("{}/v1/usage?tenant=default", server.url))),
+        ("tokens", http.get(format!("{}/v1/tokens?tenant=default", server.url))),
+    ] {
+        let response = as_mallory(request).await.expect(what);
+        let body = problem(response, 404).await;
+        assert!(!body.to_string().contains("hello"), "{what}: {body}");
+    }
+    // Still there, and nothing was recorded under `default`.
+    still_serves_private(&server).await;
+    let usage = http
+        .get(format!("{}/v1/usage", server.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("usage")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(usage.lines().count(), 1, "only the owner's own call: {usage}");
+}
+
+async fn still_serves_private(server: &Server) {
+    let response = http().get(server.fn_url("private", "/")).send().await.expect("owner");
+    assert_eq!(response.status(), 200);
+    // Complete: the whole body (its usage record is committed before it ends).
+    assert_eq!(response.text().await.expect("body"), "hello from hearth\n");
+}
