@@ -202,15 +202,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let tenants = hearth_scheduler::TenantGate::new(tenant_limits);
     let state = AppState::new(
-        registry,
-        auth,
-        engine,
-        (pools, tenants),
-        store,
-        limits,
-        usage,
-        prices,
-        telemetry,
+        registry, auth, engine, pools, tenants, store, limits, usage, prices, telemetry,
     );
     hearth_http::observe(&state);
     hearth_http::spawn_reaper(&state, Duration::from_millis(args.reap_interval_ms.max(10)));
