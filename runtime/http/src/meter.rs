@@ -190,7 +190,7 @@ impl Meter {
     }
 
     /// Ends an invocation that produced no response with `err` (refused,
-    /// failed, timed out). `report` is the guest's, if it ran. Returns the
+    /// failed, timed out), with the guest's report if it ran. Returns the
     /// error to answer with: `err`, or 503 if its record could not be
     /// committed (the client must not see an unrecorded invocation complete).
     pub(crate) async fn finish_error(mut self, err: ApiError) -> ApiError {
@@ -209,8 +209,8 @@ impl Meter {
     }
 
     /// Wraps the guest's response body: the record commits when the body
-    /// ends (with the guest's report from `report`), before its last frame
-    /// is sent.
+    /// ends (with the guest's report, once it is done), before its last
+    /// frame is sent.
     pub(crate) fn body<B>(mut self, status: http::StatusCode, inner: B) -> Body
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
