@@ -122,6 +122,9 @@ impl Origin {
             .host()
             .filter(|h| !h.is_empty() && !h.contains('*'))
             .ok_or_else(|| format!("`{text}` names no host (wildcards are not supported)"))?;
+        if !is_host(host) {
+            return Err(format!("`{text}`: `{host}` is neither a DNS name nor an IP address"));
+        }
         if uri
             .path_and_query()
             .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
@@ -149,6 +152,25 @@ impl Origin {
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         https == self.https && port == self.port && host.eq_ignore_ascii_case(&self.host)
     }
+}
+
+/// Whether `host` (as `http::Uri::host` gives it) is a DNS name
+/// (`[a-z0-9-]` labels of 1 to 63 characters, 253 in all) or an IP address
+/// (IPv6 in brackets).
+fn is_host(host: &str) -> bool {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return true;
+    }
+    host.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 /// A model the function names in `[[models]]`.
@@ -607,6 +629,7 @@ mod origin_tests {
             "host"
         );
         assert!(!api.matches(&"https://api.example.com.evil.com/".parse().expect("uri")));
+        assert!(Origin::parse("http://[::1]:8080").is_ok());
         let local = Origin::parse("http://127.0.0.1:8080/").expect("origin");
         assert!(local.matches(&"http://127.0.0.1:8080/x".parse().expect("uri")));
         for bad in [
@@ -616,6 +639,9 @@ mod origin_tests {
             "https://user:pw@x.com",
             "x.com",
             "",
+            "http://htt[$X:0b]jj",
+            "http://exa_mple.com",
+            "http://[::1",
         ] {
             assert!(Origin::parse(bad).is_err(), "{bad}");
         }
