@@ -155,3 +155,59 @@ async fn still_serves_private(server: &Server) {
     // Complete: the whole body (its usage record is committed before it ends).
     assert_eq!(response.text().await.expect("body"), "hello from hearth\n");
 }
+
+/// A model file lost on disk fails only the function that names it, with a
+/// precise 422; the rest of the server is unaffected.
+#[tokio::test]
+async fn a_missing_model_blob_fails_only_its_function() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, &[]);
+    deploy(&server, tmp.path(), "hello", hearth_fixtures::HELLO, "").await;
+    crate::inference::deploy_classify(&server, tmp.path(), "classify").await;
+    drop(server);
+    let version = {
+        let blobs = data.join("blobs");
+        let model = hearth_fixtures::models::mlp(hearth_fixtures::models::MLP_SEED);
+        let digest = {
+            use sha2::Digest as _;
+            hex::encode(sha2::Sha256::digest(&model))
+        };
+        let path = walk(&blobs)
+            .into_iter()
+            .find(|p| p.ends_with(&digest))
+            .expect("the model's blob");
+        std::fs::remove_file(&path).expect("lose the blob");
+        path
+    };
+    let server = Server::start(&data, &[]);
+    let response = http()
+        .post(server.fn_url("classify", "/"))
+        .json(&serde_json::json!({ "input": hearth_fixtures::models::mlp_input(1) }))
+        .send()
+        .await
+        .expect("classify");
+    let body = problem(response, 422).await;
+    assert_eq!(body["key"], "models[0].path", "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("missing or damaged")),
+        "{body}"
+    );
+    still_serves(&server).await;
+    assert!(!version.exists());
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("dir").map(|e| e.expect("entry")) {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}

@@ -316,6 +316,26 @@ impl Registry {
                 Some((a.name.clone(), model))
             })
             .collect();
+        // A model file lost or truncated on disk fails this function alone,
+        // plainly, instead of surfacing as an inference error in the guest.
+        for artifact in artifacts.iter().filter(|a| a.kind == ArtifactKind::Model) {
+            let path = self.blobs.path(&artifact.digest);
+            let intact = tokio::fs::metadata(&path).await.is_ok_and(|m| m.len() == artifact.size);
+            if !intact {
+                let index = manifest
+                    .models
+                    .iter()
+                    .position(|m| m.name == artifact.name)
+                    .unwrap_or(0);
+                return Err(RegistryError::Model {
+                    key: format!("models[{index}].path"),
+                    reason: format!(
+                        "the stored file of model `{}` (sha256:{}) is missing or damaged; deploy the function again",
+                        artifact.name, artifact.digest
+                    ),
+                });
+            }
+        }
         let (assets, blobs, artifacts) = (self.assets.clone(), self.blobs.clone(), artifacts.to_vec());
         let root = self.assets.root().to_owned();
         let assets = tokio::task::spawn_blocking(move || assets.ensure(&artifacts, &blobs))
