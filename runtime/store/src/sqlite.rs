@@ -212,6 +212,16 @@ fn with_artifacts(conn: &Connection, mut versions: Vec<FunctionVersion>) -> Resu
     Ok(versions)
 }
 
+const TOKEN_COLUMNS: &str = "id, tenant, role, operator, hash, created_at_ms, expires_at_ms, revoked_at_ms";
+
+/// The token whose `column` (`id` or `hash`, both unique) equals `value`.
+fn token_where(conn: &Connection, column: &str, value: &str) -> Result<Option<TokenRecord>> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE {column} = ?1"))?
+        .query_row(params![value], token_from_row)
+        .optional()?)
+}
+
 fn token_from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
     Ok(TokenRecord {
         id: row.get(0)?,
@@ -281,39 +291,20 @@ impl Store for SqliteStore {
 
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
         let hash = hash.to_owned();
-        self.with(move |conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT id, tenant, role, operator, hash, created_at_ms, expires_at_ms, revoked_at_ms
-                     FROM tokens WHERE hash = ?1",
-                )?
-                .query_row(params![hash], token_from_row)
-                .optional()?)
-        })
-        .await
+        self.with(move |conn| token_where(conn, "hash", &hash)).await
     }
 
     async fn token_by_id(&self, id: &str) -> Result<Option<TokenRecord>> {
         let id = id.to_owned();
-        self.with(move |conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT id, tenant, role, operator, hash, created_at_ms, expires_at_ms, revoked_at_ms
-                     FROM tokens WHERE id = ?1",
-                )?
-                .query_row(params![id], token_from_row)
-                .optional()?)
-        })
-        .await
+        self.with(move |conn| token_where(conn, "id", &id)).await
     }
 
     async fn list_tokens(&self, tenant: Option<&str>) -> Result<Vec<TokenRecord>> {
         let tenant = tenant.map(str::to_owned);
         self.with(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT id, tenant, role, operator, hash, created_at_ms, expires_at_ms, revoked_at_ms
-                 FROM tokens WHERE ?1 IS NULL OR tenant = ?1 ORDER BY created_at_ms, id",
-            )?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE ?1 IS NULL OR tenant = ?1 ORDER BY created_at_ms, id"
+            ))?;
             let rows = stmt.query_map(params![tenant], token_from_row)?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
@@ -327,13 +318,7 @@ impl Store for SqliteStore {
                 "UPDATE tokens SET revoked_at_ms = ?2 WHERE id = ?1 AND revoked_at_ms IS NULL",
                 params![id, now_ms()],
             )?;
-            Ok(conn
-                .prepare_cached(
-                    "SELECT id, tenant, role, operator, hash, created_at_ms, expires_at_ms, revoked_at_ms
-                     FROM tokens WHERE id = ?1",
-                )?
-                .query_row(params![id], token_from_row)
-                .optional()?)
+            token_where(conn, "id", &id)
         })
         .await
     }
