@@ -68,14 +68,7 @@ async fn every_completed_invocation_has_exactly_one_record_after_sigkill() {
     }
 
     let server = Server::start(&data, &[]);
-    let export = http()
-        .get(format!("{}/v1/usage?format=jsonl", server.url))
-        .send()
-        .await
-        .expect("export")
-        .text()
-        .await
-        .expect("body");
+    let export = usage_export(&server, "format=jsonl").await;
     let mut recorded: HashSet<String> = HashSet::new();
     for line in export.lines() {
         let record: serde_json::Value = serde_json::from_str(line).expect("record");

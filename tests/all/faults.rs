@@ -35,14 +35,7 @@ async fn delete_during_a_long_invocation() {
     // (Anonymous callers get 401 for any non-public path, existing or not.)
     let after = http().get(server.fn_url("slow", "/ok")).send().await.expect("after");
     problem(after, 404).await;
-    let usage = http()
-        .get(format!("{}/v1/usage?function=slow", server.url))
-        .send()
-        .await
-        .expect("usage")
-        .text()
-        .await
-        .expect("body");
+    let usage = usage_export(&server, "function=slow").await;
     assert!(
         usage.contains(&id),
         "the deleted function's last call is recorded: {usage}"
@@ -137,15 +130,7 @@ async fn other_tenants_see_nothing() {
     }
     // Still there, and nothing was recorded under `default`.
     still_serves_private(&server).await;
-    let usage = http
-        .get(format!("{}/v1/usage", server.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("usage")
-        .text()
-        .await
-        .expect("body");
+    let usage = usage_export(&server, "").await;
     assert_eq!(usage.lines().count(), 1, "only the owner's own call: {usage}");
 }
 

@@ -227,6 +227,18 @@ pub async fn wait_for_instances(
     }
 }
 
+/// `GET /v1/usage?{query}` as the operator in tenant `default`: the export's
+/// text, after checking it answered 200.
+pub async fn usage_export(server: &Server, query: &str) -> String {
+    let response = http()
+        .get(format!("{}/v1/usage?{query}", server.url))
+        .send()
+        .await
+        .expect("usage export");
+    assert_eq!(response.status(), 200, "{query}");
+    response.text().await.expect("export body")
+}
+
 /// Names of the functions deployed in tenant `default`, sorted.
 pub async fn function_names(server: &Server) -> Vec<String> {
     server

@@ -41,16 +41,6 @@ fn cost_nanos(cost: &str) -> i64 {
     whole.parse::<i64>().expect("whole") * 1_000_000_000 + frac.parse::<i64>().expect("fraction")
 }
 
-async fn export(server: &Server, format: &str) -> String {
-    let response = http()
-        .get(format!("{}/v1/usage?format={format}", server.url))
-        .send()
-        .await
-        .expect("export");
-    assert_eq!(response.status(), 200, "{format}");
-    response.text().await.expect("body")
-}
-
 #[tokio::test]
 async fn every_invocation_leaves_one_priced_record_and_exports_agree() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -128,7 +118,7 @@ async fn every_invocation_leaves_one_priced_record_and_exports_agree() {
     let missing = http().get(server.fn_url("missing", "/")).send().await.expect("missing");
     assert_eq!(missing.status(), 404);
 
-    let jsonl = export(&server, "jsonl").await;
+    let jsonl = usage_export(&server, "format=jsonl").await;
     let records: Vec<Value> = jsonl
         .lines()
         .map(|line| serde_json::from_str(line).expect("json line"))
@@ -200,7 +190,7 @@ async fn every_invocation_leaves_one_priced_record_and_exports_agree() {
     }
 
     // CSV and CloudEvents say the same as JSON lines.
-    let csv_text = export(&server, "csv").await;
+    let csv_text = usage_export(&server, "format=csv").await;
     let mut reader = csv::Reader::from_reader(csv_text.as_bytes());
     let headers = reader.headers().expect("header").clone();
     let rows: Vec<csv::StringRecord> = reader.records().map(|r| r.expect("csv row")).collect();
@@ -215,7 +205,7 @@ async fn every_invocation_leaves_one_priced_record_and_exports_agree() {
             assert_eq!(value, as_text, "column {name}");
         }
     }
-    let events = export(&server, "cloudevents").await;
+    let events = usage_export(&server, "format=cloudevents").await;
     let events: Vec<cloudevents::Event> = events
         .lines()
         .map(|line| serde_json::from_str(line).expect("CloudEvent"))

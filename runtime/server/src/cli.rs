@@ -79,19 +79,36 @@ pub enum TokensCommand {
     },
 }
 
+/// Which usage records a `hearth usage` command covers.
+#[derive(Debug, clap::Args)]
+pub struct UsageFilter {
+    /// From this time (RFC 3339, or YYYY-MM-DD for UTC midnight), inclusive.
+    #[arg(long)]
+    since: Option<String>,
+    /// Until this time, exclusive.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only this function.
+    #[arg(long)]
+    function: Option<String>,
+}
+
+impl From<UsageFilter> for hearth_client::UsageQuery {
+    fn from(filter: UsageFilter) -> Self {
+        hearth_client::UsageQuery {
+            since: filter.since,
+            until: filter.until,
+            function: filter.function,
+        }
+    }
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum UsageCommand {
     /// Stream usage records to a file (or stdout), oldest first.
     Export {
-        /// From this time (RFC 3339, or YYYY-MM-DD for UTC midnight), inclusive.
-        #[arg(long)]
-        since: Option<String>,
-        /// Until this time, exclusive.
-        #[arg(long)]
-        until: Option<String>,
-        /// Only this function.
-        #[arg(long)]
-        function: Option<String>,
+        #[command(flatten)]
+        filter: UsageFilter,
         /// Record format.
         #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
         format: ExportFormat,
@@ -101,15 +118,8 @@ pub enum UsageCommand {
     },
     /// Totals per function and UTC day.
     Summary {
-        /// From this time, inclusive.
-        #[arg(long)]
-        since: Option<String>,
-        /// Until this time, exclusive.
-        #[arg(long)]
-        until: Option<String>,
-        /// Only this function.
-        #[arg(long)]
-        function: Option<String>,
+        #[command(flatten)]
+        filter: UsageFilter,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t)]
         output: Output,
@@ -394,14 +404,8 @@ pub async fn tokens(args: &ClientArgs, command: TokensCommand) -> anyhow::Result
 pub async fn usage(args: &ClientArgs, command: UsageCommand) -> anyhow::Result<ExitCode> {
     let client = connect(args)?;
     match command {
-        UsageCommand::Export {
-            since,
-            until,
-            function,
-            format,
-            output,
-        } => {
-            let query = hearth_client::UsageQuery { since, until, function };
+        UsageCommand::Export { filter, format, output } => {
+            let query = filter.into();
             let format = match format {
                 ExportFormat::Csv => "csv",
                 ExportFormat::Jsonl => "jsonl",
@@ -433,15 +437,8 @@ pub async fn usage(args: &ClientArgs, command: UsageCommand) -> anyhow::Result<E
                 eprintln!("wrote {} to {}", human_bytes(written), path.display());
             }
         }
-        UsageCommand::Summary {
-            since,
-            until,
-            function,
-            output,
-        } => {
-            let rows = client
-                .usage_summary(&hearth_client::UsageQuery { since, until, function })
-                .await?;
+        UsageCommand::Summary { filter, output } => {
+            let rows = client.usage_summary(&filter.into()).await?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Output::Text if rows.is_empty() => eprintln!("no usage in tenant `{}`", args.tenant),
