@@ -19,7 +19,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use hearth_engine::{InvokeError, Report};
 
-use hearth_metering::{LogError, Outcome, PriceTable, Usage, UsageLog};
+use hearth_metering::{LogError, Outcome, Pending, PriceTable, Usage, UsageLog};
 use hearth_registry::Deployed;
 use http_body::Frame;
 use tokio::sync::oneshot;
@@ -46,6 +46,8 @@ pub(crate) struct Meter {
     /// line and usage record).
     open: bool,
     log: Option<UsageLog>,
+    /// Tells the log's writer a record is coming (it groups commits).
+    pending: Option<Pending>,
     prices: Arc<PriceTable>,
     usage: Usage,
     body: Option<Arc<BodyMeter>>,
@@ -60,6 +62,7 @@ impl Meter {
             telemetry: state.telemetry.clone(),
             open: true,
             log: state.usage.clone(),
+            pending: state.usage.as_ref().map(UsageLog::pending),
             prices: state.prices.clone(),
             usage: Usage {
                 id: id.to_owned(),
@@ -97,6 +100,7 @@ impl Meter {
     pub(crate) fn discard(mut self) {
         self.open = false;
         self.log = None;
+        self.pending = None;
     }
 
     /// Counts the request body through `meter` (bytes read, over the limit).
@@ -175,7 +179,9 @@ impl Meter {
         let record = self.prices.price(self.usage.clone());
         // Once handed over, the record commits even if this caller goes
         // away; only a full queue needs a task to hand it over for us.
-        let result = match log.try_submit(record) {
+        let submitted = log.try_submit(record);
+        self.pending = None;
+        let result = match submitted {
             Ok(committed) => committed.wait().await,
             Err(Some(record)) => match tokio::spawn(async move { log.record(*record).await }).await {
                 Ok(result) => result,
@@ -278,6 +284,7 @@ impl Drop for Meter {
             telemetry: self.telemetry.clone(),
             open: std::mem::replace(&mut self.open, false),
             log: self.log.take(),
+            pending: self.pending.take(),
             prices: self.prices.clone(),
             usage: self.usage.clone(),
             body: self.body.take(),

@@ -14,7 +14,7 @@ mod price;
 mod record;
 
 pub use export::{CSV_COLUMNS, EVENT_TYPE, Encoder, Format};
-pub use log::{Committed, Filter, LogError, LogStats, MAX_BATCH, Sink, SummaryRow, UsageLog};
+pub use log::{Committed, Filter, GROUP_WINDOW, LogError, LogStats, MAX_BATCH, Pending, Sink, SummaryRow, UsageLog};
 pub use price::{PriceError, PriceTable};
 pub use record::{Outcome, RecordView, Usage, UsageRecord, format_nanos, format_us};
 

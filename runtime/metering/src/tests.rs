@@ -136,6 +136,48 @@ async fn a_failed_write_stops_the_log_until_it_has_reopened_and_committed() {
     assert_eq!(written.lock().expect("lock").len(), 2);
 }
 
+/// Remembers the size of every batch it is given.
+struct BatchSizes(Arc<Mutex<Vec<usize>>>);
+
+impl Sink for BatchSizes {
+    fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
+        self.0.lock().expect("lock").push(batch.len());
+        Ok(())
+    }
+
+    fn reopen(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn committed(&mut self, _: &[&str]) -> Result<usize, String> {
+        Ok(0)
+    }
+}
+
+#[tokio::test]
+async fn the_writer_waits_for_running_invocations_but_not_for_a_lone_one() {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    // A window far longer than the test, so only `pending` ends a group.
+    let log = UsageLog::start(BatchSizes(batches.clone()), std::time::Duration::from_secs(600)).expect("log");
+    // Nothing else running: committed alone, at once.
+    log.record(record("alone")).await.expect("committed");
+    assert_eq!(*batches.lock().expect("lock"), vec![1]);
+
+    // Three invocations running: the first record waits for the other two.
+    let running: Vec<Pending> = (0..3).map(|_| log.pending()).collect();
+    let mut commits = Vec::new();
+    for (i, pending) in running.into_iter().enumerate() {
+        let committed = log.try_submit(record(&format!("r{i}"))).expect("queued");
+        drop(pending);
+        commits.push(committed);
+        tokio::task::yield_now().await;
+    }
+    for committed in commits {
+        committed.wait().await.expect("committed");
+    }
+    assert_eq!(*batches.lock().expect("lock"), vec![1, 3]);
+}
+
 #[tokio::test]
 async fn time_ranges_select_by_arrival() {
     let dir = tempfile::tempdir().expect("tempdir");
