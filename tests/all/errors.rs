@@ -60,8 +60,73 @@ async fn guest_faults_map_to_precise_problems() {
     assert_eq!(body["type"], "urn:hearth:problem:guest-trap");
     still_serves(&server).await;
 
+    // Host calls made with the guest's stack nearly used up run on the
+    // headroom wasmtime keeps beyond the guest's stack: still a clean trap.
+    let body = problem(call("/stack-host").await.expect("stack through host calls"), 500).await;
+    assert_eq!(body["type"], "urn:hearth:problem:guest-trap");
+    assert!(body["detail"].as_str().expect("detail").contains("stack"), "{body}");
+    still_serves(&server).await;
+
+    // Memory the host allocates for the guest (random bytes, copied into
+    // guest memory) is held to the guest's limit too; a single request
+    // larger than wasmtime-wasi's cap is refused before the host allocates it.
+    let rss_before = server.rss_kib();
+    let body = problem(call("/host-bomb?mb=8").await.expect("host bomb"), 500).await;
+    assert_eq!(body["outcome"], "memory_limit", "{body}");
+    let body = problem(call("/host-bomb?mb=4096").await.expect("huge host call"), 500).await;
+    assert_eq!(body["outcome"], "guest_trap", "{body}");
+    assert!(
+        body["detail"].as_str().expect("detail").contains("exceeds limit"),
+        "{body}"
+    );
+    still_serves(&server).await;
+    let grown_mib = server.rss_kib().saturating_sub(rss_before) / 1024;
+    assert!(
+        grown_mib < 256,
+        "host-side allocations stayed bounded: RSS grew {grown_mib} MiB"
+    );
+
     let response = call("/").await.expect("ok");
     assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wasi_nn_handles_a_guest_does_not_own_trap_only_that_instance() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    deploy(&server, tmp.path(), "hello", hearth_fixtures::HELLO, "").await;
+    deploy(&server, tmp.path(), "probe-a", hearth_fixtures::NNPROBE, "").await;
+    deploy(&server, tmp.path(), "probe-b", hearth_fixtures::NNPROBE, "").await;
+    let call = |function: &str, query: &str| http().get(server.fn_url(function, &format!("/handle?{query}"))).send();
+
+    for kind in ["random", "freed"] {
+        let body = problem(call("probe-a", &format!("kind={kind}")).await.expect(kind), 500).await;
+        assert_eq!(body["type"], "urn:hearth:problem:guest-trap", "{kind}: {body}");
+        assert!(
+            body["detail"].as_str().expect("detail").contains("handle"),
+            "{kind}: {body}"
+        );
+        still_serves(&server).await;
+    }
+
+    // A live tensor in one instance; its number used by another instance.
+    let leaked: serde_json::Value = call("probe-a", "kind=leak")
+        .await
+        .expect("leak")
+        .json()
+        .await
+        .expect("json");
+    let handle = leaked["handle"].as_u64().expect("handle number");
+    let body = problem(
+        call("probe-b", &format!("kind=use&n={handle}")).await.expect("use"),
+        500,
+    )
+    .await;
+    assert_eq!(body["type"], "urn:hearth:problem:guest-trap", "{body}");
+    // The instance that owns it still uses it.
+    let own = call("probe-a", &format!("kind=use&n={handle}")).await.expect("own");
+    assert_eq!(own.status(), 200, "{}", own.text().await.unwrap_or_default());
+    still_serves(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

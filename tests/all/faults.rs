@@ -144,44 +144,56 @@ async fn still_serves_private(server: &Server) {
 /// A model file lost on disk fails only the function that names it, with a
 /// precise 422; the rest of the server is unaffected.
 #[tokio::test]
-async fn a_missing_model_blob_fails_only_its_function() {
+async fn a_missing_or_damaged_model_blob_fails_only_its_function() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     let server = Server::start(&data, &[]);
     deploy(&server, tmp.path(), "hello", hearth_fixtures::HELLO, "").await;
     crate::inference::deploy_classify(&server, tmp.path(), "classify").await;
     drop(server);
-    let version = {
-        let blobs = data.join("blobs");
+    let blob = {
         let model = hearth_fixtures::models::mlp(hearth_fixtures::models::MLP_SEED);
         let digest = {
             use sha2::Digest as _;
             hex::encode(sha2::Sha256::digest(&model))
         };
-        let path = walk(&blobs)
+        walk(&data.join("blobs"))
             .into_iter()
             .find(|p| p.ends_with(&digest))
-            .expect("the model's blob");
-        std::fs::remove_file(&path).expect("lose the blob");
-        path
+            .expect("the model's blob")
     };
+    let refused = |server: &Server| {
+        let request = http()
+            .post(server.fn_url("classify", "/"))
+            .json(&serde_json::json!({ "input": hearth_fixtures::models::mlp_input(1) }));
+        async move {
+            let body = problem(request.send().await.expect("classify"), 422).await;
+            assert_eq!(body["key"], "models[0].path", "{body}");
+            assert!(
+                body["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("missing or damaged")),
+                "{body}"
+            );
+        }
+    };
+
+    // Damaged in place: same size, one weight byte flipped.
+    let mut bytes = std::fs::read(&blob).expect("read blob");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&blob, &bytes).expect("damage the blob");
     let server = Server::start(&data, &[]);
-    let response = http()
-        .post(server.fn_url("classify", "/"))
-        .json(&serde_json::json!({ "input": hearth_fixtures::models::mlp_input(1) }))
-        .send()
-        .await
-        .expect("classify");
-    let body = problem(response, 422).await;
-    assert_eq!(body["key"], "models[0].path", "{body}");
-    assert!(
-        body["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("missing or damaged")),
-        "{body}"
-    );
+    refused(&server).await;
     still_serves(&server).await;
-    assert!(!version.exists());
+    drop(server);
+
+    // Gone.
+    std::fs::remove_file(&blob).expect("lose the blob");
+    let server = Server::start(&data, &[]);
+    refused(&server).await;
+    still_serves(&server).await;
+    assert!(!blob.exists());
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -4,6 +4,11 @@
 //! - `/loop`: spins forever (only the deadline stops it);
 //! - `/membomb`: allocates until memory runs out;
 //! - `/stack`: recurses until the stack overflows;
+//! - `/stack-host`: recurses calling the host at every level, so host calls
+//!   run with the guest's stack nearly exhausted;
+//! - `/host-bomb?mb=N`: asks the host for N MiB of random bytes at a time,
+//!   keeping them, until memory runs out (memory the host allocates and
+//!   copies into the guest);
 //! - `/sleep?ms=N`: sleeps N ms, then answers (a slow but well-behaved call);
 //! - `/slow-body?ms=N`: sends the response head at once, then the body after
 //!   N ms (lets tests observe an invocation in flight);
@@ -29,6 +34,18 @@ async fn faults(request: Request<Body>) -> Result<Response<Body>> {
         "/stack" => {
             let depth = recurse(std::hint::black_box(1));
             Ok(text(StatusCode::OK, depth.to_string()))
+        }
+        "/stack-host" => {
+            let depth = recurse_calling_host(std::hint::black_box(1));
+            Ok(text(StatusCode::OK, depth.to_string()))
+        }
+        "/host-bomb" => {
+            let mib = query(&request, "mb").unwrap_or(16);
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(wasip2::random::random::get_random_bytes(mib << 20));
+                std::hint::black_box(&hoard);
+            }
         }
         "/sleep" => {
             sleep(millis(&request)).await;
@@ -74,12 +91,18 @@ async fn fetch(request: &Request<Body>) -> Result<Response<Body>> {
 }
 
 fn millis(request: &Request<Body>) -> u64 {
+    query(request, "ms").unwrap_or(100)
+}
+
+/// The number in `name=N` in the query.
+fn query(request: &Request<Body>, name: &str) -> Option<u64> {
     request
         .uri()
-        .query()
-        .and_then(|q| q.strip_prefix("ms="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100)
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?
+        .parse()
+        .ok()
 }
 
 async fn sleep(ms: u64) {
@@ -91,6 +114,14 @@ fn spin() -> ! {
     loop {
         n = std::hint::black_box(n.wrapping_add(1));
     }
+}
+
+#[expect(unconditional_recursion, reason = "the point is to overflow the stack")]
+fn recurse_calling_host(n: u64) -> u64 {
+    let mut frame = [n; 16];
+    frame[1] = wasip2::clocks::monotonic_clock::now();
+    std::hint::black_box(&mut frame);
+    recurse_calling_host(n + frame[3]) + frame[1] % 2
 }
 
 #[expect(unconditional_recursion, reason = "the point is to overflow the stack")]

@@ -7,12 +7,27 @@
 //! - `GET /file?path=/x` reads a file from the guest's filesystem; 404 with
 //!   the OS error when it cannot.
 //! - `POST /write?path=/x` tries to create a file (the mount is read-only).
+//! - `GET /handle?kind=K` passes the host a tensor handle the guest has no
+//!   right to: `random` (never created), `freed` (dropped already), `leak`
+//!   (creates a tensor, keeps it, answers its handle number) and `use&n=N`
+//!   (a number from somewhere else, such as another instance's `leak`). The
+//!   canonical ABI checks handles against this instance's own table, so each
+//!   wrong one traps this instance and reaches nothing else.
 
 use hearth_guest::nn::{Model, Tensor, TensorType};
 use hearth_guest::prelude::*;
 use serde::Deserialize;
 
 hearth_guest::handler!(probe);
+
+/// Raw bindings, for the handle tests: the SDK never hands out handles.
+mod raw {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "wasi:nn/ml",
+        generate_all,
+    });
+}
 
 #[derive(Deserialize)]
 struct Compute {
@@ -72,7 +87,44 @@ async fn probe(mut request: Request<Body>) -> Result<Response<Body>> {
             Ok(()) => Ok(message(StatusCode::OK, "written")),
             Err(err) => Ok(message(StatusCode::FORBIDDEN, &err.to_string())),
         },
-        _ => Ok(message(StatusCode::NOT_FOUND, "try /compute, /file or /write")),
+        "/handle" => Ok(handle(request.uri().query().unwrap_or_default())),
+        _ => Ok(message(StatusCode::NOT_FOUND, "try /compute, /file, /write or /handle")),
+    }
+}
+
+fn handle(query: &str) -> Response<Body> {
+    use raw::wasi::nn::tensor::{Tensor as RawTensor, TensorType as RawType};
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_default()
+    };
+    let dims_of = |handle: u32| {
+        // SAFETY: not safe at all: the point is to hand the host a handle this
+        // instance does not own; the runtime must trap, not follow it.
+        let tensor = unsafe { RawTensor::from_handle(handle) };
+        let dims = tensor.dimensions();
+        std::mem::forget(tensor);
+        message(StatusCode::OK, &format!("{dims:?}"))
+    };
+    match param("kind") {
+        "random" => dims_of(0x5eed_1234),
+        "freed" => {
+            let tensor = RawTensor::new(&[1], RawType::U8, &[0]);
+            let handle = tensor.handle();
+            drop(tensor);
+            dims_of(handle)
+        }
+        "leak" => {
+            let tensor = RawTensor::new(&[1], RawType::U8, &[0]);
+            json(StatusCode::OK, &serde_json::json!({ "handle": tensor.take_handle() }))
+        }
+        "use" => match param("n").parse() {
+            Ok(handle) => dims_of(handle),
+            Err(_) => message(StatusCode::BAD_REQUEST, "n=HANDLE"),
+        },
+        other => message(StatusCode::BAD_REQUEST, &format!("unknown kind {other:?}")),
     }
 }
 

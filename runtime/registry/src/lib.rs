@@ -161,6 +161,8 @@ pub struct Registry {
     engine: Engine,
     assets: AssetDirs,
     latest: Arc<DashMap<(String, String), Arc<Deployed>>>,
+    /// Model blobs whose content was checked against their digest.
+    verified: Arc<dashmap::DashSet<String>>,
 }
 
 impl Registry {
@@ -173,6 +175,7 @@ impl Registry {
             engine,
             assets: AssetDirs::new(assets_root),
             latest: Arc::new(DashMap::new()),
+            verified: Arc::new(dashmap::DashSet::new()),
         }
     }
 
@@ -316,12 +319,21 @@ impl Registry {
                 Some((a.name.clone(), model))
             })
             .collect();
-        // A model file lost or truncated on disk fails this function alone,
-        // plainly, instead of surfacing as an inference error in the guest.
+        // A model file lost, truncated or damaged on disk fails this function
+        // alone, plainly, instead of surfacing as an inference error in the
+        // guest (or, worse, as wrong answers from flipped weights). Each blob
+        // is hashed once per process.
         for artifact in artifacts.iter().filter(|a| a.kind == ArtifactKind::Model) {
-            let path = self.blobs.path(&artifact.digest);
-            let intact = tokio::fs::metadata(&path).await.is_ok_and(|m| m.len() == artifact.size);
-            if !intact {
+            if self.verified.contains(artifact.digest.as_str()) {
+                continue;
+            }
+            let (blobs, digest, size) = (self.blobs.clone(), artifact.digest.clone(), artifact.size);
+            let intact = tokio::task::spawn_blocking(move || blobs.is_intact(&digest, size))
+                .await
+                .unwrap_or(false);
+            if intact {
+                self.verified.insert(artifact.digest.to_string());
+            } else {
                 let index = manifest
                     .models
                     .iter()

@@ -63,6 +63,19 @@ impl BlobStore {
         self.blobs.join(digest.as_str())
     }
 
+    /// Whether the stored blob is intact: present, `size` bytes long, and
+    /// hashing to its digest (reads the whole file; blocking).
+    pub fn is_intact(&self, digest: &Digest, size: u64) -> bool {
+        let Ok(mut file) = std::fs::File::open(self.path(digest)) else {
+            return false;
+        };
+        if !file.metadata().is_ok_and(|m| m.len() == size) {
+            return false;
+        }
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut file, &mut hasher).is_ok() && hex::encode(hasher.finalize()) == digest.as_str()
+    }
+
     /// Starts writing a new blob; its digest is known once it is complete.
     pub async fn stage(&self) -> Result<StagedBlob> {
         let path = self.staging.join(format!("upload-{}", uuid::Uuid::now_v7()));
