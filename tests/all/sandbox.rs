@@ -66,6 +66,15 @@ async fn outgoing_requests_reach_only_listed_origins() {
         assert_eq!(status, 502, "{denied}: {body}");
         assert!(!body.contains("pong") && !body.contains("devices"), "{denied}: {body}");
     }
+
+    // A listed name that resolves to loopback (`127.1` is 127.0.0.1 to the
+    // resolver, the classic way around a literal check) is refused once
+    // resolved, although the listing matches it.
+    let sneaky = format!("public = true\nallowed_outbound_hosts = [\"http://127.1:{port}\"]\n");
+    deploy(&server, tmp.path(), "sneaky", hearth_fixtures::FAULTS, &sneaky).await;
+    let (status, body) = fetch("sneaky", format!("http://127.1:{port}/x")).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("DestinationIpProhibited"), "{body}");
     still_serves_public(&server).await;
 }
 

@@ -158,12 +158,62 @@ impl WasiHttpHooks for OutgoingPolicy {
         }
         Box::new(async move {
             use http_body_util::BodyExt;
+            let mut request = request;
+            pin_destination(&mut request).await?;
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
             ))
         })
+    }
+}
+
+/// Resolves a listed host name and refuses it if any of its addresses is one
+/// a guest must not reach by name: loopback, unspecified or link-local (the
+/// cloud metadata endpoint). A listed IP literal or `localhost` is an
+/// explicit choice and goes through. Plain HTTP is then sent to the checked
+/// address (the `Host` header keeps the name), so a second lookup cannot
+/// swap it (DNS rebinding); HTTPS keeps the name for TLS, whose certificate
+/// check a rebound address would fail.
+async fn pin_destination<B>(request: &mut http::Request<B>) -> Result<(), wasmtime_wasi_http::Error> {
+    use wasmtime_wasi_http::Error;
+    let uri = request.uri();
+    let host = uri.host().ok_or(Error::HttpRequestUriInvalid)?;
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") || literal.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| Error::DnsError {
+            rcode: Some(e.to_string()),
+            info_code: None,
+        })?
+        .collect();
+    if let Some(internal) = resolved.iter().find(|a| is_internal(a.ip())) {
+        tracing::debug!(host, address = %internal.ip(), "outgoing request denied: listed name resolves to an internal address");
+        return Err(Error::DestinationIpProhibited);
+    }
+    let first = resolved.first().ok_or(Error::DestinationNotFound)?;
+    if !https {
+        let mut parts = uri.clone().into_parts();
+        parts.authority = Some(first.to_string().parse().map_err(|_| Error::HttpRequestUriInvalid)?);
+        *request.uri_mut() = http::Uri::from_parts(parts).map_err(|_| Error::HttpRequestUriInvalid)?;
+    }
+    Ok(())
+}
+
+/// Loopback, unspecified and link-local addresses (v4, v6 and v4-mapped v6).
+fn is_internal(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_internal(v4.into()),
+            None => v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80,
+        },
     }
 }
 
@@ -211,3 +261,51 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 /// Upper bound on any table's elements, so a guest cannot exhaust host memory
 /// through tables.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str) -> http::Request<()> {
+        http::Request::get(uri).body(()).expect("request")
+    }
+
+    #[tokio::test]
+    async fn names_resolving_to_internal_addresses_are_refused() {
+        // Resolves to 127.0.0.1 without being a literal.
+        let mut sneaky = request("http://127.1:8080/x");
+        assert!(matches!(
+            pin_destination(&mut sneaky).await,
+            Err(wasmtime_wasi_http::Error::DestinationIpProhibited)
+        ));
+        // Listed literally: an explicit choice, sent as is.
+        for uri in [
+            "http://127.0.0.1:8080/x",
+            "http://[::1]:8080/x",
+            "http://localhost:8080/x",
+        ] {
+            let mut explicit = request(uri);
+            pin_destination(&mut explicit).await.expect(uri);
+            assert_eq!(explicit.uri(), uri);
+        }
+    }
+
+    #[test]
+    fn internal_addresses() {
+        for ip in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "0.0.0.0",
+            "169.254.169.254",
+            "::1",
+            "::",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_internal(ip.parse().expect(ip)), "{ip}");
+        }
+        for ip in ["10.0.0.1", "192.168.1.1", "8.8.8.8", "2001:db8::1", "fd00::1"] {
+            assert!(!is_internal(ip.parse().expect(ip)), "{ip}");
+        }
+    }
+}
