@@ -4,7 +4,10 @@
 //! only their SHA-256, so a leaked database does not leak credentials. Because
 //! the secret has full entropy, an unsalted hash is enough, and looking a
 //! token up by its hash reveals nothing useful through timing. Verified tokens
-//! are cached in memory (revocation in this process evicts them).
+//! are cached in memory: a revocation in this process evicts them at once,
+//! and every entry is re-read from the store after [`CACHE_TTL`], so a
+//! revocation made by another server sharing the store (a cluster) takes
+//! effect within that time.
 
 use std::sync::Arc;
 
@@ -148,11 +151,15 @@ pub enum AuthError {
     Store(#[from] StoreError),
 }
 
+/// How long a verified token is trusted from memory before the store is
+/// asked again.
+pub const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Authenticates tokens against the store.
 #[derive(Debug, Clone)]
 pub struct Auth {
     store: Arc<dyn Store>,
-    verified: Arc<DashMap<String, TokenRecord>>,
+    verified: Arc<DashMap<String, (TokenRecord, tokio::time::Instant)>>,
 }
 
 /// Hex SHA-256 of a token secret.
@@ -292,11 +299,17 @@ impl Auth {
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Malformed)?;
         let hash = hash_token(token);
-        let record = match self.verified.get(&hash) {
-            Some(record) => record.clone(),
+        let cached = self
+            .verified
+            .get(&hash)
+            .filter(|entry| entry.1.elapsed() < CACHE_TTL)
+            .map(|entry| entry.0.clone());
+        let record = match cached {
+            Some(record) => record,
             None => {
                 let record = self.store.token_by_hash(&hash).await?.ok_or(AuthError::Unknown)?;
-                self.verified.insert(hash.clone(), record.clone());
+                self.verified
+                    .insert(hash.clone(), (record.clone(), tokio::time::Instant::now()));
                 record
             }
         };
@@ -357,6 +370,29 @@ mod tests {
         assert!(matches!(
             auth.authenticate(Some("Bearer nope")).await,
             Err(AuthError::Unknown)
+        ));
+    }
+
+    /// Two servers over one store, as in a cluster: a revocation on one
+    /// reaches the other's cache within `CACHE_TTL`.
+    #[tokio::test(start_paused = true)]
+    async fn a_revocation_elsewhere_takes_effect_after_the_cache_ttl() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("open"));
+        let (here, elsewhere) = (Auth::new(store.clone()), Auth::new(store));
+        let token = here.bootstrap(None).await.expect("bootstrap").expect("token");
+        let header = format!("Bearer {token}");
+        let operator = here.authenticate(Some(&header)).await.expect("valid");
+        elsewhere.revoke(&operator, &token).await.expect("revoked elsewhere");
+        assert!(matches!(
+            elsewhere.authenticate(Some(&header)).await,
+            Err(AuthError::Revoked)
+        ));
+        here.authenticate(Some(&header)).await.expect("still cached here");
+        tokio::time::advance(CACHE_TTL).await;
+        assert!(matches!(
+            here.authenticate(Some(&header)).await,
+            Err(AuthError::Revoked)
         ));
     }
 
