@@ -229,7 +229,52 @@ async fn bodies_over_the_limit_are_413_declared_or_streamed() {
         .await
         .expect("upload");
     problem(response, 413).await;
+
     assert_eq!(function_names(&server).await, ["echo", "hello"]);
+    still_serves(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_upload_reaches_the_cli_as_its_answer() {
+    // The server answers 413 while the CLI is still sending; closing at once
+    // would reset the connection and the CLI would show a broken pipe
+    // instead (about half the attempts before the lingering close).
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &["--max-upload-bytes", "1048576"]);
+    deploy(&server, tmp.path(), "hello", hearth_fixtures::HELLO, "").await;
+    let project = tmp.path().join("big-upload");
+    std::fs::create_dir_all(project.join("assets")).expect("dir");
+    // Incompressible, so the upload really is that big on the wire.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let noise: Vec<u8> = (0..(40 << 20) / 8)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(project.join("assets/big.bin"), noise).expect("asset");
+    std::fs::write(
+        project.join("hearth.toml"),
+        format!(
+            "name = \"big\"\ncomponent = {:?}\n[[files]]\nsource = \"assets/big.bin\"\ntarget = \"/big.bin\"\n",
+            hearth_fixtures::ECHO
+        ),
+    )
+    .expect("manifest");
+    for _ in 0..10 {
+        let output = server
+            .cli()
+            .args(["deploy", "--no-build"])
+            .arg(&project)
+            .output()
+            .expect("hearth deploy");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains("413"), "{stderr}");
+    }
+    assert_eq!(function_names(&server).await, ["hello"]);
     still_serves(&server).await;
 }
 

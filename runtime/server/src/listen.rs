@@ -2,7 +2,12 @@
 //! not expose. Slow clients are cut off (a header read timeout, a request
 //! body idle timeout), header count and size are bounded, every connection
 //! gets `TCP_NODELAY`, and a stop signal drains connections gracefully.
+//! Closing is lingering: after an early answer (a 413 before the upload was
+//! read) the rest of the request is read and dropped for a short while, so
+//! the client reads the answer instead of a reset.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -10,7 +15,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// Limits on each connection.
@@ -67,7 +73,10 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, mut s
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
+            .serve_connection_with_upgrades(
+                TokioIo::new(Lingering(Some(stream))),
+                TowerToHyperService::new(service.clone()),
+            )
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -78,4 +87,76 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, mut s
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// How long, and how much, a closed connection's unread request is drained.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 16 << 20;
+
+/// A connection that, once hyper is done with it, half-closes and drains
+/// what the client is still sending before closing (as web servers' lingering
+/// close does). Closing a socket with unread data sends a reset, which can
+/// destroy the answer the client has not read yet, such as a 413 sent while
+/// the client was still uploading.
+struct Lingering(Option<TcpStream>);
+
+impl Lingering {
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.0.as_mut().expect("present until dropped"))
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.stream().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(mut stream) = self.0.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _ = stream.shutdown().await;
+            let mut sink = vec![0u8; 64 * 1024];
+            let mut drained = 0;
+            let drain = async {
+                while drained < LINGER_BYTES {
+                    match stream.read(&mut sink).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => drained += n,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+        });
+    }
 }
