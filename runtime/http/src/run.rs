@@ -134,9 +134,8 @@ where
         .await;
     match invoked {
         Ok(response) => {
-            let (parts, body) = response.into_parts();
-            let status = parts.status;
-            Ok(Response::from_parts(parts, meter.body(status, body)))
+            let (head, body) = response.into_parts();
+            meter.respond(head, body).await
         }
         Err(_) if meter.body_exceeded() => {
             let limit = state.limits.max_body_bytes;

@@ -398,6 +398,12 @@ impl UsageLog {
         &self.shared.stats
     }
 
+    /// Whether other invocations than the caller's own are running with a
+    /// record to hand over: the server is busy, and the writer will group.
+    pub fn busy(&self) -> bool {
+        self.shared.pending.load(Ordering::Relaxed) > 1
+    }
+
     /// Announces an invocation that will hand over a record (see
     /// [`Pending`]); drop the guard after submitting it.
     pub fn pending(&self) -> Pending {
