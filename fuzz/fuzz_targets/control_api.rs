@@ -21,6 +21,7 @@ const ADMIN_TOKEN: &str = "hearth_fuzz_admin_token_0123456789abcdef";
 struct Server {
     runtime: tokio::runtime::Runtime,
     router: Router,
+    _data: tempfile::TempDir,
 }
 
 fn server() -> &'static Server {
@@ -31,15 +32,17 @@ fn server() -> &'static Server {
             .enable_all()
             .build()
             .expect("runtime");
-        let router = runtime.block_on(build());
-        Server { runtime, router }
+        let data = tempfile::tempdir().expect("tempdir");
+        let router = runtime.block_on(build(data.path()));
+        Server {
+            runtime,
+            router,
+            _data: data,
+        }
     })
 }
 
-async fn build() -> Router {
-    // Leaked on purpose: the state lives as long as the fuzzing process.
-    let dir = Box::leak(Box::new(tempfile::tempdir().expect("tempdir")));
-    let data = dir.path();
+async fn build(data: &std::path::Path) -> Router {
     let store: Arc<dyn hearth_store::Store> = Arc::new(hearth_store::SqliteStore::open(data).expect("store"));
     let blobs = hearth_store::BlobStore::open(data).expect("blobs");
     let auth = hearth_auth::Auth::new(store.clone());

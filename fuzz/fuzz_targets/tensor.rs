@@ -25,6 +25,7 @@ struct Input {
 }
 
 struct Model {
+    _dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
     cache: Arc<hearth_devices::ModelCache>,
     models: Arc<HashMap<String, ModelRef>>,
@@ -33,7 +34,7 @@ struct Model {
 fn model() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let dir = Box::leak(Box::new(tempfile::tempdir().expect("tempdir")));
+        let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("mlp.onnx");
         std::fs::write(&path, hearth_fixtures::models::mlp(1)).expect("model file");
         let model = ModelRef {
@@ -42,6 +43,7 @@ fn model() -> &'static Model {
             placement: hearth_devices::Placement::Auto,
         };
         Model {
+            _dir: dir,
             runtime: tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"),
             cache: hearth_devices::ModelCache::new(hearth_devices::DevicePool::cpu_only(), Default::default()),
             models: Arc::new(HashMap::from([("mnist-mlp".to_owned(), model)])),

@@ -140,6 +140,15 @@ async fn unknown_function_and_unknown_route_are_404() {
     // Without a token, a missing function is indistinguishable from a private one.
     let response = reqwest::get(server.fn_url("nope", "/")).await.expect("anonymous");
     problem(response, 401).await;
+    // A known path with a method it does not take: 405, a problem, `Allow`.
+    let response = http()
+        .put(format!("{}/v1/functions/hello", server.url))
+        .send()
+        .await
+        .expect("put");
+    let allow = response.headers()["allow"].to_str().expect("allow").to_owned();
+    assert!(allow.contains("GET") && allow.contains("DELETE"), "{allow}");
+    problem(response, 405).await;
     for path in [
         "/fn/other-tenant/hello/",
         "/fn/default/..%2f..%2fetc/",

@@ -141,14 +141,17 @@ impl AppState {
 
 /// The complete HTTP router.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/fn/{tenant}/{function}", any(invoke::handle))
-        .route("/fn/{tenant}/{function}/", any(invoke::handle))
-        .route("/fn/{tenant}/{function}/{*rest}", any(invoke::handle))
+    let own = Router::new()
         .nest("/v1", control::routes())
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::metrics))
         .route("/readyz", get(readyz))
+        .layer(axum::middleware::map_response(problem::method_not_allowed_as_problem));
+    Router::new()
+        .route("/fn/{tenant}/{function}", any(invoke::handle))
+        .route("/fn/{tenant}/{function}/", any(invoke::handle))
+        .route("/fn/{tenant}/{function}/{*rest}", any(invoke::handle))
+        .merge(own)
         .fallback(not_found)
         .with_state(state)
 }

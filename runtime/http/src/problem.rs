@@ -45,6 +45,9 @@ pub enum ApiError {
     /// The request body stalled past the idle timeout or broke off (408).
     #[error("the request body stalled or broke off before it was complete")]
     RequestTimeout,
+    /// The route exists, the method does not (405); sent with `Allow`.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// The request conflicts with the current state of the resource (409).
     #[error("{0}")]
     Conflict(String),
@@ -107,6 +110,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => (S::BAD_REQUEST, "bad-request", "Bad request"),
             ApiError::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large"),
             ApiError::Conflict(_) => (S::CONFLICT, "conflict", "Conflict"),
+            ApiError::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
             ApiError::RequestTimeout => (S::REQUEST_TIMEOUT, "request-timeout", "Request body timed out"),
             ApiError::Unprocessable { .. } => (S::UNPROCESSABLE_ENTITY, "unprocessable", "Cannot deploy"),
             ApiError::Invocation(err) => match err {
@@ -316,4 +320,24 @@ mod tests {
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!body["detail"].as_str().expect("detail").contains("secret"));
     }
+}
+
+/// Turns the router's own bare 405 (a known path, another method) into a
+/// problem body, keeping its `Allow` header. Only for Hearth's own routes:
+/// a function's answers are the function's.
+pub(crate) async fn method_not_allowed_as_problem(response: Response) -> Response {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED || response.headers().contains_key(header::CONTENT_TYPE) {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let allowed = allow
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
+    let mut problem = ApiError::MethodNotAllowed(format!("this path allows {allowed}")).into_response();
+    if let Some(allow) = allow {
+        problem.headers_mut().insert(header::ALLOW, allow);
+    }
+    problem
 }
