@@ -149,6 +149,13 @@ async fn unknown_function_and_unknown_route_are_404() {
     let allow = response.headers()["allow"].to_str().expect("allow").to_owned();
     assert!(allow.contains("GET") && allow.contains("DELETE"), "{allow}");
     problem(response, 405).await;
+    // A query that does not parse: 400, a problem (axum's own answer is text).
+    let response = http()
+        .get(format!("{}/v1/usage?limit=ten", server.url))
+        .send()
+        .await
+        .expect("usage");
+    problem(response, 400).await;
     for path in [
         "/fn/other-tenant/hello/",
         "/fn/default/..%2f..%2fetc/",

@@ -164,6 +164,7 @@ pub(crate) async fn response(
         )));
     };
     let mut response = Response::new(Body::from(stored.body));
+    response.extensions_mut().insert(crate::problem::FunctionAnswer);
     *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     for (name, value) in stored.headers {
         if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {

@@ -146,7 +146,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::metrics))
         .route("/readyz", get(readyz))
-        .layer(axum::middleware::map_response(problem::method_not_allowed_as_problem));
+        .layer(axum::middleware::map_response(problem::framework_errors_as_problems));
     Router::new()
         .route("/fn/{tenant}/{function}", any(invoke::handle))
         .route("/fn/{tenant}/{function}/", any(invoke::handle))

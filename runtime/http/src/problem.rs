@@ -45,9 +45,16 @@ pub enum ApiError {
     /// The request body stalled past the idle timeout or broke off (408).
     #[error("the request body stalled or broke off before it was complete")]
     RequestTimeout,
-    /// The route exists, the method does not (405); sent with `Allow`.
-    #[error("{0}")]
-    MethodNotAllowed(String),
+    /// An answer the router or an extractor gave before a handler ran (a
+    /// method the path does not take, a query that does not parse, a wrong
+    /// content type), re-sent as a problem with its status.
+    #[error("{detail}")]
+    Framework {
+        /// The status the router chose.
+        status: StatusCode,
+        /// Its explanation.
+        detail: String,
+    },
     /// The request conflicts with the current state of the resource (409).
     #[error("{0}")]
     Conflict(String),
@@ -110,7 +117,17 @@ impl ApiError {
             ApiError::BadRequest { .. } => (S::BAD_REQUEST, "bad-request", "Bad request"),
             ApiError::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large"),
             ApiError::Conflict(_) => (S::CONFLICT, "conflict", "Conflict"),
-            ApiError::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
+            ApiError::Framework { status, .. } => {
+                let slug = match *status {
+                    S::METHOD_NOT_ALLOWED => "method-not-allowed",
+                    S::PAYLOAD_TOO_LARGE => "payload-too-large",
+                    S::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+                    S::UNPROCESSABLE_ENTITY => "unprocessable",
+                    s if s.is_client_error() => "bad-request",
+                    _ => "internal",
+                };
+                (*status, slug, status.canonical_reason().unwrap_or("Error"))
+            }
             ApiError::RequestTimeout => (S::REQUEST_TIMEOUT, "request-timeout", "Request body timed out"),
             ApiError::Unprocessable { .. } => (S::UNPROCESSABLE_ENTITY, "unprocessable", "Cannot deploy"),
             ApiError::Invocation(err) => match err {
@@ -322,20 +339,39 @@ mod tests {
     }
 }
 
-/// Turns the router's own bare 405 (a known path, another method) into a
-/// problem body, keeping its `Allow` header. Only for Hearth's own routes:
-/// a function's answers are the function's.
-pub(crate) async fn method_not_allowed_as_problem(response: Response) -> Response {
-    if response.status() != StatusCode::METHOD_NOT_ALLOWED || response.headers().contains_key(header::CONTENT_TYPE) {
+/// Marks a response on a control route that carries a function's own answer
+/// (a stored asynchronous result), which is passed on as the function sent it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FunctionAnswer;
+
+/// Re-sends the router's and extractors' own error answers (a bare 405, a
+/// plain-text 400 for a query that does not parse, ...) as problem bodies,
+/// keeping their status and `Allow`. Only for Hearth's own routes: a
+/// function's answers are the function's.
+pub(crate) async fn framework_errors_as_problems(response: Response) -> Response {
+    if response.extensions().get::<FunctionAnswer>().is_some() {
+        return response;
+    }
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
         return response;
     }
     let allow = response.headers().get(header::ALLOW).cloned();
-    let allowed = allow
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("none")
-        .to_owned();
-    let mut problem = ApiError::MethodNotAllowed(format!("this path allows {allowed}")).into_response();
+    // These bodies are short texts built by axum, already in memory.
+    let text = match axum::body::to_bytes(response.into_body(), 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let detail = match (&allow, text.is_empty()) {
+        (Some(allow), _) => format!("this path allows {}", allow.to_str().unwrap_or("other methods")),
+        (None, false) => text,
+        (None, true) => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let mut problem = ApiError::Framework { status, detail }.into_response();
     if let Some(allow) = allow {
         problem.headers_mut().insert(header::ALLOW, allow);
     }
