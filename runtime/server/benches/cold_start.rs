@@ -10,11 +10,9 @@
 //! Run: `cargo bench -p hearth-server --bench cold_start` (samples:
 //! `HEARTH_BENCH_SAMPLES`, default 300).
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-const TOKEN: &str = "hth_bench-cold-start";
+use std::time::{Duration, Instant};
 
 fn main() {
     let samples: usize = std::env::var("HEARTH_BENCH_SAMPLES")
@@ -22,39 +20,17 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--reap-interval-ms", "5"])
-        .args(["--function-idle-timeout-s", "0", "--data-dir"])
-        .arg(tmp.path().join("data"))
-        .env("HEARTH_ADMIN_TOKEN", TOKEN)
-        .env("HEARTH_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("hearth serve");
-    let stdout = server.stdout.take().expect("stdout");
-    let url = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| line.strip_prefix("hearth listening on ").map(|u| u.trim().to_owned()))
-        .expect("server address");
+    let (mut server, url) = common::start_server(
+        &tmp.path().join("data"),
+        &["--reap-interval-ms", "5", "--function-idle-timeout-s", "0"],
+    );
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
-        let client = hearth_client::Client::new(&url, Some(TOKEN.into()), "default").expect("client");
+        let client = hearth_client::Client::new(&url, Some(common::TOKEN.into()), "default").expect("client");
         for (name, idle) in [("cold", 0), ("warm", 3600)] {
-            let dir = tmp.path().join(name);
-            std::fs::create_dir_all(&dir).expect("dir");
-            std::fs::write(
-                dir.join("hearth.toml"),
-                format!(
-                    "name = \"{name}\"\ncomponent = {:?}\npublic = true\n[scaling]\nidle_timeout_s = {idle}\n",
-                    hearth_fixtures::ECHO
-                ),
-            )
-            .expect("manifest");
-            let project = hearth_client::Project::load(&dir).expect("project");
-            client.deploy(&project, |_, _| {}).await.expect("deploy");
+            let scaling = format!("[scaling]\nidle_timeout_s = {idle}\n");
+            common::deploy(&client, tmp.path(), name, hearth_fixtures::ECHO, &scaling).await;
         }
         let http = reqwest::Client::new();
         let call = |name: &str| {

@@ -12,13 +12,11 @@
 //! `HEARTH_OVERLOAD_SECONDS` and `HEARTH_OVERLOAD_RSS_MIB` change the length
 //! and the bound.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-const TOKEN: &str = "hth_bench-overload";
 const CAPACITY_PER_SECOND: u64 = 80;
 const SLEEP_MS: u64 = 50;
 
@@ -42,39 +40,17 @@ fn main() {
     let bound_mib = env_or("HEARTH_OVERLOAD_RSS_MIB", 256);
     let rate = CAPACITY_PER_SECOND * 10;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(tmp.path().join("data"))
-        .args(["--max-queued-per-function", "16", "--queue-timeout-ms", "250"])
-        .env("HEARTH_ADMIN_TOKEN", TOKEN)
-        .env("HEARTH_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("hearth serve");
+    let (mut server, url) = common::start_server(
+        &tmp.path().join("data"),
+        &["--max-queued-per-function", "16", "--queue-timeout-ms", "250"],
+    );
     let pid = server.id();
-    let stdout = server.stdout.take().expect("stdout");
-    let url = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| line.strip_prefix("hearth listening on ").map(|u| u.trim().to_owned()))
-        .expect("server address");
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (counts, latencies, peak) = runtime.block_on(async {
-        let client = hearth_client::Client::new(&url, Some(TOKEN.into()), "default").expect("client");
-        let dir = tmp.path().join("sleepy");
-        std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(
-            dir.join("hearth.toml"),
-            format!(
-                "name = \"sleepy\"\ncomponent = {:?}\npublic = true\n[scaling]\nmax_instances = 4\n",
-                hearth_fixtures::FAULTS
-            ),
-        )
-        .expect("manifest");
-        let project = hearth_client::Project::load(&dir).expect("project");
-        client.deploy(&project, |_, _| {}).await.expect("deploy");
+        let client = hearth_client::Client::new(&url, Some(common::TOKEN.into()), "default").expect("client");
+        let scaling = "[scaling]\nmax_instances = 4\n";
+        common::deploy(&client, tmp.path(), "sleepy", hearth_fixtures::FAULTS, scaling).await;
 
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
