@@ -321,19 +321,21 @@ impl Registry {
             .collect();
         // A model file lost, truncated or damaged on disk fails this function
         // alone, plainly, instead of surfacing as an inference error in the
-        // guest (or, worse, as wrong answers from flipped weights). Each blob
-        // is hashed once per process.
+        // guest (or, worse, as wrong answers from flipped weights). The size
+        // is checked every time, the content hashed once per process.
         for artifact in artifacts.iter().filter(|a| a.kind == ArtifactKind::Model) {
-            if self.verified.contains(artifact.digest.as_str()) {
-                continue;
+            let path = self.blobs.path(&artifact.digest);
+            let mut intact = tokio::fs::metadata(&path).await.is_ok_and(|m| m.len() == artifact.size);
+            if intact && !self.verified.contains(artifact.digest.as_str()) {
+                let (blobs, digest, size) = (self.blobs.clone(), artifact.digest.clone(), artifact.size);
+                intact = tokio::task::spawn_blocking(move || blobs.is_intact(&digest, size))
+                    .await
+                    .unwrap_or(false);
+                if intact {
+                    self.verified.insert(artifact.digest.to_string());
+                }
             }
-            let (blobs, digest, size) = (self.blobs.clone(), artifact.digest.clone(), artifact.size);
-            let intact = tokio::task::spawn_blocking(move || blobs.is_intact(&digest, size))
-                .await
-                .unwrap_or(false);
-            if intact {
-                self.verified.insert(artifact.digest.to_string());
-            } else {
+            if !intact {
                 let index = manifest
                     .models
                     .iter()
