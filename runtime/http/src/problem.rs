@@ -293,6 +293,45 @@ impl From<InvokeError> for ApiError {
     }
 }
 
+/// Marks a response on a control route that carries a function's own answer
+/// (a stored asynchronous result), which is passed on as the function sent it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FunctionAnswer;
+
+/// Re-sends the router's and extractors' own error answers (a bare 405, a
+/// plain-text 400 for a query that does not parse, ...) as problem bodies,
+/// keeping their status and `Allow`. Only for Hearth's own routes: a
+/// function's answers are the function's.
+pub(crate) async fn framework_errors_as_problems(response: Response) -> Response {
+    if response.extensions().get::<FunctionAnswer>().is_some() {
+        return response;
+    }
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    // These bodies are short texts built by axum, already in memory.
+    let text = match axum::body::to_bytes(response.into_body(), 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let detail = match (&allow, text.is_empty()) {
+        (Some(allow), _) => format!("this path allows {}", allow.to_str().unwrap_or("other methods")),
+        (None, false) => text,
+        (None, true) => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let mut problem = ApiError::Framework { status, detail }.into_response();
+    if let Some(allow) = allow {
+        problem.headers_mut().insert(header::ALLOW, allow);
+    }
+    problem
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,43 +376,4 @@ mod tests {
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!body["detail"].as_str().expect("detail").contains("secret"));
     }
-}
-
-/// Marks a response on a control route that carries a function's own answer
-/// (a stored asynchronous result), which is passed on as the function sent it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FunctionAnswer;
-
-/// Re-sends the router's and extractors' own error answers (a bare 405, a
-/// plain-text 400 for a query that does not parse, ...) as problem bodies,
-/// keeping their status and `Allow`. Only for Hearth's own routes: a
-/// function's answers are the function's.
-pub(crate) async fn framework_errors_as_problems(response: Response) -> Response {
-    if response.extensions().get::<FunctionAnswer>().is_some() {
-        return response;
-    }
-    let status = response.status();
-    let is_problem = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_problem {
-        return response;
-    }
-    let allow = response.headers().get(header::ALLOW).cloned();
-    // These bodies are short texts built by axum, already in memory.
-    let text = match axum::body::to_bytes(response.into_body(), 64 * 1024).await {
-        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
-        Err(_) => String::new(),
-    };
-    let detail = match (&allow, text.is_empty()) {
-        (Some(allow), _) => format!("this path allows {}", allow.to_str().unwrap_or("other methods")),
-        (None, false) => text,
-        (None, true) => status.canonical_reason().unwrap_or("error").to_owned(),
-    };
-    let mut problem = ApiError::Framework { status, detail }.into_response();
-    if let Some(allow) = allow {
-        problem.headers_mut().insert(header::ALLOW, allow);
-    }
-    problem
 }
