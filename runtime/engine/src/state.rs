@@ -184,8 +184,7 @@ async fn pin_destination<B>(request: &mut http::Request<B>) -> Result<(), wasmti
     if host.eq_ignore_ascii_case("localhost") || literal.parse::<std::net::IpAddr>().is_ok() {
         return Ok(());
     }
-    let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let (https, port) = hearth_manifest::scheme_and_port(uri).ok_or(Error::HttpRequestUriInvalid)?;
     let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|e| Error::DnsError {

@@ -113,11 +113,8 @@ impl Origin {
     /// optional `/`).
     pub fn parse(text: &str) -> std::result::Result<Origin, String> {
         let uri: http::Uri = text.parse().map_err(|e| format!("`{text}` is not a URL: {e}"))?;
-        let https = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(format!("`{text}`: the scheme must be http or https")),
-        };
+        let (https, port) =
+            scheme_and_port(&uri).ok_or_else(|| format!("`{text}`: the scheme must be http or https"))?;
         let host = uri
             .host()
             .filter(|h| !h.is_empty() && !h.contains('*'))
@@ -137,21 +134,28 @@ impl Origin {
         Ok(Origin {
             https,
             host: host.to_ascii_lowercase(),
-            port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+            port,
         })
     }
 
     /// Whether `uri` (an outgoing request's) is on this origin.
     pub fn matches(&self, uri: &http::Uri) -> bool {
-        let https = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return false,
+        let (Some((https, port)), Some(host)) = (scheme_and_port(uri), uri.host()) else {
+            return false;
         };
-        let Some(host) = uri.host() else { return false };
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         https == self.https && port == self.port && host.eq_ignore_ascii_case(&self.host)
     }
+}
+
+/// Whether `uri` is HTTPS, and its port (the scheme's default when it names
+/// none); `None` for schemes other than `http` and `https`.
+pub fn scheme_and_port(uri: &http::Uri) -> Option<(bool, u16)> {
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return None,
+    };
+    Some((https, uri.port_u16().unwrap_or(if https { 443 } else { 80 })))
 }
 
 /// Whether `host` (as `http::Uri::host` gives it) is a DNS name
