@@ -177,6 +177,21 @@ pub fn generate_token() -> String {
     )
 }
 
+/// The stored record of a new token `token` (created now, never expiring,
+/// not revoked); its id is `tok_` and a UUIDv7, which `revoke` relies on.
+fn new_record(token: &str, tenant: &str, role: Role, operator: bool) -> TokenRecord {
+    TokenRecord {
+        id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
+        tenant: tenant.to_owned(),
+        role: role.as_str().into(),
+        operator,
+        hash: hash_token(token),
+        created_at_ms: now_ms(),
+        expires_at_ms: None,
+        revoked_at_ms: None,
+    }
+}
+
 /// A token just created: its record and the secret, shown this once.
 #[derive(Debug, Clone)]
 pub struct NewToken {
@@ -204,17 +219,12 @@ impl Auth {
             self.store.ensure_tenant(tenant).await?;
         }
         let token = generate_token();
-        let now = now_ms();
-        let record = TokenRecord {
-            id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
-            tenant: tenant.to_owned(),
-            role: role.as_str().into(),
-            operator: false,
-            hash: hash_token(&token),
-            created_at_ms: now,
-            expires_at_ms: ttl.map(|ttl| now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))),
-            revoked_at_ms: None,
-        };
+        let mut record = new_record(&token, tenant, role, false);
+        record.expires_at_ms = ttl.map(|ttl| {
+            record
+                .created_at_ms
+                .saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+        });
         self.store.insert_token(record.clone()).await?;
         Ok(NewToken { record, token })
     }
@@ -273,16 +283,7 @@ impl Auth {
             None => (generate_token(), true),
         };
         self.store
-            .insert_token(TokenRecord {
-                id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
-                tenant: DEFAULT_TENANT.into(),
-                role: Role::Admin.as_str().into(),
-                operator: true,
-                hash: hash_token(&token),
-                created_at_ms: now_ms(),
-                expires_at_ms: None,
-                revoked_at_ms: None,
-            })
+            .insert_token(new_record(&token, DEFAULT_TENANT, Role::Admin, true))
             .await?;
         Ok(generated.then_some(token))
     }
