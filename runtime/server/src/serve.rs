@@ -128,6 +128,18 @@ enum LogFormat {
     Json,
 }
 
+/// Reads and parses an optional configuration file, naming it in any error.
+fn config_file<T, E: std::fmt::Display>(
+    path: Option<&std::path::Path>,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> anyhow::Result<Option<T>> {
+    let Some(path) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&text)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let format = match args.log_format {
         LogFormat::Text => hearth_telemetry::LogFormat::Text,
@@ -178,13 +190,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_upload_bytes: args.max_upload_bytes,
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
     };
-    let prices = match &args.price_table {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            hearth_metering::PriceTable::from_toml(&text).with_context(|| format!("in {}", path.display()))?
-        }
-        None => hearth_metering::PriceTable::default(),
-    };
+    let prices = config_file(args.price_table.as_deref(), hearth_metering::PriceTable::from_toml)?.unwrap_or_default();
     let usage = if args.no_metering {
         tracing::warn!("metering is off: invocations leave no usage records");
         None
@@ -192,15 +198,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(hearth_metering::UsageLog::open(&data_dir).context("opening the usage log")?)
     };
     tracing::info!(version = %prices.version, currency = %prices.currency, "price table");
-    let tenant_limits = match &args.tenant_limits {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            hearth_scheduler::TenantLimitsConfig::from_toml(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
-        None => hearth_scheduler::TenantLimitsConfig::default(),
-    };
-    let tenants = hearth_scheduler::TenantGate::new(tenant_limits);
+    let tenant_limits = config_file(
+        args.tenant_limits.as_deref(),
+        hearth_scheduler::TenantLimitsConfig::from_toml,
+    )?;
+    let tenants = hearth_scheduler::TenantGate::new(tenant_limits.unwrap_or_default());
     let state = AppState::new(
         registry, auth, engine, pools, tenants, store, limits, usage, prices, telemetry,
     );
