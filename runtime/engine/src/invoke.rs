@@ -313,7 +313,7 @@ impl<F: Future> Future for CpuTimed<F> {
     type Output = F::Output;
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         let poll = self.inner.as_mut().poll(cx);
         self.total += start.elapsed();
         poll
