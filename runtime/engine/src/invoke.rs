@@ -293,7 +293,7 @@ impl Engine {
 /// time. A poll never blocks (the guest's waits return `Pending`), so the
 /// time inside it is time on a CPU, read from the monotonic clock (vDSO, tens
 /// of ns). The thread CPU clock said the same but is a system call whose
-/// run-queue locking cost about 3 % of an `echo` request's CPU here; what the
+/// run-queue locking cost about 4 % of an `echo` request's CPU here; what the
 /// monotonic clock adds is only time the OS preempted the worker mid-poll.
 struct CpuTimed<F> {
     inner: std::pin::Pin<Box<F>>,
