@@ -116,3 +116,45 @@ fn which(binary: &str) -> Result<std::path::PathBuf, ()> {
         .find(|path| path.is_file())
         .ok_or(())
 }
+
+/// How long a test waits for a log line before giving up (a hang guard, not
+/// a timing assertion: lines are written by a thread of their own).
+const LOG_GUARD: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn every_invocation_leaves_a_json_request_log_line() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &["--log-format", "json"]);
+    deploy(&server, tmp.path(), "hello", hearth_fixtures::HELLO, "public = true\n").await;
+    let response = http().get(server.fn_url("hello", "/")).send().await.expect("hello");
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["x-hearth-invocation-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+
+    let guard = Instant::now() + LOG_GUARD;
+    let line = loop {
+        let log = server.log();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}")))
+            .collect();
+        if let Some(line) = lines
+            .into_iter()
+            .find(|l| l["target"] == "hearth::request" && l["fields"]["invocation_id"] == id.as_str())
+        {
+            break line;
+        }
+        assert!(Instant::now() < guard, "no request log line for {id}:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let fields = &line["fields"];
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert!(line["timestamp"].is_string(), "{line}");
+    assert_eq!(fields["tenant"], "default", "{line}");
+    assert_eq!(fields["function"], "hello", "{line}");
+    assert_eq!(fields["status"], 200, "{line}");
+    assert_eq!(fields["outcome"], "ok", "{line}");
+    assert!(fields["wall_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{line}");
+}
