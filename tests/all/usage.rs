@@ -260,3 +260,69 @@ async fn every_invocation_leaves_one_priced_record_and_exports_agree() {
     assert!(status.success());
     assert_eq!(std::fs::read_to_string(&out).expect("export file"), csv_text);
 }
+
+/// A client that gives up while its guest is still running: the guest runs
+/// to its end anyway (the call was started in the client's connection task),
+/// its instance comes back warm, exactly one record says 499, and the server
+/// keeps serving.
+#[tokio::test]
+async fn a_client_that_gives_up_mid_call_leaves_one_record_and_the_instance_returns() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    deploy(
+        &server,
+        tmp.path(),
+        "faults",
+        hearth_fixtures::FAULTS,
+        "public = true\n",
+    )
+    .await;
+
+    // The guest sleeps 2 s; the client hangs up after 100 ms.
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(100))
+        .build()
+        .expect("client");
+    let gave_up = impatient.get(server.fn_url("faults", "/sleep?ms=2000")).send().await;
+    assert!(
+        gave_up.is_err_and(|e| e.is_timeout()),
+        "the client should have timed out"
+    );
+
+    let guard = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let record = loop {
+        let jsonl = usage_export(&server, "format=jsonl&function=faults").await;
+        let records: Vec<Value> = jsonl
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("record"))
+            .collect();
+        if !records.is_empty() {
+            assert_eq!(records.len(), 1, "{jsonl}");
+            break records.into_iter().next().expect("one");
+        }
+        assert!(std::time::Instant::now() < guard, "no record for the abandoned call");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(record["status"], 499, "{record}");
+    assert!(
+        record["wall_ms"].as_f64().is_some_and(|ms| ms >= 2000.0),
+        "the guest ran to its end: {record}"
+    );
+
+    let pool = wait_for_instances(&server, "faults", "got its instance back", |p| {
+        p.busy == 0 && p.idle == 1
+    })
+    .await;
+    assert_eq!(pool.cold_starts, 1, "{pool:?}");
+    let response = http()
+        .get(server.fn_url("faults", "/sleep?ms=1"))
+        .send()
+        .await
+        .expect("again");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        instances(&server, "faults").await.warm_starts,
+        1,
+        "the instance was reused"
+    );
+}

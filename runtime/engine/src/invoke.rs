@@ -8,6 +8,8 @@
 //! - a tokio timeout around the whole call, for guests parked in a host call
 //!   (reading a body that never comes) where no epoch check runs.
 
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -174,9 +176,10 @@ impl Engine {
         Ok(store)
     }
 
-    /// Runs `request` on a warm instance or a fresh one (see [`Start`]) and returns its response as soon as the
-    /// guest sends the head. The guest keeps running in its own task while
-    /// the body streams; when it is done, `done` receives the instance back
+    /// Runs `request` on a warm instance or a fresh one (see [`Start`]) and
+    /// returns its response as soon as the guest sends the head. Until then
+    /// the guest runs in the caller's task; after, it keeps running in a task
+    /// of its own while the body streams; when it is done, `done` receives the instance back
     /// (if it is fit for reuse) and the call's outcome. `label` names the
     /// function in logs (the guest's captured stdout/stderr go there).
     pub async fn invoke<B>(
@@ -209,7 +212,7 @@ impl Engine {
         state.nn.device = None;
         store.set_epoch_deadline(1);
 
-        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let (sender, mut receiver) = tokio::sync::oneshot::channel();
         let http = store.data_mut();
         let request = http
             .http()
@@ -225,58 +228,73 @@ impl Engine {
         let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
         let cold = matches!(ready, Ready::Cold(_));
         let span = tracing::info_span!("guest", function = %label, cold);
-        tokio::spawn(
-            async move {
-                let run = async {
-                    let proxy = match ready {
-                        Ready::Warm(proxy) => proxy,
-                        Ready::Cold(pre) => {
-                            pre.instantiate_async(&mut store)
-                                .instrument(tracing::info_span!("instantiate"))
-                                .await?
-                        }
-                    };
-                    proxy
-                        .wasi_http_incoming_handler()
-                        .call_handle(&mut store, request, outparam)
-                        .await?;
-                    wasmtime::Result::Ok(proxy)
+        let guest = async move {
+            let run = async {
+                let proxy = match ready {
+                    Ready::Warm(proxy) => proxy,
+                    Ready::Cold(pre) => {
+                        pre.instantiate_async(&mut store)
+                            .instrument(tracing::info_span!("instantiate"))
+                            .await?
+                    }
                 };
-                let (timed, cpu_time) = {
-                    let mut run = CpuTimed::new(run);
-                    let timed = tokio::time::timeout(timeout, &mut run).await;
-                    (timed, run.total)
-                };
-                let (outcome, proxy) = match timed {
-                    // Interrupted mid-call: the store's state is not to be trusted.
-                    Err(_elapsed) => (Err(InvokeError::Timeout(timeout)), None),
-                    Ok(Ok(proxy)) => (Ok(()), Some(proxy)),
-                    Ok(Err(err)) => (Err(classify(&err, store.data(), timeout)), None),
-                };
-                if let Err(err) = &outcome {
-                    tracing::debug!(function = %label, error = %err, "invocation failed");
-                }
-                log_guest_output(&label, store.data());
-                let _ = outcome_tx.send(outcome.clone());
-                let state = store.data();
-                let report = Report {
-                    cpu_time,
-                    memory_peak_bytes: state.limiter.peak as u64,
-                    inference_calls: state.nn.compute_calls,
-                    batched_calls: state.nn.batched_with,
-                    device_time: Duration::from_nanos(state.nn.device_ns),
-                    device: state.nn.device,
-                };
-                done(Finished {
-                    instance: proxy.map(|proxy| Instance { store, proxy }),
-                    outcome,
-                    report,
-                });
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, request, outparam)
+                    .await?;
+                wasmtime::Result::Ok(proxy)
+            };
+            let (timed, cpu_time) = {
+                let mut run = CpuTimed::new(run);
+                let timed = tokio::time::timeout(timeout, &mut run).await;
+                (timed, run.total)
+            };
+            let (outcome, proxy) = match timed {
+                // Interrupted mid-call: the store's state is not to be trusted.
+                Err(_elapsed) => (Err(InvokeError::Timeout(timeout)), None),
+                Ok(Ok(proxy)) => (Ok(()), Some(proxy)),
+                Ok(Err(err)) => (Err(classify(&err, store.data(), timeout)), None),
+            };
+            if let Err(err) = &outcome {
+                tracing::debug!(function = %label, error = %err, "invocation failed");
             }
-            .instrument(span),
-        );
+            log_guest_output(&label, store.data());
+            let _ = outcome_tx.send(outcome.clone());
+            let state = store.data();
+            let report = Report {
+                cpu_time,
+                memory_peak_bytes: state.limiter.peak as u64,
+                inference_calls: state.nn.compute_calls,
+                batched_calls: state.nn.batched_with,
+                device_time: Duration::from_nanos(state.nn.device_ns),
+                device: state.nn.device,
+            };
+            done(Finished {
+                instance: proxy.map(|proxy| Instance { store, proxy }),
+                outcome,
+                report,
+            });
+        }
+        .instrument(span);
 
-        match receiver.await {
+        // The guest runs here, in the caller's task, until it has sent its
+        // response head or finished: a small response then costs no task
+        // spawn and no wake-up across tasks. What it still has to do (a body
+        // still streaming) goes on in a task of its own.
+        let mut guest = Detachable(Some(Box::pin(guest)));
+        let head = std::future::poll_fn(|cx| {
+            if let Poll::Ready(head) = Pin::new(&mut receiver).poll(cx) {
+                return Poll::Ready(Some(head));
+            }
+            guest.poll_here(cx).map(|()| None)
+        })
+        .await;
+        drop(guest);
+        let head = match head {
+            Some(head) => head,
+            None => receiver.await,
+        };
+        match head {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(code)) => Err(InvokeError::GuestError(format!("{code:?}"))),
             // The guest dropped the response outparam: the task's outcome says why.
@@ -289,6 +307,35 @@ impl Engine {
     }
 }
 
+/// A guest's run, polled in place by [`Engine::invoke`] until its response
+/// head is out; dropped unfinished (the head is out, or the caller itself
+/// was dropped because its client went away), it goes on in a task of its
+/// own, so a guest always runs to its end and hands its instance back.
+struct Detachable<F: Future<Output = ()> + Send + 'static>(Option<Pin<Box<F>>>);
+
+impl<F: Future<Output = ()> + Send + 'static> Detachable<F> {
+    fn poll_here(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let Some(run) = self.0.as_mut() else {
+            return Poll::Ready(());
+        };
+        let poll = run.as_mut().poll(cx);
+        if poll.is_ready() {
+            self.0 = None;
+        }
+        poll
+    }
+}
+
+impl<F: Future<Output = ()> + Send + 'static> Drop for Detachable<F> {
+    fn drop(&mut self) {
+        if let Some(run) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(run);
+        }
+    }
+}
+
 /// A future that adds up the time spent inside its polls: the guest's CPU
 /// time. A poll never blocks (the guest's waits return `Pending`), so the
 /// time inside it is time on a CPU, read from the monotonic clock (vDSO, tens
@@ -296,7 +343,7 @@ impl Engine {
 /// run-queue locking cost about 4 % of an `echo` request's CPU here; what the
 /// monotonic clock adds is only time the OS preempted the worker mid-poll.
 struct CpuTimed<F> {
-    inner: std::pin::Pin<Box<F>>,
+    inner: Pin<Box<F>>,
     total: Duration,
 }
 
@@ -312,7 +359,7 @@ impl<F: Future> CpuTimed<F> {
 impl<F: Future> Future for CpuTimed<F> {
     type Output = F::Output;
 
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
         let start = Instant::now();
         let poll = self.inner.as_mut().poll(cx);
         self.total += start.elapsed();
