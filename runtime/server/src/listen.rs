@@ -91,7 +91,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, mut s
 
 /// How long, and how much, a closed connection's unread request is drained.
 const LINGER_TIME: Duration = Duration::from_secs(2);
-const LINGER_BYTES: usize = 16 << 20;
+const LINGER_BYTES: u64 = 16 << 20;
 
 /// A connection that, once hyper is done with it, half-closes and drains
 /// what the client is still sending before closing (as web servers' lingering
@@ -146,17 +146,8 @@ impl Drop for Lingering {
         };
         runtime.spawn(async move {
             let _ = stream.shutdown().await;
-            let mut sink = vec![0u8; 64 * 1024];
-            let mut drained = 0;
-            let drain = async {
-                while drained < LINGER_BYTES {
-                    match stream.read(&mut sink).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => drained += n,
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+            let (mut unread, mut sink) = (stream.take(LINGER_BYTES), tokio::io::sink());
+            let _ = tokio::time::timeout(LINGER_TIME, tokio::io::copy(&mut unread, &mut sink)).await;
         });
     }
 }
