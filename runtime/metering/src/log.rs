@@ -8,7 +8,7 @@
 //! `INSERT OR IGNORE`, so writing one twice never doubles it.
 //!
 //! An fsync costs far more than a record (here, a virtual machine: about
-//! 50 µs of CPU for the flush against a few µs per row), so the writer
+//! 50–75 µs of CPU for the flush against a few µs per row), so the writer
 //! makes groups large under load: invocations announce themselves when they
 //! start ([`UsageLog::pending`]), and while any of them has not handed its
 //! record over, the writer holds the group open for it, at most
