@@ -131,9 +131,13 @@ impl ModelCache {
                 })
             })
             .clone();
+        let mut loaded_here = false;
         let loaded = slot
             .cell
-            .get_or_try_init(|| self.load(key, path.to_owned(), placement))
+            .get_or_try_init(|| {
+                loaded_here = true;
+                self.load(key, path.to_owned(), placement)
+            })
             .await;
         let loaded = match loaded {
             Ok(loaded) => loaded.clone(),
@@ -143,6 +147,11 @@ impl ModelCache {
                 return Err(err);
             }
         };
+        // Counted once the model is in its slot, so whoever sees the count
+        // also sees the model (`loaded` lists it).
+        if loaded_here {
+            self.loads.fetch_add(1, Ordering::Relaxed);
+        }
         slot.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
         Ok(loaded)
     }
@@ -158,7 +167,6 @@ impl ModelCache {
         })
         .await
         .map_err(|_| DeviceError::Unavailable)??;
-        self.loads.fetch_add(1, Ordering::Relaxed);
         // Only a load can push the cache over its budget, so the budget is
         // enforced here, not on every warm `get`.
         self.enforce_budget(id, model.size_bytes());
