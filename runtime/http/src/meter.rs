@@ -469,12 +469,16 @@ where
                             this.state = BodyState::Done;
                             continue;
                         };
+                        let durable = meter.log.is_some();
                         this.state = BodyState::Committing(Box::pin(finish_body(meter, false)));
-                        // Let the connection flush what it has (the head)
-                        // before the record is handed to the writer thread,
-                        // whose wake-up can take this core.
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
+                        if durable {
+                            // The last frame waits for a commit: let the
+                            // connection flush what it has (the head) before
+                            // the record is handed to the writer thread, whose
+                            // wake-up can take this core.
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
                     }
                     Poll::Ready(Some(Err(err))) => {
                         // The guest failed mid-body: record it, then cut the
