@@ -94,6 +94,7 @@ async fn reuse_can_be_turned_off_and_trapped_instances_are_discarded() {
     for _ in 0..3 {
         let response = http().get(server.fn_url("fresh", "/")).send().await.expect("fresh");
         assert_eq!(response.status(), 200);
+        response.text().await.expect("body");
     }
     let pool = instances(&server, "fresh").await;
     assert_eq!((pool.cold_starts, pool.warm_starts, pool.idle), (3, 0, 0), "{pool:?}");
@@ -101,6 +102,7 @@ async fn reuse_can_be_turned_off_and_trapped_instances_are_discarded() {
     let ok = || async {
         let response = http().get(server.fn_url("faults", "/ok")).send().await.expect("ok");
         assert_eq!(response.status(), 200);
+        response.text().await.expect("body");
     };
     ok().await;
     let response = http().get(server.fn_url("faults", "/trap")).send().await.expect("trap");

@@ -41,6 +41,8 @@ async fn prometheus_scrapes_the_invocation_counter() {
     for _ in 0..7 {
         let response = http().get(server.fn_url("hello", "/")).send().await.expect("hello");
         assert_eq!(response.status(), 200);
+        // The invocation is complete (and counted) when its body has ended.
+        response.text().await.expect("body");
     }
 
     // Our own exposition first.
