@@ -12,7 +12,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use hearth_engine::{Instance, Limits, Start};
 use hearth_manifest::Qos;
-use hearth_registry::Deployed;
+use hearth_registry::{Deployed, LoadOn};
 use hearth_scheduler::{FunctionSpec, Scheduler};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -106,7 +106,10 @@ where
     let prepared;
     let start = match lease.take_instance() {
         Some(instance) => Start::Warm(instance),
-        None => match state.registry.prepared(deployed).await {
+        // Scaled to zero: map the compiled code again. With nothing else
+        // running, this worker has no one else to serve, so the mapping runs
+        // here, saving two thread hand-offs on the cold start's first byte.
+        None => match state.registry.prepared(deployed, load_on(state)).await {
             Ok(loaded) => {
                 prepared = loaded;
                 Start::Cold(&prepared)
@@ -146,6 +149,17 @@ where
     }
 }
 
+/// Where a cold start maps its function's code: on the caller's worker when
+/// the caller's is the only invocation running (its own lease is counted),
+/// else on the blocking pool so other requests are not held up behind it.
+fn load_on(state: &AppState) -> LoadOn {
+    if state.pools.busy() <= 1 {
+        LoadOn::Caller
+    } else {
+        LoadOn::BlockingPool
+    }
+}
+
 /// Brings `deployed` up to its `min_instances` warm instances (and its models
 /// into the cache, which the instances will ask for).
 pub async fn keep_warm(state: &AppState, deployed: &Deployed) {
@@ -157,7 +171,7 @@ pub async fn keep_warm(state: &AppState, deployed: &Deployed) {
     let key = pool_key(&deployed.version.tenant, &deployed.version.name);
     let spec = spec(deployed);
     while let Some(lease) = state.pools.reserve_warm(&key, &spec) {
-        let prepared = match state.registry.prepared(deployed).await {
+        let prepared = match state.registry.prepared(deployed, LoadOn::BlockingPool).await {
             Ok(prepared) => prepared,
             Err(err) => {
                 tracing::warn!(function = %key, error = %err, "cannot keep instances warm");

@@ -165,6 +165,18 @@ pub struct Registry {
     verified: Arc<dashmap::DashSet<String>>,
 }
 
+/// Where [`Registry::prepared`] maps a component that is not loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadOn {
+    /// On the calling task's thread, blocking its worker for the mapping
+    /// (~0.4 ms): the first byte of a cold start comes ~0.1 ms sooner than
+    /// through the blocking pool (two thread hand-offs, colder caches).
+    /// For a caller with nothing else running on the server.
+    Caller,
+    /// On tokio's blocking pool: the worker keeps serving other requests.
+    BlockingPool,
+}
+
 impl Registry {
     /// A registry over `store` and `blobs`, compiling with `engine`; asset
     /// directories are laid out under `assets_root`.
@@ -430,10 +442,16 @@ impl Registry {
     }
 
     /// The compiled component of a deployed version, loading it on first use
-    /// (maps the precompiled artifact; recompiles only if it is missing).
-    pub async fn prepared(&self, deployed: &Deployed) -> Result<Prepared> {
+    /// (maps the precompiled artifact, on the thread `on` says; recompiles,
+    /// always on the blocking pool, only if the artifact is missing).
+    pub async fn prepared(&self, deployed: &Deployed, on: LoadOn) -> Result<Prepared> {
         let digest = &deployed.version.component;
         if let Some(prepared) = self.engine.cached(digest.as_str()) {
+            return Ok(prepared);
+        }
+        if on == LoadOn::Caller
+            && let Ok(prepared) = self.engine.load_precompiled(digest.as_str())
+        {
             return Ok(prepared);
         }
         let engine = self.engine.clone();

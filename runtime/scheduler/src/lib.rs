@@ -521,6 +521,13 @@ impl<I: Send + 'static> Scheduler<I> {
         all
     }
 
+    /// Instances running an invocation or being created for one, across all
+    /// functions.
+    pub fn busy(&self) -> usize {
+        let state = self.shared.lock();
+        state.live.saturating_sub(state.idle)
+    }
+
     /// Instances existing and requests waiting, across all functions.
     pub fn totals(&self) -> (usize, usize) {
         let state = self.shared.lock();

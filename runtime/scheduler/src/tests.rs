@@ -343,3 +343,18 @@ async fn a_deployed_function_that_never_ran_unloads_too() {
     tokio::time::advance(DEFAULT_FUNCTION_IDLE).await;
     assert_eq!(s.reap(Instant::now()).unloaded, vec!["f".to_owned()]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn busy_counts_running_invocations_across_functions() {
+    let s = scheduler(SchedulerConfig::default());
+    let spec = spec(4);
+    assert_eq!(s.busy(), 0);
+    let mut a = s.acquire("f", &spec, Qos::Standard, far()).await.expect("admitted");
+    let b = s.acquire("g", &spec, Qos::Standard, far()).await.expect("admitted");
+    assert_eq!(s.busy(), 2, "a cold start being created counts");
+    let instance = a.take_instance().unwrap_or(1);
+    a.finish(Some(instance));
+    assert_eq!(s.busy(), 1, "an idle instance does not");
+    drop(b);
+    assert_eq!(s.busy(), 0);
+}
