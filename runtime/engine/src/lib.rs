@@ -9,7 +9,9 @@
 //!   `wasi:http/proxy` component Hearth can link. Nothing is kept when it fails.
 //! - [`Engine::load`] runs on the first invocation of a component: it maps the
 //!   `.cwasm` file (`deserialize_file`, no recompilation) and caches the
-//!   pre-linked `ProxyPre`, shared by every later instance.
+//!   pre-linked `ProxyPre`, shared by every later instance; it recompiles
+//!   only an artifact that is missing or stale. [`Engine::load_precompiled`]
+//!   only maps, for callers that must never wait on a compilation.
 //! - [`Engine::invoke`] runs one request on a warm [`Instance`] or a fresh
 //!   one, with the function's memory limit and deadline, and hands the
 //!   instance back for reuse when the guest ends cleanly (see [`invoke`]).
