@@ -4,7 +4,7 @@
 use base64::Engine as _;
 use rand::RngCore as _;
 
-use crate::server::{Server, deploy, function_names, http, problem, project};
+use crate::server::{Server, compiled_artifacts, deploy, function_names, http, problem, project};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_deploy_then_echo_round_trips_method_path_query_headers_and_a_mebibyte() {
@@ -200,19 +200,4 @@ async fn deploy_runs_the_manifest_build_command() {
     assert!(dir.join("out/fn.wasm").is_file());
     let response = http().get(server.fn_url("built", "/")).send().await.expect("invoke");
     assert_eq!(response.status(), 200);
-}
-
-/// Every precompiled artifact in `data`, with its modification time: a
-/// recompilation rewrites the file.
-fn compiled_artifacts(data: &std::path::Path) -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
-    let mut artifacts: Vec<_> = std::fs::read_dir(data.join("compiled"))
-        .expect("compiled dir")
-        .map(|entry| {
-            let path = entry.expect("entry").path();
-            let modified = std::fs::metadata(&path).expect("metadata").modified().expect("mtime");
-            (path, modified)
-        })
-        .collect();
-    artifacts.sort();
-    artifacts
 }

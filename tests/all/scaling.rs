@@ -20,15 +20,8 @@ async fn a_function_scales_to_zero_and_answers_again() {
         "[scaling]\nidle_timeout_s = 1\n",
     )
     .await;
-    let compiled: Vec<_> = std::fs::read_dir(server.data_dir.join("compiled"))
-        .expect("compiled dir")
-        .map(|e| e.expect("entry").path())
-        .collect();
+    let compiled = compiled_artifacts(&server.data_dir);
     assert_eq!(compiled.len(), 1, "{compiled:?}");
-    let compiled_at = std::fs::metadata(&compiled[0])
-        .expect("cwasm")
-        .modified()
-        .expect("mtime");
 
     let call = || async {
         let response = http()
@@ -60,17 +53,9 @@ async fn a_function_scales_to_zero_and_answers_again() {
     let pool = instances(&server, "echo").await;
     assert_eq!((pool.cold_starts, pool.warm_starts), (2, 1), "{pool:?}");
     assert!(pool.loaded);
-    let now_compiled: Vec<_> = std::fs::read_dir(server.data_dir.join("compiled"))
-        .expect("compiled dir")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    assert_eq!(now_compiled, compiled);
-    let mtime = std::fs::metadata(&compiled[0])
-        .expect("cwasm")
-        .modified()
-        .expect("mtime");
     assert_eq!(
-        mtime, compiled_at,
+        compiled_artifacts(&server.data_dir),
+        compiled,
         "the cold start mapped the old artifact, it did not recompile"
     );
     assert!(!server.log().contains("recompiling"), "{}", server.log());

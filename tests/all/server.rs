@@ -250,3 +250,18 @@ pub async fn function_names(server: &Server) -> Vec<String> {
         .map(|f| f.name)
         .collect()
 }
+
+/// Every precompiled artifact in `data`, with its modification time: a
+/// recompilation rewrites the file.
+pub fn compiled_artifacts(data: &Path) -> Vec<(PathBuf, std::time::SystemTime)> {
+    let mut artifacts: Vec<_> = std::fs::read_dir(data.join("compiled"))
+        .expect("compiled dir")
+        .map(|entry| {
+            let path = entry.expect("entry").path();
+            let modified = std::fs::metadata(&path).expect("metadata").modified().expect("mtime");
+            (path, modified)
+        })
+        .collect();
+    artifacts.sort();
+    artifacts
+}
