@@ -179,9 +179,10 @@ impl Engine {
     /// Runs `request` on a warm instance or a fresh one (see [`Start`]) and
     /// returns its response as soon as the guest sends the head. Until then
     /// the guest runs in the caller's task; after, it keeps running in a task
-    /// of its own while the body streams; when it is done, `done` receives the instance back
-    /// (if it is fit for reuse) and the call's outcome. `label` names the
-    /// function in logs (the guest's captured stdout/stderr go there).
+    /// of its own while the body streams; when it is done, `done` receives
+    /// the instance back (if it is fit for reuse) and the call's outcome.
+    /// `label` names the function in logs (the guest's captured
+    /// stdout/stderr go there).
     pub async fn invoke<B>(
         &self,
         start: Start<'_>,
