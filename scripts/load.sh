@@ -12,22 +12,41 @@
 # records are on (as in production); HEARTH_LOAD_METERING=off runs the server
 # with --no-metering to see the rest of the path alone.
 #   scripts/load.sh [DURATION] [CONNECTIONS]
+# Knobs (environment):
+#   HEARTH_BIN=PATH             run this `hearth` binary instead of building one
+#                               (scripts/load-ab.sh compares two this way)
+#   HEARTH_LOAD_ROWS=REGEX      only the Hearth rows whose function matches
+#                               (e.g. '^hello$')
+#   HEARTH_LOAD_REFERENCE=off   skip the `wasmtime serve` rows
+#   HEARTH_LOAD_DEFAULTS=on     the server's defaults: request log lines at the
+#                               default level (info) and private functions
+#                               called with a bearer token (else HEARTH_LOG=warn
+#                               and public functions, like the reference)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-10}"
 connections="${2:-32}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 
-cargo build --release --locked -p hearth-server
-(cd functions && env -u CARGO_TARGET_DIR cargo build --release --locked -p echo -p hello)
-hearth="${CARGO_TARGET_DIR:-target}/release/hearth"
+if [ -n "${HEARTH_BIN:-}" ]; then
+  hearth="$(realpath "$HEARTH_BIN")"
+else
+  cargo build --release --locked -p hearth-server
+  hearth="${CARGO_TARGET_DIR:-target}/release/hearth"
+fi
+(cd functions && env -u CARGO_TARGET_DIR cargo build -q --release --locked -p echo -p hello)
 wasm_dir="$PWD/functions/target/wasm32-wasip2/release"
 work="$(mktemp -d)"
 port=18080
 export HEARTH_ADMIN_TOKEN="hth_load_$$" HEARTH_TOKEN="hth_load_$$" HEARTH_URL="http://127.0.0.1:$port"
 metering=()
 [ "${HEARTH_LOAD_METERING:-on}" = off ] && metering=(--no-metering)
-HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$work/data" "${metering[@]}" >/dev/null 2>&1 &
+defaults="${HEARTH_LOAD_DEFAULTS:-off}"
+log_level=warn public=true auth=()
+if [ "$defaults" = on ]; then
+  log_level="${HEARTH_LOG:-info}" public=false auth=(-H "Authorization: Bearer $HEARTH_TOKEN")
+fi
+HEARTH_LOG="$log_level" "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$work/data" "${metering[@]}" >/dev/null 2>&1 &
 server=$!
 reference=""
 trap 'kill -TERM $server ${reference:-} 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
@@ -37,22 +56,25 @@ for fn in hello echo; do
   for reuse in true false; do
     name="$fn"; [ "$reuse" = false ] && name="$fn-fresh"
     mkdir -p "$work/$name"
-    printf 'name = "%s"\ncomponent = "%s/%s.wasm"\npublic = true\n[scaling]\nreuse = %s\n' \
-      "$name" "$wasm_dir" "$fn" "$reuse" >"$work/$name/hearth.toml"
+    printf 'name = "%s"\ncomponent = "%s/%s.wasm"\npublic = %s\n[scaling]\nreuse = %s\n' \
+      "$name" "$wasm_dir" "$fn" "$public" "$reuse" >"$work/$name/hearth.toml"
     "$hearth" deploy "$work/$name" --no-build >/dev/null
   done
 done
 
-row() { # label url
+row() { # label url [wrk options]
   echo "== $1: wrk -t2 -c$connections -d${duration}s"
-  wrk -t2 -c"$connections" -d"${duration}s" --latency "$2" |
+  wrk -t2 -c"$connections" -d"${duration}s" --latency "${@:3}" "$2" |
     grep -E "Requests/sec|^\s+(50|99)%|Non-2xx|Socket errors" || true
 }
 
 for fn in hello echo; do
-  row "hearth $fn, fresh instance per request" "$HEARTH_URL/fn/default/$fn-fresh/load?x=1"
-  row "hearth $fn, warm instances reused" "$HEARTH_URL/fn/default/$fn/load?x=1"
+  [[ "$fn" =~ ${HEARTH_LOAD_ROWS:-.} ]] || continue
+  row "hearth $fn, fresh instance per request" "$HEARTH_URL/fn/default/$fn-fresh/load?x=1" "${auth[@]}"
+  row "hearth $fn, warm instances reused" "$HEARTH_URL/fn/default/$fn/load?x=1" "${auth[@]}"
 done
+
+[ "${HEARTH_LOAD_REFERENCE:-on}" = off ] && exit 0
 
 wasmtime="$(command -v wasmtime || true)"
 [ -z "$wasmtime" ] && [ -x "$HOME/.cache/hearth/tools/bin/wasmtime" ] && wasmtime="$HOME/.cache/hearth/tools/bin/wasmtime"

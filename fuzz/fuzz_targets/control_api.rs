@@ -49,25 +49,32 @@ async fn build(data: &std::path::Path) -> Router {
     auth.bootstrap(Some(ADMIN_TOKEN)).await.expect("admin token");
     let mut config = hearth_engine::EngineConfig::new(data.join("compiled"));
     config.pooling = false;
-    config.models = hearth_devices::ModelCache::new(hearth_devices::DevicePool::cpu_only(), Default::default());
+    let nn = hearth_bridge::NnHost::new(hearth_devices::ModelCache::new(
+        hearth_devices::DevicePool::cpu_only(),
+        Default::default(),
+    ));
+    config.nn = nn.clone();
     let engine = hearth_engine::Engine::new(config).expect("engine");
-    let registry = hearth_registry::Registry::new(store.clone(), blobs, engine.clone(), data.join("assets"));
-    let state = hearth_http::AppState::new(
-        registry,
-        auth,
-        engine,
-        hearth_http::Pools::new(Default::default()),
-        hearth_scheduler::TenantGate::new(Default::default()),
-        store,
-        hearth_http::HttpLimits {
+    let registry =
+        hearth_registry::Registry::new(store.clone(), blobs, engine.clone(), nn.clone(), data.join("assets"));
+    let invoker = hearth_invoker::Invoker::new(
+        hearth_invoker::Parts {
+            registry,
+            engine,
+            nn,
+            pools: hearth_invoker::Pools::new(Default::default()),
+            tenants: hearth_scheduler::TenantGate::new(Default::default()),
+            store,
+            usage: Some(hearth_metering::UsageLog::open(data).expect("usage log")),
+            prices: hearth_metering::PriceTable::default(),
+            telemetry: Arc::new(hearth_telemetry::Telemetry::new().expect("telemetry")),
+        },
+        hearth_invoker::InvokerConfig {
             max_body_bytes: 64 << 10,
-            max_upload_bytes: 64 << 10,
             queue_timeout: std::time::Duration::from_millis(100),
         },
-        Some(hearth_metering::UsageLog::open(data).expect("usage log")),
-        hearth_metering::PriceTable::default(),
-        Arc::new(hearth_telemetry::Telemetry::new().expect("telemetry")),
     );
+    let state = hearth_http::AppState::new(invoker, auth, 64 << 10);
     hearth_http::router(state)
 }
 

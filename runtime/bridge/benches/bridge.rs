@@ -13,7 +13,6 @@
 //!
 //! Run: `cargo bench -p hearth-bridge --bench bridge`.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +21,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hearth_bridge::wasi::nn::graph::{Host as _, HostGraph as _};
 use hearth_bridge::wasi::nn::inference::HostGraphExecutionContext as _;
 use hearth_bridge::wasi::nn::tensor::{HostTensor as _, TensorType};
-use hearth_bridge::{ModelRef, NnCtx};
+use hearth_bridge::{ModelRef, NnCtx, NnHost};
 use hearth_devices::{BatchConfig, CacheConfig, DevicePool, ModelCache, Placement};
 use hearth_fixtures::models::{MLP_INPUTS, MLP_SEED, mlp, mlp_input};
 use tract_onnx::prelude::*;
@@ -48,15 +47,16 @@ fn cache(batch: BatchConfig) -> Arc<ModelCache> {
 
 /// A fresh instance's `wasi:nn` state (each call below is a new instance).
 fn ctx(cache: &Arc<ModelCache>, path: &Path) -> NnCtx {
-    let models = HashMap::from([(
+    let host = NnHost::new(cache.clone());
+    let models = [(
         "m".to_owned(),
         ModelRef {
             key: path.display().to_string(),
             path: path.to_owned(),
             placement: Placement::Cpu,
         },
-    )]);
-    NnCtx::new(cache.clone(), Arc::new(models))
+    )];
+    host.instance(&host.grant(models))
 }
 
 /// One guest-shaped compute call: load by name, context, tensor, compute,

@@ -1,7 +1,15 @@
 //! The host side of `wasi:nn` (the WIT in `wit/wasi-nn.wit`), async.
 //!
-//! Each instance gets an [`NnCtx`]: the models its function may load (name →
-//! content key and file) and a [`ResourceTable`] of the handles it created.
+//! [`NnHost`] is the one way in, in the three phases of a host capability:
+//! linking once per engine ([`NnHost::add_to_linker`]), a grant per function
+//! version ([`NnHost::grant`]: the models it may load, by name), and a
+//! context per instance ([`NnHost::instance`]) whose inference usage the
+//! engine takes after each call ([`NnCtx::take_usage`]). It also owns the
+//! shared [`ModelCache`], which the registry (deploy checks, warm-ups) and the
+//! status and metrics pages reach through [`NnHost::cache`].
+//!
+//! Each instance's [`NnCtx`] holds its grant and a [`ResourceTable`] of the
+//! handles it created.
 //! `load-by-name` resolves to the process-wide warm [`ModelCache`], so every
 //! instance of every function naming the same model shares one prepared copy;
 //! `compute` goes through that model's batcher and awaits it, so a guest
@@ -16,7 +24,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hearth_devices::{Datum, DatumType, DeviceId, LoadedModel, ModelCache, Placement, Tensor};
+use hearth_devices::{Datum, DatumType, DeviceError, DeviceId, LoadedModel, ModelCache, Placement, Tensor};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
 wasmtime::component::bindgen!({
@@ -74,39 +82,102 @@ pub struct ModelRef {
     pub placement: Placement,
 }
 
-/// Per-instance `wasi:nn` state.
-#[derive(Debug)]
-pub struct NnCtx {
+/// The models one function version may load, by the name its guest uses.
+/// Built once per version ([`NnHost::grant`]) and shared by its instances.
+pub type NnGrant = Arc<HashMap<String, ModelRef>>;
+
+/// The `wasi:nn` host of a process: the shared warm model cache, and the
+/// linking, grants and per-instance contexts that reach it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct NnHost {
     cache: Arc<ModelCache>,
-    models: Arc<HashMap<String, ModelRef>>,
-    table: ResourceTable,
-    /// Live handles in `table`, checked against [`MAX_HANDLES`].
-    live: usize,
-    /// Compute calls made, and the calls they were batched with in total
-    /// (for usage records).
-    pub compute_calls: u64,
+}
+
+impl NnHost {
+    /// The host over `cache`, which every instance of every function shares.
+    pub fn new(cache: Arc<ModelCache>) -> NnHost {
+        NnHost { cache }
+    }
+
+    /// The warm model cache (devices, loaded models, their counters).
+    pub fn cache(&self) -> &Arc<ModelCache> {
+        &self.cache
+    }
+
+    /// Adds the `wasi:nn` imports to `linker`, reaching each instance's
+    /// [`NnCtx`] through `get`. Once per engine.
+    pub fn add_to_linker<T: Send + 'static>(
+        linker: &mut wasmtime::component::Linker<T>,
+        get: fn(&mut T) -> &mut NnCtx,
+    ) -> wasmtime::Result<()> {
+        Ml::add_to_linker::<T, WasiNn>(linker, get)
+    }
+
+    /// The grant of a function version whose manifest names `models`. Once
+    /// per version, when it is resolved.
+    pub fn grant(&self, models: impl IntoIterator<Item = (String, ModelRef)>) -> NnGrant {
+        Arc::new(models.into_iter().collect())
+    }
+
+    /// A fresh context for one instance of a function holding `grant`. Once
+    /// per instance, when its store is made.
+    pub fn instance(&self, grant: &NnGrant) -> NnCtx {
+        NnCtx {
+            cache: self.cache.clone(),
+            models: grant.clone(),
+            table: ResourceTable::new(),
+            live: 0,
+            usage: InferenceUsage::default(),
+        }
+    }
+
+    /// Loads every model `grant` names into the warm cache; returns how many
+    /// loaded and, for each that did not, its name and why.
+    pub async fn preload(&self, grant: &NnGrant) -> (usize, Vec<(String, DeviceError)>) {
+        let mut loaded = 0;
+        let mut failed = Vec::new();
+        for (name, model) in grant.iter() {
+            match self.cache.get(&model.key, &model.path, model.placement).await {
+                Ok(_) => loaded += 1,
+                Err(err) => failed.push((name.clone(), err)),
+            }
+        }
+        (loaded, failed)
+    }
+}
+
+/// What an instance's `wasi:nn` calls used since the last
+/// [`NnCtx::take_usage`]: the inference part of a usage record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InferenceUsage {
+    /// Compute calls made.
+    pub calls: u64,
     /// Sum over compute calls of the number of calls in their batch.
     pub batched_with: u64,
-    /// Device-measured time of this instance's compute calls (its share of
-    /// each batch), in nanoseconds; 0 on devices that do not measure (CPU).
-    pub device_ns: u64,
+    /// Device-measured time of these calls (this instance's share of each
+    /// batch); zero on devices that do not measure (CPU).
+    pub device_time: std::time::Duration,
     /// Where the last compute call ran (`None` before any).
     pub device: Option<DeviceId>,
 }
 
+/// Per-instance `wasi:nn` state, made by [`NnHost::instance`].
+#[derive(Debug)]
+pub struct NnCtx {
+    cache: Arc<ModelCache>,
+    models: NnGrant,
+    table: ResourceTable,
+    /// Live handles in `table`, checked against [`MAX_HANDLES`].
+    live: usize,
+    usage: InferenceUsage,
+}
+
 impl NnCtx {
-    /// State for one instance of a function whose models are `models`.
-    pub fn new(cache: Arc<ModelCache>, models: Arc<HashMap<String, ModelRef>>) -> NnCtx {
-        NnCtx {
-            cache,
-            models,
-            table: ResourceTable::new(),
-            live: 0,
-            compute_calls: 0,
-            batched_with: 0,
-            device_ns: 0,
-            device: None,
-        }
+    /// The inference usage since the last take, and a fresh count from
+    /// here: the engine takes it when a call ends, so the next call of a
+    /// reused instance starts at zero.
+    pub fn take_usage(&mut self) -> InferenceUsage {
+        std::mem::take(&mut self.usage)
     }
 
     fn push<T: Send + 'static>(&mut self, value: T) -> wasmtime::Result<Result<Resource<T>, Resource<NnError>>> {
@@ -152,15 +223,6 @@ pub struct WasiNn;
 
 impl HasData for WasiNn {
     type Data<'a> = &'a mut NnCtx;
-}
-
-/// Adds the `wasi:nn` imports to `linker`, reaching each instance's
-/// [`NnCtx`] through `get`.
-pub fn add_to_linker<T: Send + 'static>(
-    linker: &mut wasmtime::component::Linker<T>,
-    get: fn(&mut T) -> &mut NnCtx,
-) -> wasmtime::Result<()> {
-    Ml::add_to_linker::<T, WasiNn>(linker, get)
 }
 
 fn element_size(ty: TensorType) -> Option<(usize, DatumType)> {
@@ -360,10 +422,10 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
             Ok(batched) => batched,
             Err(err) => return self.fail(ErrorCode::RuntimeError, err.to_string()),
         };
-        self.compute_calls += 1;
-        self.device = Some(loaded.device);
-        self.batched_with += batched.calls as u64;
-        self.device_ns += batched.device_time.map_or(0, |t| t.as_nanos() as u64);
+        self.usage.calls += 1;
+        self.usage.device = Some(loaded.device);
+        self.usage.batched_with += batched.calls as u64;
+        self.usage.device_time += batched.device_time.unwrap_or_default();
         let mut outputs = Vec::with_capacity(batched.outputs.len());
         for (spec, tensor) in loaded.model.outputs().iter().zip(&batched.outputs) {
             let handle = match from_model_tensor(tensor) {
@@ -411,18 +473,16 @@ mod tests {
     fn ctx(dir: &std::path::Path) -> NnCtx {
         let path = dir.join("mlp.onnx");
         std::fs::write(&path, mlp(1)).expect("write");
-        let models = HashMap::from([(
+        let models = [(
             "mnist-mlp".to_owned(),
             ModelRef {
                 key: "mlp-1".into(),
                 path,
                 placement: Placement::Auto,
             },
-        )]);
-        NnCtx::new(
-            ModelCache::new(DevicePool::cpu_only(), CacheConfig::default()),
-            Arc::new(models),
-        )
+        )];
+        let host = NnHost::new(ModelCache::new(DevicePool::cpu_only(), CacheConfig::default()));
+        host.instance(&host.grant(models))
     }
 
     fn bytes(values: &[f32]) -> Vec<u8> {
@@ -484,7 +544,11 @@ mod tests {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         assert!((probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-5);
-        assert_eq!(ctx.compute_calls, 1);
+        let usage = ctx.take_usage();
+        assert_eq!((usage.calls, usage.batched_with), (1, 1));
+        assert_eq!(usage.device, Some(DeviceId::Cpu));
+        // Taken means counted once: a reused instance's next call starts at zero.
+        assert_eq!(ctx.take_usage(), InferenceUsage::default());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,15 +26,12 @@ use crate::{Engine, Prepared, error_chain};
 /// The body of a guest's response, streamed as the guest writes it.
 pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
-/// The models a function may load by name (from its manifest).
-pub type ModelMap = std::sync::Arc<std::collections::HashMap<String, hearth_bridge::ModelRef>>;
-
 /// What a function's instances are given besides WASI's basics: the models
 /// it may load and the directory of its read-only assets.
 #[derive(Debug, Clone, Default)]
 pub struct Grants {
     /// Models by the name the guest loads them with.
-    pub models: ModelMap,
+    pub models: hearth_bridge::NnGrant,
     /// Host directory mounted read-only at the guest's `/`, if the function
     /// has `[[files]]`.
     pub assets: Option<std::sync::Arc<std::path::Path>>,
@@ -126,14 +123,8 @@ pub struct Report {
     pub cpu_time: Duration,
     /// Largest linear memory the instance has had, in bytes.
     pub memory_peak_bytes: u64,
-    /// `wasi:nn` compute calls.
-    pub inference_calls: u64,
-    /// Sum over compute calls of the calls in their batch.
-    pub batched_calls: u64,
-    /// This invocation's share of measured device (GPU) time.
-    pub device_time: Duration,
-    /// Where its inference ran, if it ran any.
-    pub device: Option<hearth_devices::DeviceId>,
+    /// Its `wasi:nn` calls: how many, batched with how many, device time.
+    pub inference: hearth_bridge::InferenceUsage,
 }
 
 impl Engine {
@@ -156,7 +147,7 @@ impl Engine {
     }
 
     fn new_store(&self, limits: Limits, grants: &Grants) -> Result<Store<HostState>, InvokeError> {
-        let nn = hearth_bridge::NnCtx::new(self.inner.config.models.clone(), grants.models.clone());
+        let nn = self.inner.config.nn.instance(&grants.models);
         let state = HostState::new(
             limits.memory_bytes,
             nn,
@@ -207,10 +198,6 @@ impl Engine {
         };
         let state = store.data_mut();
         state.deadline = Instant::now() + limits.timeout;
-        state.nn.compute_calls = 0;
-        state.nn.batched_with = 0;
-        state.nn.device_ns = 0;
-        state.nn.device = None;
         store.set_epoch_deadline(1);
 
         let (sender, mut receiver) = tokio::sync::oneshot::channel();
@@ -261,14 +248,11 @@ impl Engine {
             }
             log_guest_output(&label, store.data());
             let _ = outcome_tx.send(outcome.clone());
-            let state = store.data();
+            let state = store.data_mut();
             let report = Report {
                 cpu_time,
                 memory_peak_bytes: state.limiter.peak as u64,
-                inference_calls: state.nn.compute_calls,
-                batched_calls: state.nn.batched_with,
-                device_time: Duration::from_nanos(state.nn.device_ns),
-                device: state.nn.device,
+                inference: state.nn.take_usage(),
             };
             done(Finished {
                 instance: proxy.map(|proxy| Instance { store, proxy }),

@@ -32,11 +32,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use hearth_bridge::NnHost;
 use hearth_devices::{CacheConfig, DevicePool, ModelCache};
 use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-pub use invoke::{Finished, Grants, Instance, InvokeError, Limits, ModelMap, Report, ResponseBody, Start};
+pub use invoke::{Finished, Grants, Instance, InvokeError, Limits, Report, ResponseBody, Start};
 use state::HostState;
 /// The error type request bodies passed to [`Engine::invoke`] fail with.
 pub use wasmtime_wasi_http::Error as BodyError;
@@ -92,8 +93,8 @@ pub struct EngineConfig {
     /// Bytes of each pooled linear memory kept resident (zeroed with memset)
     /// when an instance is dropped, instead of being decommitted.
     pub memory_keep_resident: usize,
-    /// The warm models every instance's `wasi:nn` imports share.
-    pub models: Arc<ModelCache>,
+    /// The `wasi:nn` host (and its warm models) every instance shares.
+    pub nn: NnHost,
 }
 
 impl EngineConfig {
@@ -105,7 +106,7 @@ impl EngineConfig {
             max_instances: DEFAULT_MAX_INSTANCES,
             max_memory_mb: DEFAULT_MAX_MEMORY_MB,
             memory_keep_resident: DEFAULT_MEMORY_KEEP_RESIDENT,
-            models: ModelCache::new(DevicePool::cpu_only(), CacheConfig::default()),
+            nn: NnHost::new(ModelCache::new(DevicePool::cpu_only(), CacheConfig::default())),
         }
     }
 }
@@ -198,7 +199,7 @@ impl Engine {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(wasmtime_err)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(wasmtime_err)?;
-        hearth_bridge::add_to_linker(&mut linker, |state: &mut HostState| &mut state.nn).map_err(wasmtime_err)?;
+        NnHost::add_to_linker(&mut linker, |state: &mut HostState| &mut state.nn).map_err(wasmtime_err)?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);

@@ -5,119 +5,47 @@
 //! operator tokens the `tenant` query parameter (default `default`). A tenant
 //! the caller cannot see answers 404, exactly as a missing function does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
+use hearth_api::{
+    ArtifactInfo, DeviceStatus, FunctionDetail, FunctionList, FunctionStatus, FunctionVersion, InstanceStatus,
+    NamedModel, Status, TenantQuery, WarmModel,
+};
 use hearth_auth::Action;
+use hearth_invoker::Invoker;
 use hearth_manifest::{Manifest, Qos};
 use hearth_registry::{FILE_PART_PREFIX, MODEL_PART_PREFIX, Upload};
-use hearth_store::{ArtifactKind, FunctionVersion, format_ms};
-use serde::{Deserialize, Serialize};
+use hearth_store::{ArtifactKind, format_ms};
 
-use crate::run::pool_key;
-use crate::{ApiError, AppState, authenticate, check_declared_length};
+use crate::{ApiError, AppState, check_declared_length, scope};
 
 /// Largest manifest accepted, in bytes.
 const MAX_MANIFEST_BYTES: usize = 64 * 1024;
 
-pub(crate) fn routes() -> axum::Router<Arc<AppState>> {
-    axum::Router::new()
-        .route(
-            "/functions",
-            // Uploads are limited while they stream (see `deploy`), not by
-            // axum's buffering default.
-            post(deploy).get(list).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/functions/{name}", get(show).delete(delete))
-        .route("/tokens", post(crate::tokens::create).get(crate::tokens::list))
-        .route("/tokens/{id}", axum::routing::delete(crate::tokens::revoke))
-        .route("/usage", get(crate::usage::export))
-        .route("/usage/summary", get(crate::usage::summary))
-        .route("/functions/{name}/invocations", post(crate::asynchronous::submit))
-        .route("/functions/{name}/invocations/{id}", get(crate::asynchronous::show))
-        .route(
-            "/functions/{name}/invocations/{id}/response",
-            get(crate::asynchronous::response),
-        )
-        .route("/status", get(status))
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct TenantQuery {
-    pub(crate) tenant: Option<String>,
-}
-
-/// Authenticates the caller and picks the tenant the call acts in.
-async fn scope(state: &AppState, headers: &HeaderMap, query: &TenantQuery, action: Action) -> Result<String, ApiError> {
-    Ok(scoped_principal(state, headers, query, action).await?.0)
-}
-
-/// [`scope`], also returning who the caller is.
-pub(crate) async fn scoped_principal(
-    state: &AppState,
-    headers: &HeaderMap,
-    query: &TenantQuery,
-    action: Action,
-) -> Result<(String, hearth_auth::Principal), ApiError> {
-    let principal = authenticate(state, headers).await?;
-    let tenant = query.tenant.clone().unwrap_or_else(|| principal.tenant.clone());
-    hearth_manifest::validate_name(&tenant).map_err(|reason| ApiError::BadRequest {
-        detail: format!("tenant: {reason}"),
-        key: None,
-    })?;
-    principal.authorize(action, &tenant)?;
-    Ok((tenant, principal))
-}
-
-/// A function version as the API shows it.
-#[derive(Debug, Serialize)]
-struct VersionView {
-    tenant: String,
-    name: String,
-    version: u32,
-    component: String,
-    component_size: u64,
-    created_at: String,
-    invoke_path: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    models: Vec<ArtifactView>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    files: Vec<ArtifactView>,
-}
-
-/// A model or asset deployed with a version.
-#[derive(Debug, Serialize)]
-struct ArtifactView {
-    name: String,
-    digest: String,
-    size: u64,
-}
-
-impl From<&FunctionVersion> for VersionView {
-    fn from(v: &FunctionVersion) -> Self {
-        VersionView {
-            tenant: v.tenant.clone(),
-            name: v.name.clone(),
-            version: v.version,
-            component: format!("sha256:{}", v.component),
-            component_size: v.component_size,
-            created_at: format_ms(v.created_at_ms),
-            invoke_path: format!("/fn/{}/{}/", v.tenant, v.name),
-            models: artifacts(v, ArtifactKind::Model),
-            files: artifacts(v, ArtifactKind::File),
-        }
+/// A stored function version as the API shows it.
+fn version_view(v: &hearth_store::FunctionVersion) -> FunctionVersion {
+    FunctionVersion {
+        tenant: v.tenant.clone(),
+        name: v.name.clone(),
+        version: v.version,
+        component: format!("sha256:{}", v.component),
+        component_size: v.component_size,
+        created_at: format_ms(v.created_at_ms),
+        invoke_path: format!("/fn/{}/{}/", v.tenant, v.name),
+        models: artifacts(v, ArtifactKind::Model),
+        files: artifacts(v, ArtifactKind::File),
     }
 }
 
-fn artifacts(v: &FunctionVersion, kind: ArtifactKind) -> Vec<ArtifactView> {
+fn artifacts(v: &hearth_store::FunctionVersion, kind: ArtifactKind) -> Vec<ArtifactInfo> {
     v.artifacts
         .iter()
         .filter(|a| a.kind == kind)
-        .map(|a| ArtifactView {
+        .map(|a| ArtifactInfo {
             name: a.name.clone(),
             digest: format!("sha256:{}", a.digest),
             size: a.size,
@@ -131,15 +59,16 @@ fn artifacts(v: &FunctionVersion, kind: ArtifactKind) -> Vec<ArtifactView> {
 /// `file:<index>` part for each `[[files]]` entry (0-based), in any order. Every part
 /// streams to a staging file; the whole is checked (component compiled,
 /// models loaded) before anything is recorded.
-async fn deploy(
+pub(crate) async fn deploy(
     State(state): State<Arc<AppState>>,
     Query(query): Query<TenantQuery>,
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Result<(StatusCode, Json<VersionView>), ApiError> {
-    let tenant = scope(&state, &headers, &query, Action::Deploy).await?;
-    let limit = state.limits.max_upload_bytes;
-    check_declared_length(&headers, limit)?;
+) -> Result<(StatusCode, Json<FunctionVersion>), ApiError> {
+    let (tenant, _) = scope(&state, &headers, &query, Action::Deploy).await?;
+    let limit = state.max_upload_bytes;
+    check_declared_length(&headers, limit).map_err(|limit| ApiError::PayloadTooLarge { limit })?;
+    let registry = state.invoker.registry();
     let mut multipart = multipart.map_err(|e| bad_request(format!("expected a multipart/form-data upload: {e}")))?;
 
     let mut manifest: Option<Manifest> = None;
@@ -198,8 +127,7 @@ async fn deploy(
         if slot.is_some() {
             return Err(bad_request(format!("upload part `{name}` appears twice")));
         }
-        let mut staged = state
-            .registry
+        let mut staged = registry
             .blobs()
             .stage()
             .await
@@ -221,43 +149,33 @@ async fn deploy(
     }
     let manifest = manifest.ok_or_else(|| bad_request("the upload has no `manifest` part".into()))?;
     let component = component.ok_or_else(|| bad_request("the upload has no `component` part".into()))?;
-    check_holdings(&state, &tenant, &manifest, &models).await?;
+    check_holdings(&state.invoker, &tenant, &manifest, &models).await?;
     let upload = Upload {
         manifest,
         component,
         models: models.into_iter().filter_map(|(k, v)| Some((k, v?))).collect(),
         files: files.into_iter().filter_map(|(k, v)| Some((k, v?))).collect(),
     };
-    let version = state.registry.deploy(&tenant, upload).await?;
-    // Instances of the previous version go now, not at their idle timeout;
-    // a function that keeps instances warm gets new ones in the background.
-    let key = pool_key(&tenant, &version.name);
-    state.pools.retire(&key);
-    if let Ok(deployed) = state.registry.resolve(&tenant, &version.name).await {
-        // The deploy compiled and loaded the component: it scales to zero
-        // like any other if it is never called.
-        state.pools.track_loaded(&key, &crate::run::spec(&deployed));
-        if deployed.manifest.scaling.min_instances > 0 {
-            let state = state.clone();
-            tokio::spawn(async move { crate::keep_warm(&state, &deployed).await });
-        }
+    let version = registry.deploy(&tenant, upload).await?;
+    if let Ok(deployed) = registry.resolve(&tenant, &version.name).await {
+        state.invoker.deployed(deployed);
     }
-    Ok((StatusCode::CREATED, Json(VersionView::from(&version))))
+    Ok((StatusCode::CREATED, Json(version_view(&version))))
 }
 
 /// Refuses (429) a deploy that would take `tenant` past its function count
 /// or model bytes.
 async fn check_holdings(
-    state: &AppState,
+    invoker: &Invoker,
     tenant: &str,
     manifest: &Manifest,
     models: &HashMap<String, Option<hearth_store::StagedBlob>>,
 ) -> Result<(), ApiError> {
-    let limits = state.tenants.limits(tenant);
+    let limits = invoker.tenants().limits(tenant);
     if limits.max_functions.is_none() && limits.max_model_bytes.is_none() {
         return Ok(());
     }
-    let functions = state.registry.list(tenant).await?;
+    let functions = invoker.registry().list(tenant).await?;
     let others = functions.iter().filter(|f| f.name != manifest.name);
     let other_model_bytes: u64 = others
         .clone()
@@ -267,8 +185,8 @@ async fn check_holdings(
         .sum();
     let new_model_bytes: u64 = models.values().flatten().map(|blob| blob.len()).sum();
     let count = others.count() as u64 + 1;
-    state
-        .tenants
+    invoker
+        .tenants()
         .check_deploy(tenant, count, other_model_bytes + new_model_bytes)?;
     Ok(())
 }
@@ -285,57 +203,48 @@ fn bad_request(detail: String) -> ApiError {
 }
 
 /// `GET /v1/functions`: the newest version of each function.
-async fn list(
+pub(crate) async fn list(
     State(state): State<Arc<AppState>>,
     Query(query): Query<TenantQuery>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let tenant = scope(&state, &headers, &query, Action::ReadFunctions).await?;
-    let functions: Vec<VersionView> = state
-        .registry
-        .list(&tenant)
-        .await?
-        .iter()
-        .map(VersionView::from)
-        .collect();
-    Ok(Json(serde_json::json!({ "functions": functions })))
+) -> Result<Json<FunctionList>, ApiError> {
+    let (tenant, _) = scope(&state, &headers, &query, Action::ReadFunctions).await?;
+    let functions = state.invoker.registry().list(&tenant).await?;
+    Ok(Json(FunctionList {
+        functions: functions.iter().map(version_view).collect(),
+    }))
 }
 
 /// `GET /v1/functions/{name}`: the function, its manifest and every version.
-async fn show(
+pub(crate) async fn show(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     Query(query): Query<TenantQuery>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let tenant = scope(&state, &headers, &query, Action::ReadFunctions).await?;
+) -> Result<Json<FunctionDetail>, ApiError> {
+    let (tenant, _) = scope(&state, &headers, &query, Action::ReadFunctions).await?;
     check_name(&name)?;
-    let current = state.registry.resolve(&tenant, &name).await?;
-    let versions: Vec<VersionView> = state
-        .registry
-        .versions(&tenant, &name)
-        .await?
-        .iter()
-        .map(VersionView::from)
-        .collect();
-    Ok(Json(serde_json::json!({
-        "function": VersionView::from(&current.version),
-        "manifest": current.manifest,
-        "versions": versions,
-    })))
+    let registry = state.invoker.registry();
+    let current = registry.resolve(&tenant, &name).await?;
+    let versions = registry.versions(&tenant, &name).await?;
+    Ok(Json(FunctionDetail {
+        function: version_view(&current.version),
+        manifest: serde_json::to_value(&current.manifest).map_err(|e| ApiError::Internal(e.to_string()))?,
+        versions: versions.iter().map(version_view).collect(),
+    }))
 }
 
 /// `DELETE /v1/functions/{name}`.
-async fn delete(
+pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     Query(query): Query<TenantQuery>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let tenant = scope(&state, &headers, &query, Action::Deploy).await?;
+    let (tenant, _) = scope(&state, &headers, &query, Action::Deploy).await?;
     check_name(&name)?;
-    state.registry.delete(&tenant, &name).await?;
-    state.pools.retire(&pool_key(&tenant, &name));
+    state.invoker.registry().delete(&tenant, &name).await?;
+    state.invoker.deleted(&tenant, &name);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -346,98 +255,97 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 /// `GET /v1/status`: the devices, the models warm on them, and the tenant's
 /// functions with the models they name. Operators see every warm model;
 /// others only those their tenant's functions name.
-async fn status(
+pub(crate) async fn status(
     State(state): State<Arc<AppState>>,
     Query(query): Query<TenantQuery>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let (tenant, principal) = scoped_principal(&state, &headers, &query, Action::ReadFunctions).await?;
-    let (instances, queued) = state.pools.totals();
-    let cache = &state.engine.config().models;
-    let functions = state.registry.list(&tenant).await?;
+) -> Result<Json<Status>, ApiError> {
+    let (tenant, principal) = scope(&state, &headers, &query, Action::ReadFunctions).await?;
+    let invoker = &state.invoker;
+    let (instances, queued) = invoker.pools().totals();
+    let cache = invoker.nn().cache();
+    let functions = invoker.registry().list(&tenant).await?;
     let warm = cache.cached();
-    let named: std::collections::HashSet<String> = functions
+    let named: HashSet<String> = functions
         .iter()
         .flat_map(|f| f.artifacts.iter())
         .filter(|a| a.kind == ArtifactKind::Model)
         .map(|a| a.digest.to_string())
         .collect();
-    let models: Vec<serde_json::Value> = warm
+    let models = warm
         .iter()
         .filter(|m| principal.operator || named.contains(&m.key))
-        .map(|m| {
-            serde_json::json!({
-                "digest": format!("sha256:{}", m.key),
-                "placement": m.placement.to_string(),
-                "device": m.device.to_string(),
-                "size": m.size_bytes,
-                "users": m.users,
-                "runs": m.runs,
-                "calls": m.calls,
-            })
+        .map(|m| WarmModel {
+            digest: format!("sha256:{}", m.key),
+            placement: m.placement.to_string(),
+            device: m.device.to_string(),
+            size: m.size_bytes,
+            users: u64::try_from(m.users).unwrap_or(u64::MAX),
+            runs: m.runs,
+            calls: m.calls,
         })
         .collect();
-    let mut devices = vec![serde_json::json!({ "id": "cpu", "kind": "cpu" })];
-    for gpu in cache.devices().gpus() {
-        devices.push(serde_json::json!({
-            "id": format!("cuda:{}", gpu.ordinal),
-            "kind": "cuda",
-            "name": gpu.name,
-            "total_bytes": gpu.total_bytes,
-            "free_bytes_at_start": gpu.free_bytes,
-        }));
-    }
-    let functions: Vec<serde_json::Value> = functions
+    let cpu = DeviceStatus {
+        id: "cpu".into(),
+        kind: "cpu".into(),
+        name: None,
+        total_bytes: None,
+        free_bytes_at_start: None,
+    };
+    let gpus = cache.devices().gpus().iter().map(|gpu| DeviceStatus {
+        id: format!("cuda:{}", gpu.ordinal),
+        kind: "cuda".into(),
+        name: Some(gpu.name.clone()),
+        total_bytes: Some(gpu.total_bytes),
+        free_bytes_at_start: Some(gpu.free_bytes),
+    });
+    let functions = functions
         .iter()
         .map(|f| {
-            let models: Vec<serde_json::Value> = f
+            let models = f
                 .artifacts
                 .iter()
                 .filter(|a| a.kind == ArtifactKind::Model)
                 .map(|a| {
                     let key = a.digest.to_string();
-                    serde_json::json!({
-                        "name": a.name,
-                        "digest": format!("sha256:{key}"),
-                        "warm": warm.iter().any(|m| m.key == key),
-                    })
+                    NamedModel {
+                        name: a.name.clone(),
+                        digest: format!("sha256:{key}"),
+                        warm: warm.iter().any(|m| m.key == key),
+                    }
                 })
                 .collect();
-            let pool = state
-                .pools
-                .function_stats(&pool_key(&tenant, &f.name))
-                .unwrap_or_default();
-            let queued: serde_json::Map<String, serde_json::Value> = Qos::ALL
-                .iter()
-                .rev()
-                .map(|class| (class.to_string(), pool.queued[*class as usize].into()))
-                .collect();
-            serde_json::json!({
-                "name": f.name,
-                "version": f.version,
-                "models": models,
-                "instances": {
-                    "idle": pool.idle,
-                    "busy": pool.busy,
-                    "queued": queued,
-                    "cold_starts": pool.cold_starts,
-                    "warm_starts": pool.warm_starts,
-                    "scale_downs": pool.scale_downs,
-                    "unloads": pool.unloads,
-                    "rejected": pool.rejected,
-                    "loaded": state.engine.is_loaded(f.component.as_str()),
+            let key = hearth_scheduler::FunctionKey::new(&f.tenant, &f.name, f.version);
+            let pool = invoker.pools().function_stats(&key).unwrap_or_default();
+            FunctionStatus {
+                name: f.name.clone(),
+                version: f.version,
+                models,
+                instances: InstanceStatus {
+                    idle: pool.idle,
+                    busy: pool.busy,
+                    queued: Qos::ALL
+                        .iter()
+                        .map(|class| (class.to_string(), pool.queued[*class as usize]))
+                        .collect(),
+                    cold_starts: pool.cold_starts,
+                    warm_starts: pool.warm_starts,
+                    scale_downs: pool.scale_downs,
+                    unloads: pool.unloads,
+                    rejected: pool.rejected,
+                    loaded: invoker.engine().is_loaded(f.component.as_str()),
                 },
-            })
+            }
         })
         .collect();
-    Ok(Json(serde_json::json!({
-        "tenant": tenant,
-        "devices": devices,
-        "models": models,
-        "model_loads": cache.loads(),
-        "instances": instances,
-        "max_instances": state.pools.config().max_instances,
-        "queued": queued,
-        "functions": functions,
-    })))
+    Ok(Json(Status {
+        tenant,
+        devices: std::iter::once(cpu).chain(gpus).collect(),
+        models,
+        model_loads: cache.loads(),
+        instances,
+        max_instances: invoker.pools().config().max_instances,
+        queued,
+        functions,
+    }))
 }

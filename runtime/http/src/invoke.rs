@@ -1,8 +1,11 @@
 //! `ANY /fn/{tenant}/{function}/{rest...}`: run a function.
 //!
-//! The guest sees the request as if served at the root (`/fn/acme/ocr/v1/read?x=1`
-//! arrives as `/v1/read?x=1`), with the mount in `x-hearth-base-path`. Every
-//! answer, success or problem, carries `x-hearth-invocation-id`.
+//! This route resolves the function, authenticates the caller (unless the
+//! function is public), opens the invocation's record with the invoker and
+//! shapes the guest's request; the invoker does the rest. The guest sees the
+//! request as if served at the root (`/fn/acme/ocr/v1/read?x=1` arrives as
+//! `/v1/read?x=1`), with the mount in `x-hearth-base-path`. Every answer,
+//! success or problem, carries `x-hearth-invocation-id`.
 
 use std::sync::Arc;
 
@@ -10,17 +13,13 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use hearth_auth::Action;
+use hearth_invoker::{BASE_PATH_HEADER, Failure, now_us};
 use hearth_manifest::Qos;
 use http::{HeaderValue, Uri, header};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::body::{BodyMeter, LimitedBody};
-use crate::meter::{Meter, now_us};
-use crate::run::run_function;
-use crate::{
-    ApiError, AppState, BASE_PATH_HEADER, INVOCATION_ID_HEADER, QOS_HEADER, authenticate, check_declared_length,
-};
+use crate::{ApiError, AppState, INVOCATION_ID_HEADER, QOS_HEADER, authenticate, check_declared_length};
 
 /// The route's parameters; the path below the mount is taken from the raw
 /// URI instead, so percent-encoding reaches the guest untouched.
@@ -83,7 +82,8 @@ async fn invoke(
     // Only a public function answers without a token. For anything else the
     // caller authenticates first, so an anonymous caller cannot tell a
     // private function from a missing one (both are 401).
-    let resolved = state.registry.resolve(tenant, function).await;
+    let invoker = &state.invoker;
+    let resolved = invoker.registry().resolve(tenant, function).await;
     let public = matches!(&resolved, Ok(deployed) if deployed.manifest.public);
     if !public {
         authenticate(state, request.headers())
@@ -92,59 +92,51 @@ async fn invoke(
     }
     let deployed = resolved?;
     // From here on the invocation is the tenant's: every ending is recorded.
-    let meter = Meter::new(state, &id.to_string(), started_at_us, &deployed);
-    let prepared = prepare(state, &deployed, tenant, function, rest, request);
-    let (class, request, body_meter) = match prepared {
-        Ok(prepared) => prepared,
-        Err(err) => return Err(meter.finish_error(err).await),
+    let meter = invoker.begin(id, started_at_us, &deployed);
+    let (class, request) = match shape(state, &deployed, tenant, function, rest, request) {
+        Ok(shaped) => shaped,
+        Err(failure) => return Err(meter.refuse(failure).await.into()),
     };
-    let mut meter = meter;
-    meter.count_body(body_meter);
-    let deadline = tokio::time::Instant::now() + state.limits.queue_timeout;
-    let mut response = run_function(state, &deployed, class, deadline, meter, true, request).await?;
+    let mut response = invoker.invoke(meter, &deployed, class, request).await?.map(Body::new);
     response
         .headers_mut()
         .insert(QOS_HEADER, HeaderValue::from_static(class.as_str()));
     Ok(response)
 }
 
-/// A request as the guest receives it, its body counted and limited.
-type GuestRequest = hyper::Request<LimitedBody<Body>>;
-
-/// Checks the caller's request and turns it into the guest's: its class,
-/// the request as the guest sees it, and the meter of its body.
-fn prepare(
+/// Checks the caller's request and turns it into the guest's: the class it
+/// runs at and the request as the guest sees it.
+fn shape(
     state: &AppState,
     deployed: &hearth_registry::Deployed,
     tenant: &str,
     function: &str,
     rest: &str,
     request: Request,
-) -> Result<(Qos, GuestRequest, Arc<BodyMeter>), ApiError> {
-    let limit = state.limits.max_body_bytes;
-    check_declared_length(request.headers(), limit)?;
+) -> Result<(Qos, Request), Failure> {
+    let limit = state.invoker.config().max_body_bytes;
+    check_declared_length(request.headers(), limit).map_err(|limit| Failure::PayloadTooLarge { limit })?;
     let class = requested_class(request.headers(), deployed.manifest.scaling.qos)?;
     let (mut parts, body) = request.into_parts();
     parts.uri = guest_uri(&parts.uri, parts.headers.get(header::HOST), rest)?;
     let base = format!("/fn/{tenant}/{function}");
-    parts.headers.insert(
-        BASE_PATH_HEADER,
-        HeaderValue::from_str(&base).map_err(|e| ApiError::Internal(e.to_string()))?,
-    );
+    // Names were validated, so the mount is a valid header value.
+    if let Ok(base) = HeaderValue::from_str(&base) {
+        parts.headers.insert(BASE_PATH_HEADER, base);
+    }
     // Credentials are for Hearth, not for the guest.
     parts.headers.remove(header::AUTHORIZATION);
-    let (body, meter) = LimitedBody::new(body, limit);
-    Ok((class, hyper::Request::from_parts(parts, body), meter))
+    Ok((class, Request::from_parts(parts, body)))
 }
 
 /// The class an invocation runs at: the function's, or a lower one asked
 /// for in the `x-hearth-qos` header. Asking for a higher class is refused
 /// (400): urgency is the deployer's decision, not the caller's.
-pub(crate) fn requested_class(headers: &http::HeaderMap, function: Qos) -> Result<Qos, ApiError> {
+fn requested_class(headers: &http::HeaderMap, function: Qos) -> Result<Qos, Failure> {
     let Some(value) = headers.get(QOS_HEADER) else {
         return Ok(function);
     };
-    let bad = |detail: String| ApiError::BadRequest { detail, key: None };
+    let bad = Failure::BadRequest;
     let asked: Qos = value
         .to_str()
         .map_err(|_| bad(format!("`{QOS_HEADER}` is not text")))?
@@ -161,7 +153,7 @@ pub(crate) fn requested_class(headers: &http::HeaderMap, function: Qos) -> Resul
 
 /// The URI the guest sees: the path below the function's mount, the original
 /// query, and an authority (wasi:http requires one) from the Host header.
-fn guest_uri(original: &Uri, host: Option<&HeaderValue>, rest: &str) -> Result<Uri, ApiError> {
+fn guest_uri(original: &Uri, host: Option<&HeaderValue>, rest: &str) -> Result<Uri, Failure> {
     let mut path_and_query = format!("/{rest}");
     if let Some(query) = original.query() {
         path_and_query.push('?');
@@ -173,10 +165,7 @@ fn guest_uri(original: &Uri, host: Option<&HeaderValue>, rest: &str) -> Result<U
         .authority(authority)
         .path_and_query(path_and_query)
         .build()
-        .map_err(|e| ApiError::BadRequest {
-            detail: format!("cannot forward this request: {e}"),
-            key: None,
-        })
+        .map_err(|e| Failure::BadRequest(format!("cannot forward this request: {e}")))
 }
 
 #[cfg(test)]
@@ -202,12 +191,12 @@ mod tests {
         headers.insert(QOS_HEADER, HeaderValue::from_static("realtime"));
         assert!(matches!(
             requested_class(&headers, Qos::Standard),
-            Err(ApiError::BadRequest { .. })
+            Err(Failure::BadRequest(_))
         ));
         headers.insert(QOS_HEADER, HeaderValue::from_static("urgent"));
         assert!(matches!(
             requested_class(&headers, Qos::Realtime),
-            Err(ApiError::BadRequest { .. })
+            Err(Failure::BadRequest(_))
         ));
     }
 }

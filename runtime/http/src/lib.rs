@@ -1,133 +1,64 @@
 //! Hearth's HTTP front: where every request enters.
 //!
-//! - `/fn/{tenant}/{function}/...` runs a function ([`invoke`]);
-//! - `/v1/...` is the control API, behind bearer tokens ([`control`]);
+//! - `/fn/{tenant}/{function}/...` runs a function ([`invoke`]): it resolves
+//!   and authenticates, shapes the guest's request and hands it to the
+//!   invoker (`hearth-invoker`), which runs it and records it;
+//! - `/v1/...` is the control API, behind bearer tokens: functions
+//!   ([`control`]), tokens ([`tokens`]), usage ([`usage`]), asynchronous
+//!   invocations ([`asynchronous`]); its bodies are `hearth-api`'s types;
 //! - `/healthz` and `/readyz` are for load balancers and orchestrators;
-//! - `/metrics` is for Prometheus ([`metrics`]).
+//! - `/metrics` is for Prometheus.
 //!
 //! Every error leaves through [`ApiError`], the one place that maps errors to
 //! statuses and `application/problem+json` bodies.
 
 mod asynchronous;
-mod body;
 mod control;
 mod invoke;
-mod meter;
-mod metrics;
 mod problem;
-mod run;
 mod tokens;
 mod usage;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::routing::{any, get};
-use hearth_auth::Auth;
-use hearth_engine::Engine;
-use hearth_registry::Registry;
-use hearth_store::Store;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, delete, get, post};
+use hearth_api::{Health, TenantQuery};
+use hearth_auth::{Action, Auth, Principal};
+use hearth_invoker::{Invoker, RenderFailure};
+use http::{HeaderMap, HeaderValue, header};
 
-pub use asynchronous::{DEFAULT_ASYNC_CONCURRENCY, spawn_async_runner};
-pub use metrics::observe;
 pub use problem::{ApiError, INVOCATION_ID_HEADER};
-pub use run::{Pools, keep_warm, spawn_reaper};
 pub use usage::NEXT_CURSOR_HEADER;
 
-/// Default largest invocation request body: 16 MiB.
-pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
 /// Default largest deploy upload (manifest and component together): 256 MiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 256 << 20;
-/// Header with the path a function is mounted at, passed to the guest.
-pub const BASE_PATH_HEADER: &str = "x-hearth-base-path";
 /// Request header that lowers an invocation's QoS class (never raises it);
 /// the response echoes the class it ran at.
 pub const QOS_HEADER: &str = "x-hearth-qos";
-/// Default longest wait in a function's queue before 429/503.
-pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Limits applied at the HTTP edge.
-#[derive(Debug, Clone, Copy)]
-pub struct HttpLimits {
-    /// Largest invocation request body, in bytes.
-    pub max_body_bytes: u64,
-    /// Largest deploy upload, in bytes.
-    pub max_upload_bytes: u64,
-    /// Longest a request waits for an instance before it is refused.
-    pub queue_timeout: Duration,
-}
-
-impl Default for HttpLimits {
-    fn default() -> Self {
-        HttpLimits {
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
-            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
-        }
-    }
-}
 
 /// What every handler shares.
 #[derive(Debug)]
 pub struct AppState {
-    /// Functions and versions.
-    pub registry: Registry,
+    /// Runs invocations; owns the runtime below it.
+    pub invoker: Arc<Invoker>,
     /// Token checks.
     pub auth: Auth,
-    /// The wasmtime engine.
-    pub engine: Engine,
-    /// Admission, queues and the instance pools.
-    pub pools: Pools,
-    /// Per-tenant limits.
-    pub tenants: hearth_scheduler::TenantGate,
-    /// The metadata store (for readiness).
-    pub store: Arc<dyn Store>,
-    /// Edge limits.
-    pub limits: HttpLimits,
-    /// Where usage records go; `None` runs without metering (benchmarks).
-    pub usage: Option<hearth_metering::UsageLog>,
-    /// Prices records.
-    pub prices: Arc<hearth_metering::PriceTable>,
-    /// Metrics.
-    pub telemetry: Arc<hearth_telemetry::Telemetry>,
-    /// Wakes the asynchronous invocation runner (a submission, a slot freed).
-    async_queue: tokio::sync::Notify,
+    /// Largest deploy upload, in bytes.
+    pub max_upload_bytes: u64,
     draining: AtomicBool,
 }
 
 impl AppState {
     /// Shared state for the router.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "each part is built by `serve` from its own flags"
-    )]
-    pub fn new(
-        registry: Registry,
-        auth: Auth,
-        engine: Engine,
-        pools: Pools,
-        tenants: hearth_scheduler::TenantGate,
-        store: Arc<dyn Store>,
-        limits: HttpLimits,
-        usage: Option<hearth_metering::UsageLog>,
-        prices: hearth_metering::PriceTable,
-        telemetry: Arc<hearth_telemetry::Telemetry>,
-    ) -> Arc<AppState> {
+    pub fn new(invoker: Arc<Invoker>, auth: Auth, max_upload_bytes: u64) -> Arc<AppState> {
         Arc::new(AppState {
-            registry,
+            invoker,
             auth,
-            engine,
-            pools,
-            tenants,
-            store,
-            limits,
-            usage,
-            prices: Arc::new(prices),
-            telemetry,
-            async_queue: tokio::sync::Notify::new(),
+            max_upload_bytes,
             draining: AtomicBool::new(false),
         })
     }
@@ -139,12 +70,39 @@ impl AppState {
     }
 }
 
+/// How the asynchronous runner stores a failed run: the problem answer the
+/// synchronous route would have sent.
+pub fn render_failure() -> RenderFailure {
+    Arc::new(|failure, id| ApiError::from(failure).render(id))
+}
+
 /// The complete HTTP router.
 pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route(
+            "/functions",
+            // Uploads are limited while they stream (see `control::deploy`),
+            // not by axum's buffering default.
+            post(control::deploy)
+                .get(control::list)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/functions/{name}", get(control::show).delete(control::delete))
+        .route("/status", get(control::status))
+        .route("/tokens", post(tokens::create).get(tokens::list))
+        .route("/tokens/{id}", delete(tokens::revoke))
+        .route("/usage", get(usage::export))
+        .route("/usage/summary", get(usage::summary))
+        .route("/functions/{name}/invocations", post(asynchronous::submit))
+        .route("/functions/{name}/invocations/{id}", get(asynchronous::show))
+        .route(
+            "/functions/{name}/invocations/{id}/response",
+            get(asynchronous::response),
+        );
     let own = Router::new()
-        .nest("/v1", control::routes())
+        .nest("/v1", v1)
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics::metrics))
+        .route("/metrics", get(metrics))
         .route("/readyz", get(readyz))
         .layer(axum::middleware::map_response(problem::framework_errors_as_problems));
     Router::new()
@@ -157,41 +115,78 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Authenticates the request's `Authorization` header.
-pub(crate) async fn authenticate(
-    state: &AppState,
-    headers: &http::HeaderMap,
-) -> Result<hearth_auth::Principal, ApiError> {
-    let authorization = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+pub(crate) async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     Ok(state.auth.authenticate(authorization).await?)
+}
+
+/// Authenticates the caller and picks the tenant a control call acts in:
+/// the token's own, or for operator tokens `?tenant=` (default `default`).
+pub(crate) async fn scope(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &TenantQuery,
+    action: Action,
+) -> Result<(String, Principal), ApiError> {
+    let principal = authenticate(state, headers).await?;
+    let tenant = query.tenant.clone().unwrap_or_else(|| principal.tenant.clone());
+    hearth_manifest::validate_name(&tenant).map_err(|reason| ApiError::BadRequest {
+        detail: format!("tenant: {reason}"),
+        key: None,
+    })?;
+    principal.authorize(action, &tenant)?;
+    Ok((tenant, principal))
 }
 
 /// Refuses (413) a body whose declared `Content-Length` exceeds `limit`,
 /// before any of it is read; bodies without one are counted as they stream.
-pub(crate) fn check_declared_length(headers: &http::HeaderMap, limit: u64) -> Result<(), ApiError> {
+pub(crate) fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), u64> {
     let declared = headers
-        .get(http::header::CONTENT_LENGTH)
+        .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
-        Some(len) if len > limit => Err(ApiError::PayloadTooLarge { limit }),
+        Some(len) if len > limit => Err(limit),
         _ => Ok(()),
     }
 }
 
-async fn healthz() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok".into() })
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<axum::Json<Health>, ApiError> {
     if state.draining.load(Ordering::SeqCst) {
         return Err(ApiError::Unavailable("shutting down".into()));
     }
+    // Every invocation is refused while the usage log cannot write.
+    if let Some(log) = state.invoker.usage()
+        && !log.healthy()
+    {
+        return Err(ApiError::Unavailable("the usage log cannot write".into()));
+    }
     state
-        .store
+        .invoker
+        .store()
         .tenant_exists(hearth_auth::DEFAULT_TENANT)
         .await
         .map_err(|e| ApiError::Unavailable(format!("store unavailable: {e}")))?;
-    Ok(axum::Json(serde_json::json!({ "status": "ready" })))
+    Ok(axum::Json(Health { status: "ready".into() }))
+}
+
+/// `GET /metrics`: OpenTelemetry metrics in the Prometheus text format.
+async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let text = state
+        .invoker
+        .telemetry()
+        .render()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(hearth_telemetry::PROMETHEUS_CONTENT_TYPE),
+    );
+    Ok(response)
 }
 
 async fn not_found(uri: http::Uri) -> ApiError {

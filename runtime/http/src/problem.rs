@@ -2,12 +2,15 @@
 //! (RFC 9457) with a precise status.
 
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use hearth_api::{PROBLEM_CONTENT_TYPE, Problem};
 use hearth_auth::AuthError;
 use hearth_engine::InvokeError;
+use hearth_invoker::Failure;
+use hearth_metering::Outcome;
 use hearth_registry::RegistryError;
-use hearth_scheduler::{Rejection, TenantRejection};
+use hearth_scheduler::TenantRejection;
 use http::{HeaderValue, StatusCode, header};
-use serde::Serialize;
 use uuid::Uuid;
 
 /// Header carrying the invocation id on every invocation response.
@@ -42,9 +45,6 @@ pub enum ApiError {
         /// The limit, in bytes.
         limit: u64,
     },
-    /// The request body stalled past the idle timeout or broke off (408).
-    #[error("the request body stalled or broke off before it was complete")]
-    RequestTimeout,
     /// An answer the router or an extractor gave before a handler ran (a
     /// method the path does not take, a query that does not parse, a wrong
     /// content type), re-sent as a problem with its status.
@@ -67,13 +67,12 @@ pub enum ApiError {
         /// The manifest key at fault, if any.
         key: Option<String>,
     },
-    /// The guest failed (500, 504 for the deadline).
+    /// An invocation failed, with the status its usage record keeps: the
+    /// guest's failure (500, 504 for the deadline), a refusal (429 when the
+    /// function's own limit held it back, 503 when the server's capacity
+    /// did), or a request it could not run.
     #[error("{0}")]
-    Invocation(InvokeError),
-    /// The scheduler refused the invocation: 429 when the function's own
-    /// limit held it back, 503 when the server's capacity did.
-    #[error("{0}")]
-    Rejected(Rejection),
+    Invocation(Failure),
     /// A per-tenant limit refused the request (429), naming the limit.
     #[error("{0}")]
     TenantLimit(TenantRejection),
@@ -85,27 +84,7 @@ pub enum ApiError {
     Internal(String),
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
-    #[serde(rename = "type")]
-    kind: String,
-    title: &'a str,
-    status: u16,
-    detail: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    invocation_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    outcome: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<&'a str>,
-}
-
 impl ApiError {
-    /// The HTTP status this error answers with.
-    pub(crate) fn status(&self) -> StatusCode {
-        self.classify().0
-    }
-
     /// HTTP status, a stable slug for the problem type, and its title.
     fn classify(&self) -> (StatusCode, &'static str, &'static str) {
         use StatusCode as S;
@@ -128,78 +107,98 @@ impl ApiError {
                 };
                 (*status, slug, status.canonical_reason().unwrap_or("Error"))
             }
-            ApiError::RequestTimeout => (S::REQUEST_TIMEOUT, "request-timeout", "Request body timed out"),
             ApiError::Unprocessable { .. } => (S::UNPROCESSABLE_ENTITY, "unprocessable", "Cannot deploy"),
-            ApiError::Invocation(err) => match err {
-                InvokeError::Trap { .. } => (S::INTERNAL_SERVER_ERROR, "guest-trap", "Function trapped"),
-                InvokeError::Timeout(_) => (S::GATEWAY_TIMEOUT, "timeout", "Function deadline exceeded"),
-                InvokeError::MemoryLimit { .. } => (
-                    S::INTERNAL_SERVER_ERROR,
-                    "memory-limit",
-                    "Function memory limit exceeded",
-                ),
-                InvokeError::NoResponse | InvokeError::GuestError(_) => {
-                    (S::INTERNAL_SERVER_ERROR, "guest-error", "Function failed")
-                }
-                InvokeError::Capacity => (S::SERVICE_UNAVAILABLE, "capacity", "No capacity"),
-                InvokeError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
-            },
-            ApiError::Rejected(r) if r.is_function_limit() => {
-                (S::TOO_MANY_REQUESTS, "too-many-requests", "Function at its limit")
+            ApiError::Invocation(failure) => {
+                // The invoker chose the status (its record keeps it); only
+                // the problem's type and title are picked here.
+                let status = S::from_u16(failure.status()).unwrap_or(S::INTERNAL_SERVER_ERROR);
+                let (slug, title) = match failure {
+                    Failure::Guest(InvokeError::Trap { .. }) => ("guest-trap", "Function trapped"),
+                    Failure::Guest(InvokeError::Timeout(_)) => ("timeout", "Function deadline exceeded"),
+                    Failure::Guest(InvokeError::MemoryLimit { .. }) => {
+                        ("memory-limit", "Function memory limit exceeded")
+                    }
+                    Failure::Guest(InvokeError::NoResponse | InvokeError::GuestError(_)) => {
+                        ("guest-error", "Function failed")
+                    }
+                    Failure::Guest(InvokeError::Capacity) => ("capacity", "No capacity"),
+                    Failure::Rejected(r) if r.is_function_limit() => ("too-many-requests", "Function at its limit"),
+                    Failure::Rejected(_) => ("capacity", "No capacity"),
+                    Failure::TenantLimit(_) => ("tenant-limit", "Tenant limit reached"),
+                    Failure::UsageLogDown | Failure::Unrecorded(_) => ("unavailable", "Service unavailable"),
+                    Failure::PayloadTooLarge { .. } => ("payload-too-large", "Payload too large"),
+                    Failure::RequestTimeout => ("request-timeout", "Request body timed out"),
+                    Failure::BadRequest(_) => ("bad-request", "Bad request"),
+                    Failure::Function(RegistryError::NotFound { .. }) => ("not-found", "Not found"),
+                    Failure::Guest(InvokeError::Internal(_)) | Failure::Function(_) => ("internal", "Internal error"),
+                };
+                (status, slug, title)
             }
-            ApiError::Rejected(_) => (S::SERVICE_UNAVAILABLE, "capacity", "No capacity"),
             ApiError::TenantLimit(_) => (S::TOO_MANY_REQUESTS, "tenant-limit", "Tenant limit reached"),
             ApiError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }
     }
 
-    /// The usage outcome of an invocation that ended with this error.
+    /// The usage outcome of an invocation that ended with this error, as
+    /// the problem names it (none for requests refused as malformed).
     pub fn outcome(&self) -> Option<&'static str> {
-        Some(match self {
-            ApiError::Invocation(InvokeError::Trap { .. }) => "guest_trap",
-            ApiError::Invocation(InvokeError::Timeout(_)) => "timeout",
-            ApiError::Invocation(InvokeError::MemoryLimit { .. }) => "memory_limit",
-            ApiError::Invocation(InvokeError::NoResponse | InvokeError::GuestError(_)) => "guest_error",
-            ApiError::Invocation(InvokeError::Capacity)
-            | ApiError::Rejected(_)
-            | ApiError::TenantLimit(_)
-            | ApiError::Unavailable(_) => "rejected",
-            ApiError::Invocation(InvokeError::Internal(_)) | ApiError::Internal(_) => "internal_error",
-            _ => return None,
-        })
+        match self {
+            ApiError::Invocation(Failure::Function(RegistryError::NotFound { .. })) => None,
+            ApiError::Invocation(failure) => match failure.outcome() {
+                Outcome::BadRequest => None,
+                outcome => Some(outcome.as_str()),
+            },
+            ApiError::TenantLimit(_) | ApiError::Unavailable(_) => Some(Outcome::Rejected.as_str()),
+            ApiError::Internal(_) => Some(Outcome::InternalError.as_str()),
+            _ => None,
+        }
     }
 
     /// The response, tagged with `invocation_id` when there is one.
     pub fn into_problem(self, invocation_id: Option<Uuid>) -> Response {
+        self.render(invocation_id).map(axum::body::Body::from)
+    }
+
+    /// The problem answer, whole: status, headers and body.
+    pub fn render(self, invocation_id: Option<Uuid>) -> http::Response<Bytes> {
         let (status, slug, title) = self.classify();
-        let detail = match &self {
-            ApiError::Internal(cause) | ApiError::Invocation(InvokeError::Internal(cause)) => {
+        let internal = match &self {
+            ApiError::Internal(cause) => Some(cause.clone()),
+            ApiError::Invocation(failure @ (Failure::Guest(InvokeError::Internal(_)) | Failure::Function(_)))
+                if status == StatusCode::INTERNAL_SERVER_ERROR =>
+            {
+                Some(failure.to_string())
+            }
+            _ => None,
+        };
+        let detail = match internal {
+            Some(cause) => {
                 tracing::error!(invocation_id = ?invocation_id, cause, "internal error");
                 "internal error; the server log has the details".to_owned()
             }
-            other => other.to_string(),
+            None => self.to_string(),
         };
         let key = match &self {
-            ApiError::BadRequest { key, .. } | ApiError::Unprocessable { key, .. } => key.as_deref(),
-            ApiError::TenantLimit(rejection) => Some(rejection.limit_name()),
+            ApiError::BadRequest { key, .. } | ApiError::Unprocessable { key, .. } => key.clone(),
+            ApiError::TenantLimit(rejection) | ApiError::Invocation(Failure::TenantLimit(rejection)) => {
+                Some(rejection.limit_name().to_owned())
+            }
             _ => None,
         };
         let body = Problem {
             kind: format!("urn:hearth:problem:{slug}"),
-            title,
+            title: title.to_owned(),
             status: status.as_u16(),
             detail,
             invocation_id: invocation_id.map(|id| id.to_string()),
-            outcome: if invocation_id.is_some() { self.outcome() } else { None },
+            outcome: invocation_id.and(self.outcome()).map(str::to_owned),
             key,
         };
-        let mut response = (status, serde_json::to_vec(&body).unwrap_or_default()).into_response();
+        let mut response = http::Response::new(Bytes::from(serde_json::to_vec(&body).unwrap_or_default()));
+        *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE));
         match &self {
             ApiError::Unauthorized(AuthError::Missing) => {
                 headers.insert(
@@ -216,8 +215,10 @@ impl ApiError {
             _ => {}
         }
         let retry_after = match &self {
-            ApiError::Rejected(rejection) => Some(rejection.retry_after()),
-            ApiError::TenantLimit(rejection) => Some(rejection.retry_after()),
+            ApiError::Invocation(Failure::Rejected(rejection)) => Some(rejection.retry_after()),
+            ApiError::TenantLimit(rejection) | ApiError::Invocation(Failure::TenantLimit(rejection)) => {
+                Some(rejection.retry_after())
+            }
             _ => None,
         };
         if let Some(wait) = retry_after {
@@ -246,9 +247,9 @@ impl From<TenantRejection> for ApiError {
     }
 }
 
-impl From<Rejection> for ApiError {
-    fn from(rejection: Rejection) -> Self {
-        ApiError::Rejected(rejection)
+impl From<Failure> for ApiError {
+    fn from(failure: Failure) -> Self {
+        ApiError::Invocation(failure)
     }
 }
 
@@ -284,12 +285,6 @@ impl From<RegistryError> for ApiError {
             },
             RegistryError::Store(_) | RegistryError::Engine(_) => ApiError::Internal(err.to_string()),
         }
-    }
-}
-
-impl From<InvokeError> for ApiError {
-    fn from(err: InvokeError) -> Self {
-        ApiError::Invocation(err)
     }
 }
 
@@ -351,7 +346,11 @@ mod tests {
     #[tokio::test]
     async fn problems_carry_status_type_and_headers() {
         let id = Uuid::now_v7();
-        let (status, headers, body) = render(InvokeError::MemoryLimit { limit_mb: 16 }.into(), Some(id)).await;
+        let (status, headers, body) = render(
+            Failure::from(InvokeError::MemoryLimit { limit_mb: 16 }).into(),
+            Some(id),
+        )
+        .await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
         assert_eq!(body["outcome"], "memory_limit");
@@ -368,7 +367,7 @@ mod tests {
         );
         assert_eq!(body["type"], "urn:hearth:problem:unauthorized");
 
-        let (status, headers, _) = render(InvokeError::Capacity.into(), Some(id)).await;
+        let (status, headers, _) = render(Failure::from(InvokeError::Capacity).into(), Some(id)).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(headers.contains_key(header::RETRY_AFTER));
 

@@ -7,52 +7,24 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use hearth_api::{CreateToken, TenantQuery, TokenInfo, TokenList};
 use hearth_auth::Role;
 use hearth_store::{TokenRecord, format_ms};
-use serde::{Deserialize, Serialize};
 
-use crate::control::TenantQuery;
 use crate::{ApiError, AppState, authenticate};
 
-/// `POST /v1/tokens` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CreateToken {
-    /// Tenant (the caller's own by default).
-    tenant: Option<String>,
-    /// `admin`, `deployer`, `invoker` or `billing`.
-    role: String,
-    /// Lifetime like `30d`, `12h`, `90m` (forever when absent).
-    expires: Option<String>,
-}
-
-/// A token as the API shows it: never the secret, except `token` right after
-/// creation.
-#[derive(Debug, Serialize)]
-pub(crate) struct TokenView {
-    id: String,
-    tenant: String,
-    role: String,
-    operator: bool,
-    created_at: String,
-    expires_at: Option<String>,
-    revoked_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token: Option<String>,
-}
-
-impl TokenView {
-    fn new(record: &TokenRecord, token: Option<String>) -> TokenView {
-        TokenView {
-            id: record.id.clone(),
-            tenant: record.tenant.clone(),
-            role: record.role.clone(),
-            operator: record.operator,
-            created_at: format_ms(record.created_at_ms),
-            expires_at: record.expires_at_ms.map(format_ms),
-            revoked_at: record.revoked_at_ms.map(format_ms),
-            token,
-        }
+/// A token as the API shows it: never the secret, except `token` right
+/// after creation.
+fn token_view(record: &TokenRecord, token: Option<String>) -> TokenInfo {
+    TokenInfo {
+        id: record.id.clone(),
+        tenant: record.tenant.clone(),
+        role: record.role.clone(),
+        operator: record.operator,
+        created_at: format_ms(record.created_at_ms),
+        expires_at: record.expires_at_ms.map(format_ms),
+        revoked_at: record.revoked_at_ms.map(format_ms),
+        token,
     }
 }
 
@@ -65,7 +37,7 @@ pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<TokenView>), ApiError> {
+) -> Result<(StatusCode, Json<TokenInfo>), ApiError> {
     let caller = authenticate(&state, &headers).await?;
     let Json(body) = body.map_err(|e| bad(format!("token request: {}", e.body_text())))?;
     let tenant = body.tenant.unwrap_or_else(|| caller.tenant.clone());
@@ -94,7 +66,7 @@ pub(crate) async fn create(
     let created = state.auth.create_token(&caller, &tenant, role, ttl).await?;
     Ok((
         StatusCode::CREATED,
-        Json(TokenView::new(&created.record, Some(created.token))),
+        Json(token_view(&created.record, Some(created.token))),
     ))
 }
 
@@ -103,17 +75,13 @@ pub(crate) async fn list(
     State(state): State<Arc<AppState>>,
     Query(query): Query<TenantQuery>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<TokenList>, ApiError> {
     let caller = authenticate(&state, &headers).await?;
     let tenant = query.tenant.unwrap_or_else(|| caller.tenant.clone());
-    let tokens: Vec<TokenView> = state
-        .auth
-        .list_tokens(&caller, &tenant)
-        .await?
-        .iter()
-        .map(|record| TokenView::new(record, None))
-        .collect();
-    Ok(Json(serde_json::json!({ "tokens": tokens })))
+    let tokens = state.auth.list_tokens(&caller, &tenant).await?;
+    Ok(Json(TokenList {
+        tokens: tokens.iter().map(|record| token_view(record, None)).collect(),
+    }))
 }
 
 /// `DELETE /v1/tokens/{id_or_token}`.
@@ -121,8 +89,8 @@ pub(crate) async fn revoke(
     State(state): State<Arc<AppState>>,
     Path(id_or_token): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<TokenView>, ApiError> {
+) -> Result<Json<TokenInfo>, ApiError> {
     let caller = authenticate(&state, &headers).await?;
     let revoked = state.auth.revoke(&caller, &id_or_token).await?;
-    Ok(Json(TokenView::new(&revoked, None)))
+    Ok(Json(token_view(&revoked, None)))
 }

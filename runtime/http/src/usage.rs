@@ -9,33 +9,18 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use hearth_api::{TenantQuery, UsageQuery, UsageSummary, UsageSummaryPage};
 use hearth_auth::Action;
 use hearth_metering::{Encoder, Filter, Format, UsageLog, UsageRecord};
 use http::{HeaderMap, HeaderValue, header};
 
-use crate::control::{TenantQuery, scoped_principal};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, scope};
 
 /// Records per page read from the log while streaming an export.
 const PAGE: usize = 1000;
-/// Header with the cursor of the next page, when `limit` cut the answer.
+/// Header with the cursor to continue from: the commit sequence after
+/// which the next page (or the next poll) starts. Always sent.
 pub const NEXT_CURSOR_HEADER: &str = "x-hearth-next-cursor";
-
-#[derive(Debug, serde::Deserialize)]
-pub(crate) struct UsageQuery {
-    tenant: Option<String>,
-    function: Option<String>,
-    /// RFC 3339 time or `YYYY-MM-DD` (UTC midnight), inclusive.
-    since: Option<String>,
-    /// Same forms, exclusive.
-    until: Option<String>,
-    /// `csv`, `jsonl` (default) or `cloudevents`.
-    format: Option<String>,
-    /// Answer at most this many records (then `x-hearth-next-cursor`).
-    limit: Option<usize>,
-    /// Continue after this record id (from `x-hearth-next-cursor`).
-    cursor: Option<String>,
-}
 
 fn bad(detail: String) -> ApiError {
     ApiError::BadRequest { detail, key: None }
@@ -57,13 +42,14 @@ fn parse_time(name: &str, value: &str) -> Result<i64, ApiError> {
 }
 
 async fn filter(state: &AppState, headers: &HeaderMap, query: &UsageQuery) -> Result<(Filter, UsageLog), ApiError> {
-    let scope = TenantQuery {
+    let tenant = TenantQuery {
         tenant: query.tenant.clone(),
     };
-    let (tenant, _) = scoped_principal(state, headers, &scope, Action::ReadUsage).await?;
+    let (tenant, _) = scope(state, headers, &tenant, Action::ReadUsage).await?;
     let log = state
-        .usage
-        .clone()
+        .invoker
+        .usage()
+        .cloned()
         .ok_or_else(|| ApiError::NotFound("metering is off on this server (--no-metering)".into()))?;
     let filter = Filter {
         tenant: Some(tenant),
@@ -92,47 +78,58 @@ pub(crate) async fn export(
         .and_then(|h| h.to_str().ok())
         .map_or_else(|| "hearth".to_owned(), |host| format!("http://{host}"));
     let encoder = Arc::new(Encoder::new(format, source));
-    let mut response = if let Some(limit) = query.limit {
-        // One page, and where the next starts.
-        let records = log
-            .page(&filter, query.cursor.as_deref(), limit.clamp(1, 10 * PAGE))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let after = match query.cursor.as_deref() {
+        None => 0,
+        Some(text) => text.parse::<u64>().map_err(|_| {
+            bad(format!(
+                "`cursor={text}`: expected a commit sequence number, as sent in `{NEXT_CURSOR_HEADER}`"
+            ))
+        })?,
+    };
+    let internal = |e: hearth_metering::LogError| ApiError::Internal(e.to_string());
+    // Everything appended so far is queryable from here; this answer goes
+    // up to it, and the next one starts after it.
+    let upto = log.catch_up().await.map_err(internal)?.max(after);
+    let (mut response, next) = if let Some(limit) = query.limit {
+        let limit = limit.clamp(1, 10 * PAGE);
+        let records = log.page(&filter, after, Some(upto), limit).await.map_err(internal)?;
         let mut bytes = encoder.header();
         for record in &records {
             bytes.extend(encoder.record(record));
         }
-        let mut response = Response::new(Body::from(bytes));
-        if records.len() == limit.clamp(1, 10 * PAGE)
-            && let Some(last) = records.last()
-            && let Ok(value) = HeaderValue::from_str(&last.usage.id)
-        {
-            response.headers_mut().insert(NEXT_CURSOR_HEADER, value);
-        }
-        response
+        // A full page continues after its last record; a shorter one
+        // reached the newest, and the consumer polls from there.
+        let next = match records.last() {
+            Some(last) if records.len() == limit => last.seq,
+            _ => upto,
+        };
+        (Response::new(Body::from(bytes)), next)
     } else {
-        Response::new(Body::from_stream(stream_all(log, filter, encoder, query.cursor)))
+        let stream = stream_all(log, filter, encoder, after, upto);
+        (Response::new(Body::from_stream(stream)), upto)
     };
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    let headers = response.headers_mut();
+    headers.insert(NEXT_CURSOR_HEADER, HeaderValue::from(next));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
     Ok(response)
 }
 
-/// Every matching record, a page at a time, as encoded chunks.
+/// Every matching record after `after` up to `upto`, a page at a time, as
+/// encoded chunks.
 fn stream_all(
     log: UsageLog,
     filter: Filter,
     encoder: Arc<Encoder>,
-    cursor: Option<String>,
+    after: u64,
+    upto: u64,
 ) -> impl futures::Stream<Item = Result<Bytes, hearth_metering::LogError>> + Send {
     struct Position {
-        cursor: Option<String>,
+        after: u64,
         started: bool,
         done: bool,
     }
     let start = Position {
-        cursor,
+        after,
         started: false,
         done: false,
     };
@@ -142,11 +139,11 @@ fn stream_all(
             if at.done {
                 return Ok(None);
             }
-            let records: Vec<UsageRecord> = log.page(&filter, at.cursor.as_deref(), PAGE).await?;
+            let records: Vec<UsageRecord> = log.page(&filter, at.after, Some(upto), PAGE).await?;
             let mut chunk = if at.started { Vec::new() } else { encoder.header() };
             at.started = true;
             at.done = records.len() < PAGE;
-            at.cursor = records.last().map(|r| r.usage.id.clone()).or(at.cursor);
+            at.after = records.last().map_or(at.after, |r| r.seq);
             for record in &records {
                 chunk.extend(encoder.record(record));
             }
@@ -166,5 +163,25 @@ pub(crate) async fn summary(
         .summary(&filter)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(serde_json::json!({ "rows": rows })).into_response())
+    let rows = rows
+        .into_iter()
+        .map(|row| UsageSummary {
+            tenant: row.tenant,
+            function: row.function,
+            day: row.day,
+            invocations: row.invocations,
+            ran: row.ran,
+            rejected: row.rejected,
+            cold_starts: row.cold_starts,
+            billed_ms: row.billed_ms,
+            guest_cpu_us: row.guest_cpu_us,
+            gpu_ms: row.gpu_ms,
+            inference_calls: row.inference_calls,
+            bytes_in: row.bytes_in,
+            bytes_out: row.bytes_out,
+            cost: row.cost,
+            currency: row.currency,
+        })
+        .collect();
+    Ok(Json(UsageSummaryPage { rows }).into_response())
 }

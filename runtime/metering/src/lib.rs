@@ -3,9 +3,11 @@
 //! - [`Usage`] is what the runtime measured about an invocation; the
 //!   [`PriceTable`] turns it into a [`UsageRecord`] with its cost and the
 //!   table's version, so history stays priced as it ran.
-//! - [`UsageLog`] commits records through a group-commit writer into
-//!   `usage.db` (SQLite, `synchronous=FULL`); a caller hears back only once
-//!   its record is on disk. It also answers the queries behind exports.
+//! - [`UsageLog`] keeps records: each is appended to a journal by the
+//!   invocation that made it, with its commit sequence, then synced and
+//!   ingested into `usage.db` (SQLite) by a syncer thread; how durable a
+//!   record is when its answer completes is the [`Durability`] mode. It also
+//!   answers the queries behind exports, in commit order.
 //! - [`Encoder`] writes records as CSV, JSON lines or CloudEvents.
 
 mod export;
@@ -14,7 +16,10 @@ mod price;
 mod record;
 
 pub use export::{CSV_COLUMNS, EVENT_TYPE, Encoder, Format};
-pub use log::{Committed, Filter, GROUP_WINDOW, LogError, LogStats, MAX_BATCH, Pending, Sink, SummaryRow, UsageLog};
+pub use log::{
+    DEFAULT_SYNC_INTERVAL, Durability, Filter, GROUP_WINDOW, LogConfig, LogError, LogStats, MAX_BATCH, Pending, Sink,
+    SummaryRow, UsageLog,
+};
 pub use price::{PriceError, PriceTable};
 pub use record::{Outcome, RecordView, Usage, UsageRecord, format_nanos, format_us};
 

@@ -1,53 +1,122 @@
-//! The durable usage log: a group-commit writer into its own SQLite file
-//! (`usage.db`, WAL, `synchronous=FULL`), and the queries exports run.
+//! The usage log: every record is appended to a journal file by the
+//! invocation that made it, and a syncer thread makes the journal durable and
+//! ingests it into a queryable SQLite file (`usage.db`, WAL) for exports.
 //!
-//! Every [`UsageLog::record`] call waits until its record is committed: the
-//! writer thread takes whatever records are waiting (up to
-//! [`MAX_BATCH`]), writes them in one transaction and fsyncs once, then
-//! answers them all. Records are keyed by their id and inserted with
-//! `INSERT OR IGNORE`, so writing one twice never doubles it.
+//! **Durability.** [`UsageLog::append`] writes the record to the journal
+//! with one `write` under a short lock, in the caller's own task: no thread
+//! hand-off, no wake-up. From then on it survives a crash (or `kill -9`) of
+//! the process at any moment. What it does not yet survive is a crash of the
+//! whole machine: the syncer `fdatasync`s the journal at least every
+//! [`LogConfig::sync_interval`] while records wait, so at most that window
+//! is lost to a power cut or a kernel crash. That is
+//! [`Durability::Process`], the default, and the contract of SQLite's WAL
+//! with `synchronous=NORMAL`, Kafka's default flush policy and PostgreSQL's
+//! `synchronous_commit=off`. [`Durability::Strict`] makes the caller wait
+//! ([`UsageLog::durable`]) until the record's group is synced: nothing
+//! acknowledged is ever lost, at the cost of an fsync's latency per answer.
+//! In strict mode the syncer groups: while invocations that will append are
+//! still running ([`UsageLog::pending`]) it holds the group open for them, at
+//! most [`GROUP_WINDOW`].
 //!
-//! An fsync costs far more than a record (here, a virtual machine: about
-//! 50–75 µs of CPU for the flush against a few µs per row), so the writer
-//! makes groups large under load: invocations announce themselves when they
-//! start ([`UsageLog::pending`]), and while any of them has not handed its
-//! record over, the writer holds the group open for it, at most
-//! [`GROUP_WINDOW`] after the group's first record. A lone request never
-//! waits.
+//! **Order.** Each record gets a commit sequence when it is appended, under
+//! the same lock as the write, so the journal is in sequence order; the
+//! syncer ingests it in that order, one transaction per group, so what is
+//! queryable is always a prefix of the sequence. Queries first wait until
+//! everything appended before them is ingested ([`UsageLog::catch_up`]): a
+//! consumer paging by sequence sees every record exactly once.
 //!
-//! A failed write or commit is never ignored: the writer marks the log
-//! unhealthy (callers refuse new invocations with 503), counts and logs the
-//! failure, reopens the database and runs `PRAGMA quick_check`, looks up
-//! which records of the failed batch did commit, writes the rest, and only
-//! then answers the waiting callers and turns healthy again.
+//! **Failures.** A failed journal write or fsync, or a failed ingestion, is
+//! never ignored: the log turns unhealthy (callers refuse new invocations
+//! with 503), the failure is counted and logged, and the syncer recovers: a
+//! failed fsync leaves the page cache's state unknown, so the journal is
+//! reopened as a new file and every record not yet ingested is written to it
+//! again, in full, and synced; a failed ingestion reopens and checks the
+//! database and writes the group again (ingestion is idempotent by id). Only
+//! then does the log turn healthy. On start, journal records the database
+//! lacks (after a crash) are ingested before anything else.
 
+use std::io::{BufRead as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::watch;
 
 use crate::record::{Outcome, Usage, UsageRecord};
 
-/// Largest number of records committed in one transaction.
+/// Largest number of records ingested in one transaction.
 pub const MAX_BATCH: usize = 1024;
-/// Longest the writer holds a group open for invocations still running.
+/// Longest the syncer holds a strict group open for invocations still running.
 pub const GROUP_WINDOW: Duration = Duration::from_millis(1);
-/// Records waiting for the writer before callers wait to hand theirs over.
-const CHANNEL_DEPTH: usize = 16 * 1024;
-/// How long a caller waits for its record to commit before giving up (the
-/// writer keeps the record and commits it once it can).
+/// Default longest time a record written in process mode waits for its fsync.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(10);
+/// How long a caller waits for its record to become durable before giving
+/// up (the log keeps the record and makes it durable once it can).
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
+/// Journal size past which it is started afresh once everything in it is
+/// ingested and the database synced.
+const JOURNAL_ROTATE_BYTES: u64 = 64 << 20;
 
-/// Why a record was not (yet) committed, or a query failed.
+/// When an answer may complete relative to its record's durability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Once the record is written to the journal: survives a crash of the
+    /// process; a crash of the machine loses at most the sync interval.
+    #[default]
+    Process,
+    /// Once the record's group is fsynced: survives anything the disk does.
+    Strict,
+}
+
+impl Durability {
+    /// The name used by `--usage-durability`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Process => "process",
+            Durability::Strict => "strict",
+        }
+    }
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "process" => Ok(Durability::Process),
+            "strict" => Ok(Durability::Strict),
+            other => Err(format!("`{other}`: expected `process` or `strict`")),
+        }
+    }
+}
+
+/// How the log keeps records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// When answers may complete.
+    pub durability: Durability,
+    /// Longest a written record waits for its fsync (process mode).
+    pub sync_interval: Duration,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            durability: Durability::Process,
+            sync_interval: DEFAULT_SYNC_INTERVAL,
+        }
+    }
+}
+
+/// Why a record was not (yet) kept, or a query failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
-    /// The writer is recovering from a failed write; retry later.
+    /// The log is recovering from a failed write; retry later.
     #[error("the usage log is unavailable: {0}")]
     Unavailable(String),
-    /// The writer has stopped (the server is shutting down).
+    /// The log has stopped (the server is shutting down).
     #[error("the usage log is closed")]
     Closed,
     /// The database refused a query.
@@ -61,56 +130,142 @@ impl From<rusqlite::Error> for LogError {
     }
 }
 
-/// Where records are written: the real database, or a fault-injecting
-/// stand-in in unit tests.
+/// Where the syncer ingests records: the real database, or a
+/// fault-injecting stand-in in unit tests.
 pub trait Sink: Send + 'static {
-    /// Writes `batch` in one transaction, durably (idempotent by id).
+    /// Writes `batch` in one transaction (idempotent by id).
     fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String>;
     /// Reopens the store after a failure and checks it.
     fn reopen(&mut self) -> Result<(), String>;
-    /// How many of `ids` are committed.
+    /// How many of `ids` are stored.
     fn committed(&mut self, ids: &[&str]) -> Result<usize, String>;
+    /// The highest commit sequence stored (0 for none).
+    fn last_seq(&mut self) -> Result<u64, String> {
+        Ok(0)
+    }
+    /// Makes everything written durable on its own (before the journal that
+    /// holds the same records is dropped).
+    fn checkpoint(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-/// Counters of the writer, for telemetry.
+/// Counters of the log, for telemetry.
 #[derive(Debug, Default)]
 pub struct LogStats {
-    /// Records committed.
+    /// Records made durable and ingested.
     pub records: AtomicU64,
-    /// Transactions committed.
+    /// Groups synced and ingested.
     pub commits: AtomicU64,
-    /// Failed writes or commits.
+    /// Failed writes, fsyncs or ingestions.
     pub failures: AtomicU64,
+    /// Highest commit sequence written to the journal.
+    pub written: AtomicU64,
+    /// Highest commit sequence fsynced.
+    pub synced: AtomicU64,
+    /// Unix microseconds of the last successful fsync (0 before any).
+    pub last_sync_us: AtomicU64,
+}
+
+impl LogStats {
+    /// Records written to the journal and not yet fsynced.
+    pub fn unsynced(&self) -> u64 {
+        self.written
+            .load(Ordering::Acquire)
+            .saturating_sub(self.synced.load(Ordering::Acquire))
+    }
+}
+
+/// The append side: the journal file and the records in it not yet ingested.
+#[derive(Debug)]
+struct Journal {
+    dir: PathBuf,
+    /// `None` after a failed write, until the syncer has reopened it.
+    file: Option<std::fs::File>,
+    number: u64,
+    len: u64,
+    next_seq: u64,
+    /// Written to the journal, not yet taken by the syncer.
+    queue: Vec<UsageRecord>,
+    /// Taken by the syncer, not yet durable and ingested (written again to
+    /// a new journal if the fsync fails).
+    in_flight: Vec<UsageRecord>,
+    buf: Vec<u8>,
+}
+
+impl Journal {
+    fn path(dir: &Path, number: u64) -> PathBuf {
+        dir.join(format!("journal-{number:08}.jsonl"))
+    }
+
+    fn open_file(dir: &Path, number: u64) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(Journal::path(dir, number))
+    }
+
+    /// Appends `records`' lines to `file` (recovery and rotation).
+    fn write_all(file: &mut std::fs::File, records: &[UsageRecord]) -> std::io::Result<u64> {
+        let mut buf = Vec::new();
+        for record in records {
+            serde_json::to_writer(&mut buf, record)?;
+            buf.push(b'\n');
+        }
+        file.write_all(&buf)?;
+        Ok(buf.len() as u64)
+    }
 }
 
 #[derive(Debug)]
 struct Shared {
+    config: LogConfig,
+    /// Longest a strict group is held open ([`GROUP_WINDOW`]).
+    window: Duration,
+    journal: Mutex<Journal>,
     healthy: AtomicBool,
+    closed: AtomicBool,
     stats: LogStats,
-    /// Invocations that will hand over a record and have not yet.
+    /// Highest sequence durable and ingested (so visible to queries).
+    durable: watch::Sender<u64>,
+    /// Highest sequence someone waits to see durable: the syncer syncs at
+    /// once instead of at the end of its interval.
+    wanted: AtomicU64,
+    /// Invocations that will append a record and have not yet.
     pending: AtomicUsize,
-    /// Whether the writer is waiting for `pending` to reach zero.
-    writer_waiting: AtomicBool,
-    writer: OnceLock<std::thread::Thread>,
+    /// Whether the syncer is waiting for `pending` to reach zero.
+    syncer_waiting: AtomicBool,
+    syncer: OnceLock<std::thread::Thread>,
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Shared {
+    fn journal(&self) -> MutexGuard<'_, Journal> {
+        // The journal stays consistent across panics (no user code runs
+        // under the lock), so a poisoned lock is still usable.
+        self.journal.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wake_syncer(&self) {
+        if let Some(syncer) = self.syncer.get() {
+            syncer.unpark();
+        }
+    }
+
     /// One pending invocation handed its record over (or will not).
     fn settle(&self) {
-        // SeqCst pairs with the writer's store of `writer_waiting` then load
+        // SeqCst pairs with the syncer's store of `syncer_waiting` then load
         // of `pending`: one of the two sides sees the other's write.
-        if self.pending.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.writer_waiting.load(Ordering::SeqCst)
-            && let Some(writer) = self.writer.get()
-        {
-            writer.unpark();
+        if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 && self.syncer_waiting.load(Ordering::SeqCst) {
+            self.wake_syncer();
         }
     }
 }
 
-/// An invocation that will hand the log a record: while any are alive, the
-/// writer keeps its group open for them (up to [`GROUP_WINDOW`]). Dropped
-/// once the record is submitted, or when the invocation will leave none.
+/// An invocation that will hand the log a record: while any are alive, a
+/// strict group is held open for them (up to [`GROUP_WINDOW`]), and a
+/// shutdown waits for them. Dropped once the record is appended, or when
+/// the invocation will leave none.
 #[derive(Debug)]
 pub struct Pending(Arc<Shared>);
 
@@ -120,38 +275,17 @@ impl Drop for Pending {
     }
 }
 
-type Ack = oneshot::Sender<Result<(), LogError>>;
-
-/// A record handed to the writer; [`Committed::wait`] returns once it is on
-/// disk.
-#[derive(Debug)]
-pub struct Committed(oneshot::Receiver<Result<(), LogError>>);
-
-impl Committed {
-    /// Waits for the commit (at most a bounded time).
-    pub async fn wait(self) -> Result<(), LogError> {
-        match tokio::time::timeout(COMMIT_WAIT, self.0).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(LogError::Closed),
-            Err(_) => Err(LogError::Unavailable(format!(
-                "the record did not commit within {} s",
-                COMMIT_WAIT.as_secs()
-            ))),
-        }
-    }
-}
-
 /// The usage log. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct UsageLog {
-    tx: mpsc::Sender<(UsageRecord, Ack)>,
     shared: Arc<Shared>,
     reader: Option<Arc<Mutex<Connection>>>,
 }
 
 /// One table clustered on the record id. Ids are UUIDv7, minted when the
 /// request arrives, so they sort by time: inserts append, and time ranges are
-/// id ranges (no second index to maintain on the hot path).
+/// id ranges. `seq`, the commit sequence, has an index of its own: exports
+/// page by it (see [`SEQ_MIGRATION`] for tables made before it existed).
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
     id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -174,21 +308,51 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
     billed_ms INTEGER NOT NULL,
     cost_nanos INTEGER NOT NULL,
     currency TEXT NOT NULL,
-    price_version TEXT NOT NULL
+    price_version TEXT NOT NULL,
+    seq INTEGER
 ) WITHOUT ROWID;";
+
+/// Numbers the records of a table made before commit sequences, in id
+/// order, once; then indexes `seq`.
+const SEQ_MIGRATION: &str = "CREATE UNIQUE INDEX IF NOT EXISTS usage_seq ON usage (seq);";
 
 const COLUMNS: &str = "id, tenant, function, version, started_at_us, ended_at_us, status, outcome, cold_start, \
      queue_us, memory_peak_bytes, guest_cpu_us, device, gpu_us, inference_calls, batched_calls, bytes_in, bytes_out, \
-     billed_ms, cost_nanos, currency, price_version";
+     billed_ms, cost_nanos, currency, price_version, seq";
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // Every commit reaches the disk before the caller hears of it.
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    // The journal is what makes a record durable; the database is synced
+    // (checkpointed) before a journal is dropped.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)?;
+    migrate_seq(&conn)?;
     Ok(conn)
+}
+
+/// Gives a table made before commit sequences its `seq` column, numbering
+/// existing records in id (arrival) order.
+fn migrate_seq(conn: &Connection) -> rusqlite::Result<()> {
+    let has_seq: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('usage') WHERE name = 'seq'")?
+        .exists([])?;
+    if !has_seq {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch("ALTER TABLE usage ADD COLUMN seq INTEGER")?;
+        let ids: Vec<String> = tx
+            .prepare("SELECT id FROM usage ORDER BY id")?
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut number = tx.prepare("UPDATE usage SET seq = ?1 WHERE id = ?2")?;
+        for (seq, id) in (1i64..).zip(&ids) {
+            number.execute(params![seq, id])?;
+        }
+        drop(number);
+        tx.commit()?;
+    }
+    conn.execute_batch(SEQ_MIGRATION)
 }
 
 fn sql_u64(v: u64) -> i64 {
@@ -225,6 +389,9 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
         cost_nanos: row.get(19)?,
         currency: row.get(20)?,
         price_version: row.get(21)?,
+        seq: row
+            .get::<_, Option<i64>>(22)?
+            .map_or(0, |seq| u64::try_from(seq).unwrap_or(0)),
     })
 }
 
@@ -243,7 +410,7 @@ impl Sink for SqliteSink {
             let mut insert = tx
                 .prepare_cached(&format!(
                     "INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
                 ))
                 .map_err(|e| e.to_string())?;
             for r in batch {
@@ -272,6 +439,7 @@ impl Sink for SqliteSink {
                         r.cost_nanos,
                         r.currency,
                         r.price_version,
+                        sql_u64(r.seq),
                     ])
                     .map_err(|e| e.to_string())?;
             }
@@ -303,6 +471,21 @@ impl Sink for SqliteSink {
             found += usize::from(hit.is_some());
         }
         Ok(found)
+    }
+
+    fn last_seq(&mut self) -> Result<u64, String> {
+        let conn = self.conn.as_ref().ok_or("the database is not open")?;
+        let last: Option<i64> = conn
+            .query_row("SELECT max(seq) FROM usage", [], |row| row.get(0))
+            .map_err(|e| e.to_string())?;
+        Ok(last.map_or(0, |seq| u64::try_from(seq).unwrap_or(0)))
+    }
+
+    fn checkpoint(&mut self) -> Result<(), String> {
+        let conn = self.conn.as_ref().ok_or("the database is not open")?;
+        // Copies the WAL into the database and fsyncs it.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -343,90 +526,214 @@ pub struct SummaryRow {
 }
 
 impl UsageLog {
-    /// Opens (creating if needed) `usage.db` in `data_dir` and starts the
-    /// writer thread.
-    pub fn open(data_dir: &Path) -> Result<UsageLog, LogError> {
+    /// Opens (creating if needed) `usage.db` and the journal directory in
+    /// `data_dir`, ingests what a crash left in the journal only, and starts
+    /// the syncer.
+    pub fn open(data_dir: &Path, config: LogConfig) -> Result<UsageLog, LogError> {
         let path = data_dir.join("usage.db");
-        let writer = open_connection(&path)?;
+        let conn = open_connection(&path)?;
         let reader = open_connection(&path)?;
-        let sink = SqliteSink {
-            path,
-            conn: Some(writer),
-        };
-        let mut log = UsageLog::with_sink(sink)?;
+        let sink = SqliteSink { path, conn: Some(conn) };
+        let mut log = UsageLog::start(sink, &data_dir.join("usage-journal"), config, GROUP_WINDOW)?;
         log.reader = Some(Arc::new(Mutex::new(reader)));
         Ok(log)
     }
 
-    /// A log over any sink (unit tests inject failures this way); it has no
-    /// query side.
-    pub fn with_sink(sink: impl Sink) -> Result<UsageLog, LogError> {
-        UsageLog::start(sink, GROUP_WINDOW)
+    /// A log over any sink, journaling in `journal_dir` (unit tests inject
+    /// failures this way); it has no query side.
+    pub fn with_sink(sink: impl Sink, journal_dir: &Path, config: LogConfig) -> Result<UsageLog, LogError> {
+        UsageLog::start(sink, journal_dir, config, GROUP_WINDOW)
     }
 
-    /// Starts the writer over `sink`, holding groups open up to `window`.
-    pub(crate) fn start(sink: impl Sink, window: Duration) -> Result<UsageLog, LogError> {
-        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    /// Recovers the journal into `sink`, then starts the syncer over both,
+    /// holding strict groups open up to `window`.
+    pub(crate) fn start(
+        mut sink: impl Sink,
+        journal_dir: &Path,
+        config: LogConfig,
+        window: Duration,
+    ) -> Result<UsageLog, LogError> {
+        let io = |what: &str, e: std::io::Error| LogError::Database(format!("{what} {}: {e}", journal_dir.display()));
+        std::fs::create_dir_all(journal_dir).map_err(|e| io("creating", e))?;
+        let (last, number) = recover_journal(&mut sink, journal_dir)?;
+        let file = Journal::open_file(journal_dir, number).map_err(|e| io("opening a journal in", e))?;
+        let (durable, _) = watch::channel(last);
+        let stats = LogStats::default();
+        stats.written.store(last, Ordering::Relaxed);
+        stats.synced.store(last, Ordering::Relaxed);
         let shared = Arc::new(Shared {
+            config,
+            window,
+            journal: Mutex::new(Journal {
+                dir: journal_dir.to_owned(),
+                file: Some(file),
+                number,
+                len: 0,
+                next_seq: last + 1,
+                queue: Vec::new(),
+                in_flight: Vec::new(),
+                buf: Vec::with_capacity(1024),
+            }),
             healthy: AtomicBool::new(true),
-            stats: LogStats::default(),
+            closed: AtomicBool::new(false),
+            stats,
+            durable,
+            wanted: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
-            writer_waiting: AtomicBool::new(false),
-            writer: OnceLock::new(),
+            syncer_waiting: AtomicBool::new(false),
+            syncer: OnceLock::new(),
+            handle: Mutex::new(None),
         });
-        let writer_shared = shared.clone();
+        let syncer_shared = shared.clone();
         let thread = std::thread::Builder::new()
-            .name("hearth-usage-writer".into())
-            .spawn(move || writer(sink, rx, &writer_shared, window))
-            .map_err(|e| LogError::Database(format!("starting the writer thread: {e}")))?;
-        let _ = shared.writer.set(thread.thread().clone());
-        Ok(UsageLog {
-            tx,
-            shared,
-            reader: None,
-        })
+            .name("hearth-usage-syncer".into())
+            .spawn(move || syncer(sink, &syncer_shared))
+            .map_err(|e| LogError::Database(format!("starting the syncer thread: {e}")))?;
+        let _ = shared.syncer.set(thread.thread().clone());
+        *shared.handle.lock().unwrap_or_else(PoisonError::into_inner) = Some(thread);
+        Ok(UsageLog { shared, reader: None })
     }
 
-    /// Whether records are being committed; invocations should be refused
-    /// (503) while this is false.
+    /// How the log keeps records.
+    pub fn config(&self) -> LogConfig {
+        self.shared.config
+    }
+
+    /// Whether records are being kept; invocations should be refused (503)
+    /// while this is false.
     pub fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Acquire)
     }
 
-    /// The writer's counters.
+    /// The log's counters.
     pub fn stats(&self) -> &LogStats {
         &self.shared.stats
     }
 
     /// Whether other invocations than the caller's own are running with a
-    /// record to hand over: the server is busy, and the writer will group.
+    /// record to hand over: the server is busy, and a strict group will
+    /// hold several.
     pub fn busy(&self) -> bool {
         self.shared.pending.load(Ordering::Relaxed) > 1
     }
 
-    /// Announces an invocation that will hand over a record (see
-    /// [`Pending`]); drop the guard after submitting it.
+    /// Announces an invocation that will append a record (see [`Pending`]);
+    /// drop the guard after appending it.
     pub fn pending(&self) -> Pending {
         self.shared.pending.fetch_add(1, Ordering::SeqCst);
         Pending(self.shared.clone())
     }
 
-    /// Commits `record` durably; returns once it is on disk.
-    pub async fn record(&self, record: UsageRecord) -> Result<(), LogError> {
-        let (ack, committed) = oneshot::channel();
-        self.tx.send((record, ack)).await.map_err(|_| LogError::Closed)?;
-        Committed(committed).wait().await
+    /// Invocations announced and not yet settled.
+    pub fn pending_count(&self) -> usize {
+        self.shared.pending.load(Ordering::SeqCst)
     }
 
-    /// Hands `record` to the writer without waiting, if there is room: from
-    /// then on it is committed even if nobody waits for the [`Committed`].
-    /// Gives the record back when the writer's queue is full.
-    pub fn try_submit(&self, record: UsageRecord) -> Result<Committed, Option<Box<UsageRecord>>> {
-        let (ack, committed) = oneshot::channel();
-        match self.tx.try_send((record, ack)) {
-            Ok(()) => Ok(Committed(committed)),
-            Err(mpsc::error::TrySendError::Full((record, _))) => Err(Some(Box::new(record))),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
+    /// Writes `record` to the journal with its commit sequence, which it
+    /// returns. Costs one `write` under a short lock; once it returns, the
+    /// record survives a crash of the process. In strict mode, follow with
+    /// [`UsageLog::durable`] before answering.
+    pub fn append(&self, mut record: UsageRecord) -> Result<u64, LogError> {
+        let shared = &self.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(LogError::Closed);
+        }
+        if !self.healthy() {
+            return Err(LogError::Unavailable("recovering from a failed write".into()));
+        }
+        let mut journal = shared.journal();
+        let Journal {
+            file, buf, next_seq, ..
+        } = &mut *journal;
+        let Some(file) = file.as_mut() else {
+            return Err(LogError::Unavailable("recovering from a failed write".into()));
+        };
+        let seq = *next_seq;
+        record.seq = seq;
+        buf.clear();
+        serde_json::to_writer(&mut *buf, &record).map_err(|e| LogError::Database(e.to_string()))?;
+        buf.push(b'\n');
+        if let Err(err) = file.write_all(buf) {
+            // Part of the line may be in the file: the syncer starts a new
+            // journal and writes every record not yet ingested again.
+            journal.file = None;
+            drop(journal);
+            shared.healthy.store(false, Ordering::Release);
+            shared.stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %err, "usage journal write failed; refusing invocations until it recovers");
+            shared.wake_syncer();
+            return Err(LogError::Unavailable(format!("journal write failed: {err}")));
+        }
+        journal.len += journal.buf.len() as u64;
+        journal.next_seq += 1;
+        let first = journal.queue.is_empty();
+        journal.queue.push(record);
+        shared.stats.written.store(seq, Ordering::Release);
+        drop(journal);
+        // The syncer sleeps until there is something to sync: one wake-up
+        // per group, not per record.
+        if first || shared.config.durability == Durability::Strict {
+            shared.wake_syncer();
+        }
+        Ok(seq)
+    }
+
+    /// Waits until the record with sequence `seq` is fsynced and ingested
+    /// (asking the syncer to sync now rather than at the end of its
+    /// interval); at most a bounded time.
+    pub async fn durable(&self, seq: u64) -> Result<(), LogError> {
+        let shared = &self.shared;
+        let mut durable = shared.durable.subscribe();
+        if *durable.borrow() >= seq {
+            return Ok(());
+        }
+        shared.wanted.fetch_max(seq, Ordering::AcqRel);
+        shared.wake_syncer();
+        match tokio::time::timeout(COMMIT_WAIT, durable.wait_for(|durable| *durable >= seq)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(LogError::Closed),
+            Err(_) => Err(LogError::Unavailable(format!(
+                "the record did not become durable within {} s",
+                COMMIT_WAIT.as_secs()
+            ))),
+        }
+    }
+
+    /// Appends `record` and returns once it is kept as the log's durability
+    /// mode promises: written (process) or fsynced (strict).
+    pub async fn record(&self, record: UsageRecord) -> Result<u64, LogError> {
+        let seq = self.append(record)?;
+        if self.shared.config.durability == Durability::Strict {
+            self.durable(seq).await?;
+        }
+        Ok(seq)
+    }
+
+    /// Waits until every record appended so far is queryable.
+    pub async fn catch_up(&self) -> Result<u64, LogError> {
+        let written = self.shared.stats.written.load(Ordering::Acquire);
+        self.durable(written).await?;
+        Ok(written)
+    }
+
+    /// Stops the log: waits (at most `grace`) for announced invocations to
+    /// append their records, then syncs and ingests everything and stops the
+    /// syncer. Blocks: call it from a blocking thread.
+    pub fn close(&self, grace: Duration) {
+        let shared = &self.shared;
+        let deadline = Instant::now() + grace;
+        while shared.pending.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let left = shared.pending.load(Ordering::SeqCst);
+        if left > 0 {
+            tracing::error!(invocations = left, "shutting down with invocations that never recorded");
+        }
+        shared.closed.store(true, Ordering::Release);
+        shared.wake_syncer();
+        let handle = shared.handle.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
         }
     }
 
@@ -438,6 +745,7 @@ impl UsageLog {
             .reader
             .clone()
             .ok_or_else(|| LogError::Database("this log has no query side".into()))?;
+        self.catch_up().await?;
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(PoisonError::into_inner);
             f(&conn).map_err(LogError::from)
@@ -446,21 +754,30 @@ impl UsageLog {
         .map_err(|e| LogError::Database(e.to_string()))?
     }
 
-    /// Up to `limit` records matching `filter` with ids after `after`, in id
-    /// (time) order: one page of an export.
-    pub async fn page(&self, filter: &Filter, after: Option<&str>, limit: usize) -> Result<Vec<UsageRecord>, LogError> {
+    /// Up to `limit` records matching `filter` with commit sequences after
+    /// `after` and at most `upto`, in commit order: one page of an export.
+    /// Everything appended before the call is queryable first, so a consumer
+    /// that passes the last sequence it received as `after` gets every
+    /// record exactly once.
+    pub async fn page(
+        &self,
+        filter: &Filter,
+        after: u64,
+        upto: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<UsageRecord>, LogError> {
         let filter = filter.clone();
-        let after = after.unwrap_or("").to_owned();
+        let (after, upto) = (sql_u64(after), upto.map(sql_u64));
         let limit = sql_u64(limit as u64);
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM usage
-                 WHERE id > ?1 AND id < ?7 AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR function = ?3)
+                 WHERE seq > ?1 AND (?8 IS NULL OR seq <= ?8) AND id >= ?6 AND id < ?7
+                   AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR function = ?3)
                    AND (?4 IS NULL OR started_at_us >= ?4) AND (?5 IS NULL OR started_at_us < ?5)
-                 ORDER BY id LIMIT ?6"
+                 ORDER BY seq LIMIT ?9"
             ))?;
             let (lower, upper) = id_bounds(&filter);
-            let after = after.max(lower);
             let rows = stmt.query_map(
                 params![
                     after,
@@ -468,8 +785,10 @@ impl UsageLog {
                     filter.function,
                     filter.since_us,
                     filter.until_us,
-                    limit,
-                    upper
+                    lower,
+                    upper,
+                    upto,
+                    limit
                 ],
                 record_from_row,
             )?;
@@ -547,58 +866,241 @@ fn id_bounds(filter: &Filter) -> (String, String) {
     (lower, upper)
 }
 
-/// The writer thread: group commits until every sender is gone.
-fn writer(mut sink: impl Sink, mut rx: mpsc::Receiver<(UsageRecord, Ack)>, shared: &Shared, window: Duration) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        let drain = |batch: &mut Vec<(UsageRecord, Ack)>, rx: &mut mpsc::Receiver<(UsageRecord, Ack)>| {
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
-            }
-        };
-        drain(&mut batch, &mut rx);
-        // Hold the group open while invocations are still running (see the
-        // module documentation); `Shared::settle` wakes us when the last
-        // one has handed its record over.
-        let deadline = Instant::now() + window;
-        while batch.len() < MAX_BATCH && shared.pending.load(Ordering::SeqCst) > 0 {
-            let now = Instant::now();
-            if now >= deadline {
+/// Reads every journal in `dir` and ingests into `sink` the records it
+/// lacks (those after its last sequence: ingestion is in sequence order, so
+/// what a crash kept is a prefix), then drops the journals. Returns the last
+/// sequence and the number of the journal to start.
+fn recover_journal(sink: &mut impl Sink, dir: &Path) -> Result<(u64, u64), LogError> {
+    let fail = |e: String| LogError::Database(format!("recovering the usage journal: {e}"));
+    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|e| fail(e.to_string()))?
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let number = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix("journal-")?
+                .strip_suffix(".jsonl")?
+                .parse()
+                .ok()?;
+            Some((number, path))
+        })
+        .collect();
+    files.sort();
+    let last = sink.last_seq().map_err(fail)?;
+    let mut missing: Vec<UsageRecord> = Vec::new();
+    for (_, path) in &files {
+        let file = std::fs::File::open(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        for line in std::io::BufReader::new(file).lines() {
+            let Ok(line) = line else { break };
+            // A line cut short by a machine crash is the end of what was
+            // written; nothing after it was acknowledged as durable.
+            let Ok(record) = serde_json::from_str::<UsageRecord>(&line) else {
                 break;
+            };
+            if record.seq > last {
+                missing.push(record);
             }
-            shared.writer_waiting.store(true, Ordering::SeqCst);
-            if shared.pending.load(Ordering::SeqCst) > 0 {
-                std::thread::park_timeout(deadline - now);
-            }
-            shared.writer_waiting.store(false, Ordering::SeqCst);
-            drain(&mut batch, &mut rx);
         }
-        let (records, acks): (Vec<UsageRecord>, Vec<Ack>) = batch.into_iter().unzip();
-        if let Err(error) = sink.write(&records) {
+    }
+    missing.sort_by_key(|r| r.seq);
+    missing.dedup_by_key(|r| r.seq);
+    let recovered = missing.len();
+    for batch in missing.chunks(MAX_BATCH) {
+        sink.write(batch).map_err(fail)?;
+    }
+    let last = missing.last().map_or(last, |r| r.seq);
+    sink.checkpoint().map_err(fail)?;
+    if recovered > 0 {
+        tracing::info!(records = recovered, "usage records recovered from the journal");
+    }
+    for (_, path) in &files {
+        std::fs::remove_file(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    }
+    let number = files.last().map_or(0, |(number, _)| number + 1);
+    Ok((last, number))
+}
+
+/// Microseconds since the Unix epoch.
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The syncer thread: waits for records, makes them durable (one fsync of
+/// the journal per group), ingests them, and tells waiters; until the log
+/// is closed and everything in it is ingested.
+fn syncer(mut sink: impl Sink, shared: &Shared) {
+    loop {
+        let closing = shared.closed.load(Ordering::Acquire);
+        wait_for_group(shared, closing);
+        let (batch, file) = {
+            let mut journal = shared.journal();
+            let batch = std::mem::take(&mut journal.queue);
+            journal.in_flight.extend(batch.iter().cloned());
+            let file = journal.file.as_ref().and_then(|f| f.try_clone().ok());
+            (batch, file)
+        };
+        let broken = file.is_none() || !shared.healthy.load(Ordering::Acquire);
+        if batch.is_empty() && !broken {
+            if closing {
+                let _ = sink.checkpoint();
+                return;
+            }
+            continue;
+        }
+        let synced = match &file {
+            Some(file) => file.sync_data().map_err(|e| e.to_string()),
+            None => Err("the journal is not open".to_owned()),
+        };
+        if let Err(error) = synced {
             shared.healthy.store(false, Ordering::Release);
             shared.stats.failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
                 error,
-                records = records.len(),
-                "usage log write failed; refusing invocations until it recovers"
+                "usage journal fsync failed; refusing invocations until it recovers"
             );
-            recover(&mut sink, &records, shared);
-            shared.healthy.store(true, Ordering::Release);
-            tracing::info!("usage log recovered");
+            rewrite_journal(shared);
         }
-        shared.stats.commits.fetch_add(1, Ordering::Relaxed);
-        shared.stats.records.fetch_add(records.len() as u64, Ordering::Relaxed);
-        for ack in acks {
-            let _ = ack.send(Ok(()));
+        // Everything in flight (this group, and any group a failed fsync
+        // left) is durable now: ingest it.
+        let durable = std::mem::take(&mut shared.journal().in_flight);
+        let Some(top) = durable.iter().map(|r| r.seq).max() else {
+            shared.healthy.store(true, Ordering::Release);
+            continue;
+        };
+        shared.stats.synced.fetch_max(top, Ordering::AcqRel);
+        shared.stats.last_sync_us.store(now_us(), Ordering::Release);
+        for group in durable.chunks(MAX_BATCH) {
+            if let Err(error) = sink.write(group) {
+                shared.healthy.store(false, Ordering::Release);
+                shared.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    error,
+                    records = group.len(),
+                    "usage log write failed; refusing invocations until it recovers"
+                );
+                recover(&mut sink, group, shared);
+                tracing::info!("usage log recovered");
+            }
+            shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+            shared.stats.records.fetch_add(group.len() as u64, Ordering::Relaxed);
+        }
+        shared.healthy.store(true, Ordering::Release);
+        shared.durable.send_modify(|durable| *durable = (*durable).max(top));
+        rotate_if_large(&mut sink, shared);
+    }
+}
+
+/// Sleeps until there is a group to sync: in strict mode at once (holding
+/// the group open while announced invocations are still to append, at most
+/// [`GROUP_WINDOW`]); in process mode at the end of the sync interval,
+/// unless someone waits for durability or the log is closing.
+fn wait_for_group(shared: &Shared, closing: bool) {
+    let queued = || !shared.journal().queue.is_empty();
+    let someone_waits =
+        || shared.wanted.load(Ordering::Acquire) > *shared.durable.borrow() || !shared.healthy.load(Ordering::Acquire);
+    if closing {
+        return;
+    }
+    // Nothing to do: sleep until an append, a waiter or a close wakes us.
+    while !queued() && !someone_waits() && !shared.closed.load(Ordering::Acquire) {
+        std::thread::park();
+    }
+    let (window, strict) = match shared.config.durability {
+        Durability::Strict => (shared.window, true),
+        Durability::Process => (shared.config.sync_interval, false),
+    };
+    let deadline = Instant::now() + window;
+    loop {
+        let now = Instant::now();
+        if now >= deadline || someone_waits() || shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if strict && shared.pending.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        if strict {
+            shared.syncer_waiting.store(true, Ordering::SeqCst);
+            if shared.pending.load(Ordering::SeqCst) > 0 {
+                std::thread::park_timeout(deadline - now);
+            }
+            shared.syncer_waiting.store(false, Ordering::SeqCst);
+        } else {
+            std::thread::park_timeout(deadline - now);
         }
     }
 }
 
-/// Reopens and checks the store, then commits what of `batch` is missing,
-/// retrying with backoff until it succeeds.
+/// After a failed fsync (or write): the page cache's state is unknown, so
+/// a new journal file takes every record not yet ingested, written again in
+/// full, and is synced; retried with backoff until it works.
+fn rewrite_journal(shared: &Shared) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let attempt = {
+            let mut journal = shared.journal();
+            let number = journal.number + 1;
+            let mut records = journal.in_flight.clone();
+            records.extend(journal.queue.iter().cloned());
+            let written = Journal::open_file(&journal.dir, number).and_then(|mut file| {
+                let len = Journal::write_all(&mut file, &records)?;
+                file.sync_data()?;
+                Ok((file, len))
+            });
+            written.map(|(file, len)| {
+                let queued = std::mem::take(&mut journal.queue);
+                journal.in_flight.extend(queued);
+                journal.file = Some(file);
+                journal.number = number;
+                journal.len = len;
+            })
+        };
+        match attempt {
+            Ok(()) => {
+                tracing::info!("usage journal reopened; records not yet ingested written again and synced");
+                return;
+            }
+            Err(error) => {
+                shared.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %error, "usage journal still failing");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Starts a fresh journal once the current one is large and everything in
+/// it is ingested and the database synced, dropping the old files.
+fn rotate_if_large(sink: &mut impl Sink, shared: &Shared) {
+    let mut journal = shared.journal();
+    if journal.len < JOURNAL_ROTATE_BYTES || !journal.queue.is_empty() || !journal.in_flight.is_empty() {
+        return;
+    }
+    if let Err(error) = sink.checkpoint() {
+        tracing::warn!(error, "usage database checkpoint failed; keeping the journal");
+        return;
+    }
+    let number = journal.number + 1;
+    match Journal::open_file(&journal.dir, number) {
+        Ok(file) => {
+            let old = Journal::path(&journal.dir, journal.number);
+            journal.file = Some(file);
+            journal.number = number;
+            journal.len = 0;
+            drop(journal);
+            if let Err(error) = std::fs::remove_file(&old) {
+                tracing::warn!(error = %error, path = %old.display(), "cannot remove an ingested usage journal");
+            }
+        }
+        Err(error) => tracing::warn!(error = %error, "cannot start a new usage journal; keeping the old one"),
+    }
+}
+
+/// Reopens and checks the store, then writes `batch` again (idempotent by
+/// id), retrying with backoff until it succeeds.
 fn recover(sink: &mut impl Sink, batch: &[UsageRecord], shared: &Shared) {
     let ids: Vec<&str> = batch.iter().map(|r| r.usage.id.as_str()).collect();
     let mut backoff = Duration::from_millis(50);
@@ -610,7 +1112,7 @@ fn recover(sink: &mut impl Sink, batch: &[UsageRecord], shared: &Shared) {
             tracing::info!(
                 committed = found,
                 of = ids.len(),
-                "usage log reopened; committing the rest of the failed batch"
+                "usage log reopened; writing the failed group again"
             );
             sink.write(batch)
         });

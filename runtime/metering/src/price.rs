@@ -116,6 +116,7 @@ impl PriceTable {
             cost_nanos: (cost * 1e9).round() as i64,
             currency: self.currency.clone(),
             price_version: self.version.clone(),
+            seq: 0,
         }
     }
 }

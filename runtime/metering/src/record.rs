@@ -65,7 +65,7 @@ impl Outcome {
 }
 
 /// What was measured about one invocation, before pricing.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     /// The invocation id (UUIDv7), also the record id.
     pub id: String,
@@ -123,8 +123,9 @@ impl Usage {
     }
 }
 
-/// A priced, durable usage record: the [`Usage`] with its cost.
-#[derive(Debug, Clone, PartialEq)]
+/// A priced, durable usage record: the [`Usage`] with its cost, and its
+/// place in commit order once the log has it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// What was measured.
     pub usage: Usage,
@@ -134,6 +135,11 @@ pub struct UsageRecord {
     pub currency: String,
     /// Version of the price table that priced it.
     pub price_version: String,
+    /// Commit sequence: given by the usage log when the record is written
+    /// (0 before), increasing in the order records became visible; the
+    /// export cursor follows it.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// A record as exported (JSON lines, CloudEvents data, the API).

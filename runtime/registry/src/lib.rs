@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use hearth_bridge::ModelRef;
+use hearth_bridge::{ModelRef, NnHost};
 use hearth_devices::{DeviceError, Placement};
 use hearth_engine::{Engine, EngineError, Grants, Prepared};
 use hearth_manifest::{DeviceWish, Manifest, ManifestError};
@@ -159,6 +159,7 @@ pub struct Registry {
     store: Arc<dyn Store>,
     blobs: BlobStore,
     engine: Engine,
+    nn: NnHost,
     assets: AssetDirs,
     latest: Arc<DashMap<(String, String), Arc<Deployed>>>,
     /// Model blobs whose content was checked against their digest.
@@ -178,13 +179,15 @@ pub enum LoadOn {
 }
 
 impl Registry {
-    /// A registry over `store` and `blobs`, compiling with `engine`; asset
-    /// directories are laid out under `assets_root`.
-    pub fn new(store: Arc<dyn Store>, blobs: BlobStore, engine: Engine, assets_root: PathBuf) -> Registry {
+    /// A registry over `store` and `blobs`, compiling with `engine` and
+    /// checking models on `nn`'s devices; asset directories are laid out
+    /// under `assets_root`.
+    pub fn new(store: Arc<dyn Store>, blobs: BlobStore, engine: Engine, nn: NnHost, assets_root: PathBuf) -> Registry {
         Registry {
             store,
             blobs,
             engine,
+            nn,
             assets: AssetDirs::new(assets_root),
             latest: Arc::new(DashMap::new()),
             verified: Arc::new(dashmap::DashSet::new()),
@@ -216,7 +219,7 @@ impl Registry {
                 reason: format!("this server allows at most {max_mb} MiB per instance"),
             });
         }
-        let cache = self.engine.config().models.clone();
+        let cache = self.nn.cache();
         for (i, model) in manifest.models.iter().enumerate() {
             if let Err(err) = cache.devices().check(placement(model.device)) {
                 return Err(RegistryError::Model {
@@ -318,7 +321,7 @@ impl Registry {
     /// What a version's instances are given: its models by name, and its
     /// asset directory (built from the blobs if missing).
     async fn grants(&self, manifest: &Manifest, artifacts: &[Artifact]) -> Result<Grants> {
-        let models: HashMap<String, ModelRef> = artifacts
+        let models = artifacts
             .iter()
             .filter(|a| a.kind == ArtifactKind::Model)
             .filter_map(|a| {
@@ -329,8 +332,8 @@ impl Registry {
                     placement: placement(spec.device),
                 };
                 Some((a.name.clone(), model))
-            })
-            .collect();
+            });
+        let models = self.nn.grant(models);
         // A model file lost, truncated or damaged on disk fails this function
         // alone, plainly, instead of surfacing as an inference error in the
         // guest (or, worse, as wrong answers from flipped weights). The size
@@ -374,7 +377,7 @@ impl Registry {
             .filter_map(|origin| hearth_manifest::Origin::parse(origin).ok())
             .collect();
         Ok(Grants {
-            models: Arc::new(models),
+            models,
             assets: assets.map(Arc::from),
             outbound: outbound.into(),
         })
@@ -424,19 +427,15 @@ impl Registry {
     /// Loads every model `deployed` names into the warm cache; returns how
     /// many loaded (failures are logged: the first call reports them).
     pub async fn preload_models(&self, deployed: &Deployed) -> usize {
-        let cache = self.engine.config().models.clone();
-        let mut loaded = 0;
-        for (name, model) in deployed.grants.models.iter() {
-            match cache.get(&model.key, &model.path, model.placement).await {
-                Ok(_) => loaded += 1,
-                Err(err) => tracing::warn!(
-                    tenant = %deployed.version.tenant,
-                    function = %deployed.version.name,
-                    model = %name,
-                    error = %err,
-                    "could not preload a model"
-                ),
-            }
+        let (loaded, failed) = self.nn.preload(&deployed.grants.models).await;
+        for (model, err) in failed {
+            tracing::warn!(
+                tenant = %deployed.version.tenant,
+                function = %deployed.version.name,
+                %model,
+                error = %err,
+                "could not preload a model"
+            );
         }
         loaded
     }

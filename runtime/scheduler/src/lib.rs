@@ -87,12 +87,48 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// Which pool a request runs in: one deployed version of one tenant's
+/// function. Versions have pools of their own, so two versions of a function
+/// can be warm at once; a replaced version is [`Scheduler::retire`]d.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FunctionKey {
+    /// The tenant.
+    pub tenant: Arc<str>,
+    /// The function's name.
+    pub function: Arc<str>,
+    /// The deployed version.
+    pub version: u32,
+}
+
+impl FunctionKey {
+    /// The key of `version` of `tenant`'s `function`.
+    pub fn new(tenant: &str, function: &str, version: u32) -> FunctionKey {
+        FunctionKey {
+            tenant: Arc::from(tenant),
+            function: Arc::from(function),
+            version,
+        }
+    }
+
+    /// Whether this key is a version of `tenant`'s `function`.
+    pub fn is_version_of(&self, tenant: &str, function: &str) -> bool {
+        &*self.tenant == tenant && &*self.function == function
+    }
+}
+
+impl std::fmt::Display for FunctionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}@{}", self.tenant, self.function, self.version)
+    }
+}
+
 /// What the scheduler needs to know about a function (from its manifest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionSpec {
-    /// Identifies the deployed version: instances of another generation are
-    /// never handed out.
-    pub generation: u64,
+    /// The key of its compiled code (the component's digest), handed back by
+    /// [`Scheduler::reap`] when the function scales fully to zero so the
+    /// caller can unload it without looking anything up.
+    pub code: Arc<str>,
     /// Requests that may run at once.
     pub max_instances: u32,
     /// Instances kept warm while idle.
@@ -180,9 +216,19 @@ pub struct FunctionStats {
 pub struct Reaped<I> {
     /// Instances idle past their timeout (drop them outside any lock).
     pub instances: Vec<I>,
-    /// Functions with no instance for [`SchedulerConfig::function_idle`]:
-    /// unload their compiled code.
-    pub unloaded: Vec<String>,
+    /// Functions with no instance for [`SchedulerConfig::function_idle`], and
+    /// retired versions with nothing left running: unload their compiled
+    /// code (no other loaded function shares it).
+    pub unloaded: Vec<Unloaded>,
+}
+
+/// A function whose compiled code is no longer needed, from [`Reaped`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unloaded {
+    /// The function version.
+    pub key: FunctionKey,
+    /// Its code's key ([`FunctionSpec::code`]).
+    pub code: Arc<str>,
 }
 
 /// The scheduler. Cheap to clone; clones share state.
@@ -207,7 +253,7 @@ struct Shared<I: Send + 'static> {
 
 #[derive(Debug)]
 struct State<I: Send + 'static> {
-    pools: HashMap<Arc<str>, Pool<I>>,
+    pools: HashMap<FunctionKey, Pool<I>>,
     /// Instances existing or being created, across all functions.
     live: usize,
     /// Idle instances across all functions (candidates for eviction).
@@ -227,6 +273,9 @@ struct Pool<I: Send + 'static> {
     waiters: [VecDeque<Waiter<I>>; 3],
     /// Since when the pool has had no instance.
     empty_since: Option<Instant>,
+    /// Replaced or deleted: no instance of it is kept for reuse, and the
+    /// pool goes once nothing of it runs.
+    retired: bool,
     stats: FunctionStats,
 }
 
@@ -272,6 +321,7 @@ impl<I: Send + 'static> Pool<I> {
             busy: 0,
             waiters: Default::default(),
             empty_since: Some(now),
+            retired: false,
             stats: FunctionStats::default(),
         }
     }
@@ -322,7 +372,7 @@ impl<I: Send + 'static> Scheduler<I> {
     /// `deadline` at the latest.
     pub async fn acquire(
         &self,
-        function: &str,
+        function: &FunctionKey,
         spec: &FunctionSpec,
         class: Qos,
         deadline: Instant,
@@ -332,7 +382,7 @@ impl<I: Send + 'static> Scheduler<I> {
             let mut trash = Trash::new();
             let now = Instant::now();
             let mut state = shared.lock();
-            let key = state.pool_key(function, spec, now, &mut trash);
+            let key = state.pool_key(function, spec, now);
             let pool = &state.pools[&key];
             let outcome = if pool.queued() == 0
                 && let Some(lease) = shared.grant(&mut state, &key, now, &mut trash)
@@ -391,14 +441,13 @@ impl<I: Send + 'static> Scheduler<I> {
     /// A slot for a new instance that will be parked idle to keep the
     /// function at `min_instances`, or `None` when it has enough (or the
     /// server has no free slot). Finish it with [`Lease::park`].
-    pub fn reserve_warm(&self, function: &str, spec: &FunctionSpec) -> Option<Lease<I>> {
-        let mut trash = Trash::new();
+    pub fn reserve_warm(&self, function: &FunctionKey, spec: &FunctionSpec) -> Option<Lease<I>> {
         let now = Instant::now();
         let mut state = self.shared.lock();
-        let key = state.pool_key(function, spec, now, &mut trash);
+        let key = state.pool_key(function, spec, now);
         let has_room = state.live < self.shared.config.max_instances;
         let pool = state.pools.get_mut(&key)?;
-        if pool.live() >= pool.spec.min_instances as usize || !has_room {
+        if pool.retired || pool.live() >= pool.spec.min_instances as usize || !has_room {
             return None;
         }
         pool.busy += 1;
@@ -408,7 +457,6 @@ impl<I: Send + 'static> Scheduler<I> {
         Some(Lease {
             shared: self.shared.clone(),
             key,
-            generation: spec.generation,
             instance: None,
             uses: 0,
             cold: true,
@@ -420,11 +468,10 @@ impl<I: Send + 'static> Scheduler<I> {
     /// Records that `function`'s compiled code was just loaded (a deploy
     /// compiles it) without running anything, so it scales to zero like a
     /// function that served requests.
-    pub fn track_loaded(&self, function: &str, spec: &FunctionSpec) {
-        let mut trash = Trash::new();
+    pub fn track_loaded(&self, function: &FunctionKey, spec: &FunctionSpec) {
         let now = Instant::now();
         let mut state = self.shared.lock();
-        let key = state.pool_key(function, spec, now, &mut trash);
+        let key = state.pool_key(function, spec, now);
         if let Some(pool) = state.pools.get_mut(&key) {
             pool.stats.loaded = true;
             pool.note_if_empty(now);
@@ -432,15 +479,16 @@ impl<I: Send + 'static> Scheduler<I> {
         drop(state);
     }
 
-    /// Drops the idle instances of `function` and stops reusing its busy ones
-    /// (it was deleted or replaced).
-    pub fn retire(&self, function: &str) {
+    /// Retires every function version `which` picks (it was deleted or
+    /// replaced): drops its idle instances and stops reusing its busy ones;
+    /// the next [`Scheduler::reap`] removes its pool once nothing of it runs.
+    pub fn retire(&self, which: impl Fn(&FunctionKey) -> bool) {
         let mut trash = Trash::new();
         let now = Instant::now();
         let mut state = self.shared.lock();
         let State { pools, live, idle, .. } = &mut *state;
-        if let Some(pool) = pools.get_mut(function) {
-            pool.spec.generation = u64::MAX;
+        for (_, pool) in pools.iter_mut().filter(|(key, _)| which(key)) {
+            pool.retired = true;
             let dropped = pool.idle.len();
             trash.instances.extend(pool.idle.drain(..).map(|i| i.instance));
             pool.stats.scale_downs += dropped as u64;
@@ -452,8 +500,9 @@ impl<I: Send + 'static> Scheduler<I> {
     }
 
     /// Drops instances idle past their function's timeout (keeping
-    /// `min_instances`) and reports functions empty for
-    /// [`SchedulerConfig::function_idle`].
+    /// `min_instances`), reports functions empty for
+    /// [`SchedulerConfig::function_idle`], and removes retired pools with
+    /// nothing left in them.
     pub fn reap(&self, now: Instant) -> Reaped<I> {
         let function_idle = self.shared.config.function_idle;
         let mut reaped = Reaped {
@@ -462,7 +511,12 @@ impl<I: Send + 'static> Scheduler<I> {
         };
         let mut state = self.shared.lock();
         let State { pools, live, idle, .. } = &mut *state;
+        let mut gone = Vec::new();
         for (key, pool) in pools.iter_mut() {
+            if pool.retired && pool.live() == 0 && pool.queued() == 0 {
+                gone.push((key.clone(), pool.stats.loaded.then(|| pool.spec.code.clone())));
+                continue;
+            }
             let keep = (pool.spec.min_instances as usize).saturating_sub(pool.busy);
             let expired = pool
                 .idle
@@ -485,37 +539,52 @@ impl<I: Send + 'static> Scheduler<I> {
             {
                 pool.stats.loaded = false;
                 pool.stats.unloads += 1;
-                reaped.unloaded.push(key.to_string());
+                reaped.unloaded.push(Unloaded {
+                    key: key.clone(),
+                    code: pool.spec.code.clone(),
+                });
             }
         }
+        for (key, code) in gone {
+            pools.remove(&key);
+            if let Some(code) = code {
+                reaped.unloaded.push(Unloaded { key, code });
+            }
+        }
+        // Code that another loaded function version still runs stays.
+        reaped.unloaded.retain(|gone| {
+            !pools
+                .values()
+                .any(|pool| pool.stats.loaded && pool.spec.code == gone.code)
+        });
         reaped
     }
 
     /// Functions with fewer instances than their `min_instances` (after a
-    /// trap, or before their first warm-up), by key.
-    pub fn below_min(&self) -> Vec<String> {
+    /// trap, or before their first warm-up), by key; retired ones excluded.
+    pub fn below_min(&self) -> Vec<FunctionKey> {
         let state = self.shared.lock();
         state
             .pools
             .iter()
-            .filter(|(_, pool)| pool.live() < pool.spec.min_instances as usize)
-            .map(|(key, _)| key.to_string())
+            .filter(|(_, pool)| !pool.retired && pool.live() < pool.spec.min_instances as usize)
+            .map(|(key, _)| key.clone())
             .collect()
     }
 
-    /// The pool figures of one function, if it has been used.
-    pub fn function_stats(&self, function: &str) -> Option<FunctionStats> {
+    /// The pool figures of one function version, if it has been used.
+    pub fn function_stats(&self, function: &FunctionKey) -> Option<FunctionStats> {
         let state = self.shared.lock();
         state.pools.get(function).map(Pool::snapshot)
     }
 
-    /// Every function's pool figures, by function key.
-    pub fn stats(&self) -> Vec<(String, FunctionStats)> {
+    /// Every function version's pool figures, by key.
+    pub fn stats(&self) -> Vec<(FunctionKey, FunctionStats)> {
         let state = self.shared.lock();
         let mut all: Vec<_> = state
             .pools
             .iter()
-            .map(|(key, pool)| (key.to_string(), pool.snapshot()))
+            .map(|(key, pool)| (key.clone(), pool.snapshot()))
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
@@ -567,7 +636,7 @@ impl<I: Send + 'static> Shared<I> {
     fn grant(
         self: &Arc<Self>,
         state: &mut State<I>,
-        key: &Arc<str>,
+        key: &FunctionKey,
         now: Instant,
         trash: &mut Trash<I>,
     ) -> Option<Lease<I>> {
@@ -580,7 +649,7 @@ impl<I: Send + 'static> Shared<I> {
             pool.busy += 1;
             pool.stats.warm_starts += 1;
             state.idle -= 1;
-            return Some(self.lease(key, pool.spec.generation, Some(idle.instance), idle.uses, false));
+            return Some(self.lease(key, Some(idle.instance), idle.uses, false));
         }
         if state.live >= max_instances {
             let evicted = state.evict_oldest_idle(key, now)?;
@@ -593,21 +662,13 @@ impl<I: Send + 'static> Shared<I> {
         pool.empty_since = None;
         pool.stats.cold_starts += 1;
         pool.stats.loaded = true;
-        Some(self.lease(key, pool.spec.generation, None, 0, true))
+        Some(self.lease(key, None, 0, true))
     }
 
-    fn lease(
-        self: &Arc<Self>,
-        key: &Arc<str>,
-        generation: u64,
-        instance: Option<I>,
-        uses: u32,
-        cold: bool,
-    ) -> Lease<I> {
+    fn lease(self: &Arc<Self>, key: &FunctionKey, instance: Option<I>, uses: u32, cold: bool) -> Lease<I> {
         Lease {
             shared: self.clone(),
             key: key.clone(),
-            generation,
             instance,
             uses,
             cold,
@@ -619,7 +680,7 @@ impl<I: Send + 'static> Shared<I> {
     fn enqueue(
         &self,
         state: &mut State<I>,
-        key: &Arc<str>,
+        key: &FunctionKey,
         class: Qos,
         now: Instant,
         deadline: Instant,
@@ -668,7 +729,7 @@ impl<I: Send + 'static> Shared<I> {
         let aging = self.config.aging;
         loop {
             let room = state.live < self.config.max_instances || state.idle > 0;
-            let mut best: Option<(Arc<str>, usize, Urgency)> = None;
+            let mut best: Option<(FunctionKey, usize, Urgency)> = None;
             for (key, pool) in &state.pools {
                 if pool.queued() == 0 || pool.at_limit() || (pool.idle.is_empty() && !room) {
                     continue;
@@ -705,7 +766,7 @@ impl<I: Send + 'static> Shared<I> {
         }
     }
 
-    fn release(self: &Arc<Self>, key: &Arc<str>, generation: u64, instance: Option<I>, uses: u32) {
+    fn release(self: &Arc<Self>, key: &FunctionKey, instance: Option<I>, uses: u32) {
         let mut trash = Trash::new();
         let now = Instant::now();
         let reuse_limit = self.config.reuse_limit;
@@ -715,7 +776,7 @@ impl<I: Send + 'static> Shared<I> {
             Some(pool) => {
                 pool.busy -= 1;
                 match instance {
-                    Some(instance) if pool.spec.generation == generation && pool.spec.reuse && uses < reuse_limit => {
+                    Some(instance) if !pool.retired && pool.spec.reuse && uses < reuse_limit => {
                         pool.idle.push(Idle {
                             instance,
                             uses,
@@ -742,34 +803,24 @@ impl<I: Send + 'static> Shared<I> {
 }
 
 impl<I: Send + 'static> State<I> {
-    /// The pool for `function`, created or updated to `spec`; idle instances
-    /// of an older generation are dropped.
-    fn pool_key(&mut self, function: &str, spec: &FunctionSpec, now: Instant, trash: &mut Trash<I>) -> Arc<str> {
-        if let Some(key) = self.pools.get_key_value(function).map(|(key, _)| key.clone()) {
-            let Some(pool) = self.pools.get_mut(&key) else {
-                return key;
-            };
-            if pool.spec != *spec {
-                if pool.spec.generation != spec.generation {
-                    let dropped = pool.idle.len();
-                    trash.instances.extend(pool.idle.drain(..).map(|i| i.instance));
-                    pool.stats.scale_downs += dropped as u64;
-                    self.live -= dropped;
-                    self.idle -= dropped;
-                    pool.note_if_empty(now);
+    /// The pool for `function`, created on first use or updated to `spec`.
+    fn pool_key(&mut self, function: &FunctionKey, spec: &FunctionSpec, now: Instant) -> FunctionKey {
+        match self.pools.get_mut(function) {
+            Some(pool) => {
+                if pool.spec != *spec {
+                    pool.spec = spec.clone();
                 }
-                pool.spec = spec.clone();
             }
-            return key;
+            None => {
+                self.pools.insert(function.clone(), Pool::new(spec.clone(), now));
+            }
         }
-        let key: Arc<str> = Arc::from(function);
-        self.pools.insert(key.clone(), Pool::new(spec.clone(), now));
-        key
+        function.clone()
     }
 
     /// Drops the longest-idle instance of any function but `except`, handing
     /// its slot over.
-    fn evict_oldest_idle(&mut self, except: &Arc<str>, now: Instant) -> Option<I> {
+    fn evict_oldest_idle(&mut self, except: &FunctionKey, now: Instant) -> Option<I> {
         let (_, pool) = self
             .pools
             .iter_mut()
@@ -784,7 +835,7 @@ impl<I: Send + 'static> State<I> {
 
     /// Removes a waiter still in its queue; returns whether its function was
     /// at its own limit, or `None` if it was already granted.
-    fn remove_waiter(&mut self, function: &str, class: Qos, id: u64) -> Option<bool> {
+    fn remove_waiter(&mut self, function: &FunctionKey, class: Qos, id: u64) -> Option<bool> {
         let pool = self.pools.get_mut(function)?;
         let queue = &mut pool.waiters[rank(class)];
         let at = queue.iter().position(|w| w.id == id)?;
@@ -798,7 +849,7 @@ impl<I: Send + 'static> State<I> {
 /// away) before it was granted.
 struct QueueGuard<'a, I: Send + 'static> {
     shared: &'a Shared<I>,
-    function: &'a str,
+    function: &'a FunctionKey,
     class: Qos,
     id: u64,
 }
@@ -816,8 +867,7 @@ impl<I: Send + 'static> Drop for QueueGuard<'_, I> {
 #[derive(Debug)]
 pub struct Lease<I: Send + 'static> {
     shared: Arc<Shared<I>>,
-    key: Arc<str>,
-    generation: u64,
+    key: FunctionKey,
     instance: Option<I>,
     uses: u32,
     cold: bool,
@@ -847,16 +897,14 @@ impl<I: Send + 'static> Lease<I> {
     /// slot.
     pub fn finish(mut self, instance: Option<I>) {
         self.released = true;
-        self.shared
-            .release(&self.key, self.generation, instance, self.uses.saturating_add(1));
+        self.shared.release(&self.key, instance, self.uses.saturating_add(1));
     }
 
     /// Parks an instance created ahead of demand (`min_instances`), without
     /// counting a use.
     pub fn park(mut self, instance: I) {
         self.released = true;
-        self.shared
-            .release(&self.key, self.generation, Some(instance), self.uses);
+        self.shared.release(&self.key, Some(instance), self.uses);
     }
 }
 
@@ -865,7 +913,7 @@ impl<I: Send + 'static> Drop for Lease<I> {
         if !self.released {
             self.released = true;
             let instance = self.instance.take();
-            self.shared.release(&self.key, self.generation, None, self.uses);
+            self.shared.release(&self.key, None, self.uses);
             drop(instance);
         }
     }

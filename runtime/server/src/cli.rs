@@ -99,6 +99,7 @@ impl From<UsageFilter> for hearth_client::UsageQuery {
             since: filter.since,
             until: filter.until,
             function: filter.function,
+            ..hearth_client::UsageQuery::default()
         }
     }
 }

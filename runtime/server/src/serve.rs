@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hearth_auth::Auth;
 use hearth_engine::{Engine, EngineConfig};
-use hearth_http::{AppState, HttpLimits};
+use hearth_http::AppState;
+use hearth_invoker::{Invoker, InvokerConfig};
 use hearth_registry::Registry;
 use hearth_store::{BlobStore, SqliteStore, Store};
 use tokio::io::AsyncWriteExt as _;
@@ -30,7 +31,7 @@ pub struct ServeArgs {
     #[arg(long = "admin-token", env = "HEARTH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
     /// Largest invocation request body, in bytes.
-    #[arg(long, env = "HEARTH_MAX_BODY_BYTES", default_value_t = hearth_http::DEFAULT_MAX_BODY_BYTES)]
+    #[arg(long, env = "HEARTH_MAX_BODY_BYTES", default_value_t = hearth_invoker::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: u64,
     /// Largest deploy upload, in bytes.
     #[arg(long, env = "HEARTH_MAX_UPLOAD_BYTES", default_value_t = hearth_http::DEFAULT_MAX_UPLOAD_BYTES)]
@@ -69,7 +70,7 @@ pub struct ServeArgs {
     max_queued_per_function: usize,
     /// Longest a request waits in a queue before it is refused, in
     /// milliseconds.
-    #[arg(long, env = "HEARTH_QUEUE_TIMEOUT_MS", default_value_t = hearth_http::DEFAULT_QUEUE_TIMEOUT.as_millis() as u64)]
+    #[arg(long, env = "HEARTH_QUEUE_TIMEOUT_MS", default_value_t = hearth_invoker::DEFAULT_QUEUE_TIMEOUT.as_millis() as u64)]
     queue_timeout_ms: u64,
     /// Milliseconds of waiting that raise a queued request by one QoS class,
     /// so `batch` is never starved by a steady stream of `realtime`.
@@ -86,7 +87,7 @@ pub struct ServeArgs {
     reap_interval_ms: u64,
     /// Asynchronous invocations run at once (each also takes an instance of
     /// its function at the `batch` class).
-    #[arg(long, env = "HEARTH_ASYNC_CONCURRENCY", default_value_t = hearth_http::DEFAULT_ASYNC_CONCURRENCY)]
+    #[arg(long, env = "HEARTH_ASYNC_CONCURRENCY", default_value_t = hearth_invoker::DEFAULT_ASYNC_CONCURRENCY)]
     async_concurrency: usize,
     /// Price table (TOML: version, currency, per_invocation, per_gb_second,
     /// per_cpu_second, [per_gpu_second]); without it the built-in table
@@ -102,6 +103,15 @@ pub struct ServeArgs {
     /// is billed).
     #[arg(long, env = "HEARTH_NO_METERING")]
     no_metering: bool,
+    /// When an answer may complete: `process` once its usage record is
+    /// written (survives a crash of the process; a machine crash loses at
+    /// most the sync interval), `strict` once it is fsynced.
+    #[arg(long, env = "HEARTH_USAGE_DURABILITY", default_value = "process")]
+    usage_durability: hearth_metering::Durability,
+    /// Longest a written usage record waits for its fsync, in milliseconds
+    /// (process durability).
+    #[arg(long, env = "HEARTH_USAGE_SYNC_INTERVAL_MS", default_value_t = hearth_metering::DEFAULT_SYNC_INTERVAL.as_millis() as u64)]
+    usage_sync_interval_ms: u64,
     /// Milliseconds a client has to send a request's complete head (slow
     /// clients are cut off).
     #[arg(long, env = "HEARTH_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
@@ -174,10 +184,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let models = hearth_devices::ModelCache::new(hearth_devices::DevicePool::discover(), cache_config);
     models.spawn_reaper();
-    engine_config.models = models;
+    // One wasi-nn host: the engine links it, the registry checks models on
+    // its devices, the invoker reports on it.
+    let nn = hearth_bridge::NnHost::new(models);
+    engine_config.nn = nn.clone();
     let engine = Engine::new(engine_config).context("configuring wasmtime")?;
-    let registry = Registry::new(store.clone(), blobs, engine.clone(), data_dir.join("assets"));
-    let pools = hearth_http::Pools::new(hearth_scheduler::SchedulerConfig {
+    let registry = Registry::new(
+        store.clone(),
+        blobs,
+        engine.clone(),
+        nn.clone(),
+        data_dir.join("assets"),
+    );
+    let pools = hearth_invoker::Pools::new(hearth_scheduler::SchedulerConfig {
         max_instances: args.max_instances as usize,
         max_queued: args.max_queued,
         max_queued_per_function: args.max_queued_per_function,
@@ -185,9 +204,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         aging: Duration::from_millis(args.queue_aging_ms),
         function_idle: Duration::from_secs(args.function_idle_timeout_s),
     });
-    let limits = HttpLimits {
+    let config = InvokerConfig {
         max_body_bytes: args.max_body_bytes,
-        max_upload_bytes: args.max_upload_bytes,
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
     };
     let prices = config_file(args.price_table.as_deref(), hearth_metering::PriceTable::from_toml)?.unwrap_or_default();
@@ -195,7 +213,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!("metering is off: invocations leave no usage records");
         None
     } else {
-        Some(hearth_metering::UsageLog::open(&data_dir).context("opening the usage log")?)
+        let config = hearth_metering::LogConfig {
+            durability: args.usage_durability,
+            sync_interval: Duration::from_millis(args.usage_sync_interval_ms.max(1)),
+        };
+        tracing::info!(durability = config.durability.as_str(), "usage records");
+        Some(hearth_metering::UsageLog::open(&data_dir, config).context("opening the usage log")?)
     };
     tracing::info!(version = %prices.version, currency = %prices.currency, "price table");
     let tenant_limits = config_file(
@@ -203,20 +226,31 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         hearth_scheduler::TenantLimitsConfig::from_toml,
     )?;
     let tenants = hearth_scheduler::TenantGate::new(tenant_limits.unwrap_or_default());
-    let state = AppState::new(
-        registry, auth, engine, pools, tenants, store, limits, usage, prices, telemetry,
+    let invoker = Invoker::new(
+        hearth_invoker::Parts {
+            registry,
+            engine,
+            nn,
+            pools,
+            tenants,
+            store,
+            usage,
+            prices,
+            telemetry,
+        },
+        config,
     );
-    hearth_http::observe(&state);
-    hearth_http::spawn_reaper(&state, Duration::from_millis(args.reap_interval_ms.max(10)));
-    hearth_http::spawn_async_runner(&state, args.async_concurrency);
+    invoker.observe();
+    invoker.spawn_reaper(Duration::from_millis(args.reap_interval_ms.max(10)));
+    invoker.spawn_async_runner(args.async_concurrency, hearth_http::render_failure());
     // Functions that keep instances warm get them (and their models) back in
     // the background; requests are served meanwhile.
-    let warming = state.clone();
+    let warming = invoker.clone();
     tokio::spawn(async move {
-        match warming.registry.keep_warm_functions().await {
+        match warming.registry().keep_warm_functions().await {
             Ok(functions) => {
                 for deployed in &functions {
-                    hearth_http::keep_warm(&warming, deployed).await;
+                    warming.keep_warm(deployed).await;
                 }
                 if !functions.is_empty() {
                     tracing::info!(functions = functions.len(), "warmed functions with min_instances > 0");
@@ -225,6 +259,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Err(err) => tracing::warn!(error = %err, "warming functions with min_instances > 0 failed"),
         }
     });
+    let usage_log = invoker.usage().cloned();
+    let state = AppState::new(invoker, auth, args.max_upload_bytes);
     let app = hearth_http::router(state.clone());
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -267,15 +303,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     state.start_draining();
     let _ = stop_tx.send(true);
     let grace = Duration::from_secs(args.shutdown_grace_s);
-    match tokio::time::timeout(grace, &mut server).await {
+    let deadline = tokio::time::Instant::now() + grace;
+    match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(result) => {
             result.context("server task failed")?;
-            tracing::info!("stopped cleanly");
+            tracing::info!("stopped accepting; finishing the usage records");
         }
         Err(_) => tracing::warn!(
             grace_s = grace.as_secs(),
             "grace period over; dropping remaining requests"
         ),
+    }
+    // Every record of an invocation that ran, orphans (client gone) too, is
+    // written and synced before the process exits.
+    if let Some(log) = usage_log {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::task::spawn_blocking(move || log.close(left))
+            .await
+            .context("closing the usage log")?;
+        tracing::info!("usage log synced and closed");
     }
     Ok(ExitCode::SUCCESS)
 }

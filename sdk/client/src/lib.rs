@@ -20,8 +20,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::TryStreamExt as _;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use serde::{Deserialize, Serialize};
 
+pub use hearth_api::{
+    ArtifactInfo, AsyncInvocation, CreateToken, DeviceStatus, FunctionDetail, FunctionList, FunctionStatus,
+    FunctionVersion, InstanceStatus, NamedModel, Problem, Status, StoredResponse, SubmitQuery, TokenInfo, TokenList,
+    UsageQuery, UsageSummary, UsageSummaryPage, WarmModel,
+};
 pub use project::Project;
 
 /// Result of an SDK call.
@@ -58,323 +62,6 @@ pub enum ClientError {
     /// A setting is wrong (bad server URL, bad header).
     #[error("{0}")]
     Config(String),
-}
-
-/// An `application/problem+json` answer from the server.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Problem {
-    /// Problem type URI.
-    #[serde(rename = "type", default)]
-    pub kind: String,
-    /// Short title.
-    #[serde(default)]
-    pub title: String,
-    /// HTTP status.
-    pub status: u16,
-    /// What happened.
-    #[serde(default)]
-    pub detail: String,
-    /// The invocation, if the problem came from one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub invocation_id: Option<String>,
-    /// The invocation's outcome (`timeout`, `memory_limit`, …).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<String>,
-    /// The manifest key at fault.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status, self.title, self.detail)?;
-        if let Some(id) = &self.invocation_id {
-            write!(f, " (invocation {id})")?;
-        }
-        Ok(())
-    }
-}
-
-/// A deployed function version.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct FunctionVersion {
-    /// Owning tenant.
-    pub tenant: String,
-    /// Function name.
-    pub name: String,
-    /// Version number.
-    pub version: u32,
-    /// `sha256:<hex>` of the component.
-    pub component: String,
-    /// Component size in bytes.
-    pub component_size: u64,
-    /// Deploy time (RFC 3339).
-    pub created_at: String,
-    /// Path to invoke it at, relative to the server.
-    pub invoke_path: String,
-    /// Models deployed with it.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub models: Vec<ArtifactInfo>,
-    /// Read-only assets deployed with it (named by guest path).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub files: Vec<ArtifactInfo>,
-}
-
-/// A model or asset file deployed with a function version.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ArtifactInfo {
-    /// Model name, or the asset's guest path.
-    pub name: String,
-    /// `sha256:<hex>` of the content.
-    pub digest: String,
-    /// Size in bytes.
-    pub size: u64,
-}
-
-/// A function with its manifest and history.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FunctionDetail {
-    /// The version that answers now.
-    pub function: FunctionVersion,
-    /// Its manifest.
-    pub manifest: serde_json::Value,
-    /// Every version, oldest first.
-    pub versions: Vec<FunctionVersion>,
-}
-
-/// What `GET /v1/status` reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    /// The tenant the functions are from.
-    pub tenant: String,
-    /// Devices models can run on.
-    pub devices: Vec<DeviceStatus>,
-    /// Models warm now (for a tenant token, those its functions name).
-    pub models: Vec<WarmModel>,
-    /// Model loads since the server started (a model loaded once and shared
-    /// counts once).
-    pub model_loads: u64,
-    /// Instances alive now across all tenants (idle ones included).
-    #[serde(default)]
-    pub instances: usize,
-    /// The most instances the server runs at once.
-    #[serde(default)]
-    pub max_instances: usize,
-    /// Requests waiting for an instance across all tenants.
-    #[serde(default)]
-    pub queued: usize,
-    /// The tenant's functions and the models they name.
-    pub functions: Vec<FunctionStatus>,
-}
-
-/// A device in [`Status`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeviceStatus {
-    /// `cpu` or `cuda:N`.
-    pub id: String,
-    /// `cpu` or `cuda`.
-    pub kind: String,
-    /// GPU name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// GPU memory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub total_bytes: Option<u64>,
-}
-
-/// A model warm on a device.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WarmModel {
-    /// `sha256:<hex>` of the ONNX file.
-    pub digest: String,
-    /// What the manifest asked for (`auto`, `cpu`, `gpu`).
-    pub placement: String,
-    /// Where it runs (`cpu`, `cuda:N`).
-    pub device: String,
-    /// Model file size.
-    pub size: u64,
-    /// Live guest handles on it.
-    pub users: u64,
-    /// Model runs (one per batch).
-    pub runs: u64,
-    /// Compute calls served by those runs.
-    pub calls: u64,
-}
-
-/// A function in [`Status`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FunctionStatus {
-    /// Function name.
-    pub name: String,
-    /// Version answering now.
-    pub version: u32,
-    /// The models it names.
-    pub models: Vec<NamedModel>,
-    /// Its instance pool.
-    #[serde(default)]
-    pub instances: InstanceStatus,
-}
-
-/// A function's instance pool in [`FunctionStatus`]: what scale to zero and
-/// admission are doing.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct InstanceStatus {
-    /// Warm instances waiting for a request.
-    pub idle: usize,
-    /// Instances serving a request.
-    pub busy: usize,
-    /// Requests waiting, by QoS class (`realtime`, `standard`, `batch`).
-    pub queued: std::collections::BTreeMap<String, usize>,
-    /// Requests that needed a fresh instance.
-    pub cold_starts: u64,
-    /// Requests served by a reused warm instance.
-    pub warm_starts: u64,
-    /// Idle instances dropped (timeout, eviction, redeploy).
-    pub scale_downs: u64,
-    /// Times the compiled code was unloaded after the last instance went.
-    pub unloads: u64,
-    /// Requests refused with 429 or 503.
-    pub rejected: u64,
-    /// Whether the compiled code is in memory.
-    pub loaded: bool,
-}
-
-/// A model named by a function.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NamedModel {
-    /// Name the guest loads it by.
-    pub name: String,
-    /// `sha256:<hex>` of its content.
-    pub digest: String,
-    /// Whether it is loaded now.
-    pub warm: bool,
-}
-
-/// An asynchronous invocation as the server reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AsyncInvocation {
-    /// Its id (UUIDv7), also the invocation id of the run.
-    pub id: String,
-    /// The function.
-    pub function: String,
-    /// `queued`, `running`, `succeeded` (the function answered, with any
-    /// status) or `failed` (Hearth got no answer: trap, timeout, deleted).
-    pub state: String,
-    /// Runs started (more than one when a server stopped mid-run).
-    pub attempts: u32,
-    /// When it was accepted (RFC 3339).
-    pub submitted_at: String,
-    /// When its last run started.
-    pub started_at: Option<String>,
-    /// When it finished.
-    pub finished_at: Option<String>,
-    /// The stored response, once finished.
-    pub response: Option<StoredResponse>,
-}
-
-impl AsyncInvocation {
-    /// Whether it has finished (succeeded or failed).
-    pub fn is_finished(&self) -> bool {
-        self.state == "succeeded" || self.state == "failed"
-    }
-}
-
-/// The response an asynchronous invocation stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoredResponse {
-    /// HTTP status.
-    pub status: u16,
-    /// Headers in order.
-    pub headers: Vec<(String, String)>,
-    /// The body as text, when it is UTF-8.
-    pub body: Option<String>,
-    /// The body, base64.
-    pub body_base64: String,
-}
-
-/// A bearer token as the server shows it. `token` (the secret) is present
-/// only in the answer to [`Client::create_token`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenInfo {
-    /// Public id (`tok_…`), for revocation.
-    pub id: String,
-    /// Tenant it acts for.
-    pub tenant: String,
-    /// `admin`, `deployer`, `invoker` or `billing`.
-    pub role: String,
-    /// The operator's token (bootstrap), valid in every tenant.
-    pub operator: bool,
-    /// Creation time (RFC 3339).
-    pub created_at: String,
-    /// Expiry, if any.
-    pub expires_at: Option<String>,
-    /// Revocation time, if revoked.
-    pub revoked_at: Option<String>,
-    /// The secret, shown once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-}
-
-/// Which usage records to export or sum up.
-#[derive(Debug, Clone, Default)]
-pub struct UsageQuery {
-    /// RFC 3339 time or `YYYY-MM-DD`, inclusive.
-    pub since: Option<String>,
-    /// RFC 3339 time or `YYYY-MM-DD`, exclusive.
-    pub until: Option<String>,
-    /// Only this function.
-    pub function: Option<String>,
-}
-
-impl UsageQuery {
-    fn pairs(&self) -> Vec<(&'static str, &str)> {
-        let mut pairs = Vec::new();
-        for (name, value) in [
-            ("since", &self.since),
-            ("until", &self.until),
-            ("function", &self.function),
-        ] {
-            if let Some(value) = value {
-                pairs.push((name, value.as_str()));
-            }
-        }
-        pairs
-    }
-}
-
-/// Usage totals of one function on one UTC day.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UsageSummary {
-    /// Tenant.
-    pub tenant: String,
-    /// Function.
-    pub function: String,
-    /// `YYYY-MM-DD`.
-    pub day: String,
-    /// Invocations recorded.
-    pub invocations: u64,
-    /// Of which ran.
-    pub ran: u64,
-    /// Of which were refused (429/503).
-    pub rejected: u64,
-    /// Cold starts.
-    pub cold_starts: u64,
-    /// Billed milliseconds.
-    pub billed_ms: u64,
-    /// Guest CPU microseconds.
-    pub guest_cpu_us: u64,
-    /// GPU milliseconds.
-    pub gpu_ms: f64,
-    /// Inference calls.
-    pub inference_calls: u64,
-    /// Request bytes.
-    pub bytes_in: u64,
-    /// Response bytes.
-    pub bytes_out: u64,
-    /// Cost, decimal with nine places.
-    pub cost: String,
-    /// Its currency.
-    pub currency: String,
 }
 
 /// A request to send to a function.
@@ -557,10 +244,11 @@ impl Client {
         let url = self.control_url(&format!("/functions/{function}/invocations"));
         let mut builder = self
             .request(reqwest::Method::POST, &url)
-            .query(&[
-                ("path", invocation.path.as_str()),
-                ("method", invocation.method.as_str()),
-            ])
+            .query(&SubmitQuery {
+                path: invocation.path.clone(),
+                method: invocation.method.to_string(),
+                tenant: None,
+            })
             .body(invocation.body.clone());
         for (name, value) in &invocation.headers {
             builder = builder.header(name.trim(), value.trim());
@@ -589,10 +277,12 @@ impl Client {
         use futures::StreamExt as _;
         use tokio::io::AsyncWriteExt as _;
         let url = self.control_url("/usage");
-        let mut pairs = query.pairs();
-        pairs.push(("format", format));
+        let query = UsageQuery {
+            format: Some(format.to_owned()),
+            ..query.clone()
+        };
         let response = self
-            .send(self.request(reqwest::Method::GET, &url).query(&pairs), &url)
+            .send(self.request(reqwest::Method::GET, &url).query(&query), &url)
             .await?;
         let mut written = 0u64;
         let mut chunks = response.bytes_stream();
@@ -619,11 +309,11 @@ impl Client {
     /// expiring after `expires` (`30d`, `12h`; never when `None`).
     pub async fn create_token(&self, tenant: Option<&str>, role: &str, expires: Option<&str>) -> Result<TokenInfo> {
         let url = format!("{}/v1/tokens", self.server);
-        let body = serde_json::json!({
-            "tenant": tenant.unwrap_or(&self.tenant),
-            "role": role,
-            "expires": expires,
-        });
+        let body = CreateToken {
+            tenant: Some(tenant.unwrap_or(&self.tenant).to_owned()),
+            role: role.to_owned(),
+            expires: expires.map(str::to_owned),
+        };
         let response = self
             .send(self.request(reqwest::Method::POST, &url).json(&body), &url)
             .await?;
@@ -632,13 +322,9 @@ impl Client {
 
     /// The tokens of the client's tenant (secrets never included).
     pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
-        #[derive(Deserialize)]
-        struct List {
-            tokens: Vec<TokenInfo>,
-        }
         let url = self.control_url("/tokens");
         let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
-        Ok(json::<List>(response, &url).await?.tokens)
+        Ok(json::<TokenList>(response, &url).await?.tokens)
     }
 
     /// Revokes a token by its id (`tok_…`) or by the token itself.
@@ -650,26 +336,18 @@ impl Client {
 
     /// Usage totals per function and UTC day.
     pub async fn usage_summary(&self, query: &UsageQuery) -> Result<Vec<UsageSummary>> {
-        #[derive(Deserialize)]
-        struct Rows {
-            rows: Vec<UsageSummary>,
-        }
         let url = self.control_url("/usage/summary");
         let response = self
-            .send(self.request(reqwest::Method::GET, &url).query(&query.pairs()), &url)
+            .send(self.request(reqwest::Method::GET, &url).query(query), &url)
             .await?;
-        Ok(json::<Rows>(response, &url).await?.rows)
+        Ok(json::<UsageSummaryPage>(response, &url).await?.rows)
     }
 
     /// The newest version of each function.
     pub async fn list(&self) -> Result<Vec<FunctionVersion>> {
-        #[derive(Deserialize)]
-        struct List {
-            functions: Vec<FunctionVersion>,
-        }
         let url = self.control_url("/functions");
         let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
-        Ok(json::<List>(response, &url).await?.functions)
+        Ok(json::<FunctionList>(response, &url).await?.functions)
     }
 
     /// One function, its manifest and its versions.
@@ -723,7 +401,7 @@ pub async fn problem_of(response: reqwest::Response) -> Problem {
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/problem+json"));
+        .is_some_and(|v| v.starts_with(hearth_api::PROBLEM_CONTENT_TYPE));
     let text = response.text().await.unwrap_or_default();
     if is_problem && let Ok(problem) = serde_json::from_str::<Problem>(&text) {
         return problem;

@@ -2,8 +2,8 @@
 //! invocation complete.
 //!
 //! A [`Meter`] starts when the function is resolved. An invocation refused
-//! or failed before its response head commits its record with the problem
-//! ([`Meter::finish_error`]) before the problem is sent. A response that
+//! or failed before its response head commits its record with its
+//! [`Failure`] ([`Meter::refuse`]) before the failure is answered. A response that
 //! streams is wrapped in a [`MeteredBody`]: it holds back the last frame,
 //! waits for the guest's report when the body ends, commits the record, and
 //! only then sends that frame and ends the body. A client that goes away
@@ -21,34 +21,35 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
-use axum::body::Body;
-use axum::response::Response;
 use bytes::Bytes;
 use hearth_engine::{InvokeError, Report};
-use http_body_util::BodyExt as _;
-
-use hearth_metering::{LogError, Outcome, Pending, PriceTable, Usage, UsageLog};
+use hearth_metering::{Durability, LogError, Outcome, Pending, PriceTable, Usage, UsageLog};
 use hearth_registry::Deployed;
+use http::Response;
 use http_body::Frame;
+use http_body_util::{BodyExt as _, Full};
 use tokio::sync::oneshot;
 
 use crate::body::BodyMeter;
-use crate::{ApiError, AppState};
+use crate::{BoxError, Failure, Invoker, ResponseBody};
 
 /// How a guest's call ended and what it used, from the engine's `done`.
 pub(crate) type GuestReport = (Result<(), InvokeError>, Report);
 
-/// Microseconds since the Unix epoch.
-pub(crate) fn now_us() -> i64 {
+/// Microseconds since the Unix epoch: when an invocation arrived, for
+/// [`Invoker::begin`].
+pub fn now_us() -> i64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// The usage record of one invocation, being filled in.
+/// The usage record of one invocation, being filled in: opened by
+/// [`Invoker::begin`] once the function is resolved, from when every ending
+/// of the invocation is recorded exactly once.
 #[derive(Debug)]
-pub(crate) struct Meter {
+pub struct Meter {
     telemetry: Arc<hearth_telemetry::Telemetry>,
     /// Whether the invocation is still to be accounted for (metrics, log
     /// line and usage record).
@@ -65,13 +66,13 @@ pub(crate) struct Meter {
 impl Meter {
     /// Starts the record of invocation `id` of `deployed`, which arrived at
     /// `started_at_us`.
-    pub(crate) fn new(state: &AppState, id: &str, started_at_us: i64, deployed: &Deployed) -> Meter {
+    pub(crate) fn new(invoker: &Invoker, id: &str, started_at_us: i64, deployed: &Deployed) -> Meter {
         Meter {
-            telemetry: state.telemetry.clone(),
+            telemetry: invoker.telemetry.clone(),
             open: true,
-            log: state.usage.clone(),
-            pending: state.usage.as_ref().map(UsageLog::pending),
-            prices: state.prices.clone(),
+            log: invoker.usage.clone(),
+            pending: invoker.usage.as_ref().map(UsageLog::pending),
+            prices: invoker.prices.clone(),
             usage: Usage {
                 id: id.to_owned(),
                 tenant: deployed.version.tenant.clone(),
@@ -141,10 +142,10 @@ impl Meter {
         let u = &mut self.usage;
         u.guest_cpu_us = u64::try_from(report.cpu_time.as_micros()).unwrap_or(u64::MAX);
         u.memory_peak_bytes = report.memory_peak_bytes;
-        u.inference_calls = report.inference_calls;
-        u.batched_calls = report.batched_calls;
-        u.gpu_us = u64::try_from(report.device_time.as_micros()).unwrap_or(u64::MAX);
-        if let Some(device) = report.device {
+        u.inference_calls = report.inference.calls;
+        u.batched_calls = report.inference.batched_with;
+        u.gpu_us = u64::try_from(report.inference.device_time.as_micros()).unwrap_or(u64::MAX);
+        if let Some(device) = report.inference.device {
             u.device = device.to_string();
         }
     }
@@ -160,7 +161,7 @@ impl Meter {
             Some((outcome, report)) => {
                 self.apply(&report);
                 if let Err(err) = outcome {
-                    self.usage.outcome = outcome_of(&ApiError::Invocation(err));
+                    self.usage.outcome = Failure::Guest(err).outcome();
                 } else if failed {
                     self.usage.outcome = Outcome::GuestError;
                 }
@@ -185,17 +186,14 @@ impl Meter {
         };
         let id = self.usage.id.clone();
         let record = self.prices.price(self.usage.clone());
-        // Once handed over, the record commits even if this caller goes
-        // away; only a full queue needs a task to hand it over for us.
-        let submitted = log.try_submit(record);
+        // Written here, by this task: from now on the record survives a
+        // crash of the process, even if this caller goes away.
+        let appended = log.append(record);
         self.pending = None;
-        let result = match submitted {
-            Ok(committed) => committed.wait().await,
-            Err(Some(record)) => match tokio::spawn(async move { log.record(*record).await }).await {
-                Ok(result) => result,
-                Err(join) => Err(LogError::Unavailable(join.to_string())),
-            },
-            Err(None) => Err(LogError::Closed),
+        let result = match appended {
+            Ok(seq) if log.config().durability == Durability::Strict => log.durable(seq).await,
+            Ok(_) => Ok(()),
+            Err(err) => Err(err),
         };
         if let Err(err) = &result {
             tracing::error!(invocation_id = %id, error = %err, "usage record not committed");
@@ -203,22 +201,23 @@ impl Meter {
         result
     }
 
-    /// Ends an invocation that produced no response with `err` (refused,
-    /// failed, timed out), with the guest's report if it ran. Returns the
-    /// error to answer with: `err`, or 503 if its record could not be
+    /// Ends an invocation that produced no response with `failure`
+    /// (refused, failed, timed out, or a request that cannot run), with the
+    /// guest's report if it ran. Returns the failure to answer with:
+    /// `failure`, or [`Failure::Unrecorded`] if its record could not be
     /// committed (the client must not see an unrecorded invocation complete).
-    pub(crate) async fn finish_error(mut self, err: ApiError) -> ApiError {
-        self.usage.status = err.status().as_u16();
-        self.usage.outcome = outcome_of(&err);
+    pub async fn refuse(mut self, failure: Failure) -> Failure {
+        self.usage.status = failure.status();
+        self.usage.outcome = failure.outcome();
         self.take_report(false).await;
         // The guest's own account of a failure is the more precise one, but a
         // refusal or a bad request stays what it was.
-        if matches!(outcome_of(&err), Outcome::Rejected | Outcome::BadRequest) {
-            self.usage.outcome = outcome_of(&err);
+        if matches!(failure.outcome(), Outcome::Rejected | Outcome::BadRequest) {
+            self.usage.outcome = failure.outcome();
         }
         match self.commit().await {
-            Ok(()) => err,
-            Err(log) => ApiError::Unavailable(format!("the invocation's usage record was not committed: {log}")),
+            Ok(()) => failure,
+            Err(log) => Failure::Unrecorded(log),
         }
     }
 
@@ -227,10 +226,14 @@ impl Meter {
     /// within [`COALESCE_WAIT`]; otherwise streamed through [`Meter::body`].
     /// A guest whose body fails before anything was sent gets a problem
     /// answer instead of a cut response.
-    pub(crate) async fn respond<B>(self, head: http::response::Parts, mut body: B) -> Result<Response<Body>, ApiError>
+    pub(crate) async fn respond<B>(
+        self,
+        head: http::response::Parts,
+        mut body: B,
+    ) -> Result<Response<ResponseBody>, Failure>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: Into<axum::BoxError>,
+        B::Error: Into<BoxError>,
     {
         if !self.log.as_ref().is_some_and(UsageLog::busy) {
             let status = head.status;
@@ -252,9 +255,7 @@ impl Meter {
                 }
                 Ok(Some(Err(err))) => {
                     let reason = err.into().to_string();
-                    return Err(self
-                        .finish_error(ApiError::Invocation(InvokeError::GuestError(reason)))
-                        .await);
+                    return Err(self.refuse(Failure::Guest(InvokeError::GuestError(reason))).await);
                 }
                 Err(_) => break false,
             }
@@ -277,28 +278,30 @@ impl Meter {
             }
         }
         match finish_body(meter, false).await {
-            Ok(()) => Ok(Response::from_parts(head, Body::from(whole.freeze()))),
-            Err(log) => Err(ApiError::Unavailable(format!(
-                "the invocation's usage record was not committed: {log}"
-            ))),
+            Ok(()) => Ok(Response::from_parts(
+                head,
+                Full::new(whole.freeze()).map_err(|never| match never {}).boxed_unsync(),
+            )),
+            Err(log) => Err(Failure::Unrecorded(log)),
         }
     }
 
     /// Wraps the guest's response body: the record commits when the body
     /// ends (with the guest's report, once it is done), before its last
     /// frame is sent.
-    pub(crate) fn body<B>(mut self, status: http::StatusCode, inner: B) -> Body
+    pub(crate) fn body<B>(mut self, status: http::StatusCode, inner: B) -> ResponseBody
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: Into<axum::BoxError>,
+        B::Error: Into<BoxError>,
     {
         self.usage.status = status.as_u16();
-        Body::new(MeteredBody {
+        MeteredBody {
             inner,
             held: None,
             state: BodyState::Streaming,
             meter: Some(self),
-        })
+        }
+        .boxed_unsync()
     }
 }
 
@@ -363,11 +366,35 @@ impl Drop for Meter {
         if orphan.usage.status == 0 {
             orphan.usage.status = CLIENT_CLOSED_REQUEST;
         }
+        // Wrapped before it is spawned: the task may be dropped unpolled.
+        let mut orphan = Orphan(Some(orphan));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                orphan.take_report(false).await;
-                let _ = orphan.commit().await;
+                if let Some(meter) = orphan.0.as_mut() {
+                    meter.take_report(false).await;
+                }
+                if let Some(meter) = orphan.0.take() {
+                    let _ = meter.commit().await;
+                }
             });
+        }
+    }
+}
+
+/// An orphaned record on its way to the log. Dropped before it got there
+/// (the runtime is shutting down), it is lost, and says so, rather than
+/// orphaning itself again: a task spawned on a runtime that is shutting down
+/// is dropped at once, so that would recurse.
+struct Orphan(Option<Meter>);
+
+impl Drop for Orphan {
+    fn drop(&mut self) {
+        if let Some(mut meter) = self.0.take() {
+            meter.open = false;
+            tracing::error!(
+                invocation_id = %meter.usage.id,
+                "usage record lost: the runtime stopped before the invocation ended"
+            );
         }
     }
 }
@@ -375,24 +402,6 @@ impl Drop for Meter {
 /// The status recorded for a request whose client went away before the
 /// answer (nginx's convention; never sent).
 const CLIENT_CLOSED_REQUEST: u16 = 499;
-
-/// The usage outcome of an invocation that ended with `err`.
-fn outcome_of(err: &ApiError) -> Outcome {
-    match err {
-        ApiError::Invocation(InvokeError::Trap { .. }) => Outcome::GuestTrap,
-        ApiError::Invocation(InvokeError::Timeout(_)) => Outcome::Timeout,
-        ApiError::Invocation(InvokeError::MemoryLimit { .. }) => Outcome::MemoryLimit,
-        ApiError::Invocation(InvokeError::NoResponse | InvokeError::GuestError(_)) => Outcome::GuestError,
-        ApiError::Invocation(InvokeError::Capacity)
-        | ApiError::Rejected(_)
-        | ApiError::TenantLimit(_)
-        | ApiError::Unavailable(_) => Outcome::Rejected,
-        ApiError::BadRequest { .. } | ApiError::PayloadTooLarge { .. } | ApiError::RequestTimeout => {
-            Outcome::BadRequest
-        }
-        _ => Outcome::InternalError,
-    }
-}
 
 /// Largest response sent whole under load (see [`Meter::respond`]).
 const COALESCE_BYTES: usize = 64 * 1024;
@@ -445,10 +454,10 @@ async fn finish_body(mut meter: Meter, failed: bool) -> Result<(), LogError> {
 impl<B> http_body::Body for MeteredBody<B>
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<axum::BoxError>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = axum::BoxError;
+    type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
@@ -469,13 +478,16 @@ where
                             this.state = BodyState::Done;
                             continue;
                         };
-                        let durable = meter.log.is_some();
+                        let strict = meter
+                            .log
+                            .as_ref()
+                            .is_some_and(|log| log.config().durability == Durability::Strict);
                         this.state = BodyState::Committing(Box::pin(finish_body(meter, false)));
-                        if durable {
-                            // The last frame waits for a commit: let the
+                        if strict {
+                            // The last frame waits for an fsync: let the
                             // connection flush what it has (the head) before
-                            // the record is handed to the writer thread, whose
-                            // wake-up can take this core.
+                            // the syncer thread is woken, whose wake-up can
+                            // take this core.
                             cx.waker().wake_by_ref();
                             return Poll::Pending;
                         }

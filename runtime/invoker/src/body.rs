@@ -1,4 +1,5 @@
-//! A request body that enforces a size limit while it streams.
+//! The request body as the guest reads it: limited in size while it
+//! streams, and counted for the usage record.
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,42 +1,33 @@
-//! `GET /metrics`: OpenTelemetry metrics in the Prometheus text format, and
-//! the gauges observed from the runtime's state at each scrape (instances
-//! and queues per function, models and devices, the usage log).
+//! The gauges observed from the runtime's state at each scrape: instances
+//! and queues per function version, models and devices, the usage log.
 
 use std::sync::{Arc, Weak};
 
-use axum::extract::State;
-use axum::response::{IntoResponse, Response};
 use hearth_manifest::Qos;
-use http::{HeaderValue, header};
+use hearth_scheduler::FunctionKey;
 use opentelemetry::KeyValue;
 
-use crate::{ApiError, AppState};
+use crate::Invoker;
 
-/// `GET /metrics`.
-pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let text = state
-        .telemetry
-        .render()
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mut response = text.into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(hearth_telemetry::PROMETHEUS_CONTENT_TYPE),
-    );
-    Ok(response)
-}
-
-fn function_labels(key: &str) -> [KeyValue; 2] {
-    let (tenant, function) = key.split_once('/').unwrap_or(("", key));
+/// A function version's labels: tenant, function and version (a replaced
+/// version's pool lives on while its last requests finish).
+fn function_labels(key: &FunctionKey) -> [KeyValue; 3] {
     [
-        KeyValue::new("tenant", tenant.to_owned()),
-        KeyValue::new("function", function.to_owned()),
+        KeyValue::new("tenant", key.tenant.to_string()),
+        KeyValue::new("function", key.function.to_string()),
+        KeyValue::new("version", i64::from(key.version)),
     ]
 }
 
-/// Registers the observed instruments; they read `state` at each scrape
-/// (through a weak reference, so they never keep it alive).
-pub fn observe(state: &Arc<AppState>) {
+impl Invoker {
+    /// Registers the observed instruments; they read the invoker's state at
+    /// each scrape (through a weak reference, so they never keep it alive).
+    pub fn observe(self: &Arc<Self>) {
+        register(self);
+    }
+}
+
+fn register(state: &Arc<Invoker>) {
     let meter = state.telemetry.meter();
     let weak = Arc::downgrade(state);
 
@@ -47,9 +38,14 @@ pub fn observe(state: &Arc<AppState>) {
         .with_callback(move |gauge| {
             let Some(state) = Weak::upgrade(&s) else { return };
             for (key, pool) in state.pools.stats() {
-                let [tenant, function] = function_labels(&key);
+                let [tenant, function, version] = function_labels(&key);
                 for (which, n) in [("idle", pool.idle), ("busy", pool.busy)] {
-                    let labels = [tenant.clone(), function.clone(), KeyValue::new("state", which)];
+                    let labels = [
+                        tenant.clone(),
+                        function.clone(),
+                        version.clone(),
+                        KeyValue::new("state", which),
+                    ];
                     gauge.observe(n as u64, &labels);
                 }
             }
@@ -63,9 +59,14 @@ pub fn observe(state: &Arc<AppState>) {
         .with_callback(move |gauge| {
             let Some(state) = Weak::upgrade(&s) else { return };
             for (key, pool) in state.pools.stats() {
-                let [tenant, function] = function_labels(&key);
+                let [tenant, function, version] = function_labels(&key);
                 for class in Qos::ALL {
-                    let labels = [tenant.clone(), function.clone(), KeyValue::new("class", class.as_str())];
+                    let labels = [
+                        tenant.clone(),
+                        function.clone(),
+                        version.clone(),
+                        KeyValue::new("class", class.as_str()),
+                    ];
                     gauge.observe(pool.queued[class as usize] as u64, &labels);
                 }
             }
@@ -79,14 +80,19 @@ pub fn observe(state: &Arc<AppState>) {
         .with_callback(move |counter| {
             let Some(state) = Weak::upgrade(&s) else { return };
             for (key, pool) in state.pools.stats() {
-                let [tenant, function] = function_labels(&key);
+                let [tenant, function, version] = function_labels(&key);
                 for (event, n) in [
                     ("warm_start", pool.warm_starts),
                     ("scale_down", pool.scale_downs),
                     ("unload", pool.unloads),
                     ("rejected", pool.rejected),
                 ] {
-                    let labels = [tenant.clone(), function.clone(), KeyValue::new("event", event)];
+                    let labels = [
+                        tenant.clone(),
+                        function.clone(),
+                        version.clone(),
+                        KeyValue::new("event", event),
+                    ];
                     counter.observe(n, &labels);
                 }
             }
@@ -101,7 +107,7 @@ pub fn observe(state: &Arc<AppState>) {
         .with_callback(move |gauge| {
             let Some(state) = Weak::upgrade(&s) else { return };
             let mut by_device = std::collections::BTreeMap::<String, u64>::new();
-            for model in state.engine.config().models.cached() {
+            for model in state.nn.cache().cached() {
                 *by_device.entry(model.device.to_string()).or_default() += model.size_bytes;
             }
             by_device.insert("cpu".into(), by_device.get("cpu").copied().unwrap_or(0));
@@ -119,7 +125,7 @@ pub fn observe(state: &Arc<AppState>) {
         .with_callback(move |counter| {
             let Some(state) = Weak::upgrade(&s) else { return };
             let mut by_device = std::collections::BTreeMap::<String, u64>::new();
-            for model in state.engine.config().models.cached() {
+            for model in state.nn.cache().cached() {
                 *by_device.entry(model.device.to_string()).or_default() += model.busy_ns;
             }
             for (device, ns) in by_device {
@@ -134,10 +140,41 @@ pub fn observe(state: &Arc<AppState>) {
         .with_description("Model look-ups by guests and warm-ups: hits, and misses that loaded the model")
         .with_callback(move |counter| {
             let Some(state) = Weak::upgrade(&s) else { return };
-            let cache = &state.engine.config().models;
+            let cache = state.nn.cache();
             let (gets, loads) = (cache.gets(), cache.loads());
             counter.observe(gets.saturating_sub(loads), &[KeyValue::new("result", "hit")]);
             counter.observe(loads, &[KeyValue::new("result", "miss")]);
+        })
+        .build();
+
+    let s = weak.clone();
+    let _unsynced = meter
+        .u64_observable_gauge("hearth.usage.unsynced")
+        .with_description("Usage records written to the journal and not yet fsynced")
+        .with_callback(move |gauge| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            let Some(log) = &state.usage else { return };
+            gauge.observe(log.stats().unsynced(), &[]);
+        })
+        .build();
+
+    let s = weak.clone();
+    let _since_sync = meter
+        .f64_observable_gauge("hearth.usage.since_sync")
+        .with_unit("s")
+        .with_description("Time since the usage journal was last fsynced (0 with nothing waiting)")
+        .with_callback(move |gauge| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            let Some(log) = &state.usage else { return };
+            let stats = log.stats();
+            let last = stats.last_sync_us.load(std::sync::atomic::Ordering::Acquire);
+            let seconds = if stats.unsynced() == 0 || last == 0 {
+                0.0
+            } else {
+                let now = u64::try_from(crate::now_us()).unwrap_or(0);
+                now.saturating_sub(last) as f64 / 1e6
+            };
+            gauge.observe(seconds, &[]);
         })
         .build();
 

@@ -1,0 +1,194 @@
+//! Asynchronous invocations: a submission is stored at once
+//! ([`Invoker::submit`]); the runner ([`Invoker::spawn_async_runner`])
+//! executes queued ones at the `batch` class when capacity allows and stores
+//! each one's response. Requests and responses live in the store, so both
+//! survive a restart; a run cut short by a stop runs again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hearth_manifest::Qos;
+use hearth_store::{AsyncInvocation, AsyncState, StoreError, StoredMessage};
+use http_body_util::{BodyExt as _, Full};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::record::{Meter, now_us};
+use crate::run::Refusals;
+use crate::{BASE_PATH_HEADER, Failure, Invoker};
+
+/// Default number of asynchronous invocations running at once.
+pub const DEFAULT_ASYNC_CONCURRENCY: usize = 16;
+/// How long the runner waits after the scheduler refused a run before it
+/// tries the queue again.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(1);
+/// Largest response body stored for an asynchronous invocation; a larger
+/// one fails the invocation (fetch big results synchronously).
+const MAX_STORED_RESPONSE_BYTES: usize = 32 << 20;
+/// How often the runner looks at the queue without being woken (a safety
+/// net: submissions wake it at once).
+const POLL_EVERY: Duration = Duration::from_secs(5);
+
+/// Turns a failed run into the answer stored for it (the HTTP layer's
+/// problem body for `failure`, tagged with the invocation id).
+pub type RenderFailure = Arc<dyn Fn(Failure, Option<Uuid>) -> http::Response<Bytes> + Send + Sync>;
+
+/// What the runner ends a run with: its final state and stored answer, or
+/// `None` when the scheduler refused it for now.
+type RunResult = Option<(AsyncState, Option<StoredMessage>)>;
+
+impl Invoker {
+    /// Stores a submitted invocation and wakes the runner.
+    pub async fn submit(&self, invocation: AsyncInvocation) -> Result<(), StoreError> {
+        self.store.insert_async(invocation).await?;
+        self.async_queue.notify_one();
+        Ok(())
+    }
+
+    /// Runs queued asynchronous invocations, at most `concurrency` at once,
+    /// at the `batch` class; a failed run's stored answer is `render`'s.
+    /// Invocations a stopped server left running go back to the queue first.
+    pub fn spawn_async_runner(
+        self: &Arc<Self>,
+        concurrency: usize,
+        render: RenderFailure,
+    ) -> tokio::task::JoinHandle<()> {
+        let invoker = self.clone();
+        tokio::spawn(async move {
+            match invoker.store.requeue_running_async().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    invocations = n,
+                    "re-queued asynchronous invocations cut short by a stop"
+                ),
+                Err(err) => tracing::error!(error = %err, "cannot re-queue asynchronous invocations"),
+            }
+            let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+            let refused = Arc::new(AtomicBool::new(false));
+            loop {
+                let free = slots.available_permits();
+                let claimed = if free == 0 {
+                    Vec::new()
+                } else {
+                    invoker.store.claim_async(free).await.unwrap_or_else(|err| {
+                        tracing::error!(error = %err, "cannot read the asynchronous invocation queue");
+                        Vec::new()
+                    })
+                };
+                for invocation in claimed {
+                    let Ok(permit) = slots.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let (invoker, refused, render) = (invoker.clone(), refused.clone(), render.clone());
+                    tokio::spawn(async move {
+                        let (final_state, response) = match invoker.run_async(&invocation, &render).await {
+                            Some(done) => done,
+                            None => {
+                                refused.store(true, Ordering::Relaxed);
+                                (AsyncState::Queued, None)
+                            }
+                        };
+                        if let Err(err) = invoker.store.finish_async(&invocation.id, final_state, response).await {
+                            tracing::error!(id = %invocation.id, error = %err, "cannot store an asynchronous result");
+                        }
+                        drop(permit);
+                        invoker.async_queue.notify_one();
+                    });
+                }
+                let _ = tokio::time::timeout(POLL_EVERY, invoker.async_queue.notified()).await;
+                // The scheduler refused a run: the function (or the server) is
+                // full, so give it a moment before claiming again.
+                if refused.swap(false, Ordering::Relaxed) {
+                    tokio::time::sleep(REFUSED_BACKOFF).await;
+                }
+            }
+        })
+    }
+
+    /// Runs one invocation; `None` when it was refused for now (it stays
+    /// queued and runs later under the same id), else its final state and
+    /// stored response.
+    async fn run_async(&self, invocation: &AsyncInvocation, render: &RenderFailure) -> RunResult {
+        let id = Uuid::parse_str(&invocation.id).ok();
+        let failed = |failure: Failure| Some((AsyncState::Failed, Some(stored(render(failure, id)))));
+        let deployed = match self.registry.resolve(&invocation.tenant, &invocation.function).await {
+            Ok(deployed) => deployed,
+            Err(err) => return failed(err.into()),
+        };
+        let base = format!("/fn/{}/{}", invocation.tenant, invocation.function);
+        let request = match rebuild(&invocation.request, &base) {
+            Ok(request) => request,
+            Err(err) => return failed(err),
+        };
+        let deadline = tokio::time::Instant::now() + self.config.queue_timeout;
+        let mut meter = Meter::new(self, &invocation.id, now_us(), &deployed);
+        meter.set_bytes_in(invocation.request.body.len() as u64);
+        match self
+            .run(&deployed, Qos::Batch, deadline, meter, Refusals::Retry, request)
+            .await
+        {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                match collect(body).await {
+                    Ok(body) => Some((
+                        AsyncState::Succeeded,
+                        Some(stored(http::Response::from_parts(parts, body))),
+                    )),
+                    Err(err) => failed(Failure::Guest(hearth_engine::InvokeError::GuestError(err))),
+                }
+            }
+            Err(failure) if failure.is_refusal() => None,
+            Err(failure) => failed(failure),
+        }
+    }
+}
+
+/// The whole of a response body, up to [`MAX_STORED_RESPONSE_BYTES`].
+async fn collect(mut body: crate::ResponseBody) -> Result<Bytes, String> {
+    let mut whole = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() else {
+            continue;
+        };
+        if whole.len() + data.len() > MAX_STORED_RESPONSE_BYTES {
+            return Err(format!(
+                "the response exceeds the {MAX_STORED_RESPONSE_BYTES} bytes stored for an asynchronous invocation"
+            ));
+        }
+        whole.extend_from_slice(&data);
+    }
+    Ok(whole.freeze())
+}
+
+/// A response as the store keeps it.
+fn stored(response: http::Response<Bytes>) -> StoredMessage {
+    StoredMessage {
+        method: String::new(),
+        uri: String::new(),
+        status: response.status().as_u16(),
+        headers: response
+            .headers()
+            .iter()
+            .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
+            .collect(),
+        body: response.into_body().to_vec(),
+    }
+}
+
+/// The stored request as the guest receives it.
+fn rebuild(stored: &StoredMessage, base: &str) -> Result<hyper::Request<Full<Bytes>>, Failure> {
+    let mut request = hyper::Request::builder()
+        .method(stored.method.as_str())
+        .uri(format!("http://localhost{}", stored.uri))
+        .header(BASE_PATH_HEADER, base);
+    for (name, value) in &stored.headers {
+        request = request.header(name, value);
+    }
+    request.body(Full::new(Bytes::from(stored.body.clone()))).map_err(|e| {
+        Failure::Guest(hearth_engine::InvokeError::Internal(format!(
+            "rebuilding a stored request: {e}"
+        )))
+    })
+}

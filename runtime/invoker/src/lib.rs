@@ -1,0 +1,258 @@
+//! Hearth's invoker: one invocation, from a resolved function to its
+//! committed usage record. It knows nothing of routes or problem bodies; the
+//! HTTP layer resolves and authenticates, shapes the guest's request, and
+//! renders a [`Failure`] as a problem answer.
+//!
+//! One synchronous invocation, top down:
+//!
+//! 1. [`Invoker::begin`] opens its usage record (a [`Meter`]): from here on
+//!    every ending is recorded exactly once. A request that cannot run as it
+//!    is goes back through [`Meter::refuse`], which records the refusal.
+//! 2. [`Invoker::invoke`] limits and counts the request body, then (in
+//!    `run`): the usage log must be writable; the tenant gate admits it; the
+//!    scheduler leases an instance slot of the function version, waiting in
+//!    its QoS queue; the engine runs the guest on a warm instance or a fresh
+//!    one from the compiled code (mapped again after scale to zero).
+//! 3. The response comes back at the guest's head; its body is metered
+//!    (`record`): the record commits before the last frame is sent, and a
+//!    client that goes away still leaves its one record. When the guest is
+//!    done its instance returns to the pool.
+//!
+//! Around that: [`Invoker::deployed`] and [`Invoker::deleted`] keep the
+//! pools in step with the registry, [`Invoker::keep_warm`] holds
+//! `min_instances`, [`Invoker::spawn_reaper`] scales to zero,
+//! [`Invoker::submit`] and [`Invoker::spawn_async_runner`] run asynchronous
+//! invocations, and [`Invoker::observe`] exports the runtime's gauges.
+
+mod asynchronous;
+mod body;
+mod failure;
+mod observe;
+mod record;
+mod run;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hearth_bridge::NnHost;
+use hearth_engine::{Engine, Instance};
+use hearth_manifest::Qos;
+use hearth_metering::{PriceTable, UsageLog};
+use hearth_registry::{Deployed, Registry};
+use hearth_scheduler::{FunctionKey, Scheduler, TenantGate};
+use hearth_store::Store;
+use hearth_telemetry::Telemetry;
+use uuid::Uuid;
+
+pub use asynchronous::{DEFAULT_ASYNC_CONCURRENCY, RenderFailure};
+pub use failure::Failure;
+pub use record::{Meter, now_us};
+
+/// Default largest invocation request body: 16 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
+/// Default longest wait in a function's queue before 429/503.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Header with the path a function is mounted at, passed to the guest.
+pub const BASE_PATH_HEADER: &str = "x-hearth-base-path";
+
+/// An error a response body can end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A function's response body, metered: its end commits the usage record.
+pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+/// The instance pools of every function version.
+pub type Pools = Scheduler<Instance>;
+
+/// Limits on each invocation.
+#[derive(Debug, Clone, Copy)]
+pub struct InvokerConfig {
+    /// Largest request body, in bytes.
+    pub max_body_bytes: u64,
+    /// Longest a request waits for an instance before it is refused.
+    pub queue_timeout: Duration,
+}
+
+impl Default for InvokerConfig {
+    fn default() -> Self {
+        InvokerConfig {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+        }
+    }
+}
+
+/// The parts an invoker drives, built by `hearth serve` from its flags.
+#[derive(Debug)]
+pub struct Parts {
+    /// Functions and versions.
+    pub registry: Registry,
+    /// The wasmtime engine.
+    pub engine: Engine,
+    /// The `wasi:nn` host and its warm models.
+    pub nn: NnHost,
+    /// Admission, queues and the instance pools.
+    pub pools: Pools,
+    /// Per-tenant limits.
+    pub tenants: TenantGate,
+    /// The metadata store (asynchronous invocations).
+    pub store: Arc<dyn Store>,
+    /// Where usage records go; `None` runs without metering (benchmarks).
+    pub usage: Option<UsageLog>,
+    /// Prices records.
+    pub prices: PriceTable,
+    /// Metrics.
+    pub telemetry: Arc<Telemetry>,
+}
+
+/// Runs invocations. Shared behind an `Arc` by the HTTP layer and the
+/// background tasks it spawns.
+#[derive(Debug)]
+pub struct Invoker {
+    registry: Registry,
+    engine: Engine,
+    nn: NnHost,
+    pools: Pools,
+    tenants: TenantGate,
+    store: Arc<dyn Store>,
+    usage: Option<UsageLog>,
+    prices: Arc<PriceTable>,
+    telemetry: Arc<Telemetry>,
+    config: InvokerConfig,
+    /// Wakes the asynchronous invocation runner (a submission, a slot freed).
+    async_queue: tokio::sync::Notify,
+}
+
+impl Invoker {
+    /// An invoker over `parts`.
+    pub fn new(parts: Parts, config: InvokerConfig) -> Arc<Invoker> {
+        let Parts {
+            registry,
+            engine,
+            nn,
+            pools,
+            tenants,
+            store,
+            usage,
+            prices,
+            telemetry,
+        } = parts;
+        Arc::new(Invoker {
+            registry,
+            engine,
+            nn,
+            pools,
+            tenants,
+            store,
+            usage,
+            prices: Arc::new(prices),
+            telemetry,
+            config,
+            async_queue: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Opens the usage record of invocation `id` of `deployed`, which
+    /// arrived at `started_at_us` ([`now_us`]). From here on the invocation
+    /// is the tenant's: run it with [`Invoker::invoke`], or end it with
+    /// [`Meter::refuse`]; either way it leaves one record.
+    pub fn begin(&self, id: Uuid, started_at_us: i64, deployed: &Deployed) -> Meter {
+        Meter::new(self, &id.to_string(), started_at_us, deployed)
+    }
+
+    /// Runs `request` on `deployed` at `class`: returns the function's
+    /// response once its head is sent (the body's end commits the record),
+    /// or the failure, already recorded. The body is limited to
+    /// [`InvokerConfig::max_body_bytes`] as it streams.
+    pub async fn invoke<B>(
+        &self,
+        mut meter: Meter,
+        deployed: &Deployed,
+        class: Qos,
+        request: hyper::Request<B>,
+    ) -> Result<http::Response<ResponseBody>, Failure>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let (parts, body) = request.into_parts();
+        let (body, counted) = body::LimitedBody::new(body, self.config.max_body_bytes);
+        meter.count_body(counted);
+        let request = hyper::Request::from_parts(parts, body);
+        let deadline = tokio::time::Instant::now() + self.config.queue_timeout;
+        self.run(deployed, class, deadline, meter, run::Refusals::Record, request)
+            .await
+    }
+
+    /// After a deploy: the versions `deployed` replaces are retired (their
+    /// idle instances go now, not at their idle timeout), its code, just
+    /// compiled, scales to zero like any other's, and its `min_instances`
+    /// warm up in the background.
+    pub fn deployed(self: &Arc<Self>, deployed: Arc<Deployed>) {
+        let key = run::key(&deployed);
+        self.pools
+            .retire(|other| other.is_version_of(&key.tenant, &key.function) && other.version != key.version);
+        self.pools.track_loaded(&key, &run::spec(&deployed));
+        if deployed.manifest.scaling.min_instances > 0 {
+            let invoker = self.clone();
+            tokio::spawn(async move { invoker.keep_warm(&deployed).await });
+        }
+    }
+
+    /// After a delete: every version of the function is retired.
+    pub fn deleted(&self, tenant: &str, function: &str) {
+        self.pools.retire(|key| key.is_version_of(tenant, function));
+    }
+
+    /// The scheduler's key of `deployed` (for its pool's figures).
+    pub fn key(deployed: &Deployed) -> FunctionKey {
+        run::key(deployed)
+    }
+
+    /// Functions and versions.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The instance pools.
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    /// The wasmtime engine (which code is loaded).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The `wasi:nn` host: devices and warm models.
+    pub fn nn(&self) -> &NnHost {
+        &self.nn
+    }
+
+    /// Per-tenant limits.
+    pub fn tenants(&self) -> &TenantGate {
+        &self.tenants
+    }
+
+    /// The metadata store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Metrics (and the Prometheus text of `/metrics`).
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    /// The usage log, unless metering is off.
+    pub fn usage(&self) -> Option<&UsageLog> {
+        self.usage.as_ref()
+    }
+
+    /// The limits it runs invocations under.
+    pub fn config(&self) -> &InvokerConfig {
+        &self.config
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,240 @@
+//! From a resolved function to a running guest, for the synchronous route and
+//! for asynchronous invocations alike: admission through the scheduler, a
+//! warm instance or a fresh one from the compiled component, and the instance
+//! back to its pool when the guest is done. Also the background work that
+//! scales functions down to zero and keeps `min_instances` warm.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hearth_engine::{Limits, Start};
+use hearth_manifest::Qos;
+use hearth_registry::{Deployed, LoadOn};
+use hearth_scheduler::{FunctionKey, FunctionSpec};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use crate::record::Meter;
+use crate::{Failure, Invoker, ResponseBody};
+
+/// The scheduler's key for the version `deployed` is.
+pub(crate) fn key(deployed: &Deployed) -> FunctionKey {
+    let v = &deployed.version;
+    FunctionKey::new(&v.tenant, &v.name, v.version)
+}
+
+/// What the scheduler needs from a function's manifest.
+pub(crate) fn spec(deployed: &Deployed) -> FunctionSpec {
+    let scaling = &deployed.manifest.scaling;
+    FunctionSpec {
+        code: Arc::from(deployed.version.component.as_str()),
+        max_instances: scaling.max_instances,
+        min_instances: scaling.min_instances,
+        idle_timeout: Duration::from_secs(scaling.idle_timeout_s.into()),
+        reuse: scaling.reuse,
+    }
+}
+
+fn limits(deployed: &Deployed) -> Limits {
+    Limits {
+        memory_bytes: deployed.manifest.limits.memory_mb as usize * 1024 * 1024,
+        timeout: Duration::from_millis(deployed.manifest.limits.timeout_ms.into()),
+    }
+}
+
+fn label(deployed: &Deployed) -> String {
+    let v = &deployed.version;
+    format!("{}/{}@{}", v.tenant, v.name, v.version)
+}
+
+/// Whether a refused run is recorded now or left for a later attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusals {
+    /// Record it: the caller gets the refusal (the synchronous route).
+    Record,
+    /// Drop the record: the run is retried later under the same id (an
+    /// asynchronous invocation).
+    Retry,
+}
+
+impl Refusals {
+    /// Ends `meter`'s invocation, refused with `failure`.
+    async fn end(self, meter: Meter, failure: Failure) -> Failure {
+        match self {
+            Refusals::Record => meter.refuse(failure).await,
+            Refusals::Retry => {
+                meter.discard();
+                failure
+            }
+        }
+    }
+}
+
+impl Invoker {
+    /// Runs `request` on `deployed` at `class`, waiting in the function's
+    /// queue until `deadline` at the latest. Returns once the guest sends the
+    /// head of its response; the body's end commits the usage record `meter`
+    /// holds. Every other ending commits the record before returning the
+    /// failure, except a refusal under [`Refusals::Retry`].
+    pub(crate) async fn run<B>(
+        &self,
+        deployed: &Deployed,
+        class: Qos,
+        deadline: Instant,
+        mut meter: Meter,
+        refusals: Refusals,
+        request: hyper::Request<B>,
+    ) -> Result<http::Response<ResponseBody>, Failure>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<hearth_engine::BodyError>,
+    {
+        if let Some(log) = &self.usage
+            && !log.healthy()
+        {
+            meter.discard();
+            return Err(Failure::UsageLogDown);
+        }
+        let permit = match self.tenants.admit(&deployed.version.tenant) {
+            Ok(permit) => permit,
+            Err(rejection) => return Err(refusals.end(meter, rejection.into()).await),
+        };
+        let (key, spec) = (key(deployed), spec(deployed));
+        let queued = self
+            .pools
+            .acquire(&key, &spec, class, deadline)
+            .instrument(tracing::info_span!("queue", class = class.as_str()));
+        let mut lease = match queued.await {
+            Ok(lease) => lease,
+            Err(rejection) => return Err(refusals.end(meter, rejection.into()).await),
+        };
+        meter.admitted(lease.queued(), lease.is_cold());
+        let prepared;
+        let start = match lease.take_instance() {
+            Some(instance) => Start::Warm(instance),
+            // Scaled to zero: map the compiled code again. With nothing else
+            // running, this worker has no one else to serve, so the mapping
+            // runs here, saving two thread hand-offs on the cold start's
+            // first byte.
+            None => match self.registry.prepared(deployed, self.load_on()).await {
+                Ok(loaded) => {
+                    prepared = loaded;
+                    Start::Cold(&prepared)
+                }
+                Err(err) => return Err(meter.refuse(err.into()).await),
+            },
+        };
+        let (report_tx, report_rx) = oneshot::channel();
+        meter.expect_report(report_rx);
+        let invoked = self
+            .engine
+            .invoke(
+                start,
+                limits(deployed),
+                &deployed.grants,
+                &label(deployed),
+                request,
+                move |finished| {
+                    // The tenant's concurrency is held until the guest is done.
+                    drop(permit);
+                    lease.finish(finished.instance);
+                    let _ = report_tx.send((finished.outcome, finished.report));
+                },
+            )
+            .await;
+        match invoked {
+            Ok(response) => {
+                let (head, body) = response.into_parts();
+                meter.respond(head, body).await
+            }
+            Err(_) if meter.body_exceeded() => {
+                let limit = self.config.max_body_bytes;
+                Err(meter.refuse(Failure::PayloadTooLarge { limit }).await)
+            }
+            Err(_) if meter.body_broken() => Err(meter.refuse(Failure::RequestTimeout).await),
+            Err(err) => Err(meter.refuse(err.into()).await),
+        }
+    }
+
+    /// Where a cold start maps its function's code: on the caller's worker
+    /// when the caller's is the only invocation running (its own lease is
+    /// counted), else on the blocking pool so other requests are not held up
+    /// behind it.
+    fn load_on(&self) -> LoadOn {
+        if self.pools.busy() <= 1 {
+            LoadOn::Caller
+        } else {
+            LoadOn::BlockingPool
+        }
+    }
+
+    /// Brings `deployed` up to its `min_instances` warm instances (and its
+    /// models into the cache, which the instances will ask for).
+    pub async fn keep_warm(&self, deployed: &Deployed) {
+        if deployed.manifest.scaling.min_instances == 0 {
+            return;
+        }
+        self.registry.preload_models(deployed).await;
+        let (key, spec) = (key(deployed), spec(deployed));
+        while let Some(lease) = self.pools.reserve_warm(&key, &spec) {
+            let prepared = match self.registry.prepared(deployed, LoadOn::BlockingPool).await {
+                Ok(prepared) => prepared,
+                Err(err) => {
+                    tracing::warn!(function = %key, error = %err, "cannot keep instances warm");
+                    return;
+                }
+            };
+            match self
+                .engine
+                .instantiate(&prepared, limits(deployed), &deployed.grants)
+                .await
+            {
+                Ok(instance) => lease.park(instance),
+                Err(err) => {
+                    tracing::warn!(function = %key, error = %err, "cannot keep instances warm");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Every `every`: drops instances idle past their function's timeout,
+    /// unloads the compiled code of functions scaled fully to zero (and of
+    /// replaced versions nothing runs any more), and tops up `min_instances`
+    /// (after a trap or a restart). Runs until the invoker is gone.
+    pub fn spawn_reaper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(invoker) = weak.upgrade() else { return };
+                invoker.reap().await;
+            }
+        })
+    }
+
+    /// One round of the reaper.
+    async fn reap(&self) {
+        let reaped = self.pools.reap(Instant::now());
+        if !reaped.instances.is_empty() {
+            tracing::debug!(instances = reaped.instances.len(), "scaled down idle instances");
+        }
+        drop(reaped.instances);
+        for gone in reaped.unloaded {
+            if self.engine.unload(&gone.code) {
+                tracing::debug!(function = %gone.key, "scaled to zero: compiled code unloaded");
+            }
+        }
+        for key in self.pools.below_min() {
+            if let Ok(deployed) = self.registry.resolve(&key.tenant, &key.function).await
+                && deployed.version.version == key.version
+            {
+                self.keep_warm(&deployed).await;
+            }
+        }
+    }
+}

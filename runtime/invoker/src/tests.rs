@@ -1,0 +1,315 @@
+//! The invocation lifecycle under paused time, with real guests (built from
+//! `functions/` by `hearth-fixtures`) on a real engine, and a usage log whose
+//! sink reports every record it commits.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hearth_bridge::NnHost;
+use hearth_devices::{CacheConfig, DevicePool, ModelCache};
+use hearth_engine::{Engine, EngineConfig};
+use hearth_manifest::Manifest;
+use hearth_metering::{LogConfig, Outcome, PriceTable, Sink, UsageLog, UsageRecord};
+use hearth_registry::{Deployed, Registry, Upload};
+use hearth_scheduler::{SchedulerConfig, TenantGate, TenantLimitsConfig};
+use hearth_store::{AsyncInvocation, AsyncState, BlobStore, SqliteStore, Store, StoredMessage, now_ms};
+use http_body_util::{BodyExt as _, Empty};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::*;
+
+/// A usage sink that keeps what it commits and reports each record.
+struct Reporting {
+    committed: Arc<Mutex<Vec<UsageRecord>>>,
+    tx: mpsc::UnboundedSender<UsageRecord>,
+}
+
+impl Sink for Reporting {
+    fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
+        let mut committed = self.committed.lock().map_err(|e| e.to_string())?;
+        for record in batch {
+            if !committed.iter().any(|r| r.usage.id == record.usage.id) {
+                committed.push(record.clone());
+                let _ = self.tx.send(record.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn reopen(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn committed(&mut self, ids: &[&str]) -> Result<usize, String> {
+        let committed = self.committed.lock().map_err(|e| e.to_string())?;
+        Ok(ids
+            .iter()
+            .filter(|id| committed.iter().any(|r| r.usage.id == **id))
+            .count())
+    }
+}
+
+/// An invoker on a real engine and store in a temporary directory.
+struct Rig {
+    invoker: Arc<Invoker>,
+    committed: Arc<Mutex<Vec<UsageRecord>>>,
+    records: mpsc::UnboundedReceiver<UsageRecord>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn new(scheduler: SchedulerConfig) -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(data).expect("store"));
+        let blobs = BlobStore::open(data).expect("blobs");
+        let nn = NnHost::new(ModelCache::new(DevicePool::cpu_only(), CacheConfig::default()));
+        let mut config = EngineConfig::new(data.join("compiled"));
+        config.max_instances = 8;
+        config.nn = nn.clone();
+        let engine = Engine::new(config).expect("engine");
+        let registry = Registry::new(store.clone(), blobs, engine.clone(), nn.clone(), data.join("assets"));
+        let (tx, records) = mpsc::unbounded_channel();
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let sink = Reporting {
+            committed: committed.clone(),
+            tx,
+        };
+        let invoker = Invoker::new(
+            Parts {
+                registry,
+                engine,
+                nn,
+                pools: Pools::new(scheduler),
+                tenants: TenantGate::new(TenantLimitsConfig::default()),
+                store,
+                usage: Some(UsageLog::with_sink(sink, &data.join("journal"), LogConfig::default()).expect("usage log")),
+                prices: PriceTable::default(),
+                telemetry: Arc::new(Telemetry::new().expect("telemetry")),
+            },
+            InvokerConfig::default(),
+        );
+        Rig {
+            invoker,
+            committed,
+            records,
+            _dir: dir,
+        }
+    }
+
+    /// Deploys `component` as tenant `t`'s `name` with `extra` manifest lines.
+    async fn deploy(&self, name: &str, component: &str, extra: &str) -> Arc<Deployed> {
+        let manifest =
+            Manifest::from_toml(&format!("name = \"{name}\"\ncomponent = \"c.wasm\"\n{extra}")).expect("manifest");
+        let registry = self.invoker.registry();
+        let mut staged = registry.blobs().stage().await.expect("stage");
+        staged
+            .write(&std::fs::read(component).expect("guest built by hearth-fixtures"))
+            .await
+            .expect("write");
+        let upload = Upload {
+            manifest,
+            component: staged,
+            models: Default::default(),
+            files: Default::default(),
+        };
+        registry.deploy("t", upload).await.expect("deploy");
+        let deployed = registry.resolve("t", name).await.expect("resolve");
+        self.invoker.deployed(deployed.clone());
+        deployed
+    }
+
+    /// Starts a call of `path` on `deployed`.
+    async fn call(&self, deployed: &Deployed, path: &str) -> (Uuid, Result<http::Response<ResponseBody>, Failure>) {
+        let id = Uuid::now_v7();
+        let meter = self.invoker.begin(id, now_us(), deployed);
+        let request = hyper::Request::get(format!("http://localhost{path}"))
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let result = self
+            .invoker
+            .invoke(meter, deployed, deployed.manifest.scaling.qos, request)
+            .await;
+        (id, result)
+    }
+
+    /// The records committed for `id`.
+    fn records_of(&self, id: Uuid) -> Vec<UsageRecord> {
+        let committed = self.committed.lock().expect("lock");
+        committed
+            .iter()
+            .filter(|r| r.usage.id == id.to_string())
+            .cloned()
+            .collect()
+    }
+
+    /// Waits for the next committed record.
+    async fn next_record(&mut self) -> UsageRecord {
+        self.records.recv().await.expect("the usage writer is running")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_record_commits_before_the_last_body_frame() {
+    let mut rig = Rig::new(SchedulerConfig::default());
+    let faults = rig.deploy("faults", hearth_fixtures::FAULTS, "").await;
+    let written = || {
+        rig.invoker
+            .usage()
+            .expect("metering")
+            .stats()
+            .written
+            .load(Ordering::Acquire)
+    };
+    let before = written();
+    // The head comes at once, the body a (virtual) 200 ms later.
+    let (id, response) = rig.call(&faults, "/slow-body?ms=200").await;
+    let mut body = response.expect("response").into_body();
+    assert_eq!(written(), before, "the head is out, the invocation is not over");
+    // Each data frame, and whether the record was written when it came.
+    let mut frames = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(chunk) = frame.expect("frame").into_data() {
+            frames.push((chunk, written() > before));
+        }
+    }
+    let data: Vec<u8> = frames.iter().flat_map(|(chunk, _)| chunk.to_vec()).collect();
+    assert_eq!(data, b"done\n");
+    let (_, committed) = frames.last().expect("a body");
+    assert!(committed, "the last frame waits for the record");
+    let record = rig.next_record().await;
+    assert_eq!(record.usage.id, id.to_string());
+    assert_eq!((record.usage.status, record.usage.outcome), (200, Outcome::Ok));
+    assert_eq!(record.usage.bytes_out, 5);
+    assert_eq!(rig.records_of(id).len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_goes_away_leaves_one_record_and_its_instance_returns() {
+    let mut rig = Rig::new(SchedulerConfig::default());
+    let faults = rig.deploy("faults", hearth_fixtures::FAULTS, "").await;
+    // The client gives up after 100 ms of a 2 s call: the call's future is
+    // dropped mid-way, as hyper drops it when the connection closes.
+    let call = rig.call(&faults, "/sleep?ms=2000");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), call).await.is_err(),
+        "still running when the client went away"
+    );
+    let record = rig.next_record().await;
+    assert_eq!((record.usage.status, record.usage.outcome), (499, Outcome::Ok));
+    assert!(
+        record.usage.memory_peak_bytes > 0,
+        "recorded with the guest's report, once it was done: {record:?}"
+    );
+    let id = Uuid::parse_str(&record.usage.id).expect("uuid");
+    assert_eq!(rig.records_of(id).len(), 1);
+    let pool = rig
+        .invoker
+        .pools()
+        .function_stats(&Invoker::key(&faults))
+        .expect("pool");
+    assert_eq!((pool.idle, pool.busy), (1, 0), "the instance came back: {pool:?}");
+    let (_, again) = rig.call(&faults, "/ok").await;
+    again.expect("ok").into_body().collect().await.expect("body");
+    let pool = rig
+        .invoker
+        .pools()
+        .function_stats(&Invoker::key(&faults))
+        .expect("pool");
+    assert_eq!(pool.warm_starts, 1, "and served the next call: {pool:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_is_recorded_with_its_outcome() {
+    let mut rig = Rig::new(SchedulerConfig::default());
+    let faults = rig
+        .deploy("faults", hearth_fixtures::FAULTS, "[scaling]\nmax_instances = 1\n")
+        .await;
+    let (_, busy) = rig.call(&faults, "/slow-body?ms=60000").await;
+    let busy = busy.expect("the only instance");
+    // The second call waits in the queue until its (virtual) deadline.
+    let (id, refused) = rig.call(&faults, "/ok").await;
+    let failure = refused.expect_err("no instance became free");
+    assert!(matches!(failure, Failure::Rejected(_)), "{failure:?}");
+    assert_eq!(failure.status(), 429);
+    let record = rig.next_record().await;
+    assert_eq!(record.usage.id, id.to_string());
+    assert_eq!((record.usage.status, record.usage.outcome), (429, Outcome::Rejected));
+    assert!(record.usage.queue_us == 0 && !record.usage.cold_start, "{record:?}");
+    assert_eq!(record.cost_nanos, 0, "a refusal costs nothing");
+    drop(busy);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_async_runner_retries_a_refused_run_later() {
+    let mut rig = Rig::new(SchedulerConfig {
+        max_queued_per_function: 0,
+        ..SchedulerConfig::default()
+    });
+    let faults = rig
+        .deploy("faults", hearth_fixtures::FAULTS, "[scaling]\nmax_instances = 1\n")
+        .await;
+    // The only instance is busy for 3 (virtual) seconds.
+    let (busy_id, busy) = rig.call(&faults, "/slow-body?ms=3000").await;
+    let busy = busy.expect("the only instance");
+    let render: RenderFailure = Arc::new(|failure, _| http::Response::new(Bytes::from(failure.to_string())));
+    rig.invoker.spawn_async_runner(4, render);
+    let id = Uuid::now_v7().to_string();
+    let submitted = AsyncInvocation {
+        id: id.clone(),
+        tenant: "t".into(),
+        function: "faults".into(),
+        state: AsyncState::Queued,
+        attempts: 0,
+        submitted_at_ms: now_ms(),
+        started_at_ms: None,
+        finished_at_ms: None,
+        request: StoredMessage {
+            method: "GET".into(),
+            uri: "/ok".into(),
+            status: 0,
+            headers: Vec::new(),
+            body: Vec::new(),
+        },
+        response: None,
+    };
+    rig.invoker.submit(submitted).await.expect("submit");
+    // Refused while the instance is busy: it stays queued, unrecorded.
+    let store = rig.invoker.store().clone();
+    loop {
+        let now = store.async_invocation("t", &id).await.expect("store").expect("stored");
+        if now.attempts >= 1 && now.state == AsyncState::Queued {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(rig.records_of(Uuid::parse_str(&id).expect("uuid")).is_empty());
+    // The busy call ends; the next attempt runs.
+    busy.into_body().collect().await.expect("body");
+    let (first, second) = (rig.next_record().await, rig.next_record().await);
+    let (busy_record, record) = if first.usage.id == id {
+        (second, first)
+    } else {
+        (first, second)
+    };
+    assert_eq!(busy_record.usage.id, busy_id.to_string());
+    assert_eq!(record.usage.id, id);
+    assert_eq!((record.usage.status, record.usage.outcome), (200, Outcome::Ok));
+    let finished = loop {
+        let now = store.async_invocation("t", &id).await.expect("store").expect("stored");
+        if now.state == AsyncState::Succeeded {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(finished.attempts >= 2, "{finished:?}");
+    assert_eq!(finished.response.expect("stored").body, b"ok\n");
+    assert_eq!(
+        rig.records_of(Uuid::parse_str(&id).expect("uuid")).len(),
+        1,
+        "one record for its one run"
+    );
+}
