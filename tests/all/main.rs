@@ -6,6 +6,7 @@
 mod server;
 
 mod asynchronous;
+mod billing;
 mod crash;
 mod deploy;
 mod errors;

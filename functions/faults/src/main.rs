@@ -12,6 +12,8 @@
 //! - `/sleep?ms=N`: sleeps N ms, then answers (a slow but well-behaved call);
 //! - `/slow-body?ms=N`: sends the response head at once, then the body after
 //!   N ms (lets tests observe an invocation in flight);
+//! - `/no-content?ms=N`: answers 204 at once, then keeps running N ms
+//!   (its empty body ends only then);
 //! - `/fetch?url=U`: sends `GET U` and answers 200 with the status and body
 //!   it got, or 502 with the error (an outgoing request the host refused);
 //! - anything else: answers `ok`.
@@ -58,6 +60,16 @@ async fn faults(request: Request<Body>) -> Result<Response<Body>> {
                 Ok::<_, std::convert::Infallible>(hearth_guest::wstd::http::body::Bytes::from_static(b"done\n"))
             });
             Ok(Response::new(Body::from_try_stream(body)))
+        }
+        "/no-content" => {
+            let ms = millis(&request);
+            let body = futures_lite::stream::once_future(async move {
+                sleep(ms).await;
+                Ok::<_, std::convert::Infallible>(hearth_guest::wstd::http::body::Bytes::new())
+            });
+            let mut response = Response::new(Body::from_try_stream(body));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            Ok(response)
         }
         "/fetch" => fetch(&request).await,
         _ => Ok(text(StatusCode::OK, "ok\n")),

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 /// The content type of every error body.
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+/// Response header of `GET /v1/usage`: the commit sequence to pass as
+/// `cursor` to continue after this answer (the next page, or the next poll).
+pub const NEXT_CURSOR_HEADER: &str = "x-hearth-next-cursor";
 
 /// An `application/problem+json` body (RFC 9457), as every error is sent.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

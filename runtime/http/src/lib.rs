@@ -31,8 +31,8 @@ use hearth_auth::{Action, Auth, Principal};
 use hearth_invoker::{Invoker, RenderFailure};
 use http::{HeaderMap, HeaderValue, header};
 
+pub use hearth_api::NEXT_CURSOR_HEADER;
 pub use problem::{ApiError, INVOCATION_ID_HEADER};
-pub use usage::NEXT_CURSOR_HEADER;
 
 /// Default largest deploy upload (manifest and component together): 256 MiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 256 << 20;

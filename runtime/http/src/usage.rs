@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use hearth_api::{TenantQuery, UsageQuery, UsageSummary, UsageSummaryPage};
+use hearth_api::{NEXT_CURSOR_HEADER, TenantQuery, UsageQuery, UsageSummary, UsageSummaryPage};
 use hearth_auth::Action;
 use hearth_metering::{Encoder, Filter, Format, UsageLog, UsageRecord};
 use http::{HeaderMap, HeaderValue, header};
@@ -18,9 +18,6 @@ use crate::{ApiError, AppState, scope};
 
 /// Records per page read from the log while streaming an export.
 const PAGE: usize = 1000;
-/// Header with the cursor to continue from: the commit sequence after
-/// which the next page (or the next poll) starts. Always sent.
-pub const NEXT_CURSOR_HEADER: &str = "x-hearth-next-cursor";
 
 fn bad(detail: String) -> ApiError {
     ApiError::BadRequest { detail, key: None }

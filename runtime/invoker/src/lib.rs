@@ -175,6 +175,9 @@ impl Invoker {
         B::Error: std::fmt::Display,
     {
         let (parts, body) = request.into_parts();
+        if parts.method == http::Method::HEAD {
+            meter.head_only();
+        }
         let (body, counted) = body::LimitedBody::new(body, self.config.max_body_bytes);
         meter.count_body(counted);
         let request = hyper::Request::from_parts(parts, body);

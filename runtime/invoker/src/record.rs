@@ -61,6 +61,8 @@ pub struct Meter {
     usage: Usage,
     body: Option<Arc<BodyMeter>>,
     report: Option<oneshot::Receiver<GuestReport>>,
+    /// The request was a `HEAD`: its answer has no body to wait for.
+    head_only: bool,
 }
 
 impl Meter {
@@ -95,7 +97,14 @@ impl Meter {
             },
             body: None,
             report: None,
+            head_only: false,
         }
+    }
+
+    /// The request is a `HEAD`: the answer's head is all the client gets, so
+    /// the record commits before it.
+    pub(crate) fn head_only(&mut self) {
+        self.head_only = true;
     }
 
     /// The guest runs: its report arrives on `report` when it is done.
@@ -235,9 +244,11 @@ impl Meter {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
+        if self.log.is_some() && self.bodyless(&head) {
+            return self.respond_bodyless(head, body).await;
+        }
         if !self.log.as_ref().is_some_and(UsageLog::busy) {
-            let status = head.status;
-            return Ok(Response::from_parts(head, self.body(status, body)));
+            return Ok(self.streamed(head, body));
         }
         let deadline = tokio::time::Instant::now() + COALESCE_WAIT;
         let mut frames = Vec::new();
@@ -265,8 +276,7 @@ impl Meter {
                 frames: frames.into(),
                 rest: body,
             };
-            let status = head.status;
-            return Ok(Response::from_parts(head, self.body(status, rest)));
+            return Ok(self.streamed(head, rest));
         }
         let mut meter = self;
         meter.usage.status = head.status.as_u16();
@@ -286,22 +296,63 @@ impl Meter {
         }
     }
 
-    /// Wraps the guest's response body: the record commits when the body
-    /// ends (with the guest's report, once it is done), before its last
-    /// frame is sent.
-    pub(crate) fn body<B>(mut self, status: http::StatusCode, inner: B) -> ResponseBody
+    /// Whether the client sees the answer complete with its head alone: a
+    /// `HEAD` request, a 204 or 304, or a declared length of zero. Its record
+    /// must commit before the head, as the body is never read.
+    fn bodyless(&self, head: &http::response::Parts) -> bool {
+        self.head_only || matches!(head.status.as_u16(), 204 | 304) || declared_length(&head.headers) == Some(0)
+    }
+
+    /// Answers a body-less response: waits for the guest's (empty) body to
+    /// end and its report, commits the record, then sends the head.
+    async fn respond_bodyless<B>(
+        mut self,
+        head: http::response::Parts,
+        mut body: B,
+    ) -> Result<Response<ResponseBody>, Failure>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        self.usage.status = status.as_u16();
-        MeteredBody {
+        // Anything the guest writes is dropped, as hyper would drop it.
+        while let Some(frame) = body.frame().await {
+            if let Err(err) = frame {
+                let reason = err.into().to_string();
+                return Err(self.refuse(Failure::Guest(InvokeError::GuestError(reason))).await);
+            }
+        }
+        self.usage.status = head.status.as_u16();
+        match finish_body(self, false).await {
+            Ok(()) => Ok(Response::from_parts(
+                head,
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )),
+            Err(log) => Err(Failure::Unrecorded(log)),
+        }
+    }
+
+    /// The response with its body streamed through a [`MeteredBody`]: the
+    /// record commits when the body ends, or when it reaches its declared
+    /// length (with the guest's report, once it is done), before its last
+    /// frame is sent.
+    fn streamed<B>(mut self, head: http::response::Parts, inner: B) -> Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.usage.status = head.status.as_u16();
+        let declared = declared_length(&head.headers);
+        let body = MeteredBody {
             inner,
+            declared,
             held: None,
             state: BodyState::Streaming,
             meter: Some(self),
         }
-        .boxed_unsync()
+        .boxed_unsync();
+        Response::from_parts(head, body)
     }
 }
 
@@ -362,6 +413,7 @@ impl Drop for Meter {
             usage: self.usage.clone(),
             body: self.body.take(),
             report: self.report.take(),
+            head_only: self.head_only,
         };
         if orphan.usage.status == 0 {
             orphan.usage.status = CLIENT_CLOSED_REQUEST;
@@ -437,9 +489,20 @@ enum BodyState {
     Done,
 }
 
+/// The `Content-Length` a response declares.
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 /// A response body whose last frame waits for the usage record.
 struct MeteredBody<B> {
     inner: B,
+    /// Its declared length: the frame that reaches it is the last the
+    /// client needs, whether or not the guest's stream has ended yet.
+    declared: Option<u64>,
     held: Option<Frame<Bytes>>,
     state: BodyState,
     meter: Option<Meter>,
@@ -466,24 +529,26 @@ where
                 BodyState::Streaming => match Pin::new(&mut this.inner).poll_frame(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Some(Ok(frame))) => {
+                        let mut complete = false;
                         if let (Some(data), Some(meter)) = (frame.data_ref(), this.meter.as_mut()) {
                             meter.usage.bytes_out += data.len() as u64;
+                            complete = this.declared.is_some_and(|n| meter.usage.bytes_out >= n);
                         }
-                        if let Some(previous) = this.held.replace(frame) {
+                        let previous = this.held.replace(frame);
+                        if complete && this.start_commit() {
+                            // Flush what came before the last frame first.
+                            if let Some(previous) = previous {
+                                return Poll::Ready(Some(Ok(previous)));
+                            }
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                        if let Some(previous) = previous {
                             return Poll::Ready(Some(Ok(previous)));
                         }
                     }
                     Poll::Ready(None) => {
-                        let Some(meter) = this.meter.take() else {
-                            this.state = BodyState::Done;
-                            continue;
-                        };
-                        let strict = meter
-                            .log
-                            .as_ref()
-                            .is_some_and(|log| log.config().durability == Durability::Strict);
-                        this.state = BodyState::Committing(Box::pin(finish_body(meter, false)));
-                        if strict {
+                        if this.start_commit() {
                             // The last frame waits for an fsync: let the
                             // connection flush what it has (the head) before
                             // the syncer thread is woken, whose wake-up can
@@ -520,6 +585,24 @@ where
                 BodyState::Done => return Poll::Ready(this.held.take().map(Ok)),
             }
         }
+    }
+}
+
+impl<B> MeteredBody<B> {
+    /// Starts committing the record (the body has ended, or reached its
+    /// declared length); returns whether to yield first (strict durability,
+    /// see the caller).
+    fn start_commit(&mut self) -> bool {
+        let Some(meter) = self.meter.take() else {
+            self.state = BodyState::Done;
+            return false;
+        };
+        let strict = meter
+            .log
+            .as_ref()
+            .is_some_and(|log| log.config().durability == Durability::Strict);
+        self.state = BodyState::Committing(Box::pin(finish_body(meter, false)));
+        strict
     }
 }
 

@@ -116,6 +116,10 @@ pub enum UsageCommand {
         /// Write here instead of stdout.
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Only records committed after this cursor (the `next cursor` an
+        /// earlier export printed): follow the log without gaps or repeats.
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
     },
     /// Totals per function and UTC day.
     Summary {
@@ -405,8 +409,16 @@ pub async fn tokens(args: &ClientArgs, command: TokensCommand) -> anyhow::Result
 pub async fn usage(args: &ClientArgs, command: UsageCommand) -> anyhow::Result<ExitCode> {
     let client = connect(args)?;
     match command {
-        UsageCommand::Export { filter, format, output } => {
-            let query = filter.into();
+        UsageCommand::Export {
+            filter,
+            format,
+            output,
+            after,
+        } => {
+            let query = hearth_client::UsageQuery {
+                cursor: after,
+                ..filter.into()
+            };
             let format = match format {
                 ExportFormat::Csv => "csv",
                 ExportFormat::Jsonl => "jsonl",
@@ -418,7 +430,7 @@ pub async fn usage(args: &ClientArgs, command: UsageCommand) -> anyhow::Result<E
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
             );
             let progress = bar.clone();
-            let written = match &output {
+            let exported = match &output {
                 Some(path) => {
                     let mut file = tokio::fs::File::create(path)
                         .await
@@ -435,7 +447,10 @@ pub async fn usage(args: &ClientArgs, command: UsageCommand) -> anyhow::Result<E
             };
             bar.finish_and_clear();
             if let Some(path) = output {
-                eprintln!("wrote {} to {}", human_bytes(written), path.display());
+                eprintln!("wrote {} to {}", human_bytes(exported.bytes), path.display());
+            }
+            if let Some(cursor) = exported.next_cursor {
+                eprintln!("next cursor: {cursor} (continue with --after {cursor})");
             }
         }
         UsageCommand::Summary { filter, output } => {

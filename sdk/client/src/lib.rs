@@ -23,8 +23,8 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, Header
 
 pub use hearth_api::{
     ArtifactInfo, AsyncInvocation, CreateToken, DeviceStatus, FunctionDetail, FunctionList, FunctionStatus,
-    FunctionVersion, InstanceStatus, NamedModel, Problem, Status, StoredResponse, SubmitQuery, TokenInfo, TokenList,
-    UsageQuery, UsageSummary, UsageSummaryPage, WarmModel,
+    FunctionVersion, InstanceStatus, NEXT_CURSOR_HEADER, NamedModel, Problem, Status, StoredResponse, SubmitQuery,
+    TokenInfo, TokenList, UsageQuery, UsageSummary, UsageSummaryPage, WarmModel,
 };
 pub use project::Project;
 
@@ -62,6 +62,16 @@ pub enum ClientError {
     /// A setting is wrong (bad server URL, bad header).
     #[error("{0}")]
     Config(String),
+}
+
+/// What [`Client::usage_export`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageExport {
+    /// Bytes written.
+    pub bytes: u64,
+    /// The cursor to pass as [`UsageQuery::cursor`] to get only what was
+    /// committed after this export.
+    pub next_cursor: Option<String>,
 }
 
 /// A request to send to a function.
@@ -265,15 +275,16 @@ impl Client {
     }
 
     /// Streams usage records (`format`: `csv`, `jsonl` or `cloudevents`)
-    /// into `out`; returns the bytes written. `progress(bytes)` is called as
-    /// they arrive.
+    /// into `out`, in commit order after `query.cursor`; returns the bytes
+    /// written and the cursor to continue from. `progress(bytes)` is called
+    /// as they arrive.
     pub async fn usage_export(
         &self,
         query: &UsageQuery,
         format: &str,
         out: &mut (impl tokio::io::AsyncWrite + Unpin),
         progress: impl Fn(u64),
-    ) -> Result<u64> {
+    ) -> Result<UsageExport> {
         use futures::StreamExt as _;
         use tokio::io::AsyncWriteExt as _;
         let url = self.control_url("/usage");
@@ -284,6 +295,11 @@ impl Client {
         let response = self
             .send(self.request(reqwest::Method::GET, &url).query(&query), &url)
             .await?;
+        let next_cursor = response
+            .headers()
+            .get(NEXT_CURSOR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let mut written = 0u64;
         let mut chunks = response.bytes_stream();
         while let Some(chunk) = chunks.next().await {
@@ -302,7 +318,10 @@ impl Client {
             path: "<usage export output>".into(),
             source,
         })?;
-        Ok(written)
+        Ok(UsageExport {
+            bytes: written,
+            next_cursor,
+        })
     }
 
     /// Creates a token for `tenant` (the client's by default) with `role`,

@@ -1,0 +1,205 @@
+//! The billing contract: a consumer that follows the export cursor gets every
+//! record exactly once, whatever the invocations' lengths; an answer with no
+//! body has its record before the client sees it complete; a stop under load
+//! loses no record.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::server::*;
+
+/// One `GET /v1/usage?cursor=…` page: the record ids and the next cursor.
+async fn poll(server: &Server, cursor: &str, extra: &str) -> (Vec<String>, String) {
+    let response = http()
+        .get(format!("{}/v1/usage?format=jsonl&cursor={cursor}{extra}", server.url))
+        .send()
+        .await
+        .expect("usage");
+    assert_eq!(response.status(), 200);
+    let next = response.headers()["x-hearth-next-cursor"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let text = response.text().await.expect("body");
+    let ids = text
+        .lines()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).expect("record");
+            record["id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    (ids, next)
+}
+
+#[tokio::test]
+async fn a_consumer_following_the_cursor_sees_every_record_exactly_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    deploy(
+        &server,
+        tmp.path(),
+        "faults",
+        hearth_fixtures::FAULTS,
+        "public = true\n",
+    )
+    .await;
+    // The long call starts first (its id sorts first), ends last.
+    let long = tokio::spawn(http().get(server.fn_url("faults", "/sleep?ms=2000")).send());
+    wait_for_instances(&server, "faults", "running the long call", |p| p.busy == 1).await;
+    let shorts = tokio::spawn({
+        let url = server.fn_url("faults", "/ok");
+        async move {
+            let mut ids = Vec::new();
+            for _ in 0..200 {
+                let response = http().get(&url).send().await.expect("short");
+                ids.push(
+                    response.headers()["x-hearth-invocation-id"]
+                        .to_str()
+                        .expect("id")
+                        .to_owned(),
+                );
+                response.bytes().await.expect("body");
+            }
+            ids
+        }
+    });
+    // The consumer polls every 50 ms, in pages of at most 64, until the
+    // calls are done and a poll brings nothing new.
+    let mut calls = Some((long, shorts));
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut cursor = "0".to_owned();
+    let mut expected: Option<Vec<String>> = None;
+    let guard = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (ids, next) = poll(&server, &cursor, "&limit=64").await;
+        let empty = ids.is_empty();
+        for id in ids {
+            *seen.entry(id).or_default() += 1;
+        }
+        cursor = next;
+        if let Some((long, shorts)) = calls.take_if(|(long, shorts)| long.is_finished() && shorts.is_finished()) {
+            let long = long.await.expect("task").expect("long");
+            let mut all = shorts.await.expect("task");
+            all.push(
+                long.headers()["x-hearth-invocation-id"]
+                    .to_str()
+                    .expect("id")
+                    .to_owned(),
+            );
+            long.bytes().await.expect("body");
+            expected = Some(all);
+            continue;
+        }
+        if let Some(expected) = &expected
+            && empty
+        {
+            let missing: Vec<&String> = expected.iter().filter(|id| !seen.contains_key(*id)).collect();
+            assert!(missing.is_empty(), "never seen: {missing:?}");
+            let doubled: Vec<(&String, &usize)> = seen.iter().filter(|(_, n)| **n > 1).collect();
+            assert!(doubled.is_empty(), "seen twice: {doubled:?}");
+            assert_eq!(seen.len(), 201);
+            break;
+        }
+        assert!(Instant::now() < guard, "the calls never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_answer_without_a_body_has_its_record_when_the_client_sees_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    deploy(
+        &server,
+        tmp.path(),
+        "faults",
+        hearth_fixtures::FAULTS,
+        "public = true\n",
+    )
+    .await;
+    // 204 at once, but the guest runs 300 ms more: the answer waits for it.
+    let response = http()
+        .get(server.fn_url("faults", "/no-content?ms=300"))
+        .send()
+        .await
+        .expect("204");
+    assert_eq!(response.status(), 204);
+    let no_content = response.headers()["x-hearth-invocation-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    let (ids, _) = poll(&server, "0", "").await;
+    assert!(ids.contains(&no_content), "204: {ids:?}");
+    // A HEAD answer is its head: the body the guest sends later is not read.
+    let response = http()
+        .head(server.fn_url("faults", "/slow-body?ms=300"))
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(response.status(), 200);
+    let head = response.headers()["x-hearth-invocation-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    let (ids, _) = poll(&server, "0", "").await;
+    assert!(ids.contains(&head), "HEAD: {ids:?}");
+}
+
+#[tokio::test]
+async fn sigterm_under_load_loses_no_record() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, &[]);
+    deploy(&server, tmp.path(), "echo", hearth_fixtures::ECHO, "public = true\n").await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut clients = Vec::new();
+    for client in 0..8 {
+        let url = server.fn_url("echo", &format!("/client{client}"));
+        let (stop_rx, done_tx) = (stop_rx.clone(), done_tx.clone());
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut completed = Vec::new();
+            while !*stop_rx.borrow() {
+                let Ok(response) = http.post(&url).body("payload").send().await else {
+                    break;
+                };
+                let Some(id) = response.headers().get("x-hearth-invocation-id").cloned() else {
+                    continue;
+                };
+                if response.status() == 200 && response.bytes().await.is_ok() {
+                    completed.push(id.to_str().expect("ascii").to_owned());
+                    let _ = done_tx.send(());
+                }
+            }
+            completed
+        }));
+    }
+    // Stop once the load has run a while (counted, not timed).
+    for _ in 0..200 {
+        done_rx.recv().await.expect("clients running");
+    }
+    assert!(server.terminate(), "exited cleanly");
+    let _ = stop_tx.send(true);
+    let mut completed = Vec::new();
+    for client in clients {
+        completed.extend(client.await.expect("client"));
+    }
+    let server = Server::start(&data, &[]);
+    let export = usage_export(&server, "format=jsonl").await;
+    let recorded: HashMap<String, serde_json::Value> = export
+        .lines()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).expect("record");
+            (record["id"].as_str().expect("id").to_owned(), record)
+        })
+        .collect();
+    let missing: Vec<&String> = completed.iter().filter(|id| !recorded.contains_key(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} lost: {missing:?}",
+        missing.len(),
+        completed.len()
+    );
+    assert_eq!(recorded.len(), export.lines().count(), "no record doubled");
+}
