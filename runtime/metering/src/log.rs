@@ -1015,7 +1015,8 @@ fn wait_for_group(shared: &Shared, closing: bool) {
     let deadline = Instant::now() + window;
     loop {
         let now = Instant::now();
-        if now >= deadline || someone_waits() || shared.closed.load(Ordering::Acquire) {
+        // A strict waiter waits for its group: the window is what groups.
+        if now >= deadline || (!strict && someone_waits()) || shared.closed.load(Ordering::Acquire) {
             return;
         }
         if strict && shared.pending.load(Ordering::SeqCst) == 0 {
