@@ -315,8 +315,7 @@ pub(crate) async fn status(
                     }
                 })
                 .collect();
-            let key = hearth_scheduler::FunctionKey::new(&f.tenant, &f.name, f.version);
-            let pool = invoker.pools().function_stats(&key).unwrap_or_default();
+            let pool = invoker.pools().function_stats(&Invoker::key(f)).unwrap_or_default();
             FunctionStatus {
                 name: f.name.clone(),
                 version: f.version,

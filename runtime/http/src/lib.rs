@@ -31,7 +31,6 @@ use hearth_auth::{Action, Auth, Principal};
 use hearth_invoker::{Invoker, RenderFailure};
 use http::{HeaderMap, HeaderValue, header};
 
-pub use hearth_api::NEXT_CURSOR_HEADER;
 pub use problem::{ApiError, INVOCATION_ID_HEADER};
 
 /// Default largest deploy upload (manifest and component together): 256 MiB.

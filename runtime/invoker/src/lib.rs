@@ -206,9 +206,9 @@ impl Invoker {
         self.pools.retire(|key| key.is_version_of(tenant, function));
     }
 
-    /// The scheduler's key of `deployed` (for its pool's figures).
-    pub fn key(deployed: &Deployed) -> FunctionKey {
-        run::key(deployed)
+    /// The scheduler's key of a function version (for its pool's figures).
+    pub fn key(version: &hearth_store::FunctionVersion) -> FunctionKey {
+        FunctionKey::new(&version.tenant, &version.name, version.version)
     }
 
     /// Functions and versions.

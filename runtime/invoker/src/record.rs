@@ -265,8 +265,7 @@ impl Meter {
                     }
                 }
                 Ok(Some(Err(err))) => {
-                    let reason = err.into().to_string();
-                    return Err(self.refuse(Failure::Guest(InvokeError::GuestError(reason))).await);
+                    return Err(self.refuse(body_failed(err)).await);
                 }
                 Err(_) => break false,
             }
@@ -317,8 +316,7 @@ impl Meter {
         // Anything the guest writes is dropped, as hyper would drop it.
         while let Some(frame) = body.frame().await {
             if let Err(err) = frame {
-                let reason = err.into().to_string();
-                return Err(self.refuse(Failure::Guest(InvokeError::GuestError(reason))).await);
+                return Err(self.refuse(body_failed(err)).await);
             }
         }
         self.usage.status = head.status.as_u16();
@@ -487,6 +485,12 @@ enum BodyState {
     Streaming,
     Committing(Commit),
     Done,
+}
+
+/// The failure of a guest whose response body broke before the answer was
+/// sent.
+fn body_failed(err: impl Into<BoxError>) -> Failure {
+    Failure::Guest(InvokeError::GuestError(err.into().to_string()))
 }
 
 /// The `Content-Length` a response declares.

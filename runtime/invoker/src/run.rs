@@ -21,8 +21,7 @@ use crate::{Failure, Invoker, ResponseBody};
 
 /// The scheduler's key for the version `deployed` is.
 pub(crate) fn key(deployed: &Deployed) -> FunctionKey {
-    let v = &deployed.version;
-    FunctionKey::new(&v.tenant, &v.name, v.version)
+    Invoker::key(&deployed.version)
 }
 
 /// What the scheduler needs from a function's manifest.

@@ -209,7 +209,7 @@ async fn a_client_that_goes_away_leaves_one_record_and_its_instance_returns() {
     let pool = rig
         .invoker
         .pools()
-        .function_stats(&Invoker::key(&faults))
+        .function_stats(&Invoker::key(&faults.version))
         .expect("pool");
     assert_eq!((pool.idle, pool.busy), (1, 0), "the instance came back: {pool:?}");
     let (_, again) = rig.call(&faults, "/ok").await;
@@ -217,7 +217,7 @@ async fn a_client_that_goes_away_leaves_one_record_and_its_instance_returns() {
     let pool = rig
         .invoker
         .pools()
-        .function_stats(&Invoker::key(&faults))
+        .function_stats(&Invoker::key(&faults.version))
         .expect("pool");
     assert_eq!(pool.warm_starts, 1, "and served the next call: {pool:?}");
 }

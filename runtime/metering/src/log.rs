@@ -624,11 +624,6 @@ impl UsageLog {
         Pending(self.shared.clone())
     }
 
-    /// Invocations announced and not yet settled.
-    pub fn pending_count(&self) -> usize {
-        self.shared.pending.load(Ordering::SeqCst)
-    }
-
     /// Writes `record` to the journal with its commit sequence, which it
     /// returns. Costs one `write` under a short lock; once it returns, the
     /// record survives a crash of the process. In strict mode, follow with
@@ -745,7 +740,6 @@ impl UsageLog {
             .reader
             .clone()
             .ok_or_else(|| LogError::Database("this log has no query side".into()))?;
-        self.catch_up().await?;
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(PoisonError::into_inner);
             f(&conn).map_err(LogError::from)
@@ -756,9 +750,11 @@ impl UsageLog {
 
     /// Up to `limit` records matching `filter` with commit sequences after
     /// `after` and at most `upto`, in commit order: one page of an export.
-    /// Everything appended before the call is queryable first, so a consumer
-    /// that passes the last sequence it received as `after` gets every
-    /// record exactly once.
+    /// Without `upto`, everything appended before the call is made queryable
+    /// first; with it, the caller did so ([`UsageLog::catch_up`] returns the
+    /// `upto` to pass), once for all the pages of one export. A consumer that
+    /// passes the last sequence it received as `after` gets every record
+    /// exactly once.
     pub async fn page(
         &self,
         filter: &Filter,
@@ -766,6 +762,9 @@ impl UsageLog {
         upto: Option<u64>,
         limit: usize,
     ) -> Result<Vec<UsageRecord>, LogError> {
+        if upto.is_none() {
+            self.catch_up().await?;
+        }
         let filter = filter.clone();
         let (after, upto) = (sql_u64(after), upto.map(sql_u64));
         let limit = sql_u64(limit as u64);
@@ -799,6 +798,7 @@ impl UsageLog {
 
     /// Totals per tenant, function and UTC day.
     pub async fn summary(&self, filter: &Filter) -> Result<Vec<SummaryRow>, LogError> {
+        self.catch_up().await?;
         let filter = filter.clone();
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
