@@ -129,6 +129,29 @@ async fn async_invocations_run_and_their_results_survive_a_restart() {
     assert_eq!(long.response.expect("response").body.as_deref(), Some("slept\n"));
     let queued = wait_finished(&server, "slow", &queued.id).await;
     assert_eq!(queued.response.expect("response").body.as_deref(), Some("ok\n"));
+    // The second attempt is billed under an id of its own that names the
+    // invocation and the attempt (the first died with the server before
+    // its answer, unbilled).
+    let records: Vec<serde_json::Value> = usage_export(&server, "function=slow")
+        .await
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("record"))
+        .filter(|r: &serde_json::Value| r["invocation_id"] == long.id.as_str())
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["attempt"], 2);
+    assert_ne!(records[0]["id"], long.id.as_str());
+    let direct: Vec<serde_json::Value> = usage_export(&server, "function=echo")
+        .await
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("record"))
+        .collect();
+    assert!(
+        direct
+            .iter()
+            .all(|r| r["attempt"] == 1 && r["invocation_id"] != r["id"]),
+        "asynchronous attempts: {direct:?}"
+    );
 
     // The CLI: --async prints the id, --result --wait prints the body.
     let output = server

@@ -203,3 +203,61 @@ async fn sigterm_under_load_loses_no_record() {
     );
     assert_eq!(recorded.len(), export.lines().count(), "no record doubled");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billed_compute_adds_up_to_the_devices_busy_time() {
+    use hearth_fixtures::models::mlp_input;
+    const ROUNDS: usize = 4;
+    const AT_ONCE: usize = 16;
+    const ROWS: usize = 8;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A window far longer than the test: every batch closes when it has
+    // its 8 rows, so each round is exactly two runs of 8 calls.
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--batch-window-ms", "600000", "--batch-max-rows", "8"],
+    );
+    let scaling = format!("[scaling]\nmax_instances = {AT_ONCE}\n");
+    crate::inference::deploy_classify_with(&server, dir.path(), "classify", &scaling).await;
+    for round in 0..ROUNDS {
+        let calls: Vec<_> = (0..AT_ONCE)
+            .map(|n| {
+                let url = server.fn_url("classify", "/");
+                let input = mlp_input((round * AT_ONCE + n) as u64);
+                tokio::spawn(async move {
+                    let response = http()
+                        .post(url)
+                        .json(&serde_json::json!({ "input": input }))
+                        .send()
+                        .await
+                        .expect("classify");
+                    assert_eq!(response.status(), 200);
+                })
+            })
+            .collect();
+        for call in calls {
+            call.await.expect("call");
+        }
+    }
+    let status = server.client().status().await.expect("status");
+    let model = &status.models[0];
+    assert_eq!(
+        (model.runs, model.calls),
+        ((ROUNDS * AT_ONCE / ROWS) as u64, (ROUNDS * AT_ONCE) as u64),
+        "{status:?}"
+    );
+    let records: Vec<serde_json::Value> = usage_export(&server, "function=classify")
+        .await
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("record"))
+        .collect();
+    assert_eq!(records.len(), ROUNDS * AT_ONCE);
+    assert!(records.iter().all(|r| r["batched_with"] == ROWS as f64), "{records:?}");
+    let billed: f64 = records.iter().map(|r| r["compute_ms"].as_f64().expect("compute")).sum();
+    assert!(model.busy_ms > 0.0, "{status:?}");
+    assert!(
+        (billed - model.busy_ms).abs() <= model.busy_ms * 0.01,
+        "billed {billed} ms of compute, the device was busy {} ms",
+        model.busy_ms
+    );
+}

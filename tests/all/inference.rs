@@ -21,13 +21,18 @@ fn write_model(project_dir: &Path, bytes: &[u8]) {
 }
 
 pub(crate) async fn deploy_classify(server: &Server, root: &Path, name: &str) {
+    deploy_classify_with(server, root, name, "").await;
+}
+
+/// [`deploy_classify`] with more manifest lines (`extra`, before the model).
+pub(crate) async fn deploy_classify_with(server: &Server, root: &Path, name: &str, extra: &str) {
     write_model(&root.join(name), &mlp(MLP_SEED));
     deploy(
         server,
         root,
         name,
         hearth_fixtures::CLASSIFY,
-        &format!("public = true\n{MLP_MODEL}"),
+        &format!("public = true\n{extra}{MLP_MODEL}"),
     )
     .await;
 }

@@ -14,6 +14,8 @@ currency = "EUR"
 per_invocation = 0.001
 per_gb_second = 0.5
 per_cpu_second = 2.0
+[per_compute_second]
+cpu = 5.0
 [per_gpu_second]
 cuda = 3.0
 "#;
@@ -27,13 +29,9 @@ fn expected_cost_nanos(record: &Value) -> i64 {
     let billed_s = record["billed_ms"].as_f64().expect("billed") / 1e3;
     let gib = record["memory_peak_bytes"].as_f64().expect("memory") / (1u64 << 30) as f64;
     let cpu_s = record["guest_cpu_us"].as_f64().expect("cpu") / 1e6;
+    let compute_s = record["compute_ms"].as_f64().expect("compute") / 1e3;
     let gpu_s = record["gpu_ms"].as_f64().expect("gpu") / 1e3;
-    let gpu_price = if record["device"].as_str().is_some_and(|d| d.starts_with("cuda")) {
-        3.0
-    } else {
-        0.0
-    };
-    ((0.001 + 0.5 * gib * billed_s + 2.0 * cpu_s + gpu_price * gpu_s) * 1e9).round() as i64
+    ((0.001 + 0.5 * gib * billed_s + 2.0 * cpu_s + 5.0 * (compute_s - gpu_s) + 3.0 * gpu_s) * 1e9).round() as i64
 }
 
 fn cost_nanos(cost: &str) -> i64 {
@@ -138,6 +136,11 @@ async fn every_invocation_leaves_one_priced_record_and_exports_agree() {
         (Some("default"), Some("echo"), Some(1))
     );
     assert_eq!(r["cold_start"], true);
+    assert_eq!(
+        (&r["invocation_id"], r["attempt"].as_u64()),
+        (&r["id"], Some(1)),
+        "a synchronous call is its own invocation"
+    );
     assert_eq!(r["bytes_in"], 12);
     assert_eq!(r["bytes_out"].as_u64(), Some(echo_len));
     assert!(r["billed_ms"].as_u64().is_some_and(|ms| ms >= 1));
@@ -161,6 +164,10 @@ async fn every_invocation_leaves_one_priced_record_and_exports_agree() {
     );
     assert!(r["batched_with"].as_f64().is_some_and(|b| b >= 1.0));
     assert_eq!(r["gpu_ms"], 0.0, "CPU inference has no GPU time");
+    assert!(
+        r["compute_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "CPU inference is billed its compute: {r}"
+    );
 
     let r = record("trap");
     assert_eq!(

@@ -183,6 +183,10 @@ pub struct WarmModel {
     pub runs: u64,
     /// Compute calls served by those runs.
     pub calls: u64,
+    /// Time the device was busy with those runs, milliseconds (to the
+    /// nanosecond): the sum of the model compute billed for them.
+    #[serde(default)]
+    pub busy_ms: f64,
 }
 
 /// A function in [`Status`].
@@ -407,7 +411,10 @@ pub struct UsageSummary {
     pub billed_ms: u64,
     /// Guest CPU microseconds.
     pub guest_cpu_us: u64,
-    /// GPU milliseconds.
+    /// Model compute milliseconds, on every device.
+    #[serde(default)]
+    pub compute_ms: f64,
+    /// Of which on GPUs.
     pub gpu_ms: f64,
     /// Inference calls.
     pub inference_calls: u64,

@@ -148,17 +148,36 @@ impl NnHost {
 
 /// What an instance's `wasi:nn` calls used since the last
 /// [`NnCtx::take_usage`]: the inference part of a usage record.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InferenceUsage {
     /// Compute calls made.
     pub calls: u64,
     /// Sum over compute calls of the number of calls in their batch.
     pub batched_with: u64,
-    /// Device-measured time of these calls (this instance's share of each
-    /// batch); zero on devices that do not measure (CPU).
-    pub device_time: std::time::Duration,
-    /// Where the last compute call ran (`None` before any).
-    pub device: Option<DeviceId>,
+    /// Model compute billed to these calls: each call's share (by rows) of
+    /// its run's busy time, on every device.
+    pub compute: std::time::Duration,
+    /// The part of `compute` that ran on GPUs.
+    pub gpu: std::time::Duration,
+    /// The part of `compute` that ran on the caller's own thread, inside
+    /// its poll: also counted in the guest's CPU time, from which the
+    /// engine takes it out so it is billed once.
+    pub on_caller: std::time::Duration,
+    /// The devices the calls ran on, in order of first use (empty before
+    /// any).
+    pub devices: Vec<DeviceId>,
+}
+
+impl InferenceUsage {
+    /// The devices as a record names them: `cpu`, `cuda:0`, or several
+    /// joined with `+` (`cpu+cuda:0`); `cpu` when there was no inference.
+    pub fn device_label(&self) -> String {
+        if self.devices.is_empty() {
+            return DeviceId::Cpu.to_string();
+        }
+        let names: Vec<String> = self.devices.iter().map(DeviceId::to_string).collect();
+        names.join("+")
+    }
 }
 
 /// Per-instance `wasi:nn` state, made by [`NnHost::instance`].
@@ -422,10 +441,19 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
             Ok(batched) => batched,
             Err(err) => return self.fail(ErrorCode::RuntimeError, err.to_string()),
         };
-        self.usage.calls += 1;
-        self.usage.device = Some(loaded.device);
-        self.usage.batched_with += batched.calls as u64;
-        self.usage.device_time += batched.device_time.unwrap_or_default();
+        let usage = &mut self.usage;
+        usage.calls += 1;
+        usage.batched_with += batched.calls as u64;
+        usage.compute += batched.compute;
+        if matches!(loaded.device, DeviceId::Cuda(_)) {
+            usage.gpu += batched.compute;
+        }
+        if batched.on_caller {
+            usage.on_caller += batched.compute;
+        }
+        if !usage.devices.contains(&loaded.device) {
+            usage.devices.push(loaded.device);
+        }
         let mut outputs = Vec::with_capacity(batched.outputs.len());
         for (spec, tensor) in loaded.model.outputs().iter().zip(&batched.outputs) {
             let handle = match from_model_tensor(tensor) {
@@ -546,7 +574,10 @@ mod tests {
         assert!((probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         let usage = ctx.take_usage();
         assert_eq!((usage.calls, usage.batched_with), (1, 1));
-        assert_eq!(usage.device, Some(DeviceId::Cpu));
+        assert_eq!(usage.devices, [DeviceId::Cpu]);
+        assert_eq!(usage.device_label(), "cpu");
+        assert!(!usage.compute.is_zero(), "a CPU run is billed its compute");
+        assert!(usage.gpu.is_zero());
         // Taken means counted once: a reused instance's next call starts at zero.
         assert_eq!(ctx.take_usage(), InferenceUsage::default());
     }

@@ -46,9 +46,13 @@ pub struct Batched {
     pub outputs: Vec<Tensor>,
     /// Calls joined into the run (1 when not batched).
     pub calls: usize,
-    /// This call's share (by rows) of the time the device itself was busy
-    /// with the run, when the device can tell (GPUs).
-    pub device_time: Option<Duration>,
+    /// This call's share (by rows) of the time the device was busy with the
+    /// run (see [`PreparedModel::run_timed`]): what the call is billed for.
+    pub compute: Duration,
+    /// Whether the run happened on the caller's own thread, inside its poll
+    /// (a short run of a model that is not batched): its time is then also in
+    /// the caller's CPU time, and must not be billed twice.
+    pub on_caller: bool,
 }
 
 struct Job {
@@ -74,8 +78,9 @@ pub struct BatchStats {
     pub calls: AtomicU64,
     /// Recent run time in nanoseconds (moving average; 0 before the first).
     pub mean_run_ns: AtomicU64,
-    /// Device-measured busy time of all runs, in nanoseconds (GPUs).
-    pub device_ns: AtomicU64,
+    /// Busy time of all runs, in nanoseconds, as [`PreparedModel::run_timed`]
+    /// measures it: the sum of what the runs' calls are billed.
+    pub busy_ns: AtomicU64,
 }
 
 /// Runs shorter than this (on average) run on the calling thread: a hop to
@@ -84,17 +89,18 @@ pub struct BatchStats {
 /// stalls.
 const INLINE_RUN_BELOW: Duration = Duration::from_micros(100);
 
-/// Runs `f` (a model run) inline when runs of this model are known to be
-/// short and this one needs no planning (`planned`), else on the blocking
-/// pool; records its time.
+/// Runs `f` (a model run, returning its busy time) inline when runs of this
+/// model are known to be short and this one needs no planning (`planned`),
+/// else on the blocking pool; records its time. Says whether it ran inline.
 async fn run_on_device<T: Send + 'static>(
     stats: &BatchStats,
     planned: bool,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
+    f: impl FnOnce() -> Result<(T, Duration)> + Send + 'static,
+) -> Result<(T, Duration, bool)> {
     let mean = stats.mean_run_ns.load(Ordering::Relaxed);
     let started = std::time::Instant::now();
-    let result = if planned && mean != 0 && mean < INLINE_RUN_BELOW.as_nanos() as u64 {
+    let inline = planned && mean != 0 && mean < INLINE_RUN_BELOW.as_nanos() as u64;
+    let result = if inline {
         f()
     } else {
         tokio::task::spawn_blocking(f)
@@ -104,7 +110,14 @@ async fn run_on_device<T: Send + 'static>(
     let took = started.elapsed().as_nanos() as u64;
     let updated = if mean == 0 { took } else { (mean * 7 + took) / 8 };
     stats.mean_run_ns.store(updated.max(1), Ordering::Relaxed);
-    result
+    let (value, busy) = result?;
+    stats.runs.fetch_add(1, Ordering::Relaxed);
+    stats.busy_ns.fetch_add(nanos(busy), Ordering::Relaxed);
+    Ok((value, busy, inline))
+}
+
+fn nanos(time: Duration) -> u64 {
+    u64::try_from(time.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Batcher {
@@ -126,14 +139,14 @@ impl Batcher {
         let Some(queue) = &self.queue else {
             let model = self.model.clone();
             let planned = model.is_planned(&inputs);
-            let (outputs, device_time) = run_on_device(&self.stats, planned, move || model.run_timed(inputs)).await?;
-            self.stats.runs.fetch_add(1, Ordering::Relaxed);
+            let (outputs, compute, on_caller) =
+                run_on_device(&self.stats, planned, move || model.run_timed(inputs)).await?;
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
-            record_device_time(&self.stats, device_time);
             return Ok(Batched {
                 outputs,
                 calls: 1,
-                device_time,
+                compute,
+                on_caller,
             });
         };
         let rows = inputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(1);
@@ -149,15 +162,10 @@ impl Batcher {
         &self.stats
     }
 
-    /// Time the device spent on this model's runs, in nanoseconds: measured
-    /// where the device can tell (GPUs), else runs × the mean run time.
+    /// Time the device spent on this model's runs, in nanoseconds (see
+    /// [`PreparedModel::run_timed`]).
     pub fn busy_ns(&self) -> u64 {
-        let measured = self.stats.device_ns.load(Ordering::Relaxed);
-        if measured > 0 {
-            return measured;
-        }
-        let runs = self.stats.runs.load(Ordering::Relaxed);
-        runs.saturating_mul(self.stats.mean_run_ns.load(Ordering::Relaxed))
+        self.stats.busy_ns.load(Ordering::Relaxed)
     }
 }
 
@@ -197,20 +205,18 @@ async fn worker(
         let row_counts: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
         // Batchable models have one plan for every batch size.
         let result = run_on_device(&stats, true, move || run_joined(&model, inputs, &row_counts)).await;
-        stats.runs.fetch_add(1, Ordering::Relaxed);
         stats.calls.fetch_add(jobs.len() as u64, Ordering::Relaxed);
         let calls = jobs.len();
-        let total_rows: usize = jobs.iter().map(|j| j.rows).sum();
         match result {
-            Ok((per_job, device_time)) => {
-                record_device_time(&stats, device_time);
-                for (job, outputs) in jobs.into_iter().zip(per_job) {
-                    // The device's time is shared by rows: what each call is billed.
-                    let share = device_time.map(|t| t.mul_f64(job.rows as f64 / total_rows.max(1) as f64));
+            // Inline here is on the batcher's task, never a caller's.
+            Ok((per_job, busy, _inline)) => {
+                let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
+                for ((job, outputs), compute) in jobs.into_iter().zip(per_job).zip(shares(busy, &rows)) {
                     let _ = job.reply.send(Ok(Batched {
                         outputs,
                         calls,
-                        device_time: share,
+                        compute,
+                        on_caller: false,
                     }));
                 }
             }
@@ -223,14 +229,29 @@ async fn worker(
     }
 }
 
-fn record_device_time(stats: &BatchStats, time: Option<Duration>) {
-    if let Some(time) = time {
-        stats.device_ns.fetch_add(time.as_nanos() as u64, Ordering::Relaxed);
+/// A run's busy time shared among its calls by rows, to the nanosecond: the
+/// shares add up to `busy` exactly (the remainder of the division goes to
+/// the first calls), so billed compute sums to the device's busy time.
+fn shares(busy: Duration, rows: &[usize]) -> Vec<Duration> {
+    let total = nanos(busy);
+    let all_rows = rows.iter().map(|&r| r as u128).sum::<u128>().max(1);
+    let mut shares: Vec<u64> = rows
+        .iter()
+        .map(|&r| (u128::from(total) * r as u128 / all_rows) as u64)
+        .collect();
+    let mut left = total - shares.iter().sum::<u64>();
+    for share in shares.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        *share += 1;
+        left -= 1;
     }
+    shares.into_iter().map(Duration::from_nanos).collect()
 }
 
 /// Per-call outputs of a joined run, and the device's time for the run.
-type JoinedOutputs = (Vec<Vec<Tensor>>, Option<Duration>);
+type JoinedOutputs = (Vec<Vec<Tensor>>, Duration);
 
 /// Concatenates each input along axis 0, runs once, and splits every output
 /// back into the callers' row ranges.
@@ -292,9 +313,12 @@ mod tests {
             tokio::spawn(async move { (n, batcher.run(input(n)).await.expect("run")) })
         });
         let calls: Vec<_> = calls.collect();
+        let mut billed = Vec::new();
         for call in calls {
             let (n, batched) = call.await.expect("join");
             assert_eq!(batched.calls, 32);
+            assert!(!batched.on_caller, "a batch runs on the batcher's task");
+            billed.push(batched.compute);
             let expected = model.run(input(n)).expect("direct");
             assert_eq!(batched.outputs[0].shape(), expected[0].shape());
             let (got, want) = (values(&batched.outputs[0]), values(&expected[0]));
@@ -304,6 +328,23 @@ mod tests {
         }
         assert_eq!(batcher.stats().runs.load(Ordering::Relaxed), 1);
         assert_eq!(batcher.stats().calls.load(Ordering::Relaxed), 32);
+        assert_eq!(
+            billed.iter().sum::<Duration>(),
+            Duration::from_nanos(batcher.busy_ns()),
+            "the calls' shares add up to the run's busy time"
+        );
+        assert!(billed.iter().all(|share| !share.is_zero()), "{billed:?}");
+    }
+
+    #[test]
+    fn shares_follow_rows_and_add_up_exactly() {
+        let shares = shares(Duration::from_nanos(10), &[1, 1, 1]);
+        assert_eq!(shares.iter().map(Duration::as_nanos).collect::<Vec<_>>(), vec![4, 3, 3]);
+        let shares = super::shares(Duration::from_nanos(1_000), &[3, 1]);
+        assert_eq!(
+            shares.iter().map(Duration::as_nanos).collect::<Vec<_>>(),
+            vec![750, 250]
+        );
     }
 
     #[tokio::test]

@@ -176,14 +176,20 @@ impl PreparedModel {
         self
     }
 
-    /// Runs the model once, and says how long the device itself was busy
-    /// when it can tell (GPUs, with events). Blocking.
-    pub fn run_timed(&self, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, Option<std::time::Duration>)> {
-        let Some(timer) = self.timer else {
-            return Ok((self.run(inputs)?, None));
+    /// Runs the model once, and says how long the device was busy with it:
+    /// measured by the device where it can tell (GPUs, with events), else
+    /// the run's own time on the thread that ran it (CPU). This is the
+    /// compute an invocation is billed for. Blocking.
+    pub fn run_timed(&self, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, std::time::Duration)> {
+        let started = std::time::Instant::now();
+        let (outputs, measured) = match self.timer {
+            Some(timer) => {
+                let mut inputs = Some(inputs);
+                timer(&mut || self.run(inputs.take().unwrap_or_default()))?
+            }
+            None => (self.run(inputs)?, None),
         };
-        let mut inputs = Some(inputs);
-        timer(&mut || self.run(inputs.take().unwrap_or_default()))
+        Ok((outputs, measured.unwrap_or_else(|| started.elapsed())))
     }
 
     /// Runs the model once. Blocking: call from a blocking thread.

@@ -119,11 +119,12 @@ pub struct Finished {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
     /// CPU time of the guest's task: guest code and the host calls it made
-    /// on its thread (inference that ran in the batcher is not included).
+    /// on its thread. Model compute is not in it (it is billed as
+    /// `inference.compute`, wherever it ran).
     pub cpu_time: Duration,
     /// Largest linear memory the instance has had, in bytes.
     pub memory_peak_bytes: u64,
-    /// Its `wasi:nn` calls: how many, batched with how many, device time.
+    /// Its `wasi:nn` calls: how many, batched with how many, model compute.
     pub inference: hearth_bridge::InferenceUsage,
 }
 
@@ -249,10 +250,11 @@ impl Engine {
             log_guest_output(&label, store.data());
             let _ = outcome_tx.send(outcome.clone());
             let state = store.data_mut();
+            let inference = state.nn.take_usage();
             let report = Report {
-                cpu_time,
+                cpu_time: cpu_time.saturating_sub(inference.on_caller),
                 memory_peak_bytes: state.limiter.peak as u64,
-                inference: state.nn.take_usage(),
+                inference,
             };
             done(Finished {
                 instance: proxy.map(|proxy| Instance { store, proxy }),

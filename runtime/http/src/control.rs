@@ -283,6 +283,7 @@ pub(crate) async fn status(
             users: u64::try_from(m.users).unwrap_or(u64::MAX),
             runs: m.runs,
             calls: m.calls,
+            busy_ms: m.busy_ns as f64 / 1e6,
         })
         .collect();
     let cpu = DeviceStatus {

@@ -172,6 +172,7 @@ pub(crate) async fn summary(
             cold_starts: row.cold_starts,
             billed_ms: row.billed_ms,
             guest_cpu_us: row.guest_cpu_us,
+            compute_ms: row.compute_ms,
             gpu_ms: row.gpu_ms,
             inference_calls: row.inference_calls,
             bytes_in: row.bytes_in,

@@ -16,7 +16,6 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::record::{Meter, now_us};
-use crate::run::Refusals;
 use crate::{BASE_PATH_HEADER, Failure, Invoker};
 
 /// Default number of asynchronous invocations running at once.
@@ -107,9 +106,10 @@ impl Invoker {
         })
     }
 
-    /// Runs one invocation; `None` when it was refused for now (it stays
-    /// queued and runs later under the same id), else its final state and
-    /// stored response.
+    /// Runs one attempt of an invocation; `None` when it was refused for
+    /// now (the refusal is recorded, at no cost, and the invocation stays
+    /// queued for its next attempt), else its final state and stored
+    /// response.
     async fn run_async(&self, invocation: &AsyncInvocation, render: &RenderFailure) -> RunResult {
         let id = Uuid::parse_str(&invocation.id).ok();
         let failed = |failure: Failure| Some((AsyncState::Failed, Some(stored(render(failure, id)))));
@@ -123,12 +123,13 @@ impl Invoker {
             Err(err) => return failed(err),
         };
         let deadline = tokio::time::Instant::now() + self.config.queue_timeout;
-        let mut meter = Meter::new(self, &invocation.id, now_us(), &deployed);
+        // Each attempt is billed under an id of its own, naming the
+        // invocation and the attempt: a retry never collides with the
+        // record of an earlier one.
+        let mut meter = Meter::new(self, &Uuid::now_v7().to_string(), now_us(), &deployed);
+        meter.attempt_of(&invocation.id, invocation.attempts);
         meter.set_bytes_in(invocation.request.body.len() as u64);
-        match self
-            .run(&deployed, Qos::Batch, deadline, meter, Refusals::Retry, request)
-            .await
-        {
+        match self.run(&deployed, Qos::Batch, deadline, meter, request).await {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
                 match collect(body).await {

@@ -182,8 +182,7 @@ impl Invoker {
         meter.count_body(counted);
         let request = hyper::Request::from_parts(parts, body);
         let deadline = tokio::time::Instant::now() + self.config.queue_timeout;
-        self.run(deployed, class, deadline, meter, run::Refusals::Record, request)
-            .await
+        self.run(deployed, class, deadline, meter, request).await
     }
 
     /// After a deploy: the versions `deployed` replaces are retired (their

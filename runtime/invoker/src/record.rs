@@ -77,6 +77,8 @@ impl Meter {
             prices: invoker.prices.clone(),
             usage: Usage {
                 id: id.to_owned(),
+                invocation_id: None,
+                attempt: 1,
                 tenant: deployed.version.tenant.clone(),
                 function: deployed.version.name.clone(),
                 version: deployed.version.version,
@@ -89,7 +91,8 @@ impl Meter {
                 memory_peak_bytes: 0,
                 guest_cpu_us: 0,
                 device: "cpu".into(),
-                gpu_us: 0,
+                compute_ns: 0,
+                gpu_ns: 0,
                 inference_calls: 0,
                 batched_calls: 0,
                 bytes_in: 0,
@@ -112,9 +115,15 @@ impl Meter {
         self.report = Some(report);
     }
 
-    /// Drops the record unwritten: the invocation did not happen as far as
-    /// billing goes (an asynchronous run refused for now, to be retried under
-    /// the same id; or the usage log is down and the request is refused).
+    /// Makes the record that of attempt `attempt` (from 1) of asynchronous
+    /// invocation `invocation_id`.
+    pub(crate) fn attempt_of(&mut self, invocation_id: &str, attempt: u32) {
+        self.usage.invocation_id = Some(invocation_id.to_owned());
+        self.usage.attempt = attempt.max(1);
+    }
+
+    /// Drops the record unwritten: the usage log is down, so the request is
+    /// refused and nothing ran.
     pub(crate) fn discard(mut self) {
         self.open = false;
         self.log = None;
@@ -153,10 +162,9 @@ impl Meter {
         u.memory_peak_bytes = report.memory_peak_bytes;
         u.inference_calls = report.inference.calls;
         u.batched_calls = report.inference.batched_with;
-        u.gpu_us = u64::try_from(report.inference.device_time.as_micros()).unwrap_or(u64::MAX);
-        if let Some(device) = report.inference.device {
-            u.device = device.to_string();
-        }
+        u.compute_ns = u64::try_from(report.inference.compute.as_nanos()).unwrap_or(u64::MAX);
+        u.gpu_ns = u64::try_from(report.inference.gpu.as_nanos()).unwrap_or(u64::MAX);
+        u.device = report.inference.device_label();
     }
 
     /// Waits for the guest's report (if it ran) and applies it; `failed`
@@ -373,8 +381,8 @@ impl Meter {
             queue: std::time::Duration::from_micros(u.queue_us),
             cold_start: u.cold_start,
             batch_size,
-            gpu: std::time::Duration::from_micros(u.gpu_us),
-            device: &u.device,
+            compute: std::time::Duration::from_nanos(u.compute_ns),
+            gpu: std::time::Duration::from_nanos(u.gpu_ns),
         });
         tracing::info!(
             target: "hearth::request",

@@ -48,42 +48,18 @@ fn label(deployed: &Deployed) -> String {
     format!("{}/{}@{}", v.tenant, v.name, v.version)
 }
 
-/// Whether a refused run is recorded now or left for a later attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusals {
-    /// Record it: the caller gets the refusal (the synchronous route).
-    Record,
-    /// Drop the record: the run is retried later under the same id (an
-    /// asynchronous invocation).
-    Retry,
-}
-
-impl Refusals {
-    /// Ends `meter`'s invocation, refused with `failure`.
-    async fn end(self, meter: Meter, failure: Failure) -> Failure {
-        match self {
-            Refusals::Record => meter.refuse(failure).await,
-            Refusals::Retry => {
-                meter.discard();
-                failure
-            }
-        }
-    }
-}
-
 impl Invoker {
     /// Runs `request` on `deployed` at `class`, waiting in the function's
     /// queue until `deadline` at the latest. Returns once the guest sends the
     /// head of its response; the body's end commits the usage record `meter`
-    /// holds. Every other ending commits the record before returning the
-    /// failure, except a refusal under [`Refusals::Retry`].
+    /// holds. Every other ending, refusals included, commits the record
+    /// before returning the failure.
     pub(crate) async fn run<B>(
         &self,
         deployed: &Deployed,
         class: Qos,
         deadline: Instant,
         mut meter: Meter,
-        refusals: Refusals,
         request: hyper::Request<B>,
     ) -> Result<http::Response<ResponseBody>, Failure>
     where
@@ -98,7 +74,7 @@ impl Invoker {
         }
         let permit = match self.tenants.admit(&deployed.version.tenant) {
             Ok(permit) => permit,
-            Err(rejection) => return Err(refusals.end(meter, rejection.into()).await),
+            Err(rejection) => return Err(meter.refuse(rejection.into()).await),
         };
         let (key, spec) = (key(deployed), spec(deployed));
         let queued = self
@@ -107,7 +83,7 @@ impl Invoker {
             .instrument(tracing::info_span!("queue", class = class.as_str()));
         let mut lease = match queued.await {
             Ok(lease) => lease,
-            Err(rejection) => return Err(refusals.end(meter, rejection.into()).await),
+            Err(rejection) => return Err(meter.refuse(rejection.into()).await),
         };
         meter.admitted(lease.queued(), lease.is_cold());
         let prepared;

@@ -2,6 +2,7 @@
 //! `functions/` by `hearth-fixtures`) on a real engine, and a usage log whose
 //! sink reports every record it commits.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -277,7 +278,8 @@ async fn the_async_runner_retries_a_refused_run_later() {
         response: None,
     };
     rig.invoker.submit(submitted).await.expect("submit");
-    // Refused while the instance is busy: it stays queued, unrecorded.
+    // Refused while the instance is busy: it stays queued for its next
+    // attempt.
     let store = rig.invoker.store().clone();
     loop {
         let now = store.async_invocation("t", &id).await.expect("store").expect("stored");
@@ -286,18 +288,21 @@ async fn the_async_runner_retries_a_refused_run_later() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(rig.records_of(Uuid::parse_str(&id).expect("uuid")).is_empty());
-    // The busy call ends; the next attempt runs.
+    // The busy call ends; a later attempt runs.
     busy.into_body().collect().await.expect("body");
-    let (first, second) = (rig.next_record().await, rig.next_record().await);
-    let (busy_record, record) = if first.usage.id == id {
-        (second, first)
-    } else {
-        (first, second)
-    };
-    assert_eq!(busy_record.usage.id, busy_id.to_string());
-    assert_eq!(record.usage.id, id);
-    assert_eq!((record.usage.status, record.usage.outcome), (200, Outcome::Ok));
+    let mut attempts = Vec::new();
+    loop {
+        let record = rig.next_record().await;
+        if record.usage.invocation_id.as_deref() != Some(id.as_str()) {
+            assert_eq!(record.usage.id, busy_id.to_string());
+            continue;
+        }
+        let ran = record.usage.outcome == Outcome::Ok;
+        attempts.push(record);
+        if ran {
+            break;
+        }
+    }
     let finished = loop {
         let now = store.async_invocation("t", &id).await.expect("store").expect("stored");
         if now.state == AsyncState::Succeeded {
@@ -305,11 +310,22 @@ async fn the_async_runner_retries_a_refused_run_later() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    assert!(finished.attempts >= 2, "{finished:?}");
     assert_eq!(finished.response.expect("stored").body, b"ok\n");
-    assert_eq!(
-        rig.records_of(Uuid::parse_str(&id).expect("uuid")).len(),
-        1,
-        "one record for its one run"
-    );
+    // Every attempt has a record of its own: the refused ones at no cost,
+    // numbered in order, none under the invocation's own id.
+    let (ran, refused) = attempts.split_last().expect("records");
+    assert!(!refused.is_empty(), "the first attempt was refused");
+    for record in refused {
+        assert_eq!(
+            (record.usage.outcome, record.cost_nanos),
+            (Outcome::Rejected, 0),
+            "{record:?}"
+        );
+    }
+    assert_eq!(ran.usage.status, 200);
+    let numbers: Vec<u32> = attempts.iter().map(|r| r.usage.attempt).collect();
+    assert_eq!(numbers, (1..=finished.attempts).collect::<Vec<_>>());
+    let ids: HashSet<&str> = attempts.iter().map(|r| r.usage.id.as_str()).collect();
+    assert_eq!(ids.len(), attempts.len(), "one id per attempt");
+    assert!(!ids.contains(id.as_str()), "the invocation's id is not a record's");
 }

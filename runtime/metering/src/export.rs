@@ -102,8 +102,10 @@ impl Encoder {
 }
 
 /// CSV header, in [`RecordView`]'s field order.
-pub const CSV_COLUMNS: [&str; 23] = [
+pub const CSV_COLUMNS: [&str; 26] = [
     "id",
+    "invocation_id",
+    "attempt",
     "tenant",
     "function",
     "version",
@@ -118,6 +120,7 @@ pub const CSV_COLUMNS: [&str; 23] = [
     "memory_peak_bytes",
     "guest_cpu_us",
     "device",
+    "compute_ms",
     "gpu_ms",
     "inference_calls",
     "batched_with",

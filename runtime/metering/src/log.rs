@@ -309,8 +309,29 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
     cost_nanos INTEGER NOT NULL,
     currency TEXT NOT NULL,
     price_version TEXT NOT NULL,
-    seq INTEGER
+    seq INTEGER,
+    compute_ns INTEGER NOT NULL DEFAULT 0,
+    gpu_ns INTEGER NOT NULL DEFAULT 0,
+    invocation_id TEXT,
+    attempt INTEGER NOT NULL DEFAULT 1
 ) WITHOUT ROWID;";
+
+/// Columns added after the first schema, with how to fill them in for the
+/// records already there: model compute (until then only GPU time was
+/// recorded, in microseconds, as `gpu_us`, which is still written) and
+/// asynchronous attempts.
+const ADDED_COLUMNS: [(&str, &str); 4] = [
+    (
+        "compute_ns INTEGER NOT NULL DEFAULT 0",
+        "UPDATE usage SET compute_ns = gpu_us * 1000",
+    ),
+    (
+        "gpu_ns INTEGER NOT NULL DEFAULT 0",
+        "UPDATE usage SET gpu_ns = gpu_us * 1000",
+    ),
+    ("invocation_id TEXT", ""),
+    ("attempt INTEGER NOT NULL DEFAULT 1", ""),
+];
 
 /// Numbers the records of a table made before commit sequences, in id
 /// order, once; then indexes `seq`.
@@ -318,7 +339,7 @@ const SEQ_MIGRATION: &str = "CREATE UNIQUE INDEX IF NOT EXISTS usage_seq ON usag
 
 const COLUMNS: &str = "id, tenant, function, version, started_at_us, ended_at_us, status, outcome, cold_start, \
      queue_us, memory_peak_bytes, guest_cpu_us, device, gpu_us, inference_calls, batched_calls, bytes_in, bytes_out, \
-     billed_ms, cost_nanos, currency, price_version, seq";
+     billed_ms, cost_nanos, currency, price_version, seq, compute_ns, gpu_ns, invocation_id, attempt";
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
@@ -329,7 +350,24 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)?;
     migrate_seq(&conn)?;
+    add_columns(&conn)?;
     Ok(conn)
+}
+
+/// Gives a table made by an earlier Hearth the [`ADDED_COLUMNS`] it lacks.
+fn add_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for (column, fill) in ADDED_COLUMNS {
+        let name = column.split(' ').next().unwrap_or_default();
+        let present = conn
+            .prepare("SELECT 1 FROM pragma_table_info('usage') WHERE name = ?1")?
+            .exists([name])?;
+        if !present {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(&format!("ALTER TABLE usage ADD COLUMN {column}; {fill};"))?;
+            tx.commit()?;
+        }
+    }
+    Ok(())
 }
 
 /// Gives a table made before commit sequences its `seq` column, numbering
@@ -368,6 +406,8 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
     Ok(UsageRecord {
         usage: Usage {
             id: row.get(0)?,
+            invocation_id: row.get(25)?,
+            attempt: row.get(26)?,
             tenant: row.get(1)?,
             function: row.get(2)?,
             version: row.get(3)?,
@@ -380,7 +420,8 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
             memory_peak_bytes: row_u64(row, 10)?,
             guest_cpu_us: row_u64(row, 11)?,
             device: row.get(12)?,
-            gpu_us: row_u64(row, 13)?,
+            compute_ns: row_u64(row, 23)?,
+            gpu_ns: row_u64(row, 24)?,
             inference_calls: row_u64(row, 14)?,
             batched_calls: row_u64(row, 15)?,
             bytes_in: row_u64(row, 16)?,
@@ -410,7 +451,8 @@ impl Sink for SqliteSink {
             let mut insert = tx
                 .prepare_cached(&format!(
                     "INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, \
+                     ?24, ?25, ?26, ?27)"
                 ))
                 .map_err(|e| e.to_string())?;
             for r in batch {
@@ -430,7 +472,7 @@ impl Sink for SqliteSink {
                         sql_u64(u.memory_peak_bytes),
                         sql_u64(u.guest_cpu_us),
                         u.device,
-                        sql_u64(u.gpu_us),
+                        sql_u64(u.gpu_ns / 1000),
                         sql_u64(u.inference_calls),
                         sql_u64(u.batched_calls),
                         sql_u64(u.bytes_in),
@@ -440,6 +482,10 @@ impl Sink for SqliteSink {
                         r.currency,
                         r.price_version,
                         sql_u64(r.seq),
+                        sql_u64(u.compute_ns),
+                        sql_u64(u.gpu_ns),
+                        u.invocation_id,
+                        u.attempt,
                     ])
                     .map_err(|e| e.to_string())?;
             }
@@ -516,6 +562,9 @@ pub struct SummaryRow {
     pub cold_starts: u64,
     pub billed_ms: u64,
     pub guest_cpu_us: u64,
+    /// Model compute on every device, milliseconds.
+    pub compute_ms: f64,
+    /// Of which on GPUs.
     pub gpu_ms: f64,
     pub inference_calls: u64,
     pub bytes_in: u64,
@@ -804,8 +853,8 @@ impl UsageLog {
             let mut stmt = conn.prepare_cached(
                 "SELECT tenant, function, strftime('%Y-%m-%d', started_at_us / 1000000, 'unixepoch') AS day,
                         count(*), sum(outcome NOT IN ('rejected', 'bad_request')), sum(outcome = 'rejected'),
-                        sum(cold_start), sum(billed_ms), sum(guest_cpu_us), sum(gpu_us), sum(inference_calls),
-                        sum(bytes_in), sum(bytes_out), sum(cost_nanos), max(currency)
+                        sum(cold_start), sum(billed_ms), sum(guest_cpu_us), sum(gpu_ns), sum(inference_calls),
+                        sum(bytes_in), sum(bytes_out), sum(cost_nanos), max(currency), sum(compute_ns)
                  FROM usage
                  WHERE id >= ?5 AND id < ?6 AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR function = ?2)
                    AND (?3 IS NULL OR started_at_us >= ?3) AND (?4 IS NULL OR started_at_us < ?4)
@@ -832,7 +881,8 @@ impl UsageLog {
                         cold_starts: row_u64(row, 6)?,
                         billed_ms: row_u64(row, 7)?,
                         guest_cpu_us: row_u64(row, 8)?,
-                        gpu_ms: row_u64(row, 9)? as f64 / 1000.0,
+                        compute_ms: row_u64(row, 15)? as f64 / 1e6,
+                        gpu_ms: row_u64(row, 9)? as f64 / 1e6,
                         inference_calls: row_u64(row, 10)?,
                         bytes_in: row_u64(row, 11)?,
                         bytes_out: row_u64(row, 12)?,

@@ -15,9 +15,13 @@ use crate::record::{Usage, UsageRecord};
 /// per_invocation = 0.0000002
 /// per_gb_second = 0.0000166667   # of peak linear memory, per billed second
 /// per_cpu_second = 0.00001       # of guest CPU time
-/// [per_gpu_second]               # of measured GPU time, by device kind
+/// [per_compute_second]           # of model compute, by device kind
+/// cpu = 0.00001
 /// cuda = 0.0004
 /// ```
+///
+/// `[per_gpu_second]`, the older name of the table's GPU prices, is still
+/// read: its kinds count where `[per_compute_second]` does not name them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceTable {
@@ -35,8 +39,11 @@ pub struct PriceTable {
     /// Per second of guest CPU.
     #[serde(default)]
     pub per_cpu_second: f64,
-    /// Per second of GPU time, by device kind (`cuda`).
+    /// Per second of model compute, by device kind (`cpu`, `cuda`).
     #[serde(default)]
+    pub per_compute_second: BTreeMap<String, f64>,
+    /// The older name for GPU kinds of `per_compute_second`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub per_gpu_second: BTreeMap<String, f64>,
 }
 
@@ -68,7 +75,8 @@ impl Default for PriceTable {
             per_invocation: 0.000_000_2,
             per_gb_second: 0.000_016_666_7,
             per_cpu_second: 0.000_01,
-            per_gpu_second: BTreeMap::from([("cuda".to_owned(), 0.000_4)]),
+            per_compute_second: BTreeMap::from([("cpu".to_owned(), 0.000_01), ("cuda".to_owned(), 0.000_4)]),
+            per_gpu_second: BTreeMap::new(),
         }
     }
 }
@@ -76,7 +84,10 @@ impl Default for PriceTable {
 impl PriceTable {
     /// Parses and checks a table.
     pub fn from_toml(text: &str) -> Result<PriceTable, PriceError> {
-        let table: PriceTable = toml::from_str(text).map_err(|e| PriceError::Syntax(e.to_string()))?;
+        let mut table: PriceTable = toml::from_str(text).map_err(|e| PriceError::Syntax(e.to_string()))?;
+        for (kind, price) in std::mem::take(&mut table.per_gpu_second) {
+            table.per_compute_second.entry(kind).or_insert(price);
+        }
         let mut prices = vec![
             ("per_invocation".to_owned(), table.per_invocation),
             ("per_gb_second".to_owned(), table.per_gb_second),
@@ -84,9 +95,9 @@ impl PriceTable {
         ];
         prices.extend(
             table
-                .per_gpu_second
+                .per_compute_second
                 .iter()
-                .map(|(kind, price)| (format!("per_gpu_second.{kind}"), *price)),
+                .map(|(kind, price)| (format!("per_compute_second.{kind}"), *price)),
         );
         if let Some((key, _)) = prices.into_iter().find(|(_, p)| !p.is_finite() || *p < 0.0) {
             return Err(PriceError::Invalid { key });
@@ -102,12 +113,12 @@ impl PriceTable {
         let cost = if usage.outcome.ran() {
             let billed_s = usage.billed_ms() as f64 / 1e3;
             let gib = usage.memory_peak_bytes as f64 / (1u64 << 30) as f64;
-            let kind = usage.device.split(':').next().unwrap_or_default();
-            let gpu = self.per_gpu_second.get(kind).copied().unwrap_or(0.0);
+            let compute = |kind: &str| self.per_compute_second.get(kind).copied().unwrap_or(0.0);
             self.per_invocation
                 + self.per_gb_second * gib * billed_s
                 + self.per_cpu_second * usage.guest_cpu_us as f64 / 1e6
-                + gpu * usage.gpu_us as f64 / 1e6
+                + compute("cpu") * usage.cpu_compute_ns() as f64 / 1e9
+                + compute("cuda") * usage.gpu_ns as f64 / 1e9
         } else {
             0.0
         };
@@ -135,6 +146,8 @@ mod tests {
             per_invocation = 0.001
             per_gb_second = 1.0
             per_cpu_second = 0.5
+            [per_compute_second]
+            cpu = 4.0
             [per_gpu_second]
             cuda = 2.0
             "#,
@@ -144,11 +157,12 @@ mod tests {
         usage.ended_at_us = usage.started_at_us + 500_000; // 500 ms
         usage.memory_peak_bytes = 1 << 29; // 0.5 GiB
         usage.guest_cpu_us = 200_000; // 0.2 s
-        usage.device = "cuda:0".into();
-        usage.gpu_us = 100_000; // 0.1 s
+        usage.device = "cpu+cuda:0".into();
+        usage.compute_ns = 150_000_000; // 0.15 s, of which
+        usage.gpu_ns = 100_000_000; // 0.1 s on the GPU (priced by the older table name)
         let record = table.price(usage.clone());
-        // 0.001 + 1.0 * 0.5 * 0.5 + 0.5 * 0.2 + 2.0 * 0.1
-        assert_eq!(record.cost_nanos, 551_000_000);
+        // 0.001 + 1.0 * 0.5 * 0.5 + 0.5 * 0.2 + 4.0 * 0.05 + 2.0 * 0.1
+        assert_eq!(record.cost_nanos, 751_000_000);
         assert_eq!(
             (record.currency.as_str(), record.price_version.as_str()),
             ("EUR", "test-1")

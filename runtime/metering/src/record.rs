@@ -67,8 +67,17 @@ impl Outcome {
 /// What was measured about one invocation, before pricing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
-    /// The invocation id (UUIDv7), also the record id.
+    /// The record id (UUIDv7): the invocation id of a synchronous call, a
+    /// fresh one for each attempt of an asynchronous invocation.
     pub id: String,
+    /// The asynchronous invocation this attempt ran for (`None` for a
+    /// synchronous call, whose record id is its invocation id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invocation_id: Option<String>,
+    /// Which attempt of its invocation this is, from 1 (always 1 for a
+    /// synchronous call).
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
     /// Tenant.
     pub tenant: String,
     /// Function.
@@ -92,10 +101,17 @@ pub struct Usage {
     /// CPU time of the guest's task (guest code and the host calls it made),
     /// microseconds.
     pub guest_cpu_us: u64,
-    /// `cpu` or `cuda:N`: where its inference ran (`cpu` without inference).
+    /// `cpu` or `cuda:N`: where its inference ran (`cpu` without
+    /// inference); several devices joined with `+` (`cpu+cuda:0`).
     pub device: String,
-    /// Its share of measured GPU time, microseconds.
-    pub gpu_us: u64,
+    /// Model compute, nanoseconds: its share (by rows) of the busy time of
+    /// every model run it took part in, on every device. Not in
+    /// `guest_cpu_us`.
+    #[serde(default)]
+    pub compute_ns: u64,
+    /// The part of `compute_ns` that ran on GPUs (the rest ran on the CPU).
+    #[serde(default)]
+    pub gpu_ns: u64,
     /// `wasi:nn` compute calls.
     pub inference_calls: u64,
     /// Sum over compute calls of the calls in their batch.
@@ -106,7 +122,16 @@ pub struct Usage {
     pub bytes_out: u64,
 }
 
+fn first_attempt() -> u32 {
+    1
+}
+
 impl Usage {
+    /// Model compute that ran on the CPU, nanoseconds.
+    pub fn cpu_compute_ns(&self) -> u64 {
+        self.compute_ns.saturating_sub(self.gpu_ns)
+    }
+
     /// Wall time, microseconds.
     pub fn wall_us(&self) -> u64 {
         u64::try_from(self.ended_at_us.saturating_sub(self.started_at_us)).unwrap_or(0)
@@ -146,6 +171,10 @@ pub struct UsageRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordView {
     pub id: String,
+    /// The invocation billed: `id` itself for a synchronous call.
+    pub invocation_id: String,
+    /// From 1; more than 1 only for retried asynchronous invocations.
+    pub attempt: u32,
     pub tenant: String,
     pub function: String,
     pub version: u32,
@@ -160,6 +189,9 @@ pub struct RecordView {
     pub memory_peak_bytes: u64,
     pub guest_cpu_us: u64,
     pub device: String,
+    /// Model compute on every device, milliseconds (to the nanosecond).
+    pub compute_ms: f64,
+    /// Of which on GPUs.
     pub gpu_ms: f64,
     pub inference_calls: u64,
     pub batched_with: f64,
@@ -191,6 +223,8 @@ impl From<&UsageRecord> for RecordView {
         let u = &record.usage;
         RecordView {
             id: u.id.clone(),
+            invocation_id: u.invocation_id.clone().unwrap_or_else(|| u.id.clone()),
+            attempt: u.attempt,
             tenant: u.tenant.clone(),
             function: u.function.clone(),
             version: u.version,
@@ -205,7 +239,8 @@ impl From<&UsageRecord> for RecordView {
             memory_peak_bytes: u.memory_peak_bytes,
             guest_cpu_us: u.guest_cpu_us,
             device: u.device.clone(),
-            gpu_ms: u.gpu_us as f64 / 1000.0,
+            compute_ms: u.compute_ns as f64 / 1e6,
+            gpu_ms: u.gpu_ns as f64 / 1e6,
             inference_calls: u.inference_calls,
             batched_with: if u.inference_calls == 0 {
                 0.0

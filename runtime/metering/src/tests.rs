@@ -9,6 +9,8 @@ use crate::*;
 pub(crate) fn usage(id: &str, outcome: Outcome) -> Usage {
     Usage {
         id: id.into(),
+        invocation_id: None,
+        attempt: 1,
         tenant: "acme".into(),
         function: "echo".into(),
         version: 3,
@@ -21,7 +23,8 @@ pub(crate) fn usage(id: &str, outcome: Outcome) -> Usage {
         memory_peak_bytes: 1 << 20,
         guest_cpu_us: 300,
         device: "cpu".into(),
-        gpu_us: 0,
+        compute_ns: 0,
+        gpu_ns: 0,
         inference_calls: 2,
         batched_calls: 6,
         bytes_in: 5,
@@ -271,4 +274,55 @@ async fn records_only_in_the_journal_are_recovered_once_and_in_order() {
     let log = UsageLog::open(dir.path(), LogConfig::default()).expect("reopen");
     let all = log.page(&Filter::default(), 0, None, 100).await.expect("page");
     assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn a_database_from_an_earlier_hearth_is_numbered_and_gains_the_new_columns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        // The first schema: no commit sequence, GPU time in microseconds
+        // and nothing else of model compute, no attempts.
+        let conn = rusqlite::Connection::open(dir.path().join("usage.db")).expect("db");
+        conn.execute_batch(
+            "CREATE TABLE usage (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, function TEXT NOT NULL,
+                version INTEGER NOT NULL, started_at_us INTEGER NOT NULL, ended_at_us INTEGER NOT NULL,
+                status INTEGER NOT NULL, outcome TEXT NOT NULL, cold_start INTEGER NOT NULL,
+                queue_us INTEGER NOT NULL, memory_peak_bytes INTEGER NOT NULL, guest_cpu_us INTEGER NOT NULL,
+                device TEXT NOT NULL, gpu_us INTEGER NOT NULL, inference_calls INTEGER NOT NULL,
+                batched_calls INTEGER NOT NULL, bytes_in INTEGER NOT NULL, bytes_out INTEGER NOT NULL,
+                billed_ms INTEGER NOT NULL, cost_nanos INTEGER NOT NULL, currency TEXT NOT NULL,
+                price_version TEXT NOT NULL) WITHOUT ROWID;
+             INSERT INTO usage VALUES ('0193a0e8-0000-7000-8000-000000000002', 'acme', 'ocr', 1, 10, 20, 200,
+                'ok', 0, 0, 0, 0, 'cuda:0', 1500, 1, 1, 0, 0, 1, 5, 'USD', 'builtin-1');
+             INSERT INTO usage VALUES ('0193a0e8-0000-7000-8000-000000000001', 'acme', 'echo', 1, 10, 20, 200,
+                'ok', 0, 0, 0, 0, 'cpu', 0, 0, 0, 0, 0, 1, 5, 'USD', 'builtin-1');",
+        )
+        .expect("old table");
+    }
+    let log = UsageLog::open(dir.path(), LogConfig::default()).expect("open");
+    let all = log.page(&Filter::default(), 0, None, 10).await.expect("page");
+    let seen: Vec<(u64, &str, u64, u64, u32, Option<&str>)> = all
+        .iter()
+        .map(|r| {
+            let u = &r.usage;
+            (
+                r.seq,
+                u.function.as_str(),
+                u.compute_ns,
+                u.gpu_ns,
+                u.attempt,
+                u.invocation_id.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [(1, "echo", 0, 0, 1, None), (2, "ocr", 1_500_000, 1_500_000, 1, None)],
+        "numbered in id order; GPU time carried over as compute"
+    );
+    let next = log
+        .record(record(&uuid::Uuid::now_v7().to_string()))
+        .await
+        .expect("written");
+    assert_eq!(next, 3);
 }

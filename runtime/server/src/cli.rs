@@ -461,7 +461,7 @@ pub async fn usage(args: &ClientArgs, command: UsageCommand) -> anyhow::Result<E
                 Output::Text => {
                     println!(
                         "{:<10}  {:<20} {:>9} {:>8} {:>6} {:>10} {:>10}  cost",
-                        "day", "function", "calls", "rejected", "cold", "billed ms", "gpu ms"
+                        "day", "function", "calls", "rejected", "cold", "billed ms", "compute ms"
                     );
                     for r in rows {
                         println!(
@@ -472,7 +472,7 @@ pub async fn usage(args: &ClientArgs, command: UsageCommand) -> anyhow::Result<E
                             r.rejected,
                             r.cold_starts,
                             r.billed_ms,
-                            r.gpu_ms,
+                            r.compute_ms,
                             r.cost,
                             r.currency
                         );

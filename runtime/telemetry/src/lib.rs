@@ -52,10 +52,10 @@ pub struct InvocationMetrics<'a> {
     pub cold_start: bool,
     /// Mean batch size of its inference calls (0 without inference).
     pub batch_size: f64,
-    /// Its share of GPU time.
+    /// Its model compute (shares of batched runs), on every device.
+    pub compute: Duration,
+    /// The part of `compute` that ran on GPUs.
     pub gpu: Duration,
-    /// Where its inference ran.
-    pub device: &'a str,
 }
 
 /// The metrics pipeline and the instruments recorded per invocation.
@@ -69,7 +69,7 @@ pub struct Telemetry {
     queue: Histogram<f64>,
     cold_starts: Counter<u64>,
     batch_size: Histogram<f64>,
-    gpu_time: Counter<f64>,
+    compute_time: Counter<f64>,
 }
 
 /// Latency buckets, in seconds: 100 µs to 30 s.
@@ -115,10 +115,10 @@ impl Telemetry {
             .with_description("Mean batch size of each invocation's inference calls")
             .with_boundaries(BATCH_BUCKETS.to_vec())
             .build();
-        let gpu_time = meter
-            .f64_counter("hearth.device.gpu_time")
+        let compute_time = meter
+            .f64_counter("hearth.inference.compute_time")
             .with_unit("s")
-            .with_description("GPU time of inference, shared among batched invocations")
+            .with_description("Model compute billed to invocations (shares of batched runs), by device kind")
             .build();
         Ok(Telemetry {
             registry,
@@ -129,7 +129,7 @@ impl Telemetry {
             queue,
             cold_starts,
             batch_size,
-            gpu_time,
+            compute_time,
         })
     }
 
@@ -159,9 +159,14 @@ impl Telemetry {
         if m.batch_size > 0.0 {
             self.batch_size.record(m.batch_size, &function);
         }
+        let cpu = m.compute.saturating_sub(m.gpu);
+        if !cpu.is_zero() {
+            self.compute_time
+                .add(cpu.as_secs_f64(), &[KeyValue::new("kind", "cpu")]);
+        }
         if !m.gpu.is_zero() {
-            self.gpu_time
-                .add(m.gpu.as_secs_f64(), &[KeyValue::new("device", m.device.to_owned())]);
+            self.compute_time
+                .add(m.gpu.as_secs_f64(), &[KeyValue::new("kind", "cuda")]);
         }
     }
 
@@ -286,8 +291,8 @@ mod tests {
             queue: Duration::ZERO,
             cold_start: true,
             batch_size: 0.0,
+            compute: Duration::ZERO,
             gpu: Duration::ZERO,
-            device: "cpu",
         };
         telemetry.invocation(&m);
         telemetry.invocation(&m);

@@ -37,7 +37,8 @@ pub struct Outcome {
     pub tolerance: f32,
     /// Run time (after preparing), wall clock.
     pub run: Duration,
-    /// The device's own measure of the run (GPUs, with events).
+    /// The busy time the run is billed for: the device's own measure
+    /// (GPUs, with events), or the run's time on its thread (CPU).
     pub device_time: Option<Duration>,
     /// Why it failed, if it did.
     pub failure: Option<String>,
@@ -100,7 +101,7 @@ fn mlp_rows(model: &PreparedModel, device: &dyn Device, rows: usize) -> Outcome 
             let run = started.elapsed();
             let error = max_abs_diff(&values(&out[0]), &mlp_reference(MLP_SEED, &input));
             Outcome {
-                device_time,
+                device_time: Some(device_time),
                 ..outcome(&case, device, error, MLP_TOLERANCE, run)
             }
         }
@@ -189,7 +190,7 @@ fn ocr_case(model: &PreparedModel, device: &dyn Device, width: usize, cpu: Optio
         error = error.max(max_abs_diff(&probs, cpu));
     }
     let outcome = Outcome {
-        device_time,
+        device_time: Some(device_time),
         ..outcome(&case, device, error, OCR_TOLERANCE, run)
     };
     (outcome, probs)
