@@ -261,3 +261,124 @@ async fn billed_compute_adds_up_to_the_devices_busy_time() {
         model.busy_ms
     );
 }
+
+/// `GET` of a server path: its status.
+async fn status_of(server: &Server, path: &str) -> u16 {
+    http()
+        .get(format!("{}{path}", server.url))
+        .send()
+        .await
+        .expect(path)
+        .status()
+        .as_u16()
+}
+
+/// Polls `path` until it answers `status` (the server changes state in the
+/// background).
+async fn wait_status(server: &Server, path: &str, status: u16) {
+    for _ in 0..6000 {
+        if status_of(server, path).await == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{path} never answered {status}; log:\n{}", server.log());
+}
+
+/// Calls `faults` until it answers 200 (a 503 while the usage log is down
+/// is refused before it runs, unrecorded); its invocation id.
+async fn call_ok(server: &Server) -> String {
+    loop {
+        let response = http().get(server.fn_url("faults", "/ok")).send().await.expect("call");
+        if response.status() == 200 {
+            return response.headers()["x-hearth-invocation-id"]
+                .to_str()
+                .expect("id")
+                .to_owned();
+        }
+        problem(response, 503).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn readiness_follows_the_usage_log_and_a_failed_sync_is_written_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A disk whose fsync fails from now on.
+    let server = Server::start_with_env(
+        &tmp.path().join("broken"),
+        &[],
+        &[("FAILPOINTS", "usage-journal-sync=return")],
+    );
+    deploy(
+        &server,
+        tmp.path(),
+        "faults",
+        hearth_fixtures::FAULTS,
+        "public = true\n",
+    )
+    .await;
+    assert_eq!(status_of(&server, "/readyz").await, 200);
+    // Written before the sync failed: answered (the process-mode contract).
+    let response = http().get(server.fn_url("faults", "/ok")).send().await.expect("call");
+    assert_eq!(response.status(), 200);
+    wait_status(&server, "/readyz", 503).await;
+    let refused = http().get(server.fn_url("faults", "/ok")).send().await.expect("call");
+    let body = problem(refused, 503).await;
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("usage")), "{body}");
+    assert_eq!(status_of(&server, "/healthz").await, 200, "alive, not ready");
+    drop(server);
+
+    // A disk whose fsync fails once: the group is written again, in full, to
+    // a new journal file, synced and ingested; nothing is lost or doubled.
+    let server = Server::start_with_env(
+        &tmp.path().join("flaky"),
+        &[],
+        &[("FAILPOINTS", "usage-journal-sync=1*return->off")],
+    );
+    deploy(
+        &server,
+        tmp.path(),
+        "faults",
+        hearth_fixtures::FAULTS,
+        "public = true\n",
+    )
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(call_ok(&server).await);
+    }
+    wait_status(&server, "/readyz", 200).await;
+    let (seen, _) = poll(&server, "0", "").await;
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for id in &seen {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    for id in &ids {
+        assert_eq!(counts.get(id.as_str()), Some(&1), "{id} in {seen:?}");
+    }
+    let metrics = http()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let failures: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("hearth_usage_log_total{") && l.contains("kind=\"failures\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("failures counted");
+    assert!(failures >= 1.0, "{metrics}");
+    // The newest journal file holds the group whose sync failed (the first
+    // call's record), written again.
+    let mut journals: Vec<std::path::PathBuf> = std::fs::read_dir(tmp.path().join("flaky/usage-journal"))
+        .expect("journal dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    journals.sort();
+    assert!(journals.len() >= 2, "a new journal file took the group: {journals:?}");
+    let newest = std::fs::read_to_string(journals.last().expect("journal")).expect("read");
+    assert!(newest.contains(&ids[0]), "{newest}");
+}

@@ -26,6 +26,11 @@ pub struct Server {
 impl Server {
     /// Starts a server on a free port with a data directory in `data_dir`.
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> Server {
+        Server::start_with_env(data_dir, extra_args, &[])
+    }
+
+    /// [`Server::start`] with more environment variables (`FAILPOINTS`…).
+    pub fn start_with_env(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
         std::fs::create_dir_all(data_dir).expect("data dir");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -38,6 +43,7 @@ impl Server {
             .args(extra_args)
             .env("HEARTH_ADMIN_TOKEN", TOKEN)
             .env("HEARTH_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

@@ -579,6 +579,8 @@ impl UsageLog {
     /// `data_dir`, ingests what a crash left in the journal only, and starts
     /// the syncer.
     pub fn open(data_dir: &Path, config: LogConfig) -> Result<UsageLog, LogError> {
+        #[cfg(feature = "failpoints")]
+        arm_fault_points();
         let path = data_dir.join("usage.db");
         let conn = open_connection(&path)?;
         let reader = open_connection(&path)?;
@@ -697,7 +699,7 @@ impl UsageLog {
         buf.clear();
         serde_json::to_writer(&mut *buf, &record).map_err(|e| LogError::Database(e.to_string()))?;
         buf.push(b'\n');
-        if let Err(err) = file.write_all(buf) {
+        if let Err(err) = write_journal(file, buf) {
             // Part of the line may be in the file: the syncer starts a new
             // journal and writes every record not yet ingested again.
             journal.file = None;
@@ -1001,7 +1003,7 @@ fn syncer(mut sink: impl Sink, shared: &Shared) {
             continue;
         }
         let synced = match &file {
-            Some(file) => file.sync_data().map_err(|e| e.to_string()),
+            Some(file) => sync_journal(file).map_err(|e| e.to_string()),
             None => Err("the journal is not open".to_owned()),
         };
         if let Err(error) = synced {
@@ -1084,6 +1086,42 @@ fn wait_for_group(shared: &Shared, closing: bool) {
     }
 }
 
+/// Makes the journal's writes durable. Fault point `usage-journal-sync`.
+fn sync_journal(file: &std::fs::File) -> std::io::Result<()> {
+    fail::fail_point!("usage-journal-sync", |_| Err(injected("usage-journal-sync")));
+    file.sync_data()
+}
+
+/// Appends a record's line. Fault point `usage-journal-write`.
+fn write_journal(file: &mut std::fs::File, line: &[u8]) -> std::io::Result<()> {
+    fail::fail_point!("usage-journal-write", |_| Err(injected("usage-journal-write")));
+    file.write_all(line)
+}
+
+#[cfg(feature = "failpoints")]
+fn injected(point: &str) -> std::io::Error {
+    std::io::Error::other(format!("injected fault ({point})"))
+}
+
+/// Arms the fault points named in `FAILPOINTS` (`name=actions;…`, as the
+/// `fail` crate reads them: `usage-journal-sync=2*return->off`), once per
+/// process. Only in builds with the `failpoints` feature (tests).
+#[cfg(feature = "failpoints")]
+fn arm_fault_points() {
+    static ARMED: std::sync::Once = std::sync::Once::new();
+    ARMED.call_once(|| {
+        let Ok(points) = std::env::var("FAILPOINTS") else {
+            return;
+        };
+        for point in points.split(';').filter(|p| !p.trim().is_empty()) {
+            let (name, actions) = point.split_once('=').unwrap_or((point, "return"));
+            if let Err(err) = fail::cfg(name.trim(), actions.trim()) {
+                tracing::error!(point, error = %err, "bad fault point");
+            }
+        }
+    });
+}
+
 /// After a failed fsync (or write): the page cache's state is unknown, so
 /// a new journal file takes every record not yet ingested, written again in
 /// full, and is synced; retried with backoff until it works.
@@ -1097,7 +1135,7 @@ fn rewrite_journal(shared: &Shared) {
             records.extend(journal.queue.iter().cloned());
             let written = Journal::open_file(&journal.dir, number).and_then(|mut file| {
                 let len = Journal::write_all(&mut file, &records)?;
-                file.sync_data()?;
+                sync_journal(&file)?;
                 Ok((file, len))
             });
             written.map(|(file, len)| {
