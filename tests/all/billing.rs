@@ -143,6 +143,21 @@ async fn an_answer_without_a_body_has_its_record_when_the_client_sees_it() {
         .to_owned();
     let (ids, _) = poll(&server, "0", "").await;
     assert!(ids.contains(&head), "HEAD: {ids:?}");
+    // A declared length reached while the guest keeps its body open: the
+    // client has the whole answer, and so has the log.
+    let response = http()
+        .get(server.fn_url("faults", "/sized?ms=2000"))
+        .send()
+        .await
+        .expect("sized");
+    assert_eq!(response.status(), 200);
+    let sized = response.headers()["x-hearth-invocation-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
+    assert_eq!(response.bytes().await.expect("body").as_ref(), b"done\n");
+    let (ids, _) = poll(&server, "0", "").await;
+    assert!(ids.contains(&sized), "declared length: {ids:?}");
 }
 
 #[tokio::test]
@@ -381,4 +396,50 @@ async fn readiness_follows_the_usage_log_and_a_failed_sync_is_written_again() {
     assert!(journals.len() >= 2, "a new journal file took the group: {journals:?}");
     let newest = std::fs::read_to_string(journals.last().expect("journal")).expect("read");
     assert!(newest.contains(&ids[0]), "{newest}");
+}
+
+#[tokio::test]
+async fn in_strict_mode_an_answer_completes_only_once_its_record_is_synced() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The first fsync fails: the record is only durable once its group has
+    // been written again to a new journal and synced.
+    let server = Server::start_with_env(
+        &tmp.path().join("data"),
+        &["--usage-durability", "strict"],
+        &[("FAILPOINTS", "usage-journal-sync=1*return->off")],
+    );
+    deploy(
+        &server,
+        tmp.path(),
+        "faults",
+        hearth_fixtures::FAULTS,
+        "public = true\n",
+    )
+    .await;
+    let response = http().get(server.fn_url("faults", "/ok")).send().await.expect("call");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.expect("body").as_ref(), b"ok\n");
+    // Nothing else runs: what /metrics says now, it said when the answer
+    // completed.
+    let metrics = http()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} in\n{metrics}"))
+    };
+    assert_eq!(
+        value("hearth_usage_log_total{kind=\"failures\""),
+        1.0,
+        "the failed sync"
+    );
+    assert_eq!(value("hearth_usage_unsynced"), 0.0, "the record was synced again first");
 }

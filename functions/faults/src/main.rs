@@ -14,6 +14,9 @@
 //!   N ms (lets tests observe an invocation in flight);
 //! - `/no-content?ms=N`: answers 204 at once, then keeps running N ms
 //!   (its empty body ends only then);
+//! - `/sized?ms=N`: declares `content-length: 5`, sends all 5 bytes (and
+//!   an empty frame) at once, then keeps its body open N ms more (the whole
+//!   answer is out long before the body's last frame);
 //! - `/fetch?url=U`: sends `GET U` and answers 200 with the status and body
 //!   it got, or 502 with the error (an outgoing request the host refused);
 //! - anything else: answers `ok`.
@@ -69,6 +72,26 @@ async fn faults(request: Request<Body>) -> Result<Response<Body>> {
             });
             let mut response = Response::new(Body::from_try_stream(body));
             *response.status_mut() = StatusCode::NO_CONTENT;
+            Ok(response)
+        }
+        "/sized" => {
+            use futures_lite::StreamExt as _;
+            let ms = millis(&request);
+            // The whole answer, and an empty frame at once: a server that
+            // held only the frame reaching the length could let it go now.
+            let whole = futures_lite::stream::iter([
+                Ok::<_, std::convert::Infallible>(hearth_guest::wstd::http::body::Bytes::from_static(b"done\n")),
+                Ok(hearth_guest::wstd::http::body::Bytes::new()),
+            ]);
+            let linger = futures_lite::stream::once_future(async move {
+                sleep(ms).await;
+                Ok(hearth_guest::wstd::http::body::Bytes::new())
+            });
+            let mut response = Response::new(Body::from_try_stream(whole.chain(linger)));
+            response.headers_mut().insert(
+                "content-length",
+                hearth_guest::wstd::http::HeaderValue::from_static("5"),
+            );
             Ok(response)
         }
         "/fetch" => fetch(&request).await,
