@@ -2,9 +2,9 @@
 //! invocation that made it, and a syncer thread makes the journal durable and
 //! ingests it into a queryable SQLite file (`usage.db`, WAL) for exports.
 //!
-//! **Durability.** [`UsageLog::append`] writes the record to the journal
-//! with one `write` under a short lock, in the caller's own task: no thread
-//! hand-off, no wake-up. From then on it survives a crash (or `kill -9`) of
+//! **Durability.** [`UsageLog::append`] copies the record into the journal,
+//! a file mapped into memory, under a short lock, in the caller's own task:
+//! no system call, no thread hand-off, no wake-up. From then on it survives a crash (or `kill -9`) of
 //! the process at any moment. What it does not yet survive is a crash of the
 //! whole machine: the syncer `fdatasync`s the journal at least every
 //! [`LogConfig::sync_interval`] while records wait, so at most that window
@@ -35,7 +35,7 @@
 //! then does the log turn healthy. On start, journal records the database
 //! lacks (after a crash) are ingested before anything else.
 
-use std::io::{BufRead as _, Write as _};
+use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -176,14 +176,82 @@ impl LogStats {
     }
 }
 
+/// An open journal file, mapped into memory: an append is a copy into the
+/// mapping, that is into the kernel's page cache, with no system call, and
+/// is kept from then on whatever happens to the process (the pages belong
+/// to the file, not to the process). The file's blocks are allocated ahead
+/// (`fallocate`), so writing a page never needs space the disk lacks (which
+/// a mapping could only report as a fatal `SIGBUS`); past the end, the file
+/// is zeros, where recovery stops reading. It grows by doubling.
+#[derive(Debug)]
+struct Segment {
+    file: std::fs::File,
+    map: memmap2::MmapMut,
+    len: usize,
+}
+
+/// A new segment's first capacity.
+const SEGMENT_START_BYTES: usize = 4 << 20;
+
+impl Segment {
+    /// Creates journal file `number` in `dir` holding `contents`.
+    fn create(dir: &Path, number: u64, contents: &[u8]) -> std::io::Result<Segment> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(Journal::path(dir, number))?;
+        let capacity = SEGMENT_START_BYTES.max((contents.len() + 1).next_power_of_two());
+        let mut segment = Segment {
+            map: Segment::map(&file, capacity)?,
+            file,
+            len: 0,
+        };
+        segment.append(contents)?;
+        Ok(segment)
+    }
+
+    /// Allocates `capacity` bytes of `file` and maps them.
+    fn map(file: &std::fs::File, capacity: usize) -> std::io::Result<memmap2::MmapMut> {
+        match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, capacity as u64) {
+            Ok(()) => {}
+            // A file system without preallocation (some network ones): the
+            // tail stays sparse, and a full disk would stop the process.
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                tracing::warn!("the usage journal's file system cannot preallocate; a full disk will stop Hearth");
+                file.set_len(capacity as u64)?;
+            }
+            Err(err) => return Err(err.into()),
+        }
+        #[expect(
+            unsafe_code,
+            reason = "the mapped file is Hearth's own journal, which nothing else truncates while it is mapped"
+        )]
+        let map = unsafe { memmap2::MmapOptions::new().len(capacity).map_mut(file)? };
+        Ok(map)
+    }
+
+    /// Appends `bytes`. Fault point `usage-journal-write`.
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        fail::fail_point!("usage-journal-write", |_| Err(injected("usage-journal-write")));
+        let end = self.len + bytes.len();
+        if end > self.map.len() {
+            self.map = Segment::map(&self.file, end.next_power_of_two())?;
+        }
+        self.map[self.len..end].copy_from_slice(bytes);
+        self.len = end;
+        Ok(())
+    }
+}
+
 /// The append side: the journal file and the records in it not yet ingested.
 #[derive(Debug)]
 struct Journal {
     dir: PathBuf,
     /// `None` after a failed write, until the syncer has reopened it.
-    file: Option<std::fs::File>,
+    file: Option<Segment>,
     number: u64,
-    len: u64,
     next_seq: u64,
     /// Written to the journal, not yet taken by the syncer.
     queue: Vec<UsageRecord>,
@@ -198,22 +266,19 @@ impl Journal {
         dir.join(format!("journal-{number:08}.jsonl"))
     }
 
-    fn open_file(dir: &Path, number: u64) -> std::io::Result<std::fs::File> {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(Journal::path(dir, number))
-    }
-
-    /// Appends `records`' lines to `file` (recovery and rotation).
-    fn write_all(file: &mut std::fs::File, records: &[UsageRecord]) -> std::io::Result<u64> {
+    /// `records`' lines (a journal written again after a failure).
+    fn lines(records: &[UsageRecord]) -> std::io::Result<Vec<u8>> {
         let mut buf = Vec::new();
         for record in records {
             serde_json::to_writer(&mut buf, record)?;
             buf.push(b'\n');
         }
-        file.write_all(&buf)?;
-        Ok(buf.len() as u64)
+        Ok(buf)
+    }
+
+    /// The length of the open journal (0 when none is).
+    fn len(&self) -> usize {
+        self.file.as_ref().map_or(0, |segment| segment.len)
     }
 }
 
@@ -607,7 +672,7 @@ impl UsageLog {
         let io = |what: &str, e: std::io::Error| LogError::Database(format!("{what} {}: {e}", journal_dir.display()));
         std::fs::create_dir_all(journal_dir).map_err(|e| io("creating", e))?;
         let (last, number) = recover_journal(&mut sink, journal_dir)?;
-        let file = Journal::open_file(journal_dir, number).map_err(|e| io("opening a journal in", e))?;
+        let file = Segment::create(journal_dir, number, &[]).map_err(|e| io("opening a journal in", e))?;
         let (durable, _) = watch::channel(last);
         let stats = LogStats::default();
         stats.written.store(last, Ordering::Relaxed);
@@ -619,7 +684,6 @@ impl UsageLog {
                 dir: journal_dir.to_owned(),
                 file: Some(file),
                 number,
-                len: 0,
                 next_seq: last + 1,
                 queue: Vec::new(),
                 in_flight: Vec::new(),
@@ -699,7 +763,7 @@ impl UsageLog {
         buf.clear();
         serde_json::to_writer(&mut *buf, &record).map_err(|e| LogError::Database(e.to_string()))?;
         buf.push(b'\n');
-        if let Err(err) = write_journal(file, buf) {
+        if let Err(err) = file.append(buf) {
             // Part of the line may be in the file: the syncer starts a new
             // journal and writes every record not yet ingested again.
             journal.file = None;
@@ -710,7 +774,6 @@ impl UsageLog {
             shared.wake_syncer();
             return Err(LogError::Unavailable(format!("journal write failed: {err}")));
         }
-        journal.len += journal.buf.len() as u64;
         journal.next_seq += 1;
         let first = journal.queue.is_empty();
         journal.queue.push(record);
@@ -943,11 +1006,16 @@ fn recover_journal(sink: &mut impl Sink, dir: &Path) -> Result<(u64, u64), LogEr
     let mut missing: Vec<UsageRecord> = Vec::new();
     for (_, path) in &files {
         let file = std::fs::File::open(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
-        for line in std::io::BufReader::new(file).lines() {
+        // A mapped journal's end is the first NUL (its allocated tail is
+        // zeros).
+        for line in std::io::BufReader::new(file).split(b'\n') {
             let Ok(line) = line else { break };
+            if line.first().is_none_or(|&b| b == 0) {
+                break;
+            }
             // A line cut short by a machine crash is the end of what was
             // written; nothing after it was acknowledged as durable.
-            let Ok(record) = serde_json::from_str::<UsageRecord>(&line) else {
+            let Ok(record) = serde_json::from_slice::<UsageRecord>(&line) else {
                 break;
             };
             if record.seq > last {
@@ -987,15 +1055,16 @@ fn syncer(mut sink: impl Sink, shared: &Shared) {
     loop {
         let closing = shared.closed.load(Ordering::Acquire);
         wait_for_group(shared, closing);
-        let (batch, file) = {
+        let (empty, file) = {
             let mut journal = shared.journal();
             let batch = std::mem::take(&mut journal.queue);
-            journal.in_flight.extend(batch.iter().cloned());
-            let file = journal.file.as_ref().and_then(|f| f.try_clone().ok());
-            (batch, file)
+            let empty = batch.is_empty();
+            journal.in_flight.extend(batch);
+            let file = journal.file.as_ref().and_then(|f| f.file.try_clone().ok());
+            (empty, file)
         };
         let broken = file.is_none() || !shared.healthy.load(Ordering::Acquire);
-        if batch.is_empty() && !broken {
+        if empty && !broken {
             if closing {
                 let _ = sink.checkpoint();
                 return;
@@ -1092,12 +1161,6 @@ fn sync_journal(file: &std::fs::File) -> std::io::Result<()> {
     file.sync_data()
 }
 
-/// Appends a record's line. Fault point `usage-journal-write`.
-fn write_journal(file: &mut std::fs::File, line: &[u8]) -> std::io::Result<()> {
-    fail::fail_point!("usage-journal-write", |_| Err(injected("usage-journal-write")));
-    file.write_all(line)
-}
-
 #[cfg(feature = "failpoints")]
 fn injected(point: &str) -> std::io::Error {
     std::io::Error::other(format!("injected fault ({point})"))
@@ -1133,17 +1196,16 @@ fn rewrite_journal(shared: &Shared) {
             let number = journal.number + 1;
             let mut records = journal.in_flight.clone();
             records.extend(journal.queue.iter().cloned());
-            let written = Journal::open_file(&journal.dir, number).and_then(|mut file| {
-                let len = Journal::write_all(&mut file, &records)?;
-                sync_journal(&file)?;
-                Ok((file, len))
+            let written = Journal::lines(&records).and_then(|lines| {
+                let segment = Segment::create(&journal.dir, number, &lines)?;
+                sync_journal(&segment.file)?;
+                Ok(segment)
             });
-            written.map(|(file, len)| {
+            written.map(|segment| {
                 let queued = std::mem::take(&mut journal.queue);
                 journal.in_flight.extend(queued);
-                journal.file = Some(file);
+                journal.file = Some(segment);
                 journal.number = number;
-                journal.len = len;
             })
         };
         match attempt {
@@ -1165,7 +1227,7 @@ fn rewrite_journal(shared: &Shared) {
 /// it is ingested and the database synced, dropping the old files.
 fn rotate_if_large(sink: &mut impl Sink, shared: &Shared) {
     let mut journal = shared.journal();
-    if journal.len < JOURNAL_ROTATE_BYTES || !journal.queue.is_empty() || !journal.in_flight.is_empty() {
+    if (journal.len() as u64) < JOURNAL_ROTATE_BYTES || !journal.queue.is_empty() || !journal.in_flight.is_empty() {
         return;
     }
     if let Err(error) = sink.checkpoint() {
@@ -1173,12 +1235,11 @@ fn rotate_if_large(sink: &mut impl Sink, shared: &Shared) {
         return;
     }
     let number = journal.number + 1;
-    match Journal::open_file(&journal.dir, number) {
-        Ok(file) => {
+    match Segment::create(&journal.dir, number, &[]) {
+        Ok(segment) => {
             let old = Journal::path(&journal.dir, journal.number);
-            journal.file = Some(file);
+            journal.file = Some(segment);
             journal.number = number;
-            journal.len = 0;
             drop(journal);
             if let Err(error) = std::fs::remove_file(&old) {
                 tracing::warn!(error = %error, path = %old.display(), "cannot remove an ingested usage journal");
@@ -1212,5 +1273,58 @@ fn recover(sink: &mut impl Sink, batch: &[UsageRecord], shared: &Shared) {
                 tracing::error!(error, "usage log still failing");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod segment_tests {
+    use super::*;
+
+    /// Keeps what it is given.
+    struct Kept(Vec<UsageRecord>);
+
+    impl Sink for Kept {
+        fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
+            self.0.extend_from_slice(batch);
+            Ok(())
+        }
+
+        fn reopen(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn committed(&mut self, _: &[&str]) -> Result<usize, String> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn a_mapped_journal_grows_and_is_recovered_up_to_its_zeros() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut segment = Segment::create(dir.path(), 3, &[]).expect("segment");
+        let mut lines = 0u64;
+        // Past the first capacity, so the mapping grows at least once.
+        while segment.len <= SEGMENT_START_BYTES {
+            lines += 1;
+            let record = UsageRecord {
+                seq: lines,
+                ..crate::PriceTable::default().price(crate::tests::usage(&format!("id-{lines:08}"), Outcome::Ok))
+            };
+            let mut line = serde_json::to_vec(&record).expect("json");
+            line.push(b'\n');
+            segment.append(&line).expect("append");
+        }
+        assert!(segment.map.len() > SEGMENT_START_BYTES);
+        // The process dies here: only the file remains.
+        drop(segment);
+        let mut kept = Kept(Vec::new());
+        let (last, next) = recover_journal(&mut kept, dir.path()).expect("recover");
+        assert_eq!((last, next), (lines, 4));
+        let seqs: Vec<u64> = kept.0.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=lines).collect::<Vec<_>>(), "every line once, in order");
+        assert!(
+            std::fs::read_dir(dir.path()).expect("dir").next().is_none(),
+            "recovered journals are dropped"
+        );
     }
 }

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The billing benches, side by side: warm `hello` under wrk, one server per
+# configuration, in alternating rounds (the order rotates each round, so a
+# slow phase of the machine hits every configuration alike), at each
+# connection count; then the median of each and its ratio to the first.
+#   records     usage records on, default (process) durability; request log
+#               lines off (HEARTH_LOG=warn), public function: like the reference
+#   no-metering the same with --no-metering
+#   strict      the same with --usage-durability strict
+#   defaults    the server's defaults: records on, request log lines at the
+#               default level (info), a bearer token on each request
+#   wasmtime    `wasmtime serve --max-instance-reuse-count 1000` on the same
+#               component (when a wasmtime CLI is found: PATH, or
+#               ~/.cache/hearth/tools/bin from
+#               `cargo install wasmtime-cli --version 48.0.8 --root ~/.cache/hearth/tools`)
+#   scripts/load-compare.sh [ROUNDS] [DURATION] [CONNECTIONS...]
+# Knobs: HEARTH_BIN=PATH (else a release build), HEARTH_COMPARE="records
+# no-metering ..." (the configurations, first is the base of the ratios).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds="${1:-5}" duration="${2:-8}"
+shift $(($# > 2 ? 2 : $#))
+conns=("$@")
+[ ${#conns[@]} = 0 ] && conns=(32 2)
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
+if [ -n "${HEARTH_BIN:-}" ]; then
+  hearth="$(realpath "$HEARTH_BIN")"
+else
+  cargo build --release --locked -p hearth-server
+  hearth="${CARGO_TARGET_DIR:-target}/release/hearth"
+fi
+(cd functions && env -u CARGO_TARGET_DIR cargo build -q --release --locked -p hello)
+wasm="$PWD/functions/target/wasm32-wasip2/release/hello.wasm"
+wasmtime="$(command -v wasmtime || true)"
+[ -z "$wasmtime" ] && [ -x "$HOME/.cache/hearth/tools/bin/wasmtime" ] && wasmtime="$HOME/.cache/hearth/tools/bin/wasmtime"
+read -r -a configs <<<"${HEARTH_COMPARE:-records no-metering strict defaults wasmtime}"
+if [ -z "$wasmtime" ]; then
+  echo "== no wasmtime CLI: the reference is skipped" >&2
+  configs=("${configs[@]/wasmtime/}")
+  read -r -a configs <<<"${configs[*]}"
+fi
+work="$(mktemp -d)"
+port=18090
+token="hth_compare_$$"
+server=""
+trap '[ -n "$server" ] && kill -TERM $server 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+
+start() { # config -> sets server, url, auth
+  local config="$1" args=() log=warn public=true
+  auth=()
+  case "$config" in
+    no-metering) args=(--no-metering) ;;
+    strict) args=(--usage-durability strict) ;;
+    defaults) log=info public=false auth=(-H "Authorization: Bearer $token") ;;
+    wasmtime)
+      "$wasmtime" serve -O pooling-allocator -S cli --addr "127.0.0.1:$port" \
+        --max-instance-reuse-count 1000 "$wasm" >/dev/null 2>&1 &
+      server=$!
+      url="http://127.0.0.1:$port/load?x=1"
+      for _ in $(seq 1 100); do curl -fsS "$url" >/dev/null 2>&1 && return; sleep 0.1; done
+      echo "wasmtime serve did not start" >&2; exit 1 ;;
+  esac
+  rm -rf "$work/data" "$work/hello"
+  mkdir -p "$work/hello"
+  printf 'name = "hello"\ncomponent = "%s"\npublic = %s\n' "$wasm" "$public" >"$work/hello/hearth.toml"
+  HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG="$log" "$hearth" serve --listen "127.0.0.1:$port" \
+    --data-dir "$work/data" "${args[@]}" >/dev/null 2>"$work/server.log" &
+  server=$!
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  HEARTH_URL="http://127.0.0.1:$port" HEARTH_TOKEN="$token" "$hearth" deploy "$work/hello" --no-build >/dev/null
+  url="http://127.0.0.1:$port/fn/default/hello/load?x=1"
+}
+
+stop() {
+  kill -TERM "$server" 2>/dev/null || true
+  wait "$server" 2>/dev/null || true
+  server=""
+}
+
+declare -A results
+for round in $(seq 1 "$rounds"); do
+  n=${#configs[@]}
+  for i in $(seq 0 $((n - 1))); do
+    config="${configs[$(((i + round - 1) % n))]}"
+    start "$config"
+    for c in "${conns[@]}"; do
+      wrk -t2 -c"$c" -d1s "${auth[@]}" "$url" >/dev/null # warm up
+      rate="$(wrk -t2 -c"$c" -d"${duration}s" "${auth[@]}" "$url" | awk '/Requests\/sec/ { print $2 }')"
+      results["$config/$c"]="${results["$config/$c"]:-} $rate"
+      echo "round $round, $config, $c connections: $rate req/s"
+    done
+    stop
+  done
+done
+
+median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+echo
+echo "medians of $rounds rounds, ${duration}s each (ratio to ${configs[0]}):"
+for c in "${conns[@]}"; do
+  base="$(echo "${results["${configs[0]}/$c"]}" | median)"
+  for config in "${configs[@]}"; do
+    m="$(echo "${results["$config/$c"]}" | median)"
+    printf '  %-12s %3s conns  %9.0f req/s  %.3f\n' "$config" "$c" "$m" "$(awk -v a="$base" -v b="$m" 'BEGIN { print b / a }')"
+  done
+done
