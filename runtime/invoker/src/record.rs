@@ -385,7 +385,7 @@ impl Meter {
             gpu: std::time::Duration::from_nanos(u.gpu_ns),
         });
         tracing::info!(
-            target: "hearth::request",
+            target: hearth_telemetry::REQUEST_TARGET,
             invocation_id = %u.id,
             tenant = %u.tenant,
             function = %u.function,

@@ -11,6 +11,10 @@
 //! - **Logs** are `tracing` events on stderr, as text or one JSON object per
 //!   line.
 
+mod lines;
+
+pub use lines::REQUEST_TARGET;
+
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -31,6 +35,9 @@ pub enum TelemetryError {
     /// The OTLP exporter could not be built.
     #[error("OTLP trace exporter: {0}")]
     Otlp(String),
+    /// The log writer's thread could not start.
+    #[error("log writer: {0}")]
+    LogWriter(String),
 }
 
 /// One finished invocation, as metrics see it.
@@ -204,7 +211,7 @@ pub enum LogFormat {
 #[derive(Debug)]
 pub struct TracingGuard {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
-    _log: tracing_appender::non_blocking::WorkerGuard,
+    _log: lines::FlushGuard,
 }
 
 impl Drop for TracingGuard {
@@ -219,22 +226,16 @@ impl Drop for TracingGuard {
 /// filtered by `HEARTH_LOG` (default `info`), and, when
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans exported by OTLP/HTTP.
 ///
-/// A request log line per invocation is the default, so lines are written
-/// by a thread of their own (`hearth-log-writer`) through a 64 KiB buffer
-/// flushed whenever no line is waiting: under load one `write` carries many
-/// lines instead of one system call per line on a request's path (at the
-/// default level, logging cost a warm `hello` 19 % of its throughput here
-/// with a write per line, 11 % this way). A full queue makes loggers wait
-/// rather than drop lines. The log lines carry
-/// their own fields, not the enclosing spans' (spans go to OTLP), so the log
-/// layer never formats span fields either.
+/// A request log line per invocation is the default, so its cost is kept
+/// off the warm path: request lines are batched (see [`lines`]), and, when
+/// no trace exporter is configured, spans are not even created (a global
+/// filter lets only events through). The log lines carry their own fields,
+/// not the enclosing spans' (spans go to OTLP), so the log layer never
+/// formats span fields either.
 pub fn init_tracing(format: LogFormat, service: &str) -> Result<TracingGuard, TelemetryError> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("hearth-log-writer")
-        .finish(std::io::BufWriter::with_capacity(64 << 10, std::io::stderr()));
+    let (writer, log_guard) = lines::Lines::start().map_err(|e| TelemetryError::LogWriter(e.to_string()))?;
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let events_only = tracing_subscriber::filter::filter_fn(|metadata| metadata.is_event());
     let fmt = match format {
@@ -263,7 +264,14 @@ pub fn init_tracing(format: LogFormat, service: &str) -> Result<TracingGuard, Te
         use opentelemetry::trace::TracerProvider as _;
         tracing_opentelemetry::layer().with_tracer(provider.tracer("hearth"))
     });
-    tracing_subscriber::registry().with(filter).with(fmt).with(layer).init();
+    // Without an exporter nothing reads spans: never create them.
+    let spans = tracing_subscriber::filter::filter_fn(move |metadata| otlp || metadata.is_event());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(spans)
+        .with(fmt)
+        .with(layer)
+        .init();
     if otlp {
         tracing::info!("exporting traces by OTLP to OTEL_EXPORTER_OTLP_ENDPOINT");
     }
