@@ -255,7 +255,15 @@ impl Meter {
         if self.log.is_some() && self.bodyless(&head) {
             return self.respond_bodyless(head, body).await;
         }
-        if !self.log.as_ref().is_some_and(UsageLog::busy) {
+        // Gathering a small body to send it whole after the commit saves a
+        // write when the commit waits for an fsync shared with others
+        // (strict, busy); in process mode the commit costs nothing to wait
+        // for, and streaming is cheaper.
+        let strict = self
+            .log
+            .as_ref()
+            .is_some_and(|log| log.config().durability == Durability::Strict && log.busy());
+        if !strict {
             return Ok(self.streamed(head, body));
         }
         let deadline = tokio::time::Instant::now() + COALESCE_WAIT;
