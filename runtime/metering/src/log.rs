@@ -52,6 +52,10 @@ pub const MAX_BATCH: usize = 1024;
 pub const GROUP_WINDOW: Duration = Duration::from_millis(1);
 /// Default longest time a record written in process mode waits for its fsync.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(10);
+/// How often synced records are ingested into the database when nobody
+/// waits to read them: larger transactions than the syncs' groups, since a
+/// transaction's cost is mostly per transaction.
+const INGEST_EVERY: Duration = Duration::from_millis(100);
 /// How long a caller waits for its record to become durable before giving
 /// up (the log keeps the record and makes it durable once it can).
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
@@ -1052,6 +1056,7 @@ fn now_us() -> u64 {
 /// the journal per group), ingests them, and tells waiters; until the log
 /// is closed and everything in it is ingested.
 fn syncer(mut sink: impl Sink, shared: &Shared) {
+    let mut ingested_at = Instant::now();
     loop {
         let closing = shared.closed.load(Ordering::Acquire);
         wait_for_group(shared, closing);
@@ -1064,35 +1069,50 @@ fn syncer(mut sink: impl Sink, shared: &Shared) {
             (empty, file)
         };
         let broken = file.is_none() || !shared.healthy.load(Ordering::Acquire);
-        if empty && !broken {
+        if !empty || broken {
+            let synced = match &file {
+                Some(file) => sync_journal(file).map_err(|e| e.to_string()),
+                None => Err("the journal is not open".to_owned()),
+            };
+            if let Err(error) = synced {
+                shared.healthy.store(false, Ordering::Release);
+                shared.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    error,
+                    "usage journal fsync failed; refusing invocations until it recovers"
+                );
+                rewrite_journal(shared);
+            }
+            // Everything in flight (this group, and any group a failed
+            // fsync left) is durable now.
+            if let Some(top) = shared.journal().in_flight.last().map(|r| r.seq) {
+                shared.stats.synced.fetch_max(top, Ordering::AcqRel);
+                shared.stats.last_sync_us.store(now_us(), Ordering::Release);
+            }
+            shared.healthy.store(true, Ordering::Release);
+        }
+        // Ingestion goes in larger groups than syncs: at most every
+        // INGEST_EVERY, unless someone waits to read (or for a strict
+        // answer), the log is closing, or much is waiting.
+        let due = closing
+            || shared.config.durability == Durability::Strict
+            || shared.wanted.load(Ordering::Acquire) > *shared.durable.borrow()
+            || ingested_at.elapsed() >= INGEST_EVERY;
+        let durable = {
+            let mut journal = shared.journal();
+            if !due && journal.in_flight.len() < MAX_BATCH {
+                continue;
+            }
+            std::mem::take(&mut journal.in_flight)
+        };
+        ingested_at = Instant::now();
+        let Some(top) = durable.last().map(|r| r.seq) else {
             if closing {
                 let _ = sink.checkpoint();
                 return;
             }
             continue;
-        }
-        let synced = match &file {
-            Some(file) => sync_journal(file).map_err(|e| e.to_string()),
-            None => Err("the journal is not open".to_owned()),
         };
-        if let Err(error) = synced {
-            shared.healthy.store(false, Ordering::Release);
-            shared.stats.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                error,
-                "usage journal fsync failed; refusing invocations until it recovers"
-            );
-            rewrite_journal(shared);
-        }
-        // Everything in flight (this group, and any group a failed fsync
-        // left) is durable now: ingest it.
-        let durable = std::mem::take(&mut shared.journal().in_flight);
-        let Some(top) = durable.iter().map(|r| r.seq).max() else {
-            shared.healthy.store(true, Ordering::Release);
-            continue;
-        };
-        shared.stats.synced.fetch_max(top, Ordering::AcqRel);
-        shared.stats.last_sync_us.store(now_us(), Ordering::Release);
         for group in durable.chunks(MAX_BATCH) {
             if let Err(error) = sink.write(group) {
                 shared.healthy.store(false, Ordering::Release);
