@@ -31,18 +31,34 @@ async fn poll(server: &Server, cursor: &str, extra: &str) -> (Vec<String>, Strin
     (ids, next)
 }
 
+/// A server in `dir/data_name` with `faults` deployed (public).
+async fn faults_server(dir: &std::path::Path, data_name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+    let server = Server::start_with_env(&dir.join(data_name), args, env);
+    deploy(&server, dir, "faults", hearth_fixtures::FAULTS, "public = true\n").await;
+    server
+}
+
+/// The value of the first `/metrics` sample whose line starts with `prefix`.
+async fn metric(server: &Server, prefix: &str) -> f64 {
+    let metrics = http()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{prefix} in\n{metrics}"))
+}
+
 #[tokio::test]
 async fn a_consumer_following_the_cursor_sees_every_record_exactly_once() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&tmp.path().join("data"), &[]);
-    deploy(
-        &server,
-        tmp.path(),
-        "faults",
-        hearth_fixtures::FAULTS,
-        "public = true\n",
-    )
-    .await;
+    let server = faults_server(tmp.path(), "data", &[], &[]).await;
     // The long call starts first (its id sorts first), ends last.
     let long = tokio::spawn(http().get(server.fn_url("faults", "/sleep?ms=2000")).send());
     wait_for_instances(&server, "faults", "running the long call", |p| p.busy == 1).await;
@@ -108,15 +124,7 @@ async fn a_consumer_following_the_cursor_sees_every_record_exactly_once() {
 #[tokio::test]
 async fn an_answer_without_a_body_has_its_record_when_the_client_sees_it() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&tmp.path().join("data"), &[]);
-    deploy(
-        &server,
-        tmp.path(),
-        "faults",
-        hearth_fixtures::FAULTS,
-        "public = true\n",
-    )
-    .await;
+    let server = faults_server(tmp.path(), "data", &[], &[]).await;
     // 204 at once, but the guest runs 300 ms more: the answer waits for it.
     let response = http()
         .get(server.fn_url("faults", "/no-content?ms=300"))
@@ -320,17 +328,11 @@ async fn call_ok(server: &Server) -> String {
 async fn readiness_follows_the_usage_log_and_a_failed_sync_is_written_again() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // A disk whose fsync fails from now on.
-    let server = Server::start_with_env(
-        &tmp.path().join("broken"),
+    let server = faults_server(
+        tmp.path(),
+        "broken",
         &[],
         &[("FAILPOINTS", "usage-journal-sync=return")],
-    );
-    deploy(
-        &server,
-        tmp.path(),
-        "faults",
-        hearth_fixtures::FAULTS,
-        "public = true\n",
     )
     .await;
     assert_eq!(status_of(&server, "/readyz").await, 200);
@@ -346,17 +348,11 @@ async fn readiness_follows_the_usage_log_and_a_failed_sync_is_written_again() {
 
     // A disk whose fsync fails once: the group is written again, in full, to
     // a new journal file, synced and ingested; nothing is lost or doubled.
-    let server = Server::start_with_env(
-        &tmp.path().join("flaky"),
+    let server = faults_server(
+        tmp.path(),
+        "flaky",
         &[],
         &[("FAILPOINTS", "usage-journal-sync=1*return->off")],
-    );
-    deploy(
-        &server,
-        tmp.path(),
-        "faults",
-        hearth_fixtures::FAULTS,
-        "public = true\n",
     )
     .await;
     let mut ids = Vec::new();
@@ -372,20 +368,8 @@ async fn readiness_follows_the_usage_log_and_a_failed_sync_is_written_again() {
     for id in &ids {
         assert_eq!(counts.get(id.as_str()), Some(&1), "{id} in {seen:?}");
     }
-    let metrics = http()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let failures: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("hearth_usage_log_total{") && l.contains("kind=\"failures\""))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .expect("failures counted");
-    assert!(failures >= 1.0, "{metrics}");
+    let failures = metric(&server, "hearth_usage_log_total{kind=\"failures\"").await;
+    assert!(failures >= 1.0, "failures counted: {failures}");
     // The newest journal file holds the group whose sync failed (the first
     // call's record), written again.
     let mut journals: Vec<std::path::PathBuf> = std::fs::read_dir(tmp.path().join("flaky/usage-journal"))
@@ -403,17 +387,11 @@ async fn in_strict_mode_an_answer_completes_only_once_its_record_is_synced() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // The first fsync fails: the record is only durable once its group has
     // been written again to a new journal and synced.
-    let server = Server::start_with_env(
-        &tmp.path().join("data"),
+    let server = faults_server(
+        tmp.path(),
+        "data",
         &["--usage-durability", "strict"],
         &[("FAILPOINTS", "usage-journal-sync=1*return->off")],
-    );
-    deploy(
-        &server,
-        tmp.path(),
-        "faults",
-        hearth_fixtures::FAULTS,
-        "public = true\n",
     )
     .await;
     let response = http().get(server.fn_url("faults", "/ok")).send().await.expect("call");
@@ -421,25 +399,8 @@ async fn in_strict_mode_an_answer_completes_only_once_its_record_is_synced() {
     assert_eq!(response.bytes().await.expect("body").as_ref(), b"ok\n");
     // Nothing else runs: what /metrics says now, it said when the answer
     // completed.
-    let metrics = http()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let value = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("{prefix} in\n{metrics}"))
-    };
-    assert_eq!(
-        value("hearth_usage_log_total{kind=\"failures\""),
-        1.0,
-        "the failed sync"
-    );
-    assert_eq!(value("hearth_usage_unsynced"), 0.0, "the record was synced again first");
+    let failures = metric(&server, "hearth_usage_log_total{kind=\"failures\"").await;
+    assert_eq!(failures, 1.0, "the failed sync");
+    let unsynced = metric(&server, "hearth_usage_unsynced").await;
+    assert_eq!(unsynced, 0.0, "the record was synced again first");
 }
