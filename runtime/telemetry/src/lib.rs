@@ -236,7 +236,10 @@ pub fn init_tracing(format: LogFormat, service: &str) -> Result<TracingGuard, Te
     let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, log_guard) = lines::Lines::start().map_err(|e| TelemetryError::LogWriter(e.to_string()))?;
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    // Colour only for a person at a terminal: escape codes cost formatting
+    // on every line and mean nothing to a log collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
     let events_only = tracing_subscriber::filter::filter_fn(|metadata| metadata.is_event());
     let fmt = match format {
         LogFormat::Text => fmt.with_filter(events_only).boxed(),
