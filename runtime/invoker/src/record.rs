@@ -202,7 +202,9 @@ impl Meter {
             return Ok(());
         };
         let id = self.usage.id.clone();
-        let record = self.prices.price(self.usage.clone());
+        // Committed, the meter has no more use for its usage (`open` is
+        // false, so dropping it records nothing): priced without a copy.
+        let record = self.prices.price(std::mem::take(&mut self.usage));
         // Written here, by this task: from now on the record survives a
         // crash of the process, even if this caller goes away.
         let appended = log.append(record);

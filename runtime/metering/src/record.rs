@@ -4,10 +4,12 @@
 use serde::{Deserialize, Serialize};
 
 /// How an invocation ended, for billing and for operators.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// The guest answered (any status it chose).
+    /// The guest answered (any status it chose); what a record says until
+    /// told otherwise.
+    #[default]
     Ok,
     /// The guest failed without trapping (no response, a `wasi:http` error,
     /// a body cut short).
@@ -65,7 +67,7 @@ impl Outcome {
 }
 
 /// What was measured about one invocation, before pricing.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     /// The record id (UUIDv7): the invocation id of a synchronous call, a
     /// fresh one for each attempt of an asynchronous invocation.
