@@ -10,7 +10,9 @@
 //!   answers the queries behind exports, in commit order.
 //! - [`Encoder`] writes records as CSV, JSON lines or CloudEvents.
 
+mod database;
 mod export;
+mod journal;
 mod log;
 mod price;
 mod record;

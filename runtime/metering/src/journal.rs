@@ -1,0 +1,260 @@
+//! The usage journal's files: each record is a JSON line appended to a
+//! file mapped into memory ([`Segment`]); on start, what a crash left in
+//! them is ingested ([`recover_journal`]). The log (`log.rs`) decides when
+//! they are synced, rewritten and rotated.
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+
+use crate::log::{LogError, MAX_BATCH, Sink};
+use crate::record::UsageRecord;
+
+/// An open journal file, mapped into memory: an append is a copy into the
+/// mapping, that is into the kernel's page cache, with no system call, and
+/// is kept from then on whatever happens to the process (the pages belong
+/// to the file, not to the process). The file's blocks are allocated ahead
+/// (`fallocate`), so writing a page never needs space the disk lacks (which
+/// a mapping could only report as a fatal `SIGBUS`); past the end, the file
+/// is zeros, where recovery stops reading. It grows by doubling.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub(crate) file: std::fs::File,
+    map: memmap2::MmapMut,
+    pub(crate) len: usize,
+}
+
+/// A new segment's first capacity.
+const SEGMENT_START_BYTES: usize = 4 << 20;
+
+impl Segment {
+    /// Creates journal file `number` in `dir` holding `contents`.
+    pub(crate) fn create(dir: &Path, number: u64, contents: &[u8]) -> std::io::Result<Segment> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(Journal::path(dir, number))?;
+        let capacity = SEGMENT_START_BYTES.max((contents.len() + 1).next_power_of_two());
+        let mut segment = Segment {
+            map: Segment::map(&file, capacity)?,
+            file,
+            len: 0,
+        };
+        segment.append(contents)?;
+        Ok(segment)
+    }
+
+    /// Allocates `capacity` bytes of `file` and maps them.
+    fn map(file: &std::fs::File, capacity: usize) -> std::io::Result<memmap2::MmapMut> {
+        match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, capacity as u64) {
+            Ok(()) => {}
+            // A file system without preallocation (some network ones): the
+            // tail stays sparse, and a full disk would stop the process.
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                tracing::warn!("the usage journal's file system cannot preallocate; a full disk will stop Hearth");
+                file.set_len(capacity as u64)?;
+            }
+            Err(err) => return Err(err.into()),
+        }
+        #[expect(
+            unsafe_code,
+            reason = "the mapped file is Hearth's own journal, which nothing else truncates while it is mapped"
+        )]
+        let map = unsafe { memmap2::MmapOptions::new().len(capacity).map_mut(file)? };
+        Ok(map)
+    }
+
+    /// Appends `bytes`. Fault point `usage-journal-write`.
+    pub(crate) fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        fail::fail_point!("usage-journal-write", |_| Err(injected("usage-journal-write")));
+        let end = self.len + bytes.len();
+        if end > self.map.len() {
+            self.map = Segment::map(&self.file, end.next_power_of_two())?;
+        }
+        self.map[self.len..end].copy_from_slice(bytes);
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// The append side: the journal file and the records in it not yet ingested.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    pub(crate) dir: PathBuf,
+    /// `None` after a failed write, until the syncer has reopened it.
+    pub(crate) file: Option<Segment>,
+    pub(crate) number: u64,
+    pub(crate) next_seq: u64,
+    /// Written to the journal, not yet taken by the syncer.
+    pub(crate) queue: Vec<UsageRecord>,
+    /// Taken by the syncer, not yet durable and ingested (written again to
+    /// a new journal if the fsync fails).
+    pub(crate) in_flight: Vec<UsageRecord>,
+    pub(crate) buf: Vec<u8>,
+}
+
+impl Journal {
+    pub(crate) fn path(dir: &Path, number: u64) -> PathBuf {
+        dir.join(format!("journal-{number:08}.jsonl"))
+    }
+
+    /// `records`' lines (a journal written again after a failure).
+    pub(crate) fn lines(records: &[UsageRecord]) -> std::io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        for record in records {
+            serde_json::to_writer(&mut buf, record)?;
+            buf.push(b'\n');
+        }
+        Ok(buf)
+    }
+
+    /// The length of the open journal (0 when none is).
+    pub(crate) fn len(&self) -> usize {
+        self.file.as_ref().map_or(0, |segment| segment.len)
+    }
+}
+
+/// Reads every journal in `dir` and ingests into `sink` the records it
+/// lacks (those after its last sequence: ingestion is in sequence order, so
+/// what a crash kept is a prefix), then drops the journals. Returns the last
+/// sequence and the number of the journal to start.
+pub(crate) fn recover_journal(sink: &mut impl Sink, dir: &Path) -> Result<(u64, u64), LogError> {
+    let fail = |e: String| LogError::Database(format!("recovering the usage journal: {e}"));
+    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|e| fail(e.to_string()))?
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let number = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix("journal-")?
+                .strip_suffix(".jsonl")?
+                .parse()
+                .ok()?;
+            Some((number, path))
+        })
+        .collect();
+    files.sort();
+    let last = sink.last_seq().map_err(fail)?;
+    let mut missing: Vec<UsageRecord> = Vec::new();
+    for (_, path) in &files {
+        let file = std::fs::File::open(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        // A mapped journal's end is the first NUL (its allocated tail is
+        // zeros).
+        for line in std::io::BufReader::new(file).split(b'\n') {
+            let Ok(line) = line else { break };
+            if line.first().is_none_or(|&b| b == 0) {
+                break;
+            }
+            // A line cut short by a machine crash is the end of what was
+            // written; nothing after it was acknowledged as durable.
+            let Ok(record) = serde_json::from_slice::<UsageRecord>(&line) else {
+                break;
+            };
+            if record.seq > last {
+                missing.push(record);
+            }
+        }
+    }
+    missing.sort_by_key(|r| r.seq);
+    missing.dedup_by_key(|r| r.seq);
+    let recovered = missing.len();
+    for batch in missing.chunks(MAX_BATCH) {
+        sink.write(batch).map_err(fail)?;
+    }
+    let last = missing.last().map_or(last, |r| r.seq);
+    sink.checkpoint().map_err(fail)?;
+    if recovered > 0 {
+        tracing::info!(records = recovered, "usage records recovered from the journal");
+    }
+    for (_, path) in &files {
+        std::fs::remove_file(path).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    }
+    let number = files.last().map_or(0, |(number, _)| number + 1);
+    Ok((last, number))
+}
+
+/// Makes the journal's writes durable. Fault point `usage-journal-sync`.
+pub(crate) fn sync_journal(file: &std::fs::File) -> std::io::Result<()> {
+    fail::fail_point!("usage-journal-sync", |_| Err(injected("usage-journal-sync")));
+    file.sync_data()
+}
+
+#[cfg(feature = "failpoints")]
+fn injected(point: &str) -> std::io::Error {
+    std::io::Error::other(format!("injected fault ({point})"))
+}
+
+/// Arms the fault points named in `FAILPOINTS` (`name=actions;…`, as the
+/// `fail` crate reads them: `usage-journal-sync=2*return->off`), once per
+/// process. Only in builds with the `failpoints` feature (tests).
+#[cfg(feature = "failpoints")]
+pub(crate) fn arm_fault_points() {
+    static ARMED: std::sync::Once = std::sync::Once::new();
+    ARMED.call_once(|| {
+        let Ok(points) = std::env::var("FAILPOINTS") else {
+            return;
+        };
+        for point in points.split(';').filter(|p| !p.trim().is_empty()) {
+            let (name, actions) = point.split_once('=').unwrap_or((point, "return"));
+            if let Err(err) = fail::cfg(name.trim(), actions.trim()) {
+                tracing::error!(point, error = %err, "bad fault point");
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Outcome;
+
+    /// Keeps what it is given.
+    struct Kept(Vec<UsageRecord>);
+
+    impl Sink for Kept {
+        fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
+            self.0.extend_from_slice(batch);
+            Ok(())
+        }
+
+        fn reopen(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn committed(&mut self, _: &[&str]) -> Result<usize, String> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn a_mapped_journal_grows_and_is_recovered_up_to_its_zeros() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut segment = Segment::create(dir.path(), 3, &[]).expect("segment");
+        let mut lines = 0u64;
+        // Past the first capacity, so the mapping grows at least once.
+        while segment.len <= SEGMENT_START_BYTES {
+            lines += 1;
+            let record = UsageRecord {
+                seq: lines,
+                ..crate::PriceTable::default().price(crate::tests::usage(&format!("id-{lines:08}"), Outcome::Ok))
+            };
+            let mut line = serde_json::to_vec(&record).expect("json");
+            line.push(b'\n');
+            segment.append(&line).expect("append");
+        }
+        assert!(segment.map.len() > SEGMENT_START_BYTES);
+        // The process dies here: only the file remains.
+        drop(segment);
+        let mut kept = Kept(Vec::new());
+        let (last, next) = recover_journal(&mut kept, dir.path()).expect("recover");
+        assert_eq!((last, next), (lines, 4));
+        let seqs: Vec<u64> = kept.0.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=lines).collect::<Vec<_>>(), "every line once, in order");
+        assert!(
+            std::fs::read_dir(dir.path()).expect("dir").next().is_none(),
+            "recovered journals are dropped"
+        );
+    }
+}
