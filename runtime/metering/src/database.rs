@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
-use crate::log::Sink;
 use crate::record::{Outcome, Usage, UsageRecord};
+use crate::sink::Sink;
 
 /// One table clustered on the record id. Ids are UUIDv7, minted when the
 /// request arrives, so they sort by time: inserts append, and time ranges are

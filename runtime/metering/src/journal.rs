@@ -6,8 +6,8 @@
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 
-use crate::log::{LogError, MAX_BATCH, Sink};
 use crate::record::UsageRecord;
+use crate::sink::{LogError, MAX_BATCH, Sink};
 
 /// An open journal file, mapped into memory: an append is a copy into the
 /// mapping, that is into the kernel's page cache, with no system call, and

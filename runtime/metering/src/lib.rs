@@ -16,14 +16,15 @@ mod journal;
 mod log;
 mod price;
 mod record;
+mod sink;
 
 pub use export::{CSV_COLUMNS, EVENT_TYPE, Encoder, Format};
 pub use log::{
-    DEFAULT_SYNC_INTERVAL, Durability, Filter, GROUP_WINDOW, LogConfig, LogError, LogStats, MAX_BATCH, Pending, Sink,
-    SummaryRow, UsageLog,
+    DEFAULT_SYNC_INTERVAL, Durability, Filter, GROUP_WINDOW, LogConfig, LogStats, Pending, SummaryRow, UsageLog,
 };
 pub use price::{PriceError, PriceTable};
 pub use record::{Outcome, RecordView, Usage, UsageRecord, format_nanos, format_us};
+pub use sink::{LogError, MAX_BATCH, Sink};
 
 #[cfg(test)]
 mod tests;
