@@ -308,18 +308,28 @@ async fn wait_status(server: &Server, path: &str, status: u16) {
     panic!("{path} never answered {status}; log:\n{}", server.log());
 }
 
-/// Calls `faults` until it answers 200 (a 503 while the usage log is down
-/// is refused before it runs, unrecorded); its invocation id.
+/// Calls `faults` until an answer completes (200 and its whole body); its
+/// invocation id. While the usage log is down a call is refused with 503
+/// before it runs, or, if the log went down while it ran, its answer is cut
+/// before it completes (it was not recorded, so the client must not see it
+/// complete): both are tried again.
 async fn call_ok(server: &Server) -> String {
     loop {
-        let response = http().get(server.fn_url("faults", "/ok")).send().await.expect("call");
-        if response.status() == 200 {
-            return response.headers()["x-hearth-invocation-id"]
-                .to_str()
-                .expect("id")
-                .to_owned();
+        match http().get(server.fn_url("faults", "/ok")).send().await {
+            Ok(response) if response.status() == 200 => {
+                let id = response.headers()["x-hearth-invocation-id"]
+                    .to_str()
+                    .expect("id")
+                    .to_owned();
+                if response.bytes().await.is_ok() {
+                    return id;
+                }
+            }
+            Ok(response) => {
+                problem(response, 503).await;
+            }
+            Err(err) => assert!(err.is_request() || err.is_body(), "{err}"),
         }
-        problem(response, 503).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
