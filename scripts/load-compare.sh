@@ -2,7 +2,8 @@
 # The billing benches, side by side: warm `hello` under wrk, one server per
 # configuration, in alternating rounds (the order rotates each round, so a
 # slow phase of the machine hits every configuration alike), at each
-# connection count; then the median of each and its ratio to the first.
+# connection count; then the median of each, its ratio to the first, and the
+# median of the server's CPU time per request (from /proc, all threads).
 #   records     usage records on, default (process) durability; request log
 #               lines off (HEARTH_LOG=warn), public function: like the reference
 #   no-metering the same with --no-metering
@@ -77,7 +78,9 @@ stop() {
   server=""
 }
 
-declare -A results
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$server/stat"; }
+
+declare -A results cpu
 for round in $(seq 1 "$rounds"); do
   n=${#configs[@]}
   for i in $(seq 0 $((n - 1))); do
@@ -85,9 +88,17 @@ for round in $(seq 1 "$rounds"); do
     start "$config"
     for c in "${conns[@]}"; do
       wrk -t2 -c"$c" -d1s "${auth[@]}" "$url" >/dev/null # warm up
-      rate="$(wrk -t2 -c"$c" -d"${duration}s" "${auth[@]}" "$url" | awk '/Requests\/sec/ { print $2 }')"
+      before="$(cpu_ticks)"
+      out="$(wrk -t2 -c"$c" -d"${duration}s" "${auth[@]}" "$url")"
+      after="$(cpu_ticks)"
+      rate="$(echo "$out" | awk '/Requests\/sec/ { print $2 }')"
+      # The server's CPU time (all its threads) per request: steadier than
+      # throughput on a machine whose speed drifts.
+      per="$(echo "$out" | awk -v a="$before" -v b="$after" -v hz="$(getconf CLK_TCK)" \
+        '/requests in/ { printf "%.1f", (b - a) * 1e6 / hz / $1 }')"
       results["$config/$c"]="${results["$config/$c"]:-} $rate"
-      echo "round $round, $config, $c connections: $rate req/s"
+      cpu["$config/$c"]="${cpu["$config/$c"]:-} $per"
+      echo "round $round, $config, $c connections: $rate req/s, $per us CPU/request"
     done
     stop
   done
@@ -100,6 +111,8 @@ for c in "${conns[@]}"; do
   base="$(echo "${results["${configs[0]}/$c"]}" | median)"
   for config in "${configs[@]}"; do
     m="$(echo "${results["$config/$c"]}" | median)"
-    printf '  %-12s %3s conns  %9.0f req/s  %.3f\n' "$config" "$c" "$m" "$(awk -v a="$base" -v b="$m" 'BEGIN { print b / a }')"
+    u="$(echo "${cpu["$config/$c"]}" | median)"
+    printf '  %-12s %3s conns  %9.0f req/s  %.3f  %6.1f us CPU/request\n' "$config" "$c" "$m" \
+      "$(awk -v a="$base" -v b="$m" 'BEGIN { print b / a }')" "$u"
   done
 done
