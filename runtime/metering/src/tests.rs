@@ -338,6 +338,8 @@ async fn a_large_journal_rotates_under_steady_appends_and_keeps_every_record() {
         }
     }
     log.catch_up().await.expect("ingested");
+    // Closing joins the syncer: the journal directory is settled.
+    log.close(std::time::Duration::ZERO);
     let journals: Vec<String> = std::fs::read_dir(dir.path().join("usage-journal"))
         .expect("dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -345,7 +347,6 @@ async fn a_large_journal_rotates_under_steady_appends_and_keeps_every_record() {
     assert_eq!(journals.len(), 1, "the old journals are gone: {journals:?}");
     assert_ne!(journals[0], "journal-00000000.jsonl", "it rotated");
     // After a restart nothing is lost or doubled.
-    log.close(std::time::Duration::ZERO);
     let log = UsageLog::open(dir.path(), LogConfig::default()).expect("reopen");
     let all = log.page(&Filter::default(), 0, None, 10_000).await.expect("page");
     let seen: Vec<&str> = all.iter().map(|r| r.usage.id.as_str()).collect();
