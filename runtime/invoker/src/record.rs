@@ -240,9 +240,10 @@ impl Meter {
         }
     }
 
-    /// The response to send for the guest's `head` and `body`: whole after
-    /// the commit when the server is busy and the body is small and ends
-    /// within [`COALESCE_WAIT`]; otherwise streamed through [`Meter::body`].
+    /// The response to send for the guest's `head` and `body`: after the
+    /// commit when it has no body the client would read; whole after the
+    /// commit when the log is strict and busy and the body is small and ends
+    /// within [`COALESCE_WAIT`]; otherwise streamed (see [`Meter::streamed`]).
     /// A guest whose body fails before anything was sent gets a problem
     /// answer instead of a cut response.
     pub(crate) async fn respond<B>(
@@ -261,11 +262,7 @@ impl Meter {
         // write when the commit waits for an fsync shared with others
         // (strict, busy); in process mode the commit costs nothing to wait
         // for, and streaming is cheaper.
-        let strict = self
-            .log
-            .as_ref()
-            .is_some_and(|log| log.config().durability == Durability::Strict && log.busy());
-        if !strict {
+        if !(self.strict() && self.log.as_ref().is_some_and(UsageLog::busy)) {
             return Ok(self.streamed(head, body));
         }
         let deadline = tokio::time::Instant::now() + COALESCE_WAIT;
@@ -304,13 +301,27 @@ impl Meter {
                 whole.extend_from_slice(&data);
             }
         }
-        match finish_body(meter, false).await {
-            Ok(()) => Ok(Response::from_parts(
-                head,
-                Full::new(whole.freeze()).map_err(|never| match never {}).boxed_unsync(),
-            )),
+        let whole = Full::new(whole.freeze()).map_err(|never| match never {}).boxed_unsync();
+        meter.answer_after_commit(head, whole).await
+    }
+
+    /// Commits the record, then answers `head` with `body` (already whole).
+    async fn answer_after_commit(
+        self,
+        head: http::response::Parts,
+        body: ResponseBody,
+    ) -> Result<Response<ResponseBody>, Failure> {
+        match finish_body(self, false).await {
+            Ok(()) => Ok(Response::from_parts(head, body)),
             Err(log) => Err(Failure::Unrecorded(log)),
         }
+    }
+
+    /// Whether the record's log makes answers wait for its fsync.
+    fn strict(&self) -> bool {
+        self.log
+            .as_ref()
+            .is_some_and(|log| log.config().durability == Durability::Strict)
     }
 
     /// Whether the client sees the answer complete with its head alone: a
@@ -338,15 +349,10 @@ impl Meter {
             }
         }
         self.usage.status = head.status.as_u16();
-        match finish_body(self, false).await {
-            Ok(()) => Ok(Response::from_parts(
-                head,
-                http_body_util::Empty::new()
-                    .map_err(|never| match never {})
-                    .boxed_unsync(),
-            )),
-            Err(log) => Err(Failure::Unrecorded(log)),
-        }
+        let empty = http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        self.answer_after_commit(head, empty).await
     }
 
     /// The response with its body streamed through a [`MeteredBody`]: the
@@ -619,10 +625,7 @@ impl<B> MeteredBody<B> {
             self.state = BodyState::Done;
             return false;
         };
-        let strict = meter
-            .log
-            .as_ref()
-            .is_some_and(|log| log.config().durability == Durability::Strict);
+        let strict = meter.strict();
         self.state = BodyState::Committing(Box::pin(finish_body(meter, false)));
         strict
     }

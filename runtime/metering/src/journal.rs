@@ -99,14 +99,28 @@ impl Journal {
         dir.join(format!("journal-{number:08}.jsonl"))
     }
 
-    /// `records`' lines (a journal written again after a failure).
-    pub(crate) fn lines(records: &[UsageRecord]) -> std::io::Result<Vec<u8>> {
-        let mut buf = Vec::new();
+    /// The next journal file, starting with the lines of `records` (those
+    /// it must carry over from the current one). Appends go on to the
+    /// current file until [`Journal::switch_to`].
+    pub(crate) fn next_segment<'a>(
+        &self,
+        records: impl IntoIterator<Item = &'a UsageRecord>,
+    ) -> std::io::Result<Segment> {
+        let mut lines = Vec::new();
         for record in records {
-            serde_json::to_writer(&mut buf, record)?;
-            buf.push(b'\n');
+            serde_json::to_writer(&mut lines, record)?;
+            lines.push(b'\n');
         }
-        Ok(buf)
+        Segment::create(&self.dir, self.number + 1, &lines)
+    }
+
+    /// Sends appends to `segment`, made by [`Journal::next_segment`]; returns
+    /// the path of the file it replaces.
+    pub(crate) fn switch_to(&mut self, segment: Segment) -> PathBuf {
+        let old = Journal::path(&self.dir, self.number);
+        self.file = Some(segment);
+        self.number += 1;
+        old
     }
 
     /// The length of the open journal (0 when none is).

@@ -4,8 +4,8 @@
 //!
 //! **Durability.** [`UsageLog::append`] copies the record into the journal,
 //! a file mapped into memory, under a short lock, in the caller's own task:
-//! no system call, no thread hand-off, no wake-up. From then on it survives a crash (or `kill -9`) of
-//! the process at any moment. What it does not yet survive is a crash of the
+//! no system call, no thread hand-off, no wake-up. From then on it survives
+//! a crash (or `kill -9`) of the process at any moment. What it does not yet survive is a crash of the
 //! whole machine: the syncer `fdatasync`s the journal at least every
 //! [`LogConfig::sync_interval`] while records wait, so at most that window
 //! is lost to a power cut or a kernel crash. That is
@@ -61,8 +61,8 @@ const INGEST_EVERY: Duration = Duration::from_millis(100);
 /// How long a caller waits for its record to become durable before giving
 /// up (the log keeps the record and makes it durable once it can).
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
-/// Journal size past which it is started afresh once everything in it is
-/// ingested and the database synced.
+/// Journal size past which it is started afresh, once everything synced in
+/// it is ingested and the database synced (see [`rotate_if_large`]).
 const JOURNAL_ROTATE_BYTES: u64 = if cfg!(test) { 64 << 10 } else { 64 << 20 };
 
 /// When an answer may complete relative to its record's durability.
@@ -347,8 +347,8 @@ impl UsageLog {
     }
 
     /// Writes `record` to the journal with its commit sequence, which it
-    /// returns. Costs one `write` under a short lock; once it returns, the
-    /// record survives a crash of the process. In strict mode, follow with
+    /// returns. Costs a copy into the mapped journal under a short lock; once
+    /// it returns, the record survives a crash of the process. In strict mode, follow with
     /// [`UsageLog::durable`] before answering.
     pub fn append(&self, mut record: UsageRecord) -> Result<u64, LogError> {
         let shared = &self.shared;
@@ -726,19 +726,15 @@ fn rewrite_journal(shared: &Shared) {
     loop {
         let attempt = {
             let mut journal = shared.journal();
-            let number = journal.number + 1;
-            let mut records = journal.in_flight.clone();
-            records.extend(journal.queue.iter().cloned());
-            let written = Journal::lines(&records).and_then(|lines| {
-                let segment = Segment::create(&journal.dir, number, &lines)?;
-                sync_journal(&segment.file)?;
-                Ok(segment)
-            });
+            let written = journal
+                .next_segment(journal.in_flight.iter().chain(&journal.queue))
+                .and_then(|segment| sync_journal(&segment.file).map(|()| segment));
             written.map(|segment| {
                 let queued = std::mem::take(&mut journal.queue);
                 journal.in_flight.extend(queued);
-                journal.file = Some(segment);
-                journal.number = number;
+                // The old file's state is unknown: it is left for the next
+                // start, whose recovery reads what it can of it.
+                journal.switch_to(segment);
             })
         };
         match attempt {
@@ -778,13 +774,9 @@ fn rotate_if_large(sink: &mut impl Sink, shared: &Shared) {
     // the new one starts with them (under load there always are some, so
     // waiting for none would never rotate). Only this thread moves records
     // to `in_flight`, so everything else in the old journal is ingested.
-    let number = journal.number + 1;
-    let started = Journal::lines(&journal.queue).and_then(|lines| Segment::create(&journal.dir, number, &lines));
-    match started {
+    match journal.next_segment(&journal.queue) {
         Ok(segment) => {
-            let old = Journal::path(&journal.dir, journal.number);
-            journal.file = Some(segment);
-            journal.number = number;
+            let old = journal.switch_to(segment);
             drop(journal);
             if let Err(error) = std::fs::remove_file(&old) {
                 tracing::warn!(error = %error, path = %old.display(), "cannot remove an ingested usage journal");
