@@ -18,7 +18,7 @@ use hearth_devices::{DeviceError, Placement};
 use hearth_engine::{Engine, EngineError, Grants, Prepared};
 use hearth_manifest::{DeviceWish, Manifest, ManifestError};
 use hearth_store::{
-    Artifact, ArtifactKind, BlobStore, Digest, FunctionVersion, NewVersion, StagedBlob, Store, StoreError,
+    Artifact, ArtifactKind, BlobStore, FunctionVersion, NewVersion, StagedBlob, Store, StoreError,
 };
 
 use crate::assets::AssetDirs;
@@ -321,6 +321,14 @@ impl Registry {
     /// What a version's instances are given: its models by name, and its
     /// asset directory (built from the blobs if missing).
     async fn grants(&self, manifest: &Manifest, artifacts: &[Artifact]) -> Result<Grants> {
+        // In a cluster, a node that has not seen these blobs yet fetches them
+        // from the shared bucket; what cannot be fetched is reported below as
+        // missing, naming the model or file.
+        for artifact in artifacts {
+            if let Err(err) = self.blobs.ensure_local(&artifact.digest, artifact.size).await {
+                tracing::warn!(artifact = %artifact.name, error = %err, "cannot fetch a deployed blob");
+            }
+        }
         let models = artifacts
             .iter()
             .filter(|a| a.kind == ArtifactKind::Model)
@@ -455,16 +463,14 @@ impl Registry {
         }
         let engine = self.engine.clone();
         let key = digest.to_string();
-        let path = self.component_path(digest);
+        let path = self
+            .blobs
+            .ensure_local(digest, deployed.version.component_size)
+            .await?;
         let prepared = tokio::task::spawn_blocking(move || engine.load(&key, &path))
             .await
             .map_err(|e| RegistryError::Engine(e.to_string()))??;
         Ok(prepared)
-    }
-
-    /// Where a component blob lives.
-    pub fn component_path(&self, digest: &Digest) -> PathBuf {
-        self.blobs.path(digest)
     }
 
     /// The newest version of each function of `tenant`.

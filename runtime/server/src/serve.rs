@@ -12,7 +12,7 @@ use hearth_engine::{Engine, EngineConfig};
 use hearth_http::AppState;
 use hearth_invoker::{Invoker, InvokerConfig};
 use hearth_registry::Registry;
-use hearth_store::{BlobStore, SqliteStore, Store};
+use hearth_store::{BlobStore, Store};
 use tokio::io::AsyncWriteExt as _;
 
 /// Default time in-flight requests get to finish after SIGTERM/SIGINT.
@@ -26,6 +26,19 @@ pub struct ServeArgs {
     /// Directory for the database, blobs and compiled code.
     #[arg(long, env = "HEARTH_DATA_DIR", default_value = "./.hearth")]
     data_dir: PathBuf,
+    /// Where metadata lives (functions, versions, tokens, asynchronous
+    /// invocations): unset for the embedded SQLite file under --data-dir;
+    /// `postgres://user:password@host:port/database` for a cluster of nodes
+    /// sharing one PostgreSQL 15+ (migrations run at start).
+    #[arg(long, env = "HEARTH_STORE_URL", value_name = "URL", hide_env_values = true)]
+    store_url: Option<String>,
+    /// Where deployed blobs (components, models, files) live: unset for the
+    /// directory under --data-dir; `s3://bucket/prefix` for a cluster, with
+    /// the data directory as this node's cache. The bucket is reached with
+    /// AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    /// (and AWS_ALLOW_HTTP=true for a plain-HTTP endpoint).
+    #[arg(long, env = "HEARTH_BLOB_URL", value_name = "URL")]
+    blob_url: Option<String>,
     /// Operator admin token to accept; without it one is generated on the
     /// first start and printed once.
     #[arg(long = "admin-token", env = "HEARTH_ADMIN_TOKEN", hide_env_values = true)]
@@ -161,9 +174,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let data_dir = args.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
 
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
-    let blobs = BlobStore::open(&data_dir).context("opening the blob store")?;
+    let store: Arc<dyn Store> = match &args.store_url {
+        None => hearth_store::open(None, &data_dir)
+            .await
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+        Some(url) => hearth_store::open(Some(url), &data_dir)
+            .await
+            .with_context(|| format!("opening the store at {}", hearth_store::redact(url)))?,
+    };
+    let mut blobs = BlobStore::open(&data_dir).context("opening the blob store")?;
+    if let Some(url) = &args.blob_url {
+        blobs = blobs.with_remote(hearth_store::RemoteBlobs::from_url(url)?);
+    }
     let auth = Auth::new(store.clone());
     let generated = auth
         .bootstrap(args.admin_token.as_deref())

@@ -1,4 +1,7 @@
-//! Content-addressed blobs: `blobs/sha256/<hex>` under the data directory.
+//! Content-addressed blobs: `blobs/sha256/<hex>` under the data directory,
+//! backed in a cluster by a shared bucket ([`RemoteBlobs`]): a committed
+//! blob is uploaded before the deploy that wrote it succeeds, and a blob a
+//! node lacks is fetched on first use ([`BlobStore::ensure_local`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -6,6 +9,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::remote::RemoteBlobs;
 use crate::{Result, StoreError};
 
 /// A SHA-256 digest in lowercase hex. Constructed only from a hash or a
@@ -37,11 +41,13 @@ impl fmt::Display for Digest {
     }
 }
 
-/// The blob directory. Cheap to clone.
+/// The blob directory (and, in a cluster, the bucket behind it). Cheap to
+/// clone.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     blobs: PathBuf,
     staging: PathBuf,
+    remote: Option<std::sync::Arc<RemoteBlobs>>,
 }
 
 impl BlobStore {
@@ -55,7 +61,44 @@ impl BlobStore {
                 source,
             })?;
         }
-        Ok(BlobStore { blobs, staging })
+        Ok(BlobStore {
+            blobs,
+            staging,
+            remote: None,
+        })
+    }
+
+    /// Backs this directory with a shared bucket: it becomes this node's
+    /// cache of the bucket's blobs.
+    pub fn with_remote(mut self, remote: RemoteBlobs) -> BlobStore {
+        self.remote = Some(std::sync::Arc::new(remote));
+        self
+    }
+
+    /// The local path of a blob, fetching it from the shared bucket first if
+    /// this node does not have it (or has a copy of the wrong size). Without a
+    /// bucket, the path whether or not the file exists.
+    pub async fn ensure_local(&self, digest: &Digest, size: u64) -> Result<PathBuf> {
+        let path = self.path(digest);
+        let Some(remote) = &self.remote else {
+            return Ok(path);
+        };
+        if tokio::fs::metadata(&path).await.is_ok_and(|m| m.len() == size) {
+            return Ok(path);
+        }
+        let staged = self.staging.join(format!("fetch-{}", uuid::Uuid::now_v7()));
+        let fetched = remote.download(digest, size, &staged).await;
+        let placed = match fetched {
+            Ok(()) => tokio::fs::rename(&staged, &path).await.map_err(|source| StoreError::Io {
+                path: path.clone(),
+                source,
+            }),
+            Err(e) => Err(e),
+        };
+        if placed.is_err() {
+            let _ = tokio::fs::remove_file(&staged).await;
+        }
+        placed.map(|()| path)
     }
 
     /// Where the blob with this digest lives (whether or not it exists).
@@ -89,6 +132,7 @@ impl BlobStore {
             hasher: Sha256::new(),
             len: 0,
             blobs: self.blobs.clone(),
+            remote: self.remote.clone(),
         })
     }
 }
@@ -102,6 +146,7 @@ pub struct StagedBlob {
     hasher: Sha256,
     len: u64,
     blobs: PathBuf,
+    remote: Option<std::sync::Arc<RemoteBlobs>>,
 }
 
 impl StagedBlob {
@@ -148,8 +193,9 @@ impl StagedBlob {
         Ok(Digest(hex::encode(self.hasher.clone().finalize())))
     }
 
-    /// Moves the finished blob to its content address and returns the digest.
-    /// Committing content that already exists keeps the existing file.
+    /// Moves the finished blob to its content address (and, in a cluster,
+    /// uploads it to the shared bucket) and returns the digest. Committing
+    /// content that already exists keeps the existing file.
     pub async fn commit(mut self) -> Result<Digest> {
         let digest = self.finish().await?;
         let target = self.blobs.join(digest.as_str());
@@ -159,6 +205,9 @@ impl StagedBlob {
                 path: target.clone(),
                 source,
             })?;
+        if let Some(remote) = &self.remote {
+            remote.upload(&digest, &target, self.len).await?;
+        }
         Ok(digest)
     }
 }

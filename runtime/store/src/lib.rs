@@ -1,9 +1,10 @@
 //! Hearth's durable state.
 //!
 //! - [`Store`]: the metadata that must survive a restart (tenants, tokens,
-//!   functions and their versions) behind one async trait, so the embedded
-//!   SQLite backend ([`SqliteStore`], the default) and a cluster backend can be
-//!   swapped without touching callers.
+//!   functions and their versions, asynchronous invocations) behind one async
+//!   trait, with two backends chosen by URL ([`open`]): the embedded SQLite
+//!   file ([`SqliteStore`], the default) and a PostgreSQL database shared by a
+//!   cluster ([`PostgresStore`]). One conformance suite runs against both.
 //! - [`BlobStore`]: content-addressed files (components, later models) under the
 //!   data directory, named by their SHA-256 and written by staging + rename, so
 //!   a crash never leaves a half-written blob under a valid name.
@@ -11,12 +12,53 @@
 //! Timestamps are Unix milliseconds; callers format them at the edge.
 
 mod blob;
+#[cfg(test)]
+mod conformance;
+mod postgres;
+mod remote;
 mod sqlite;
+
+use std::path::Path;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 pub use blob::{BlobStore, Digest, StagedBlob};
+pub use postgres::{CHANGES_CHANNEL, PostgresStore};
+pub use remote::RemoteBlobs;
 pub use sqlite::SqliteStore;
+
+/// Opens the store named by `url`: `None` (or `sqlite:`) for the embedded
+/// SQLite file under `data_dir`, `postgres://…` (or `postgresql://…`) for a
+/// PostgreSQL database shared by a cluster.
+pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Store>> {
+    match url.map(str::trim).filter(|url| !url.is_empty()) {
+        None | Some("sqlite:") => Ok(Arc::new(SqliteStore::open(data_dir)?)),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(PostgresStore::connect(url).await?))
+        }
+        Some(url) => Err(StoreError::Config(format!(
+            "unknown store URL {:?}: use postgres://user@host:port/database, or leave it unset for the \
+             embedded SQLite store",
+            redact(url)
+        ))),
+    }
+}
+
+/// A URL with any password replaced by `***`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((user, host)) if user.contains(':') => {
+            let name = user.split(':').next().unwrap_or_default();
+            format!("{scheme}://{name}:***@{host}{path}")
+        }
+        _ => url.to_owned(),
+    }
+}
 
 /// Result of a store operation.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -28,6 +70,19 @@ pub enum StoreError {
     /// The database refused or failed.
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL refused or failed.
+    #[error("postgresql: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The database cannot be reached now (no connection within the pool's
+    /// timeout); callers answer 503.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// The shared object store refused or failed.
+    #[error("object store: {0}")]
+    Remote(String),
+    /// The store's URL or settings are wrong (at start).
+    #[error("{0}")]
+    Config(String),
     /// A file under the data directory could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -274,6 +329,21 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Puts invocations left running by a stopped server back in the queue;
     /// returns how many.
     async fn requeue_running_async(&self) -> Result<usize>;
+}
+
+/// A message head as stored (JSON; the body is stored beside it).
+pub(crate) fn head_json(message: &StoredMessage) -> Result<String> {
+    serde_json::to_string(message).map_err(|e| StoreError::Corrupt(format!("encoding a message head: {e}")))
+}
+
+/// A stored message from its head and body columns; `None` when there is
+/// no head (no response yet).
+pub(crate) fn message_from_parts(head: Option<String>, body: Option<Vec<u8>>) -> Result<Option<StoredMessage>> {
+    let Some(head) = head else { return Ok(None) };
+    let mut message: StoredMessage =
+        serde_json::from_str(&head).map_err(|e| StoreError::Corrupt(format!("a stored message head: {e}")))?;
+    message.body = body.unwrap_or_default();
+    Ok(Some(message))
 }
 
 /// The current time in Unix milliseconds.

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::{
     Artifact, ArtifactKind, AsyncInvocation, AsyncState, Digest, FunctionVersion, NewVersion, Result, Store,
-    StoreError, StoredMessage, TokenRecord, now_ms,
+    StoreError, StoredMessage, TokenRecord, head_json, now_ms,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many
@@ -163,10 +163,6 @@ fn async_from_row(row: &Row<'_>) -> rusqlite::Result<AsyncInvocation> {
         request: message(8, 9)?.unwrap_or_default(),
         response: message(10, 11)?,
     })
-}
-
-fn head_json(message: &StoredMessage) -> Result<String> {
-    serde_json::to_string(message).map_err(|e| StoreError::Worker(format!("encoding a message head: {e}")))
 }
 
 const VERSION_COLUMNS: &str = "v.tenant, v.name, v.version, v.manifest, v.component, v.component_size, v.created_at_ms";
@@ -543,153 +539,6 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn new_version(name: &str, content: &[u8]) -> NewVersion {
-        NewVersion {
-            tenant: "default".into(),
-            name: name.into(),
-            manifest: format!("name = \"{name}\""),
-            component: Digest::of(content),
-            component_size: content.len() as u64,
-            artifacts: Vec::new(),
-        }
-    }
-
-    #[tokio::test]
-    async fn async_invocations_queue_run_finish_and_survive_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(dir.path()).expect("open");
-        store.ensure_tenant("default").await.expect("tenant");
-        let request = StoredMessage {
-            method: "POST".into(),
-            uri: "/x?y=1".into(),
-            status: 0,
-            headers: vec![("content-type".into(), "text/plain".into())],
-            body: vec![0, 159, 146, 150],
-        };
-        for id in ["a", "b", "c"] {
-            store
-                .insert_async(AsyncInvocation {
-                    id: id.into(),
-                    tenant: "default".into(),
-                    function: "echo".into(),
-                    state: AsyncState::Queued,
-                    attempts: 0,
-                    submitted_at_ms: 1,
-                    started_at_ms: None,
-                    finished_at_ms: None,
-                    request: request.clone(),
-                    response: None,
-                })
-                .await
-                .expect("insert");
-        }
-        let claimed = store.claim_async(2).await.expect("claim");
-        assert_eq!(claimed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(claimed[0].request, request, "the body survives byte for byte");
-        assert_eq!((claimed[0].state, claimed[0].attempts), (AsyncState::Running, 1));
-        let response = StoredMessage {
-            status: 201,
-            body: b"done".to_vec(),
-            ..StoredMessage::default()
-        };
-        store
-            .finish_async("a", AsyncState::Succeeded, Some(response.clone()))
-            .await
-            .expect("finish");
-        drop(store);
-
-        // "b" was running when the server stopped: it runs again.
-        let store = SqliteStore::open(dir.path()).expect("reopen");
-        assert_eq!(store.requeue_running_async().await.expect("requeue"), 1);
-        let a = store.async_invocation("default", "a").await.expect("get").expect("a");
-        assert_eq!((a.state, a.response), (AsyncState::Succeeded, Some(response)));
-        assert!(a.finished_at_ms.is_some());
-        assert!(
-            store.async_invocation("other", "a").await.expect("get").is_none(),
-            "tenant-scoped"
-        );
-        let claimed = store.claim_async(10).await.expect("claim");
-        assert_eq!(claimed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["b", "c"]);
-        assert_eq!(claimed[0].attempts, 2);
-        assert!(store.claim_async(10).await.expect("claim").is_empty());
-    }
-
-    #[tokio::test]
-    async fn versions_count_up_survive_reopen_and_deletion_keeps_numbers() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(dir.path()).expect("open");
-        store.ensure_tenant("default").await.expect("tenant");
-        assert!(store.tenant_exists("default").await.expect("exists"));
-        assert_eq!(store.list_tenants().await.expect("tenants"), ["default"]);
-        assert!(!store.tenant_exists("acme").await.expect("exists"));
-
-        let model = Artifact {
-            kind: ArtifactKind::Model,
-            name: "mnist-mlp".into(),
-            digest: Digest::of(b"onnx"),
-            size: 4,
-        };
-        let labels = Artifact {
-            kind: ArtifactKind::File,
-            name: "/labels.txt".into(),
-            digest: Digest::of(b"labels"),
-            size: 6,
-        };
-        let v1 = store
-            .create_version(NewVersion {
-                artifacts: vec![labels.clone(), model.clone()],
-                ..new_version("echo", b"one")
-            })
-            .await
-            .expect("v1");
-        assert_eq!(v1.artifacts, [model, labels], "models first, then files");
-        let v2 = store.create_version(new_version("echo", b"two")).await.expect("v2");
-        assert_eq!((v1.version, v2.version), (1, 2));
-        drop(store);
-
-        let store = SqliteStore::open(dir.path()).expect("reopen");
-        let latest = store
-            .latest_version("default", "echo")
-            .await
-            .expect("latest")
-            .expect("exists");
-        assert_eq!(latest, v2);
-        let versions = store.list_versions("default", "echo").await.expect("versions");
-        assert_eq!(versions, [v1.clone(), v2.clone()], "artifacts survive a reopen");
-        assert_eq!(store.list_functions("default").await.expect("list"), vec![v2]);
-
-        assert!(store.delete_function("default", "echo").await.expect("delete"));
-        assert!(!store.delete_function("default", "echo").await.expect("delete again"));
-        assert_eq!(store.latest_version("default", "echo").await.expect("latest"), None);
-        assert!(store.list_functions("default").await.expect("list").is_empty());
-
-        let v3 = store.create_version(new_version("echo", b"three")).await.expect("v3");
-        assert_eq!(v3.version, 3, "a redeploy after delete never reuses a version number");
-        assert_eq!(store.list_versions("default", "echo").await.expect("versions").len(), 3);
-    }
-
-    #[tokio::test]
-    async fn tokens_are_found_by_hash() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(dir.path()).expect("open");
-        store.ensure_tenant("default").await.expect("tenant");
-        assert!(!store.has_operator_token().await.expect("any"));
-        let token = TokenRecord {
-            id: "tok_1".into(),
-            tenant: "default".into(),
-            role: "admin".into(),
-            operator: true,
-            hash: "ab".repeat(32),
-            created_at_ms: 1,
-            expires_at_ms: None,
-            revoked_at_ms: None,
-        };
-        store.insert_token(token.clone()).await.expect("insert");
-        assert!(store.has_operator_token().await.expect("any"));
-        assert_eq!(store.token_by_hash(&token.hash).await.expect("find"), Some(token));
-        assert_eq!(store.token_by_hash("00").await.expect("find"), None);
-    }
 
     #[test]
     fn migrations_are_idempotent() {

@@ -1,0 +1,283 @@
+//! One suite of [`Store`] behaviour, run against both backends: the
+//! embedded SQLite file and a real PostgreSQL server (started by
+//! `hearth-services` in a temporary directory). Each case gets a database of
+//! its own and may open it several times ("another node", "a restart").
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::{
+    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Digest, NewVersion, PostgresStore, SqliteStore, Store,
+    StoredMessage, TokenRecord,
+};
+
+/// Opens the case's database (again: every call is a new handle on it).
+type Open = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Store>> + Send>> + Send + Sync>;
+type Case = fn(Open) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+const CASES: &[(&str, Case)] = &[
+    ("versions", |open| Box::pin(versions_count_up_survive_reopen_and_deletion_keeps_numbers(open))),
+    ("concurrent deploys", |open| Box::pin(concurrent_deploys_get_distinct_versions(open))),
+    ("tokens", |open| Box::pin(tokens_are_found_listed_and_revoked(open))),
+    ("async queue", |open| Box::pin(async_invocations_queue_run_finish_and_survive_reopen(open))),
+    ("async claims", |open| Box::pin(concurrent_claims_never_share_an_invocation(open))),
+];
+
+#[tokio::test]
+async fn sqlite_backend_conforms() {
+    for (name, case) in CASES {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let open: Open = Arc::new(move || {
+            let dir = dir.clone();
+            Box::pin(async move { Arc::new(SqliteStore::open(dir.path()).expect("open")) as Arc<dyn Store> })
+        });
+        eprintln!("sqlite: {name}");
+        case(open).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_backend_conforms() {
+    let server = hearth_services::Postgres::start();
+    for (i, (name, case)) in CASES.iter().enumerate() {
+        let url = server.create_database(&format!("case{i}"));
+        let open: Open = Arc::new(move || {
+            let url = url.clone();
+            Box::pin(async move { Arc::new(PostgresStore::connect(&url).await.expect("connect")) as Arc<dyn Store> })
+        });
+        eprintln!("postgres: {name}");
+        case(open).await;
+    }
+}
+
+fn new_version(name: &str, content: &[u8]) -> NewVersion {
+    NewVersion {
+        tenant: "default".into(),
+        name: name.into(),
+        manifest: format!("name = \"{name}\""),
+        component: Digest::of(content),
+        component_size: content.len() as u64,
+        artifacts: Vec::new(),
+    }
+}
+
+async fn versions_count_up_survive_reopen_and_deletion_keeps_numbers(open: Open) {
+    let store = open().await;
+    store.ensure_tenant("default").await.expect("tenant");
+    store.ensure_tenant("default").await.expect("tenant again");
+    assert!(store.tenant_exists("default").await.expect("exists"));
+    assert_eq!(store.list_tenants().await.expect("tenants"), ["default"]);
+    assert!(!store.tenant_exists("acme").await.expect("exists"));
+
+    let model = Artifact {
+        kind: ArtifactKind::Model,
+        name: "mnist-mlp".into(),
+        digest: Digest::of(b"onnx"),
+        size: 4,
+    };
+    let labels = Artifact {
+        kind: ArtifactKind::File,
+        name: "/labels.txt".into(),
+        digest: Digest::of(b"labels"),
+        size: 6,
+    };
+    let v1 = store
+        .create_version(NewVersion {
+            artifacts: vec![labels.clone(), model.clone()],
+            ..new_version("echo", b"one")
+        })
+        .await
+        .expect("v1");
+    assert_eq!(v1.artifacts, [model, labels], "models first, then files");
+    let v2 = store.create_version(new_version("echo", b"two")).await.expect("v2");
+    assert_eq!((v1.version, v2.version), (1, 2));
+    drop(store);
+
+    let store = open().await;
+    let latest = store
+        .latest_version("default", "echo")
+        .await
+        .expect("latest")
+        .expect("exists");
+    assert_eq!(latest, v2);
+    let versions = store.list_versions("default", "echo").await.expect("versions");
+    assert_eq!(versions, [v1.clone(), v2.clone()], "artifacts survive a reopen");
+    assert_eq!(store.list_functions("default").await.expect("list"), vec![v2]);
+    assert!(store.list_functions("acme").await.expect("list").is_empty());
+
+    assert!(store.delete_function("default", "echo").await.expect("delete"));
+    assert!(!store.delete_function("default", "echo").await.expect("delete again"));
+    assert_eq!(store.latest_version("default", "echo").await.expect("latest"), None);
+    assert!(store.list_functions("default").await.expect("list").is_empty());
+    assert!(store.list_versions("default", "echo").await.expect("versions").is_empty());
+
+    let v3 = store.create_version(new_version("echo", b"three")).await.expect("v3");
+    assert_eq!(v3.version, 3, "a redeploy after delete never reuses a version number");
+    assert_eq!(store.list_versions("default", "echo").await.expect("versions").len(), 3);
+}
+
+/// Two nodes deploying the same function at once: every deploy gets a
+/// number of its own.
+async fn concurrent_deploys_get_distinct_versions(open: Open) {
+    let (a, b) = (open().await, open().await);
+    a.ensure_tenant("default").await.expect("tenant");
+    let deploys = (0..8u8).map(|i| {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tokio::spawn(async move { store.create_version(new_version("race", &[i])).await.expect("deploy") })
+    });
+    let mut numbers = Vec::new();
+    for deploy in deploys {
+        numbers.push(deploy.await.expect("join").version);
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=8).collect::<Vec<_>>());
+    let latest = b.latest_version("default", "race").await.expect("latest").expect("exists");
+    assert_eq!(latest.version, 8);
+}
+
+async fn tokens_are_found_listed_and_revoked(open: Open) {
+    let store = open().await;
+    store.ensure_tenant("default").await.expect("tenant");
+    store.ensure_tenant("acme").await.expect("tenant");
+    assert!(!store.has_operator_token().await.expect("any"));
+    let operator = TokenRecord {
+        id: "tok_1".into(),
+        tenant: "default".into(),
+        role: "admin".into(),
+        operator: true,
+        hash: "ab".repeat(32),
+        created_at_ms: 1,
+        expires_at_ms: None,
+        revoked_at_ms: None,
+    };
+    let invoker = TokenRecord {
+        id: "tok_2".into(),
+        tenant: "acme".into(),
+        role: "invoker".into(),
+        operator: false,
+        hash: "cd".repeat(32),
+        created_at_ms: 2,
+        expires_at_ms: Some(10_000),
+        revoked_at_ms: None,
+    };
+    store.insert_token(operator.clone()).await.expect("insert");
+    store.insert_token(invoker.clone()).await.expect("insert");
+    assert!(
+        store.insert_token(operator.clone()).await.is_err(),
+        "a token id is unique"
+    );
+    assert!(store.has_operator_token().await.expect("any"));
+    assert_eq!(
+        store.token_by_hash(&operator.hash).await.expect("find"),
+        Some(operator.clone())
+    );
+    assert_eq!(store.token_by_hash("00").await.expect("find"), None);
+    assert_eq!(store.token_by_id("tok_2").await.expect("find"), Some(invoker.clone()));
+    assert_eq!(
+        store.list_tokens(None).await.expect("list"),
+        [operator.clone(), invoker.clone()]
+    );
+    assert_eq!(store.list_tokens(Some("acme")).await.expect("list"), [invoker]);
+
+    let revoked = store.revoke_token("tok_1").await.expect("revoke").expect("exists");
+    let at = revoked.revoked_at_ms.expect("revoked");
+    let again = store.revoke_token("tok_1").await.expect("revoke").expect("exists");
+    assert_eq!(again.revoked_at_ms, Some(at), "the first revocation time is kept");
+    assert_eq!(store.revoke_token("tok_9").await.expect("revoke"), None);
+    assert!(!store.has_operator_token().await.expect("any"), "a revoked operator token does not count");
+}
+
+fn queued(id: &str, request: &StoredMessage) -> AsyncInvocation {
+    AsyncInvocation {
+        id: id.into(),
+        tenant: "default".into(),
+        function: "echo".into(),
+        state: AsyncState::Queued,
+        attempts: 0,
+        submitted_at_ms: 1,
+        started_at_ms: None,
+        finished_at_ms: None,
+        request: request.clone(),
+        response: None,
+    }
+}
+
+async fn async_invocations_queue_run_finish_and_survive_reopen(open: Open) {
+    let store = open().await;
+    store.ensure_tenant("default").await.expect("tenant");
+    let request = StoredMessage {
+        method: "POST".into(),
+        uri: "/x?y=1".into(),
+        status: 0,
+        headers: vec![("content-type".into(), "text/plain".into())],
+        body: vec![0, 159, 146, 150],
+    };
+    for id in ["a", "b", "c"] {
+        store.insert_async(queued(id, &request)).await.expect("insert");
+    }
+    let claimed = store.claim_async(2).await.expect("claim");
+    assert_eq!(claimed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(claimed[0].request, request, "the body survives byte for byte");
+    assert_eq!((claimed[0].state, claimed[0].attempts), (AsyncState::Running, 1));
+    let response = StoredMessage {
+        status: 201,
+        headers: vec![("x-result".into(), "yes".into())],
+        body: b"done".to_vec(),
+        ..StoredMessage::default()
+    };
+    store
+        .finish_async("a", AsyncState::Succeeded, Some(response.clone()))
+        .await
+        .expect("finish");
+    drop(store);
+
+    // "b" was running when the server stopped: it runs again.
+    let store = open().await;
+    assert_eq!(store.requeue_running_async().await.expect("requeue"), 1);
+    let a = store.async_invocation("default", "a").await.expect("get").expect("a");
+    assert_eq!((a.state, a.response), (AsyncState::Succeeded, Some(response)));
+    assert!(a.finished_at_ms.is_some());
+    assert!(
+        store.async_invocation("other", "a").await.expect("get").is_none(),
+        "tenant-scoped"
+    );
+    let claimed = store.claim_async(10).await.expect("claim");
+    assert_eq!(claimed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+    assert_eq!(claimed[0].attempts, 2);
+    assert!(store.claim_async(10).await.expect("claim").is_empty());
+}
+
+/// Several runners claiming at once never get the same invocation.
+async fn concurrent_claims_never_share_an_invocation(open: Open) {
+    let mut stores = Vec::new();
+    for _ in 0..6 {
+        stores.push(open().await);
+    }
+    stores[0].ensure_tenant("default").await.expect("tenant");
+    let ids: Vec<String> = (0..300).map(|i| format!("inv{i:03}")).collect();
+    for id in &ids {
+        stores[0]
+            .insert_async(queued(id, &StoredMessage::default()))
+            .await
+            .expect("insert");
+    }
+    let runners = stores.iter().cloned().map(|store| {
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let claimed = store.claim_async(2).await.expect("claim");
+                if claimed.is_empty() {
+                    return mine;
+                }
+                mine.extend(claimed.into_iter().map(|i| i.id));
+            }
+        })
+    });
+    let mut all = Vec::new();
+    for runner in runners {
+        all.extend(runner.await.expect("join"));
+    }
+    all.sort();
+    assert_eq!(all, ids, "each invocation claimed exactly once");
+}
