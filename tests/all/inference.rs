@@ -74,7 +74,7 @@ fn assert_top(answer: &Value, expected: &[(u64, f32)], what: &str) {
     }
 }
 
-async fn classify(server: &Server, name: &str, n: u64) -> Value {
+pub(crate) async fn classify(server: &Server, name: &str, n: u64) -> Value {
     let response = http()
         .post(server.fn_url(name, "/"))
         .json(&json!({ "input": mlp_input(n) }))

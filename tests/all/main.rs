@@ -7,6 +7,7 @@ mod server;
 
 mod asynchronous;
 mod billing;
+mod cluster;
 mod crash;
 mod deploy;
 mod errors;

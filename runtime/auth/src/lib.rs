@@ -258,6 +258,17 @@ impl Auth {
         Ok(revoked)
     }
 
+    /// Drops the cached copy of a token changed elsewhere (revoked through
+    /// another node of a cluster).
+    pub fn forget_token(&self, id: &str) {
+        self.verified.retain(|_, (record, _)| record.id != id);
+    }
+
+    /// Drops every cached token (something changed elsewhere, unsaid).
+    pub fn forget_all(&self) {
+        self.verified.clear();
+    }
+
     /// Authenticates against `store`.
     pub fn new(store: Arc<dyn Store>) -> Auth {
         Auth {

@@ -489,6 +489,18 @@ impl Registry {
 
     /// Deletes a function: later invocations answer 404. Invocations already
     /// running finish on the instance they have.
+    /// Drops the cached version of a function changed elsewhere (another
+    /// node of a cluster deployed or deleted it): the next call reads it
+    /// from the store again.
+    pub fn forget(&self, tenant: &str, name: &str) {
+        self.latest.remove(&(tenant.to_owned(), name.to_owned()));
+    }
+
+    /// Drops every cached version (something changed elsewhere, unsaid).
+    pub fn forget_all(&self) {
+        self.latest.clear();
+    }
+
     pub async fn delete(&self, tenant: &str, name: &str) -> Result<()> {
         if !self.store.delete_function(tenant, name).await? {
             return Err(not_found(tenant, name));

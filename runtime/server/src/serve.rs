@@ -163,6 +163,26 @@ fn config_file<T, E: std::fmt::Display>(
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// On a store shared by a cluster, drops this node's cached functions and
+/// tokens as other nodes change them.
+fn follow_cluster_changes(store: &dyn Store, registry: &Registry, auth: &Auth) {
+    let Some(mut changes) = store.changes() else { return };
+    let (registry, auth) = (registry.clone(), auth.clone());
+    tokio::spawn(async move {
+        while let Some(change) = changes.recv().await {
+            tracing::debug!(?change, "cluster change");
+            match change {
+                hearth_store::Change::Function { tenant, name } => registry.forget(&tenant, &name),
+                hearth_store::Change::Token { id } => auth.forget_token(&id),
+                hearth_store::Change::Unknown => {
+                    registry.forget_all();
+                    auth.forget_all();
+                }
+            }
+        }
+    });
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let format = match args.log_format {
         LogFormat::Text => hearth_telemetry::LogFormat::Text,
@@ -218,6 +238,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         nn.clone(),
         data_dir.join("assets"),
     );
+    follow_cluster_changes(store.as_ref(), &registry, &auth);
     let pools = hearth_invoker::Pools::new(hearth_scheduler::SchedulerConfig {
         max_instances: args.max_instances as usize,
         max_queued: args.max_queued,

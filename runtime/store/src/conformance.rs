@@ -281,3 +281,64 @@ async fn concurrent_claims_never_share_an_invocation(open: Open) {
     all.sort();
     assert_eq!(all, ids, "each invocation claimed exactly once");
 }
+
+/// A node follows what other nodes change: deploys, deletes and
+/// revocations are announced, and a change that was not (a lost
+/// notification) is noticed by the counter check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_announces_changes_to_other_nodes() {
+    let server = hearth_services::Postgres::start();
+    let url = server.create_database("changes");
+    let here = PostgresStore::connect(&url).await.expect("connect");
+    let there = PostgresStore::connect(&url).await.expect("connect");
+    let mut changes = there.changes().expect("a shared store announces changes");
+    // The follower is listening once it has read the counter: a first check
+    // passes without news.
+    here.ensure_tenant("default").await.expect("tenant");
+    here.create_version(new_version("echo", b"one")).await.expect("deploy");
+    let next = async |changes: &mut tokio::sync::mpsc::Receiver<crate::Change>| {
+        tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv())
+            .await
+            .expect("a change within the guard")
+            .expect("the feed is open")
+    };
+    let mut first = next(&mut changes).await;
+    // A deploy made before the follower listened shows up as the counter
+    // moving (Unknown); skip it.
+    if first == crate::Change::Unknown {
+        here.create_version(new_version("echo", b"two")).await.expect("deploy");
+        first = next(&mut changes).await;
+    }
+    assert_eq!(
+        first,
+        crate::Change::Function {
+            tenant: "default".into(),
+            name: "echo".into()
+        }
+    );
+    here.delete_function("default", "echo").await.expect("delete");
+    assert!(matches!(next(&mut changes).await, crate::Change::Function { .. }));
+    here.insert_token(TokenRecord {
+        id: "tok_9".into(),
+        tenant: "default".into(),
+        role: "invoker".into(),
+        operator: false,
+        hash: "ef".repeat(32),
+        created_at_ms: 1,
+        expires_at_ms: None,
+        revoked_at_ms: None,
+    })
+    .await
+    .expect("token");
+    here.revoke_token("tok_9").await.expect("revoke");
+    assert_eq!(next(&mut changes).await, crate::Change::Token { id: "tok_9".into() });
+
+    // A change whose notification was lost: the counter moved, nothing said so.
+    here.client()
+        .await
+        .expect("client")
+        .execute("UPDATE hearth_changes SET seq = seq + 1", &[])
+        .await
+        .expect("bump");
+    assert_eq!(next(&mut changes).await, crate::Change::Unknown);
+}

@@ -329,6 +329,33 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Puts invocations left running by a stopped server back in the queue;
     /// returns how many.
     async fn requeue_running_async(&self) -> Result<usize>;
+
+    /// Changes made by other nodes sharing this store, for their caches to
+    /// follow (started on the current tokio runtime; stops when the receiver
+    /// is dropped). `None` for a store no other node shares.
+    fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
+        None
+    }
+}
+
+/// A change announced by the node that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A function was deployed again or deleted.
+    Function {
+        /// Its tenant.
+        tenant: String,
+        /// Its name.
+        name: String,
+    },
+    /// A token was revoked.
+    Token {
+        /// Its public id.
+        id: String,
+    },
+    /// Something may have changed that was not announced (a lost
+    /// notification, a reconnect): drop every cached entry.
+    Unknown,
 }
 
 /// A message head as stored (JSON; the body is stored beside it).

@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::{NoTls, Row};
+use futures::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use crate::{
-    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Digest, FunctionVersion, NewVersion, Result, Store,
+    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Change, Digest, FunctionVersion, NewVersion, Result, Store,
     StoreError, StoredMessage, TokenRecord, head_json, message_from_parts, now_ms,
 };
 
@@ -96,7 +98,15 @@ const MIGRATIONS: &[&str] = &[
         lease_until_ms BIGINT
     );
     CREATE INDEX async_invocations_queue ON async_invocations(state, submitted_at_ms);",
+    // 2: a counter of announced changes, for nodes to notice a lost NOTIFY.
+    "CREATE TABLE hearth_changes (seq BIGINT NOT NULL);
+    INSERT INTO hearth_changes (seq) VALUES (0);",
 ];
+
+/// How often a node compares the change counter with the announcements it
+/// received: the bound on how stale its caches get when a notification is
+/// lost (a dropped connection, a restarted PostgreSQL).
+pub const STALENESS_CHECK: Duration = Duration::from_secs(1);
 
 /// PostgreSQL-backed [`Store`].
 #[derive(Debug, Clone)]
@@ -131,7 +141,7 @@ impl PostgresStore {
         Ok(store)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object> {
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
@@ -359,8 +369,7 @@ impl Store for PostgresStore {
             .query_opt(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = $1"), &[&id])
             .await?;
         if row.is_some() {
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &format!("token {id}")])
-                .await?;
+            announce(&tx, &format!("token {id}")).await?;
         }
         tx.commit().await?;
         row.as_ref().map(token_from_row).transpose()
@@ -564,6 +573,12 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    fn changes(&self) -> Option<mpsc::Receiver<Change>> {
+        let (sender, receiver) = mpsc::channel(256);
+        tokio::spawn(follow_changes(self.config.clone(), sender));
+        Some(receiver)
+    }
+
     async fn requeue_running_async(&self) -> Result<usize> {
         let changed = self
             .client()
@@ -577,12 +592,105 @@ impl Store for PostgresStore {
     }
 }
 
-/// Announces, inside the transaction that made it, that a function changed.
-async fn notify_function(tx: &deadpool_postgres::Transaction<'_>, tenant: &str, name: &str) -> Result<()> {
-    tx.execute(
-        "SELECT pg_notify($1, $2)",
-        &[&CHANGES_CHANNEL, &format!("function {tenant}/{name}")],
-    )
-    .await?;
+/// Announces a change inside the transaction that made it: the counter
+/// moves on, and the notification (sent at commit) carries its new value
+/// and what changed: `SEQ function TENANT/NAME` or `SEQ token ID`.
+async fn announce(tx: &deadpool_postgres::Transaction<'_>, what: &str) -> Result<()> {
+    let seq: i64 = tx
+        .query_one("UPDATE hearth_changes SET seq = seq + 1 RETURNING seq", &[])
+        .await?
+        .try_get(0)?;
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &format!("{seq} {what}")])
+        .await?;
     Ok(())
+}
+
+async fn notify_function(tx: &deadpool_postgres::Transaction<'_>, tenant: &str, name: &str) -> Result<()> {
+    announce(tx, &format!("function {tenant}/{name}")).await
+}
+
+/// Parses an announcement's payload.
+fn parse_change(payload: &str) -> Option<(i64, Change)> {
+    let mut parts = payload.splitn(3, ' ');
+    let seq = parts.next()?.parse().ok()?;
+    let change = match (parts.next()?, parts.next()?) {
+        ("function", key) => {
+            let (tenant, name) = key.split_once('/')?;
+            Change::Function {
+                tenant: tenant.to_owned(),
+                name: name.to_owned(),
+            }
+        }
+        ("token", id) => Change::Token { id: id.to_owned() },
+        _ => Change::Unknown,
+    };
+    Some((seq, change))
+}
+
+/// Follows announcements on a connection of its own, forwarding them to
+/// `changes`, until the receiver is dropped. Reconnects after a failure,
+/// then says [`Change::Unknown`] (anything may have changed meanwhile); every
+/// [`STALENESS_CHECK`] compares the counter with what it saw, and says
+/// `Unknown` when an announcement went missing.
+async fn follow_changes(config: tokio_postgres::Config, changes: mpsc::Sender<Change>) {
+    let mut first = true;
+    while !changes.is_closed() {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let (notes, mut received) = mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(message)) = messages.next().await {
+                        if let AsyncMessage::Notification(note) = message
+                            && notes.send(note.payload().to_owned()).is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                let followed = async {
+                    client.batch_execute(&format!("LISTEN {CHANGES_CHANNEL}")).await?;
+                    let mut seen: i64 = client.query_one("SELECT seq FROM hearth_changes", &[]).await?.try_get(0)?;
+                    if !first {
+                        tracing::info!("following cluster changes again");
+                        let _ = changes.send(Change::Unknown).await;
+                    }
+                    first = false;
+                    let mut check = tokio::time::interval(STALENESS_CHECK);
+                    loop {
+                        tokio::select! {
+                            payload = received.recv() => {
+                                let Some(payload) = payload else { return Ok::<(), StoreError>(()) };
+                                let (seq, change) = parse_change(&payload).unwrap_or((seen, Change::Unknown));
+                                seen = seen.max(seq);
+                                if changes.send(change).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            _ = check.tick() => {
+                                let now: i64 = client.query_one("SELECT seq FROM hearth_changes", &[]).await?.try_get(0)?;
+                                if now > seen {
+                                    seen = now;
+                                    if changes.send(Change::Unknown).await.is_err() {
+                                        return Ok(());
+                                    }
+                                }
+                            }
+                        }
+                    }
+                };
+                if let Err(err) = followed.await {
+                    tracing::warn!(error = %err, "lost the cluster change feed; reconnecting");
+                }
+                driver.abort();
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot follow cluster changes; retrying"),
+        }
+        if changes.is_closed() {
+            return;
+        }
+        tokio::time::sleep(STALENESS_CHECK).await;
+        // Whatever happened while disconnected is unknown.
+        first = false;
+    }
 }

@@ -5,12 +5,18 @@
 //!   package; `scripts/test.sh` installs it when missing). PostgreSQL refuses
 //!   to run as root, so under root the cluster belongs to the `postgres` user.
 //!
+//! - [`S3`]: moto's S3 API server (PyPI `moto[server]`; `scripts/test.sh`
+//!   installs it when missing), with one bucket.
+//!
 //! A missing server is a panic that says how to install it, never a skip.
 
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
@@ -177,4 +183,112 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .expect("finding a free port")
+}
+
+/// How long a server may take to accept connections before the test gives
+/// up (a hang guard, not a timing assertion).
+const START_GUARD: Duration = Duration::from_secs(60);
+
+/// An S3 API server (moto) on loopback, with the bucket `hearth`.
+#[derive(Debug)]
+pub struct S3 {
+    child: Child,
+    port: u16,
+}
+
+impl S3 {
+    /// The bucket every test uses.
+    pub const BUCKET: &'static str = "hearth";
+
+    /// Starts moto's server and creates [`S3::BUCKET`].
+    pub fn start() -> S3 {
+        let python = std::env::var("HEARTH_PYTHON").unwrap_or_else(|_| "python3".into());
+        let port = free_port();
+        let child = Command::new(&python)
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting moto with {python}: {e} (`pip install 'moto[server]'`)"));
+        let mut s3 = S3 { child, port };
+        let started = Instant::now();
+        // Poll until it accepts connections (or exits: moto is not installed).
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = s3.child.try_wait() {
+                panic!("moto's server exited ({status}): is it installed? `pip install 'moto[server]'`");
+            }
+            assert!(started.elapsed() < START_GUARD, "moto's server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = s3.request("PUT", &format!("/{}", S3::BUCKET));
+        assert_eq!(status, 200, "creating the bucket");
+        s3
+    }
+
+    /// The endpoint URL (`AWS_ENDPOINT_URL`).
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The environment a Hearth node needs to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "hearth-test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "hearth-test".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// The keys of the objects in the bucket whose keys start with `prefix`.
+    pub fn list(&self, prefix: &str) -> Vec<String> {
+        let body = self.get(&format!("/{}?list-type=2&prefix={prefix}", S3::BUCKET));
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|rest| rest.split_once("</Key>").map(|(key, _)| key.to_owned()))
+            .collect()
+    }
+
+    fn request(&self, method: &str, path: &str) -> u16 {
+        let (status, _) = self.exchange(method, path);
+        status
+    }
+
+    fn get(&self, path: &str) -> String {
+        let (status, body) = self.exchange("GET", path);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// One plain HTTP/1.1 exchange (moto accepts unsigned requests).
+    fn exchange(&self, method: &str, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connecting to moto");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .expect("writing to moto");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("reading from moto");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
