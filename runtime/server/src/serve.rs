@@ -163,6 +163,20 @@ fn config_file<T, E: std::fmt::Display>(
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// This node's lasting id: made on the first start and kept in the data
+/// directory (`node-id`), so a restarted node knows its own unfinished work.
+fn node_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        _ => {
+            let id = format!("node-{}", uuid::Uuid::now_v7());
+            std::fs::write(&path, format!("{id}\n")).with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
+    }
+}
+
 /// On a store shared by a cluster, drops this node's cached functions and
 /// tokens as other nodes change them.
 fn follow_cluster_changes(store: &dyn Store, registry: &Registry, auth: &Auth) {
@@ -194,6 +208,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let data_dir = args.data_dir.clone();
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
 
+    let node = node_id(&data_dir)?;
     let store: Arc<dyn Store> = match &args.store_url {
         None => hearth_store::open(None, &data_dir)
             .await
@@ -285,7 +300,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     );
     invoker.observe();
     invoker.spawn_reaper(Duration::from_millis(args.reap_interval_ms.max(10)));
-    invoker.spawn_async_runner(args.async_concurrency, hearth_http::render_failure());
+    invoker.spawn_async_runner(node, args.async_concurrency, hearth_http::render_failure());
     // Functions that keep instances warm get them (and their models) back in
     // the background; requests are served meanwhile.
     let warming = invoker.clone();

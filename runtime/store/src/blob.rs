@@ -89,10 +89,12 @@ impl BlobStore {
         let staged = self.staging.join(format!("fetch-{}", uuid::Uuid::now_v7()));
         let fetched = remote.download(digest, size, &staged).await;
         let placed = match fetched {
-            Ok(()) => tokio::fs::rename(&staged, &path).await.map_err(|source| StoreError::Io {
-                path: path.clone(),
-                source,
-            }),
+            Ok(()) => tokio::fs::rename(&staged, &path)
+                .await
+                .map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    source,
+                }),
             Err(e) => Err(e),
         };
         if placed.is_err() {

@@ -17,11 +17,19 @@ type Open = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Store>> + Send>>
 type Case = fn(Open) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
 const CASES: &[(&str, Case)] = &[
-    ("versions", |open| Box::pin(versions_count_up_survive_reopen_and_deletion_keeps_numbers(open))),
-    ("concurrent deploys", |open| Box::pin(concurrent_deploys_get_distinct_versions(open))),
+    ("versions", |open| {
+        Box::pin(versions_count_up_survive_reopen_and_deletion_keeps_numbers(open))
+    }),
+    ("concurrent deploys", |open| {
+        Box::pin(concurrent_deploys_get_distinct_versions(open))
+    }),
     ("tokens", |open| Box::pin(tokens_are_found_listed_and_revoked(open))),
-    ("async queue", |open| Box::pin(async_invocations_queue_run_finish_and_survive_reopen(open))),
-    ("async claims", |open| Box::pin(concurrent_claims_never_share_an_invocation(open))),
+    ("async queue", |open| {
+        Box::pin(async_invocations_queue_run_finish_and_survive_reopen(open))
+    }),
+    ("async claims", |open| {
+        Box::pin(concurrent_claims_never_share_an_invocation(open))
+    }),
 ];
 
 #[tokio::test]
@@ -110,7 +118,13 @@ async fn versions_count_up_survive_reopen_and_deletion_keeps_numbers(open: Open)
     assert!(!store.delete_function("default", "echo").await.expect("delete again"));
     assert_eq!(store.latest_version("default", "echo").await.expect("latest"), None);
     assert!(store.list_functions("default").await.expect("list").is_empty());
-    assert!(store.list_versions("default", "echo").await.expect("versions").is_empty());
+    assert!(
+        store
+            .list_versions("default", "echo")
+            .await
+            .expect("versions")
+            .is_empty()
+    );
 
     let v3 = store.create_version(new_version("echo", b"three")).await.expect("v3");
     assert_eq!(v3.version, 3, "a redeploy after delete never reuses a version number");
@@ -132,7 +146,11 @@ async fn concurrent_deploys_get_distinct_versions(open: Open) {
     }
     numbers.sort_unstable();
     assert_eq!(numbers, (1..=8).collect::<Vec<_>>());
-    let latest = b.latest_version("default", "race").await.expect("latest").expect("exists");
+    let latest = b
+        .latest_version("default", "race")
+        .await
+        .expect("latest")
+        .expect("exists");
     assert_eq!(latest.version, 8);
 }
 
@@ -185,7 +203,10 @@ async fn tokens_are_found_listed_and_revoked(open: Open) {
     let again = store.revoke_token("tok_1").await.expect("revoke").expect("exists");
     assert_eq!(again.revoked_at_ms, Some(at), "the first revocation time is kept");
     assert_eq!(store.revoke_token("tok_9").await.expect("revoke"), None);
-    assert!(!store.has_operator_token().await.expect("any"), "a revoked operator token does not count");
+    assert!(
+        !store.has_operator_token().await.expect("any"),
+        "a revoked operator token does not count"
+    );
 }
 
 fn queued(id: &str, request: &StoredMessage) -> AsyncInvocation {
@@ -216,7 +237,7 @@ async fn async_invocations_queue_run_finish_and_survive_reopen(open: Open) {
     for id in ["a", "b", "c"] {
         store.insert_async(queued(id, &request)).await.expect("insert");
     }
-    let claimed = store.claim_async(2).await.expect("claim");
+    let claimed = store.claim_async("node-1", 2).await.expect("claim");
     assert_eq!(claimed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     assert_eq!(claimed[0].request, request, "the body survives byte for byte");
     assert_eq!((claimed[0].state, claimed[0].attempts), (AsyncState::Running, 1));
@@ -232,9 +253,11 @@ async fn async_invocations_queue_run_finish_and_survive_reopen(open: Open) {
         .expect("finish");
     drop(store);
 
-    // "b" was running when the server stopped: it runs again.
+    // "b" was running when node-1 stopped: it runs again once node-1 is
+    // back, not when another node starts.
     let store = open().await;
-    assert_eq!(store.requeue_running_async().await.expect("requeue"), 1);
+    assert_eq!(store.requeue_running_async("node-2").await.expect("requeue"), 0);
+    assert_eq!(store.requeue_running_async("node-1").await.expect("requeue"), 1);
     let a = store.async_invocation("default", "a").await.expect("get").expect("a");
     assert_eq!((a.state, a.response), (AsyncState::Succeeded, Some(response)));
     assert!(a.finished_at_ms.is_some());
@@ -242,10 +265,11 @@ async fn async_invocations_queue_run_finish_and_survive_reopen(open: Open) {
         store.async_invocation("other", "a").await.expect("get").is_none(),
         "tenant-scoped"
     );
-    let claimed = store.claim_async(10).await.expect("claim");
+    let claimed = store.claim_async("node-2", 10).await.expect("claim");
     assert_eq!(claimed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["b", "c"]);
     assert_eq!(claimed[0].attempts, 2);
-    assert!(store.claim_async(10).await.expect("claim").is_empty());
+    assert!(store.claim_async("node-2", 10).await.expect("claim").is_empty());
+    assert_eq!(store.requeue_running_async("node-1").await.expect("requeue"), 0);
 }
 
 /// Several runners claiming at once never get the same invocation.
@@ -262,11 +286,11 @@ async fn concurrent_claims_never_share_an_invocation(open: Open) {
             .await
             .expect("insert");
     }
-    let runners = stores.iter().cloned().map(|store| {
+    let runners = stores.iter().cloned().enumerate().map(|(node, store)| {
         tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let claimed = store.claim_async(2).await.expect("claim");
+                let claimed = store.claim_async(&format!("node-{node}"), 2).await.expect("claim");
                 if claimed.is_empty() {
                     return mine;
                 }

@@ -320,15 +320,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn insert_async(&self, invocation: AsyncInvocation) -> Result<()>;
     /// An asynchronous invocation of `tenant`, with its request and response.
     async fn async_invocation(&self, tenant: &str, id: &str) -> Result<Option<AsyncInvocation>>;
-    /// Marks up to `limit` queued invocations running, oldest first, and
-    /// returns them.
-    async fn claim_async(&self, limit: usize) -> Result<Vec<AsyncInvocation>>;
+    /// Marks up to `limit` queued invocations running on `node`, oldest
+    /// first, and returns them.
+    async fn claim_async(&self, node: &str, limit: usize) -> Result<Vec<AsyncInvocation>>;
     /// Ends a run: stores the response and the final state, or puts the
     /// invocation back in the queue (`AsyncState::Queued`, no response).
     async fn finish_async(&self, id: &str, state: AsyncState, response: Option<StoredMessage>) -> Result<()>;
-    /// Puts invocations left running by a stopped server back in the queue;
-    /// returns how many.
-    async fn requeue_running_async(&self) -> Result<usize>;
+    /// Puts the invocations `node` left running when it stopped back in the
+    /// queue (a node's id survives its restarts; other nodes' runs are left
+    /// alone); returns how many.
+    async fn requeue_running_async(&self, node: &str) -> Result<usize>;
 
     /// Changes made by other nodes sharing this store, for their caches to
     /// follow (started on the current tokio runtime; stops when the receiver

@@ -142,23 +142,32 @@ impl PostgresStore {
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| StoreError::Unavailable(e.to_string()))
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
     async fn migrate(&self) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS hearth_schema (applied INTEGER NOT NULL)")
             .await?;
         let applied: i32 = match tx.query_opt("SELECT applied FROM hearth_schema", &[]).await? {
             Some(row) => row.get(0),
             None => {
-                tx.execute("INSERT INTO hearth_schema (applied) VALUES (0)", &[]).await?;
+                tx.execute("INSERT INTO hearth_schema (applied) VALUES (0)", &[])
+                    .await?;
                 0
             }
         };
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(applied).unwrap_or(0)) {
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(applied).unwrap_or(0))
+        {
             tx.batch_execute(sql).await?;
             let done = i32::try_from(i + 1).unwrap_or(i32::MAX);
             tx.execute("UPDATE hearth_schema SET applied = $1", &[&done]).await?;
@@ -449,7 +458,7 @@ impl Store for PostgresStore {
                 &[&tenant, &name],
             )
             .await?;
-        Ok(with_artifacts(&**client, rows).await?.pop())
+        Ok(with_artifacts(&client, rows).await?.pop())
     }
 
     async fn list_functions(&self, tenant: &str) -> Result<Vec<FunctionVersion>> {
@@ -464,7 +473,7 @@ impl Store for PostgresStore {
                 &[&tenant],
             )
             .await?;
-        with_artifacts(&**client, rows).await
+        with_artifacts(&client, rows).await
     }
 
     async fn list_versions(&self, tenant: &str, name: &str) -> Result<Vec<FunctionVersion>> {
@@ -479,7 +488,7 @@ impl Store for PostgresStore {
                 &[&tenant, &name],
             )
             .await?;
-        with_artifacts(&**client, rows).await
+        with_artifacts(&client, rows).await
     }
 
     async fn delete_function(&self, tenant: &str, name: &str) -> Result<bool> {
@@ -537,21 +546,21 @@ impl Store for PostgresStore {
         row.as_ref().map(async_from_row).transpose()
     }
 
-    async fn claim_async(&self, limit: usize) -> Result<Vec<AsyncInvocation>> {
+    async fn claim_async(&self, node: &str, limit: usize) -> Result<Vec<AsyncInvocation>> {
         let client = self.client().await?;
         // SKIP LOCKED: nodes claiming at once each get different rows, and
         // none waits for another's transaction.
         let rows = client
             .query(
                 &format!(
-                    "UPDATE async_invocations SET state = 'running', attempts = attempts + 1, started_at_ms = $2
+                    "UPDATE async_invocations SET state = 'running', attempts = attempts + 1, started_at_ms = $2, owner = $3
                      WHERE id IN (
                          SELECT id FROM async_invocations WHERE state = 'queued'
                          ORDER BY submitted_at_ms, id LIMIT $1 FOR UPDATE SKIP LOCKED
                      )
                      RETURNING {ASYNC_COLUMNS}"
                 ),
-                &[&i64::try_from(limit).unwrap_or(i64::MAX), &now_ms()],
+                &[&i64::try_from(limit).unwrap_or(i64::MAX), &now_ms(), &node],
             )
             .await?;
         let mut claimed = rows.iter().map(async_from_row).collect::<Result<Vec<_>>>()?;
@@ -579,13 +588,13 @@ impl Store for PostgresStore {
         Some(receiver)
     }
 
-    async fn requeue_running_async(&self) -> Result<usize> {
+    async fn requeue_running_async(&self, node: &str) -> Result<usize> {
         let changed = self
             .client()
             .await?
             .execute(
-                "UPDATE async_invocations SET state = 'queued' WHERE state = 'running'",
-                &[],
+                "UPDATE async_invocations SET state = 'queued' WHERE state = 'running' AND owner = $1",
+                &[&node],
             )
             .await?;
         Ok(usize::try_from(changed).unwrap_or(usize::MAX))
@@ -600,8 +609,11 @@ async fn announce(tx: &deadpool_postgres::Transaction<'_>, what: &str) -> Result
         .query_one("UPDATE hearth_changes SET seq = seq + 1 RETURNING seq", &[])
         .await?
         .try_get(0)?;
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &format!("{seq} {what}")])
-        .await?;
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&CHANGES_CHANNEL, &format!("{seq} {what}")],
+    )
+    .await?;
     Ok(())
 }
 
@@ -650,7 +662,10 @@ async fn follow_changes(config: tokio_postgres::Config, changes: mpsc::Sender<Ch
                 });
                 let followed = async {
                     client.batch_execute(&format!("LISTEN {CHANGES_CHANNEL}")).await?;
-                    let mut seen: i64 = client.query_one("SELECT seq FROM hearth_changes", &[]).await?.try_get(0)?;
+                    let mut seen: i64 = client
+                        .query_one("SELECT seq FROM hearth_changes", &[])
+                        .await?
+                        .try_get(0)?;
                     if !first {
                         tracing::info!("following cluster changes again");
                         let _ = changes.send(Change::Unknown).await;

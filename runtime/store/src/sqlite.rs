@@ -81,6 +81,8 @@ const MIGRATIONS: &[&str] = &[
         response_body BLOB
     );
     CREATE INDEX async_invocations_queue ON async_invocations(state, submitted_at_ms);",
+    // 4: which node runs an invocation (its runs are re-queued when it restarts).
+    "ALTER TABLE async_invocations ADD COLUMN owner TEXT;",
 ];
 
 /// SQLite-backed [`Store`].
@@ -480,7 +482,8 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_async(&self, limit: usize) -> Result<Vec<AsyncInvocation>> {
+    async fn claim_async(&self, node: &str, limit: usize) -> Result<Vec<AsyncInvocation>> {
+        let node = node.to_owned();
         self.with(move |conn| {
             let tx = conn.transaction()?;
             let claimed = {
@@ -495,9 +498,9 @@ impl Store for SqliteStore {
             let mut running = Vec::with_capacity(claimed.len());
             for mut invocation in claimed {
                 tx.execute(
-                    "UPDATE async_invocations SET state = 'running', attempts = attempts + 1, started_at_ms = ?2
-                     WHERE id = ?1",
-                    params![invocation.id, now],
+                    "UPDATE async_invocations SET state = 'running', attempts = attempts + 1, started_at_ms = ?2,
+                     owner = ?3 WHERE id = ?1",
+                    params![invocation.id, now, node],
                 )?;
                 invocation.state = AsyncState::Running;
                 invocation.attempts += 1;
@@ -525,11 +528,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn requeue_running_async(&self) -> Result<usize> {
-        self.with(|conn| {
+    async fn requeue_running_async(&self, node: &str) -> Result<usize> {
+        let node = node.to_owned();
+        self.with(move |conn| {
+            // `owner IS NULL`: runs claimed before owners were recorded.
             Ok(conn.execute(
-                "UPDATE async_invocations SET state = 'queued' WHERE state = 'running'",
-                [],
+                "UPDATE async_invocations SET state = 'queued'
+                 WHERE state = 'running' AND (owner = ?1 OR owner IS NULL)",
+                params![node],
             )?)
         })
         .await
