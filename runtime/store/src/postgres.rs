@@ -175,12 +175,6 @@ impl PostgresStore {
         tx.commit().await?;
         Ok(())
     }
-
-    /// The pool's connection settings, for a long-lived `LISTEN` connection
-    /// of the caller's own.
-    pub fn config(&self) -> &tokio_postgres::Config {
-        &self.config
-    }
 }
 
 fn size(v: u64) -> i64 {

@@ -94,20 +94,25 @@ impl Postgres {
         self.dir.path().join("data")
     }
 
-    fn run(&self, tool: &str, args: &[&str]) -> Output {
+    /// A PostgreSQL program, run as the cluster's owner.
+    fn command(&self, tool: &str) -> Command {
         let program = self.bin.join(tool);
-        let mut command = match &self.owner {
+        match &self.owner {
             Some(owner) => {
                 let mut c = Command::new("runuser");
                 c.args(["-u", owner, "--"]).arg(&program);
                 c
             }
             None => Command::new(&program),
-        };
-        let output = command
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> Output {
+        let output = self
+            .command(tool)
             .args(args)
             .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+            .unwrap_or_else(|e| panic!("running {tool} from {}: {e}", self.bin.display()));
         assert!(
             output.status.success(),
             "{tool} {args:?} failed: {}{}",
@@ -122,15 +127,10 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         let data = self.data().display().to_string();
         // Immediate: the test is over, nothing needs to be kept.
-        let mut command = match &self.owner {
-            Some(owner) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", owner, "--"]).arg(self.bin.join("pg_ctl"));
-                c
-            }
-            None => Command::new(self.bin.join("pg_ctl")),
-        };
-        let _ = command.args(["-D", &data, "-m", "immediate", "-w", "stop"]).output();
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .output();
     }
 }
 
