@@ -15,11 +15,14 @@ use crate::server::{Server, TOKEN, deploy, http};
 /// fails (a hang guard: the convergence time itself is a bench figure).
 const CONVERGE_GUARD: Duration = Duration::from_secs(10);
 
+/// The nodes' lease: a node silent this long counts as gone.
+const LEASE_S: u64 = 2;
+
 struct Cluster {
     nodes: Vec<Server>,
     s3: S3,
     // Dropped last: the nodes stop before their database does.
-    _postgres: Postgres,
+    postgres: Postgres,
     _dir: tempfile::TempDir,
 }
 
@@ -36,7 +39,14 @@ impl Cluster {
             .map(|i| {
                 Server::start_with_env(
                     &dir.path().join(format!("node{i}")),
-                    &["--store-url", &store_url, "--blob-url", &blob_url],
+                    &[
+                        "--store-url",
+                        &store_url,
+                        "--blob-url",
+                        &blob_url,
+                        "--async-lease-s",
+                        &LEASE_S.to_string(),
+                    ],
                     &env,
                 )
             })
@@ -44,7 +54,7 @@ impl Cluster {
         Cluster {
             nodes,
             s3,
-            _postgres: postgres,
+            postgres,
             _dir: dir,
         }
     }
@@ -158,4 +168,61 @@ async fn nodes_share_deploys_deletes_and_revocations() {
     for node in [b, c] {
         converge(&node.fn_url("private", "/"), Some(&token), 401, "revoked through A").await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_asynchronous_run_is_run_again_by_another_node() {
+    let mut cluster = Cluster::start(3);
+    let work = tempfile::tempdir().expect("tempdir");
+    let a = &cluster.nodes[0];
+    let status = a.client().status().await.expect("status");
+    assert_eq!(status.nodes.len(), 3, "every node heartbeats: {:?}", status.nodes);
+    deploy(
+        a,
+        work.path(),
+        "slow",
+        hearth_fixtures::FAULTS,
+        "[limits]\ntimeout_ms = 60000\n",
+    )
+    .await;
+    let response = http()
+        .post(format!(
+            "{}/v1/functions/slow/invocations?path=/sleep%3Fms%3D3000",
+            a.url
+        ))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(response.status(), 202);
+    let accepted: serde_json::Value = response.json().await.expect("json");
+    let id = accepted["id"].as_str().expect("id").to_owned();
+
+    // Which node runs it: the owner the store recorded, by node id.
+    let guard = Instant::now() + CONVERGE_GUARD;
+    let owner = loop {
+        let owner = cluster.postgres.query(
+            "hearth",
+            &format!("SELECT owner FROM async_invocations WHERE id = '{id}' AND state = 'running'"),
+        );
+        if !owner.is_empty() {
+            break owner;
+        }
+        assert!(Instant::now() < guard, "the invocation never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let runner = cluster
+        .nodes
+        .iter()
+        .position(|node| {
+            std::fs::read_to_string(node.data_dir.join("node-id")).is_ok_and(|node_id| node_id.trim() == owner)
+        })
+        .expect("the owner is one of the nodes");
+    drop(cluster.nodes.remove(runner)); // SIGKILL mid-run
+
+    // Its lease runs out; another node runs it again, to the end.
+    let done = wait_finished(&cluster.nodes[0], "slow", &id).await;
+    assert_eq!((done.state.as_str(), done.attempts), ("succeeded", 2), "{done:?}");
+    assert_eq!(done.response.expect("response").body.as_deref(), Some("slept\n"));
+    let live = cluster.nodes[1].client().status().await.expect("status").nodes;
+    assert_eq!(live.len(), 2, "the killed node left the list: {live:?}");
 }

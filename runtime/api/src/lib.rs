@@ -146,6 +146,25 @@ pub struct Status {
     pub queued: usize,
     /// The tenant's functions and the models they name.
     pub functions: Vec<FunctionStatus>,
+    /// The nodes serving this store that heartbeat within the lease (the
+    /// one node of an embedded store); shown to operator tokens only.
+    #[serde(default)]
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// A node in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    /// Its lasting id (kept in its data directory).
+    pub id: String,
+    /// The address it serves on, as it sees it.
+    pub url: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// Its last heartbeat (RFC 3339).
+    pub heartbeat_at: String,
+    /// What it reports of itself (its version).
+    pub details: serde_json::Value,
 }
 
 /// A device in [`Status`].

@@ -13,7 +13,7 @@ use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use hearth_api::{
     ArtifactInfo, DeviceStatus, FunctionDetail, FunctionList, FunctionStatus, FunctionVersion, InstanceStatus,
-    NamedModel, Status, TenantQuery, WarmModel,
+    NamedModel, NodeStatus, Status, TenantQuery, WarmModel,
 };
 use hearth_auth::Action;
 use hearth_invoker::Invoker;
@@ -338,7 +338,28 @@ pub(crate) async fn status(
             }
         })
         .collect();
+    let nodes = if principal.operator {
+        let lease = invoker.config().async_lease;
+        invoker
+            .store()
+            .live_nodes(lease)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+    } else {
+        Vec::new()
+    };
+    let nodes = nodes
+        .into_iter()
+        .map(|n| NodeStatus {
+            id: n.id,
+            url: n.url,
+            started_at: format_ms(n.started_at_ms),
+            heartbeat_at: format_ms(n.heartbeat_at_ms),
+            details: serde_json::from_str(&n.details).unwrap_or(serde_json::Value::Null),
+        })
+        .collect();
     Ok(Json(Status {
+        nodes,
         tenant,
         devices: std::iter::once(cpu).chain(gpus).collect(),
         models,

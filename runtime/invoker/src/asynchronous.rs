@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hearth_manifest::Qos;
-use hearth_store::{AsyncInvocation, AsyncState, StoreError, StoredMessage};
+use hearth_store::{AsyncInvocation, AsyncState, NodeInfo, StoreError, StoredMessage};
 use http_body_util::{BodyExt as _, Full};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -18,6 +18,9 @@ use uuid::Uuid;
 use crate::record::{Meter, now_us};
 use crate::{BASE_PATH_HEADER, Failure, Invoker};
 
+/// Default time after its last heartbeat when a node counts as gone and
+/// its running asynchronous invocations are run again elsewhere.
+pub const DEFAULT_ASYNC_LEASE: Duration = Duration::from_secs(10);
 /// Default number of asynchronous invocations running at once.
 pub const DEFAULT_ASYNC_CONCURRENCY: usize = 16;
 /// How long the runner waits after the scheduler refused a run before it
@@ -49,14 +52,31 @@ impl Invoker {
     /// Runs queued asynchronous invocations as `node` (this server's lasting
     /// id), at most `concurrency` at once, at the `batch` class; a failed
     /// run's stored answer is `render`'s. Invocations this node left running
-    /// when it stopped go back to the queue first.
+    /// when it stopped go back to the queue first; ones left running by a
+    /// node that has not heartbeaten for the lease
+    /// ([`crate::InvokerConfig::async_lease`]) are run again here. The node
+    /// heartbeats every quarter of the lease meanwhile.
     pub fn spawn_async_runner(
         self: &Arc<Self>,
-        node: String,
+        node: NodeInfo,
         concurrency: usize,
         render: RenderFailure,
     ) -> tokio::task::JoinHandle<()> {
+        let lease = self.config.async_lease;
         let invoker = self.clone();
+        let beating = self.clone();
+        let beat = node.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval((lease / 4).max(Duration::from_millis(100)));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if let Err(err) = beating.store.heartbeat(&beat).await {
+                    tracing::warn!(error = %err, "cannot record this node's heartbeat");
+                }
+            }
+        });
+        let node = node.id;
         tokio::spawn(async move {
             match invoker.store.requeue_running_async(&node).await {
                 Ok(0) => {}
@@ -73,10 +93,14 @@ impl Invoker {
                 let claimed = if free == 0 {
                     Vec::new()
                 } else {
-                    invoker.store.claim_async(&node, free).await.unwrap_or_else(|err| {
-                        tracing::error!(error = %err, "cannot read the asynchronous invocation queue");
-                        Vec::new()
-                    })
+                    invoker
+                        .store
+                        .claim_async(&node, free, lease)
+                        .await
+                        .unwrap_or_else(|err| {
+                            tracing::error!(error = %err, "cannot read the asynchronous invocation queue");
+                            Vec::new()
+                        })
                 };
                 for invocation in claimed {
                     let Ok(permit) = slots.clone().acquire_owned().await else {

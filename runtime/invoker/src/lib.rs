@@ -45,7 +45,7 @@ use hearth_store::Store;
 use hearth_telemetry::Telemetry;
 use uuid::Uuid;
 
-pub use asynchronous::{DEFAULT_ASYNC_CONCURRENCY, RenderFailure};
+pub use asynchronous::{DEFAULT_ASYNC_CONCURRENCY, DEFAULT_ASYNC_LEASE, RenderFailure};
 pub use failure::Failure;
 pub use record::{Meter, now_us};
 
@@ -70,6 +70,8 @@ pub struct InvokerConfig {
     pub max_body_bytes: u64,
     /// Longest a request waits for an instance before it is refused.
     pub queue_timeout: Duration,
+    /// How long after its last heartbeat a node counts as gone.
+    pub async_lease: Duration,
 }
 
 impl Default for InvokerConfig {
@@ -77,6 +79,7 @@ impl Default for InvokerConfig {
         InvokerConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            async_lease: DEFAULT_ASYNC_LEASE,
         }
     }
 }

@@ -257,7 +257,17 @@ async fn the_async_runner_retries_a_refused_run_later() {
     let (busy_id, busy) = rig.call(&faults, "/slow-body?ms=3000").await;
     let busy = busy.expect("the only instance");
     let render: RenderFailure = Arc::new(|failure, _| http::Response::new(Bytes::from(failure.to_string())));
-    rig.invoker.spawn_async_runner("test-node".into(), 4, render);
+    rig.invoker.spawn_async_runner(
+        hearth_store::NodeInfo {
+            id: "test-node".into(),
+            url: String::new(),
+            started_at_ms: now_ms(),
+            heartbeat_at_ms: 0,
+            details: "{}".into(),
+        },
+        4,
+        render,
+    );
     let id = Uuid::now_v7().to_string();
     let submitted = AsyncInvocation {
         id: id.clone(),

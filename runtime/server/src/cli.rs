@@ -533,6 +533,12 @@ pub async fn status(args: &ClientArgs, output: Output) -> anyhow::Result<ExitCod
         };
         println!("  {:<8} {detail}", d.id);
     }
+    if status.nodes.len() > 1 {
+        println!("nodes:");
+        for n in &status.nodes {
+            println!("  {:<44} {:<24} heartbeat {}", n.id, n.url, n.heartbeat_at);
+        }
+    }
     println!("warm models ({} loads since start):", status.model_loads);
     if status.models.is_empty() {
         println!("  none");

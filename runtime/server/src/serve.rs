@@ -102,6 +102,11 @@ pub struct ServeArgs {
     /// its function at the `batch` class).
     #[arg(long, env = "HEARTH_ASYNC_CONCURRENCY", default_value_t = hearth_invoker::DEFAULT_ASYNC_CONCURRENCY)]
     async_concurrency: usize,
+    /// Seconds after its last heartbeat when a node counts as gone: its
+    /// running asynchronous invocations are run again by another node, and it
+    /// leaves `/v1/status`. Nodes heartbeat every quarter of this.
+    #[arg(long, env = "HEARTH_ASYNC_LEASE_S", default_value_t = hearth_invoker::DEFAULT_ASYNC_LEASE.as_secs())]
+    async_lease_s: u64,
     /// Price table (TOML: version, currency, per_invocation, per_gb_second,
     /// per_cpu_second, [per_gpu_second]); without it the built-in table
     /// `builtin-1` prices records.
@@ -265,6 +270,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = InvokerConfig {
         max_body_bytes: args.max_body_bytes,
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
+        async_lease: Duration::from_secs(args.async_lease_s.max(1)),
     };
     let prices = config_file(args.price_table.as_deref(), hearth_metering::PriceTable::from_toml)?.unwrap_or_default();
     let usage = if args.no_metering {
@@ -300,7 +306,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     );
     invoker.observe();
     invoker.spawn_reaper(Duration::from_millis(args.reap_interval_ms.max(10)));
-    invoker.spawn_async_runner(node, args.async_concurrency, hearth_http::render_failure());
     // Functions that keep instances warm get them (and their models) back in
     // the background; requests are served meanwhile.
     let warming = invoker.clone();
@@ -325,6 +330,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
+    let this_node = hearth_store::NodeInfo {
+        id: node,
+        url: format!("http://{addr}"),
+        started_at_ms: hearth_store::now_ms(),
+        heartbeat_at_ms: 0,
+        details: serde_json::json!({ "version": env!("CARGO_PKG_VERSION") }).to_string(),
+    };
+    state
+        .invoker
+        .spawn_async_runner(this_node, args.async_concurrency, hearth_http::render_failure());
 
     // stdout carries the two lines a user (or a test) needs; logs go to stderr.
     let mut banner = String::new();

@@ -6,17 +6,22 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::{
-    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Digest, NewVersion, PostgresStore, SqliteStore, Store,
-    StoredMessage, TokenRecord,
+    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Digest, NewVersion, NodeInfo, PostgresStore, SqliteStore,
+    Store, StoredMessage, TokenRecord,
 };
 
 /// Opens the case's database (again: every call is a new handle on it).
 type Open = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Store>> + Send>> + Send + Sync>;
 type Case = fn(Open) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// A lease no node in these cases outlives.
+const LEASE: Duration = Duration::from_secs(3600);
+
 const CASES: &[(&str, Case)] = &[
+    ("dead nodes", |open| Box::pin(a_dead_nodes_runs_are_claimed_again(open))),
     ("versions", |open| {
         Box::pin(versions_count_up_survive_reopen_and_deletion_keeps_numbers(open))
     }),
@@ -237,7 +242,7 @@ async fn async_invocations_queue_run_finish_and_survive_reopen(open: Open) {
     for id in ["a", "b", "c"] {
         store.insert_async(queued(id, &request)).await.expect("insert");
     }
-    let claimed = store.claim_async("node-1", 2).await.expect("claim");
+    let claimed = store.claim_async("node-1", 2, LEASE).await.expect("claim");
     assert_eq!(claimed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     assert_eq!(claimed[0].request, request, "the body survives byte for byte");
     assert_eq!((claimed[0].state, claimed[0].attempts), (AsyncState::Running, 1));
@@ -265,11 +270,62 @@ async fn async_invocations_queue_run_finish_and_survive_reopen(open: Open) {
         store.async_invocation("other", "a").await.expect("get").is_none(),
         "tenant-scoped"
     );
-    let claimed = store.claim_async("node-2", 10).await.expect("claim");
+    let claimed = store.claim_async("node-2", 10, LEASE).await.expect("claim");
     assert_eq!(claimed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["b", "c"]);
     assert_eq!(claimed[0].attempts, 2);
-    assert!(store.claim_async("node-2", 10).await.expect("claim").is_empty());
+    assert!(store.claim_async("node-2", 10, LEASE).await.expect("claim").is_empty());
     assert_eq!(store.requeue_running_async("node-1").await.expect("requeue"), 0);
+}
+
+fn node(id: &str) -> NodeInfo {
+    NodeInfo {
+        id: id.into(),
+        url: format!("http://{id}"),
+        started_at_ms: 1,
+        heartbeat_at_ms: 0,
+        details: "{}".into(),
+    }
+}
+
+/// A run whose node stopped heartbeating is claimed again by another node
+/// (another attempt); a live node's runs, and a node's own, are not.
+async fn a_dead_nodes_runs_are_claimed_again(open: Open) {
+    let store = open().await;
+    store.ensure_tenant("default").await.expect("tenant");
+    store.heartbeat(&node("node-1")).await.expect("beat");
+    store.heartbeat(&node("node-2")).await.expect("beat");
+    let live: Vec<String> = store
+        .live_nodes(LEASE)
+        .await
+        .expect("nodes")
+        .into_iter()
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(live, ["node-1", "node-2"]);
+    store
+        .insert_async(queued("x", &StoredMessage::default()))
+        .await
+        .expect("insert");
+    assert_eq!(store.claim_async("node-1", 5, LEASE).await.expect("claim").len(), 1);
+    assert!(
+        store.claim_async("node-2", 5, LEASE).await.expect("claim").is_empty(),
+        "node-1 is alive: its run is its own"
+    );
+    // With no lease at all every other node counts as dead.
+    assert!(
+        store
+            .claim_async("node-1", 5, Duration::ZERO)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "never its own"
+    );
+    assert!(store.live_nodes(Duration::ZERO).await.expect("nodes").is_empty());
+    let again = store.claim_async("node-2", 5, Duration::ZERO).await.expect("claim");
+    assert_eq!(
+        again.iter().map(|i| (i.id.as_str(), i.attempts)).collect::<Vec<_>>(),
+        [("x", 2)]
+    );
 }
 
 /// Several runners claiming at once never get the same invocation.
@@ -279,6 +335,9 @@ async fn concurrent_claims_never_share_an_invocation(open: Open) {
         stores.push(open().await);
     }
     stores[0].ensure_tenant("default").await.expect("tenant");
+    for i in 0..stores.len() {
+        stores[0].heartbeat(&node(&format!("node-{i}"))).await.expect("beat");
+    }
     let ids: Vec<String> = (0..300).map(|i| format!("inv{i:03}")).collect();
     for id in &ids {
         stores[0]
@@ -290,7 +349,10 @@ async fn concurrent_claims_never_share_an_invocation(open: Open) {
         tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let claimed = store.claim_async(&format!("node-{node}"), 2).await.expect("claim");
+                let claimed = store
+                    .claim_async(&format!("node-{node}"), 2, LEASE)
+                    .await
+                    .expect("claim");
                 if claimed.is_empty() {
                     return mine;
                 }
@@ -317,11 +379,11 @@ async fn postgres_announces_changes_to_other_nodes() {
     let there = PostgresStore::connect(&url).await.expect("connect");
     let mut changes = there.changes().expect("a shared store announces changes");
     here.ensure_tenant("default").await.expect("tenant");
-    let guard = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let guard = std::time::Instant::now() + Duration::from_secs(30);
     // The follower connects in the background: deploy until it reports one.
     loop {
         here.create_version(new_version("echo", b"one")).await.expect("deploy");
-        let waited = tokio::time::timeout(std::time::Duration::from_millis(200), changes.recv()).await;
+        let waited = tokio::time::timeout(Duration::from_millis(200), changes.recv()).await;
         if waited.is_ok() {
             break;
         }

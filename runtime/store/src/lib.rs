@@ -320,9 +320,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn insert_async(&self, invocation: AsyncInvocation) -> Result<()>;
     /// An asynchronous invocation of `tenant`, with its request and response.
     async fn async_invocation(&self, tenant: &str, id: &str) -> Result<Option<AsyncInvocation>>;
-    /// Marks up to `limit` queued invocations running on `node`, oldest
-    /// first, and returns them.
-    async fn claim_async(&self, node: &str, limit: usize) -> Result<Vec<AsyncInvocation>>;
+    /// Marks up to `limit` invocations running on `node`, oldest first, and
+    /// returns them: queued ones, and ones left running by a node that has
+    /// not heartbeaten for `lease` (it died mid-run; this is another attempt).
+    async fn claim_async(&self, node: &str, limit: usize, lease: std::time::Duration) -> Result<Vec<AsyncInvocation>>;
     /// Ends a run: stores the response and the final state, or puts the
     /// invocation back in the queue (`AsyncState::Queued`, no response).
     async fn finish_async(&self, id: &str, state: AsyncState, response: Option<StoredMessage>) -> Result<()>;
@@ -331,12 +332,32 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// alone); returns how many.
     async fn requeue_running_async(&self, node: &str) -> Result<usize>;
 
+    /// Records that `node` is alive (inserting it on its first beat).
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<()>;
+    /// The nodes that have heartbeaten within `lease`, by id.
+    async fn live_nodes(&self, lease: std::time::Duration) -> Result<Vec<NodeInfo>>;
+
     /// Changes made by other nodes sharing this store, for their caches to
     /// follow (started on the current tokio runtime; stops when the receiver
     /// is dropped). `None` for a store no other node shares.
     fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
         None
     }
+}
+
+/// A node as it registers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Its lasting id.
+    pub id: String,
+    /// The address it serves on.
+    pub url: String,
+    /// When it started (Unix ms).
+    pub started_at_ms: i64,
+    /// Its last heartbeat (Unix ms; set by the store).
+    pub heartbeat_at_ms: i64,
+    /// What it reports of itself (devices, warm models), as JSON.
+    pub details: String,
 }
 
 /// A change announced by the node that made it.

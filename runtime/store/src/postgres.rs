@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use crate::{
-    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Change, Digest, FunctionVersion, NewVersion, Result, Store,
-    StoreError, StoredMessage, TokenRecord, head_json, message_from_parts, now_ms,
+    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Change, Digest, FunctionVersion, NewVersion, NodeInfo, Result,
+    Store, StoreError, StoredMessage, TokenRecord, head_json, message_from_parts, now_ms,
 };
 
 /// The `LISTEN`/`NOTIFY` channel on which a change to functions or tokens
@@ -101,6 +101,14 @@ const MIGRATIONS: &[&str] = &[
     // 2: a counter of announced changes, for nodes to notice a lost NOTIFY.
     "CREATE TABLE hearth_changes (seq BIGINT NOT NULL);
     INSERT INTO hearth_changes (seq) VALUES (0);",
+    // 3: nodes and their heartbeats.
+    "CREATE TABLE hearth_nodes (
+        id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        started_at_ms BIGINT NOT NULL,
+        heartbeat_at_ms BIGINT NOT NULL,
+        details TEXT NOT NULL
+    );",
 ];
 
 /// How often a node compares the change counter with the announcements it
@@ -175,6 +183,10 @@ impl PostgresStore {
         tx.commit().await?;
         Ok(())
     }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn size(v: u64) -> i64 {
@@ -540,7 +552,7 @@ impl Store for PostgresStore {
         row.as_ref().map(async_from_row).transpose()
     }
 
-    async fn claim_async(&self, node: &str, limit: usize) -> Result<Vec<AsyncInvocation>> {
+    async fn claim_async(&self, node: &str, limit: usize, lease: Duration) -> Result<Vec<AsyncInvocation>> {
         let client = self.client().await?;
         // SKIP LOCKED: nodes claiming at once each get different rows, and
         // none waits for another's transaction.
@@ -549,12 +561,20 @@ impl Store for PostgresStore {
                 &format!(
                     "UPDATE async_invocations SET state = 'running', attempts = attempts + 1, started_at_ms = $2, owner = $3
                      WHERE id IN (
-                         SELECT id FROM async_invocations WHERE state = 'queued'
+                         SELECT id FROM async_invocations
+                         WHERE state = 'queued' OR (state = 'running' AND owner IS DISTINCT FROM $3 AND owner NOT IN (
+                             SELECT id FROM hearth_nodes WHERE heartbeat_at_ms > $4
+                         ))
                          ORDER BY submitted_at_ms, id LIMIT $1 FOR UPDATE SKIP LOCKED
                      )
                      RETURNING {ASYNC_COLUMNS}"
                 ),
-                &[&i64::try_from(limit).unwrap_or(i64::MAX), &now_ms(), &node],
+                &[
+                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                    &now_ms(),
+                    &node,
+                    &(now_ms() - millis(lease)),
+                ],
             )
             .await?;
         let mut claimed = rows.iter().map(async_from_row).collect::<Result<Vec<_>>>()?;
@@ -574,6 +594,41 @@ impl Store for PostgresStore {
             )
             .await?;
         Ok(())
+    }
+
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO hearth_nodes (id, url, started_at_ms, heartbeat_at_ms, details) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (id) DO UPDATE SET url = $2, started_at_ms = $3, heartbeat_at_ms = $4, details = $5",
+                &[&node.id, &node.url, &node.started_at_ms, &now_ms(), &node.details],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn live_nodes(&self, lease: Duration) -> Result<Vec<NodeInfo>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id, url, started_at_ms, heartbeat_at_ms, details FROM hearth_nodes
+                 WHERE heartbeat_at_ms > $1 ORDER BY id",
+                &[&(now_ms() - millis(lease))],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(NodeInfo {
+                    id: row.try_get(0)?,
+                    url: row.try_get(1)?,
+                    started_at_ms: row.try_get(2)?,
+                    heartbeat_at_ms: row.try_get(3)?,
+                    details: row.try_get(4)?,
+                })
+            })
+            .collect()
     }
 
     fn changes(&self) -> Option<mpsc::Receiver<Change>> {

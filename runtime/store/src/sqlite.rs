@@ -6,13 +6,14 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::{
-    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Digest, FunctionVersion, NewVersion, Result, Store,
+    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Digest, FunctionVersion, NewVersion, NodeInfo, Result, Store,
     StoreError, StoredMessage, TokenRecord, head_json, now_ms,
 };
 
@@ -83,6 +84,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX async_invocations_queue ON async_invocations(state, submitted_at_ms);",
     // 4: which node runs an invocation (its runs are re-queued when it restarts).
     "ALTER TABLE async_invocations ADD COLUMN owner TEXT;",
+    // 5: nodes and their heartbeats (one, on the embedded store).
+    "CREATE TABLE hearth_nodes (
+        id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        started_at_ms INTEGER NOT NULL,
+        heartbeat_at_ms INTEGER NOT NULL,
+        details TEXT NOT NULL
+    );",
 ];
 
 /// SQLite-backed [`Store`].
@@ -103,7 +112,7 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
@@ -137,6 +146,10 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     }
     tx.commit()?;
     Ok(())
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 const ASYNC_COLUMNS: &str = "id, tenant, function, state, attempts, submitted_at_ms, started_at_ms, finished_at_ms, \
@@ -482,16 +495,22 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_async(&self, node: &str, limit: usize) -> Result<Vec<AsyncInvocation>> {
+    async fn claim_async(&self, node: &str, limit: usize, lease: Duration) -> Result<Vec<AsyncInvocation>> {
         let node = node.to_owned();
         self.with(move |conn| {
             let tx = conn.transaction()?;
             let claimed = {
                 let mut stmt = tx.prepare_cached(&format!(
-                    "SELECT {ASYNC_COLUMNS} FROM async_invocations WHERE state = 'queued'
+                    "SELECT {ASYNC_COLUMNS} FROM async_invocations
+                     WHERE state = 'queued' OR (state = 'running' AND owner IS NOT ?2 AND owner NOT IN (
+                         SELECT id FROM hearth_nodes WHERE heartbeat_at_ms > ?3
+                     ))
                      ORDER BY submitted_at_ms, id LIMIT ?1"
                 ))?;
-                let rows = stmt.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], async_from_row)?;
+                let rows = stmt.query_map(
+                    params![i64::try_from(limit).unwrap_or(i64::MAX), node, now_ms() - millis(lease)],
+                    async_from_row,
+                )?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()?
             };
             let now = now_ms();
@@ -509,6 +528,39 @@ impl Store for SqliteStore {
             }
             tx.commit()?;
             Ok(running)
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<()> {
+        let node = node.clone();
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO hearth_nodes (id, url, started_at_ms, heartbeat_at_ms, details) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET url = ?2, started_at_ms = ?3, heartbeat_at_ms = ?4, details = ?5",
+                params![node.id, node.url, node.started_at_ms, now_ms(), node.details],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn live_nodes(&self, lease: Duration) -> Result<Vec<NodeInfo>> {
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, url, started_at_ms, heartbeat_at_ms, details FROM hearth_nodes
+                 WHERE heartbeat_at_ms > ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![now_ms() - millis(lease)], |row| {
+                Ok(NodeInfo {
+                    id: row.get(0)?,
+                    url: row.get(1)?,
+                    started_at_ms: row.get(2)?,
+                    heartbeat_at_ms: row.get(3)?,
+                    details: row.get(4)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
     }

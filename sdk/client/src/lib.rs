@@ -23,8 +23,8 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, Header
 
 pub use hearth_api::{
     ArtifactInfo, AsyncInvocation, CreateToken, DeviceStatus, FunctionDetail, FunctionList, FunctionStatus,
-    FunctionVersion, InstanceStatus, NEXT_CURSOR_HEADER, NamedModel, Problem, Status, StoredResponse, SubmitQuery,
-    TokenInfo, TokenList, UsageQuery, UsageSummary, UsageSummaryPage, WarmModel,
+    FunctionVersion, InstanceStatus, NEXT_CURSOR_HEADER, NamedModel, NodeStatus, Problem, Status, StoredResponse,
+    SubmitQuery, TokenInfo, TokenList, UsageQuery, UsageSummary, UsageSummaryPage, WarmModel,
 };
 pub use project::Project;
 

@@ -72,6 +72,29 @@ impl Postgres {
         self.url(name)
     }
 
+    /// Runs one SQL statement in `database` and returns its output, rows
+    /// unaligned, without headers (`psql -At`).
+    pub fn query(&self, database: &str, sql: &str) -> String {
+        let port = self.port.to_string();
+        let output = self.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "hearth",
+                "-At",
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
     /// Stops the server (fast shutdown: clients are disconnected).
     pub fn stop(&self) {
         let data = self.data().display().to_string();
