@@ -166,6 +166,13 @@ fn status() {
                 ..InstanceStatus::default()
             },
         }],
+        nodes: vec![NodeStatus {
+            id: "node-0193".into(),
+            url: "http://10.0.0.7:8080".into(),
+            started_at: "2026-11-30T23:00:00Z".into(),
+            heartbeat_at: "2026-11-30T23:59:58Z".into(),
+            details: json!({ "version": "0.1.0" }),
+        }],
     };
     round_trip(&status, None);
     let wire = serde_json::to_value(&status).expect("serialize");
