@@ -66,7 +66,7 @@ impl Invoker {
         let invoker = self.clone();
         let beating = self.clone();
         let beat = node.clone();
-        tokio::spawn(async move {
+        let beats = async move {
             let mut every = tokio::time::interval((lease / 4).max(Duration::from_millis(100)));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -75,9 +75,16 @@ impl Invoker {
                     tracing::warn!(error = %err, "cannot record this node's heartbeat");
                 }
             }
-        });
+        };
+        let first = node.clone();
         let node = node.id;
         tokio::spawn(async move {
+            // Heard from before it claims anything: another node must never
+            // take this node's fresh runs for a dead node's.
+            if let Err(err) = invoker.store.heartbeat(&first).await {
+                tracing::warn!(error = %err, "cannot record this node's heartbeat");
+            }
+            tokio::spawn(beats);
             match invoker.store.requeue_running_async(&node).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(

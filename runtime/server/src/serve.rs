@@ -214,14 +214,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
 
     let node = node_id(&data_dir)?;
-    let store: Arc<dyn Store> = match &args.store_url {
-        None => hearth_store::open(None, &data_dir)
-            .await
-            .with_context(|| format!("opening the store in {}", data_dir.display()))?,
-        Some(url) => hearth_store::open(Some(url), &data_dir)
-            .await
-            .with_context(|| format!("opening the store at {}", hearth_store::redact(url)))?,
-    };
+    let store: Arc<dyn Store> = hearth_store::open(args.store_url.as_deref(), &data_dir)
+        .await
+        .with_context(|| match &args.store_url {
+            None => format!("opening the store in {}", data_dir.display()),
+            Some(url) => format!("opening the store at {}", hearth_store::redact(url)),
+        })?;
     let mut blobs = BlobStore::open(&data_dir).context("opening the blob store")?;
     if let Some(url) = &args.blob_url {
         blobs = blobs.with_remote(hearth_store::RemoteBlobs::from_url(url)?);
