@@ -21,6 +21,9 @@ use crate::{BASE_PATH_HEADER, Failure, Invoker};
 /// Default time after its last heartbeat when a node counts as gone and
 /// its running asynchronous invocations are run again elsewhere.
 pub const DEFAULT_ASYNC_LEASE: Duration = Duration::from_secs(10);
+/// Default number of attempts after which an asynchronous invocation whose
+/// node keeps stopping mid-run fails.
+pub const DEFAULT_ASYNC_MAX_ATTEMPTS: u32 = 3;
 /// Default number of asynchronous invocations running at once.
 pub const DEFAULT_ASYNC_CONCURRENCY: usize = 16;
 /// How long the runner waits after the scheduler refused a run before it
@@ -65,6 +68,7 @@ impl Invoker {
         let lease = self.config.async_lease;
         let invoker = self.clone();
         let beating = self.clone();
+        let max_attempts = self.config.async_max_attempts.max(1);
         let beat = node.clone();
         let beats = async move {
             let mut every = tokio::time::interval((lease / 4).max(Duration::from_millis(100)));
@@ -115,14 +119,30 @@ impl Invoker {
                     };
                     let (invoker, refused, render) = (invoker.clone(), refused.clone(), render.clone());
                     tokio::spawn(async move {
-                        let (final_state, response) = match invoker.run_async(&invocation, &render).await {
-                            Some(done) => done,
-                            None => {
-                                refused.store(true, Ordering::Relaxed);
-                                (AsyncState::Queued, None)
+                        // `attempted`: whether this claim counts as an attempt.
+                        let (final_state, response, attempted) = if invocation.attempts > max_attempts {
+                            // Its node stopped mid-run every time: give up.
+                            let id = Uuid::parse_str(&invocation.id).ok();
+                            let why = hearth_engine::InvokeError::GuestError(format!(
+                                "the invocation was started {max_attempts} times and the node running it stopped \
+                                 each time before it finished"
+                            ));
+                            let answer = stored(render(Failure::Guest(why), id));
+                            (AsyncState::Failed, Some(answer), false)
+                        } else {
+                            match invoker.run_async(&invocation, &render).await {
+                                Some((state, response)) => (state, response, true),
+                                None => {
+                                    refused.store(true, Ordering::Relaxed);
+                                    (AsyncState::Queued, None, false)
+                                }
                             }
                         };
-                        if let Err(err) = invoker.store.finish_async(&invocation.id, final_state, response).await {
+                        let finished = invoker
+                            .store
+                            .finish_async(&invocation.id, final_state, response, attempted)
+                            .await;
+                        if let Err(err) = finished {
                             tracing::error!(id = %invocation.id, error = %err, "cannot store an asynchronous result");
                         }
                         drop(permit);

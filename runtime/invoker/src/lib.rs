@@ -45,7 +45,7 @@ use hearth_store::Store;
 use hearth_telemetry::Telemetry;
 use uuid::Uuid;
 
-pub use asynchronous::{DEFAULT_ASYNC_CONCURRENCY, DEFAULT_ASYNC_LEASE, RenderFailure};
+pub use asynchronous::{DEFAULT_ASYNC_CONCURRENCY, DEFAULT_ASYNC_LEASE, DEFAULT_ASYNC_MAX_ATTEMPTS, RenderFailure};
 pub use failure::Failure;
 pub use record::{Meter, now_us};
 
@@ -72,6 +72,9 @@ pub struct InvokerConfig {
     pub queue_timeout: Duration,
     /// How long after its last heartbeat a node counts as gone.
     pub async_lease: Duration,
+    /// Attempts after which an asynchronous invocation whose node keeps
+    /// stopping mid-run fails.
+    pub async_max_attempts: u32,
 }
 
 impl Default for InvokerConfig {
@@ -80,6 +83,7 @@ impl Default for InvokerConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             async_lease: DEFAULT_ASYNC_LEASE,
+            async_max_attempts: DEFAULT_ASYNC_MAX_ATTEMPTS,
         }
     }
 }

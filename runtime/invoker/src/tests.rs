@@ -288,19 +288,27 @@ async fn the_async_runner_retries_a_refused_run_later() {
         response: None,
     };
     rig.invoker.submit(submitted).await.expect("submit");
-    // Refused while the instance is busy: it stays queued for its next
-    // attempt.
+    // Refused while the instance is busy (recorded, at no cost): it stays
+    // queued, and the refusal is not an attempt (checked at the end).
     let store = rig.invoker.store().clone();
-    loop {
-        let now = store.async_invocation("t", &id).await.expect("store").expect("stored");
-        if now.attempts >= 1 && now.state == AsyncState::Queued {
-            break;
+    let refusal = loop {
+        let record = rig.next_record().await;
+        if record.usage.invocation_id.as_deref() == Some(id.as_str()) {
+            break record;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    };
+    assert_eq!(refusal.usage.outcome, Outcome::Rejected, "{refusal:?}");
     // The busy call ends; a later attempt runs.
     busy.into_body().collect().await.expect("body");
-    let mut attempts = Vec::new();
+    let finished = loop {
+        let now = store.async_invocation("t", &id).await.expect("store").expect("stored");
+        if !matches!(now.state, AsyncState::Queued | AsyncState::Running) {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(finished.state, AsyncState::Succeeded, "{finished:?}");
+    let mut attempts = vec![refusal];
     loop {
         let record = rig.next_record().await;
         if record.usage.invocation_id.as_deref() != Some(id.as_str()) {
@@ -313,13 +321,6 @@ async fn the_async_runner_retries_a_refused_run_later() {
             break;
         }
     }
-    let finished = loop {
-        let now = store.async_invocation("t", &id).await.expect("store").expect("stored");
-        if now.state == AsyncState::Succeeded {
-            break now;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
     assert_eq!(finished.response.expect("stored").body, b"ok\n");
     // Every attempt has a record of its own: the refused ones at no cost,
     // numbered in order, none under the invocation's own id.
@@ -333,9 +334,68 @@ async fn the_async_runner_retries_a_refused_run_later() {
         );
     }
     assert_eq!(ran.usage.status, 200);
-    let numbers: Vec<u32> = attempts.iter().map(|r| r.usage.attempt).collect();
-    assert_eq!(numbers, (1..=finished.attempts).collect::<Vec<_>>());
+    assert_eq!(finished.attempts, 1, "only the run that ran counts");
+    assert!(attempts.iter().all(|r| r.usage.attempt == 1), "{attempts:?}");
     let ids: HashSet<&str> = attempts.iter().map(|r| r.usage.id.as_str()).collect();
     assert_eq!(ids.len(), attempts.len(), "one id per attempt");
     assert!(!ids.contains(id.as_str()), "the invocation's id is not a record's");
+}
+
+#[tokio::test]
+async fn an_invocation_whose_node_keeps_dying_fails_after_its_last_attempt() {
+    let rig = Rig::new(SchedulerConfig::default());
+    rig.deploy("faults", hearth_fixtures::FAULTS, "").await;
+    let store = rig.invoker.store().clone();
+    let id = Uuid::now_v7().to_string();
+    store
+        .insert_async(AsyncInvocation {
+            id: id.clone(),
+            tenant: "t".into(),
+            function: "faults".into(),
+            state: AsyncState::Queued,
+            attempts: DEFAULT_ASYNC_MAX_ATTEMPTS - 1,
+            submitted_at_ms: now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            request: StoredMessage {
+                method: "GET".into(),
+                uri: "/ok".into(),
+                ..StoredMessage::default()
+            },
+            response: None,
+        })
+        .await
+        .expect("insert");
+    // Its last attempt starts on a node that never heartbeats (it died).
+    let claimed = store
+        .claim_async("gone", 1, DEFAULT_ASYNC_LEASE)
+        .await
+        .expect("claim");
+    assert_eq!(claimed[0].attempts, DEFAULT_ASYNC_MAX_ATTEMPTS);
+    let render: RenderFailure = Arc::new(|failure, _| http::Response::new(Bytes::from(failure.to_string())));
+    rig.invoker.spawn_async_runner(
+        hearth_store::NodeInfo {
+            id: "test-node".into(),
+            url: String::new(),
+            started_at_ms: now_ms(),
+            heartbeat_at_ms: 0,
+            details: "{}".into(),
+        },
+        4,
+        render,
+    );
+    let failed = loop {
+        let now = store.async_invocation("t", &id).await.expect("store").expect("stored");
+        if now.state != AsyncState::Running && now.state != AsyncState::Queued {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        (failed.state, failed.attempts),
+        (AsyncState::Failed, DEFAULT_ASYNC_MAX_ATTEMPTS),
+        "not run a fourth time: {failed:?}"
+    );
+    let answer = String::from_utf8(failed.response.expect("stored").body).expect("utf-8");
+    assert!(answer.contains("started 3 times"), "{answer}");
 }

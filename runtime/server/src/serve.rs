@@ -107,6 +107,11 @@ pub struct ServeArgs {
     /// leaves `/v1/status`. Nodes heartbeat every quarter of this.
     #[arg(long, env = "HEARTH_ASYNC_LEASE_S", default_value_t = hearth_invoker::DEFAULT_ASYNC_LEASE.as_secs())]
     async_lease_s: u64,
+    /// Attempts after which an asynchronous invocation whose node stopped
+    /// mid-run each time ends `failed` (a run refused for capacity is not an
+    /// attempt).
+    #[arg(long, env = "HEARTH_ASYNC_MAX_ATTEMPTS", default_value_t = hearth_invoker::DEFAULT_ASYNC_MAX_ATTEMPTS)]
+    async_max_attempts: u32,
     /// Price table (TOML: version, currency, per_invocation, per_gb_second,
     /// per_cpu_second, [per_gpu_second]); without it the built-in table
     /// `builtin-1` prices records.
@@ -269,6 +274,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_body_bytes: args.max_body_bytes,
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
         async_lease: Duration::from_secs(args.async_lease_s.max(1)),
+        async_max_attempts: args.async_max_attempts.max(1),
     };
     let prices = config_file(args.price_table.as_deref(), hearth_metering::PriceTable::from_toml)?.unwrap_or_default();
     let usage = if args.no_metering {

@@ -253,7 +253,7 @@ async fn async_invocations_queue_run_finish_and_survive_reopen(open: Open) {
         ..StoredMessage::default()
     };
     store
-        .finish_async("a", AsyncState::Succeeded, Some(response.clone()))
+        .finish_async("a", AsyncState::Succeeded, Some(response.clone()), true)
         .await
         .expect("finish");
     drop(store);
@@ -326,6 +326,13 @@ async fn a_dead_nodes_runs_are_claimed_again(open: Open) {
         again.iter().map(|i| (i.id.as_str(), i.attempts)).collect::<Vec<_>>(),
         [("x", 2)]
     );
+    // Refused for now: back in the queue, and the claim was not an attempt.
+    store
+        .finish_async("x", AsyncState::Queued, None, false)
+        .await
+        .expect("release");
+    let x = store.async_invocation("default", "x").await.expect("get").expect("x");
+    assert_eq!((x.state, x.attempts, x.response), (AsyncState::Queued, 1, None));
 }
 
 /// Several runners claiming at once never get the same invocation.

@@ -326,7 +326,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn claim_async(&self, node: &str, limit: usize, lease: std::time::Duration) -> Result<Vec<AsyncInvocation>>;
     /// Ends a run: stores the response and the final state, or puts the
     /// invocation back in the queue (`AsyncState::Queued`, no response).
-    async fn finish_async(&self, id: &str, state: AsyncState, response: Option<StoredMessage>) -> Result<()>;
+    /// `attempted: false` takes back the attempt its claim counted (the run
+    /// was refused, or given up without running).
+    async fn finish_async(
+        &self,
+        id: &str,
+        state: AsyncState,
+        response: Option<StoredMessage>,
+        attempted: bool,
+    ) -> Result<()>;
     /// Puts the invocations `node` left running when it stopped back in the
     /// queue (a node's id survives its restarts; other nodes' runs are left
     /// alone); returns how many.

@@ -582,15 +582,28 @@ impl Store for PostgresStore {
         Ok(claimed)
     }
 
-    async fn finish_async(&self, id: &str, state: AsyncState, response: Option<StoredMessage>) -> Result<()> {
+    async fn finish_async(
+        &self,
+        id: &str,
+        state: AsyncState,
+        response: Option<StoredMessage>,
+        attempted: bool,
+    ) -> Result<()> {
         let head = response.as_ref().map(head_json).transpose()?;
         let finished = (state != AsyncState::Queued).then(now_ms);
         self.client()
             .await?
             .execute(
-                "UPDATE async_invocations SET state = $2, finished_at_ms = $3, response_head = $4, response_body = $5
-                 WHERE id = $1",
-                &[&id, &state.as_str(), &finished, &head, &response.map(|r| r.body)],
+                "UPDATE async_invocations SET state = $2, finished_at_ms = $3, response_head = $4, response_body = $5,
+                 attempts = attempts - $6 WHERE id = $1",
+                &[
+                    &id,
+                    &state.as_str(),
+                    &finished,
+                    &head,
+                    &response.map(|r| r.body),
+                    &i32::from(!attempted),
+                ],
             )
             .await?;
         Ok(())
