@@ -3,13 +3,16 @@
 //! `--blob-url`). Each node has a data directory of its own, which starts
 //! empty: what it runs comes from the bucket.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use hearth_services::{Postgres, S3};
 
 use crate::asynchronous::wait_finished;
 use crate::inference::{classify, deploy_classify};
-use crate::server::{Server, TOKEN, deploy, http};
+use crate::server::{Server, TOKEN, deploy, http, usage_export};
 
 /// How long a change may take to reach the other nodes before the test
 /// fails (a hang guard: the convergence time itself is a bench figure).
@@ -21,9 +24,10 @@ const LEASE_S: u64 = 2;
 struct Cluster {
     nodes: Vec<Server>,
     s3: S3,
+    store_url: String,
     // Dropped last: the nodes stop before their database does.
     postgres: Postgres,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -32,31 +36,34 @@ impl Cluster {
         let postgres = Postgres::start();
         let store_url = postgres.create_database("hearth");
         let s3 = S3::start();
-        let blob_url = format!("s3://{}/blobs", S3::BUCKET);
-        let env = s3.env();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let nodes = (0..nodes)
-            .map(|i| {
-                Server::start_with_env(
-                    &dir.path().join(format!("node{i}")),
-                    &[
-                        "--store-url",
-                        &store_url,
-                        "--blob-url",
-                        &blob_url,
-                        "--async-lease-s",
-                        &LEASE_S.to_string(),
-                    ],
-                    &env,
-                )
-            })
-            .collect();
-        Cluster {
-            nodes,
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
             s3,
+            store_url,
             postgres,
-            _dir: dir,
-        }
+            dir,
+        };
+        cluster.nodes = (0..nodes).map(|i| cluster.start_node(i)).collect();
+        cluster
+    }
+
+    /// Starts node `i` on its data directory (again, after a kill).
+    fn start_node(&self, i: usize) -> Server {
+        let blob_url = format!("s3://{}/blobs", S3::BUCKET);
+        let env = self.s3.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Server::start_with_env(
+            &self.dir.path().join(format!("node{i}")),
+            &[
+                "--store-url",
+                &self.store_url,
+                "--blob-url",
+                &blob_url,
+                "--async-lease-s",
+                &LEASE_S.to_string(),
+            ],
+            &env,
+        )
     }
 }
 
@@ -225,4 +232,156 @@ async fn a_killed_nodes_asynchronous_run_is_run_again_by_another_node() {
     assert_eq!(done.response.expect("response").body.as_deref(), Some("slept\n"));
     let live = cluster.nodes[1].client().status().await.expect("status").nodes;
     assert_eq!(live.len(), 2, "the killed node left the list: {live:?}");
+}
+
+/// Clients spread over the nodes while one node is killed and restarted on
+/// its data directory and PostgreSQL is restarted: afterwards the fleet's
+/// export, through any node, lists every acknowledged invocation once, and
+/// a consumer that followed the cursor throughout saw each record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
+    const CLIENTS: usize = 6;
+    /// Acknowledged invocations between two events.
+    const STEP: usize = 150;
+    let mut cluster = Cluster::start(3);
+    let work = tempfile::tempdir().expect("tempdir");
+    deploy(&cluster.nodes[0], work.path(), "echo", hearth_fixtures::ECHO, "public = true\n").await;
+    for node in &cluster.nodes[1..] {
+        converge(&node.fn_url("echo", "/"), None, 200, "deployed through A").await;
+    }
+    let urls: Arc<RwLock<Vec<String>>> =
+        Arc::new(RwLock::new(cluster.nodes.iter().map(|n| n.fn_url("echo", "/")).collect()));
+    let done = Arc::new(AtomicUsize::new(0));
+    let (progress_tx, progress) = tokio::sync::watch::channel(0usize);
+    let progress_tx = Arc::new(progress_tx);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (urls, done, progress_tx, stop) = (urls.clone(), done.clone(), progress_tx.clone(), stop.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut acknowledged = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let url = urls.read().expect("urls")[client % 3].clone();
+                    let Ok(response) = http.post(&url).body("payload").send().await else {
+                        // Its node is down: wait for it to come back.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    let id = response
+                        .headers()
+                        .get("x-hearth-invocation-id")
+                        .map(|v| v.to_str().expect("ascii").to_owned());
+                    let status = response.status();
+                    if response.bytes().await.is_err() {
+                        continue;
+                    }
+                    assert_eq!(status, 200, "invocations go on whatever the cluster does");
+                    acknowledged.push(id.expect("every answer names its invocation"));
+                    progress_tx.send_replace(done.fetch_add(1, Ordering::SeqCst) + 1);
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    // A consumer follows the fleet's cursor through node A, which stays up.
+    let follower = {
+        let (url, stop) = (cluster.nodes[0].url.clone(), stop.clone());
+        tokio::spawn(async move { follow(&url, &stop).await })
+    };
+    let mut progress = progress;
+    let mut reach = async |n: usize| {
+        progress.wait_for(|done| *done >= n).await.expect("clients running");
+    };
+
+    reach(STEP).await;
+    drop(cluster.nodes.remove(1)); // SIGKILL under load
+    reach(2 * STEP).await;
+    let again = cluster.start_node(1);
+    urls.write().expect("urls")[1] = again.fn_url("echo", "/");
+    cluster.nodes.insert(1, again);
+    reach(3 * STEP).await;
+    cluster.postgres.stop();
+    reach(4 * STEP).await;
+    cluster.postgres.start_server();
+    reach(5 * STEP).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut acknowledged = HashSet::new();
+    for client in clients {
+        for id in client.await.expect("client") {
+            assert!(acknowledged.insert(id), "an invocation id was reused");
+        }
+    }
+
+    // Each node's export ships its own records first: after one export per
+    // node, the ledger has every node's.
+    for node in &cluster.nodes {
+        usage_export(node, "format=jsonl&limit=1").await;
+    }
+    let mut exported = HashSet::new();
+    let output = cluster.nodes[2]
+        .cli()
+        .args(["usage", "export", "--format", "jsonl"])
+        .output()
+        .expect("hearth usage export");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    for line in String::from_utf8(output.stdout).expect("utf-8").lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("record");
+        let id = record["id"].as_str().expect("id").to_owned();
+        assert!(exported.insert(id.clone()), "record {id} is listed twice");
+    }
+    let missing: Vec<_> = acknowledged.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged invocations are not in the fleet's export",
+        missing.len(),
+        acknowledged.len()
+    );
+    let followed = follower.await.expect("follower");
+    let seen: HashSet<_> = followed.iter().cloned().collect();
+    assert_eq!(seen.len(), followed.len(), "the follower saw a record twice");
+    assert!(seen.is_subset(&exported), "the follower saw only records of the ledger");
+}
+
+/// Follows `GET /v1/usage` by its cursor until `stop`, then until it is
+/// drained; the record ids in the order seen. Refusals while the ledger is
+/// away (503) are retried.
+async fn follow(url: &str, stop: &AtomicBool) -> Vec<String> {
+    let http = reqwest::Client::new();
+    let (mut cursor, mut seen) = (0u64, Vec::new());
+    let mut quiet_after_stop = 0;
+    loop {
+        let response = http
+            .get(format!("{url}/v1/usage?format=jsonl&limit=500&cursor={cursor}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await;
+        let Ok(response) = response else { continue };
+        if response.status() != 200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let next: u64 = response
+            .headers()
+            .get(hearth_client::NEXT_CURSOR_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .expect("a next cursor");
+        let body = response.text().await.expect("body");
+        let mut lines = 0;
+        for line in body.lines() {
+            let record: serde_json::Value = serde_json::from_str(line).expect("record");
+            seen.push(record["id"].as_str().expect("id").to_owned());
+            lines += 1;
+        }
+        cursor = next;
+        if stop.load(Ordering::SeqCst) {
+            quiet_after_stop = if lines == 0 { quiet_after_stop + 1 } else { 0 };
+            if quiet_after_stop >= 3 {
+                return seen;
+            }
+        }
+        if lines == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -20,7 +20,8 @@ mod tokens;
 mod usage;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -29,12 +30,21 @@ use axum::routing::{any, delete, get, post};
 use hearth_api::{Health, TenantQuery};
 use hearth_auth::{Action, Auth, Principal};
 use hearth_invoker::{Invoker, RenderFailure};
+use hearth_metering::UsageQueries;
 use http::{HeaderMap, HeaderValue, header};
 
 pub use problem::{ApiError, INVOCATION_ID_HEADER};
 
 /// Default largest deploy upload (manifest and component together): 256 MiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 256 << 20;
+/// How long `/readyz` stays ready while the store does not answer: a node
+/// serves deployed functions from its caches and spools usage records
+/// locally, so a brief outage of a cluster's PostgreSQL (a restart, a
+/// failover) must not take every node out of its load balancer at once.
+pub const STORE_OUTAGE_GRACE: Duration = Duration::from_secs(30);
+/// Longest `/readyz` waits for the store to answer.
+const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Request header that lowers an invocation's QoS class (never raises it);
 /// the response echoes the class it ran at.
 pub const QOS_HEADER: &str = "x-hearth-qos";
@@ -48,17 +58,29 @@ pub struct AppState {
     pub auth: Auth,
     /// Largest deploy upload, in bytes.
     pub max_upload_bytes: u64,
+    /// Where usage exports read: this node's log, or in a cluster the
+    /// fleet's ledger (`None` with metering off).
+    pub usage: Option<Arc<dyn UsageQueries>>,
     draining: AtomicBool,
+    /// When the store last answered `/readyz` (Unix ms).
+    store_answered_at_ms: AtomicI64,
 }
 
 impl AppState {
     /// Shared state for the router.
-    pub fn new(invoker: Arc<Invoker>, auth: Auth, max_upload_bytes: u64) -> Arc<AppState> {
+    pub fn new(
+        invoker: Arc<Invoker>,
+        auth: Auth,
+        max_upload_bytes: u64,
+        usage: Option<Arc<dyn UsageQueries>>,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             invoker,
             auth,
             max_upload_bytes,
+            usage,
             draining: AtomicBool::new(false),
+            store_answered_at_ms: AtomicI64::new(hearth_store::now_ms()),
         })
     }
 
@@ -154,6 +176,9 @@ async fn healthz() -> axum::Json<Health> {
     axum::Json(Health { status: "ok".into() })
 }
 
+/// `GET /readyz`: 503 while shutting down, while the usage log cannot
+/// write (invocations are refused then), or once the store has not answered
+/// for [`STORE_OUTAGE_GRACE`]; ready otherwise.
 async fn readyz(State(state): State<Arc<AppState>>) -> Result<axum::Json<Health>, ApiError> {
     if state.draining.load(Ordering::SeqCst) {
         return Err(ApiError::Unavailable("shutting down".into()));
@@ -164,13 +189,29 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Result<axum::Json<Health>
     {
         return Err(ApiError::Unavailable("the usage log cannot write".into()));
     }
-    state
-        .invoker
-        .store()
-        .tenant_exists(hearth_auth::DEFAULT_TENANT)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("store unavailable: {e}")))?;
-    Ok(axum::Json(Health { status: "ready".into() }))
+    let check = state.invoker.store().tenant_exists(hearth_auth::DEFAULT_TENANT);
+    let error = match tokio::time::timeout(STORE_CHECK_TIMEOUT, check).await {
+        Ok(Ok(_)) => {
+            state
+                .store_answered_at_ms
+                .store(hearth_store::now_ms(), Ordering::Release);
+            return Ok(axum::Json(Health { status: "ready".into() }));
+        }
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => format!("no answer within {STORE_CHECK_TIMEOUT:?}"),
+    };
+    let silent_ms = hearth_store::now_ms() - state.store_answered_at_ms.load(Ordering::Acquire);
+    let grace_ms = i64::try_from(STORE_OUTAGE_GRACE.as_millis()).unwrap_or(i64::MAX);
+    if silent_ms >= grace_ms {
+        return Err(ApiError::Unavailable(format!(
+            "the store has not answered for {} s: {error}",
+            silent_ms / 1000
+        )));
+    }
+    tracing::warn!(error = %error, "the store does not answer; serving from caches");
+    Ok(axum::Json(Health {
+        status: "ready (the store does not answer; serving from caches)".into(),
+    }))
 }
 
 /// `GET /metrics`: OpenTelemetry metrics in the Prometheus text format.

@@ -11,13 +11,21 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use hearth_api::{NEXT_CURSOR_HEADER, TenantQuery, UsageQuery, UsageSummary, UsageSummaryPage};
 use hearth_auth::Action;
-use hearth_metering::{Encoder, Filter, Format, UsageLog, UsageRecord};
+use hearth_metering::{Encoder, Filter, Format, UsageQueries, UsageRecord};
 use http::{HeaderMap, HeaderValue, header};
 
 use crate::{ApiError, AppState, scope};
 
 /// Records per page read from the log while streaming an export.
 const PAGE: usize = 1000;
+
+/// A failed query: 503 when it is worth retrying (the ledger is away).
+fn failed(err: hearth_metering::LogError) -> ApiError {
+    match err {
+        hearth_metering::LogError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
+        err => ApiError::Internal(err.to_string()),
+    }
+}
 
 fn bad(detail: String) -> ApiError {
     ApiError::BadRequest { detail, key: None }
@@ -38,15 +46,18 @@ fn parse_time(name: &str, value: &str) -> Result<i64, ApiError> {
     i64::try_from(at.unix_timestamp_nanos() / 1000).map_err(|_| bad(format!("`{name}` is out of range")))
 }
 
-async fn filter(state: &AppState, headers: &HeaderMap, query: &UsageQuery) -> Result<(Filter, UsageLog), ApiError> {
+async fn filter(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &UsageQuery,
+) -> Result<(Filter, Arc<dyn UsageQueries>), ApiError> {
     let tenant = TenantQuery {
         tenant: query.tenant.clone(),
     };
     let (tenant, _) = scope(state, headers, &tenant, Action::ReadUsage).await?;
     let log = state
-        .invoker
-        .usage()
-        .cloned()
+        .usage
+        .clone()
         .ok_or_else(|| ApiError::NotFound("metering is off on this server (--no-metering)".into()))?;
     let filter = Filter {
         tenant: Some(tenant),
@@ -83,13 +94,13 @@ pub(crate) async fn export(
             ))
         })?,
     };
-    let internal = |e: hearth_metering::LogError| ApiError::Internal(e.to_string());
-    // Everything appended so far is queryable from here; this answer goes
-    // up to it, and the next one starts after it.
-    let upto = log.catch_up().await.map_err(internal)?.max(after);
+    // Everything recorded so far (in a cluster: everything this node
+    // recorded, and what other nodes have shipped) is queryable from here;
+    // this answer goes up to it, and the next one starts after it.
+    let upto = log.catch_up().await.map_err(failed)?.max(after);
     let (mut response, next) = if let Some(limit) = query.limit {
         let limit = limit.clamp(1, 10 * PAGE);
-        let records = log.page(&filter, after, Some(upto), limit).await.map_err(internal)?;
+        let records = log.page(&filter, after, upto, limit).await.map_err(failed)?;
         let mut bytes = encoder.header();
         for record in &records {
             bytes.extend(encoder.record(record));
@@ -114,7 +125,7 @@ pub(crate) async fn export(
 /// Every matching record after `after` up to `upto`, a page at a time, as
 /// encoded chunks.
 fn stream_all(
-    log: UsageLog,
+    log: Arc<dyn UsageQueries>,
     filter: Filter,
     encoder: Arc<Encoder>,
     after: u64,
@@ -136,7 +147,7 @@ fn stream_all(
             if at.done {
                 return Ok(None);
             }
-            let records: Vec<UsageRecord> = log.page(&filter, at.after, Some(upto), PAGE).await?;
+            let records: Vec<UsageRecord> = log.page(&filter, at.after, upto, PAGE).await?;
             let mut chunk = if at.started { Vec::new() } else { encoder.header() };
             at.started = true;
             at.done = records.len() < PAGE;
@@ -159,7 +170,7 @@ pub(crate) async fn summary(
     let rows = log
         .summary(&filter)
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(failed)?;
     let rows = rows
         .into_iter()
         .map(|row| UsageSummary {

@@ -8,6 +8,8 @@
 //!   ingested into `usage.db` (SQLite) by a syncer thread; how durable a
 //!   record is when its answer completes is the [`Durability`] mode. It also
 //!   answers the queries behind exports, in commit order.
+//! - [`UsageQueries`] is what exports read: the log on one node, the
+//!   fleet's ledger (`hearth-ledger`) in a cluster.
 //! - [`Encoder`] writes records as CSV, JSON lines or CloudEvents.
 
 mod database;
@@ -15,6 +17,7 @@ mod export;
 mod journal;
 mod log;
 mod price;
+mod queries;
 mod record;
 mod sink;
 
@@ -23,6 +26,7 @@ pub use log::{
     DEFAULT_SYNC_INTERVAL, Durability, Filter, GROUP_WINDOW, LogConfig, LogStats, Pending, SummaryRow, UsageLog,
 };
 pub use price::{PriceError, PriceTable};
+pub use queries::UsageQueries;
 pub use record::{Outcome, RecordView, Usage, UsageRecord, format_nanos, format_us};
 pub use sink::{LogError, MAX_BATCH, Sink};
 

@@ -56,7 +56,8 @@ impl Outcome {
         Outcome::InternalError,
     ];
 
-    pub(crate) fn parse(s: &str) -> Option<Outcome> {
+    /// The outcome named `s`, as [`Outcome::as_str`] writes it.
+    pub fn parse(s: &str) -> Option<Outcome> {
         Outcome::ALL.into_iter().find(|o| o.as_str() == s)
     }
 

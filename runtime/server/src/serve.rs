@@ -219,12 +219,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
 
     let node = node_id(&data_dir)?;
-    let store: Arc<dyn Store> = hearth_store::open(args.store_url.as_deref(), &data_dir)
+    let opened = hearth_store::open(args.store_url.as_deref(), &data_dir)
         .await
         .with_context(|| match &args.store_url {
             None => format!("opening the store in {}", data_dir.display()),
             Some(url) => format!("opening the store at {}", hearth_store::redact(url)),
         })?;
+    let store: Arc<dyn Store> = opened.store;
     let mut blobs = BlobStore::open(&data_dir).context("opening the blob store")?;
     if let Some(url) = &args.blob_url {
         blobs = blobs.with_remote(hearth_store::RemoteBlobs::from_url(url)?);
@@ -327,7 +328,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     });
     let usage_log = invoker.usage().cloned();
-    let state = AppState::new(invoker, auth, args.max_upload_bytes);
+    // In a cluster, records also go to the fleet's ledger, and exports read it.
+    let shipper = match (&usage_log, opened.postgres) {
+        (Some(log), Some(pool)) => {
+            let ledger = hearth_ledger::Ledger::new(pool);
+            let shipper = hearth_ledger::Shipper::start(log.clone(), ledger, node.clone(), &data_dir)
+                .context("starting the usage shipper")?;
+            shipper.observe(invoker.telemetry().meter());
+            Some(shipper)
+        }
+        _ => None,
+    };
+    let usage_queries: Option<Arc<dyn hearth_metering::UsageQueries>> = match (&shipper, &usage_log) {
+        (Some(shipper), _) => Some(shipper.clone()),
+        (None, Some(log)) => Some(Arc::new(log.clone())),
+        (None, None) => None,
+    };
+    let state = AppState::new(invoker, auth, args.max_upload_bytes, usage_queries);
     let app = hearth_http::router(state.clone());
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -390,6 +407,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             grace_s = grace.as_secs(),
             "grace period over; dropping remaining requests"
         ),
+    }
+    // In a cluster, what is left goes to the ledger if it can in the time
+    // left; what cannot waits in the log for the next start.
+    if let Some(shipper) = &shipper {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !shipper.flush(left.max(Duration::from_secs(1))).await {
+            tracing::warn!(
+                unshipped = shipper.unshipped(),
+                "stopping with usage records not yet in the ledger; they ship when this node starts again"
+            );
+        }
     }
     // Every record of an invocation that ran, orphans (client gone) too, is
     // written and synced before the process exits.

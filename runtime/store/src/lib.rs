@@ -28,14 +28,31 @@ pub use postgres::{CHANGES_CHANNEL, PostgresStore};
 pub use remote::RemoteBlobs;
 pub use sqlite::SqliteStore;
 
+/// A store opened by [`open`].
+#[derive(Debug)]
+pub struct Opened {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The pool of the PostgreSQL database it lives in, when it does: the
+    /// fleet's usage ledger shares it (one pool per node).
+    pub postgres: Option<deadpool_postgres::Pool>,
+}
+
 /// Opens the store named by `url`: `None` (or `sqlite:`) for the embedded
 /// SQLite file under `data_dir`, `postgres://…` (or `postgresql://…`) for a
 /// PostgreSQL database shared by a cluster.
-pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Arc<dyn Store>> {
+pub async fn open(url: Option<&str>, data_dir: &Path) -> Result<Opened> {
     match url.map(str::trim).filter(|url| !url.is_empty()) {
-        None | Some("sqlite:") => Ok(Arc::new(SqliteStore::open(data_dir)?)),
+        None | Some("sqlite:") => Ok(Opened {
+            store: Arc::new(SqliteStore::open(data_dir)?),
+            postgres: None,
+        }),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Ok(Arc::new(PostgresStore::connect(url).await?))
+            let store = PostgresStore::connect(url).await?;
+            Ok(Opened {
+                postgres: Some(store.pool()),
+                store: Arc::new(store),
+            })
         }
         Some(url) => Err(StoreError::Config(format!(
             "unknown store URL {:?}: use postgres://user@host:port/database, or leave it unset for the \

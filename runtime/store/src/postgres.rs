@@ -109,6 +109,40 @@ const MIGRATIONS: &[&str] = &[
         heartbeat_at_ms BIGINT NOT NULL,
         details TEXT NOT NULL
     );",
+    // 4: the fleet's usage ledger (written by `hearth-ledger`): records in
+    // ledger order, and the last sequence given, locked while shipping.
+    "CREATE TABLE hearth_usage (
+        seq BIGINT PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        node TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        function TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        started_at_us BIGINT NOT NULL,
+        ended_at_us BIGINT NOT NULL,
+        status INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        cold_start BOOLEAN NOT NULL,
+        queue_us BIGINT NOT NULL,
+        memory_peak_bytes BIGINT NOT NULL,
+        guest_cpu_us BIGINT NOT NULL,
+        device TEXT NOT NULL,
+        compute_ns BIGINT NOT NULL,
+        gpu_ns BIGINT NOT NULL,
+        inference_calls BIGINT NOT NULL,
+        batched_calls BIGINT NOT NULL,
+        bytes_in BIGINT NOT NULL,
+        bytes_out BIGINT NOT NULL,
+        billed_ms BIGINT NOT NULL,
+        cost_nanos BIGINT NOT NULL,
+        currency TEXT NOT NULL,
+        price_version TEXT NOT NULL,
+        invocation_id TEXT,
+        attempt INTEGER NOT NULL
+    );
+    CREATE INDEX hearth_usage_tenant ON hearth_usage (tenant, seq);
+    CREATE TABLE hearth_usage_head (seq BIGINT NOT NULL);
+    INSERT INTO hearth_usage_head (seq) VALUES (0);",
 ];
 
 /// How often a node compares the change counter with the announcements it
@@ -147,6 +181,12 @@ impl PostgresStore {
         let store = PostgresStore { pool, config };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// The node's connection pool, for the usage ledger that lives in the
+    /// same database (so a node keeps one pool).
+    pub fn pool(&self) -> Pool {
+        self.pool.clone()
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
