@@ -12,7 +12,7 @@ use hearth_services::{Postgres, S3};
 
 use crate::asynchronous::wait_finished;
 use crate::inference::{classify, deploy_classify};
-use crate::server::{Server, TOKEN, deploy, http, usage_export};
+use crate::server::{Server, TOKEN, deploy, http, problem, usage_export, wait_for_instances};
 
 /// How long a change may take to reach the other nodes before the test
 /// fails (a hang guard: the convergence time itself is a bench figure).
@@ -25,6 +25,8 @@ struct Cluster {
     nodes: Vec<Server>,
     s3: S3,
     store_url: String,
+    /// Arguments every node gets besides the cluster's own.
+    extra: Vec<String>,
     // Dropped last: the nodes stop before their database does.
     postgres: Postgres,
     dir: tempfile::TempDir,
@@ -32,6 +34,10 @@ struct Cluster {
 
 impl Cluster {
     fn start(nodes: usize) -> Cluster {
+        Cluster::start_with(nodes, &[])
+    }
+
+    fn start_with(nodes: usize, extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let postgres = Postgres::start();
         let store_url = postgres.create_database("hearth");
@@ -40,6 +46,7 @@ impl Cluster {
             nodes: Vec::new(),
             s3,
             store_url,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
             postgres,
             dir,
         };
@@ -52,18 +59,17 @@ impl Cluster {
         let blob_url = format!("s3://{}/blobs", S3::BUCKET);
         let env = self.s3.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Server::start_with_env(
-            &self.dir.path().join(format!("node{i}")),
-            &[
-                "--store-url",
-                &self.store_url,
-                "--blob-url",
-                &blob_url,
-                "--async-lease-s",
-                &LEASE_S.to_string(),
-            ],
-            &env,
-        )
+        let lease = LEASE_S.to_string();
+        let mut args = vec![
+            "--store-url",
+            &self.store_url,
+            "--blob-url",
+            &blob_url,
+            "--async-lease-s",
+            &lease,
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        Server::start_with_env(&self.dir.path().join(format!("node{i}")), &args, &env)
     }
 }
 
@@ -234,6 +240,43 @@ async fn a_killed_nodes_asynchronous_run_is_run_again_by_another_node() {
     assert_eq!(live.len(), 2, "the killed node left the list: {live:?}");
 }
 
+/// A tenant's `max_concurrent` is shared by the live nodes: with 3 nodes
+/// and a limit of 3, a node holding one of the tenant's invocations refuses
+/// a second (on one node the limit would admit three).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_limits_are_shared_by_the_live_nodes() {
+    let limits = tempfile::NamedTempFile::new().expect("limits file");
+    std::fs::write(limits.path(), "[default]\nmax_concurrent = 3\n").expect("write limits");
+    let limits = limits.path().display().to_string();
+    let cluster = Cluster::start_with(3, &["--tenant-limits", &limits]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let a = &cluster.nodes[0];
+    deploy(a, work.path(), "slow", hearth_fixtures::FAULTS, "public = true\n").await;
+    // Each node learns the count at its next heartbeat: poll until A holds
+    // to its share.
+    let guard = Instant::now() + CONVERGE_GUARD;
+    loop {
+        let held = tokio::spawn(http().get(a.fn_url("slow", "/sleep?ms=1000")).send());
+        wait_for_instances(a, "slow", "is busy", |pool| pool.busy >= 1).await;
+        let second = http()
+            .get(a.fn_url("slow", "/sleep?ms=1"))
+            .send()
+            .await
+            .expect("second");
+        let shared = second.status() == 429;
+        if shared {
+            let problem = problem(second, 429).await;
+            let detail = problem["detail"].as_str().unwrap_or_default();
+            assert!(detail.contains("each of the 3 nodes"), "{problem}");
+        }
+        assert_eq!(held.await.expect("held").expect("held call").status(), 200);
+        if shared {
+            break;
+        }
+        assert!(Instant::now() < guard, "node A still admits past its share");
+    }
+}
+
 /// Clients spread over the nodes while one node is killed and restarted on
 /// its data directory and PostgreSQL is restarted: afterwards the fleet's
 /// export, through any node, lists every acknowledged invocation once, and
@@ -245,12 +288,20 @@ async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
     const STEP: usize = 150;
     let mut cluster = Cluster::start(3);
     let work = tempfile::tempdir().expect("tempdir");
-    deploy(&cluster.nodes[0], work.path(), "echo", hearth_fixtures::ECHO, "public = true\n").await;
+    deploy(
+        &cluster.nodes[0],
+        work.path(),
+        "echo",
+        hearth_fixtures::ECHO,
+        "public = true\n",
+    )
+    .await;
     for node in &cluster.nodes[1..] {
         converge(&node.fn_url("echo", "/"), None, 200, "deployed through A").await;
     }
-    let urls: Arc<RwLock<Vec<String>>> =
-        Arc::new(RwLock::new(cluster.nodes.iter().map(|n| n.fn_url("echo", "/")).collect()));
+    let urls: Arc<RwLock<Vec<String>>> = Arc::new(RwLock::new(
+        cluster.nodes.iter().map(|n| n.fn_url("echo", "/")).collect(),
+    ));
     let done = Arc::new(AtomicUsize::new(0));
     let (progress_tx, progress) = tokio::sync::watch::channel(0usize);
     let progress_tx = Arc::new(progress_tx);
@@ -284,10 +335,12 @@ async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
             })
         })
         .collect();
-    // A consumer follows the fleet's cursor through node A, which stays up.
+    // A consumer follows the fleet's cursor through node A, which stays up,
+    // until it has as many records as the final export.
+    let (total_tx, total) = tokio::sync::watch::channel(None);
     let follower = {
-        let (url, stop) = (cluster.nodes[0].url.clone(), stop.clone());
-        tokio::spawn(async move { follow(&url, &stop).await })
+        let url = cluster.nodes[0].url.clone();
+        tokio::spawn(async move { follow(&url, total).await })
     };
     let mut progress = progress;
     let mut reach = async |n: usize| {
@@ -337,50 +390,53 @@ async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
         missing.len(),
         acknowledged.len()
     );
-    let followed = follower.await.expect("follower");
-    let seen: HashSet<_> = followed.iter().cloned().collect();
-    assert_eq!(seen.len(), followed.len(), "the follower saw a record twice");
-    assert!(seen.is_subset(&exported), "the follower saw only records of the ledger");
+    total_tx.send_replace(Some(exported.len()));
+    let followed = tokio::time::timeout(CONVERGE_GUARD, follower)
+        .await
+        .expect("the follower reaches the export's end")
+        .expect("follower");
+    let seen: HashSet<_> = followed.into_iter().collect();
+    assert_eq!(seen, exported, "the follower saw what the export lists");
 }
 
-/// Follows `GET /v1/usage` by its cursor until `stop`, then until it is
-/// drained; the record ids in the order seen. Refusals while the ledger is
+/// Follows `GET /v1/usage` by its cursor until it has seen as many records
+/// as `total` says, once it says; the record ids in the order seen. It
+/// fails at once on a record it already had. Refusals while the ledger is
 /// away (503) are retried.
-async fn follow(url: &str, stop: &AtomicBool) -> Vec<String> {
+async fn follow(url: &str, total: tokio::sync::watch::Receiver<Option<usize>>) -> Vec<String> {
     let http = reqwest::Client::new();
-    let (mut cursor, mut seen) = (0u64, Vec::new());
-    let mut quiet_after_stop = 0;
+    let (mut cursor, mut seen, mut once) = (0u64, Vec::new(), HashSet::new());
     loop {
+        if total.borrow().is_some_and(|total| seen.len() >= total) {
+            return seen;
+        }
         let response = http
             .get(format!("{url}/v1/usage?format=jsonl&limit=500&cursor={cursor}"))
             .bearer_auth(TOKEN)
             .send()
             .await;
-        let Ok(response) = response else { continue };
-        if response.status() != 200 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        }
+        let response = match response {
+            Ok(response) if response.status() == 200 => response,
+            _ => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let next: u64 = response
             .headers()
             .get(hearth_client::NEXT_CURSOR_HEADER)
             .and_then(|v| v.to_str().ok()?.parse().ok())
             .expect("a next cursor");
         let body = response.text().await.expect("body");
-        let mut lines = 0;
+        let before = seen.len();
         for line in body.lines() {
             let record: serde_json::Value = serde_json::from_str(line).expect("record");
-            seen.push(record["id"].as_str().expect("id").to_owned());
-            lines += 1;
+            let id = record["id"].as_str().expect("id").to_owned();
+            assert!(once.insert(id.clone()), "the follower got {id} twice");
+            seen.push(id);
         }
         cursor = next;
-        if stop.load(Ordering::SeqCst) {
-            quiet_after_stop = if lines == 0 { quiet_after_stop + 1 } else { 0 };
-            if quiet_after_stop >= 3 {
-                return seen;
-            }
-        }
-        if lines == 0 {
+        if seen.len() == before {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

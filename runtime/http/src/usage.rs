@@ -167,10 +167,7 @@ pub(crate) async fn summary(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (filter, log) = filter(&state, &headers, &query).await?;
-    let rows = log
-        .summary(&filter)
-        .await
-        .map_err(failed)?;
+    let rows = log.summary(&filter).await.map_err(failed)?;
     let rows = rows
         .into_iter()
         .map(|row| UsageSummary {

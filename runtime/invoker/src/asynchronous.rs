@@ -58,7 +58,8 @@ impl Invoker {
     /// when it stopped go back to the queue first; ones left running by a
     /// node that has not heartbeaten for the lease
     /// ([`crate::InvokerConfig::async_lease`]) are run again here. The node
-    /// heartbeats every quarter of the lease meanwhile.
+    /// heartbeats every quarter of the lease meanwhile, and counts the live
+    /// nodes that share each tenant's limits.
     pub fn spawn_async_runner(
         self: &Arc<Self>,
         node: NodeInfo,
@@ -77,6 +78,12 @@ impl Invoker {
                 every.tick().await;
                 if let Err(err) = beating.store.heartbeat(&beat).await {
                     tracing::warn!(error = %err, "cannot record this node's heartbeat");
+                    continue;
+                }
+                // Tenant limits are shared by the live nodes; an unreadable
+                // list keeps the last count.
+                if let Ok(live) = beating.store.live_nodes(lease).await {
+                    beating.tenants.set_nodes(live.len() as u64);
                 }
             }
         };

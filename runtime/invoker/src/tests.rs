@@ -367,10 +367,7 @@ async fn an_invocation_whose_node_keeps_dying_fails_after_its_last_attempt() {
         .await
         .expect("insert");
     // Its last attempt starts on a node that never heartbeats (it died).
-    let claimed = store
-        .claim_async("gone", 1, DEFAULT_ASYNC_LEASE)
-        .await
-        .expect("claim");
+    let claimed = store.claim_async("gone", 1, DEFAULT_ASYNC_LEASE).await.expect("claim");
     assert_eq!(claimed[0].attempts, DEFAULT_ASYNC_MAX_ATTEMPTS);
     let render: RenderFailure = Arc::new(|failure, _| http::Response::new(Bytes::from(failure.to_string())));
     rig.invoker.spawn_async_runner(

@@ -18,7 +18,11 @@ fn record(tenant: &str, n: u64) -> UsageRecord {
         started_at_us: 1_764_000_000_000_000,
         ended_at_us: 1_764_000_000_002_500,
         status: 200,
-        outcome: if n.is_multiple_of(7) { Outcome::Rejected } else { Outcome::Ok },
+        outcome: if n.is_multiple_of(7) {
+            Outcome::Rejected
+        } else {
+            Outcome::Ok
+        },
         device: "cpu".into(),
         guest_cpu_us: 300 + n,
         bytes_in: n,
@@ -136,7 +140,10 @@ async fn a_consumer_following_three_shipping_nodes_sees_each_record_once() {
         let (invocations, rejected, cpu) = mine.fold((0, 0, 0), |(i, r, c), row| {
             (i + row.invocations, r + row.rejected, c + row.guest_cpu_us)
         });
-        assert_eq!((row.invocations, row.rejected, row.guest_cpu_us), (invocations, rejected, cpu));
+        assert_eq!(
+            (row.invocations, row.rejected, row.guest_cpu_us),
+            (invocations, rejected, cpu)
+        );
     }
     assert_eq!(fleet.iter().map(|r| r.invocations).sum::<u64>(), 3 * PER_NODE);
 }
@@ -156,12 +163,20 @@ async fn records_wait_in_the_spool_while_postgres_is_away() {
     assert!(shipper.flush(Duration::from_secs(30)).await);
     server.stop();
     for n in 20..120 {
-        log.record(record("acme", n)).await.expect("recorded while PostgreSQL is away");
+        log.record(record("acme", n))
+            .await
+            .expect("recorded while PostgreSQL is away");
     }
-    assert!(!shipper.flush(Duration::from_millis(300)).await, "nothing ships while away");
+    assert!(
+        !shipper.flush(Duration::from_millis(300)).await,
+        "nothing ships while away"
+    );
     assert_eq!(shipper.unshipped(), 100);
     server.start_server();
-    assert!(shipper.flush(Duration::from_secs(60)).await, "the backlog ships on return");
+    assert!(
+        shipper.flush(Duration::from_secs(60)).await,
+        "the backlog ships on return"
+    );
     drop(shipper);
 
     // A restarted node resumes from its saved cursor; re-shipping from the

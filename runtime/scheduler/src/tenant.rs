@@ -2,8 +2,19 @@
 //! crowds out the others. Concurrency and request rate are checked when an
 //! invocation is admitted ([`TenantGate::admit`]); function count and model
 //! bytes when a version is deployed ([`TenantGate::check_deploy`]).
+//!
+//! **In a cluster** each node enforces its share of a tenant's concurrency
+//! and rate: the limit divided by the number of live nodes
+//! ([`TenantGate::set_nodes`]), rounded up for concurrency, with a burst of
+//! at least one. No request waits on a fleet-wide counter. Across the fleet
+//! a tenant never gets more than `max_concurrent + nodes - 1` in flight or
+//! its rate plus one request per node per second; it can get less when its
+//! traffic reaches some nodes only (a load balancer that spreads requests
+//! evenly gives it the whole limit), and while the node count changes (up
+//! to one lease) the shares follow the old count.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -91,20 +102,24 @@ impl TenantLimitsConfig {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TenantRejection {
     /// Too many invocations in flight.
-    #[error("tenant `{tenant}` is at its limit max_concurrent = {limit} invocations in flight")]
+    #[error("tenant `{tenant}` is at its limit max_concurrent = {limit} invocations in flight{}", share(*nodes))]
     Concurrency {
         /// Tenant.
         tenant: String,
         /// The limit.
         limit: u64,
+        /// Live nodes sharing it.
+        nodes: u64,
     },
     /// Over the request rate.
-    #[error("tenant `{tenant}` is over its limit requests_per_second = {limit}")]
+    #[error("tenant `{tenant}` is over its limit requests_per_second = {limit}{}", share(*nodes))]
     Rate {
         /// Tenant.
         tenant: String,
         /// The limit.
         limit: f64,
+        /// Live nodes sharing it.
+        nodes: u64,
         /// When a request would be admitted again.
         retry_after: Duration,
     },
@@ -118,6 +133,15 @@ pub enum TenantRejection {
         /// The limit's value.
         value: u64,
     },
+}
+
+/// How a cluster's share reads in a rejection.
+fn share(nodes: u64) -> String {
+    if nodes > 1 {
+        format!(" (each of the {nodes} nodes enforces its share)")
+    } else {
+        String::new()
+    }
 }
 
 impl TenantRejection {
@@ -151,6 +175,8 @@ struct TenantState {
 pub struct TenantGate {
     config: Arc<TenantLimitsConfig>,
     state: Arc<Mutex<HashMap<String, TenantState>>>,
+    /// Live nodes sharing the limits (1 on a single node).
+    nodes: Arc<AtomicU64>,
 }
 
 /// An admitted invocation's share of its tenant's concurrency; returned on
@@ -176,7 +202,14 @@ impl TenantGate {
         TenantGate {
             config: Arc::new(config),
             state: Arc::default(),
+            nodes: Arc::new(AtomicU64::new(1)),
         }
+    }
+
+    /// Sets how many live nodes share each tenant's concurrency and rate
+    /// (at least 1); this node enforces its share from the next admission.
+    pub fn set_nodes(&self, nodes: u64) {
+        self.nodes.store(nodes.max(1), Ordering::Relaxed);
     }
 
     /// The limits of `tenant`.
@@ -187,19 +220,22 @@ impl TenantGate {
     /// Admits one invocation of `tenant`, or says which limit refuses it.
     pub fn admit(&self, tenant: &str) -> Result<TenantPermit, TenantRejection> {
         let limits = self.config.limits(tenant);
+        let nodes = self.nodes.load(Ordering::Relaxed).max(1);
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = state.entry(tenant.to_owned()).or_default();
         if let Some(limit) = limits.max_concurrent
-            && entry.in_flight >= limit
+            && entry.in_flight >= limit.div_ceil(nodes)
         {
             return Err(TenantRejection::Concurrency {
                 tenant: tenant.to_owned(),
                 limit,
+                nodes,
             });
         }
-        if let Some(rate) = limits.requests_per_second {
-            let burst = limits.burst.unwrap_or(rate).max(1.0);
+        if let Some(limit) = limits.requests_per_second {
+            let rate = limit / nodes as f64;
+            let burst = (limits.burst.unwrap_or(limit) / nodes as f64).max(1.0);
             let elapsed = entry
                 .refilled
                 .map_or(Duration::MAX, |at| now.saturating_duration_since(at));
@@ -209,7 +245,8 @@ impl TenantGate {
                 let wait = Duration::from_secs_f64((1.0 - entry.tokens) / rate);
                 return Err(TenantRejection::Rate {
                     tenant: tenant.to_owned(),
-                    limit: rate,
+                    limit,
+                    nodes,
                     retry_after: Duration::from_secs(wait.as_secs_f64().ceil().max(1.0) as u64),
                 });
             }
@@ -276,6 +313,30 @@ mod tests {
         assert!(err.to_string().contains("max_concurrent = 2"), "{err}");
         drop(a);
         assert!(gate.admit("acme").is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_a_cluster_each_node_enforces_its_share() {
+        let gate = gate("[default]\nmax_concurrent = 5\n[tenants.acme]\nrequests_per_second = 9.0\n");
+        gate.set_nodes(2);
+        // ceil(5 / 2) in flight on this node.
+        let held: Vec<_> = (0..3).map(|_| gate.admit("other").expect("within the share")).collect();
+        let err = gate.admit("other").expect_err("past the share");
+        assert!(err.to_string().contains("max_concurrent = 5"), "{err}");
+        assert!(err.to_string().contains("2 nodes"), "{err}");
+        drop(held);
+        // 9/s across 3 nodes: a burst of 3 here, then 3 a second.
+        gate.set_nodes(3);
+        let admitted = (0..9).filter(|_| gate.admit("acme").is_ok()).count();
+        assert_eq!(admitted, 3, "this node's share of the burst");
+        tokio::time::advance(Duration::from_millis(340)).await;
+        assert!(gate.admit("acme").is_ok(), "refilled at 3/s");
+        assert!(gate.admit("acme").is_err());
+        // Back to one node: the whole limit.
+        gate.set_nodes(1);
+        let held: Vec<_> = (0..5).map(|_| gate.admit("other").expect("the whole limit")).collect();
+        assert!(gate.admit("other").is_err());
+        drop(held);
     }
 
     #[test]
