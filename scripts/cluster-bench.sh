@@ -5,7 +5,10 @@
 #     the bucket and compiled there);
 #   - time for a redeploy through node A to take effect on node B;
 #   - warm `hello` req/s on a node with the PostgreSQL store against one with
-#     the embedded SQLite store, alternating rounds (wrk, 32 connections).
+#     the embedded SQLite store, alternating rounds (wrk, 32 connections);
+#   - the usage shipping lag on the PostgreSQL node meanwhile (the oldest
+#     record not yet in the ledger, sampled from /metrics every 200 ms), and
+#     how long its backlog takes to drain once the load stops.
 #   scripts/cluster-bench.sh [ROUNDS] [SECONDS]
 # Knobs: HEARTH_BIN=PATH (else a release build).
 set -euo pipefail
@@ -60,6 +63,9 @@ node() { # name, extra args... -> prints the URL
   for _ in $(seq 1 200); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.05; done
   echo "http://127.0.0.1:$port"
 }
+metric() { # url, metric name prefix -> its value
+  curl -fsS "$1/metrics" | awk -v m="$2" 'index($1, m) == 1 { print $2; exit }'
+}
 deploy() { # url, name, component
   mkdir -p "$work/p/$2"
   printf 'name = "%s"\ncomponent = "%s"\npublic = true\n' "$2" "$3" >"$work/p/$2/hearth.toml"
@@ -103,9 +109,19 @@ for round in $(seq 1 "$rounds"); do
   for config in postgres sqlite; do
     url="$c"; [ "$config" = sqlite ] && url="$s"
     wrk -t2 -c32 -d1s "$url/fn/default/hello/" >/dev/null
+    if [ "$config" = postgres ]; then
+      (while :; do metric "$url" hearth_usage_shipping_lag; sleep 0.2; done >"$work/lag") &
+      sampler=$!
+    fi
     rate="$(wrk -t2 -c32 -d"${duration}s" "$url/fn/default/hello/" | awk '/Requests\/sec/ { print $2 }')"
     rates[$config]="${rates[$config]:-} $rate"
     echo "round $round, $config store: $rate req/s"
+    if [ "$config" = postgres ]; then
+      kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+      start="$(now_ms)"
+      until [ "$(metric "$url" hearth_usage_unshipped)" = 0 ]; do sleep 0.05; done
+      echo "  shipping lag under load: max $(sort -g "$work/lag" | tail -1) s, median $(sort -g "$work/lag" | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }') s; backlog drained $(($(now_ms) - start)) ms after the load stopped"
+    fi
   done
 done
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }

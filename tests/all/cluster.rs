@@ -355,6 +355,15 @@ async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
     cluster.nodes.insert(1, again);
     reach(3 * STEP).await;
     cluster.postgres.stop();
+    // While PostgreSQL is away: a node stays ready and serves what it has
+    // cached; what needs the store is refused as unavailable (503), not
+    // failed.
+    let a = &cluster.nodes[0];
+    let ready = http().get(format!("{}/readyz", a.url)).send().await.expect("readyz");
+    assert_eq!(ready.status(), 200, "a brief outage leaves the node ready");
+    let missing = http().get(a.fn_url("never-deployed", "/")).send().await.expect("cache miss");
+    let problem = problem(missing, 503).await;
+    assert_eq!(problem["status"], 503, "{problem}");
     reach(4 * STEP).await;
     cluster.postgres.start_server();
     reach(5 * STEP).await;

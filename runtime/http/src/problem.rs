@@ -130,6 +130,7 @@ impl ApiError {
                     Failure::RequestTimeout => ("request-timeout", "Request body timed out"),
                     Failure::BadRequest(_) => ("bad-request", "Bad request"),
                     Failure::Function(RegistryError::NotFound { .. }) => ("not-found", "Not found"),
+                    Failure::Function(err) if err.is_unavailable() => ("unavailable", "Service unavailable"),
                     Failure::Guest(InvokeError::Internal(_)) | Failure::Function(_) => ("internal", "Internal error"),
                 };
                 (status, slug, title)
@@ -258,6 +259,7 @@ impl From<AuthError> for ApiError {
         match err {
             AuthError::Forbidden { .. } => ApiError::Forbidden(err.to_string()),
             AuthError::OtherTenant => ApiError::NotFound("not found".into()),
+            AuthError::Store(e) if e.is_unavailable() => ApiError::Unavailable(e.to_string()),
             AuthError::Store(e) => ApiError::Internal(e.to_string()),
             other => ApiError::Unauthorized(other),
         }
@@ -283,6 +285,7 @@ impl From<RegistryError> for ApiError {
                 key: None,
                 detail: err.to_string(),
             },
+            RegistryError::Store(_) if err.is_unavailable() => ApiError::Unavailable(err.to_string()),
             RegistryError::Store(_) | RegistryError::Engine(_) => ApiError::Internal(err.to_string()),
         }
     }

@@ -66,6 +66,7 @@ impl Failure {
             Failure::RequestTimeout => 408,
             Failure::BadRequest(_) => 400,
             Failure::Function(RegistryError::NotFound { .. }) => 404,
+            Failure::Function(err) if err.is_unavailable() => 503,
             Failure::Function(_) => 500,
         }
     }
@@ -82,18 +83,21 @@ impl Failure {
             | Failure::TenantLimit(_)
             | Failure::UsageLogDown
             | Failure::Unrecorded(_) => Outcome::Rejected,
+            Failure::Function(err) if err.is_unavailable() => Outcome::Rejected,
             Failure::PayloadTooLarge { .. } | Failure::RequestTimeout | Failure::BadRequest(_) => Outcome::BadRequest,
             Failure::Guest(InvokeError::Internal(_)) | Failure::Function(_) => Outcome::InternalError,
         }
     }
 
     /// Whether it is a refusal to run at all (retrying later may succeed):
-    /// an asynchronous invocation refused this way stays queued.
+    /// an asynchronous invocation refused this way stays queued. A store
+    /// that cannot be reached is one.
     pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            Failure::Rejected(_) | Failure::TenantLimit(_) | Failure::UsageLogDown | Failure::Unrecorded(_)
-        )
+        match self {
+            Failure::Rejected(_) | Failure::TenantLimit(_) | Failure::UsageLogDown | Failure::Unrecorded(_) => true,
+            Failure::Function(err) => err.is_unavailable(),
+            _ => false,
+        }
     }
 }
 
@@ -175,6 +179,11 @@ mod tests {
                 Outcome::InternalError,
             ),
             (RegistryError::Engine("x".into()).into(), 500, Outcome::InternalError),
+            (
+                RegistryError::Store(hearth_store::StoreError::Unavailable("x".into())).into(),
+                503,
+                Outcome::Rejected,
+            ),
         ];
         for (failure, status, outcome) in cases {
             assert_eq!((failure.status(), failure.outcome()), (status, outcome), "{failure:?}");

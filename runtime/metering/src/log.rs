@@ -492,11 +492,14 @@ impl UsageLog {
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM usage
-                 WHERE seq > ?1 AND (?8 IS NULL OR seq <= ?8) AND id >= ?6 AND id < ?7
+                 WHERE seq > ?1 AND (?8 IS NULL OR seq <= ?8) AND +id >= ?6 AND +id < ?7
                    AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR function = ?3)
                    AND (?4 IS NULL OR started_at_us >= ?4) AND (?5 IS NULL OR started_at_us < ?5)
                  ORDER BY seq LIMIT ?9"
             ))?;
+            // `+id`: the id bounds filter, but the walk is along the `seq`
+            // index, from `after`: each page costs its own size, not the
+            // table's (the id index would scan every matching id and sort).
             let (lower, upper) = id_bounds(&filter);
             let rows = stmt.query_map(
                 params![

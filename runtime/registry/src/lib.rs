@@ -72,6 +72,13 @@ pub enum RegistryError {
     Engine(String),
 }
 
+impl RegistryError {
+    /// Whether the store could not be reached (retry later: 503).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, RegistryError::Store(err) if err.is_unavailable())
+    }
+}
+
 impl From<EngineError> for RegistryError {
     fn from(err: EngineError) -> Self {
         match err {

@@ -116,6 +116,26 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// Whether the store could not be reached (a connection refused,
+    /// dropped or shut down): worth retrying later, so callers answer 503
+    /// rather than 500, and an asynchronous run stays queued.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Postgres(err) => {
+                // Class 08: connection exception; 57: operator intervention
+                // (the server shutting down or restarting).
+                err.is_closed()
+                    || err
+                        .code()
+                        .is_some_and(|code| code.code().starts_with("08") || code.code().starts_with("57"))
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A function version as stored: immutable once created.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionVersion {
