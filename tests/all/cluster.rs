@@ -114,6 +114,19 @@ async fn nodes_share_deploys_deletes_and_revocations() {
     deploy_classify(a, work.path(), "classify").await;
     let on_a = classify(a, "classify", 1).await;
     assert_eq!(classify(c, "classify", 1).await, on_a, "same model, same answer");
+    // C reports the model warm on it at its next heartbeat.
+    let c_id = std::fs::read_to_string(c.data_dir.join("node-id")).expect("node id");
+    let guard = Instant::now() + CONVERGE_GUARD;
+    loop {
+        let status = a.client().status().await.expect("status");
+        let node = status.nodes.iter().find(|n| n.id == c_id.trim()).expect("C is listed");
+        assert_eq!(node.details["devices"][0]["id"], "cpu", "{node:?}");
+        if node.details["warm_models"].as_array().is_some_and(|m| !m.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < guard, "C never reported its warm model: {node:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Redeployed through A (now the echo component): B and C converge.
     deploy(a, work.path(), "greet", hearth_fixtures::ECHO, "public = true\n").await;
@@ -361,7 +374,11 @@ async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
     let a = &cluster.nodes[0];
     let ready = http().get(format!("{}/readyz", a.url)).send().await.expect("readyz");
     assert_eq!(ready.status(), 200, "a brief outage leaves the node ready");
-    let missing = http().get(a.fn_url("never-deployed", "/")).send().await.expect("cache miss");
+    let missing = http()
+        .get(a.fn_url("never-deployed", "/"))
+        .send()
+        .await
+        .expect("cache miss");
     let problem = problem(missing, 503).await;
     assert_eq!(problem["status"], 503, "{problem}");
     reach(4 * STEP).await;

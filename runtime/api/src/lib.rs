@@ -163,7 +163,9 @@ pub struct NodeStatus {
     pub started_at: String,
     /// Its last heartbeat (RFC 3339).
     pub heartbeat_at: String,
-    /// What it reports of itself (its version).
+    /// What it reports of itself at each heartbeat: `version`, `devices`
+    /// (`[{"id": "cpu"}, {"id": "cuda:0", "name": …}]`) and `warm_models`
+    /// (`[{"digest": "sha256:…", "device": "cpu"}]`).
     pub details: serde_json::Value,
 }
 

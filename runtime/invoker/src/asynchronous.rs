@@ -70,12 +70,13 @@ impl Invoker {
         let invoker = self.clone();
         let beating = self.clone();
         let max_attempts = self.config.async_max_attempts.max(1);
-        let beat = node.clone();
+        let mut beat = node.clone();
         let beats = async move {
             let mut every = tokio::time::interval((lease / 4).max(Duration::from_millis(100)));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
+                beat.details = beating.node_details();
                 if let Err(err) = beating.store.heartbeat(&beat).await {
                     tracing::warn!(error = %err, "cannot record this node's heartbeat");
                     continue;
@@ -87,7 +88,8 @@ impl Invoker {
                 }
             }
         };
-        let first = node.clone();
+        let mut first = node.clone();
+        first.details = self.node_details();
         let node = node.id;
         tokio::spawn(async move {
             // Heard from before it claims anything: another node must never
@@ -164,6 +166,32 @@ impl Invoker {
                 }
             }
         })
+    }
+
+    /// What this node reports of itself at each heartbeat (`details` in
+    /// `/v1/status`'s node list): its version, its devices and the models
+    /// warm on them.
+    fn node_details(&self) -> String {
+        let cache = self.nn().cache();
+        let gpus = cache
+            .devices()
+            .gpus()
+            .iter()
+            .map(|gpu| serde_json::json!({ "id": format!("cuda:{}", gpu.ordinal), "name": gpu.name }));
+        let devices: Vec<_> = std::iter::once(serde_json::json!({ "id": "cpu" }))
+            .chain(gpus)
+            .collect();
+        let warm: Vec<_> = cache
+            .cached()
+            .iter()
+            .map(|m| serde_json::json!({ "digest": format!("sha256:{}", m.key), "device": m.device.to_string() }))
+            .collect();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "devices": devices,
+            "warm_models": warm,
+        })
+        .to_string()
     }
 
     /// Runs one attempt of an invocation; `None` when it was refused for

@@ -536,7 +536,18 @@ pub async fn status(args: &ClientArgs, output: Output) -> anyhow::Result<ExitCod
     if status.nodes.len() > 1 {
         println!("nodes:");
         for n in &status.nodes {
-            println!("  {:<44} {:<24} heartbeat {}", n.id, n.url, n.heartbeat_at);
+            let warm = n.details["warm_models"].as_array().map_or(0, Vec::len);
+            let devices: Vec<&str> = n.details["devices"]
+                .as_array()
+                .map(|all| all.iter().filter_map(|d| d["id"].as_str()).collect())
+                .unwrap_or_default();
+            println!(
+                "  {:<44} {:<24} heartbeat {}  devices {}  warm models {warm}",
+                n.id,
+                n.url,
+                n.heartbeat_at,
+                devices.join(",")
+            );
         }
     }
     println!("warm models ({} loads since start):", status.model_loads);

@@ -356,7 +356,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         url: format!("http://{addr}"),
         started_at_ms: hearth_store::now_ms(),
         heartbeat_at_ms: 0,
-        details: serde_json::json!({ "version": env!("CARGO_PKG_VERSION") }).to_string(),
+        // Filled in at each heartbeat: version, devices, warm models.
+        details: String::new(),
     };
     state
         .invoker
