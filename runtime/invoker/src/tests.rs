@@ -147,6 +147,20 @@ impl Rig {
             .collect()
     }
 
+    /// Starts the asynchronous runner as node `test-node`, 4 at once;
+    /// failures are stored as their message.
+    fn start_async_runner(&self) {
+        let render: RenderFailure = Arc::new(|failure, _| http::Response::new(Bytes::from(failure.to_string())));
+        let node = hearth_store::NodeInfo {
+            id: "test-node".into(),
+            url: String::new(),
+            started_at_ms: now_ms(),
+            heartbeat_at_ms: 0,
+            details: String::new(),
+        };
+        self.invoker.spawn_async_runner(node, 4, render);
+    }
+
     /// Waits for the next committed record.
     async fn next_record(&mut self) -> UsageRecord {
         self.records.recv().await.expect("the usage writer is running")
@@ -256,18 +270,7 @@ async fn the_async_runner_retries_a_refused_run_later() {
     // The only instance is busy for 3 (virtual) seconds.
     let (busy_id, busy) = rig.call(&faults, "/slow-body?ms=3000").await;
     let busy = busy.expect("the only instance");
-    let render: RenderFailure = Arc::new(|failure, _| http::Response::new(Bytes::from(failure.to_string())));
-    rig.invoker.spawn_async_runner(
-        hearth_store::NodeInfo {
-            id: "test-node".into(),
-            url: String::new(),
-            started_at_ms: now_ms(),
-            heartbeat_at_ms: 0,
-            details: "{}".into(),
-        },
-        4,
-        render,
-    );
+    rig.start_async_runner();
     let id = Uuid::now_v7().to_string();
     let submitted = AsyncInvocation {
         id: id.clone(),
@@ -369,18 +372,7 @@ async fn an_invocation_whose_node_keeps_dying_fails_after_its_last_attempt() {
     // Its last attempt starts on a node that never heartbeats (it died).
     let claimed = store.claim_async("gone", 1, DEFAULT_ASYNC_LEASE).await.expect("claim");
     assert_eq!(claimed[0].attempts, DEFAULT_ASYNC_MAX_ATTEMPTS);
-    let render: RenderFailure = Arc::new(|failure, _| http::Response::new(Bytes::from(failure.to_string())));
-    rig.invoker.spawn_async_runner(
-        hearth_store::NodeInfo {
-            id: "test-node".into(),
-            url: String::new(),
-            started_at_ms: now_ms(),
-            heartbeat_at_ms: 0,
-            details: "{}".into(),
-        },
-        4,
-        render,
-    );
+    rig.start_async_runner();
     let failed = loop {
         let now = store.async_invocation("t", &id).await.expect("store").expect("stored");
         if now.state != AsyncState::Running && now.state != AsyncState::Queued {
