@@ -16,6 +16,7 @@ mod inference;
 mod lifecycle;
 mod limits;
 mod ocr;
+mod packaging;
 mod sandbox;
 mod scaling;
 mod telemetry;
