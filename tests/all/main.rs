@@ -15,6 +15,7 @@ mod faults;
 mod inference;
 mod lifecycle;
 mod limits;
+mod observability;
 mod ocr;
 mod packaging;
 mod sandbox;
