@@ -20,12 +20,16 @@ fi
 # ~/.cache/hearth/models). Without it that one test skips, unless CI=true.
 ./scripts/fetch-ocr-model.sh >/dev/null || [[ "${CI:-}" != true ]] || exit 1
 cargo test --workspace --locked "$@"
-# The Python client's tests (pytest, in a virtual environment made here when
-# missing) drive the debug `hearth` that cargo test just built. With
-# arguments (a cargo test filter) only the Rust tests run.
+# Python tests (pytest, in a virtual environment made here when missing):
+# the Python client against the debug `hearth` that cargo test just built,
+# and the Kubernetes overlays, rendered, against the Kubernetes schemas
+# (kubernetes-validate, offline). With arguments (a cargo test filter) only
+# the Rust tests run.
 if [ "$#" -eq 0 ]; then
   venv="${HOME}/.cache/hearth/python-sdk"
-  [ -x "$venv/bin/pytest" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q -e './sdk/python[test]'; }
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/python" -c 'import pytest, httpx, yaml, kubernetes_validate' 2>/dev/null \
+    || "$venv/bin/pip" install -q -e './sdk/python[test]' pyyaml kubernetes-validate
   "$venv/bin/pip" install -q --no-deps -e ./sdk/python
-  "$venv/bin/pytest" -q sdk/python/tests
+  "$venv/bin/pytest" -q sdk/python/tests deploy/tests
 fi
