@@ -40,14 +40,7 @@ async fn faults_server(dir: &std::path::Path, data_name: &str, args: &[&str], en
 
 /// The value of the first `/metrics` sample whose line starts with `prefix`.
 async fn metric(server: &Server, prefix: &str) -> f64 {
-    let metrics = http()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(server).await;
     metrics
         .lines()
         .find(|l| l.starts_with(prefix))

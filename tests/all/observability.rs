@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use crate::inference::{classify, deploy_classify};
-use crate::server::{Server, deploy, http};
+use crate::server::{Server, deploy, http, metrics_text};
 
 /// Exported only by a node of a cluster (`--store-url postgres://…`).
 const CLUSTER_ONLY: [&str; 3] = [
@@ -46,14 +46,7 @@ async fn the_dashboard_and_alerts_name_only_exported_metrics() {
     }
     deploy_classify(&server, tmp.path(), "classify").await;
     classify(&server, "classify", 1).await;
-    let text = http()
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = metrics_text(&server).await;
     let exported: BTreeSet<String> = text
         .lines()
         .filter(|l| !l.starts_with('#'))

@@ -245,6 +245,18 @@ pub async fn usage_export(server: &Server, query: &str) -> String {
     response.text().await.expect("export body")
 }
 
+/// The server's `/metrics` text.
+pub async fn metrics_text(server: &Server) -> String {
+    http()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// Names of the functions deployed in tenant `default`, sorted.
 pub async fn function_names(server: &Server) -> Vec<String> {
     server
