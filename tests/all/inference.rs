@@ -15,7 +15,7 @@ use crate::server::{Server, deploy, http, problem, project, still_serves};
 pub(crate) const MLP_MODEL: &str = "[[models]]\nname = \"mnist-mlp\"\npath = \"models/mnist-mlp.onnx\"\n";
 
 /// Writes the `classify` model (fixed seed) into a project directory.
-fn write_model(project_dir: &Path, bytes: &[u8]) {
+pub(crate) fn write_model(project_dir: &Path, bytes: &[u8]) {
     std::fs::create_dir_all(project_dir.join("models")).expect("models dir");
     std::fs::write(project_dir.join("models/mnist-mlp.onnx"), bytes).expect("model");
 }

@@ -18,6 +18,7 @@ mod limits;
 mod observability;
 mod ocr;
 mod packaging;
+mod python_handler;
 mod sandbox;
 mod scaling;
 mod telemetry;
