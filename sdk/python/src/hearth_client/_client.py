@@ -23,6 +23,8 @@ else:  # pragma: no cover - older Pythons
 INVOCATION_ID_HEADER = "x-hearth-invocation-id"
 #: Header carrying the usage cursor to continue from.
 NEXT_CURSOR_HEADER = "x-hearth-next-cursor"
+#: The prefix of the problem types Hearth itself answers with.
+HEARTH_PROBLEM = "urn:hearth:problem:"
 #: Records asked for per page while following the usage cursor.
 USAGE_PAGE = 1000
 
@@ -256,8 +258,11 @@ class Client:
         url = f"{self.url}/fn/{self.tenant}/{function}/{path.lstrip('/')}"
         response = self._http.request(method, url, content=data, headers=dict(headers or {}))
         if response.headers.get("content-type", "").startswith("application/problem+json"):
-            # Hearth's own refusals carry a problem body; a function's do not.
-            raise _error(response)
+            # Hearth's own refusals carry a problem of a `urn:hearth:problem:`
+            # type; a function's own problem answers are returned as answers.
+            error = _error(response)
+            if str(error.problem.get("type", "")).startswith(HEARTH_PROBLEM):
+                raise error
         return InvokeResult(
             status=response.status_code,
             headers=dict(response.headers),
