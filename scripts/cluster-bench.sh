@@ -64,7 +64,7 @@ node() { # name, extra args... -> prints the URL
   echo "http://127.0.0.1:$port"
 }
 metric() { # url, metric name prefix -> its value
-  curl -fsS "$1/metrics" | awk -v m="$2" 'index($1, m) == 1 { print $2; exit }'
+  curl -fsS -H "authorization: Bearer $token" "$1/metrics" | awk -v m="$2" 'index($1, m) == 1 { print $2; exit }'
 }
 deploy() { # url, name, component
   mkdir -p "$work/p/$2"

@@ -46,7 +46,11 @@ async fn prometheus_scrapes_the_invocation_counter() {
     }
 
     // Our own exposition first.
-    let metrics = reqwest::get(format!("{}/metrics", server.url)).await.expect("metrics");
+    let metrics = http()
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("metrics");
     assert_eq!(metrics.status(), 200);
     assert!(
         metrics.headers()["content-type"]
@@ -76,7 +80,7 @@ async fn prometheus_scrapes_the_invocation_counter() {
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: hearth\n    static_configs:\n      - targets: ['{target}']\n"
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: hearth\n    authorization:\n      credentials: '{TOKEN}'\n    static_configs:\n      - targets: ['{target}']\n"
         ),
     )
     .expect("config");
@@ -161,4 +165,43 @@ async fn every_invocation_leaves_a_json_request_log_line() {
     assert_eq!(fields["status"], 200, "{line}");
     assert_eq!(fields["outcome"], "ok", "{line}");
     assert!(fields["wall_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{line}");
+}
+
+/// `/metrics` names every tenant's functions: without a token it is 401, a
+/// tenant's own token is 403, and an operator token or the metrics token
+/// (`--metrics-token`) may read it; `--public-metrics` opens it.
+#[tokio::test]
+async fn metrics_need_an_operator_or_the_metrics_token() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &["--metrics-token", "hth_scraper"]);
+    let url = format!("{}/metrics", server.url);
+    let anonymous = reqwest::get(&url).await.expect("anonymous");
+    problem(anonymous, 401).await;
+    let reader = server
+        .client()
+        .create_token(Some("default"), "billing", None)
+        .await
+        .expect("token")
+        .token
+        .expect("secret");
+    let tenant = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .expect("tenant");
+    problem(tenant, 403).await;
+    let scraper = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth("hth_scraper")
+        .send()
+        .await
+        .expect("scraper");
+    assert_eq!(scraper.status(), 200);
+    assert_eq!(http().get(&url).send().await.expect("operator").status(), 200);
+    drop(server);
+
+    let open = Server::start(&tmp.path().join("open"), &["--public-metrics"]);
+    let anyone = reqwest::get(format!("{}/metrics", open.url)).await.expect("anyone");
+    assert_eq!(anyone.status(), 200);
 }

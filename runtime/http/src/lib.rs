@@ -49,6 +49,16 @@ const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// the response echoes the class it ran at.
 pub const QOS_HEADER: &str = "x-hearth-qos";
 
+/// Who may read `/metrics`: it names every tenant's functions and their
+/// traffic, so by default only operator tokens and the metrics token may.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsAccess {
+    /// A token for scrapers (`--metrics-token`), besides operator tokens.
+    pub token: Option<String>,
+    /// Anyone may scrape (`--public-metrics`: a private network only).
+    pub public: bool,
+}
+
 /// What every handler shares.
 #[derive(Debug)]
 pub struct AppState {
@@ -61,6 +71,8 @@ pub struct AppState {
     /// Where usage exports read: this node's log, or in a cluster the
     /// fleet's ledger (`None` with metering off).
     pub usage: Option<Arc<dyn UsageQueries>>,
+    /// Who may read `/metrics`.
+    pub metrics: MetricsAccess,
     draining: AtomicBool,
     /// When the store last answered `/readyz` (Unix ms).
     store_answered_at_ms: AtomicI64,
@@ -73,12 +85,14 @@ impl AppState {
         auth: Auth,
         max_upload_bytes: u64,
         usage: Option<Arc<dyn UsageQueries>>,
+        metrics: MetricsAccess,
     ) -> Arc<AppState> {
         Arc::new(AppState {
             invoker,
             auth,
             max_upload_bytes,
             usage,
+            metrics,
             draining: AtomicBool::new(false),
             store_answered_at_ms: AtomicI64::new(hearth_store::now_ms()),
         })
@@ -214,8 +228,21 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Result<axum::Json<Health>
     }))
 }
 
-/// `GET /metrics`: OpenTelemetry metrics in the Prometheus text format.
-async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+/// `GET /metrics`: OpenTelemetry metrics in the Prometheus text format, for
+/// the metrics token or an operator token (see [`MetricsAccess`]).
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if !state.metrics.public {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let scraper = matches!((&state.metrics.token, bearer), (Some(token), Some(given)) if same(token, given));
+        if !scraper && !authenticate(&state, &headers).await?.operator {
+            return Err(ApiError::Forbidden(
+                "/metrics needs an operator token or the metrics token (--metrics-token)".into(),
+            ));
+        }
+    }
     let text = state
         .invoker
         .telemetry()
@@ -231,4 +258,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiErro
 
 async fn not_found(uri: http::Uri) -> ApiError {
     ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+/// Whether two secrets are equal, in time that does not depend on where
+/// they differ.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }

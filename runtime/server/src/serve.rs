@@ -46,6 +46,14 @@ pub struct ServeArgs {
     /// Largest invocation request body, in bytes.
     #[arg(long, env = "HEARTH_MAX_BODY_BYTES", default_value_t = hearth_invoker::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: u64,
+    /// A token that may read `/metrics` (for Prometheus), besides operator
+    /// tokens.
+    #[arg(long, env = "HEARTH_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
+    /// Let anyone read `/metrics` (it names every tenant's functions and
+    /// their traffic: only on a private network).
+    #[arg(long, env = "HEARTH_PUBLIC_METRICS")]
+    public_metrics: bool,
     /// Largest deploy upload, in bytes.
     #[arg(long, env = "HEARTH_MAX_UPLOAD_BYTES", default_value_t = hearth_http::DEFAULT_MAX_UPLOAD_BYTES)]
     max_upload_bytes: u64,
@@ -344,7 +352,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         (None, Some(log)) => Some(Arc::new(log.clone())),
         (None, None) => None,
     };
-    let state = AppState::new(invoker, auth, args.max_upload_bytes, usage_queries);
+    let metrics = hearth_http::MetricsAccess {
+        token: args.metrics_token.clone().filter(|t| !t.is_empty()),
+        public: args.public_metrics,
+    };
+    let state = AppState::new(invoker, auth, args.max_upload_bytes, usage_queries, metrics);
     let app = hearth_http::router(state.clone());
 
     let listener = tokio::net::TcpListener::bind(args.listen)

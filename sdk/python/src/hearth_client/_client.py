@@ -140,8 +140,8 @@ class Tokens:
         self._client = client
 
     def create(self, role: str, tenant: Optional[str] = None, expires: Optional[str] = None) -> Dict[str, Any]:
-        """A new token with ``role`` (``admin``, ``deployer``, ``invoker``,
-        ``billing``, ``reader``) for ``tenant`` (the client's by default),
+        """A new token with ``role`` (``admin``, ``deployer``, ``invoker``
+        or ``billing``) for ``tenant`` (the client's by default),
         expiring after ``expires`` (``30d``, ``12h``; never when ``None``).
         The answer's ``token`` is the secret, shown this once."""
         body = {"tenant": tenant or self._client.tenant, "role": role, "expires": expires}
