@@ -246,6 +246,27 @@ async fn bodies_over_the_limit_are_413_declared_or_streamed() {
         .expect("upload");
     problem(response, 413).await;
 
+    // Every part counts: a manifest sent twice is refused, not read again
+    // and again outside the limit.
+    let twice = Form::new()
+        .part("manifest", Part::text("name = \"twice\""))
+        .part("manifest", Part::text("name = \"twice\""))
+        .part("component", Part::bytes(vec![0u8; 16]));
+    let response = http()
+        .post(format!("{}/v1/functions", server.url))
+        .multipart(twice)
+        .send()
+        .await
+        .expect("upload");
+    let body = problem(response, 400).await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("`manifest` appears twice"),
+        "{body}"
+    );
+
     assert_eq!(function_names(&server).await, ["echo", "hello"]);
     still_serves(&server).await;
 }

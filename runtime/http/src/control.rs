@@ -83,9 +83,17 @@ pub(crate) async fn deploy(
     {
         let name = field.name().unwrap_or_default().to_owned();
         if name == "manifest" {
+            // Once: every part counts against the upload limit, and a
+            // repeated manifest would be read whole each time.
+            if manifest.is_some() {
+                return Err(bad_request("upload part `manifest` appears twice".into()));
+            }
             let mut text = Vec::new();
             while let Some(chunk) = next_chunk(&mut field).await? {
                 received += chunk.len() as u64;
+                if received > limit {
+                    return Err(ApiError::PayloadTooLarge { limit });
+                }
                 text.extend_from_slice(&chunk);
                 if text.len() > MAX_MANIFEST_BYTES {
                     return Err(bad_request(format!("the manifest exceeds {MAX_MANIFEST_BYTES} bytes")));
