@@ -69,18 +69,30 @@ async fn every_completed_invocation_has_exactly_one_record_after_sigkill() {
 
     let server = Server::start(&data, &[]);
     let export = usage_export(&server, "format=jsonl").await;
-    let mut recorded: HashSet<String> = HashSet::new();
-    for line in export.lines() {
-        let record: serde_json::Value = serde_json::from_str(line).expect("record");
-        let id = record["id"].as_str().expect("id").to_owned();
-        assert!(recorded.insert(id.clone()), "record {id} is doubled");
-    }
+    // A record's id is its invocation's (the table's key): the same record
+    // cannot be listed twice. What can go wrong is a missing record, or a
+    // record for an invocation that never ran.
+    let recorded: HashSet<String> = export
+        .lines()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).expect("record");
+            record["id"].as_str().expect("id").to_owned()
+        })
+        .collect();
     let missing: Vec<&String> = completed.difference(&recorded).collect();
     assert!(
         missing.is_empty(),
         "{} of {} completed invocations have no record: {missing:?}",
         missing.len(),
         completed.len()
+    );
+    // The rest were in flight when a kill came: at most one per client per
+    // round (each client has one request open at a time).
+    let extra = recorded.len() - completed.len();
+    assert!(
+        extra <= ROUNDS * CLIENTS,
+        "{extra} records belong to no completed invocation (at most {} were in flight at the kills)",
+        ROUNDS * CLIENTS
     );
     assert!(completed.len() >= ROUNDS * 20, "the load ran: {}", completed.len());
 }
