@@ -37,7 +37,7 @@ async fn sigterm_lets_in_flight_invocations_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn first_start_prints_a_token_once() {
+async fn first_start_writes_a_token_file_once() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     let run = || {
@@ -63,17 +63,32 @@ async fn first_start_prints_a_token_once() {
         lines
     };
     let first = run();
-    let token_line = first
-        .iter()
-        .find(|l| l.starts_with("admin token"))
-        .expect("token printed");
-    let token = token_line.rsplit(' ').next().expect("token").to_owned();
+    let token_file = data.join("admin-token");
+    assert!(
+        first.iter().any(|l| l.contains(&token_file.display().to_string())),
+        "the file's path is printed: {first:?}"
+    );
+    let token = std::fs::read_to_string(&token_file)
+        .expect("token file")
+        .trim()
+        .to_owned();
     assert!(token.starts_with("hth_"));
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&token_file).expect("metadata").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "only its owner reads the token file");
+    assert!(
+        first.iter().all(|l| !l.contains(&token)),
+        "the secret is never printed: {first:?}"
+    );
     let second = run();
     assert!(second.iter().all(|l| !l.contains("admin token")), "{second:?}");
-    let db = std::fs::read(data.join("hearth.db")).expect("db");
-    assert!(
-        !db.windows(token.len()).any(|w| w == token.as_bytes()),
-        "token stored in clear"
-    );
+    // The store keeps only a hash: not in the database, nor in its WAL
+    // (where a fresh row still is).
+    for file in ["hearth.db", "hearth.db-wal"] {
+        let bytes = std::fs::read(data.join(file)).unwrap_or_default();
+        assert!(
+            !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+            "token stored in clear in {file}"
+        );
+    }
 }

@@ -32,7 +32,7 @@ struct ClientArgs {
     /// Server URL.
     #[arg(long, env = "HEARTH_URL", default_value = "http://127.0.0.1:8080", global = true)]
     server: String,
-    /// Bearer token (the admin token printed at first start, or one from `hearth tokens create`).
+    /// Bearer token (the admin token in `admin-token` of the data directory after the first start, or one from `hearth tokens create`).
     #[arg(long, env = "HEARTH_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
     /// Tenant to act in.

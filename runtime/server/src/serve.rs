@@ -40,7 +40,9 @@ pub struct ServeArgs {
     #[arg(long, env = "HEARTH_BLOB_URL", value_name = "URL")]
     blob_url: Option<String>,
     /// Operator admin token to accept; without it one is generated on the
-    /// first start and printed once.
+    /// first start and written to `admin-token` in the data directory (mode
+    /// 0600; its path is printed, never the secret: stdout often ends up in
+    /// container logs).
     #[arg(long = "admin-token", env = "HEARTH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
     /// Largest invocation request body, in bytes.
@@ -378,8 +380,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // stdout carries the two lines a user (or a test) needs; logs go to stderr.
     let mut banner = String::new();
     if let Some(token) = generated {
+        let path = data_dir.join(ADMIN_TOKEN_FILE);
+        write_secret(&path, &token).with_context(|| format!("writing the admin token to {}", path.display()))?;
         banner.push_str(&format!(
-            "admin token (shown once, keep it): {token}\n  export HEARTH_TOKEN={token}\n"
+            "admin token written to {0} (mode 0600, created once)\n  export HEARTH_TOKEN=$(cat {0})\n",
+            path.display()
         ));
     }
     banner.push_str(&format!("hearth listening on http://{addr}\n"));
@@ -470,4 +475,21 @@ async fn shutdown_signal() -> &'static str {
         ctrl_c.await;
         "ctrl-c"
     }
+}
+
+/// Where a generated admin token is written, in the data directory.
+const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// Writes `secret` to a new file readable by this user only.
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(format!("{secret}\n").as_bytes())?;
+    file.sync_all()
 }
