@@ -115,7 +115,19 @@ async fn tokens_carry_a_tenant_and_a_role_and_revocation_is_immediate() {
         .expect("cli");
     assert!(output.status.success(), "{output:?}");
     assert_invalid_token(status_with(&http, &acme_hello, &invoker).await).await;
-    // And by the token itself.
+    // And by the token itself, which never goes in a URL: the path refuses
+    // it, the CLI sends it in a body.
+    let in_path = http
+        .delete(format!("{}/v1/tokens/{billing}", server.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("delete");
+    let body = problem(in_path, 400).await;
+    assert!(
+        body["detail"].as_str().expect("detail").contains("never goes in a URL"),
+        "{body}"
+    );
     let output = server.cli().args(["tokens", "revoke", &billing]).output().expect("cli");
     assert!(output.status.success(), "{output:?}");
     assert_invalid_token(status_with(&http, &format!("{}/v1/usage", server.url), &billing).await).await;

@@ -348,6 +348,18 @@ pub struct CreateToken {
     pub expires: Option<String>,
 }
 
+/// How every token's value starts (ids start `tok_`).
+pub const TOKEN_VALUE_PREFIX: &str = "hth_";
+
+/// `POST /v1/tokens/revoke` body: a token revoked by its value, which never
+/// goes in a URL (URLs end up in access logs and proxies).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeToken {
+    /// The secret (`hth_…`).
+    pub token: String,
+}
+
 /// A bearer token as the server shows it. `token` (the secret) is present
 /// only in the answer to `POST /v1/tokens`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

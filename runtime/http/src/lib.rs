@@ -125,6 +125,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/functions/{name}", get(control::show).delete(control::delete))
         .route("/status", get(control::status))
         .route("/tokens", post(tokens::create).get(tokens::list))
+        .route("/tokens/revoke", post(tokens::revoke_by_value))
         .route("/tokens/{id}", delete(tokens::revoke))
         .route("/usage", get(usage::export))
         .route("/usage/summary", get(usage::summary))

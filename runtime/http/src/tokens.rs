@@ -84,13 +84,48 @@ pub(crate) async fn list(
     }))
 }
 
-/// `DELETE /v1/tokens/{id_or_token}`.
+/// `DELETE /v1/tokens/{id}`: revokes a token by its id. A secret in the
+/// path is refused (400): URLs end up in access logs.
 pub(crate) async fn revoke(
     State(state): State<Arc<AppState>>,
-    Path(id_or_token): Path<String>,
+    Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<TokenInfo>, ApiError> {
     let caller = authenticate(&state, &headers).await?;
-    let revoked = state.auth.revoke(&caller, &id_or_token).await?;
+    if id.starts_with(hearth_auth::TOKEN_PREFIX) {
+        return Err(ApiError::BadRequest {
+            detail: "a token's value never goes in a URL: revoke it by id, or POST {\"token\": …} to \
+                     /v1/tokens/revoke (and consider it leaked)"
+                .into(),
+            key: None,
+        });
+    }
+    let revoked = state.auth.revoke(&caller, &id).await?;
     Ok(Json(token_view(&revoked, None)))
+}
+
+/// `POST /v1/tokens/revoke` with `{"token": "hth_…"}`: revokes a token by
+/// its value.
+pub(crate) async fn revoke_by_value(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Json(body): Json<hearth_api::RevokeToken>,
+) -> Result<Json<TokenInfo>, ApiError> {
+    let caller = authenticate(&state, &headers).await?;
+    if !body.token.starts_with(hearth_auth::TOKEN_PREFIX) {
+        return Err(ApiError::BadRequest {
+            detail: format!("`token`: expected a token (`{}…`)", hearth_auth::TOKEN_PREFIX),
+            key: Some("token".into()),
+        });
+    }
+    let revoked = state.auth.revoke(&caller, &body.token).await?;
+    Ok(Json(token_view(&revoked, None)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_wire_and_the_minter_agree_on_what_a_token_looks_like() {
+        assert_eq!(hearth_auth::TOKEN_PREFIX, hearth_api::TOKEN_VALUE_PREFIX);
+    }
 }

@@ -346,8 +346,19 @@ impl Client {
         Ok(json::<TokenList>(response, &url).await?.tokens)
     }
 
-    /// Revokes a token by its id (`tok_…`) or by the token itself.
+    /// Revokes a token by its id (`tok_…`) or by the token itself (sent
+    /// in the body, never in the URL).
     pub async fn revoke_token(&self, id_or_token: &str) -> Result<TokenInfo> {
+        if id_or_token.starts_with(hearth_api::TOKEN_VALUE_PREFIX) {
+            let url = format!("{}/v1/tokens/revoke", self.server);
+            let body = hearth_api::RevokeToken {
+                token: id_or_token.to_owned(),
+            };
+            let response = self
+                .send(self.request(reqwest::Method::POST, &url).json(&body), &url)
+                .await?;
+            return json(response, &url).await;
+        }
         let url = format!("{}/v1/tokens/{id_or_token}", self.server);
         let response = self.send(self.request(reqwest::Method::DELETE, &url), &url).await?;
         json(response, &url).await

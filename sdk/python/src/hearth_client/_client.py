@@ -152,7 +152,10 @@ class Tokens:
         return self._client._control("GET", "/tokens").json()["tokens"]
 
     def revoke(self, id_or_token: str) -> Dict[str, Any]:
-        """Revokes a token, by its id (``tok_…``) or the token itself."""
+        """Revokes a token, by its id (``tok_…``) or the token itself (sent
+        in the body, never in the URL)."""
+        if id_or_token.startswith("hth_"):
+            return self._client._send("POST", "/v1/tokens/revoke", json={"token": id_or_token}).json()
         return self._client._send("DELETE", f"/v1/tokens/{id_or_token}").json()
 
 
