@@ -29,8 +29,6 @@ const CURSOR_FILE: &str = "usage-shipped";
 /// What a shipper has done, for telemetry.
 #[derive(Debug, Default)]
 pub struct ShipStats {
-    /// The local commit sequence shipped up to.
-    pub shipped: AtomicU64,
     /// Records the ledger took from this node since it started (records
     /// it already had are not counted).
     pub records: AtomicU64,
@@ -51,6 +49,8 @@ pub struct Shipper {
     cursor: PathBuf,
     stats: ShipStats,
     wake: Notify,
+    /// The local commit sequence the ledger has everything up to; flushes
+    /// wait on it.
     shipped: watch::Sender<u64>,
 }
 
@@ -69,10 +69,7 @@ impl Shipper {
             ledger,
             node,
             cursor,
-            stats: ShipStats {
-                shipped: AtomicU64::new(after),
-                ..ShipStats::default()
-            },
+            stats: ShipStats::default(),
             wake: Notify::new(),
             shipped: watch::Sender::new(after),
         });
@@ -88,7 +85,7 @@ impl Shipper {
     /// Records this node holds that the ledger does not have yet.
     pub fn unshipped(&self) -> u64 {
         let written = self.log.stats().written.load(Ordering::Acquire);
-        written.saturating_sub(self.stats.shipped.load(Ordering::Acquire))
+        written.saturating_sub(*self.shipped.borrow())
     }
 
     /// How long the oldest record not yet shipped has waited (zero when
@@ -211,7 +208,7 @@ impl Shipper {
 
     /// Notes that the ledger has everything up to `seq`.
     fn advance(&self, seq: u64) {
-        if self.stats.shipped.swap(seq, Ordering::AcqRel) == seq {
+        if *self.shipped.borrow() == seq {
             return;
         }
         // Written aside and renamed: a crash leaves the old cursor or the
