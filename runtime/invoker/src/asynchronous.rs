@@ -74,6 +74,8 @@ impl Invoker {
         let beats = async move {
             let mut every = tokio::time::interval((lease / 4).max(Duration::from_millis(100)));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate, and the runner has just beaten.
+            every.tick().await;
             loop {
                 every.tick().await;
                 beat.details = beating.node_details();
