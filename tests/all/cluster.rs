@@ -366,6 +366,16 @@ async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
     let again = cluster.start_node(1);
     urls.write().expect("urls")[1] = again.fn_url("echo", "/");
     cluster.nodes.insert(1, again);
+    // The restarted node has echo cached before the store goes away (an
+    // uncached function is 503 during the outage, which the clients would
+    // not expect).
+    converge(
+        &cluster.nodes[1].fn_url("echo", "/"),
+        None,
+        200,
+        "restarted B serves echo",
+    )
+    .await;
     reach(3 * STEP).await;
     cluster.postgres.stop();
     // While PostgreSQL is away: a node stays ready and serves what it has
@@ -379,8 +389,15 @@ async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
         .send()
         .await
         .expect("cache miss");
-    let problem = problem(missing, 503).await;
-    assert_eq!(problem["status"], 503, "{problem}");
+    let refused = problem(missing, 503).await;
+    assert_eq!(refused["status"], 503, "{refused}");
+    // Without a token too: the node cannot tell whether it would be public.
+    let anonymous = reqwest::Client::new()
+        .get(a.fn_url("never-deployed", "/"))
+        .send()
+        .await
+        .expect("anonymous cache miss");
+    problem(anonymous, 503).await;
     reach(4 * STEP).await;
     cluster.postgres.start_server();
     reach(5 * STEP).await;

@@ -84,6 +84,12 @@ async fn invoke(
     // private function from a missing one (both are 401).
     let invoker = &state.invoker;
     let resolved = invoker.registry().resolve(tenant, function).await;
+    // While the store is away an uncached function cannot be told public
+    // or private: it is unavailable to everyone (a token would not help).
+    let resolved = match resolved {
+        Err(err) if err.is_unavailable() => return Err(err.into()),
+        resolved => resolved,
+    };
     let public = matches!(&resolved, Ok(deployed) if deployed.manifest.public);
     if !public {
         authenticate(state, request.headers())
