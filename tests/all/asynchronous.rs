@@ -37,7 +37,7 @@ async fn async_invocations_run_and_their_results_survive_a_restart() {
         tmp.path(),
         "slow",
         hearth_fixtures::FAULTS,
-        "[limits]\ntimeout_ms = 60000\n",
+        "[limits]\ntimeout_ms = 30000\n",
     )
     .await;
 

@@ -208,7 +208,7 @@ async fn a_killed_nodes_asynchronous_run_is_run_again_by_another_node() {
         work.path(),
         "slow",
         hearth_fixtures::FAULTS,
-        "[limits]\ntimeout_ms = 60000\n",
+        "[limits]\ntimeout_ms = 30000\n",
     )
     .await;
     let response = http()

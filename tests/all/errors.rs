@@ -8,7 +8,7 @@ use crate::server::{Server, deploy, function_names, http, problem, still_serves}
 
 /// `faults` has a deadline no fault can reach by accident on a loaded
 /// machine; `slow` (the same component) has a short one, for the deadline cases.
-const FAULTS_LIMITS: &str = "[limits]\nmemory_mb = 32\ntimeout_ms = 60000\n";
+const FAULTS_LIMITS: &str = "[limits]\nmemory_mb = 32\ntimeout_ms = 30000\n";
 const SLOW_LIMITS: &str = "[limits]\nmemory_mb = 32\ntimeout_ms = 300\n";
 
 async fn server_with_faults(tmp: &std::path::Path, extra_args: &[&str]) -> Server {

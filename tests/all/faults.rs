@@ -15,7 +15,7 @@ async fn delete_during_a_long_invocation() {
         tmp.path(),
         "slow",
         hearth_fixtures::FAULTS,
-        "public = true\n[limits]\ntimeout_ms = 60000\n",
+        "public = true\n[limits]\ntimeout_ms = 30000\n",
     )
     .await;
     let running = tokio::spawn(reqwest::get(server.fn_url("slow", "/slow-body?ms=800")));

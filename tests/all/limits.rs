@@ -28,7 +28,7 @@ async fn deploy_in(
         &root.join(tenant).join(name),
         name,
         component,
-        "public = true\n[limits]\ntimeout_ms = 60000\n",
+        "public = true\n[limits]\ntimeout_ms = 30000\n",
     );
     let project = hearth_client::Project::load(&dir).expect("project");
     operator_in(server, tenant)
@@ -144,5 +144,80 @@ async fn tenants_are_held_to_their_limits() {
                 .status(),
             200
         );
+    }
+}
+
+/// Without a limits file a deployer still cannot ask for the host's memory,
+/// long deadlines, wide fan-out or the realtime class; the operator's file
+/// raises each, per tenant.
+#[tokio::test]
+async fn built_in_limits_hold_until_the_operator_raises_them() {
+    use reqwest::multipart::{Form, Part};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hello = std::fs::read(hearth_fixtures::HELLO).expect("hello");
+    let asks = [
+        ("[limits]\nmemory_mb = 4096\n", "limits.memory_mb"),
+        ("[limits]\ntimeout_ms = 600000\n", "limits.timeout_ms"),
+        ("[scaling]\nmax_instances = 1000\n", "scaling.max_instances"),
+        ("[scaling]\nqos = \"realtime\"\n", "scaling.qos"),
+    ];
+    let attempt = async |server: &Server, tenant: &str, ask: &str| {
+        let form = Form::new()
+            .part("manifest", Part::text(format!("name = \"big\"\n{ask}")))
+            .part("component", Part::bytes(hello.clone()));
+        http()
+            .post(format!("{}/v1/functions?tenant={tenant}", server.url))
+            .multipart(form)
+            .send()
+            .await
+            .expect("deploy")
+    };
+
+    let server = Server::start(&tmp.path().join("plain"), &[]);
+    for (ask, key) in asks {
+        let refused = problem(attempt(&server, "default", ask).await, 422).await;
+        assert_eq!(refused["key"], key, "{refused}");
+        assert!(
+            refused["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("--tenant-limits")),
+            "{refused}"
+        );
+    }
+    let listing = http()
+        .get(format!("{}/v1/functions", server.url))
+        .send()
+        .await
+        .expect("list");
+    assert!(
+        !listing.text().await.expect("list").contains("big"),
+        "nothing was stored"
+    );
+    drop(server);
+
+    let limits = tmp.path().join("limits.toml");
+    std::fs::write(
+        &limits,
+        "[tenants.acme]\nmax_memory_mb = 4096\nmax_timeout_ms = 600000\nmax_instances = 1000\nrealtime = true\n",
+    )
+    .expect("limits");
+    let server = Server::start(
+        &tmp.path().join("raised"),
+        &["--tenant-limits", limits.to_str().expect("utf-8")],
+    );
+    operator_in(&server, "acme")
+        .create_token(Some("acme"), "admin", None)
+        .await
+        .expect("acme");
+    for (ask, key) in asks {
+        let response = attempt(&server, "acme", ask).await;
+        assert_eq!(
+            response.status(),
+            201,
+            "{key}: {}",
+            response.text().await.unwrap_or_default()
+        );
+        // Another tenant is still held to the built-in limits.
+        problem(attempt(&server, "default", ask).await, 422).await;
     }
 }

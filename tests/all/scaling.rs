@@ -114,7 +114,7 @@ async fn overload_is_refused_politely() {
         tmp.path(),
         "busy",
         hearth_fixtures::FAULTS,
-        "public = true\n[limits]\ntimeout_ms = 60000\n[scaling]\nmax_instances = 4\n",
+        "public = true\n[limits]\ntimeout_ms = 30000\n[scaling]\nmax_instances = 4\n",
     )
     .await;
     let before_kib = server.rss_kib();

@@ -172,3 +172,62 @@ async fn tokens_carry_a_tenant_and_a_role_and_revocation_is_immediate() {
         .expect("not json");
     problem(bad, 400).await;
 }
+
+/// A flood of random tokens costs the store a bounded number of lookups
+/// (`hearth_auth_events_total{event="store_lookup"}` counts them): at most
+/// the failed-lookup burst plus its rate for the flood's duration, while a
+/// cached token goes on working.
+#[tokio::test]
+async fn random_tokens_cost_a_bounded_number_of_store_lookups() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let http = reqwest::Client::new();
+    let functions = format!("{}/v1/functions", server.url);
+    assert_eq!(status_with(&http, &functions, TOKEN).await.status(), 200);
+    let lookups = async || {
+        let text = status_with(&http, &format!("{}/metrics", server.url), TOKEN)
+            .await
+            .text()
+            .await
+            .expect("metrics");
+        text.lines()
+            .find(|l| l.starts_with("hearth_auth_events_total") && l.contains("event=\"store_lookup\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no lookup counter in {text}")) as u64
+    };
+    let before = lookups().await;
+    let started = std::time::Instant::now();
+    let (mut unknown, mut throttled) = (0, 0);
+    for _ in 0..1_000 {
+        let random = format!("hth_{}", uuid::Uuid::new_v4().simple());
+        let response = status_with(&http, &functions, &random).await;
+        match response.status().as_u16() {
+            401 => unknown += 1,
+            503 => {
+                assert!(response.headers().contains_key("retry-after"));
+                let body = problem(response, 503).await;
+                assert!(
+                    body["detail"].as_str().is_some_and(|d| d.contains("unknown tokens")),
+                    "{body}"
+                );
+                throttled += 1;
+            }
+            other => panic!("a random token got {other}"),
+        }
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    assert_eq!(
+        status_with(&http, &functions, TOKEN).await.status(),
+        200,
+        "a cached token is not throttled"
+    );
+    let spent = lookups().await - before;
+    // 50 in a burst and 10 a second (hearth_auth's documented bound), and
+    // the operator token's own re-reads (its cache lasts 5 s).
+    let bound = 50 + 10 * seconds + seconds.div_ceil(5) + 1;
+    assert!(
+        spent <= bound,
+        "{spent} lookups for 1,000 random tokens in {seconds} s (bound {bound})"
+    );
+    assert_eq!(unknown + throttled, 1_000);
+}

@@ -17,8 +17,9 @@
 //! - `/sized?ms=N`: declares `content-length: 5`, sends all 5 bytes (and
 //!   an empty frame) at once, then keeps its body open N ms more (the whole
 //!   answer is out long before the body's last frame);
-//! - `/fetch?url=U`: sends `GET U` and answers 200 with the status and body
-//!   it got, or 502 with the error (an outgoing request the host refused);
+//! - `/fetch?url=U`: sends `GET U`, following up to five redirects, and
+//!   answers 200 with the final status and body, or 502 with the error (an
+//!   outgoing request the host refused);
 //! - anything else: answers `ok`.
 use hearth_guest::prelude::*;
 
@@ -100,29 +101,37 @@ async fn faults(request: Request<Body>) -> Result<Response<Body>> {
 }
 
 async fn fetch(request: &Request<Body>) -> Result<Response<Body>> {
-    let url = request
+    let mut url = request
         .uri()
         .query()
         .and_then(|q| q.strip_prefix("url="))
         .unwrap_or_default()
         .to_owned();
-    let outgoing = match Request::get(url.as_str()).body(Body::empty()) {
-        Ok(outgoing) => outgoing,
-        Err(err) => return Ok(text(StatusCode::BAD_REQUEST, format!("bad url {url}: {err}\n"))),
-    };
-    match hearth_guest::wstd::http::Client::new().send(outgoing).await {
-        Ok(mut response) => {
-            let status = response.status().as_u16();
-            let body = response
-                .body_mut()
-                .str_contents()
-                .await
-                .map(str::to_owned)
-                .unwrap_or_default();
-            Ok(text(StatusCode::OK, format!("{status}\n{body}")))
+    // Follows up to five redirects, each a new request the host checks.
+    for _ in 0..=5 {
+        let outgoing = match Request::get(url.as_str()).body(Body::empty()) {
+            Ok(outgoing) => outgoing,
+            Err(err) => return Ok(text(StatusCode::BAD_REQUEST, format!("bad url {url}: {err}\n"))),
+        };
+        let mut response = match hearth_guest::wstd::http::Client::new().send(outgoing).await {
+            Ok(response) => response,
+            Err(err) => return Ok(text(StatusCode::BAD_GATEWAY, format!("{err:?}\n"))),
+        };
+        let status = response.status();
+        let location = response.headers().get("location").and_then(|l| l.to_str().ok());
+        if let (true, Some(location)) = (status.is_redirection(), location) {
+            url = location.to_owned();
+            continue;
         }
-        Err(err) => Ok(text(StatusCode::BAD_GATEWAY, format!("{err:?}\n"))),
+        let body = response
+            .body_mut()
+            .str_contents()
+            .await
+            .map(str::to_owned)
+            .unwrap_or_default();
+        return Ok(text(StatusCode::OK, format!("{}\n{body}", status.as_u16())));
     }
+    Ok(text(StatusCode::BAD_GATEWAY, "too many redirects\n"))
 }
 
 fn millis(request: &Request<Body>) -> u64 {

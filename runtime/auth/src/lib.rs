@@ -8,8 +8,17 @@
 //! and every entry is re-read from the store after [`CACHE_TTL`], so a
 //! revocation made by another server sharing the store (a cluster) takes
 //! effect within that time.
+//!
+//! Failed authentications are cheap for the server: a token the store did
+//! not know is remembered for [`CACHE_TTL`] (repeating it costs no lookup),
+//! and lookups that find nothing are a token bucket of
+//! [`FAILED_LOOKUPS_PER_SECOND`] (burst [`FAILED_LOOKUP_BURST`]). While it is
+//! empty an uncached token is answered 503 with `Retry-After` instead of
+//! being looked up, so a flood of random tokens costs the store at most
+//! `FAILED_LOOKUP_BURST + FAILED_LOOKUPS_PER_SECOND × seconds` lookups.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use base64::Engine as _;
 use dashmap::DashMap;
@@ -146,6 +155,12 @@ pub enum AuthError {
     /// A valid token of another tenant.
     #[error("not found")]
     OtherTenant,
+    /// Too many failed lookups lately: an uncached token waits (503).
+    #[error("too many unknown tokens were tried lately; retry in {}s", retry_after.as_secs())]
+    Throttled {
+        /// When a lookup is possible again.
+        retry_after: std::time::Duration,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -155,11 +170,71 @@ pub enum AuthError {
 /// asked again.
 pub const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Sustained store lookups per second that may find nothing.
+pub const FAILED_LOOKUPS_PER_SECOND: f64 = 10.0;
+/// Store lookups that may find nothing in a burst.
+pub const FAILED_LOOKUP_BURST: f64 = 50.0;
+/// Unknown tokens remembered at most (the memory an attacker can fill);
+/// beyond it the oldest half is forgotten.
+const MAX_UNKNOWN_REMEMBERED: usize = 10_000;
+
 /// Authenticates tokens against the store.
 #[derive(Debug, Clone)]
 pub struct Auth {
     store: Arc<dyn Store>,
     verified: Arc<DashMap<String, (TokenRecord, tokio::time::Instant)>>,
+    /// Hashes of tokens the store did not know, and when it said so.
+    unknown: Arc<DashMap<String, tokio::time::Instant>>,
+    /// Bumped by every eviction from `verified`, so that a lookup that
+    /// raced a revocation does not cache the record it read before it.
+    evictions: Arc<AtomicU64>,
+    /// Lookups that may still find nothing.
+    failures: Arc<Mutex<Bucket>>,
+    counts: Arc<Counts>,
+}
+
+/// What authentication cost, for the `hearth_auth_*` metrics.
+#[derive(Debug, Default)]
+struct Counts {
+    lookups: AtomicU64,
+    throttled: AtomicU64,
+}
+
+/// Counters of [`Auth`]'s work since start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthStats {
+    /// Token lookups that reached the store.
+    pub store_lookups: u64,
+    /// Authentications refused without a lookup because too many failed.
+    pub throttled: u64,
+}
+
+/// A token bucket of lookups allowed to fail.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    refilled: tokio::time::Instant,
+}
+
+impl Bucket {
+    /// Takes one token, or says how long until one is there.
+    fn take(&mut self) -> Result<(), std::time::Duration> {
+        let now = tokio::time::Instant::now();
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * FAILED_LOOKUPS_PER_SECOND).min(FAILED_LOOKUP_BURST);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            let wait = (1.0 - self.tokens) / FAILED_LOOKUPS_PER_SECOND;
+            return Err(std::time::Duration::from_secs(wait.ceil().max(1.0) as u64));
+        }
+        self.tokens -= 1.0;
+        Ok(())
+    }
+
+    /// Gives back a token taken for a lookup that found its token.
+    fn give_back(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(FAILED_LOOKUP_BURST);
+    }
 }
 
 /// Hex SHA-256 of a token secret.
@@ -254,6 +329,7 @@ impl Auth {
             .revoke_token(&record.id)
             .await?
             .ok_or(AuthError::OtherTenant)?;
+        self.evictions.fetch_add(1, Ordering::SeqCst);
         self.verified.remove(&revoked.hash);
         Ok(revoked)
     }
@@ -261,12 +337,15 @@ impl Auth {
     /// Drops the cached copy of a token changed elsewhere (revoked through
     /// another node of a cluster).
     pub fn forget_token(&self, id: &str) {
+        self.evictions.fetch_add(1, Ordering::SeqCst);
         self.verified.retain(|_, (record, _)| record.id != id);
     }
 
     /// Drops every cached token (something changed elsewhere, unsaid).
     pub fn forget_all(&self) {
+        self.evictions.fetch_add(1, Ordering::SeqCst);
         self.verified.clear();
+        self.unknown.clear();
     }
 
     /// Authenticates against `store`.
@@ -274,21 +353,67 @@ impl Auth {
         Auth {
             store,
             verified: Arc::new(DashMap::new()),
+            unknown: Arc::new(DashMap::new()),
+            evictions: Arc::new(AtomicU64::new(0)),
+            failures: Arc::new(Mutex::new(Bucket {
+                tokens: FAILED_LOOKUP_BURST,
+                refilled: tokio::time::Instant::now(),
+            })),
+            counts: Arc::default(),
+        }
+    }
+
+    /// Registers `hearth_auth_events_total`: token lookups that reached the
+    /// store (`event="store_lookup"`) and authentications refused unlooked
+    /// because too many failed lately (`event="throttled"`).
+    pub fn observe(&self, meter: &opentelemetry::metrics::Meter) {
+        let counts = Arc::downgrade(&self.counts);
+        let _events = meter
+            .u64_observable_counter("hearth.auth.events")
+            .with_description("Authentication work: store lookups of uncached tokens, throttled attempts")
+            .with_callback(move |counter| {
+                if let Some(counts) = counts.upgrade() {
+                    for (event, n) in [("store_lookup", &counts.lookups), ("throttled", &counts.throttled)] {
+                        counter.observe(
+                            n.load(Ordering::Relaxed),
+                            &[opentelemetry::KeyValue::new("event", event)],
+                        );
+                    }
+                }
+            })
+            .build();
+    }
+
+    /// What authentication has cost since start.
+    pub fn stats(&self) -> AuthStats {
+        AuthStats {
+            store_lookups: self.counts.lookups.load(Ordering::Relaxed),
+            throttled: self.counts.throttled.load(Ordering::Relaxed),
         }
     }
 
     /// Makes sure the default tenant and an operator token exist. With
     /// `configured` (from `HEARTH_ADMIN_TOKEN`) that token is registered if
-    /// new. Otherwise, on the first start only, a token is generated and
-    /// returned so the caller can print it once; it is never shown again.
+    /// new, and every other operator token is revoked: changing the
+    /// variable is how an operator rotates a leaked admin token. Otherwise,
+    /// on the first start only, a token is generated and returned so the
+    /// caller can save it once; it is never shown again.
     pub async fn bootstrap(&self, configured: Option<&str>) -> Result<Option<String>, AuthError> {
         self.store.ensure_tenant(DEFAULT_TENANT).await?;
         let (token, generated) = match configured {
             Some(token) => {
-                if self.store.token_by_hash(&hash_token(token)).await?.is_some() {
-                    return Ok(None);
+                let hash = hash_token(token);
+                if self.store.token_by_hash(&hash).await?.is_none() {
+                    self.store
+                        .insert_token(new_record(token, DEFAULT_TENANT, Role::Admin, true))
+                        .await?;
                 }
-                (token.to_owned(), false)
+                for previous in self.store.list_tokens(Some(DEFAULT_TENANT)).await? {
+                    if previous.operator && previous.revoked_at_ms.is_none() && previous.hash != hash {
+                        self.store.revoke_token(&previous.id).await?;
+                    }
+                }
+                return Ok(None);
             }
             None if self.store.has_operator_token().await? => return Ok(None),
             None => (generate_token(), true),
@@ -297,6 +422,57 @@ impl Auth {
             .insert_token(new_record(&token, DEFAULT_TENANT, Role::Admin, true))
             .await?;
         Ok(generated.then_some(token))
+    }
+
+    /// The record of the token hashing to `hash`, from the store, cached
+    /// unless an eviction raced the lookup. Unknown tokens are remembered,
+    /// and lookups that find nothing are rationed (see the module's docs).
+    async fn look_up(&self, hash: &str) -> Result<TokenRecord, AuthError> {
+        if self.unknown.get(hash).is_some_and(|at| at.elapsed() < CACHE_TTL) {
+            return Err(AuthError::Unknown);
+        }
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .map_err(|retry_after| {
+                self.counts.throttled.fetch_add(1, Ordering::Relaxed);
+                AuthError::Throttled { retry_after }
+            })?;
+        let evictions = self.evictions.load(Ordering::SeqCst);
+        self.counts.lookups.fetch_add(1, Ordering::Relaxed);
+        let found = self.store.token_by_hash(hash).await;
+        let Ok(Some(record)) = found else {
+            if matches!(found, Ok(None)) {
+                self.remember_unknown(hash);
+            }
+            return Err(found.err().map_or(AuthError::Unknown, AuthError::Store));
+        };
+        self.failures.lock().unwrap_or_else(PoisonError::into_inner).give_back();
+        self.cache_unless_evicted(hash, &record, evictions);
+        Ok(record)
+    }
+
+    /// Caches `record`, read from the store when the eviction count was
+    /// `evictions`. An eviction since (a revocation that ran during the
+    /// lookup, maybe before this insert) means it may be stale: not kept.
+    fn cache_unless_evicted(&self, hash: &str, record: &TokenRecord, evictions: u64) {
+        self.verified
+            .insert(hash.to_owned(), (record.clone(), tokio::time::Instant::now()));
+        if self.evictions.load(Ordering::SeqCst) != evictions {
+            self.verified.remove(hash);
+        }
+    }
+
+    fn remember_unknown(&self, hash: &str) {
+        if self.unknown.len() >= MAX_UNKNOWN_REMEMBERED {
+            let now = tokio::time::Instant::now();
+            self.unknown.retain(|_, at| now.duration_since(*at) < CACHE_TTL / 2);
+            if self.unknown.len() >= MAX_UNKNOWN_REMEMBERED {
+                self.unknown.clear();
+            }
+        }
+        self.unknown.insert(hash.to_owned(), tokio::time::Instant::now());
     }
 
     /// Authenticates the value of an `Authorization` header. Checked on every
@@ -318,12 +494,7 @@ impl Auth {
             .map(|entry| entry.0.clone());
         let record = match cached {
             Some(record) => record,
-            None => {
-                let record = self.store.token_by_hash(&hash).await?.ok_or(AuthError::Unknown)?;
-                self.verified
-                    .insert(hash.clone(), (record.clone(), tokio::time::Instant::now()));
-                record
-            }
+            None => self.look_up(&hash).await?,
         };
         // The look-up was by hash; compare again in constant time so that no
         // code path ever branches early on secret-derived bytes.
@@ -415,6 +586,109 @@ mod tests {
         let auth = Auth::new(store);
         assert_eq!(auth.bootstrap(Some("secret-from-env")).await.expect("bootstrap"), None);
         auth.authenticate(Some("Bearer secret-from-env")).await.expect("valid");
+    }
+
+    #[tokio::test]
+    async fn a_changed_admin_token_revokes_the_previous_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("open"));
+        let generated = Auth::new(store.clone())
+            .bootstrap(None)
+            .await
+            .expect("bootstrap")
+            .expect("generated");
+        let auth = Auth::new(store.clone());
+        auth.bootstrap(Some("first-from-env")).await.expect("first");
+        auth.bootstrap(Some("second-from-env")).await.expect("second");
+        auth.authenticate(Some("Bearer second-from-env"))
+            .await
+            .expect("current");
+        for old in [generated.as_str(), "first-from-env"] {
+            assert!(
+                matches!(
+                    auth.authenticate(Some(&format!("Bearer {old}"))).await,
+                    Err(AuthError::Revoked)
+                ),
+                "{old}"
+            );
+        }
+        // Starting again with the same token changes nothing.
+        auth.bootstrap(Some("second-from-env")).await.expect("again");
+        auth.authenticate(Some("Bearer second-from-env"))
+            .await
+            .expect("still current");
+    }
+
+    /// A lookup that read the record before a revocation evicted it must
+    /// not put it back in the cache.
+    #[tokio::test]
+    async fn a_lookup_racing_a_revocation_does_not_recache_the_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("open"));
+        let auth = Auth::new(store.clone());
+        let token = auth.bootstrap(None).await.expect("bootstrap").expect("token");
+        let header = format!("Bearer {token}");
+        let operator = auth.authenticate(Some(&header)).await.expect("valid");
+        auth.forget_all();
+        // The lookup's read happened (the record, not yet revoked), then
+        // the revocation ran, then the lookup stores what it read.
+        let stale = store
+            .token_by_hash(&hash_token(&token))
+            .await
+            .expect("read")
+            .expect("record");
+        let evictions = auth.evictions.load(Ordering::SeqCst);
+        auth.revoke(&operator, &token).await.expect("revoke");
+        auth.cache_unless_evicted(&hash_token(&token), &stale, evictions);
+        assert!(matches!(
+            auth.authenticate(Some(&header)).await,
+            Err(AuthError::Revoked)
+        ));
+    }
+
+    /// Random tokens cost a bounded number of store lookups; a repeated
+    /// unknown token costs none; a valid token still passes (its lookup
+    /// finds it, so it does not drain the bucket).
+    #[tokio::test(start_paused = true)]
+    async fn failed_lookups_are_rationed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("open"));
+        let auth = Auth::new(store.clone());
+        let token = auth.bootstrap(None).await.expect("bootstrap").expect("token");
+        let (mut unknown, mut throttled) = (0, 0);
+        for _ in 0..1_000 {
+            match auth.authenticate(Some(&format!("Bearer {}", generate_token()))).await {
+                Err(AuthError::Unknown) => unknown += 1,
+                Err(AuthError::Throttled { retry_after }) => {
+                    assert!(retry_after >= std::time::Duration::from_secs(1));
+                    throttled += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(unknown, FAILED_LOOKUP_BURST as u64);
+        assert_eq!(throttled, 1_000 - unknown);
+        assert_eq!(
+            auth.stats(),
+            AuthStats {
+                store_lookups: FAILED_LOOKUP_BURST as u64,
+                throttled
+            }
+        );
+        // A second later the bucket has refilled by the rate.
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        auth.authenticate(Some(&format!("Bearer {token}")))
+            .await
+            .expect("valid");
+        let repeated = format!("Bearer {}", generate_token());
+        for _ in 0..100 {
+            let _ = auth.authenticate(Some(&repeated)).await;
+        }
+        assert_eq!(
+            auth.stats().store_lookups,
+            FAILED_LOOKUP_BURST as u64 + 2,
+            "the valid token and the repeated unknown one were looked up once each"
+        );
     }
 
     #[test]

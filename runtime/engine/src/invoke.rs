@@ -154,6 +154,7 @@ impl Engine {
             nn,
             grants.assets.as_deref(),
             grants.outbound.clone(),
+            self.inner.config.outbound.clone(),
         )
         .map_err(|e| InvokeError::Internal(format!("mounting the function's assets: {}", error_chain(&e))))?;
         let mut store = Store::new(&self.inner.engine, state);

@@ -19,10 +19,12 @@
 //!   scale to zero); the next [`Engine::load`] maps the `.cwasm` again.
 //!
 //! Guests get WASI p2 with no filesystem, no environment, no sockets, captured
-//! stdout/stderr, `wasi:http` with outgoing requests refused, and `wasi:nn`
+//! stdout/stderr, `wasi:http` with outgoing requests only to the origins their
+//! manifest lists and only to addresses the [`OutboundPolicy`] permits, and `wasi:nn`
 //! over the shared model cache (only the models their function names).
 
 mod invoke;
+mod outbound;
 mod state;
 
 use std::hash::{Hash, Hasher};
@@ -38,6 +40,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use invoke::{Finished, Grants, Instance, InvokeError, Limits, Report, ResponseBody, Start};
+pub use outbound::{Denied, OutboundPolicy};
 use state::HostState;
 /// The error type request bodies passed to [`Engine::invoke`] fail with.
 pub use wasmtime_wasi_http::Error as BodyError;
@@ -95,6 +98,9 @@ pub struct EngineConfig {
     pub memory_keep_resident: usize,
     /// The `wasi:nn` host (and its warm models) every instance shares.
     pub nn: NnHost,
+    /// Which addresses guests may reach at all (on top of each manifest's
+    /// listed origins).
+    pub outbound: OutboundPolicy,
 }
 
 impl EngineConfig {
@@ -107,6 +113,7 @@ impl EngineConfig {
             max_memory_mb: DEFAULT_MAX_MEMORY_MB,
             memory_keep_resident: DEFAULT_MEMORY_KEEP_RESIDENT,
             nn: NnHost::new(ModelCache::new(DevicePool::cpu_only(), CacheConfig::default())),
+            outbound: OutboundPolicy::default(),
         }
     }
 }

@@ -35,6 +35,7 @@ impl HostState {
         nn: hearth_bridge::NnCtx,
         assets: Option<&Path>,
         outbound: Arc<[hearth_manifest::Origin]>,
+        network: crate::OutboundPolicy,
     ) -> wasmtime::Result<HostState> {
         let stdout = GuestOutput::new(CAPTURED_OUTPUT_BYTES);
         let stderr = GuestOutput::new(CAPTURED_OUTPUT_BYTES);
@@ -51,7 +52,10 @@ impl HostState {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            hooks: OutgoingPolicy { allowed: outbound },
+            hooks: OutgoingPolicy {
+                allowed: outbound,
+                network,
+            },
             limiter: MemoryLimiter::new(memory_limit_bytes),
             stdout,
             stderr,
@@ -138,6 +142,7 @@ impl WasiHttpView for HostState {
 /// request (a guest that follows a redirect sends a new, checked request).
 pub(crate) struct OutgoingPolicy {
     allowed: Arc<[hearth_manifest::Origin]>,
+    network: crate::OutboundPolicy,
 }
 
 type SendResult = wasmtime_wasi_http::Result<(
@@ -156,10 +161,11 @@ impl WasiHttpHooks for OutgoingPolicy {
             tracing::debug!(uri = %request.uri(), "outgoing request denied");
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
+        let network = self.network.clone();
         Box::new(async move {
             use http_body_util::BodyExt;
             let mut request = request;
-            pin_destination(&mut request).await?;
+            pin_destination(&mut request, &network).await?;
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
@@ -169,51 +175,40 @@ impl WasiHttpHooks for OutgoingPolicy {
     }
 }
 
-/// Resolves a listed host name and refuses it if any of its addresses is one
-/// a guest must not reach by name: loopback, unspecified or link-local (the
-/// cloud metadata endpoint). A listed IP literal or `localhost` is an
-/// explicit choice and goes through. Plain HTTP is then sent to the checked
-/// address (the `Host` header keeps the name), so a second lookup cannot
-/// swap it (DNS rebinding); HTTPS keeps the name for TLS, whose certificate
-/// check a rebound address would fail.
-async fn pin_destination<B>(request: &mut http::Request<B>) -> Result<(), wasmtime_wasi_http::Error> {
+/// Checks where `request` would land against the operator's `network`
+/// policy, after resolution (literals, `localhost` and names alike). Plain
+/// HTTP is then sent to the checked address (the `Host` header keeps the
+/// name), so a second lookup cannot swap it (DNS rebinding); HTTPS keeps the
+/// name for TLS, whose certificate check a rebound address would fail.
+async fn pin_destination<B>(
+    request: &mut http::Request<B>,
+    network: &crate::OutboundPolicy,
+) -> Result<(), wasmtime_wasi_http::Error> {
     use wasmtime_wasi_http::Error;
     let uri = request.uri();
     let host = uri.host().ok_or(Error::HttpRequestUriInvalid)?;
-    let literal = host.trim_start_matches('[').trim_end_matches(']');
-    if host.eq_ignore_ascii_case("localhost") || literal.parse::<std::net::IpAddr>().is_ok() {
-        return Ok(());
-    }
     let (https, port) = hearth_manifest::scheme_and_port(uri).ok_or(Error::HttpRequestUriInvalid)?;
-    let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| Error::DnsError {
-            rcode: Some(e.to_string()),
+    let resolved = network.resolve(host, port).await.map_err(|denied| match denied {
+        crate::outbound::Denied::Internal { address } => {
+            tracing::debug!(host, %address, "outgoing request denied: internal address");
+            Error::DestinationIpProhibited
+        }
+        crate::outbound::Denied::Unresolved { reason, .. } => Error::DnsError {
+            rcode: Some(reason),
             info_code: None,
-        })?
-        .collect();
-    if let Some(internal) = resolved.iter().find(|a| is_internal(a.ip())) {
-        tracing::debug!(host, address = %internal.ip(), "outgoing request denied: listed name resolves to an internal address");
-        return Err(Error::DestinationIpProhibited);
-    }
-    let first = resolved.first().ok_or(Error::DestinationNotFound)?;
+        },
+    })?;
     if !https {
         let mut parts = uri.clone().into_parts();
-        parts.authority = Some(first.to_string().parse().map_err(|_| Error::HttpRequestUriInvalid)?);
+        parts.authority = Some(
+            resolved[0]
+                .to_string()
+                .parse()
+                .map_err(|_| Error::HttpRequestUriInvalid)?,
+        );
         *request.uri_mut() = http::Uri::from_parts(parts).map_err(|_| Error::HttpRequestUriInvalid)?;
     }
     Ok(())
-}
-
-/// Loopback, unspecified and link-local addresses (v4, v6 and v4-mapped v6).
-fn is_internal(ip: std::net::IpAddr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_link_local(),
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_internal(v4.into()),
-            None => v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80,
-        },
-    }
 }
 
 /// Enforces a function's memory limit and records the peak it reached.
@@ -270,41 +265,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn names_resolving_to_internal_addresses_are_refused() {
-        // Resolves to 127.0.0.1 without being a literal.
-        let mut sneaky = request("http://127.1:8080/x");
-        assert!(matches!(
-            pin_destination(&mut sneaky).await,
-            Err(wasmtime_wasi_http::Error::DestinationIpProhibited)
-        ));
-        // Listed literally: an explicit choice, sent as is.
-        for uri in [
-            "http://127.0.0.1:8080/x",
-            "http://[::1]:8080/x",
-            "http://localhost:8080/x",
-        ] {
-            let mut explicit = request(uri);
-            pin_destination(&mut explicit).await.expect(uri);
-            assert_eq!(explicit.uri(), uri);
+    async fn destinations_are_checked_and_pinned() {
+        let network = crate::OutboundPolicy::allowing(["127.0.0.2/32".parse().expect("cidr")]);
+        for denied in ["http://127.1:8080/x", "http://localhost:8080/x", "http://[::1]:8080/x"] {
+            let mut sneaky = request(denied);
+            assert!(
+                matches!(
+                    pin_destination(&mut sneaky, &network).await,
+                    Err(wasmtime_wasi_http::Error::DestinationIpProhibited)
+                ),
+                "{denied}"
+            );
         }
-    }
-
-    #[test]
-    fn internal_addresses() {
-        for ip in [
-            "127.0.0.1",
-            "127.1.2.3",
-            "0.0.0.0",
-            "169.254.169.254",
-            "::1",
-            "::",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(is_internal(ip.parse().expect(ip)), "{ip}");
-        }
-        for ip in ["10.0.0.1", "192.168.1.1", "8.8.8.8", "2001:db8::1", "fd00::1"] {
-            assert!(!is_internal(ip.parse().expect(ip)), "{ip}");
-        }
+        let mut admitted = request("http://127.0.0.2:8080/x");
+        pin_destination(&mut admitted, &network).await.expect("admitted");
+        assert_eq!(admitted.uri(), "http://127.0.0.2:8080/x");
     }
 }

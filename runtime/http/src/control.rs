@@ -157,6 +157,7 @@ pub(crate) async fn deploy(
     }
     let manifest = manifest.ok_or_else(|| bad_request("the upload has no `manifest` part".into()))?;
     let component = component.ok_or_else(|| bad_request("the upload has no `component` part".into()))?;
+    state.invoker.tenants().check_manifest(&tenant, &manifest)?;
     check_holdings(&state.invoker, &tenant, &manifest, &models).await?;
     let upload = Upload {
         manifest,

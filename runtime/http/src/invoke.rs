@@ -81,8 +81,14 @@ async fn invoke(
     }
     // Only a public function answers without a token. For anything else the
     // caller authenticates first, so an anonymous caller cannot tell a
-    // private function from a missing one (both are 401).
+    // private function from a missing one (both are 401). A token that is
+    // sent is checked before the function is looked up (a bad one costs no
+    // lookup), even for a public function.
     let invoker = &state.invoker;
+    let principal = match request.headers().contains_key(header::AUTHORIZATION) {
+        true => Some(authenticate(state, request.headers()).await?),
+        false => None,
+    };
     let resolved = invoker.registry().resolve(tenant, function).await;
     // While the store is away an uncached function cannot be told public
     // or private: it is unavailable to everyone (a token would not help).
@@ -92,8 +98,8 @@ async fn invoke(
     };
     let public = matches!(&resolved, Ok(deployed) if deployed.manifest.public);
     if !public {
-        authenticate(state, request.headers())
-            .await?
+        principal
+            .ok_or(ApiError::Unauthorized(hearth_auth::AuthError::Missing))?
             .authorize(Action::Invoke, tenant)?;
     }
     let deployed = resolved?;

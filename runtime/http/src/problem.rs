@@ -9,7 +9,7 @@ use hearth_engine::InvokeError;
 use hearth_invoker::Failure;
 use hearth_metering::Outcome;
 use hearth_registry::RegistryError;
-use hearth_scheduler::TenantRejection;
+use hearth_scheduler::{ManifestOverLimit, TenantRejection};
 use http::{HeaderValue, StatusCode, header};
 use uuid::Uuid;
 
@@ -242,6 +242,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<ManifestOverLimit> for ApiError {
+    fn from(over: ManifestOverLimit) -> Self {
+        ApiError::Unprocessable {
+            key: Some(over.key.to_owned()),
+            detail: over.to_string(),
+        }
+    }
+}
+
 impl From<TenantRejection> for ApiError {
     fn from(rejection: TenantRejection) -> Self {
         ApiError::TenantLimit(rejection)
@@ -259,6 +268,7 @@ impl From<AuthError> for ApiError {
         match err {
             AuthError::Forbidden { .. } => ApiError::Forbidden(err.to_string()),
             AuthError::OtherTenant => ApiError::NotFound("not found".into()),
+            AuthError::Throttled { .. } => ApiError::Unavailable(err.to_string()),
             AuthError::Store(e) if e.is_unavailable() => ApiError::Unavailable(e.to_string()),
             AuthError::Store(e) => ApiError::Internal(e.to_string()),
             other => ApiError::Unauthorized(other),

@@ -149,6 +149,9 @@ pub const MODEL_PART_PREFIX: &str = "model:";
 /// in `[[files]]`.
 pub const FILE_PART_PREFIX: &str = "file:";
 
+/// How long a deploy waits to resolve a listed outbound host name.
+const DEPLOY_RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The placement a manifest's `device` asks for.
 pub fn placement(wish: DeviceWish) -> Placement {
     match wish {
@@ -224,6 +227,7 @@ impl Registry {
                 reason: format!("this server allows at most {max_mb} MiB per instance"),
             });
         }
+        self.check_outbound(&manifest).await?;
         let cache = self.nn.cache();
         for (i, model) in manifest.models.iter().enumerate() {
             if let Err(err) = cache.devices().check(placement(model.device)) {
@@ -394,6 +398,28 @@ impl Registry {
             assets: assets.map(Arc::from),
             outbound: outbound.into(),
         })
+    }
+
+    /// Refuses a manifest listing an origin on an address the operator's
+    /// outbound policy denies (a literal, or a name resolving to one). A
+    /// name that does not resolve here passes: every request is checked
+    /// again once resolved.
+    async fn check_outbound(&self, manifest: &Manifest) -> Result<()> {
+        let policy = &self.engine.config().outbound;
+        for (i, listed) in manifest.allowed_outbound_hosts.iter().enumerate() {
+            let Ok(origin) = hearth_manifest::Origin::parse(listed) else {
+                continue;
+            };
+            let resolved =
+                tokio::time::timeout(DEPLOY_RESOLVE_TIMEOUT, policy.resolve(&origin.host, origin.port)).await;
+            if let Ok(Err(denied @ hearth_engine::Denied::Internal { .. })) = resolved {
+                return Err(RegistryError::Unsupported {
+                    key: format!("allowed_outbound_hosts[{i}]"),
+                    reason: format!("`{listed}`: {denied}"),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The version of `name` that answers invocations now.

@@ -33,7 +33,9 @@
 
 mod tenant;
 
-pub use tenant::{TenantGate, TenantLimits, TenantLimitsConfig, TenantPermit, TenantRejection};
+pub use tenant::{
+    BUILT_IN_LIMITS, ManifestOverLimit, TenantGate, TenantLimits, TenantLimitsConfig, TenantPermit, TenantRejection,
+};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -36,7 +36,35 @@ pub struct TenantLimits {
     /// Bucket size: invocations it may make in a burst (defaults to one
     /// second's worth, at least 1).
     pub burst: Option<f64>,
+    /// Largest `limits.memory_mb` its functions may ask for.
+    pub max_memory_mb: Option<u64>,
+    /// Largest `limits.timeout_ms` its functions may ask for.
+    pub max_timeout_ms: Option<u64>,
+    /// Largest `scaling.max_instances` its functions may ask for.
+    pub max_instances: Option<u64>,
+    /// Bytes of asynchronous request bodies it may have queued at once.
+    pub max_async_queued_bytes: Option<u64>,
+    /// Whether its functions may run at `qos = "realtime"`, ahead of every
+    /// other tenant's.
+    pub realtime: Option<bool>,
 }
+
+/// What every tenant gets unless the operator's limits file says more: a
+/// deployer cannot take the host's memory, hold an invocation for minutes,
+/// fan out without bound or jump every queue. The file's `[default]` or
+/// `[tenants.NAME]` raise them.
+pub const BUILT_IN_LIMITS: TenantLimits = TenantLimits {
+    max_functions: None,
+    max_model_bytes: None,
+    max_concurrent: None,
+    requests_per_second: None,
+    burst: None,
+    max_memory_mb: Some(256),
+    max_timeout_ms: Some(30_000),
+    max_instances: Some(64),
+    max_async_queued_bytes: Some(256 << 20),
+    realtime: Some(false),
+};
 
 impl TenantLimits {
     /// `self`, with every unset limit taken from `defaults`.
@@ -47,11 +75,17 @@ impl TenantLimits {
             max_concurrent: self.max_concurrent.or(defaults.max_concurrent),
             requests_per_second: self.requests_per_second.or(defaults.requests_per_second),
             burst: self.burst.or(defaults.burst),
+            max_memory_mb: self.max_memory_mb.or(defaults.max_memory_mb),
+            max_timeout_ms: self.max_timeout_ms.or(defaults.max_timeout_ms),
+            max_instances: self.max_instances.or(defaults.max_instances),
+            max_async_queued_bytes: self.max_async_queued_bytes.or(defaults.max_async_queued_bytes),
+            realtime: self.realtime.or(defaults.realtime),
         }
     }
 }
 
-/// The server's tenant limits file (`--tenant-limits`, TOML):
+/// The server's tenant limits file (`--tenant-limits`, TOML). Keys left
+/// out fall back to `[default]`, then to [`BUILT_IN_LIMITS`]:
 ///
 /// ```toml
 /// [default]                 # every tenant
@@ -63,6 +97,9 @@ impl TenantLimits {
 /// max_concurrent = 8
 /// requests_per_second = 20
 /// burst = 40
+/// max_memory_mb = 2048      # built in: 256
+/// max_timeout_ms = 120000   # built in: 30000
+/// realtime = true           # built in: false
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -94,7 +131,12 @@ impl TenantLimitsConfig {
 
     /// The limits that apply to `tenant`.
     pub fn limits(&self, tenant: &str) -> TenantLimits {
-        self.tenants.get(tenant).copied().unwrap_or_default().or(self.default)
+        self.tenants
+            .get(tenant)
+            .copied()
+            .unwrap_or_default()
+            .or(self.default)
+            .or(BUILT_IN_LIMITS)
     }
 }
 
@@ -133,6 +175,25 @@ pub enum TenantRejection {
         /// The limit's value.
         value: u64,
     },
+}
+
+/// A manifest asks for more than its tenant may have; answered 422 naming
+/// the manifest key.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "hearth.toml: `{key}` = {asked} is over tenant `{tenant}`'s limit {limit} = {allowed}; the operator's limits file (--tenant-limits) can raise it"
+)]
+pub struct ManifestOverLimit {
+    /// Tenant.
+    pub tenant: String,
+    /// The manifest key (`limits.memory_mb`…).
+    pub key: &'static str,
+    /// What the manifest asks.
+    pub asked: String,
+    /// The limit's name in the limits file.
+    pub limit: &'static str,
+    /// The limit's value.
+    pub allowed: String,
 }
 
 /// How a cluster's share reads in a rejection.
@@ -281,6 +342,51 @@ impl TenantGate {
     }
 }
 
+impl TenantGate {
+    /// Checks what a manifest asks of one instance and of scaling against
+    /// `tenant`'s limits.
+    pub fn check_manifest(&self, tenant: &str, manifest: &hearth_manifest::Manifest) -> Result<(), ManifestOverLimit> {
+        let limits = self.config.limits(tenant);
+        let over = |key, asked: String, limit, allowed: String| ManifestOverLimit {
+            tenant: tenant.to_owned(),
+            key,
+            asked,
+            limit,
+            allowed,
+        };
+        for (key, asked, limit, allowed) in [
+            (
+                "limits.memory_mb",
+                u64::from(manifest.limits.memory_mb),
+                "max_memory_mb",
+                limits.max_memory_mb,
+            ),
+            (
+                "limits.timeout_ms",
+                u64::from(manifest.limits.timeout_ms),
+                "max_timeout_ms",
+                limits.max_timeout_ms,
+            ),
+            (
+                "scaling.max_instances",
+                u64::from(manifest.scaling.max_instances),
+                "max_instances",
+                limits.max_instances,
+            ),
+        ] {
+            if let Some(allowed) = allowed
+                && asked > allowed
+            {
+                return Err(over(key, asked.to_string(), limit, allowed.to_string()));
+            }
+        }
+        if manifest.scaling.qos == hearth_manifest::Qos::Realtime && limits.realtime != Some(true) {
+            return Err(over("scaling.qos", "\"realtime\"".into(), "realtime", "false".into()));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,6 +407,43 @@ mod tests {
         assert!(gate.admit("acme").is_ok(), "one token back after 0.5 s at 2/s");
         assert!(gate.admit("acme").is_err());
         assert!(gate.admit("other").is_ok(), "other tenants are not limited");
+    }
+
+    #[test]
+    fn manifests_are_held_to_built_in_limits_the_file_can_raise() {
+        let manifest =
+            |extra: &str| hearth_manifest::Manifest::from_toml(&format!("name = \"f\"\n{extra}")).expect("manifest");
+        let built_in = gate("");
+        assert!(
+            built_in.check_manifest("acme", &manifest("")).is_ok(),
+            "the manifest defaults fit"
+        );
+        for (extra, key) in [
+            ("[limits]\nmemory_mb = 4096\n", "limits.memory_mb"),
+            ("[limits]\ntimeout_ms = 60000\n", "limits.timeout_ms"),
+            ("[scaling]\nmax_instances = 65\n", "scaling.max_instances"),
+            ("[scaling]\nqos = \"realtime\"\n", "scaling.qos"),
+        ] {
+            let over = built_in.check_manifest("acme", &manifest(extra)).expect_err(extra);
+            assert_eq!(over.key, key);
+        }
+        assert!(
+            built_in
+                .check_manifest("acme", &manifest("[limits]\nmemory_mb = 256\ntimeout_ms = 30000\n"))
+                .is_ok()
+        );
+
+        let raised = gate("[default]\nmax_memory_mb = 4096\n[tenants.acme]\nrealtime = true\nmax_timeout_ms = 60000\n");
+        let big = manifest("[limits]\nmemory_mb = 4096\ntimeout_ms = 60000\n[scaling]\nqos = \"realtime\"\n");
+        assert!(raised.check_manifest("acme", &big).is_ok());
+        let other = raised.check_manifest("other", &big).expect_err("not granted");
+        assert_eq!(other.key, "limits.timeout_ms", "the default was raised for memory only");
+        assert!(
+            raised
+                .check_manifest("other", &manifest("[scaling]\nqos = \"realtime\"\n"))
+                .is_err(),
+            "realtime is granted per tenant"
+        );
     }
 
     #[test]

@@ -65,6 +65,16 @@ pub struct ServeArgs {
     /// Largest memory limit a function may ask for, in MiB.
     #[arg(long, env = "HEARTH_MAX_MEMORY_MB", default_value_t = hearth_engine::DEFAULT_MAX_MEMORY_MB)]
     max_memory_mb: u32,
+    /// An address range guests may reach although it is internal
+    /// (loopback, private, CGNAT, link-local, unique-local and reserved
+    /// ranges are denied by default, the cloud metadata endpoint with
+    /// them); repeat, or separate with commas. Example: 10.20.0.0/16.
+    #[arg(
+        long = "allow-outbound-cidr",
+        env = "HEARTH_ALLOW_OUTBOUND_CIDR",
+        value_delimiter = ','
+    )]
+    allow_outbound_cidrs: Vec<ipnet::IpNet>,
     /// How long a model's first compute call waits for others to batch with,
     /// in milliseconds; 0 batches only calls already waiting.
     #[arg(long, env = "HEARTH_BATCH_WINDOW_MS", default_value_t = 2)]
@@ -249,6 +259,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut engine_config = EngineConfig::new(data_dir.join("compiled"));
     engine_config.max_instances = args.max_instances;
     engine_config.max_memory_mb = args.max_memory_mb;
+    engine_config.outbound = hearth_engine::OutboundPolicy::allowing(args.allow_outbound_cidrs.iter().copied());
     // Devices are found once; without a CUDA driver this logs "CPU only".
     let cache_config = hearth_devices::CacheConfig {
         idle_timeout: Duration::from_secs(args.model_idle_timeout_s),
@@ -320,6 +331,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config,
     );
     invoker.observe();
+    auth.observe(invoker.telemetry().meter());
     invoker.spawn_reaper(Duration::from_millis(args.reap_interval_ms.max(10)));
     // Functions that keep instances warm get them (and their models) back in
     // the background; requests are served meanwhile.

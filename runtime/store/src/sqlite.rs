@@ -110,7 +110,10 @@ impl SqliteStore {
         let path = data_dir.join("hearth.db");
         let mut conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL: every commit is on disk before it is acknowledged (a
+        // revocation, a deploy, an accepted asynchronous run). Metadata
+        // writes are rare; NORMAL could lose the last ones on power loss.
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         migrate(&mut conn)?;
@@ -621,5 +624,16 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("pragma");
         assert_eq!(version, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn every_commit_is_synced_before_it_is_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let conn = store.conn.lock().expect("lock");
+        let synchronous: u8 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .expect("pragma");
+        assert_eq!(synchronous, 2, "synchronous = FULL");
     }
 }
