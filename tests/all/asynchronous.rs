@@ -179,3 +179,144 @@ fn invocation(path: &str) -> hearth_client::Invocation {
         body: Default::default(),
     }
 }
+
+/// Submits `body` to `function` in `tenant` at `path` (raw HTTP, as the
+/// operator); the answer.
+async fn submit_raw(server: &Server, tenant: &str, function: &str, path: &str, body: Vec<u8>) -> reqwest::Response {
+    http()
+        .post(format!("{}/v1/functions/{function}/invocations", server.url))
+        .query(&[("tenant", tenant), ("path", path)])
+        .body(body)
+        .send()
+        .await
+        .expect("submit")
+}
+
+async fn accepted_id(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), 202);
+    let accepted: serde_json::Value = response.json().await.expect("json");
+    accepted["id"].as_str().expect("id").to_owned()
+}
+
+async fn invocation_in(server: &Server, tenant: &str, function: &str, id: &str) -> reqwest::Response {
+    http()
+        .get(format!("{}/v1/functions/{function}/invocations/{id}", server.url))
+        .query(&[("tenant", tenant)])
+        .send()
+        .await
+        .expect("get")
+}
+
+/// Polls until `tenant`'s invocation has finished; its JSON.
+async fn finished_in(server: &Server, tenant: &str, function: &str, id: &str) -> serde_json::Value {
+    let guard = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let invocation: serde_json::Value = invocation_in(server, tenant, function, id)
+            .await
+            .json()
+            .await
+            .expect("json");
+        if matches!(invocation["state"].as_str(), Some("succeeded" | "failed")) {
+            return invocation;
+        }
+        assert!(std::time::Instant::now() < guard, "{invocation}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Tenants take turns in the asynchronous queue: tenant A's backlog of 100,
+/// submitted first, does not hold up tenant B's one run, which starts
+/// before half of A's have (order of starts, not timing).
+#[tokio::test]
+async fn one_tenants_backlog_does_not_hold_up_anothers_run() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &["--async-concurrency", "1"]);
+    server
+        .client()
+        .create_token(Some("beta"), "admin", None)
+        .await
+        .expect("beta");
+    deploy(&server, tmp.path(), "slow", hearth_fixtures::FAULTS, "").await;
+    let beta = project(&tmp.path().join("beta-slow"), "slow", hearth_fixtures::FAULTS, "");
+    hearth_client::Client::new(&server.url, Some(TOKEN.into()), "beta")
+        .expect("client")
+        .deploy(&hearth_client::Project::load(&beta).expect("project"), |_, _| {})
+        .await
+        .expect("deploy in beta");
+
+    let mut backlog = Vec::new();
+    for _ in 0..100 {
+        backlog.push(accepted_id(submit_raw(&server, "default", "slow", "/sleep?ms=500", Vec::new()).await).await);
+    }
+    let late = accepted_id(submit_raw(&server, "beta", "slow", "/ok", Vec::new()).await).await;
+    let late = finished_in(&server, "beta", "slow", &late).await;
+    assert_eq!(late["state"], "succeeded", "{late}");
+    let late_start = late["started_at"].as_str().expect("started").to_owned();
+    let mut started_before = 0;
+    for id in &backlog {
+        let invocation: serde_json::Value = invocation_in(&server, "default", "slow", id)
+            .await
+            .json()
+            .await
+            .expect("json");
+        if invocation["started_at"].as_str().is_some_and(|at| *at < *late_start) {
+            started_before += 1;
+        }
+    }
+    assert!(
+        started_before < 50,
+        "{started_before} of tenant A's 100 runs started before tenant B's one"
+    );
+}
+
+/// A tenant's queued asynchronous bodies are bounded
+/// (`max_async_queued_bytes`); a run still queued past the retention fails
+/// as expired, and finished results are deleted after it.
+#[tokio::test]
+async fn queued_bytes_are_bounded_and_runs_expire() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let limits = tmp.path().join("limits.toml");
+    std::fs::write(&limits, "[default]\nmax_async_queued_bytes = 1000\n").expect("limits");
+    let server = Server::start(
+        &tmp.path().join("data"),
+        &[
+            "--async-concurrency",
+            "1",
+            "--async-retention-s",
+            "1",
+            "--tenant-limits",
+            limits.to_str().expect("utf-8"),
+        ],
+    );
+    deploy(&server, tmp.path(), "slow", hearth_fixtures::FAULTS, "").await;
+
+    // The first run holds the only slot for 2.5 s; the second waits past
+    // the 1 s retention, so it expires when it is claimed.
+    let first = accepted_id(submit_raw(&server, "default", "slow", "/sleep?ms=2500", vec![1; 600]).await).await;
+    let refused = submit_raw(&server, "default", "slow", "/ok", vec![1; 600]).await;
+    let problem = problem(refused, 429).await;
+    assert_eq!(problem["key"], "max_async_queued_bytes", "{problem}");
+    let second = accepted_id(submit_raw(&server, "default", "slow", "/ok", vec![1; 100]).await).await;
+
+    let first = finished_in(&server, "default", "slow", &first).await;
+    assert_eq!(first["state"], "succeeded", "{first}");
+    let second = finished_in(&server, "default", "slow", &second).await;
+    assert_eq!(second["state"], "failed", "{second}");
+    assert_eq!(second["response"]["status"], 504, "{second}");
+    assert!(
+        second["response"]["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("expired")),
+        "{second}"
+    );
+    // Finished, the bodies no longer count: a submission fits again.
+    accepted_id(submit_raw(&server, "default", "slow", "/ok", vec![1; 900]).await).await;
+
+    // A finished result is deleted once past the retention.
+    let id = first["id"].as_str().expect("id").to_owned();
+    let guard = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while invocation_in(&server, "default", "slow", &id).await.status() != 404 {
+        assert!(std::time::Instant::now() < guard, "the result outlived its retention");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -77,11 +77,7 @@ pub(crate) async fn submit(
         },
         response: None,
     };
-    state
-        .invoker
-        .submit(invocation.clone())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    state.invoker.submit(invocation.clone()).await?;
     let location = format!("/v1/functions/{name}/invocations/{id}");
     let mut response = (StatusCode::ACCEPTED, Json(view(&invocation, false))).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {

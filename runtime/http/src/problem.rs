@@ -128,6 +128,7 @@ impl ApiError {
                     Failure::UsageLogDown | Failure::Unrecorded(_) => ("unavailable", "Service unavailable"),
                     Failure::PayloadTooLarge { .. } => ("payload-too-large", "Payload too large"),
                     Failure::RequestTimeout => ("request-timeout", "Request body timed out"),
+                    Failure::Expired { .. } => ("expired", "Expired before it ran"),
                     Failure::BadRequest(_) => ("bad-request", "Bad request"),
                     Failure::Function(RegistryError::NotFound { .. }) => ("not-found", "Not found"),
                     Failure::Function(err) if err.is_unavailable() => ("unavailable", "Service unavailable"),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hearth_manifest::Qos;
+use hearth_scheduler::TenantRejection;
 use hearth_store::{AsyncInvocation, AsyncState, NodeInfo, StoreError, StoredMessage};
 use http_body_util::{BodyExt as _, Full};
 use tokio::sync::Semaphore;
@@ -24,6 +25,9 @@ pub const DEFAULT_ASYNC_LEASE: Duration = Duration::from_secs(10);
 /// Default number of attempts after which an asynchronous invocation whose
 /// node keeps stopping mid-run fails.
 pub const DEFAULT_ASYNC_MAX_ATTEMPTS: u32 = 3;
+/// Default time an asynchronous invocation is kept (see
+/// [`crate::InvokerConfig::async_retention`]).
+pub const DEFAULT_ASYNC_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// Default number of asynchronous invocations running at once.
 pub const DEFAULT_ASYNC_CONCURRENCY: usize = 16;
 /// How long the runner waits after the scheduler refused a run before it
@@ -45,9 +49,24 @@ pub type RenderFailure = Arc<dyn Fn(Failure, Option<Uuid>) -> http::Response<Byt
 type RunResult = Option<(AsyncState, Option<StoredMessage>)>;
 
 impl Invoker {
-    /// Stores a submitted invocation and wakes the runner.
-    pub async fn submit(&self, invocation: AsyncInvocation) -> Result<(), StoreError> {
-        self.store.insert_async(invocation).await?;
+    /// Stores a submitted invocation and wakes the runner. A submission
+    /// passes its tenant's gate (rate and concurrency, as a call would) and
+    /// is refused when the tenant's queued bodies would pass
+    /// `max_async_queued_bytes`.
+    pub async fn submit(&self, invocation: AsyncInvocation) -> Result<(), Failure> {
+        let tenant = &invocation.tenant;
+        drop(self.tenants.admit(tenant)?);
+        if let Some(limit) = self.tenants.limits(tenant).max_async_queued_bytes {
+            let queued = self.store.async_queued_bytes(tenant).await.map_err(store_failure)?;
+            if queued.saturating_add(invocation.request.body.len() as u64) > limit {
+                return Err(Failure::TenantLimit(TenantRejection::Holding {
+                    tenant: tenant.clone(),
+                    limit: "max_async_queued_bytes",
+                    value: limit,
+                }));
+            }
+        }
+        self.store.insert_async(invocation).await.map_err(store_failure)?;
         self.async_queue.notify_one();
         Ok(())
     }
@@ -70,6 +89,23 @@ impl Invoker {
         let invoker = self.clone();
         let beating = self.clone();
         let max_attempts = self.config.async_max_attempts.max(1);
+        let retention = self.config.async_retention;
+        let sweeping = self.clone();
+        let sweeps = async move {
+            // Finished results are deleted once past the retention.
+            let mut every =
+                tokio::time::interval((retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(600)));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let before = hearth_store::now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+                match sweeping.store.delete_finished_async(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(invocations = n, "deleted asynchronous results past their retention"),
+                    Err(err) => tracing::warn!(error = %err, "cannot delete expired asynchronous results"),
+                }
+            }
+        };
         let mut beat = node.clone();
         let beats = async move {
             let mut every = tokio::time::interval((lease / 4).max(Duration::from_millis(100)));
@@ -100,6 +136,7 @@ impl Invoker {
                 tracing::warn!(error = %err, "cannot record this node's heartbeat");
             }
             tokio::spawn(beats);
+            tokio::spawn(sweeps);
             match invoker.store.requeue_running_async(&node).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
@@ -131,7 +168,16 @@ impl Invoker {
                     let (invoker, refused, render) = (invoker.clone(), refused.clone(), render.clone());
                     tokio::spawn(async move {
                         // `attempted`: whether this claim counts as an attempt.
-                        let (final_state, response, attempted) = if invocation.attempts > max_attempts {
+                        let waited = Duration::from_millis(
+                            u64::try_from(hearth_store::now_ms() - invocation.submitted_at_ms).unwrap_or(0),
+                        );
+                        let (final_state, response, attempted) = if invocation.attempts == 1 && waited > retention {
+                            // Never started within the retention: its caller
+                            // has long stopped waiting.
+                            let id = Uuid::parse_str(&invocation.id).ok();
+                            let answer = stored(render(Failure::Expired { waited }, id));
+                            (AsyncState::Failed, Some(answer), false)
+                        } else if invocation.attempts > max_attempts {
                             // Its node stopped mid-run every time: give up.
                             let id = Uuid::parse_str(&invocation.id).ok();
                             let why = hearth_engine::InvokeError::GuestError(format!(
@@ -282,4 +328,9 @@ fn rebuild(stored: &StoredMessage, base: &str) -> Result<hyper::Request<Full<Byt
             "rebuilding a stored request: {e}"
         )))
     })
+}
+
+/// A store error while taking a submission: unavailable (503) or internal.
+fn store_failure(err: StoreError) -> Failure {
+    Failure::Function(hearth_registry::RegistryError::Store(err))
 }

@@ -40,6 +40,13 @@ pub enum Failure {
     /// The caller's request cannot be run as it is (400).
     #[error("{0}")]
     BadRequest(String),
+    /// An asynchronous invocation waited in the queue past the retention
+    /// without running (504).
+    #[error("the invocation waited {}s in the queue, longer than the retention, and never ran", waited.as_secs())]
+    Expired {
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
     /// The function could not be found or loaded (404 when it is gone, 500
     /// otherwise).
     #[error("{0}")]
@@ -64,6 +71,7 @@ impl Failure {
             Failure::TenantLimit(_) => 429,
             Failure::PayloadTooLarge { .. } => 413,
             Failure::RequestTimeout => 408,
+            Failure::Expired { .. } => 504,
             Failure::BadRequest(_) => 400,
             Failure::Function(RegistryError::NotFound { .. }) => 404,
             Failure::Function(err) if err.is_unavailable() => 503,
@@ -82,7 +90,8 @@ impl Failure {
             | Failure::Rejected(_)
             | Failure::TenantLimit(_)
             | Failure::UsageLogDown
-            | Failure::Unrecorded(_) => Outcome::Rejected,
+            | Failure::Unrecorded(_)
+            | Failure::Expired { .. } => Outcome::Rejected,
             Failure::Function(err) if err.is_unavailable() => Outcome::Rejected,
             Failure::PayloadTooLarge { .. } | Failure::RequestTimeout | Failure::BadRequest(_) => Outcome::BadRequest,
             Failure::Guest(InvokeError::Internal(_)) | Failure::Function(_) => Outcome::InternalError,

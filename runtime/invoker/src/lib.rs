@@ -45,7 +45,9 @@ use hearth_store::Store;
 use hearth_telemetry::Telemetry;
 use uuid::Uuid;
 
-pub use asynchronous::{DEFAULT_ASYNC_CONCURRENCY, DEFAULT_ASYNC_LEASE, DEFAULT_ASYNC_MAX_ATTEMPTS, RenderFailure};
+pub use asynchronous::{
+    DEFAULT_ASYNC_CONCURRENCY, DEFAULT_ASYNC_LEASE, DEFAULT_ASYNC_MAX_ATTEMPTS, DEFAULT_ASYNC_RETENTION, RenderFailure,
+};
 pub use failure::Failure;
 pub use record::{Meter, now_us};
 
@@ -75,6 +77,9 @@ pub struct InvokerConfig {
     /// Attempts after which an asynchronous invocation whose node keeps
     /// stopping mid-run fails.
     pub async_max_attempts: u32,
+    /// How long an asynchronous invocation is kept: one still queued after
+    /// it fails as expired, a finished one's result is deleted after it.
+    pub async_retention: Duration,
 }
 
 impl Default for InvokerConfig {
@@ -84,6 +89,7 @@ impl Default for InvokerConfig {
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             async_lease: DEFAULT_ASYNC_LEASE,
             async_max_attempts: DEFAULT_ASYNC_MAX_ATTEMPTS,
+            async_retention: DEFAULT_ASYNC_RETENTION,
         }
     }
 }

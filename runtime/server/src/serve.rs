@@ -132,6 +132,10 @@ pub struct ServeArgs {
     /// attempt).
     #[arg(long, env = "HEARTH_ASYNC_MAX_ATTEMPTS", default_value_t = hearth_invoker::DEFAULT_ASYNC_MAX_ATTEMPTS)]
     async_max_attempts: u32,
+    /// Seconds an asynchronous invocation is kept: one still queued after
+    /// that fails as expired, a finished one's result is deleted.
+    #[arg(long, env = "HEARTH_ASYNC_RETENTION_S", default_value_t = hearth_invoker::DEFAULT_ASYNC_RETENTION.as_secs())]
+    async_retention_s: u64,
     /// Price table (TOML: version, currency, per_invocation, per_gb_second,
     /// per_cpu_second, [per_gpu_second]); without it the built-in table
     /// `builtin-1` prices records.
@@ -297,6 +301,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
         async_lease: Duration::from_secs(args.async_lease_s.max(1)),
         async_max_attempts: args.async_max_attempts.max(1),
+        async_retention: Duration::from_secs(args.async_retention_s.max(1)),
     };
     let prices = config_file(args.price_table.as_deref(), hearth_metering::PriceTable::from_toml)?.unwrap_or_default();
     let usage = if args.no_metering {

@@ -35,6 +35,9 @@ const CASES: &[(&str, Case)] = &[
     ("async claims", |open| {
         Box::pin(concurrent_claims_never_share_an_invocation(open))
     }),
+    ("async fairness", |open| {
+        Box::pin(tenants_take_turns_and_finished_runs_expire(open))
+    }),
 ];
 
 #[tokio::test]
@@ -275,6 +278,69 @@ async fn async_invocations_queue_run_finish_and_survive_reopen(open: Open) {
     assert_eq!(claimed[0].attempts, 2);
     assert!(store.claim_async("node-2", 10, LEASE).await.expect("claim").is_empty());
     assert_eq!(store.requeue_running_async("node-1").await.expect("requeue"), 0);
+}
+
+/// One tenant's backlog does not hold up another's: claims take each
+/// tenant's oldest in turn. Queued bytes are summed per tenant; finished
+/// runs are deleted once past the retention cut-off, queued ones never.
+async fn tenants_take_turns_and_finished_runs_expire(open: Open) {
+    let store = open().await;
+    for tenant in ["big", "small"] {
+        store.ensure_tenant(tenant).await.expect("tenant");
+    }
+    let request = StoredMessage {
+        body: vec![7; 100],
+        ..StoredMessage::default()
+    };
+    for i in 0..10 {
+        let mut run = queued(&format!("big-{i}"), &request);
+        (run.tenant, run.submitted_at_ms) = ("big".into(), i);
+        store.insert_async(run).await.expect("insert");
+    }
+    let mut late = queued("small-0", &request);
+    (late.tenant, late.submitted_at_ms) = ("small".into(), 100);
+    store.insert_async(late).await.expect("insert");
+    assert_eq!(store.async_queued_bytes("big").await.expect("bytes"), 1_000);
+    assert_eq!(store.async_queued_bytes("small").await.expect("bytes"), 100);
+    assert_eq!(store.async_queued_bytes("nobody").await.expect("bytes"), 0);
+
+    let claim_one = async || -> String {
+        let claimed = store.claim_async("node-1", 1, LEASE).await.expect("claim");
+        assert_eq!(claimed.len(), 1);
+        claimed[0].id.clone()
+    };
+    assert_eq!(claim_one().await, "big-0", "neither has run: the oldest first");
+    store
+        .finish_async("big-0", AsyncState::Succeeded, Some(StoredMessage::default()), true)
+        .await
+        .expect("finish");
+    assert_eq!(claim_one().await, "small-0", "the tenant served longest ago goes next");
+    assert_eq!(claim_one().await, "big-1");
+
+    store
+        .finish_async("small-0", AsyncState::Succeeded, Some(StoredMessage::default()), true)
+        .await
+        .expect("finish");
+    assert_eq!(
+        store.async_queued_bytes("small").await.expect("bytes"),
+        0,
+        "finished runs are not queued"
+    );
+    assert_eq!(
+        store.delete_finished_async(0).await.expect("keep"),
+        0,
+        "not finished before the cut-off"
+    );
+    assert_eq!(
+        store.delete_finished_async(i64::MAX).await.expect("delete"),
+        2,
+        "only the finished ones"
+    );
+    assert!(store.async_invocation("small", "small-0").await.expect("get").is_none());
+    assert!(
+        store.async_invocation("big", "big-9").await.expect("get").is_some(),
+        "queued runs stay"
+    );
 }
 
 fn node(id: &str) -> NodeInfo {

@@ -357,9 +357,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn insert_async(&self, invocation: AsyncInvocation) -> Result<()>;
     /// An asynchronous invocation of `tenant`, with its request and response.
     async fn async_invocation(&self, tenant: &str, id: &str) -> Result<Option<AsyncInvocation>>;
-    /// Marks up to `limit` invocations running on `node`, oldest first, and
-    /// returns them: queued ones, and ones left running by a node that has
-    /// not heartbeaten for `lease` (it died mid-run; this is another attempt).
+    /// Marks up to `limit` invocations running on `node` and returns them:
+    /// queued ones, and ones left running by a node that has not heartbeaten
+    /// for `lease` (it died mid-run; this is another attempt). Tenants take
+    /// turns, so one tenant's backlog does not hold up another's run: each
+    /// tenant's oldest first, then each one's second oldest…, and among
+    /// equals the tenant whose last run started longest ago (or never).
     async fn claim_async(&self, node: &str, limit: usize, lease: std::time::Duration) -> Result<Vec<AsyncInvocation>>;
     /// Ends a run: stores the response and the final state, or puts the
     /// invocation back in the queue (`AsyncState::Queued`, no response).
@@ -376,6 +379,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// queue (a node's id survives its restarts; other nodes' runs are left
     /// alone); returns how many.
     async fn requeue_running_async(&self, node: &str) -> Result<usize>;
+    /// Bytes of request bodies `tenant` has waiting or running.
+    async fn async_queued_bytes(&self, tenant: &str) -> Result<u64>;
+    /// Deletes finished invocations (and their responses) that finished
+    /// before `before_ms`; returns how many.
+    async fn delete_finished_async(&self, before_ms: i64) -> Result<u64>;
 
     /// Records that `node` is alive (inserting it on its first beat).
     async fn heartbeat(&self, node: &NodeInfo) -> Result<()>;

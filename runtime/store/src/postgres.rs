@@ -594,18 +594,25 @@ impl Store for PostgresStore {
 
     async fn claim_async(&self, node: &str, limit: usize, lease: Duration) -> Result<Vec<AsyncInvocation>> {
         let client = self.client().await?;
-        // SKIP LOCKED: nodes claiming at once each get different rows, and
-        // none waits for another's transaction.
+        // Tenants take turns (see `Store::claim_async`). SKIP LOCKED: nodes claiming at once each get different
+        // rows, and none waits for another's transaction.
         let rows = client
             .query(
                 &format!(
                     "UPDATE async_invocations SET state = 'running', attempts = attempts + 1, started_at_ms = $2, owner = $3
                      WHERE id IN (
-                         SELECT id FROM async_invocations
-                         WHERE state = 'queued' OR (state = 'running' AND owner IS DISTINCT FROM $3 AND owner NOT IN (
-                             SELECT id FROM hearth_nodes WHERE heartbeat_at_ms > $4
-                         ))
-                         ORDER BY submitted_at_ms, id LIMIT $1 FOR UPDATE SKIP LOCKED
+                         SELECT a.id FROM async_invocations a JOIN (
+                             SELECT q.id, ROW_NUMBER() OVER (PARTITION BY q.tenant ORDER BY q.submitted_at_ms, q.id) AS turn,
+                                    served.last_start
+                             FROM async_invocations q LEFT JOIN (
+                                 SELECT tenant, MAX(started_at_ms) AS last_start FROM async_invocations GROUP BY tenant
+                             ) served ON served.tenant = q.tenant
+                             WHERE q.state = 'queued' OR (q.state = 'running' AND q.owner IS DISTINCT FROM $3 AND q.owner NOT IN (
+                                 SELECT id FROM hearth_nodes WHERE heartbeat_at_ms > $4
+                             ))
+                         ) fair ON fair.id = a.id
+                         ORDER BY fair.turn, fair.last_start ASC NULLS FIRST, a.submitted_at_ms, a.id
+                         LIMIT $1 FOR UPDATE OF a SKIP LOCKED
                      )
                      RETURNING {ASYNC_COLUMNS}"
                 ),
@@ -700,6 +707,30 @@ impl Store for PostgresStore {
             )
             .await?;
         Ok(usize::try_from(changed).unwrap_or(usize::MAX))
+    }
+
+    async fn async_queued_bytes(&self, tenant: &str) -> Result<u64> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT COALESCE(SUM(octet_length(request_body)), 0)::BIGINT FROM async_invocations
+                 WHERE tenant = $1 AND state IN ('queued', 'running')",
+                &[&tenant],
+            )
+            .await?;
+        Ok(u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0))
+    }
+
+    async fn delete_finished_async(&self, before_ms: i64) -> Result<u64> {
+        Ok(self
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM async_invocations WHERE state IN ('succeeded', 'failed') AND finished_at_ms < $1",
+                &[&before_ms],
+            )
+            .await?)
     }
 }
 

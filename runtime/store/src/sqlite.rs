@@ -503,12 +503,19 @@ impl Store for SqliteStore {
         self.with(move |conn| {
             let tx = conn.transaction()?;
             let claimed = {
+                // Tenants take turns (see `Store::claim_async`).
                 let mut stmt = tx.prepare_cached(&format!(
-                    "SELECT {ASYNC_COLUMNS} FROM async_invocations
-                     WHERE state = 'queued' OR (state = 'running' AND owner IS NOT ?2 AND owner NOT IN (
-                         SELECT id FROM hearth_nodes WHERE heartbeat_at_ms > ?3
-                     ))
-                     ORDER BY submitted_at_ms, id LIMIT ?1"
+                    "SELECT {ASYNC_COLUMNS} FROM (
+                         SELECT q.*, ROW_NUMBER() OVER (PARTITION BY q.tenant ORDER BY q.submitted_at_ms, q.id) AS turn,
+                                served.last_start
+                         FROM async_invocations q LEFT JOIN (
+                             SELECT tenant, MAX(started_at_ms) AS last_start FROM async_invocations GROUP BY tenant
+                         ) served ON served.tenant = q.tenant
+                         WHERE q.state = 'queued' OR (q.state = 'running' AND q.owner IS NOT ?2 AND q.owner NOT IN (
+                             SELECT id FROM hearth_nodes WHERE heartbeat_at_ms > ?3
+                         ))
+                     )
+                     ORDER BY turn, last_start IS NOT NULL, last_start, submitted_at_ms, id LIMIT ?1"
                 ))?;
                 let rows = stmt.query_map(
                     params![i64::try_from(limit).unwrap_or(i64::MAX), node, now_ms() - millis(lease)],
@@ -605,6 +612,31 @@ impl Store for SqliteStore {
                  WHERE state = 'running' AND (owner = ?1 OR owner IS NULL)",
                 params![node],
             )?)
+        })
+        .await
+    }
+
+    async fn async_queued_bytes(&self, tenant: &str) -> Result<u64> {
+        let tenant = tenant.to_owned();
+        self.with(move |conn| {
+            let bytes: i64 = conn.query_row(
+                "SELECT COALESCE(SUM(length(request_body)), 0) FROM async_invocations
+                 WHERE tenant = ?1 AND state IN ('queued', 'running')",
+                params![tenant],
+                |row| row.get(0),
+            )?;
+            Ok(u64::try_from(bytes).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn delete_finished_async(&self, before_ms: i64) -> Result<u64> {
+        self.with(move |conn| {
+            let deleted = conn.execute(
+                "DELETE FROM async_invocations WHERE state IN ('succeeded', 'failed') AND finished_at_ms < ?1",
+                params![before_ms],
+            )?;
+            Ok(deleted as u64)
         })
         .await
     }
