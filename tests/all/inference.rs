@@ -433,3 +433,54 @@ async fn after_a_restart_models_of_warm_functions_are_preloaded() {
     );
     assert_eq!(status.model_loads, 1, "{status:?}");
 }
+
+/// A guest that hands the host 4,094 tensors of 64 KiB each (256 MiB, from
+/// an instance limited to 16 MiB) gets a wasi-nn `too-large` error: the
+/// host keeps only what fits under the instance's memory limit, so the
+/// server's resident memory grows by at most a bounded amount (the
+/// instance's own limit plus what the allocator keeps of freed blocks;
+/// 96 MiB is stated), and the server goes on answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensors_a_guest_hoards_count_against_its_memory_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &[]);
+    write_model(&dir.path().join("nnprobe"), &mlp(MLP_SEED));
+    let manifest = format!("{MLP_MODEL}[limits]\nmemory_mb = 16\ntimeout_ms = 30000\n");
+    deploy(&server, dir.path(), "nnprobe", hearth_fixtures::NNPROBE, &manifest).await;
+    // Warm: the model loaded, an instance made and back in the pool.
+    let warm = http()
+        .get(server.fn_url("nnprobe", "/hoard?model=mnist-mlp&kb=1024&count=1"))
+        .send()
+        .await
+        .expect("warm");
+    assert_eq!(warm.status(), 200);
+    let before = server.rss_kib() << 10;
+
+    let answer: serde_json::Value = http()
+        .get(server.fn_url("nnprobe", "/hoard?model=mnist-mlp&kb=64&count=4094"))
+        .send()
+        .await
+        .expect("hoard")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["created"], 4094, "{answer}");
+    assert!(
+        answer["code"].as_str().is_some_and(|c| c.ends_with("TooLarge")),
+        "{answer}"
+    );
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("memory limit of 16 MiB")),
+        "{answer}"
+    );
+    let grown = (server.rss_kib() << 10).saturating_sub(before);
+    assert!(grown < 96 << 20, "the server grew by {} MiB", grown >> 20);
+    let again = http()
+        .get(server.fn_url("nnprobe", "/hoard?model=mnist-mlp&kb=1024&count=1"))
+        .send()
+        .await
+        .expect("again");
+    assert_eq!(again.status(), 200, "the server and the function still answer");
+}

@@ -13,6 +13,10 @@
 //!   (a number from somewhere else, such as another instance's `leak`). The
 //!   canonical ABI checks handles against this instance's own table, so each
 //!   wrong one traps this instance and reaches nothing else.
+//! - `GET /hoard?model=M&kb=N&count=C` hands the host `C` tensors of `N` KiB
+//!   each and keeps them all, then computes model `M` on the last one:
+//!   answers `{"created": C, "code": .., "error": ..}` with the wasi-nn
+//!   error (or the output count when there was none).
 
 use hearth_guest::nn::{Model, Tensor, TensorType};
 use hearth_guest::prelude::*;
@@ -88,6 +92,7 @@ async fn probe(mut request: Request<Body>) -> Result<Response<Body>> {
             Err(err) => Ok(message(StatusCode::FORBIDDEN, &err.to_string())),
         },
         "/handle" => Ok(handle(request.uri().query().unwrap_or_default())),
+        "/hoard" => Ok(hoard(request.uri().query().unwrap_or_default())),
         _ => Ok(message(StatusCode::NOT_FOUND, "try /compute, /file, /write or /handle")),
     }
 }
@@ -126,6 +131,42 @@ fn handle(query: &str) -> Response<Body> {
         },
         other => message(StatusCode::BAD_REQUEST, &format!("unknown kind {other:?}")),
     }
+}
+
+fn hoard(query: &str) -> Response<Body> {
+    use raw::wasi::nn::graph;
+    use raw::wasi::nn::tensor::{Tensor as RawTensor, TensorType as RawType};
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_default()
+    };
+    let (Ok(kb), Ok(count)) = (param("kb").parse::<usize>(), param("count").parse::<usize>()) else {
+        return message(StatusCode::BAD_REQUEST, "kb=N&count=C");
+    };
+    // The model and its context first: the tensors may take every handle
+    // left.
+    let context = match graph::load_by_name(param("model")).and_then(|g| g.init_execution_context()) {
+        Ok(context) => context,
+        Err(err) => return message(StatusCode::NOT_FOUND, &err.data()),
+    };
+    let data = vec![7u8; kb << 10];
+    let mut hoard: Vec<RawTensor> = (0..count)
+        .map(|_| RawTensor::new(&[(kb << 10) as u32], RawType::U8, &data))
+        .collect();
+    let Some(last) = hoard.pop() else {
+        return message(StatusCode::BAD_REQUEST, "count must be at least 1");
+    };
+    let answer = match context.compute(vec![("input".to_owned(), last)]) {
+        Ok(outputs) => serde_json::json!({ "created": count, "outputs": outputs.len() }),
+        Err(err) => serde_json::json!({
+            "created": count,
+            "code": format!("{:?}", err.code()),
+            "error": err.data(),
+        }),
+    };
+    json(StatusCode::OK, &answer)
 }
 
 fn message(status: StatusCode, text: &str) -> Response<Body> {

@@ -56,7 +56,7 @@ fn ctx(cache: &Arc<ModelCache>, path: &Path) -> NnCtx {
             placement: Placement::Cpu,
         },
     )];
-    host.instance(&host.grant(models))
+    host.instance(&host.grant(models), hearth_bridge::InstanceMemory::new(usize::MAX))
 }
 
 /// One guest-shaped compute call: load by name, context, tensor, compute,

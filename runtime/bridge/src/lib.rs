@@ -23,6 +23,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hearth_devices::{Datum, DatumType, DeviceError, DeviceId, LoadedModel, ModelCache, Placement, Tensor};
 use wasmtime::component::{HasData, Resource, ResourceTable};
@@ -54,6 +55,69 @@ pub struct TensorHandle {
     dims: Vec<u32>,
     ty: TensorType,
     data: Vec<u8>,
+    /// Bytes the guest handed over that were not kept: keeping them would
+    /// have passed the instance's memory limit. Using the tensor is then a
+    /// `too-large` error.
+    refused: usize,
+}
+
+/// One instance's memory: its linear memory (grown through the engine's
+/// limiter) and the bytes the host holds for it through `wasi:nn` (tensors
+/// it created, outputs kept for it), both counted against one limit. A
+/// guest cannot make the host hold more for it than it could hold itself.
+#[derive(Debug)]
+pub struct InstanceMemory {
+    limit: usize,
+    linear: AtomicUsize,
+    host: AtomicUsize,
+}
+
+impl InstanceMemory {
+    /// A fresh account for an instance limited to `limit` bytes.
+    pub fn new(limit: usize) -> Arc<InstanceMemory> {
+        Arc::new(InstanceMemory {
+            limit,
+            linear: AtomicUsize::new(0),
+            host: AtomicUsize::new(0),
+        })
+    }
+
+    /// The limit, in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes the host holds for the instance now.
+    pub fn host_bytes(&self) -> usize {
+        self.host.load(Ordering::Relaxed)
+    }
+
+    /// Whether linear memory may grow to `desired` bytes; records it if so.
+    pub fn grow_linear(&self, desired: usize) -> bool {
+        if desired.saturating_add(self.host_bytes()) > self.limit {
+            return false;
+        }
+        self.linear.store(desired, Ordering::Relaxed);
+        true
+    }
+
+    /// Charges `bytes` held by the host, if they fit under the limit.
+    fn charge(&self, bytes: usize) -> bool {
+        let linear = self.linear.load(Ordering::Relaxed);
+        self.host
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |host| {
+                let total = linear.checked_add(host)?.checked_add(bytes)?;
+                (total <= self.limit).then_some(host + bytes)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `bytes` the host no longer holds.
+    fn release(&self, bytes: usize) {
+        let _ = self.host.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |host| {
+            Some(host.saturating_sub(bytes))
+        });
+    }
 }
 
 /// A loaded model, held by a guest (keeps it warm).
@@ -119,15 +183,17 @@ impl NnHost {
         Arc::new(models.into_iter().collect())
     }
 
-    /// A fresh context for one instance of a function holding `grant`. Once
-    /// per instance, when its store is made.
-    pub fn instance(&self, grant: &NnGrant) -> NnCtx {
+    /// A fresh context for one instance of a function holding `grant`,
+    /// whose host-held bytes count against `memory`. Once per instance, when
+    /// its store is made.
+    pub fn instance(&self, grant: &NnGrant, memory: Arc<InstanceMemory>) -> NnCtx {
         NnCtx {
             cache: self.cache.clone(),
             models: grant.clone(),
             table: ResourceTable::new(),
             live: 0,
             usage: InferenceUsage::default(),
+            memory,
         }
     }
 
@@ -189,6 +255,7 @@ pub struct NnCtx {
     /// Live handles in `table`, checked against [`MAX_HANDLES`].
     live: usize,
     usage: InferenceUsage,
+    memory: Arc<InstanceMemory>,
 }
 
 impl NnCtx {
@@ -312,6 +379,7 @@ fn from_model_tensor(t: &Tensor) -> Result<TensorHandle, String> {
         dims,
         ty,
         data: t.as_bytes().to_vec(),
+        refused: 0,
     })
 }
 
@@ -327,17 +395,30 @@ impl wasi::nn::tensor::HostTensor for &mut NnCtx {
         data: Vec<u8>,
     ) -> wasmtime::Result<Resource<TensorHandle>> {
         // The constructor cannot return an error: contents (type, length,
-        // size cap) are checked at compute, where an error can be returned.
-        // Only hoarding handles traps.
+        // size cap, and data the memory limit refused) are checked at
+        // compute, where an error can be returned. Only hoarding handles
+        // traps.
         if self.live >= MAX_HANDLES {
             wasmtime::bail!("guest created more than {MAX_HANDLES} live wasi-nn handles");
         }
         self.live += 1;
-        Ok(self.table.push(TensorHandle {
-            dims: dimensions,
-            ty,
-            data,
-        })?)
+        let tensor = if self.memory.charge(data.len()) {
+            TensorHandle {
+                dims: dimensions,
+                ty,
+                data,
+                refused: 0,
+            }
+        } else {
+            // Dropped here: the host keeps nothing it cannot charge.
+            TensorHandle {
+                dims: dimensions,
+                ty,
+                refused: data.len(),
+                data: Vec::new(),
+            }
+        };
+        Ok(self.table.push(tensor)?)
     }
 
     async fn dimensions(&mut self, tensor: Resource<TensorHandle>) -> wasmtime::Result<Vec<u32>> {
@@ -353,7 +434,10 @@ impl wasi::nn::tensor::HostTensor for &mut NnCtx {
     }
 
     async fn drop(&mut self, tensor: Resource<TensorHandle>) -> wasmtime::Result<()> {
-        self.release(tensor)
+        let tensor = self.table.delete(tensor)?;
+        self.live = self.live.saturating_sub(1);
+        self.memory.release(tensor.data.len());
+        Ok(())
     }
 }
 
@@ -414,6 +498,17 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
                     format!("the model has no input `{name}` (inputs: {known:?})"),
                 );
             };
+            let refused = self.table.get(tensor)?.refused;
+            if refused > 0 {
+                let limit_mb = self.memory.limit() >> 20;
+                return self.fail(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "input `{name}`: its {refused} bytes were not kept: holding them would have passed the \
+                         instance's memory limit of {limit_mb} MiB (tensors count against it)"
+                    ),
+                );
+            }
             let tensor = match to_model_tensor(self.table.get(tensor)?) {
                 Ok(tensor) => tensor,
                 Err(message) => return self.fail(ErrorCode::InvalidArgument, format!("input `{name}`: {message}")),
@@ -460,9 +555,23 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
                 Ok(handle) => handle,
                 Err(message) => return self.fail(ErrorCode::RuntimeError, message),
             };
+            let size = handle.data.len();
+            if !self.memory.charge(size) {
+                return self.fail(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "output `{}` ({size} bytes) would pass the instance's memory limit of {} MiB",
+                        spec.name,
+                        self.memory.limit() >> 20
+                    ),
+                );
+            }
             match self.push(handle)? {
                 Ok(resource) => outputs.push((spec.name.clone(), resource)),
-                Err(error) => return Ok(Err(error)),
+                Err(error) => {
+                    self.memory.release(size);
+                    return Ok(Err(error));
+                }
             }
         }
         Ok(Ok(outputs))
@@ -499,6 +608,10 @@ mod tests {
     use wasi::nn::tensor::HostTensor as _;
 
     fn ctx(dir: &std::path::Path) -> NnCtx {
+        ctx_within(dir, InstanceMemory::new(usize::MAX))
+    }
+
+    fn ctx_within(dir: &std::path::Path, memory: Arc<InstanceMemory>) -> NnCtx {
         let path = dir.join("mlp.onnx");
         std::fs::write(&path, mlp(1)).expect("write");
         let models = [(
@@ -510,7 +623,7 @@ mod tests {
             },
         )];
         let host = NnHost::new(ModelCache::new(DevicePool::cpu_only(), CacheConfig::default()));
-        host.instance(&host.grant(models))
+        host.instance(&host.grant(models), memory)
     }
 
     fn bytes(values: &[f32]) -> Vec<u8> {
@@ -580,6 +693,56 @@ mod tests {
         assert!(usage.gpu.is_zero());
         // Taken means counted once: a reused instance's next call starts at zero.
         assert_eq!(ctx.take_usage(), InferenceUsage::default());
+    }
+
+    /// Tensors count against the instance's memory limit with its linear
+    /// memory: past it their data is not kept, and using one is a
+    /// `too-large` error; dropping one gives its bytes back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tensors_count_against_the_instances_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let memory = InstanceMemory::new(1 << 20);
+        assert!(memory.grow_linear(256 << 10), "a quarter for linear memory");
+        let mut ctx = ctx_within(dir.path(), memory.clone());
+        let row = bytes(&mlp_input(0));
+        let dims = vec![1, MLP_INPUTS as u32];
+        let mut host = &mut ctx;
+        let kept = host
+            .new(vec![600_000], TensorType::U8, vec![1; 600_000])
+            .await
+            .expect("kept");
+        assert_eq!(memory.host_bytes(), 600_000);
+        assert!(
+            !memory.grow_linear(512 << 10),
+            "linear memory cannot take what tensors hold"
+        );
+        let refused = host
+            .new(vec![300_000], TensorType::U8, vec![1; 300_000])
+            .await
+            .expect("handle");
+        assert_eq!(memory.host_bytes(), 600_000, "nothing held for the refused tensor");
+        assert!(
+            host.data(Resource::new_borrow(refused.rep()))
+                .await
+                .expect("data")
+                .is_empty()
+        );
+        wasi::nn::tensor::HostTensor::drop(&mut host, refused)
+            .await
+            .expect("drop");
+        // Compute refuses an input whose data was not kept.
+        let over = InstanceMemory::new(1 << 20);
+        assert!(over.grow_linear(1 << 20));
+        let mut full = ctx_within(dir.path(), over);
+        let code = compute(&mut full, "input", dims.clone(), TensorType::Fp32, row.clone()).await;
+        assert_eq!(code.expect_err("refused"), ErrorCode::TooLarge);
+
+        let mut host = &mut ctx;
+        wasi::nn::tensor::HostTensor::drop(&mut host, kept).await.expect("drop");
+        assert_eq!(memory.host_bytes(), 0, "dropping gives the bytes back");
+        compute(&mut ctx, "input", dims, TensorType::Fp32, row)
+            .await
+            .expect("fits again");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

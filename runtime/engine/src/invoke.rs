@@ -148,9 +148,10 @@ impl Engine {
     }
 
     fn new_store(&self, limits: Limits, grants: &Grants) -> Result<Store<HostState>, InvokeError> {
-        let nn = self.inner.config.nn.instance(&grants.models);
+        let memory = hearth_bridge::InstanceMemory::new(limits.memory_bytes);
+        let nn = self.inner.config.nn.instance(&grants.models, memory.clone());
         let state = HostState::new(
-            limits.memory_bytes,
+            memory,
             nn,
             grants.assets.as_deref(),
             grants.outbound.clone(),

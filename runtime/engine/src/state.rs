@@ -31,7 +31,7 @@ pub(crate) struct HostState {
 
 impl HostState {
     pub(crate) fn new(
-        memory_limit_bytes: usize,
+        memory: Arc<hearth_bridge::InstanceMemory>,
         nn: hearth_bridge::NnCtx,
         assets: Option<&Path>,
         outbound: Arc<[hearth_manifest::Origin]>,
@@ -56,7 +56,7 @@ impl HostState {
                 allowed: outbound,
                 network,
             },
-            limiter: MemoryLimiter::new(memory_limit_bytes),
+            limiter: MemoryLimiter::new(memory),
             stdout,
             stderr,
             nn,
@@ -211,27 +211,27 @@ async fn pin_destination<B>(
     Ok(())
 }
 
-/// Enforces a function's memory limit and records the peak it reached.
+/// Enforces a function's memory limit (linear memory and what the host
+/// holds for the instance through `wasi:nn`, together) and records the
+/// peak linear memory reached.
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
-    limit: usize,
+    memory: Arc<hearth_bridge::InstanceMemory>,
     pub(crate) peak: usize,
     pub(crate) exceeded: bool,
 }
 
 impl MemoryLimiter {
-    fn new(limit: usize) -> MemoryLimiter {
+    fn new(memory: Arc<hearth_bridge::InstanceMemory>) -> MemoryLimiter {
         MemoryLimiter {
-            limit,
+            memory,
             peak: 0,
             exceeded: false,
         }
     }
-}
 
-impl MemoryLimiter {
     pub(crate) fn limit_bytes(&self) -> usize {
-        self.limit
+        self.memory.limit()
     }
 }
 
@@ -239,9 +239,13 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
     fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         // Trap rather than fail the grow: a guest that ignores a failed
         // `memory.grow` would go on to fault elsewhere, with a vaguer message.
-        if desired > self.limit {
+        if !self.memory.grow_linear(desired) {
             self.exceeded = true;
-            wasmtime::bail!("memory limit of {} MiB exceeded", self.limit >> 20);
+            wasmtime::bail!(
+                "memory limit of {} MiB exceeded ({} MiB held for it through wasi-nn)",
+                self.memory.limit() >> 20,
+                self.memory.host_bytes() >> 20
+            );
         }
         self.peak = self.peak.max(desired);
         Ok(true)
