@@ -456,7 +456,7 @@ async fn tensors_a_guest_hoards_count_against_its_memory_limit() {
     assert_eq!(warm.status(), 200);
     let before = server.rss_kib() << 10;
 
-    let answer: serde_json::Value = http()
+    let answer: Value = http()
         .get(server.fn_url("nnprobe", "/hoard?model=mnist-mlp&kb=64&count=4094"))
         .send()
         .await
