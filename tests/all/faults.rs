@@ -46,53 +46,89 @@ async fn delete_during_a_long_invocation() {
 /// one version (old or new), never a 5xx.
 #[tokio::test]
 async fn redeploy_under_load_answers_from_one_version() {
+    use std::sync::atomic::Ordering;
+    const HELLO: &str = "hello from hearth\n";
     let tmp = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&tmp.path().join("data"), &[]);
     deploy(&server, tmp.path(), "svc", hearth_fixtures::HELLO, "public = true\n").await;
     let url = server.fn_url("svc", "/path");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Answers seen: all, from echo, and from hello after echo.
+    let (seen_tx, mut seen) = tokio::sync::watch::channel((0usize, 0usize, 0usize));
+    let seen_tx = std::sync::Arc::new(seen_tx);
     let clients: Vec<_> = (0..8)
         .map(|_| {
-            let (url, stop) = (url.clone(), stop.clone());
+            let (url, stop, seen_tx) = (url.clone(), stop.clone(), seen_tx.clone());
             tokio::spawn(async move {
                 let http = reqwest::Client::new();
-                let mut bodies = Vec::new();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut versions: Vec<&str> = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
                     let response = http.get(&url).send().await.expect("no dropped connection");
                     let status = response.status().as_u16();
-                    bodies.push((status, response.text().await.expect("body")));
+                    let body = response.text().await.expect("body");
+                    assert_eq!(status, 200, "{body}");
+                    let version = if body == HELLO {
+                        "hello"
+                    } else {
+                        let echo: serde_json::Value = serde_json::from_str(&body).expect("either hello or an echo");
+                        assert_eq!(echo["path"], "/path");
+                        "echo"
+                    };
+                    if versions.last() != Some(&version) {
+                        versions.push(version);
+                    }
+                    seen_tx.send_modify(|(answered, echo, hello_again)| {
+                        *answered += 1;
+                        match versions.as_slice() {
+                            [.., "echo"] => *echo += 1,
+                            [.., "echo", "hello"] => *hello_again += 1,
+                            _ => {}
+                        }
+                    });
                 }
-                bodies
+                versions
             })
         })
         .collect();
-    // Two redeploys: hello → echo → hello, while the clients run.
-    deploy(&server, tmp.path(), "svc", hearth_fixtures::ECHO, "public = true\n").await;
-    deploy(&server, tmp.path(), "svc", hearth_fixtures::HELLO, "public = true\n").await;
-    // Let the clients see the last version at least once.
-    let guard = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let body = reqwest::get(&url).await.expect("probe").text().await.expect("body");
-        if body == "hello from hearth\n" {
-            break;
-        }
-        assert!(std::time::Instant::now() < guard);
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut versions = std::collections::BTreeSet::new();
+    let guard = std::time::Duration::from_secs(60);
+    let answered = |seen: &tokio::sync::watch::Receiver<(usize, usize, usize)>| seen.borrow().0;
+    let traffic_during = async |component: &str, seen: &tokio::sync::watch::Receiver<(usize, usize, usize)>| {
+        let before = answered(seen);
+        deploy(&server, tmp.path(), "svc", component, "public = true\n").await;
+        assert!(
+            answered(seen) > before,
+            "no request was answered while the redeploy ran"
+        );
+    };
+    // Traffic first, then two redeploys (hello → echo → hello) while it
+    // flows; each new version is seen by the clients before the next.
+    tokio::time::timeout(guard, seen.wait_for(|(answered, ..)| *answered >= 20))
+        .await
+        .expect("clients running")
+        .expect("clients");
+    traffic_during(hearth_fixtures::ECHO, &seen).await;
+    tokio::time::timeout(guard, seen.wait_for(|(_, echo, _)| *echo > 0))
+        .await
+        .expect("the clients reach echo")
+        .expect("clients");
+    traffic_during(hearth_fixtures::HELLO, &seen).await;
+    tokio::time::timeout(guard, seen.wait_for(|(.., hello_again)| *hello_again > 0))
+        .await
+        .expect("the clients reach hello again")
+        .expect("clients");
+    stop.store(true, Ordering::Relaxed);
     for client in clients {
-        for (status, body) in client.await.expect("client") {
-            assert_eq!(status, 200, "{body}");
-            if body == "hello from hearth\n" {
-                versions.insert("hello");
-            } else {
-                let echo: serde_json::Value = serde_json::from_str(&body).expect("either hello or an echo");
-                assert_eq!(echo["path"], "/path");
-                versions.insert("echo");
-            }
-        }
+        let versions = client.await.expect("client");
+        // One version at a time, in deploy order: never back to an older
+        // one once a newer one answered.
+        assert!(
+            matches!(
+                versions.as_slice(),
+                ["hello"] | ["hello", "echo"] | ["hello", "echo", "hello"] | ["echo"] | ["echo", "hello"]
+            ),
+            "{versions:?}"
+        );
     }
-    assert!(versions.contains("hello"), "{versions:?}");
 }
 
 /// Another tenant's functions, versions and usage do not exist for a

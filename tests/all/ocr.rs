@@ -2,16 +2,14 @@
 //! by PaddleOCR's recognition model running behind `wasi:nn`.
 //!
 //! The model is not in git: `scripts/fetch-ocr-model.sh` puts it in
-//! `$HEARTH_MODEL_CACHE` (default `~/.cache/hearth/models`). Without it this
-//! test skips with a message, except under `CI=true`, where it fails.
+//! `$HEARTH_MODEL_CACHE` (default `~/.cache/hearth/models`); `make test`
+//! runs it first. Without the model this test fails, saying so.
 
 use crate::server::{Server, deploy, http};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ocr_reads_printed_lines_exactly() {
-    let Some(ocr) = hearth_fixtures::models::fetched_ocr_for_test("ocr_reads_printed_lines_exactly") else {
-        return;
-    };
+    let ocr = hearth_fixtures::models::fetched_ocr_for_test("ocr_reads_printed_lines_exactly");
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&dir.path().join("data"), &[]);
     let manifest = format!(

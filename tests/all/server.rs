@@ -159,7 +159,12 @@ pub async fn deploy(server: &Server, dir: &Path, name: &str, component: &str, ex
         .version
 }
 
-/// A reqwest client with the admin token preset.
+/// How long any test request may take before it fails: a deadline that
+/// never fires fails its test instead of hanging CI (a hang guard, not a
+/// timing assertion).
+pub const REQUEST_GUARD: Duration = Duration::from_secs(120);
+
+/// A reqwest client with the admin token preset and [`REQUEST_GUARD`].
 pub fn http() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
@@ -168,6 +173,7 @@ pub fn http() -> reqwest::Client {
     );
     reqwest::Client::builder()
         .default_headers(headers)
+        .timeout(REQUEST_GUARD)
         .build()
         .expect("client")
 }
