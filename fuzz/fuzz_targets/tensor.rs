@@ -12,7 +12,7 @@ use hearth_bridge::wasi::nn::graph::HostGraph as _;
 use hearth_bridge::wasi::nn::graph::Host as _;
 use hearth_bridge::wasi::nn::inference::HostGraphExecutionContext as _;
 use hearth_bridge::wasi::nn::tensor::{HostTensor as _, TensorType};
-use hearth_bridge::{ModelRef, NnCtx};
+use hearth_bridge::{InstanceMemory, ModelRef, NnHost};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 
@@ -64,7 +64,8 @@ fuzz_target!(|input: Input| {
     };
     let name = if input.input_name { "input" } else { "other" };
     model.runtime.block_on(async {
-        let mut ctx = NnCtx::new(model.cache.clone(), model.models.clone());
+        let host = NnHost::new(model.cache.clone());
+        let mut ctx = host.instance(&model.models, InstanceMemory::new(usize::MAX));
         let mut host = &mut ctx;
         let graph = host.load_by_name("mnist-mlp".into()).await.expect("host").expect("graph");
         let context = host.init_execution_context(graph).await.expect("host").expect("context");

@@ -485,3 +485,76 @@ async fn slow_and_oversized_requests_are_cut_off() {
 
     still_serves(&server).await;
 }
+
+/// Connections are bounded: past `--max-connections` a connection gets a
+/// 503 problem and is closed, and a slot comes back when a connection
+/// ends. A connection that never sends anything is closed after the head
+/// timeout, so idle sockets cannot hold the slots.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_past_the_limit_get_503_and_idle_ones_are_closed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &tmp.path().join("data"),
+        &["--max-connections", "2", "--header-read-timeout-ms", "5000"],
+    );
+    let addr = server.url.trim_start_matches("http://").to_owned();
+    let guard = std::time::Duration::from_secs(30);
+    // Two kept-alive connections, each having had an answer: both slots
+    // are taken.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(guard, stream.read(&mut buf))
+            .await
+            .expect("answer (hang guard)")
+            .expect("read");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        held.push(stream);
+    }
+    let mut third = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    let mut answer = Vec::new();
+    tokio::time::timeout(guard, third.read_to_end(&mut answer))
+        .await
+        .expect("refused and closed (hang guard)")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains("application/problem+json") && answer.contains("connection limit"),
+        "{answer}"
+    );
+
+    // A slot comes back when a connection closes.
+    drop(held.pop());
+    let again = tokio::time::timeout(guard, async {
+        loop {
+            if let Ok(response) = http().get(format!("{}/healthz", server.url)).send().await
+                && response.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+    again.await.expect("a freed slot serves again (hang guard)");
+
+    // Idle: connected, never a byte. The server closes it.
+    drop(held);
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    let mut nothing = Vec::new();
+    tokio::time::timeout(guard, idle.read_to_end(&mut nothing))
+        .await
+        .expect("the server closes an idle connection (hang guard)")
+        .expect("read");
+    assert!(nothing.is_empty(), "{}", String::from_utf8_lossy(&nothing));
+}

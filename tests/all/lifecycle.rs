@@ -92,3 +92,57 @@ async fn first_start_writes_a_token_file_once() {
         );
     }
 }
+
+/// Files in `dir` (none when it does not exist).
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Garbage collection deletes the blob and compiled artifact of a deleted
+/// function, keeps a live one's, and counts what it removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_collection_deletes_what_no_version_references() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, &[]);
+    deploy(&server, tmp.path(), "keep", hearth_fixtures::HELLO, "public = true\n").await;
+    deploy(&server, tmp.path(), "gone", hearth_fixtures::ECHO, "").await;
+    let (blobs, compiled) = (data.join("blobs").join("sha256"), data.join("compiled"));
+    assert_eq!(files_in(&blobs).len(), 2, "{:?}", files_in(&blobs));
+    assert_eq!(files_in(&compiled).len(), 2, "{:?}", files_in(&compiled));
+    server.client().delete("gone").await.expect("delete");
+    assert!(server.terminate(), "clean stop");
+
+    // Collections every second, with no grace (nothing is being deployed).
+    let server = Server::start(&data, &["--gc-interval-s", "1", "--gc-grace-s", "0"]);
+    let guard = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while files_in(&blobs).len() > 1 || files_in(&compiled).len() > 1 {
+        assert!(
+            std::time::Instant::now() < guard,
+            "{:?} {:?}",
+            files_in(&blobs),
+            files_in(&compiled)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let response = http().get(server.fn_url("keep", "/")).send().await.expect("keep");
+    assert_eq!(response.status(), 200, "the live function's files stay");
+    assert_eq!((files_in(&blobs).len(), files_in(&compiled).len()), (1, 1));
+    let metrics = crate::server::metrics_text(&server).await;
+    for kind in ["blob", "compiled"] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("hearth_gc_removed_files_total") && l.contains(&format!("kind=\"{kind}\"")))
+            .unwrap_or_else(|| panic!("no {kind} counter in {metrics}"));
+        assert!(line.ends_with(" 1"), "{line}");
+    }
+}

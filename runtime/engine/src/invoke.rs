@@ -384,6 +384,8 @@ fn log_guest_output(label: &str, state: &HostState) {
             continue;
         }
         for line in String::from_utf8_lossy(&contents).lines() {
+            // Bounded and written off the caller's thread (see
+            // hearth_telemetry's `GUEST_TARGET`).
             tracing::info!(target: "hearth::guest", function = %label, stream, "{line}");
         }
     }

@@ -246,6 +246,25 @@ impl Engine {
             .join(format!("{key}-{}.cwasm", self.inner.compat))
     }
 
+    /// The compiled artifacts on disk that no longer serve: compiled by
+    /// another engine version (their compatibility hash differs), or of a
+    /// component not in `keep` (staging files of a crashed compile too).
+    /// Returns their paths (the caller removes those old enough).
+    pub fn stale_artifacts(&self, keep: &std::collections::HashSet<String>) -> Vec<PathBuf> {
+        let suffix = format!("-{}.cwasm", self.inner.compat);
+        let Ok(entries) = std::fs::read_dir(&self.inner.config.compiled_dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                !name.strip_suffix(&suffix).is_some_and(|key| keep.contains(key))
+            })
+            .map(|entry| entry.path())
+            .collect()
+    }
+
     /// Validates and compiles the component at `component`, writes the
     /// artifact for `key`, and checks that Hearth can link and serve it.
     /// Blocking (compilation takes milliseconds to seconds): call it from a
@@ -273,8 +292,19 @@ impl Engine {
             path: target.clone(),
             source,
         };
-        std::fs::write(&staging, &compiled).map_err(io)?;
+        // On disk before it is used and mapped: synced, renamed, and the
+        // rename synced with its directory (a crash leaves the old file or
+        // the whole new one, never a torn one under the final name).
+        {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&staging).map_err(io)?;
+            file.write_all(&compiled).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
         std::fs::rename(&staging, &target).map_err(io)?;
+        if let Some(dir) = target.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
         match self.load_compiled(&target) {
             Ok(prepared) => {
                 self.inner.loaded.insert(key.to_owned(), prepared.clone());

@@ -26,6 +26,7 @@
 
 mod asynchronous;
 mod body;
+mod collect;
 mod failure;
 mod observe;
 mod record;
@@ -48,6 +49,7 @@ use uuid::Uuid;
 pub use asynchronous::{
     DEFAULT_ASYNC_CONCURRENCY, DEFAULT_ASYNC_LEASE, DEFAULT_ASYNC_MAX_ATTEMPTS, DEFAULT_ASYNC_RETENTION, RenderFailure,
 };
+pub use collect::{DEFAULT_GC_INTERVAL, GC_GRACE};
 pub use failure::Failure;
 pub use record::{Meter, now_us};
 

@@ -10,13 +10,16 @@ use opentelemetry::KeyValue;
 use crate::Invoker;
 
 /// A function version's labels: tenant, function and version (a replaced
-/// version's pool lives on while its last requests finish).
-fn function_labels(key: &FunctionKey) -> [KeyValue; 3] {
-    [
-        KeyValue::new("tenant", key.tenant.to_string()),
-        KeyValue::new("function", key.function.to_string()),
-        KeyValue::new("version", i64::from(key.version)),
-    ]
+/// version's pool lives on while its last requests finish), folded into
+/// `other` (version 0) past the telemetry's series bound.
+fn function_labels(state: &Invoker, key: &FunctionKey) -> [KeyValue; 3] {
+    let [tenant, function] = state.telemetry.function_labels(&key.tenant, &key.function);
+    let version = if function.value.as_str() == hearth_telemetry::OTHER {
+        0
+    } else {
+        key.version
+    };
+    [tenant, function, KeyValue::new("version", i64::from(version))]
 }
 
 impl Invoker {
@@ -38,7 +41,7 @@ fn register(state: &Arc<Invoker>) {
         .with_callback(move |gauge| {
             let Some(state) = Weak::upgrade(&s) else { return };
             for (key, pool) in state.pools.stats() {
-                let [tenant, function, version] = function_labels(&key);
+                let [tenant, function, version] = function_labels(&state, &key);
                 for (which, n) in [("idle", pool.idle), ("busy", pool.busy)] {
                     let labels = [
                         tenant.clone(),
@@ -59,7 +62,7 @@ fn register(state: &Arc<Invoker>) {
         .with_callback(move |gauge| {
             let Some(state) = Weak::upgrade(&s) else { return };
             for (key, pool) in state.pools.stats() {
-                let [tenant, function, version] = function_labels(&key);
+                let [tenant, function, version] = function_labels(&state, &key);
                 for class in Qos::ALL {
                     let labels = [
                         tenant.clone(),
@@ -80,7 +83,7 @@ fn register(state: &Arc<Invoker>) {
         .with_callback(move |counter| {
             let Some(state) = Weak::upgrade(&s) else { return };
             for (key, pool) in state.pools.stats() {
-                let [tenant, function, version] = function_labels(&key);
+                let [tenant, function, version] = function_labels(&state, &key);
                 for (event, n) in [
                     ("warm_start", pool.warm_starts),
                     ("scale_down", pool.scale_downs),

@@ -529,6 +529,37 @@ impl Registry {
         self.latest.clear();
     }
 
+    /// Deletes what no version references any more: local blobs and
+    /// compiled artifacts (and leftovers of interrupted uploads), once
+    /// older than `grace`. Versions themselves stay until their function
+    /// is deleted. Returns what went.
+    pub async fn collect_garbage(&self, grace: std::time::Duration) -> Result<GarbageCollected> {
+        let mut keep = std::collections::HashSet::new();
+        for tenant in self.store.list_tenants().await? {
+            for function in self.store.list_functions(&tenant).await? {
+                for version in self.store.list_versions(&tenant, &function.name).await? {
+                    keep.insert(version.component.as_str().to_owned());
+                    keep.extend(version.artifacts.iter().map(|a| a.digest.as_str().to_owned()));
+                }
+            }
+        }
+        let (blobs, engine) = (self.blobs.clone(), self.engine.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut compiled = hearth_store::Collected::default();
+            for path in engine.stale_artifacts(&keep) {
+                compiled.remove_if_older(&path, grace);
+            }
+            GarbageCollected {
+                blobs: blobs.collect(&keep, grace),
+                compiled,
+            }
+        })
+        .await
+        .map_err(|e| RegistryError::Engine(e.to_string()))
+    }
+
+    /// Deletes a function and all its versions (their blobs go at the next
+    /// garbage collection).
     pub async fn delete(&self, tenant: &str, name: &str) -> Result<()> {
         if !self.store.delete_function(tenant, name).await? {
             return Err(not_found(tenant, name));
@@ -537,6 +568,15 @@ impl Registry {
         tracing::info!(tenant, function = name, "deleted");
         Ok(())
     }
+}
+
+/// What [`Registry::collect_garbage`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GarbageCollected {
+    /// Blobs and staged uploads.
+    pub blobs: hearth_store::Collected,
+    /// Compiled artifacts.
+    pub compiled: hearth_store::Collected,
 }
 
 fn not_found(tenant: &str, name: &str) -> RegistryError {

@@ -1,7 +1,10 @@
 //! The HTTP listener: hyper with the connection limits axum's `serve` does
-//! not expose. Slow clients are cut off (a header read timeout, a request
-//! body idle timeout), header count and size are bounded, every connection
-//! gets `TCP_NODELAY`, and a stop signal drains connections gracefully.
+//! not expose. Connections are bounded in number (past it a connection gets
+//! a 503 and is closed); slow clients are cut off (a connection must start
+//! its first request within the header read timeout, HTTP/1.1 heads too,
+//! request bodies have an idle timeout, HTTP/2 peers are pinged and dropped
+//! when silent); header count and size are bounded; every connection gets
+//! `TCP_NODELAY`; and a stop signal drains connections gracefully.
 //! Closing is lingering: after an early answer (a 413 before the upload was
 //! read) the rest of the request is read and dropped for a short while, so
 //! the client reads the answer instead of a reset.
@@ -30,7 +33,20 @@ pub struct ConnLimits {
     pub max_headers: usize,
     /// Bytes of headers per request (HTTP/2 header list size).
     pub max_header_bytes: u32,
+    /// Connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
 }
+
+/// How often an HTTP/2 connection is pinged, and how long its peer has to
+/// answer before the connection is dropped.
+const HTTP2_KEEP_ALIVE: Duration = Duration::from_secs(30);
+const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one HTTP/2 connection may have open at once.
+const HTTP2_MAX_STREAMS: u32 = 256;
+
+/// The problem a connection past the limit is told before it is closed.
+const TOO_MANY_CONNECTIONS: &str = "{\"type\":\"urn:hearth:problem:unavailable\",\"title\":\"Service unavailable\",\
+\"status\":503,\"detail\":\"the server is at its connection limit; retry shortly\"}";
 
 /// Serves `app` on `listener` until `stop` turns true, then waits for open
 /// connections to finish their requests (the caller bounds that wait).
@@ -48,7 +64,11 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, mut s
     builder
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(Some(HTTP2_KEEP_ALIVE))
+        .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT)
+        .max_concurrent_streams(HTTP2_MAX_STREAMS)
         .max_header_list_size(limits.max_header_bytes);
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let service = tower::ServiceBuilder::new()
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             limits.body_idle_timeout,
@@ -76,15 +96,42 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, mut s
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
-        let connection = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(Lingering(Some(stream))),
-                TowerToHyperService::new(service.clone()),
-            )
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::warn!(
+                limit = limits.max_connections,
+                "connection refused: at the connection limit"
+            );
+            tokio::spawn(async move {
+                let mut stream = Lingering(Some(stream));
+                let answer = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\n\
+                     connection: close\r\ncontent-length: {}\r\n\r\n{TOO_MANY_CONNECTIONS}",
+                    TOO_MANY_CONNECTIONS.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+            continue;
+        };
+        let (builder, service, watcher) = (builder.clone(), service.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
+            let _permit = permit;
+            // A connection that sends nothing holds a slot: it must start
+            // its first request within the header read timeout (HTTP/1.1's
+            // own timeout starts only once hyper knows the protocol).
+            let mut first = [0u8; 1];
+            if !matches!(
+                tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)).await,
+                Ok(Ok(1..))
+            ) {
+                return;
+            }
+            let connection = builder
+                .serve_connection_with_upgrades(
+                    TokioIo::new(Lingering(Some(stream))),
+                    TowerToHyperService::new(service),
+                )
+                .into_owned();
+            if let Err(err) = watcher.watch(connection).await {
                 tracing::debug!(error = %err, "connection ended with an error");
             }
         });

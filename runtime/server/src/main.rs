@@ -43,7 +43,7 @@ struct ClientArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Build (if the manifest says how) and deploy a function as its next version.
     Deploy {
         /// Project directory holding hearth.toml, or the manifest file itself.
@@ -99,7 +99,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Deploy { path, no_build, client } => cli::deploy(&client, &path, no_build).await,
             Command::Invoke(args) => cli::invoke(args).await,
             Command::Functions { command, client } => cli::functions(&client, command).await,

@@ -136,6 +136,14 @@ pub struct ServeArgs {
     /// that fails as expired, a finished one's result is deleted.
     #[arg(long, env = "HEARTH_ASYNC_RETENTION_S", default_value_t = hearth_invoker::DEFAULT_ASYNC_RETENTION.as_secs())]
     async_retention_s: u64,
+    /// Seconds between garbage collections (blobs no version references,
+    /// stale compiled artifacts, interrupted uploads).
+    #[arg(long, env = "HEARTH_GC_INTERVAL_S", default_value_t = hearth_invoker::DEFAULT_GC_INTERVAL.as_secs())]
+    gc_interval_s: u64,
+    /// Seconds an unreferenced file is kept before garbage collection
+    /// deletes it (a deploy in progress writes blobs before its version).
+    #[arg(long, env = "HEARTH_GC_GRACE_S", default_value_t = hearth_invoker::GC_GRACE.as_secs())]
+    gc_grace_s: u64,
     /// Price table (TOML: version, currency, per_invocation, per_gb_second,
     /// per_cpu_second, [per_gpu_second]); without it the built-in table
     /// `builtin-1` prices records.
@@ -169,6 +177,10 @@ pub struct ServeArgs {
     /// Headers per request; more is a 431.
     #[arg(long, env = "HEARTH_MAX_HEADERS", default_value_t = 100)]
     max_headers: usize,
+    /// Client connections open at once; more are answered 503 and closed
+    /// (keep it under the process's file descriptor limit).
+    #[arg(long, env = "HEARTH_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
     /// Seconds in-flight requests get to finish on shutdown.
     #[arg(long, env = "HEARTH_SHUTDOWN_GRACE_S", default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs())]
     shutdown_grace_s: u64,
@@ -337,6 +349,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     );
     invoker.observe();
     auth.observe(invoker.telemetry().meter());
+    invoker.spawn_collector(
+        Duration::from_secs(args.gc_interval_s.max(1)),
+        Duration::from_secs(args.gc_grace_s),
+    );
     invoker.spawn_reaper(Duration::from_millis(args.reap_interval_ms.max(10)));
     // Functions that keep instances warm get them (and their models) back in
     // the background; requests are served meanwhile.
@@ -416,6 +432,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         body_idle_timeout: Duration::from_millis(args.body_idle_timeout_ms.max(1)),
         max_headers: args.max_headers.max(1),
         max_header_bytes: 64 << 10,
+        max_connections: args.max_connections.max(1),
     };
     let server = tokio::spawn(crate::listen::serve(listener, app, conn_limits, stop_rx));
     tokio::pin!(server);

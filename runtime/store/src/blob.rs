@@ -89,18 +89,38 @@ impl BlobStore {
         let staged = self.staging.join(format!("fetch-{}", uuid::Uuid::now_v7()));
         let fetched = remote.download(digest, size, &staged).await;
         let placed = match fetched {
-            Ok(()) => tokio::fs::rename(&staged, &path)
-                .await
-                .map_err(|source| StoreError::Io {
+            Ok(()) => match tokio::fs::rename(&staged, &path).await {
+                Ok(()) => sync_dir(path.parent().unwrap_or(&path)).await,
+                Err(source) => Err(StoreError::Io {
                     path: path.clone(),
                     source,
                 }),
+            },
             Err(e) => Err(e),
         };
         if placed.is_err() {
             let _ = tokio::fs::remove_file(&staged).await;
         }
         placed.map(|()| path)
+    }
+
+    /// Deletes local blobs not in `keep` and staged files, both last
+    /// modified longer than `grace` ago (a deploy in progress has written
+    /// its blobs but not yet its version); returns how many files and
+    /// bytes. Blocking. A shared bucket is left alone: other nodes use it.
+    pub fn collect(&self, keep: &std::collections::HashSet<String>, grace: std::time::Duration) -> Collected {
+        let mut collected = Collected::default();
+        for (dir, only_unreferenced) in [(&self.blobs, true), (&self.staging, false)] {
+            let Ok(entries) = std::fs::read_dir(dir) else { continue };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if only_unreferenced && keep.contains(&name) {
+                    continue;
+                }
+                collected.remove_if_older(&entry.path(), grace);
+            }
+        }
+        collected
     }
 
     /// Where the blob with this digest lives (whether or not it exists).
@@ -207,6 +227,7 @@ impl StagedBlob {
                 path: target.clone(),
                 source,
             })?;
+        sync_dir(&self.blobs).await?;
         if let Some(remote) = &self.remote {
             remote.upload(&digest, &target, self.len).await?;
         }
@@ -256,6 +277,48 @@ mod tests {
             &format!("{}/", "a".repeat(63)),
         ] {
             assert!(Digest::parse(bad).is_none(), "{bad}");
+        }
+    }
+}
+
+/// Makes the renames into `dir` durable (a renamed file is on disk only once
+/// its directory is).
+async fn sync_dir(dir: &Path) -> Result<()> {
+    let owned = dir.to_owned();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&owned).and_then(|d| d.sync_all()))
+        .await
+        .map_err(|e| StoreError::Io {
+            path: dir.to_owned(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(|source| StoreError::Io {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// What a garbage collection removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Files removed.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+impl Collected {
+    /// Removes the file at `path` if it was last modified longer than
+    /// `grace` ago, counting it.
+    pub fn remove_if_older(&mut self, path: &Path, grace: std::time::Duration) {
+        let Ok(meta) = std::fs::metadata(path) else { return };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|at| at.elapsed().ok())
+            .is_some_and(|age| age >= grace);
+        if meta.is_file() && old && std::fs::remove_file(path).is_ok() {
+            self.files += 1;
+            self.bytes += meta.len();
         }
     }
 }

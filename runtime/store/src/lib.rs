@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use blob::{BlobStore, Digest, StagedBlob};
+pub use blob::{BlobStore, Collected, Digest, StagedBlob};
 pub use postgres::{CHANGES_CHANNEL, PostgresStore};
 pub use remote::RemoteBlobs;
 pub use sqlite::SqliteStore;

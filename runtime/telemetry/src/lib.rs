@@ -10,10 +10,16 @@
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and does nothing extra otherwise.
 //! - **Logs** are `tracing` events on stderr, as text or one JSON object per
 //!   line.
+//!
+//! Label sets are bounded: the first [`MAX_FUNCTION_SERIES`] functions (by
+//! tenant and name) seen since start get series of their own; the rest are
+//! folded into `tenant="other", function="other"`
+//! ([`Telemetry::function_labels`]), so a tenant deploying thousands of
+//! functions cannot blow up the scrape.
 
 mod lines;
 
-pub use lines::REQUEST_TARGET;
+pub use lines::{GUEST_BUFFER_BYTES, GUEST_TARGET, REQUEST_TARGET, guest_lines_dropped};
 
 use std::time::Duration;
 
@@ -65,9 +71,17 @@ pub struct InvocationMetrics<'a> {
     pub gpu: Duration,
 }
 
+/// Functions (tenant and name) with series of their own at most; later
+/// ones share the `other` series.
+pub const MAX_FUNCTION_SERIES: usize = 1000;
+/// The label value folded functions share.
+pub const OTHER: &str = "other";
+
 /// The metrics pipeline and the instruments recorded per invocation.
 #[derive(Debug)]
 pub struct Telemetry {
+    /// Functions that have series of their own (`tenant/name`).
+    series: dashmap::DashSet<String>,
     registry: prometheus::Registry,
     provider: SdkMeterProvider,
     meter: Meter,
@@ -127,7 +141,13 @@ impl Telemetry {
             .with_unit("s")
             .with_description("Model compute billed to invocations (shares of batched runs), by device kind")
             .build();
+        let _guest_dropped = meter
+            .u64_observable_counter("hearth.guest.output.dropped")
+            .with_description("Guest output lines dropped because the guest log buffer was full")
+            .with_callback(|counter| counter.observe(guest_lines_dropped(), &[]))
+            .build();
         Ok(Telemetry {
+            series: dashmap::DashSet::new(),
             registry,
             provider,
             meter,
@@ -145,12 +165,30 @@ impl Telemetry {
         &self.meter
     }
 
+    /// The `tenant` and `function` labels of a function's series: its own
+    /// names while fewer than [`MAX_FUNCTION_SERIES`] functions have series,
+    /// [`OTHER`] for both after.
+    pub fn function_labels(&self, tenant: &str, function: &str) -> [KeyValue; 2] {
+        let key = format!("{tenant}/{function}");
+        // Racing inserts may pass the bound by the number of racers.
+        let own = self.series.contains(&key)
+            || (self.series.len() < MAX_FUNCTION_SERIES && {
+                self.series.insert(key);
+                true
+            });
+        if own {
+            [
+                KeyValue::new("tenant", tenant.to_owned()),
+                KeyValue::new("function", function.to_owned()),
+            ]
+        } else {
+            [KeyValue::new("tenant", OTHER), KeyValue::new("function", OTHER)]
+        }
+    }
+
     /// Records one finished invocation.
     pub fn invocation(&self, m: &InvocationMetrics<'_>) {
-        let function = [
-            KeyValue::new("tenant", m.tenant.to_owned()),
-            KeyValue::new("function", m.function.to_owned()),
-        ];
+        let function = self.function_labels(m.tenant, m.function);
         let with_outcome = [
             function[0].clone(),
             function[1].clone(),
@@ -289,6 +327,22 @@ use tracing_subscriber::Layer as _;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn functions_past_the_series_bound_fold_into_other() {
+        let telemetry = Telemetry::new().expect("telemetry");
+        for i in 0..MAX_FUNCTION_SERIES {
+            let [_, function] = telemetry.function_labels("acme", &format!("f{i}"));
+            assert_eq!(function.value.as_str(), format!("f{i}"));
+        }
+        let [tenant, function] = telemetry.function_labels("acme", "one-too-many");
+        assert_eq!(
+            (tenant.value.as_str(), function.value.as_str()),
+            (OTHER.into(), OTHER.into())
+        );
+        let [_, known] = telemetry.function_labels("acme", "f0");
+        assert_eq!(known.value.as_str(), "f0", "a function with series keeps them");
+    }
 
     #[test]
     fn invocations_render_as_prometheus_text() {

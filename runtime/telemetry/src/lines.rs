@@ -7,6 +7,13 @@
 //! process stops. Every other line (warnings, errors, start-up) is rare and
 //! goes out at once, after the request lines before it, so stderr keeps
 //! the order in which lines were logged.
+//!
+//! What guests print (target [`GUEST_TARGET`]) is the tenants' to control:
+//! it goes to a buffer of its own, bounded by [`GUEST_BUFFER_BYTES`], that
+//! only the flusher thread writes out. A guest line that finds the buffer
+//! full is dropped and counted ([`guest_lines_dropped`]); no task ever
+//! waits on stderr for a guest, and Hearth's own lines never wait behind
+//! a guest's.
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +24,19 @@ use tracing_subscriber::fmt::MakeWriter;
 
 /// The target of the per-invocation request log line.
 pub const REQUEST_TARGET: &str = "hearth::request";
+/// The target of lines a guest printed.
+pub const GUEST_TARGET: &str = "hearth::guest";
+/// Bytes of guest lines waiting for the flusher at most; past it they are
+/// dropped.
+pub const GUEST_BUFFER_BYTES: usize = 1 << 20;
+
+/// Guest lines dropped because the guest buffer was full, since start.
+static GUEST_LINES_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Guest lines dropped because the guest buffer was full, since start.
+pub fn guest_lines_dropped() -> u64 {
+    GUEST_LINES_DROPPED.load(Ordering::Relaxed)
+}
 /// Longest a request line waits in the buffer.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Buffer size at which the logger writes it out itself.
@@ -26,6 +46,8 @@ const FLUSH_AT: usize = 64 << 10;
 struct Shared {
     /// Request lines not yet written.
     pending: Mutex<Vec<u8>>,
+    /// Guest lines not yet written (only the flusher writes them).
+    guest: Mutex<Vec<u8>>,
     /// Held while writing to stderr, so batches leave in order.
     out: Mutex<()>,
     stopped: AtomicBool,
@@ -67,6 +89,7 @@ impl Lines {
                     while !shared.stopped.load(Ordering::Acquire) {
                         std::thread::park_timeout(FLUSH_EVERY);
                         shared.flush(&[]);
+                        shared.flush_guest();
                     }
                 })?
         };
@@ -88,21 +111,67 @@ impl Drop for FlushGuard {
             let _ = flusher.join();
         }
         self.shared.flush(&[]);
+        self.shared.flush_guest();
     }
 }
 
-/// One line's writer: buffered (request lines) or direct.
+impl Shared {
+    /// Writes the waiting guest lines (the flusher's job).
+    fn flush_guest(&self) {
+        let waiting = std::mem::take(&mut *self.guest.lock().unwrap_or_else(PoisonError::into_inner));
+        if waiting.is_empty() {
+            return;
+        }
+        // A line at a time under the output lock, so that a Hearth line
+        // waits at most for one guest line, never for the whole buffer.
+        for line in waiting.split_inclusive(|&b| b == b'\n') {
+            let _out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = std::io::stderr().lock().write_all(line);
+        }
+    }
+
+    /// Queues a guest line for the flusher, or drops it when the buffer is
+    /// full.
+    fn push_guest(&self, line: &[u8]) {
+        let mut guest = self.guest.lock().unwrap_or_else(PoisonError::into_inner);
+        if guest.len() + line.len() > GUEST_BUFFER_BYTES {
+            GUEST_LINES_DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        guest.extend_from_slice(line);
+    }
+}
+
+/// Which buffer a line goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Written at once, after the request lines before it.
+    Direct,
+    /// Batched request lines.
+    Request,
+    /// Guest output: bounded, written by the flusher only.
+    Guest,
+}
+
+/// One line's writer.
 #[derive(Debug)]
 pub(crate) struct LineWriter<'a> {
     shared: &'a Shared,
-    buffered: bool,
+    kind: Kind,
 }
 
 impl std::io::Write for LineWriter<'_> {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        if !self.buffered {
-            self.shared.flush(line);
-            return Ok(line.len());
+        match self.kind {
+            Kind::Direct => {
+                self.shared.flush(line);
+                return Ok(line.len());
+            }
+            Kind::Guest => {
+                self.shared.push_guest(line);
+                return Ok(line.len());
+            }
+            Kind::Request => {}
         }
         let full = {
             let mut pending = self.shared.pending.lock().unwrap_or_else(PoisonError::into_inner);
@@ -126,15 +195,17 @@ impl<'a> MakeWriter<'a> for Lines {
     fn make_writer(&'a self) -> Self::Writer {
         LineWriter {
             shared: &self.0,
-            buffered: false,
+            kind: Kind::Direct,
         }
     }
 
     fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
-        LineWriter {
-            shared: &self.0,
-            buffered: meta.target() == REQUEST_TARGET,
-        }
+        let kind = match meta.target() {
+            REQUEST_TARGET => Kind::Request,
+            GUEST_TARGET => Kind::Guest,
+            _ => Kind::Direct,
+        };
+        LineWriter { shared: &self.0, kind }
     }
 }
 
@@ -147,7 +218,10 @@ mod tests {
     #[test]
     fn request_lines_wait_for_a_flush_and_other_lines_take_them_along() {
         let (lines, guard) = Lines::start().expect("start");
-        let request = |shared| LineWriter { shared, buffered: true };
+        let request = |shared| LineWriter {
+            shared,
+            kind: Kind::Request,
+        };
         request(&lines.0).write_all(b"request\n").expect("write");
         let waiting = lines.0.pending.lock().expect("lock").clone();
         assert_eq!(waiting, b"request\n", "buffered, not written");
@@ -159,5 +233,34 @@ mod tests {
         request(&lines.0).write_all(b"request\n").expect("write");
         drop(guard);
         assert!(lines.0.pending.lock().expect("lock").is_empty(), "flushed at the end");
+    }
+
+    #[test]
+    fn guest_lines_are_bounded_and_never_written_by_the_caller() {
+        let shared = Shared::default();
+        let mut guest = LineWriter {
+            shared: &shared,
+            kind: Kind::Guest,
+        };
+        let line = vec![b'x'; 1000];
+        let dropped = guest_lines_dropped();
+        for _ in 0..(GUEST_BUFFER_BYTES / 1000 + 10) {
+            guest.write_all(&line).expect("write");
+        }
+        assert!(shared.guest.lock().expect("lock").len() <= GUEST_BUFFER_BYTES);
+        assert!(
+            guest_lines_dropped() - dropped >= 10,
+            "lines past the bound are dropped and counted"
+        );
+        // A direct line writes the request lines, never the guest's.
+        LineWriter {
+            shared: &shared,
+            kind: Kind::Direct,
+        }
+        .write_all(b"")
+        .expect("write");
+        assert!(!shared.guest.lock().expect("lock").is_empty(), "left for the flusher");
+        shared.flush_guest();
+        assert!(shared.guest.lock().expect("lock").is_empty());
     }
 }
