@@ -220,3 +220,47 @@ async fn min_instances_are_kept_warm() {
     let pool = instances(&server, "warm").await;
     assert_eq!((pool.cold_starts, pool.warm_starts), (0, 1), "{pool:?}");
 }
+
+/// A new instance that would take the server past `--memory-budget-mb`
+/// (instances counted at their memory limit) is refused with 503; the
+/// instance already made goes on serving, warm, once free.
+#[tokio::test]
+async fn instances_past_the_memory_budget_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &["--memory-budget-mb", "100"]);
+    deploy(
+        &server,
+        tmp.path(),
+        "big",
+        hearth_fixtures::FAULTS,
+        "public = true\n[limits]\nmemory_mb = 64\ntimeout_ms = 30000\n",
+    )
+    .await;
+    // The first call holds its instance (64 MiB of the 100) until its body
+    // ends; its head is out, so it is in flight.
+    let held = http()
+        .get(server.fn_url("big", "/slow-body?ms=2000"))
+        .send()
+        .await
+        .expect("held");
+    assert_eq!(held.status(), 200);
+    let second = http().get(server.fn_url("big", "/")).send().await.expect("second");
+    let refused = problem(second, 503).await;
+    assert!(
+        refused["detail"].as_str().is_some_and(|d| d.contains("memory budget")),
+        "{refused}"
+    );
+    held.text().await.expect("held body");
+    // Once the first instance is back in its pool, it serves (warm, no new
+    // reservation); until then a call may still be refused.
+    let guard = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let again = http().get(server.fn_url("big", "/")).send().await.expect("again");
+        match again.status().as_u16() {
+            200 => break,
+            503 => assert!(std::time::Instant::now() < guard, "the warm instance never served"),
+            other => panic!("{other}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -93,18 +93,16 @@ async fn probe(mut request: Request<Body>) -> Result<Response<Body>> {
         },
         "/handle" => Ok(handle(request.uri().query().unwrap_or_default())),
         "/hoard" => Ok(hoard(request.uri().query().unwrap_or_default())),
-        _ => Ok(message(StatusCode::NOT_FOUND, "try /compute, /file, /write or /handle")),
+        _ => Ok(message(
+            StatusCode::NOT_FOUND,
+            "try /compute, /file, /write, /handle or /hoard",
+        )),
     }
 }
 
 fn handle(query: &str) -> Response<Body> {
     use raw::wasi::nn::tensor::{Tensor as RawTensor, TensorType as RawType};
-    let param = |name: &str| {
-        query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-            .unwrap_or_default()
-    };
+    let param = |name: &str| param(query, name);
     let dims_of = |handle: u32| {
         // SAFETY: not safe at all: the point is to hand the host a handle this
         // instance does not own; the runtime must trap, not follow it.
@@ -136,12 +134,7 @@ fn handle(query: &str) -> Response<Body> {
 fn hoard(query: &str) -> Response<Body> {
     use raw::wasi::nn::graph;
     use raw::wasi::nn::tensor::{Tensor as RawTensor, TensorType as RawType};
-    let param = |name: &str| {
-        query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-            .unwrap_or_default()
-    };
+    let param = |name: &str| param(query, name);
     let (Ok(kb), Ok(count)) = (param("kb").parse::<usize>(), param("count").parse::<usize>()) else {
         return message(StatusCode::BAD_REQUEST, "kb=N&count=C");
     };
@@ -167,6 +160,14 @@ fn hoard(query: &str) -> Response<Body> {
         }),
     };
     json(StatusCode::OK, &answer)
+}
+
+/// The value of `name=` in `query` (empty when absent).
+fn param<'a>(query: &'a str, name: &str) -> &'a str {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .unwrap_or_default()
 }
 
 fn message(status: StatusCode, text: &str) -> Response<Body> {

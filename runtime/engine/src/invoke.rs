@@ -76,6 +76,12 @@ pub enum InvokeError {
     /// Every instance slot is in use.
     #[error("no free instance slot")]
     Capacity,
+    /// A new instance would take the server past its memory budget.
+    #[error("the server's memory budget ({budget_mb} MiB for instances and models) is taken; retry shortly")]
+    MemoryBudget {
+        /// The budget, in MiB.
+        budget_mb: u64,
+    },
     /// A host-side failure unrelated to the guest.
     #[error("internal error: {0}")]
     Internal(String),
@@ -148,6 +154,22 @@ impl Engine {
     }
 
     fn new_store(&self, limits: Limits, grants: &Grants) -> Result<Store<HostState>, InvokeError> {
+        let reservation = match &self.inner.budget {
+            None => None,
+            Some(budget) => {
+                let cache = self.inner.config.nn.cache();
+                let models: u64 = cache
+                    .cached()
+                    .iter()
+                    .filter(|m| m.device == hearth_devices::DeviceId::Cpu)
+                    .map(|m| m.size_bytes)
+                    .sum();
+                let reserved = budget.reserve(limits.memory_bytes as u64, models);
+                Some(reserved.ok_or(InvokeError::MemoryBudget {
+                    budget_mb: budget.limit() >> 20,
+                })?)
+            }
+        };
         let memory = hearth_bridge::InstanceMemory::new(limits.memory_bytes);
         let nn = self.inner.config.nn.instance(&grants.models, memory.clone());
         let state = HostState::new(
@@ -158,6 +180,10 @@ impl Engine {
             self.inner.config.outbound.clone(),
         )
         .map_err(|e| InvokeError::Internal(format!("mounting the function's assets: {}", error_chain(&e))))?;
+        let state = HostState {
+            _reservation: reservation,
+            ..state
+        };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_callback(|store| {

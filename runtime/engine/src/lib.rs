@@ -23,6 +23,7 @@
 //! manifest lists and only to addresses the [`OutboundPolicy`] permits, and `wasi:nn`
 //! over the shared model cache (only the models their function names).
 
+mod budget;
 mod invoke;
 mod outbound;
 mod state;
@@ -39,6 +40,7 @@ use hearth_devices::{CacheConfig, DevicePool, ModelCache};
 use wasmtime::component::{Component, Linker};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+pub use budget::machine_memory_bytes;
 pub use invoke::{Finished, Grants, Instance, InvokeError, Limits, Report, ResponseBody, Start};
 pub use outbound::{Denied, OutboundPolicy};
 use state::HostState;
@@ -101,6 +103,9 @@ pub struct EngineConfig {
     /// Which addresses guests may reach at all (on top of each manifest's
     /// listed origins).
     pub outbound: OutboundPolicy,
+    /// Bytes instances (each counted at its memory limit) and CPU models
+    /// may take together; `None` is unbounded (see [`budget`]).
+    pub memory_budget: Option<u64>,
 }
 
 impl EngineConfig {
@@ -114,6 +119,7 @@ impl EngineConfig {
             memory_keep_resident: DEFAULT_MEMORY_KEEP_RESIDENT,
             nn: NnHost::new(ModelCache::new(DevicePool::cpu_only(), CacheConfig::default())),
             outbound: OutboundPolicy::default(),
+            memory_budget: None,
         }
     }
 }
@@ -144,6 +150,7 @@ struct Inner {
     /// Pre-linked components by content key (the component's digest).
     loaded: DashMap<String, Prepared>,
     compat: String,
+    budget: Option<Arc<budget::MemoryBudget>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -213,12 +220,14 @@ impl Engine {
         let compat = format!("{:016x}", hasher.finish());
 
         spawn_ticker(engine.weak())?;
+        let budget = config.memory_budget.map(budget::MemoryBudget::new);
 
         Ok(Engine {
             inner: Arc::new(Inner {
                 engine,
                 linker,
                 config,
+                budget,
                 loaded: DashMap::new(),
                 compat,
             }),

@@ -27,6 +27,9 @@ pub(crate) struct HostState {
     pub(crate) nn: hearth_bridge::NnCtx,
     /// When the current request's time is up (read by the epoch callback).
     pub(crate) deadline: Instant,
+    /// This instance's share of the server's memory budget: held, never
+    /// read, and given back when the instance (so this state) is dropped.
+    pub(crate) _reservation: Option<crate::budget::Reservation>,
 }
 
 impl HostState {
@@ -61,6 +64,7 @@ impl HostState {
             stderr,
             nn,
             deadline: Instant::now(),
+            _reservation: None,
         })
     }
 }

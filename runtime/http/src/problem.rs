@@ -121,7 +121,9 @@ impl ApiError {
                     Failure::Guest(InvokeError::NoResponse | InvokeError::GuestError(_)) => {
                         ("guest-error", "Function failed")
                     }
-                    Failure::Guest(InvokeError::Capacity) => ("capacity", "No capacity"),
+                    Failure::Guest(InvokeError::Capacity | InvokeError::MemoryBudget { .. }) => {
+                        ("capacity", "No capacity")
+                    }
                     Failure::Rejected(r) if r.is_function_limit() => ("too-many-requests", "Function at its limit"),
                     Failure::Rejected(_) => ("capacity", "No capacity"),
                     Failure::TenantLimit(_) => ("tenant-limit", "Tenant limit reached"),

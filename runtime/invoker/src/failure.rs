@@ -59,7 +59,7 @@ impl Failure {
         match self {
             Failure::Guest(err) => match err {
                 InvokeError::Timeout(_) => 504,
-                InvokeError::Capacity => 503,
+                InvokeError::Capacity | InvokeError::MemoryBudget { .. } => 503,
                 InvokeError::Trap { .. }
                 | InvokeError::MemoryLimit { .. }
                 | InvokeError::NoResponse
@@ -86,7 +86,7 @@ impl Failure {
             Failure::Guest(InvokeError::Timeout(_)) => Outcome::Timeout,
             Failure::Guest(InvokeError::MemoryLimit { .. }) => Outcome::MemoryLimit,
             Failure::Guest(InvokeError::NoResponse | InvokeError::GuestError(_)) => Outcome::GuestError,
-            Failure::Guest(InvokeError::Capacity)
+            Failure::Guest(InvokeError::Capacity | InvokeError::MemoryBudget { .. })
             | Failure::Rejected(_)
             | Failure::TenantLimit(_)
             | Failure::UsageLogDown
@@ -103,7 +103,11 @@ impl Failure {
     /// that cannot be reached is one.
     pub fn is_refusal(&self) -> bool {
         match self {
-            Failure::Rejected(_) | Failure::TenantLimit(_) | Failure::UsageLogDown | Failure::Unrecorded(_) => true,
+            Failure::Rejected(_)
+            | Failure::TenantLimit(_)
+            | Failure::UsageLogDown
+            | Failure::Unrecorded(_)
+            | Failure::Guest(InvokeError::Capacity | InvokeError::MemoryBudget { .. }) => true,
             Failure::Function(err) => err.is_unavailable(),
             _ => false,
         }

@@ -65,6 +65,11 @@ pub struct ServeArgs {
     /// Largest memory limit a function may ask for, in MiB.
     #[arg(long, env = "HEARTH_MAX_MEMORY_MB", default_value_t = hearth_engine::DEFAULT_MAX_MEMORY_MB)]
     max_memory_mb: u32,
+    /// Memory, in MiB, that instances (each counted at its function's
+    /// memory limit) and models loaded on the CPU may take together; a new
+    /// instance past it is refused (503). 0: 80% of the machine's memory.
+    #[arg(long, env = "HEARTH_MEMORY_BUDGET_MB", default_value_t = 0)]
+    memory_budget_mb: u64,
     /// An address range guests may reach although it is internal
     /// (loopback, private, CGNAT, link-local, unique-local and reserved
     /// ranges are denied by default, the cloud metadata endpoint with
@@ -276,6 +281,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     engine_config.max_instances = args.max_instances;
     engine_config.max_memory_mb = args.max_memory_mb;
     engine_config.outbound = hearth_engine::OutboundPolicy::allowing(args.allow_outbound_cidrs.iter().copied());
+    engine_config.memory_budget = match args.memory_budget_mb {
+        0 => hearth_engine::machine_memory_bytes().map(|bytes| bytes / 5 * 4),
+        mb => Some(mb << 20),
+    };
+    if let Some(budget) = engine_config.memory_budget {
+        tracing::info!(budget_mb = budget >> 20, "memory budget for instances and models");
+    }
     // Devices are found once; without a CUDA driver this logs "CPU only".
     let cache_config = hearth_devices::CacheConfig {
         idle_timeout: Duration::from_secs(args.model_idle_timeout_s),
