@@ -41,3 +41,44 @@ async fn ocr_reads_printed_lines_exactly() {
         .expect("bad image");
     assert_eq!(response.status(), 400);
 }
+
+/// A model is parsed first in a child process bounded in memory: one that
+/// needs more than `--model-check-memory-mb` to parse (PaddleOCR's 11 MB
+/// model needs more than 128 MiB of address space) is refused at deploy,
+/// naming the model, and the server is unharmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_needs_more_memory_to_parse_than_allowed_is_refused() {
+    let ocr = hearth_fixtures::models::fetched_ocr_for_test("a_model_that_needs_more_memory_to_parse");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--model-check-memory-mb", "128"]);
+    let manifest =
+        format!("name = \"ocr\"\n[[models]]\nname = \"ppocr-rec\"\npath = \"model.onnx\"\n[limits]\nmemory_mb = 256\n");
+    let form = reqwest::multipart::Form::new()
+        .part("manifest", reqwest::multipart::Part::text(manifest))
+        .part(
+            "component",
+            reqwest::multipart::Part::bytes(std::fs::read(hearth_fixtures::OCR).expect("ocr")),
+        )
+        .part(
+            "model:ppocr-rec",
+            reqwest::multipart::Part::bytes(std::fs::read(&ocr.model).expect("model")),
+        );
+    let response = http()
+        .post(format!("{}/v1/functions", server.url))
+        .multipart(form)
+        .send()
+        .await
+        .expect("deploy");
+    let refused = crate::server::problem(response, 422).await;
+    assert_eq!(refused["key"], "models[0].path", "{refused}");
+    assert!(
+        refused["detail"].as_str().is_some_and(|d| d.contains("128 MiB")),
+        "{refused}"
+    );
+    let health = http()
+        .get(format!("{}/healthz", server.url))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+}

@@ -7,6 +7,9 @@
 //! memory; a deploy or delete through this process updates the cache.
 
 mod assets;
+mod model_check;
+
+pub use model_check::{INVALID_MODEL_EXIT, ModelCheck};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -172,6 +175,8 @@ pub struct Registry {
     latest: Arc<DashMap<(String, String), Arc<Deployed>>>,
     /// Model blobs whose content was checked against their digest.
     verified: Arc<dashmap::DashSet<String>>,
+    /// How a deployed model is parsed first, out of process.
+    model_check: Option<ModelCheck>,
 }
 
 /// Where [`Registry::prepared`] maps a component that is not loaded.
@@ -199,7 +204,14 @@ impl Registry {
             assets: AssetDirs::new(assets_root),
             latest: Arc::new(DashMap::new()),
             verified: Arc::new(dashmap::DashSet::new()),
+            model_check: None,
         }
+    }
+
+    /// Parses each deployed model first in a bounded child process.
+    pub fn with_model_check(mut self, check: ModelCheck) -> Registry {
+        self.model_check = Some(check);
+        self
     }
 
     /// The blob store (uploads stage into it).
@@ -264,6 +276,15 @@ impl Registry {
                 });
             }
             let digest = blob.finish().await?;
+            if let Some(check) = &self.model_check
+                && !cache.cached().iter().any(|m| m.key == digest.as_str())
+                && let Err(reason) = check.run(blob.staged_path()).await
+            {
+                return Err(RegistryError::Model {
+                    key,
+                    reason: format!("model `{}` ({}): {reason}", spec.name, spec.path),
+                });
+            }
             // Loading is the one complete check that a model will run here;
             // the loaded model then stays warm for the first invocations.
             if let Err(err) = cache

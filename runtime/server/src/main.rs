@@ -78,6 +78,14 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Parse an ONNX model as a deploy does and exit: 0 when it is valid,
+    /// 2 (the reason on stderr) when not. The server runs it in a bounded
+    /// child process on each new model.
+    #[command(hide = true)]
+    CheckModel {
+        /// The ONNX file.
+        path: PathBuf,
+    },
     /// Show devices, warm models and the models each function names.
     Status {
         /// Output format.
@@ -90,6 +98,11 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // No async runtime for the model check: it runs under a tight address
+    // space limit, and worker threads would take part of it.
+    if let Command::CheckModel { path } = &cli.command {
+        return check_model(path);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -106,6 +119,7 @@ fn main() -> std::process::ExitCode {
             Command::Status { output, client } => cli::status(&client, output).await,
             Command::Usage { command, client } => cli::usage(&client, command).await,
             Command::Tokens { command, client } => cli::tokens(&client, command).await,
+            Command::CheckModel { .. } => unreachable!("handled before the runtime starts"),
         }
     });
     match result {
@@ -113,6 +127,25 @@ fn main() -> std::process::ExitCode {
         Err(err) => {
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `hearth check-model PATH`: parses and prepares the model on the CPU.
+fn check_model(path: &std::path::Path) -> std::process::ExitCode {
+    let invalid = std::process::ExitCode::from(hearth_registry::INVALID_MODEL_EXIT as u8);
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            eprintln!("error: reading {}: {err}", path.display());
+            return invalid;
+        }
+    };
+    match hearth_devices::DevicePool::cpu_only().cpu().prepare(&bytes) {
+        Ok(_) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            invalid
         }
     }
 }

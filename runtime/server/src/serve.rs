@@ -70,6 +70,15 @@ pub struct ServeArgs {
     /// instance past it is refused (503). 0: 80% of the machine's memory.
     #[arg(long, env = "HEARTH_MEMORY_BUDGET_MB", default_value_t = 0)]
     memory_budget_mb: u64,
+    /// Address space, in MiB, a deployed model may take to parse: each new
+    /// model is parsed first in a child process under this bound (an ONNX
+    /// file crafted to exhaust memory costs the child, not the server); 0
+    /// parses in process only.
+    #[arg(long, env = "HEARTH_MODEL_CHECK_MEMORY_MB", default_value_t = 4096)]
+    model_check_memory_mb: u64,
+    /// Seconds a deployed model may take to parse in its check.
+    #[arg(long, env = "HEARTH_MODEL_CHECK_TIMEOUT_S", default_value_t = 120)]
+    model_check_timeout_s: u64,
     /// An address range guests may reach although it is internal
     /// (loopback, private, CGNAT, link-local, unique-local and reserved
     /// ranges are denied by default, the cloud metadata endpoint with
@@ -304,13 +313,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let nn = hearth_bridge::NnHost::new(models);
     engine_config.nn = nn.clone();
     let engine = Engine::new(engine_config).context("configuring wasmtime")?;
-    let registry = Registry::new(
+    let mut registry = Registry::new(
         store.clone(),
         blobs,
         engine.clone(),
         nn.clone(),
         data_dir.join("assets"),
     );
+    if args.model_check_memory_mb > 0 {
+        let program = std::env::current_exe().context("finding the hearth binary for model checks")?;
+        registry = registry.with_model_check(hearth_registry::ModelCheck {
+            program,
+            memory_mb: args.model_check_memory_mb,
+            timeout: Duration::from_secs(args.model_check_timeout_s.max(1)),
+        });
+    }
     follow_cluster_changes(store.as_ref(), &registry, &auth);
     let pools = hearth_invoker::Pools::new(hearth_scheduler::SchedulerConfig {
         max_instances: args.max_instances as usize,
