@@ -52,8 +52,14 @@ impl ModelCheck {
         }
         let said = String::from_utf8_lossy(&output.stderr);
         let said = said.trim().trim_start_matches("error: ");
-        if output.status.code() == Some(INVALID_MODEL_EXIT) {
-            return Err(said.to_owned());
+        match output.status.code() {
+            Some(INVALID_MODEL_EXIT) => return Err(said.to_owned()),
+            // Rust's exit status for a panic.
+            Some(101) => {
+                let last = said.lines().find(|l| l.contains("panicked")).unwrap_or(said);
+                return Err(format!("the ONNX parser failed on it: {last}"));
+            }
+            _ => {}
         }
         Err(format!(
             "parsing it did not stay within the bounds ({bounds}): the parser stopped with {}",
