@@ -52,7 +52,7 @@ async fn a_model_that_needs_more_memory_to_parse_than_allowed_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&dir.path().join("data"), &["--model-check-memory-mb", "128"]);
     let manifest =
-        format!("name = \"ocr\"\n[[models]]\nname = \"ppocr-rec\"\npath = \"model.onnx\"\n[limits]\nmemory_mb = 256\n");
+        "name = \"ocr\"\n[[models]]\nname = \"ppocr-rec\"\npath = \"model.onnx\"\n[limits]\nmemory_mb = 256\n";
     let form = reqwest::multipart::Form::new()
         .part("manifest", reqwest::multipart::Part::text(manifest))
         .part(

@@ -175,7 +175,8 @@ pub const FAILED_LOOKUPS_PER_SECOND: f64 = 10.0;
 /// Store lookups that may find nothing in a burst.
 pub const FAILED_LOOKUP_BURST: f64 = 50.0;
 /// Unknown tokens remembered at most (the memory an attacker can fill);
-/// beyond it the oldest half is forgotten.
+/// beyond it those older than half the TTL are forgotten (all of them, if
+/// that is not enough).
 const MAX_UNKNOWN_REMEMBERED: usize = 10_000;
 
 /// Authenticates tokens against the store.
@@ -395,7 +396,9 @@ impl Auth {
     /// Makes sure the default tenant and an operator token exist. With
     /// `configured` (from `HEARTH_ADMIN_TOKEN`) that token is registered if
     /// new, and every other operator token is revoked: changing the
-    /// variable is how an operator rotates a leaked admin token. Otherwise,
+    /// variable is how an operator rotates a leaked admin token (a token
+    /// rotated away stays revoked: starting with it again is
+    /// [`AuthError::Revoked`]). Otherwise,
     /// on the first start only, a token is generated and returned so the
     /// caller can save it once; it is never shown again.
     pub async fn bootstrap(&self, configured: Option<&str>) -> Result<Option<String>, AuthError> {
@@ -403,13 +406,28 @@ impl Auth {
         let (token, generated) = match configured {
             Some(token) => {
                 let hash = hash_token(token);
-                if self.store.token_by_hash(&hash).await?.is_none() {
-                    self.store
-                        .insert_token(new_record(token, DEFAULT_TENANT, Role::Admin, true))
-                        .await?;
+                let current = match self.store.token_by_hash(&hash).await? {
+                    Some(current) => current,
+                    None => {
+                        let record = new_record(token, DEFAULT_TENANT, Role::Admin, true);
+                        self.store.insert_token(record.clone()).await?;
+                        record
+                    }
+                };
+                if current.revoked_at_ms.is_some() {
+                    // A rotated-away token set again (an old pod restarting
+                    // with an old secret): it stays revoked and revokes
+                    // nothing.
+                    return Err(AuthError::Revoked);
                 }
+                // Only older operator tokens: a node started with an older
+                // secret must not revoke a newer one.
                 for previous in self.store.list_tokens(Some(DEFAULT_TENANT)).await? {
-                    if previous.operator && previous.revoked_at_ms.is_none() && previous.hash != hash {
+                    if previous.operator
+                        && previous.revoked_at_ms.is_none()
+                        && previous.hash != hash
+                        && previous.created_at_ms <= current.created_at_ms
+                    {
                         self.store.revoke_token(&previous.id).await?;
                     }
                 }
@@ -442,13 +460,17 @@ impl Auth {
         let evictions = self.evictions.load(Ordering::SeqCst);
         self.counts.lookups.fetch_add(1, Ordering::Relaxed);
         let found = self.store.token_by_hash(hash).await;
+        // Only a lookup that found nothing is a failure: a found token, or
+        // a store that did not answer, gives its bucket token back.
+        if !matches!(found, Ok(None)) {
+            self.failures.lock().unwrap_or_else(PoisonError::into_inner).give_back();
+        }
         let Ok(Some(record)) = found else {
             if matches!(found, Ok(None)) {
                 self.remember_unknown(hash);
             }
             return Err(found.err().map_or(AuthError::Unknown, AuthError::Store));
         };
-        self.failures.lock().unwrap_or_else(PoisonError::into_inner).give_back();
         self.cache_unless_evicted(hash, &record, evictions);
         Ok(record)
     }
@@ -617,6 +639,16 @@ mod tests {
         auth.authenticate(Some("Bearer second-from-env"))
             .await
             .expect("still current");
+        // A node started with the older, rotated-away secret is refused and
+        // revokes nothing.
+        assert!(matches!(
+            auth.bootstrap(Some("first-from-env")).await,
+            Err(AuthError::Revoked)
+        ));
+        auth.forget_all();
+        auth.authenticate(Some("Bearer second-from-env"))
+            .await
+            .expect("the newer token survives an old secret");
     }
 
     /// A lookup that read the record before a revocation evicted it must

@@ -281,10 +281,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         blobs = blobs.with_remote(hearth_store::RemoteBlobs::from_url(url)?);
     }
     let auth = Auth::new(store.clone());
-    let generated = auth
-        .bootstrap(args.admin_token.as_deref())
-        .await
-        .context("creating the admin token")?;
+    let generated = match auth.bootstrap(args.admin_token.as_deref()).await {
+        Err(hearth_auth::AuthError::Revoked) => anyhow::bail!(
+            "HEARTH_ADMIN_TOKEN is an operator token that was rotated away (revoked when a newer one was set); \
+             start with the current one"
+        ),
+        other => other.context("creating the admin token")?,
+    };
 
     let mut engine_config = EngineConfig::new(data_dir.join("compiled"));
     engine_config.max_instances = args.max_instances;
