@@ -80,8 +80,11 @@ pub const OTHER: &str = "other";
 /// The metrics pipeline and the instruments recorded per invocation.
 #[derive(Debug)]
 pub struct Telemetry {
-    /// Functions that have series of their own (`tenant/name`).
-    series: dashmap::DashSet<String>,
+    /// Functions that have series of their own, by tenant (looked up by
+    /// `&str` on every invocation, with no allocation).
+    series: dashmap::DashMap<String, dashmap::DashSet<String>>,
+    /// How many functions `series` holds.
+    series_count: std::sync::atomic::AtomicUsize,
     registry: prometheus::Registry,
     provider: SdkMeterProvider,
     meter: Meter,
@@ -147,7 +150,8 @@ impl Telemetry {
             .with_callback(|counter| counter.observe(guest_lines_dropped(), &[]))
             .build();
         Ok(Telemetry {
-            series: dashmap::DashSet::new(),
+            series: dashmap::DashMap::new(),
+            series_count: std::sync::atomic::AtomicUsize::new(0),
             registry,
             provider,
             meter,
@@ -169,11 +173,19 @@ impl Telemetry {
     /// names while fewer than [`MAX_FUNCTION_SERIES`] functions have series,
     /// [`OTHER`] for both after.
     pub fn function_labels(&self, tenant: &str, function: &str) -> [KeyValue; 2] {
-        let key = format!("{tenant}/{function}");
+        use std::sync::atomic::Ordering;
+        let known = self.series.get(tenant).is_some_and(|names| names.contains(function));
         // Racing inserts may pass the bound by the number of racers.
-        let own = self.series.contains(&key)
-            || (self.series.len() < MAX_FUNCTION_SERIES && {
-                self.series.insert(key);
+        let own = known
+            || (self.series_count.load(Ordering::Relaxed) < MAX_FUNCTION_SERIES && {
+                if self
+                    .series
+                    .entry(tenant.to_owned())
+                    .or_default()
+                    .insert(function.to_owned())
+                {
+                    self.series_count.fetch_add(1, Ordering::Relaxed);
+                }
                 true
             });
         if own {
