@@ -56,9 +56,27 @@ impl Drop for Reservation {
     }
 }
 
-/// The machine's memory, from `/proc/meminfo` (`None` where unreadable).
+/// The memory this process may use: the machine's (`/proc/meminfo`), or
+/// its cgroup's limit when that is lower (a container's memory limit, which
+/// `/proc/meminfo` does not show); `None` where neither is readable.
 pub fn machine_memory_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| mem_total(&text));
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|path| cgroup_limit(&std::fs::read_to_string(path).ok()?));
+    match (machine, cgroup) {
+        (Some(machine), Some(cgroup)) => Some(machine.min(cgroup)),
+        (machine, cgroup) => machine.or(cgroup),
+    }
+}
+
+/// `MemTotal` of `/proc/meminfo`, in bytes.
+fn mem_total(meminfo: &str) -> Option<u64> {
     let kib: u64 = meminfo
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))?
@@ -70,9 +88,27 @@ pub fn machine_memory_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// A cgroup memory limit file's value in bytes; `None` for no limit
+/// (`max` in v2, a page-rounded `i64::MAX` in v1).
+fn cgroup_limit(text: &str) -> Option<u64> {
+    let bytes: u64 = text.trim().parse().ok()?;
+    (bytes < 1 << 60).then_some(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_containers_limit_is_read_from_its_cgroup() {
+        assert_eq!(
+            mem_total("MemTotal:       24576000 kB\nMemFree: 1 kB\n"),
+            Some(24_576_000 * 1024)
+        );
+        assert_eq!(cgroup_limit("2147483648\n"), Some(2 << 30));
+        assert_eq!(cgroup_limit("max\n"), None, "cgroup v2 without a limit");
+        assert_eq!(cgroup_limit("9223372036854771712\n"), None, "cgroup v1 without a limit");
+    }
 
     #[test]
     fn reservations_fit_the_budget_with_the_models_and_come_back() {

@@ -67,7 +67,8 @@ pub struct ServeArgs {
     max_memory_mb: u32,
     /// Memory, in MiB, that instances (each counted at its function's
     /// memory limit) and models loaded on the CPU may take together; a new
-    /// instance past it is refused (503). 0: 80% of the machine's memory.
+    /// instance past it is refused (503). 0: 80% of the machine's memory
+    /// (its container's memory limit, when lower).
     #[arg(long, env = "HEARTH_MEMORY_BUDGET_MB", default_value_t = 0)]
     memory_budget_mb: u64,
     /// Address space, in MiB, a deployed model may take to parse: each new
