@@ -69,6 +69,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, mut s
         .max_concurrent_streams(HTTP2_MAX_STREAMS)
         .max_header_list_size(limits.max_header_bytes);
     let open = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut refused: u64 = 0;
     let service = tower::ServiceBuilder::new()
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             limits.body_idle_timeout,
@@ -97,10 +98,16 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, mut s
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            tracing::warn!(
-                limit = limits.max_connections,
-                "connection refused: at the connection limit"
-            );
+            // A flood of refusals must not become a flood of log lines
+            // written from the accept loop: the 1st, 2nd, 4th, 8th… only.
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    limit = limits.max_connections,
+                    refused,
+                    "connections refused: at the connection limit"
+                );
+            }
             tokio::spawn(async move {
                 let mut stream = Lingering(Some(stream));
                 let answer = format!(
