@@ -63,12 +63,7 @@ async fn a_model_that_needs_more_memory_to_parse_than_allowed_is_refused() {
             "model:ppocr-rec",
             reqwest::multipart::Part::bytes(std::fs::read(&ocr.model).expect("model")),
         );
-    let response = http()
-        .post(format!("{}/v1/functions", server.url))
-        .multipart(form)
-        .send()
-        .await
-        .expect("deploy");
+    let response = crate::server::post_deploy(&server, form).await;
     let refused = crate::server::problem(response, 422).await;
     assert_eq!(refused["key"], "models[0].path", "{refused}");
     assert!(

@@ -114,12 +114,7 @@ async fn outgoing_requests_reach_only_listed_origins_on_permitted_addresses() {
         let form = Form::new()
             .part("manifest", Part::text(manifest))
             .part("component", Part::bytes(hello.clone()));
-        let response = http()
-            .post(format!("{}/v1/functions", server.url))
-            .multipart(form)
-            .send()
-            .await
-            .expect("deploy");
+        let response = post_deploy(&server, form).await;
         let refused = problem(response, 422).await;
         assert_eq!(refused["key"], "allowed_outbound_hosts[1]", "{internal}: {refused}");
         assert!(

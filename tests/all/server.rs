@@ -251,6 +251,16 @@ pub async fn usage_export(server: &Server, query: &str) -> String {
     response.text().await.expect("export body")
 }
 
+/// Posts a raw deploy upload (`form`) as the operator; the answer.
+pub async fn post_deploy(server: &Server, form: reqwest::multipart::Form) -> reqwest::Response {
+    http()
+        .post(format!("{}/v1/functions", server.url))
+        .multipart(form)
+        .send()
+        .await
+        .expect("deploy")
+}
+
 /// The server's `/metrics` text.
 pub async fn metrics_text(server: &Server) -> String {
     http()
