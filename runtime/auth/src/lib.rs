@@ -238,6 +238,12 @@ impl Bucket {
     }
 }
 
+/// Whether two secrets (or values derived from them) are equal, compared in
+/// time that does not depend on where they differ.
+pub fn secrets_match(a: &str, b: &str) -> bool {
+    bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
 /// Hex SHA-256 of a token secret.
 pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -520,7 +526,7 @@ impl Auth {
         };
         // The look-up was by hash; compare again in constant time so that no
         // code path ever branches early on secret-derived bytes.
-        if !bool::from(record.hash.as_bytes().ct_eq(hash.as_bytes())) {
+        if !secrets_match(&record.hash, &hash) {
             return Err(AuthError::Unknown);
         }
         if record.revoked_at_ms.is_some() {

@@ -237,7 +237,7 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resu
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let scraper = matches!((&state.metrics.token, bearer), (Some(token), Some(given)) if same(token, given));
+        let scraper = matches!((&state.metrics.token, bearer), (Some(token), Some(given)) if hearth_auth::secrets_match(token, given));
         if !scraper && !authenticate(&state, &headers).await?.operator {
             return Err(ApiError::Forbidden(
                 "/metrics needs an operator token or the metrics token (--metrics-token)".into(),
@@ -259,10 +259,4 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resu
 
 async fn not_found(uri: http::Uri) -> ApiError {
     ApiError::NotFound(format!("no route for {}", uri.path()))
-}
-
-/// Whether two secrets are equal, in time that does not depend on where
-/// they differ.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
