@@ -193,6 +193,12 @@ impl ModelCache {
         self.gets.load(Ordering::Relaxed)
     }
 
+    /// Bytes of the models loaded on `device` (by model file size), without
+    /// listing them: cheap enough for every cold start.
+    pub fn loaded_bytes(&self, device: DeviceId) -> u64 {
+        self.slots.iter().filter_map(|e| on_device(e.value(), device)).sum()
+    }
+
     /// The models now warm.
     pub fn cached(&self) -> Vec<CachedModel> {
         let mut models: Vec<CachedModel> = self
@@ -233,14 +239,8 @@ impl ModelCache {
     /// ones plus `incoming` bytes (a model about to join) exceed the budget
     /// (which applies to each device on its own).
     fn enforce_budget(&self, device: DeviceId, incoming: u64) {
-        let on_device = |slot: &Slot| {
-            slot.cell
-                .get()
-                .filter(|m| m.device == device)
-                .map(|m| m.model.size_bytes())
-        };
-        let loaded: u64 = self.slots.iter().filter_map(|e| on_device(e.value())).sum();
-        let total = loaded + incoming;
+        let on_device = |slot: &Slot| on_device(slot, device);
+        let total = self.loaded_bytes(device) + incoming;
         if total <= self.config.memory_budget {
             return;
         }
@@ -291,6 +291,14 @@ impl ModelCache {
 /// Loaded, and held by nobody but the cache (or still loading: never evicted).
 fn unused(slot: &Slot) -> bool {
     slot.cell.get().is_some_and(|m| Arc::strong_count(m) == 1)
+}
+
+/// The size of the model loaded in `slot`, if it is on `device`.
+fn on_device(slot: &Slot, device: DeviceId) -> Option<u64> {
+    slot.cell
+        .get()
+        .filter(|m| m.device == device)
+        .map(|m| m.model.size_bytes())
 }
 
 #[cfg(test)]

@@ -157,13 +157,7 @@ impl Engine {
         let reservation = match &self.inner.budget {
             None => None,
             Some(budget) => {
-                let cache = self.inner.config.nn.cache();
-                let models: u64 = cache
-                    .cached()
-                    .iter()
-                    .filter(|m| m.device == hearth_devices::DeviceId::Cpu)
-                    .map(|m| m.size_bytes)
-                    .sum();
+                let models = self.inner.config.nn.cache().loaded_bytes(hearth_devices::DeviceId::Cpu);
                 let reserved = budget.reserve(limits.memory_bytes as u64, models);
                 Some(reserved.ok_or(InvokeError::MemoryBudget {
                     budget_mb: budget.limit() >> 20,
@@ -174,16 +168,13 @@ impl Engine {
         let nn = self.inner.config.nn.instance(&grants.models, memory.clone());
         let state = HostState::new(
             memory,
+            reservation,
             nn,
             grants.assets.as_deref(),
             grants.outbound.clone(),
             self.inner.config.outbound.clone(),
         )
         .map_err(|e| InvokeError::Internal(format!("mounting the function's assets: {}", error_chain(&e))))?;
-        let state = HostState {
-            _reservation: reservation,
-            ..state
-        };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_callback(|store| {

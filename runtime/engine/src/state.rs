@@ -35,6 +35,7 @@ pub(crate) struct HostState {
 impl HostState {
     pub(crate) fn new(
         memory: Arc<hearth_bridge::InstanceMemory>,
+        reservation: Option<crate::budget::Reservation>,
         nn: hearth_bridge::NnCtx,
         assets: Option<&Path>,
         outbound: Arc<[hearth_manifest::Origin]>,
@@ -64,7 +65,7 @@ impl HostState {
             stderr,
             nn,
             deadline: Instant::now(),
-            _reservation: None,
+            _reservation: reservation,
         })
     }
 }
