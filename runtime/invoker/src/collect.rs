@@ -17,51 +17,56 @@ pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(3600);
 /// progress has written its blobs before its version.
 pub const GC_GRACE: Duration = Duration::from_secs(3600);
 
+/// Files and bytes removed of one kind since start.
 #[derive(Debug, Default)]
 struct Removed {
-    blob_files: AtomicU64,
-    blob_bytes: AtomicU64,
-    compiled_files: AtomicU64,
-    compiled_bytes: AtomicU64,
+    files: AtomicU64,
+    bytes: AtomicU64,
 }
+
+impl Removed {
+    fn add(&self, collected: hearth_store::Collected) {
+        self.files.fetch_add(collected.files, Ordering::Relaxed);
+        self.bytes.fetch_add(collected.bytes, Ordering::Relaxed);
+    }
+}
+
+/// What every collection since start removed, by `kind` label.
+type Totals = [(&'static str, Removed); 2];
 
 impl Invoker {
     /// Collects garbage every `interval` (files unreferenced for at least
     /// `grace`), from one `interval` after start.
     pub fn spawn_collector(self: &Arc<Self>, interval: Duration, grace: Duration) -> tokio::task::JoinHandle<()> {
-        let removed = Arc::new(Removed::default());
-        let observed = removed.clone();
+        let totals: Arc<Totals> = Arc::new([("blob", Removed::default()), ("compiled", Removed::default())]);
         let meter = self.telemetry.meter();
-        let files = observed.clone();
-        let _files = meter
-            .u64_observable_counter("hearth.gc.removed_files")
-            .with_description("Files garbage collection deleted: blobs no version references, stale compiled artifacts")
-            .with_callback(move |counter| {
-                counter.observe(
-                    files.blob_files.load(Ordering::Relaxed),
-                    &[KeyValue::new("kind", "blob")],
-                );
-                counter.observe(
-                    files.compiled_files.load(Ordering::Relaxed),
-                    &[KeyValue::new("kind", "compiled")],
-                );
-            })
-            .build();
-        let _bytes = meter
-            .u64_observable_counter("hearth.gc.removed_bytes")
-            .with_unit("By")
-            .with_description("Bytes garbage collection freed")
-            .with_callback(move |counter| {
-                counter.observe(
-                    observed.blob_bytes.load(Ordering::Relaxed),
-                    &[KeyValue::new("kind", "blob")],
-                );
-                counter.observe(
-                    observed.compiled_bytes.load(Ordering::Relaxed),
-                    &[KeyValue::new("kind", "compiled")],
-                );
-            })
-            .build();
+        // (name, unit, description, which count); no unit for a count.
+        for (name, unit, description, read) in [
+            (
+                "hearth.gc.removed_files",
+                "",
+                "Files garbage collection deleted: blobs no version references, stale compiled artifacts",
+                (|r: &Removed| &r.files) as fn(&Removed) -> &AtomicU64,
+            ),
+            (
+                "hearth.gc.removed_bytes",
+                "By",
+                "Bytes garbage collection freed",
+                |r: &Removed| &r.bytes,
+            ),
+        ] {
+            let totals = totals.clone();
+            let _counter = meter
+                .u64_observable_counter(name)
+                .with_unit(unit)
+                .with_description(description)
+                .with_callback(move |counter| {
+                    for (kind, removed) in totals.iter() {
+                        counter.observe(read(removed).load(Ordering::Relaxed), &[KeyValue::new("kind", *kind)]);
+                    }
+                })
+                .build();
+        }
         let registry = self.registry.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(interval);
@@ -71,10 +76,8 @@ impl Invoker {
                 every.tick().await;
                 match registry.collect_garbage(grace).await {
                     Ok(gc) => {
-                        removed.blob_files.fetch_add(gc.blobs.files, Ordering::Relaxed);
-                        removed.blob_bytes.fetch_add(gc.blobs.bytes, Ordering::Relaxed);
-                        removed.compiled_files.fetch_add(gc.compiled.files, Ordering::Relaxed);
-                        removed.compiled_bytes.fetch_add(gc.compiled.bytes, Ordering::Relaxed);
+                        totals[0].1.add(gc.blobs);
+                        totals[1].1.add(gc.compiled);
                         if gc.blobs.files + gc.compiled.files > 0 {
                             tracing::info!(
                                 blobs = gc.blobs.files,
