@@ -294,8 +294,20 @@ async fn queued_bytes_are_bounded_and_runs_expire() {
     // the 1 s retention, so it expires when it is claimed.
     let first = accepted_id(submit_raw(&server, "default", "slow", "/sleep?ms=2500", vec![1; 600]).await).await;
     let refused = submit_raw(&server, "default", "slow", "/ok", vec![1; 600]).await;
-    let problem = problem(refused, 429).await;
-    assert_eq!(problem["key"], "max_async_queued_bytes", "{problem}");
+    let refusal = problem(refused, 429).await;
+    assert_eq!(refusal["key"], "max_async_queued_bytes", "{refusal}");
+    // Without a declared length, the body is read only as far as the room
+    // left (400 bytes), then refused the same way.
+    let chunks = futures::stream::iter((0..6).map(|_| Ok::<_, std::io::Error>(vec![1u8; 100])));
+    let streamed = http()
+        .post(format!("{}/v1/functions/slow/invocations", server.url))
+        .query(&[("tenant", "default"), ("path", "/ok")])
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("submit");
+    let refusal = problem(streamed, 429).await;
+    assert_eq!(refusal["key"], "max_async_queued_bytes", "{refusal}");
     let second = accepted_id(submit_raw(&server, "default", "slow", "/ok", vec![1; 100]).await).await;
 
     let first = finished_in(&server, "default", "slow", &first).await;

@@ -144,5 +144,10 @@ async fn garbage_collection_deletes_what_no_version_references() {
             .find(|l| l.starts_with("hearth_gc_removed_files_total") && l.contains(&format!("kind=\"{kind}\"")))
             .unwrap_or_else(|| panic!("no {kind} counter in {metrics}"));
         assert!(line.ends_with(" 1"), "{line}");
+        let bytes = metrics
+            .lines()
+            .find(|l| l.starts_with("hearth_gc_removed_bytes_total{") && l.contains(&format!("kind=\"{kind}\"")))
+            .unwrap_or_else(|| panic!("no {kind} byte counter in {metrics}"));
+        assert!(!bytes.ends_with(" 0"), "{bytes}");
     }
 }

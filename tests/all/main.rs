@@ -19,6 +19,7 @@ mod observability;
 mod ocr;
 mod packaging;
 mod python_handler;
+mod rollouts;
 mod sandbox;
 mod scaling;
 mod telemetry;

@@ -20,6 +20,8 @@
 //! - `/fetch?url=U`: sends `GET U`, following up to five redirects, and
 //!   answers 200 with the final status and body, or 502 with the error (an
 //!   outgoing request the host refused);
+//! - `/chatty?mb=N`: prints N MiB to stdout in 100-byte lines, then answers
+//!   (a guest flooding the log);
 //! - anything else: answers `ok`.
 use hearth_guest::prelude::*;
 
@@ -96,6 +98,18 @@ async fn faults(request: Request<Body>) -> Result<Response<Body>> {
             Ok(response)
         }
         "/fetch" => fetch(&request).await,
+        "/chatty" => {
+            use std::io::Write as _;
+            let mib = query(&request, "mb").unwrap_or(1);
+            let line = [b'x'; 99].iter().chain(b"\n").copied().collect::<Vec<u8>>();
+            let mut out = std::io::stdout().lock();
+            for _ in 0..(mib << 20) / 100 {
+                // A full log is the host's to drop; the guest keeps going.
+                let _ = out.write_all(&line);
+            }
+            let _ = out.flush();
+            Ok(text(StatusCode::OK, "printed\n"))
+        }
         _ => Ok(text(StatusCode::OK, "ok\n")),
     }
 }

@@ -123,6 +123,75 @@ pub struct FunctionDetail {
     pub versions: Vec<FunctionVersion>,
 }
 
+/// `GET /v1/functions/{name}/versions`: every live version, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionList {
+    /// The versions.
+    pub versions: Vec<FunctionVersion>,
+}
+
+/// One version an alias sends requests to, and its weight.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AliasRoute {
+    /// The version.
+    pub version: u32,
+    /// Its weight relative to the alias's other versions (`--split 3=90,4=10`).
+    pub weight: u32,
+}
+
+/// A version that gets a copy of a share of an alias's requests; its
+/// answers are recorded (`shadow = true`) but never sent.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AliasShadow {
+    /// The version.
+    pub version: u32,
+    /// Percentage of the alias's requests copied (1 to 100).
+    pub percent: u32,
+}
+
+/// `PUT /v1/functions/{name}/aliases/{alias}`: where the alias sends
+/// requests from now on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SetAlias {
+    /// The versions that answer, by weight (at least one).
+    pub routes: Vec<AliasRoute>,
+    /// Mirrored traffic, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<AliasShadow>,
+}
+
+/// An alias as it stands, or one entry of its history.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AliasInfo {
+    /// The alias (`latest` is the bare name).
+    pub alias: String,
+    /// The versions it sends requests to, by weight; empty once unset.
+    pub routes: Vec<AliasRoute>,
+    /// Mirrored traffic, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<AliasShadow>,
+    /// `latest` following the newest version (not pinned by a deployer).
+    #[serde(default)]
+    pub follows_newest: bool,
+    /// When it took effect (RFC 3339); empty for `latest` never changed.
+    pub set_at: String,
+}
+
+/// `GET /v1/functions/{name}/aliases`: every alias, `latest` first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AliasList {
+    /// The aliases.
+    pub aliases: Vec<AliasInfo>,
+}
+
+/// `GET /v1/functions/{name}/aliases/{alias}/history`: its changes, oldest
+/// first (for `latest`, the deploys it followed too).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AliasHistory {
+    /// The changes.
+    pub changes: Vec<AliasInfo>,
+}
+
 /// `GET /v1/status`: devices, warm models, and the tenant's functions.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {

@@ -46,11 +46,25 @@ pub(crate) async fn submit(
     }
     let limit = state.invoker.config().max_body_bytes;
     check_declared_length(request.headers(), limit).map_err(|limit| ApiError::PayloadTooLarge { limit })?;
+    // Admitted before the body is read, which is read only as far as the
+    // tenant's queue has room: a tenant at its limit costs no buffering.
+    let room = state.invoker.submission_room(&tenant).await?;
+    let queue_full = || ApiError::from(state.invoker.async_queue_full(&tenant));
+    let bound = room.map_or(limit, |room| room.min(limit));
+    if room.is_some() && check_declared_length(request.headers(), bound).is_err() {
+        return Err(queue_full());
+    }
     let (parts, body) = request.into_parts();
-    let body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+    let body = Limited::new(body, usize::try_from(bound).unwrap_or(usize::MAX))
         .collect()
         .await
-        .map_err(|_| ApiError::PayloadTooLarge { limit })?
+        .map_err(|_| {
+            if bound < limit {
+                queue_full()
+            } else {
+                ApiError::PayloadTooLarge { limit }
+            }
+        })?
         .to_bytes();
     let headers = parts
         .headers

@@ -27,7 +27,7 @@ use crate::{ApiError, AppState, check_declared_length, scope};
 const MAX_MANIFEST_BYTES: usize = 64 * 1024;
 
 /// A stored function version as the API shows it.
-fn version_view(v: &hearth_store::FunctionVersion) -> FunctionVersion {
+pub(crate) fn version_view(v: &hearth_store::FunctionVersion) -> FunctionVersion {
     FunctionVersion {
         tenant: v.tenant.clone(),
         name: v.name.clone(),
@@ -257,7 +257,7 @@ pub(crate) async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn check_name(name: &str) -> Result<(), ApiError> {
+pub(crate) fn check_name(name: &str) -> Result<(), ApiError> {
     hearth_manifest::validate_name(name).map_err(|reason| bad_request(format!("function name: {reason}")))
 }
 

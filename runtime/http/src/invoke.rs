@@ -1,11 +1,15 @@
 //! `ANY /fn/{tenant}/{function}/{rest...}`: run a function.
 //!
-//! This route resolves the function, authenticates the caller (unless the
+//! `{function}` is a name (its alias `latest`), `name@3` (version 3) or
+//! `name@prod` (an alias, which may split requests over versions; the
+//! `x-hearth-sticky` header keeps a caller on one). This route resolves the
+//! function, authenticates the caller (unless the
 //! function is public), opens the invocation's record with the invoker and
 //! shapes the guest's request; the invoker does the rest. The guest sees the
 //! request as if served at the root (`/fn/acme/ocr/v1/read?x=1` arrives as
 //! `/v1/read?x=1`), with the mount in `x-hearth-base-path`. Every answer,
-//! success or problem, carries `x-hearth-invocation-id`.
+//! success or problem, carries `x-hearth-invocation-id`; every answer of a
+//! version, `x-hearth-version`.
 
 use std::sync::Arc;
 
@@ -16,10 +20,14 @@ use hearth_auth::Action;
 use hearth_invoker::{BASE_PATH_HEADER, Failure, now_us};
 use hearth_manifest::Qos;
 use http::{HeaderValue, Uri, header};
+use http_body_util::{BodyExt as _, Limited};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::{ApiError, AppState, INVOCATION_ID_HEADER, QOS_HEADER, authenticate, check_declared_length};
+use crate::{
+    ApiError, AppState, INVOCATION_ID_HEADER, QOS_HEADER, STICKY_HEADER, VERSION_HEADER, authenticate,
+    check_declared_length,
+};
 
 /// The route's parameters; the path below the mount is taken from the raw
 /// URI instead, so percent-encoding reaches the guest untouched.
@@ -49,10 +57,20 @@ async fn run(state: Arc<AppState>, tenant: String, function: String, rest: Strin
     let id = Uuid::now_v7();
     let started_at_us = now_us();
     let span = tracing::info_span!("invocation", invocation_id = %id, tenant = %tenant, function = %function);
-    let result = invoke(&state, id, started_at_us, &tenant, &function, &rest, request)
-        .instrument(span)
-        .await;
-    match result {
+    let mut version = None;
+    let result = invoke(
+        &state,
+        id,
+        started_at_us,
+        &tenant,
+        &function,
+        &rest,
+        request,
+        &mut version,
+    )
+    .instrument(span)
+    .await;
+    let mut response = match result {
         Ok(mut response) => {
             if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
                 response.headers_mut().insert(INVOCATION_ID_HEADER, value);
@@ -63,9 +81,21 @@ async fn run(state: Arc<AppState>, tenant: String, function: String, rest: Strin
             tracing::info!(invocation_id = %id, tenant, function, error = %err, "invocation failed");
             err.into_problem(Some(id))
         }
+    };
+    if let Some(version) = version {
+        response
+            .headers_mut()
+            .insert(VERSION_HEADER, HeaderValue::from(version));
     }
+    response
 }
 
+/// Runs the invocation; `version` is set once the version that answers is
+/// known (for its header on every answer, problems included).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site, each argument a part of the request"
+)]
 async fn invoke(
     state: &AppState,
     id: Uuid,
@@ -74,9 +104,13 @@ async fn invoke(
     function: &str,
     rest: &str,
     request: Request,
+    version: &mut Option<u32>,
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::NotFound(format!("function `{function}` not found in tenant `{tenant}`"));
-    if hearth_manifest::validate_name(tenant).is_err() || hearth_manifest::validate_name(function).is_err() {
+    let Ok((name, selector)) = hearth_registry::Selector::split(function) else {
+        return Err(not_found());
+    };
+    if hearth_manifest::validate_name(tenant).is_err() || hearth_manifest::validate_name(name).is_err() {
         return Err(not_found());
     }
     // Only a public function answers without a token. For anything else the
@@ -89,27 +123,49 @@ async fn invoke(
         true => Some(authenticate(state, request.headers()).await?),
         false => None,
     };
-    let resolved = invoker.registry().resolve(tenant, function).await;
+    let sticky = request.headers().get(STICKY_HEADER).map(HeaderValue::as_bytes);
+    let resolved = invoker.registry().route(tenant, name, &selector, sticky).await;
     // While the store is away an uncached function cannot be told public
     // or private: it is unavailable to everyone (a token would not help).
     let resolved = match resolved {
         Err(err) if err.is_unavailable() => return Err(err.into()),
         resolved => resolved,
     };
-    let public = matches!(&resolved, Ok(deployed) if deployed.manifest.public);
+    let public = matches!(&resolved, Ok(routed) if routed.deployed.manifest.public);
     if !public {
         principal
             .ok_or(ApiError::Unauthorized(hearth_auth::AuthError::Missing))?
             .authorize(Action::Invoke, tenant)?;
     }
-    let deployed = resolved?;
+    let routed = resolved?;
+    let deployed = &routed.deployed;
     // From here on the invocation is the tenant's: every ending is recorded.
-    let meter = invoker.begin(id, started_at_us, &deployed);
-    let (class, request) = match shape(state, &deployed, tenant, function, rest, request) {
+    let mut meter = invoker.begin(id, started_at_us, deployed);
+    meter.through(routed.alias.as_deref());
+    *version = Some(deployed.version.version);
+    let (class, mut request) = match shape(state, deployed, tenant, function, rest, request) {
         Ok(shaped) => shaped,
         Err(failure) => return Err(meter.refuse(failure).await.into()),
     };
-    let mut response = invoker.invoke(meter, &deployed, class, request).await?.map(Body::new);
+    if let Some(shadow) = &routed.shadow {
+        // Both copies need the body: it is read once, within the limit.
+        let (parts, body) = request.into_parts();
+        let limit = invoker.config().max_body_bytes;
+        let bytes = match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => return Err(meter.refuse(Failure::PayloadTooLarge { limit }).await.into()),
+        };
+        let mut copy = http::Request::new(bytes.clone());
+        *copy.method_mut() = parts.method.clone();
+        *copy.uri_mut() = parts.uri.clone();
+        *copy.headers_mut() = parts.headers.clone();
+        invoker.mirror(shadow.clone(), routed.alias.clone(), copy);
+        request = Request::from_parts(parts, Body::from(bytes));
+    }
+    let mut response = invoker.invoke(meter, deployed, class, request).await?.map(Body::new);
     response
         .headers_mut()
         .insert(QOS_HEADER, HeaderValue::from_static(class.as_str()));

@@ -4,7 +4,8 @@
 //!   and authenticates, shapes the guest's request and hands it to the
 //!   invoker (`hearth-invoker`), which runs it and records it;
 //! - `/v1/...` is the control API, behind bearer tokens: functions
-//!   ([`control`]), tokens ([`tokens`]), usage ([`usage`]), asynchronous
+//!   ([`control`]), their versions and aliases ([`aliases`]), tokens
+//!   ([`tokens`]), usage ([`usage`]), asynchronous
 //!   invocations ([`asynchronous`]); its bodies are `hearth-api`'s types;
 //! - `/healthz` and `/readyz` are for load balancers and orchestrators;
 //! - `/metrics` is for Prometheus.
@@ -12,6 +13,7 @@
 //! Every error leaves through [`ApiError`], the one place that maps errors to
 //! statuses and `application/problem+json` bodies.
 
+mod aliases;
 mod asynchronous;
 mod control;
 mod invoke;
@@ -26,7 +28,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, delete, get, post};
+use axum::routing::{any, delete, get, post, put};
 use hearth_api::{Health, TenantQuery};
 use hearth_auth::{Action, Auth, Principal};
 use hearth_invoker::{Invoker, RenderFailure};
@@ -48,6 +50,11 @@ const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Request header that lowers an invocation's QoS class (never raises it);
 /// the response echoes the class it ran at.
 pub const QOS_HEADER: &str = "x-hearth-qos";
+/// Response header: the version of the function that answered.
+pub const VERSION_HEADER: &str = "x-hearth-version";
+/// Request header: a caller's key that keeps it on one version of an
+/// alias's split (hashed; the same key, the same version).
+pub const STICKY_HEADER: &str = "x-hearth-sticky";
 
 /// Who may read `/metrics`: it names every tenant's functions and their
 /// traffic, so by default only operator tokens and the metrics token may.
@@ -123,6 +130,15 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .layer(DefaultBodyLimit::disable()),
         )
         .route("/functions/{name}", get(control::show).delete(control::delete))
+        .route("/functions/{name}/versions", get(aliases::versions))
+        .route("/functions/{name}/versions/{version}", delete(aliases::delete_version))
+        .route("/functions/{name}/aliases", get(aliases::list))
+        .route(
+            "/functions/{name}/aliases/{alias}",
+            put(aliases::set).delete(aliases::unset),
+        )
+        .route("/functions/{name}/aliases/{alias}/history", get(aliases::history))
+        .route("/functions/{name}/aliases/{alias}/rollback", post(aliases::rollback))
         .route("/status", get(control::status))
         .route("/tokens", post(tokens::create).get(tokens::list))
         .route("/tokens/revoke", post(tokens::revoke_by_value))

@@ -282,7 +282,9 @@ impl From<AuthError> for ApiError {
 impl From<RegistryError> for ApiError {
     fn from(err: RegistryError) -> Self {
         match err {
-            RegistryError::NotFound { .. } => ApiError::NotFound(err.to_string()),
+            RegistryError::NotFound { .. } | RegistryError::NoTarget { .. } => ApiError::NotFound(err.to_string()),
+            RegistryError::Conflict { .. } => ApiError::Conflict(err.to_string()),
+            RegistryError::InvalidAlias(detail) => ApiError::Unprocessable { detail, key: None },
             RegistryError::Manifest(e) => ApiError::BadRequest {
                 key: e.key().map(str::to_owned),
                 detail: e.to_string(),

@@ -49,21 +49,39 @@ pub type RenderFailure = Arc<dyn Fn(Failure, Option<Uuid>) -> http::Response<Byt
 type RunResult = Option<(AsyncState, Option<StoredMessage>)>;
 
 impl Invoker {
-    /// Stores a submitted invocation and wakes the runner. A submission
-    /// passes its tenant's gate (rate and concurrency, as a call would) and
-    /// is refused when the tenant's queued bodies would pass
+    /// Admits a submission for `tenant` before its body is read: it passes
+    /// the tenant's gate (rate and concurrency, as a call would), and the
+    /// answer is how many body bytes the tenant may still queue under
+    /// `max_async_queued_bytes` (`None`: no such limit). The caller reads at
+    /// most that much, so a tenant at its limit is never buffered.
+    pub async fn submission_room(&self, tenant: &str) -> Result<Option<u64>, Failure> {
+        drop(self.tenants.admit(tenant)?);
+        let Some(limit) = self.tenants.limits(tenant).max_async_queued_bytes else {
+            return Ok(None);
+        };
+        let queued = self.store.async_queued_bytes(tenant).await.map_err(store_failure)?;
+        match limit.checked_sub(queued) {
+            Some(room) if room > 0 => Ok(Some(room)),
+            _ => Err(queue_full(tenant, limit)),
+        }
+    }
+
+    /// The refusal of a submission of `tenant` whose body would pass
     /// `max_async_queued_bytes`.
+    pub fn async_queue_full(&self, tenant: &str) -> Failure {
+        let limit = self.tenants.limits(tenant).max_async_queued_bytes.unwrap_or(0);
+        queue_full(tenant, limit)
+    }
+
+    /// Stores a submitted invocation (admitted by
+    /// [`Invoker::submission_room`]) and wakes the runner. The queued bytes
+    /// are checked again, as other submissions may have landed meanwhile.
     pub async fn submit(&self, invocation: AsyncInvocation) -> Result<(), Failure> {
         let tenant = &invocation.tenant;
-        drop(self.tenants.admit(tenant)?);
         if let Some(limit) = self.tenants.limits(tenant).max_async_queued_bytes {
             let queued = self.store.async_queued_bytes(tenant).await.map_err(store_failure)?;
             if queued.saturating_add(invocation.request.body.len() as u64) > limit {
-                return Err(Failure::TenantLimit(TenantRejection::Holding {
-                    tenant: tenant.clone(),
-                    limit: "max_async_queued_bytes",
-                    value: limit,
-                }));
+                return Err(queue_full(tenant, limit));
             }
         }
         self.store.insert_async(invocation).await.map_err(store_failure)?;
@@ -263,6 +281,7 @@ impl Invoker {
         // invocation and the attempt: a retry never collides with the
         // record of an earlier one.
         let mut meter = Meter::new(self, &Uuid::now_v7().to_string(), now_us(), &deployed);
+        meter.through(Some(hearth_store::LATEST));
         meter.attempt_of(&invocation.id, invocation.attempts);
         meter.set_bytes_in(invocation.request.body.len() as u64);
         match self.run(&deployed, Qos::Batch, deadline, meter, request).await {
@@ -333,4 +352,13 @@ fn rebuild(stored: &StoredMessage, base: &str) -> Result<hyper::Request<Full<Byt
 /// A store error while taking a submission: unavailable (503) or internal.
 fn store_failure(err: StoreError) -> Failure {
     Failure::Function(hearth_registry::RegistryError::Store(err))
+}
+
+/// The refusal of a submission that would pass `max_async_queued_bytes`.
+fn queue_full(tenant: &str, limit: u64) -> Failure {
+    Failure::TenantLimit(TenantRejection::Holding {
+        tenant: tenant.to_owned(),
+        limit: "max_async_queued_bytes",
+        value: limit,
+    })
 }

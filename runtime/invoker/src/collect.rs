@@ -49,7 +49,7 @@ impl Invoker {
                 (|r: &Removed| &r.files) as fn(&Removed) -> &AtomicU64,
             ),
             (
-                "hearth.gc.removed_bytes",
+                "hearth.gc.removed",
                 "By",
                 "Bytes garbage collection freed",
                 |r: &Removed| &r.bytes,

@@ -200,14 +200,38 @@ impl Invoker {
         self.run(deployed, class, deadline, meter, request).await
     }
 
+    /// Runs a shadow copy of an alias's request on `deployed`, in a task
+    /// of its own at the `batch` class: its answer is read to the end (so
+    /// its record commits) and dropped, and whatever happens to it never
+    /// reaches the caller of the primary. Its record says `shadow = true`.
+    pub fn mirror(self: &Arc<Self>, deployed: Arc<Deployed>, alias: Option<Arc<str>>, request: hyper::Request<Bytes>) {
+        let invoker = self.clone();
+        tokio::spawn(async move {
+            let mut meter = invoker.begin(Uuid::now_v7(), now_us(), &deployed);
+            meter.through(alias.as_deref());
+            meter.shadow();
+            let request = request.map(http_body_util::Full::new);
+            if let Ok(response) = invoker.invoke(meter, &deployed, Qos::Batch, request).await {
+                let mut body = response.into_body();
+                while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
+            }
+        });
+    }
+
     /// After a deploy: the versions `deployed` replaces are retired (their
-    /// idle instances go now, not at their idle timeout), its code, just
+    /// idle instances go now, not at their idle timeout) unless an alias
+    /// still sends requests to them (a version called by number later
+    /// gets its pool back), its code, just
     /// compiled, scales to zero like any other's, and its `min_instances`
     /// warm up in the background.
     pub fn deployed(self: &Arc<Self>, deployed: Arc<Deployed>) {
         let key = run::key(&deployed);
-        self.pools
-            .retire(|other| other.is_version_of(&key.tenant, &key.function) && other.version != key.version);
+        let routed = self.registry.routed_versions(&key.tenant, &key.function);
+        self.pools.retire(|other| {
+            other.is_version_of(&key.tenant, &key.function)
+                && other.version != key.version
+                && !routed.contains(&other.version)
+        });
         self.pools.track_loaded(&key, &run::spec(&deployed));
         if deployed.manifest.scaling.min_instances > 0 {
             let invoker = self.clone();

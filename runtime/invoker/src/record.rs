@@ -82,6 +82,8 @@ impl Meter {
                 tenant: deployed.version.tenant.clone(),
                 function: deployed.version.name.clone(),
                 version: deployed.version.version,
+                alias: String::new(),
+                shadow: false,
                 started_at_us,
                 ended_at_us: started_at_us,
                 status: 0,
@@ -102,6 +104,16 @@ impl Meter {
             report: None,
             head_only: false,
         }
+    }
+
+    /// The alias the request came through (`None`: it named the version).
+    pub fn through(&mut self, alias: Option<&str>) {
+        alias.unwrap_or_default().clone_into(&mut self.usage.alias);
+    }
+
+    /// The invocation is a shadow copy: its answer goes nowhere.
+    pub fn shadow(&mut self) {
+        self.usage.shadow = true;
     }
 
     /// The request is a `HEAD`: the answer's head is all the client gets, so
@@ -399,6 +411,9 @@ impl Meter {
             batch_size,
             compute: std::time::Duration::from_nanos(u.compute_ns),
             gpu: std::time::Duration::from_nanos(u.gpu_ns),
+            version: u.version,
+            alias: &u.alias,
+            shadow: u.shadow,
         });
         tracing::info!(
             target: hearth_telemetry::REQUEST_TARGET,

@@ -15,6 +15,13 @@ fn record(tenant: &str, n: u64) -> UsageRecord {
         tenant: tenant.into(),
         function: "echo".into(),
         version: 1,
+        // Both kinds of record, so that both columns round-trip.
+        alias: if n.is_multiple_of(2) {
+            String::new()
+        } else {
+            "prod".into()
+        },
+        shadow: n % 5 == 1,
         started_at_us: 1_764_000_000_000_000,
         ended_at_us: 1_764_000_000_002_500,
         status: 200,

@@ -48,7 +48,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
 /// records already there: model compute (until then only GPU time was
 /// recorded, in microseconds, as `gpu_us`, which is still written) and
 /// asynchronous attempts.
-const ADDED_COLUMNS: [(&str, &str); 4] = [
+const ADDED_COLUMNS: [(&str, &str); 6] = [
     (
         "compute_ns INTEGER NOT NULL DEFAULT 0",
         "UPDATE usage SET compute_ns = gpu_us * 1000",
@@ -59,6 +59,8 @@ const ADDED_COLUMNS: [(&str, &str); 4] = [
     ),
     ("invocation_id TEXT", ""),
     ("attempt INTEGER NOT NULL DEFAULT 1", ""),
+    ("alias TEXT NOT NULL DEFAULT ''", ""),
+    ("shadow INTEGER NOT NULL DEFAULT 0", ""),
 ];
 
 /// Numbers the records of a table made before commit sequences, in id
@@ -67,7 +69,7 @@ const SEQ_MIGRATION: &str = "CREATE UNIQUE INDEX IF NOT EXISTS usage_seq ON usag
 
 pub(crate) const COLUMNS: &str = "id, tenant, function, version, started_at_us, ended_at_us, status, outcome, cold_start, \
      queue_us, memory_peak_bytes, guest_cpu_us, device, gpu_us, inference_calls, batched_calls, bytes_in, bytes_out, \
-     billed_ms, cost_nanos, currency, price_version, seq, compute_ns, gpu_ns, invocation_id, attempt";
+     billed_ms, cost_nanos, currency, price_version, seq, compute_ns, gpu_ns, invocation_id, attempt, alias, shadow";
 
 pub(crate) fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
@@ -139,6 +141,8 @@ pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
             tenant: row.get(1)?,
             function: row.get(2)?,
             version: row.get(3)?,
+            alias: row.get(27)?,
+            shadow: row.get(28)?,
             started_at_us: row.get(4)?,
             ended_at_us: row.get(5)?,
             status: row.get(6)?,
@@ -180,7 +184,7 @@ impl Sink for SqliteSink {
                 .prepare_cached(&format!(
                     "INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES \
                      (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, \
-                     ?24, ?25, ?26, ?27)"
+                     ?24, ?25, ?26, ?27, ?28, ?29)"
                 ))
                 .map_err(|e| e.to_string())?;
             for r in batch {
@@ -214,6 +218,8 @@ impl Sink for SqliteSink {
                         sql_u64(u.gpu_ns),
                         u.invocation_id,
                         u.attempt,
+                        u.alias,
+                        u.shadow,
                     ])
                     .map_err(|e| e.to_string())?;
             }

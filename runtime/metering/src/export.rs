@@ -102,13 +102,15 @@ impl Encoder {
 }
 
 /// CSV header, in [`RecordView`]'s field order.
-pub const CSV_COLUMNS: [&str; 26] = [
+pub const CSV_COLUMNS: [&str; 28] = [
     "id",
     "invocation_id",
     "attempt",
     "tenant",
     "function",
     "version",
+    "alias",
+    "shadow",
     "started_at",
     "ended_at",
     "status",

@@ -18,6 +18,7 @@ use crate::record::{Usage, UsageRecord};
 /// [per_compute_second]           # of model compute, by device kind
 /// cpu = 0.00001
 /// cuda = 0.0004
+/// bill_shadow = true             # shadow copies of an alias's requests
 /// ```
 ///
 /// `[per_gpu_second]`, the older name of the table's GPU prices, is still
@@ -45,10 +46,18 @@ pub struct PriceTable {
     /// The older name for GPU kinds of `per_compute_second`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub per_gpu_second: BTreeMap<String, f64>,
+    /// Whether shadow copies of an alias's requests are billed like any
+    /// other run (they are recorded either way).
+    #[serde(default = "yes")]
+    pub bill_shadow: bool,
 }
 
 fn usd() -> String {
     "USD".into()
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Why a price table was refused.
@@ -77,6 +86,7 @@ impl Default for PriceTable {
             per_cpu_second: 0.000_01,
             per_compute_second: BTreeMap::from([("cpu".to_owned(), 0.000_01), ("cuda".to_owned(), 0.000_4)]),
             per_gpu_second: BTreeMap::new(),
+            bill_shadow: true,
         }
     }
 }
@@ -108,9 +118,11 @@ impl PriceTable {
         Ok(table)
     }
 
-    /// Prices `usage`: invocations that never ran cost nothing.
+    /// Prices `usage`: invocations that never ran cost nothing, nor shadow
+    /// copies when the table says `bill_shadow = false`.
     pub fn price(&self, usage: Usage) -> UsageRecord {
-        let cost = if usage.outcome.ran() {
+        let billed = usage.outcome.ran() && (self.bill_shadow || !usage.shadow);
+        let cost = if billed {
             let billed_s = usage.billed_ms() as f64 / 1e3;
             let gib = usage.memory_peak_bytes as f64 / (1u64 << 30) as f64;
             let compute = |kind: &str| self.per_compute_second.get(kind).copied().unwrap_or(0.0);
@@ -169,6 +181,17 @@ mod tests {
         );
         usage.outcome = Outcome::Rejected;
         assert_eq!(table.price(usage).cost_nanos, 0);
+    }
+
+    #[test]
+    fn shadow_copies_are_billed_unless_the_table_says_not() {
+        let mut shadow = crate::tests::usage("a", Outcome::Ok);
+        shadow.shadow = true;
+        assert!(PriceTable::default().price(shadow.clone()).cost_nanos > 0);
+        let table = PriceTable::from_toml("version = \"x\"\nper_invocation = 1.0\nbill_shadow = false").expect("table");
+        assert_eq!(table.price(shadow.clone()).cost_nanos, 0);
+        shadow.shadow = false;
+        assert_eq!(table.price(shadow).cost_nanos, 1_000_000_000);
     }
 
     #[test]

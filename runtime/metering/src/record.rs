@@ -87,6 +87,14 @@ pub struct Usage {
     pub function: String,
     /// Version that ran.
     pub version: u32,
+    /// The alias the request came through (`latest` for a bare name); empty
+    /// when it named the version (`@3`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub alias: String,
+    /// A copy of an alias's request sent to its shadow version, whose
+    /// answer nobody saw.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
     /// Unix microseconds when the request arrived.
     pub started_at_us: i64,
     /// Unix microseconds when the response (or refusal) was complete.
@@ -181,6 +189,10 @@ pub struct RecordView {
     pub tenant: String,
     pub function: String,
     pub version: u32,
+    /// The alias called (`latest` for a bare name); empty for `@N`.
+    pub alias: String,
+    /// A shadow copy (nobody saw its answer).
+    pub shadow: bool,
     pub started_at: String,
     pub ended_at: String,
     pub status: u16,
@@ -231,6 +243,8 @@ impl From<&UsageRecord> for RecordView {
             tenant: u.tenant.clone(),
             function: u.function.clone(),
             version: u.version,
+            alias: u.alias.clone(),
+            shadow: u.shadow,
             started_at: format_us(u.started_at_us),
             ended_at: format_us(u.ended_at_us),
             status: u.status,

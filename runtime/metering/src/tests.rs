@@ -14,6 +14,8 @@ pub(crate) fn usage(id: &str, outcome: Outcome) -> Usage {
         tenant: "acme".into(),
         function: "echo".into(),
         version: 3,
+        alias: "prod".into(),
+        shadow: false,
         started_at_us: 1_764_000_000_000_000,
         ended_at_us: 1_764_000_000_002_500,
         status: 200,

@@ -3,13 +3,17 @@
 //! The registry owns the deploy transaction (validate the manifest against the
 //! server's limits, compile the component, then record the blob and the
 //! version, in that order, so a failure leaves nothing behind) and the lookup
-//! on every invocation. The newest version of each function is cached in
-//! memory; a deploy or delete through this process updates the cache.
+//! on every invocation ([`routes`]: which version a request names, through
+//! a version number or an alias). Each function's routing and the versions
+//! it served are cached in memory; a change through this process updates
+//! the cache, one made by another node is announced by the store.
 
 mod assets;
 mod model_check;
+pub mod routes;
 
 pub use model_check::{INVALID_MODEL_EXIT, ModelCheck};
+pub use routes::Selector;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,9 +24,13 @@ use hearth_bridge::{ModelRef, NnHost};
 use hearth_devices::{DeviceError, Placement};
 use hearth_engine::{Engine, EngineError, Grants, Prepared};
 use hearth_manifest::{DeviceWish, Manifest, ManifestError};
-use hearth_store::{Artifact, ArtifactKind, BlobStore, FunctionVersion, NewVersion, StagedBlob, Store, StoreError};
+use hearth_store::{
+    Alias, AliasChange, AliasTarget, Artifact, ArtifactKind, BlobStore, FunctionVersion, LATEST, NewVersion, Refusal,
+    StagedBlob, Store, StoreError,
+};
 
 use crate::assets::AssetDirs;
+use crate::routes::Routes;
 
 /// Result of a registry operation.
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -67,6 +75,25 @@ pub enum RegistryError {
         /// Why.
         reason: String,
     },
+    /// No such version of the function, or no such alias.
+    #[error("function `{name}` has no {what}")]
+    NoTarget {
+        /// Function asked.
+        name: String,
+        /// `version 3`, `alias `prod``.
+        what: String,
+    },
+    /// The change to versions or aliases contradicts what is stored.
+    #[error("function `{name}`: {refusal}")]
+    Conflict {
+        /// Function asked.
+        name: String,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// An alias or its target is malformed.
+    #[error("{0}")]
+    InvalidAlias(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -91,8 +118,8 @@ impl From<EngineError> for RegistryError {
     }
 }
 
-/// The version of a function that currently answers, with its parsed
-/// manifest and what its instances are given.
+/// A deployed version of a function, with its parsed manifest and what its
+/// instances are given.
 #[derive(Debug, Clone)]
 pub struct Deployed {
     /// The stored version.
@@ -172,7 +199,8 @@ pub struct Registry {
     engine: Engine,
     nn: NnHost,
     assets: AssetDirs,
-    latest: Arc<DashMap<(String, String), Arc<Deployed>>>,
+    /// Each function's routing, and the versions it served.
+    functions: Arc<DashMap<(String, String), Arc<Routes>>>,
     /// Model blobs whose content was checked against their digest.
     verified: Arc<dashmap::DashSet<String>>,
     /// How a deployed model is parsed first, out of process.
@@ -202,7 +230,7 @@ impl Registry {
             engine,
             nn,
             assets: AssetDirs::new(assets_root),
-            latest: Arc::new(DashMap::new()),
+            functions: Arc::new(DashMap::new()),
             verified: Arc::new(dashmap::DashSet::new()),
             model_check: None,
         }
@@ -337,14 +365,15 @@ impl Registry {
             })
             .await?;
         tracing::info!(tenant, function = %version.name, version = version.version, component = %version.component, artifacts = version.artifacts.len(), "deployed");
-        self.latest.insert(
-            (tenant.to_owned(), manifest.name.clone()),
-            Arc::new(Deployed {
-                version: version.clone(),
-                manifest,
-                grants,
-            }),
-        );
+        let deployed = Arc::new(Deployed {
+            version: version.clone(),
+            manifest,
+            grants,
+        });
+        self.forget(tenant, &version.name);
+        if let Ok(routes) = self.routes(tenant, &version.name).await {
+            routes.versions.insert(version.version, deployed);
+        }
         Ok(version)
     }
 
@@ -443,27 +472,176 @@ impl Registry {
         Ok(())
     }
 
-    /// The version of `name` that answers invocations now.
+    /// The version a bare call of `name` runs now (through `latest`).
     pub async fn resolve(&self, tenant: &str, name: &str) -> Result<Arc<Deployed>> {
+        let latest = Selector::Alias(LATEST.to_owned());
+        Ok(self.route(tenant, name, &latest, None).await?.deployed)
+    }
+
+    /// Where a request for `name@selector` goes: the version that answers,
+    /// the alias it came through and a version to mirror it to; `sticky`
+    /// (a caller's key) keeps a caller on one version of a split.
+    pub async fn route(&self, tenant: &str, name: &str, selector: &Selector, sticky: Option<&[u8]>) -> Result<Routed> {
+        let routes = self.routes(tenant, name).await?;
+        let choice = routes.choose(selector, sticky).ok_or_else(|| RegistryError::NoTarget {
+            name: name.to_owned(),
+            what: match selector {
+                Selector::Alias(alias) => format!("alias `{alias}`"),
+                Selector::Version(version) => format!("version {version}"),
+            },
+        })?;
+        let deployed = self.version(&routes, tenant, name, choice.version).await?;
+        let shadow = match choice.shadow {
+            Some(version) => self.version(&routes, tenant, name, version).await.ok(),
+            None => None,
+        };
+        Ok(Routed {
+            deployed,
+            alias: choice.alias,
+            shadow,
+        })
+    }
+
+    /// A function's routing, from the cache or the store.
+    async fn routes(&self, tenant: &str, name: &str) -> Result<Arc<Routes>> {
         let key = (tenant.to_owned(), name.to_owned());
-        if let Some(found) = self.latest.get(&key) {
+        if let Some(found) = self.functions.get(&key) {
             return Ok(found.clone());
         }
-        let version = self
+        let newest = self
             .store
             .latest_version(tenant, name)
             .await?
             .ok_or_else(|| not_found(tenant, name))?;
-        let manifest = Manifest::from_toml(&version.manifest)
-            .map_err(|e| StoreError::Corrupt(format!("{tenant}/{name} v{}: {e}", version.version)))?;
+        let aliases = self.store.aliases(tenant, name).await?;
+        let routes = Arc::new(Routes {
+            newest: newest.version,
+            aliases: aliases
+                .into_iter()
+                .map(|alias| (alias.name.clone(), (Arc::from(alias.name.as_str()), alias.target)))
+                .collect(),
+            latest: Arc::from(LATEST),
+            versions: DashMap::new(),
+        });
+        let deployed = self.deployed(newest).await?;
+        routes.versions.insert(deployed.version.version, deployed);
+        // A change announced meanwhile removed the entry: this one is
+        // still served, and the next call reads the store again.
+        self.functions.insert(key, routes.clone());
+        Ok(routes)
+    }
+
+    /// One version of a function, from its routing's cache or the store.
+    async fn version(&self, routes: &Routes, tenant: &str, name: &str, version: u32) -> Result<Arc<Deployed>> {
+        if let Some(found) = routes.versions.get(&version) {
+            return Ok(found.clone());
+        }
+        let stored = self
+            .store
+            .version(tenant, name, version)
+            .await?
+            .ok_or_else(|| RegistryError::NoTarget {
+                name: name.to_owned(),
+                what: format!("version {version}"),
+            })?;
+        let deployed = self.deployed(stored).await?;
+        routes.versions.insert(version, deployed.clone());
+        Ok(deployed)
+    }
+
+    /// A stored version, ready to run.
+    async fn deployed(&self, version: FunctionVersion) -> Result<Arc<Deployed>> {
+        let manifest = Manifest::from_toml(&version.manifest).map_err(|e| {
+            StoreError::Corrupt(format!("{}/{} v{}: {e}", version.tenant, version.name, version.version))
+        })?;
         let grants = self.grants(&manifest, &version.artifacts).await?;
-        let deployed = Arc::new(Deployed {
+        Ok(Arc::new(Deployed {
             version,
             manifest,
             grants,
-        });
-        self.latest.insert(key, deployed.clone());
-        Ok(deployed)
+        }))
+    }
+
+    /// The versions some alias of the function sends requests to now
+    /// (`latest` included), as this node has them cached.
+    pub fn routed_versions(&self, tenant: &str, name: &str) -> Vec<u32> {
+        let key = (tenant.to_owned(), name.to_owned());
+        let Some(routes) = self.functions.get(&key) else {
+            return Vec::new();
+        };
+        let mut versions: Vec<u32> = routes
+            .aliases
+            .values()
+            .flat_map(|(_, target)| target.versions().collect::<Vec<_>>())
+            .collect();
+        if !routes.aliases.contains_key(LATEST) {
+            versions.push(routes.newest);
+        }
+        versions.sort_unstable();
+        versions.dedup();
+        versions
+    }
+
+    /// Points `alias` of a function at `target`, or unsets it (`None`;
+    /// `latest` then follows the newest version again).
+    pub async fn set_alias(
+        &self,
+        tenant: &str,
+        name: &str,
+        alias: &str,
+        target: Option<AliasTarget>,
+    ) -> Result<AliasChange> {
+        routes::validate_alias(alias).map_err(RegistryError::InvalidAlias)?;
+        if let Some(target) = &target {
+            routes::validate_target(target).map_err(RegistryError::InvalidAlias)?;
+        }
+        let change = self
+            .store
+            .set_alias(tenant, name, alias, target.clone())
+            .await
+            .map_err(|err| refused(err, tenant, name))?;
+        self.forget(tenant, name);
+        tracing::info!(tenant, function = name, alias, target = ?change.target, "alias changed");
+        Ok(change)
+    }
+
+    /// Points `alias` back at what it pointed at before its last change.
+    pub async fn rollback(&self, tenant: &str, name: &str, alias: &str) -> Result<AliasChange> {
+        routes::validate_alias(alias).map_err(RegistryError::InvalidAlias)?;
+        let history = self.alias_history(tenant, name, alias).await?;
+        let previous = history
+            .len()
+            .checked_sub(2)
+            .and_then(|i| history[i].target.clone())
+            .ok_or_else(|| RegistryError::Conflict {
+                name: name.to_owned(),
+                refusal: Refusal::NothingToRollBack(alias.to_owned()),
+            })?;
+        self.set_alias(tenant, name, alias, Some(previous)).await
+    }
+
+    /// The aliases set on a function.
+    pub async fn aliases(&self, tenant: &str, name: &str) -> Result<Vec<Alias>> {
+        self.versions(tenant, name).await?;
+        Ok(self.store.aliases(tenant, name).await?)
+    }
+
+    /// An alias's history, oldest first.
+    pub async fn alias_history(&self, tenant: &str, name: &str, alias: &str) -> Result<Vec<AliasChange>> {
+        self.versions(tenant, name).await?;
+        Ok(self.store.alias_history(tenant, name, alias).await?)
+    }
+
+    /// Deletes one version of a function (refused while an alias points at
+    /// it, or if it is the last one).
+    pub async fn delete_version(&self, tenant: &str, name: &str, version: u32) -> Result<()> {
+        self.store
+            .delete_version(tenant, name, version)
+            .await
+            .map_err(|err| refused(err, tenant, name))?;
+        self.forget(tenant, name);
+        tracing::info!(tenant, function = name, version, "deleted a version");
+        Ok(())
     }
 
     /// Every function that keeps instances warm (`min_instances > 0`),
@@ -536,18 +714,16 @@ impl Registry {
         Ok(versions)
     }
 
-    /// Deletes a function: later invocations answer 404. Invocations already
-    /// running finish on the instance they have.
     /// Drops the cached version of a function changed elsewhere (another
     /// node of a cluster deployed or deleted it): the next call reads it
     /// from the store again.
     pub fn forget(&self, tenant: &str, name: &str) {
-        self.latest.remove(&(tenant.to_owned(), name.to_owned()));
+        self.functions.remove(&(tenant.to_owned(), name.to_owned()));
     }
 
     /// Drops every cached version (something changed elsewhere, unsaid).
     pub fn forget_all(&self) {
-        self.latest.clear();
+        self.functions.clear();
     }
 
     /// Deletes what no version references any more: local blobs and
@@ -580,12 +756,13 @@ impl Registry {
     }
 
     /// Deletes a function and all its versions (their blobs go at the next
-    /// garbage collection).
+    /// garbage collection): later invocations answer 404. Invocations
+    /// already running finish on the instance they have.
     pub async fn delete(&self, tenant: &str, name: &str) -> Result<()> {
         if !self.store.delete_function(tenant, name).await? {
             return Err(not_found(tenant, name));
         }
-        self.latest.remove(&(tenant.to_owned(), name.to_owned()));
+        self.forget(tenant, name);
         tracing::info!(tenant, function = name, "deleted");
         Ok(())
     }
@@ -598,6 +775,37 @@ pub struct GarbageCollected {
     pub blobs: hearth_store::Collected,
     /// Compiled artifacts.
     pub compiled: hearth_store::Collected,
+}
+
+/// Where a request goes, from [`Registry::route`].
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// The version that answers.
+    pub deployed: Arc<Deployed>,
+    /// The alias the request came through (`None`: called by version).
+    pub alias: Option<Arc<str>>,
+    /// A version that gets a copy of the request, whose answer nobody sees.
+    pub shadow: Option<Arc<Deployed>>,
+}
+
+/// A store refusal as the registry reports it.
+fn refused(err: StoreError, tenant: &str, name: &str) -> RegistryError {
+    match err {
+        StoreError::Refused(Refusal::NoFunction) => not_found(tenant, name),
+        StoreError::Refused(Refusal::NoVersion(version)) => RegistryError::NoTarget {
+            name: name.to_owned(),
+            what: format!("version {version}"),
+        },
+        StoreError::Refused(Refusal::NoAlias(alias)) => RegistryError::NoTarget {
+            name: name.to_owned(),
+            what: format!("alias `{alias}`"),
+        },
+        StoreError::Refused(refusal) => RegistryError::Conflict {
+            name: name.to_owned(),
+            refusal,
+        },
+        other => RegistryError::Store(other),
+    }
 }
 
 fn not_found(tenant: &str, name: &str) -> RegistryError {

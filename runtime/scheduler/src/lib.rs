@@ -812,6 +812,9 @@ impl<I: Send + 'static> State<I> {
                 if pool.spec != *spec {
                     pool.spec = spec.clone();
                 }
+                // Called again (by version, or an alias moved back to it):
+                // its instances are worth keeping after all.
+                pool.retired = false;
             }
             None => {
                 self.pools.insert(function.clone(), Pool::new(spec.clone(), now));

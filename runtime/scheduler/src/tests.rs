@@ -156,6 +156,21 @@ async fn a_new_version_never_gets_old_instances() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retired_version_called_again_keeps_its_instances() {
+    let s = scheduler(SchedulerConfig::default());
+    let spec = spec(2);
+    let (v1, v2) = (key("f"), FunctionKey::new("t", "f", 2));
+    let busy = s.acquire(&v1, &spec, Qos::Standard, far()).await.expect("admitted");
+    s.retire(|k| k.is_version_of("t", "f") && k.version != 2);
+    run_on(&s, &v2, &spec, 1).await;
+    // `f@1` is called again while its busy instance runs: its instances
+    // go back to its pool when done, and serve the next call.
+    run_on(&s, &v1, &spec, 2).await;
+    busy.finish(Some(9));
+    assert_ne!(run_on(&s, &v1, &spec, 3).await, 3, "v1's instances are reused");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_retired_version_goes_once_nothing_of_it_runs_and_its_code_unloads() {
     let s = scheduler(SchedulerConfig::default());
     let (v1, v2) = (key("f"), FunctionKey::new("t", "f", 2));

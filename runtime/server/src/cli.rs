@@ -40,11 +40,104 @@ pub enum FunctionsCommand {
         #[arg(long, short, value_enum, default_value_t)]
         output: Output,
     },
-    /// Delete a function (running invocations finish; later ones get 404).
+    /// List every live version of a function, oldest first.
+    Versions {
+        /// Function name.
+        name: String,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete a function (running invocations finish; later ones get 404),
+    /// or one version of it.
+    #[command(disable_version_flag = true)]
     Delete {
         /// Function name.
         name: String,
+        /// Delete only this version (refused while an alias points at it).
+        #[arg(long, value_name = "N")]
+        version: Option<u32>,
     },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AliasCommand {
+    /// Point an alias at one version, or split it over several by weight:
+    /// `hearth alias set NAME prod 3`, `hearth alias set NAME prod --split
+    /// 3=90,4=10`. `latest` is the bare name: setting it pins it.
+    Set {
+        /// Function name.
+        name: String,
+        /// Alias (not all digits: `@3` names version 3).
+        alias: String,
+        /// The one version it points at.
+        #[arg(value_name = "VERSION", required_unless_present = "split", conflicts_with = "split")]
+        to: Option<u32>,
+        /// Versions and weights, `VERSION=WEIGHT,...`.
+        #[arg(long, value_parser = parse_split)]
+        split: Option<Split>,
+        /// Mirror a share of the alias's requests to a version,
+        /// `VERSION=PERCENT` (its answers are recorded, never sent).
+        #[arg(long, value_parser = parse_shadow)]
+        shadow: Option<hearth_client::AliasShadow>,
+    },
+    /// Unset an alias (`latest` follows the newest version again).
+    Unset {
+        /// Function name.
+        name: String,
+        /// Alias.
+        alias: String,
+    },
+    /// List a function's aliases.
+    List {
+        /// Function name.
+        name: String,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show an alias's changes, oldest first (deploys that `latest`
+    /// followed included).
+    History {
+        /// Function name.
+        name: String,
+        /// Alias.
+        #[arg(default_value = "latest")]
+        alias: String,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// `--split 3=90,4=10`: versions and their weights.
+#[derive(Debug, Clone)]
+pub struct Split(Vec<hearth_client::AliasRoute>);
+
+/// Parses `3=90,4=10`.
+fn parse_split(text: &str) -> Result<Split, String> {
+    text.split(',')
+        .map(|part| {
+            let (version, weight) = parse_pair(part, "WEIGHT")?;
+            Ok(hearth_client::AliasRoute { version, weight })
+        })
+        .collect::<Result<_, String>>()
+        .map(Split)
+}
+
+/// Parses `5=10`.
+fn parse_shadow(text: &str) -> Result<hearth_client::AliasShadow, String> {
+    let (version, percent) = parse_pair(text, "PERCENT")?;
+    Ok(hearth_client::AliasShadow { version, percent })
+}
+
+fn parse_pair(part: &str, what: &str) -> Result<(u32, u32), String> {
+    let (version, value) = part
+        .trim()
+        .split_once('=')
+        .ok_or_else(|| format!("`{part}`: expected VERSION={what}"))?;
+    let number = |text: &str| text.trim().parse::<u32>().map_err(|e| format!("`{part}`: {e}"));
+    Ok((number(version)?, number(value)?))
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -510,12 +603,103 @@ pub async fn functions(args: &ClientArgs, command: FunctionsCommand) -> anyhow::
                 }
             }
         }
-        FunctionsCommand::Delete { name } => {
+        FunctionsCommand::Versions { name, output } => {
+            let versions = client.versions(&name).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&versions)?),
+                Output::Text => print_table(&versions),
+            }
+        }
+        FunctionsCommand::Delete { name, version: None } => {
             client.delete(&name).await?;
             println!("deleted {name}");
         }
+        FunctionsCommand::Delete {
+            name,
+            version: Some(version),
+        } => {
+            client.delete_version(&name, version).await?;
+            println!("deleted {name}@{version}");
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub async fn alias(args: &ClientArgs, command: AliasCommand) -> anyhow::Result<ExitCode> {
+    let client = connect(args)?;
+    match command {
+        AliasCommand::Set {
+            name,
+            alias,
+            to,
+            split,
+            shadow,
+        } => {
+            let routes = match (to, split) {
+                (Some(version), _) => vec![hearth_client::AliasRoute { version, weight: 1 }],
+                (None, Some(Split(split))) => split,
+                (None, None) => anyhow::bail!("give a VERSION or --split"),
+            };
+            let set = client
+                .set_alias(&name, &alias, &hearth_client::SetAlias { routes, shadow })
+                .await?;
+            println!("{name}@{alias} -> {}", describe(&set));
+        }
+        AliasCommand::Unset { name, alias } => {
+            client.unset_alias(&name, &alias).await?;
+            println!("unset {name}@{alias}");
+        }
+        AliasCommand::List { name, output } => {
+            let aliases = client.aliases(&name).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&aliases)?),
+                Output::Text => {
+                    println!("{:<16} {:<32} SET AT", "ALIAS", "TARGET");
+                    for alias in &aliases {
+                        println!("{:<16} {:<32} {}", alias.alias, describe(alias), alias.set_at);
+                    }
+                }
+            }
+        }
+        AliasCommand::History { name, alias, output } => {
+            let changes = client.alias_history(&name, &alias).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&changes)?),
+                Output::Text => {
+                    println!("{:<26} TARGET", "AT");
+                    for change in &changes {
+                        println!("{:<26} {}", change.set_at, describe(change));
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn rollback(args: &ClientArgs, name: &str, alias: &str) -> anyhow::Result<ExitCode> {
+    let client = connect(args)?;
+    let back = client.rollback(name, alias).await?;
+    println!("{name}@{alias} -> {}", describe(&back));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `3`, `3=90,4=10`, `newest (4)`, `3 + shadow 5=10%`, `unset`.
+fn describe(alias: &hearth_client::AliasInfo) -> String {
+    let mut text = match alias.routes.as_slice() {
+        [] => "unset".to_owned(),
+        [only] if alias.follows_newest => format!("newest ({})", only.version),
+        [only] => only.version.to_string(),
+        routes => routes
+            .iter()
+            .map(|r| format!("{}={}", r.version, r.weight))
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    if let Some(shadow) = alias.shadow {
+        text.push_str(&format!(" + shadow {}={}%", shadow.version, shadow.percent));
+    }
+    text
 }
 
 pub async fn status(args: &ClientArgs, output: Output) -> anyhow::Result<ExitCode> {

@@ -64,6 +64,25 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Point aliases at versions (`NAME@ALIAS`), split or mirror their
+    /// traffic, and read their history.
+    Alias {
+        #[command(subcommand)]
+        command: cli::AliasCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Point an alias (default `latest`, the bare name) back at its
+    /// previous target.
+    Rollback {
+        /// Function name.
+        name: String,
+        /// Alias.
+        #[arg(default_value = "latest")]
+        alias: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Create, list or revoke bearer tokens (needs an admin token).
     Tokens {
         #[command(subcommand)]
@@ -119,6 +138,8 @@ fn main() -> std::process::ExitCode {
             Command::Status { output, client } => cli::status(&client, output).await,
             Command::Usage { command, client } => cli::usage(&client, command).await,
             Command::Tokens { command, client } => cli::tokens(&client, command).await,
+            Command::Alias { command, client } => cli::alias(&client, command).await,
+            Command::Rollback { name, alias, client } => cli::rollback(&client, &name, &alias).await,
             Command::CheckModel { .. } => unreachable!("handled before the runtime starts"),
         }
     });
@@ -147,5 +168,15 @@ fn check_model(path: &std::path::Path) -> std::process::ExitCode {
             eprintln!("error: {err}");
             invalid
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        // clap checks names and flags only when a command is built: every
+        // subcommand here, not just the ones a test happens to run.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -25,6 +25,9 @@ const CASES: &[(&str, Case)] = &[
     ("versions", |open| {
         Box::pin(versions_count_up_survive_reopen_and_deletion_keeps_numbers(open))
     }),
+    ("aliases", |open| {
+        Box::pin(aliases_point_at_live_versions_and_keep_a_history(open))
+    }),
     ("concurrent deploys", |open| {
         Box::pin(concurrent_deploys_get_distinct_versions(open))
     }),
@@ -136,7 +139,154 @@ async fn versions_count_up_survive_reopen_and_deletion_keeps_numbers(open: Open)
 
     let v3 = store.create_version(new_version("echo", b"three")).await.expect("v3");
     assert_eq!(v3.version, 3, "a redeploy after delete never reuses a version number");
-    assert_eq!(store.list_versions("default", "echo").await.expect("versions").len(), 3);
+    assert_eq!(
+        store.list_versions("default", "echo").await.expect("versions"),
+        [v3],
+        "the deleted function's versions stay deleted"
+    );
+    assert_eq!(store.version("default", "echo", 1).await.expect("v1"), None);
+}
+
+/// Versions called by number, aliases pointing at them with a history,
+/// and the deletions aliases forbid.
+async fn aliases_point_at_live_versions_and_keep_a_history(open: Open) {
+    use crate::{AliasTarget, LATEST, Refusal, Route, Shadow, StoreError};
+    let store = open().await;
+    store.ensure_tenant("default").await.expect("tenant");
+    let refused = |result: crate::Result<()>| match result {
+        Err(StoreError::Refused(refusal)) => refusal,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!(
+        refused(
+            store
+                .set_alias("default", "echo", "prod", Some(AliasTarget::single(1)))
+                .await
+                .map(drop)
+        ),
+        Refusal::NoFunction
+    );
+    for content in [b"one", b"two", b"thr"] {
+        store
+            .create_version(new_version("echo", content))
+            .await
+            .expect("deploy");
+    }
+    let v2 = store.version("default", "echo", 2).await.expect("v2").expect("live");
+    assert_eq!(v2.component, Digest::of(b"two"));
+    assert_eq!(store.version("default", "echo", 9).await.expect("v9"), None);
+
+    let split = AliasTarget {
+        routes: vec![Route { version: 1, weight: 90 }, Route { version: 2, weight: 10 }],
+        shadow: Some(Shadow { version: 3, percent: 5 }),
+    };
+    let set = store
+        .set_alias("default", "echo", "prod", Some(split.clone()))
+        .await
+        .expect("set");
+    assert_eq!(set.target.as_ref(), Some(&split));
+    assert_eq!(
+        refused(
+            store
+                .set_alias("default", "echo", "prod", Some(AliasTarget::single(7)))
+                .await
+                .map(drop)
+        ),
+        Refusal::NoVersion(7)
+    );
+    drop(store);
+
+    let store = open().await;
+    let aliases = store.aliases("default", "echo").await.expect("aliases");
+    assert_eq!(aliases.len(), 1);
+    assert_eq!((aliases[0].name.as_str(), &aliases[0].target), ("prod", &split));
+    // Each version an alias names, and the newest (followed by `latest`),
+    // stays until the alias moves.
+    for version in [1, 2, 3] {
+        assert!(matches!(
+            refused(store.delete_version("default", "echo", version).await),
+            Refusal::VersionInUse { .. }
+        ));
+    }
+    let latest = store
+        .set_alias("default", "echo", LATEST, Some(AliasTarget::single(2)))
+        .await
+        .expect("pin latest");
+    assert!(!latest.follows_newest);
+    store
+        .set_alias("default", "echo", "prod", Some(AliasTarget::single(2)))
+        .await
+        .expect("move prod");
+    store
+        .delete_version("default", "echo", 3)
+        .await
+        .expect("v3 is unused now");
+    store
+        .delete_version("default", "echo", 1)
+        .await
+        .expect("v1 is unused now");
+    assert_eq!(
+        refused(store.delete_version("default", "echo", 1).await),
+        Refusal::NoVersion(1)
+    );
+    assert_eq!(
+        refused(store.delete_version("default", "echo", 2).await),
+        Refusal::LastVersion(2)
+    );
+    let newest = store
+        .latest_version("default", "echo")
+        .await
+        .expect("latest")
+        .expect("live");
+    assert_eq!(newest.version, 2, "the newest live version, after 3 was deleted");
+
+    // `latest` unpinned follows the newest again; a deploy is in its history.
+    let unset = store.set_alias("default", "echo", LATEST, None).await.expect("unset");
+    assert_eq!(
+        (unset.target, unset.follows_newest),
+        (Some(AliasTarget::single(2)), true)
+    );
+    store.create_version(new_version("echo", b"four")).await.expect("v4");
+    let history = store.alias_history("default", "echo", LATEST).await.expect("history");
+    let followed: Vec<(Option<u32>, bool)> = history
+        .iter()
+        .map(|change| {
+            (
+                change.target.as_ref().map(|t| t.routes[0].version),
+                change.follows_newest,
+            )
+        })
+        .collect();
+    assert_eq!(
+        followed,
+        [
+            (Some(1), true),
+            (Some(2), true),
+            (Some(3), true),
+            (Some(2), false),
+            (Some(2), true),
+            (Some(4), true)
+        ]
+    );
+    assert_eq!(
+        refused(store.set_alias("default", "echo", "never", None).await.map(drop)),
+        Refusal::NoAlias("never".into())
+    );
+    let prod = store.alias_history("default", "echo", "prod").await.expect("history");
+    assert_eq!(prod.len(), 2);
+    assert_eq!(prod[0].target.as_ref(), Some(&split));
+
+    // Deleting the function takes its aliases and history along.
+    assert!(store.delete_function("default", "echo").await.expect("delete"));
+    store.create_version(new_version("echo", b"five")).await.expect("v5");
+    assert!(store.aliases("default", "echo").await.expect("aliases").is_empty());
+    assert!(
+        store
+            .alias_history("default", "echo", "prod")
+            .await
+            .expect("history")
+            .is_empty()
+    );
 }
 
 /// Two nodes deploying the same function at once: every deploy gets a

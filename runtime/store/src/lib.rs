@@ -28,6 +28,10 @@ pub use postgres::{CHANGES_CHANNEL, PostgresStore};
 pub use remote::RemoteBlobs;
 pub use sqlite::SqliteStore;
 
+/// The alias a bare function name means: the newest version, unless a
+/// deployer pins it.
+pub const LATEST: &str = "latest";
+
 /// A store opened by [`open`].
 #[derive(Debug)]
 pub struct Opened {
@@ -114,6 +118,39 @@ pub enum StoreError {
     /// A row that does not decode (hand-edited database, or a bug).
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// The change contradicts what is stored (the caller's to fix).
+    #[error("{0}")]
+    Refused(Refusal),
+}
+
+/// Why the store refused a change to versions or aliases: the request
+/// contradicts what is stored, so callers answer 404 or 409.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No live function of that name.
+    #[error("no such function")]
+    NoFunction,
+    /// The function has no live version of that number.
+    #[error("version {0} does not exist")]
+    NoVersion(u32),
+    /// An alias sends requests to the version (`latest`, when it follows
+    /// the newest version, counts).
+    #[error("alias `{alias}` points at version {version}")]
+    VersionInUse {
+        /// The version.
+        version: u32,
+        /// The alias pointing at it.
+        alias: String,
+    },
+    /// The only version left: delete the function instead.
+    #[error("version {0} is the function's only version")]
+    LastVersion(u32),
+    /// No alias of that name is set.
+    #[error("alias `{0}` is not set")]
+    NoAlias(String),
+    /// The alias has no earlier target to go back to.
+    #[error("alias `{0}` has no earlier target to roll back to")]
+    NothingToRollBack(String),
 }
 
 impl StoreError {
@@ -213,6 +250,77 @@ pub struct NewVersion {
     pub component_size: u64,
     /// Models and assets, already in the [`BlobStore`].
     pub artifacts: Vec<Artifact>,
+}
+
+/// Where an alias sends requests: versions by weight, and optionally a
+/// share of them mirrored to another version.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AliasTarget {
+    /// The versions that answer, with their weights (at least one; weights
+    /// are positive and relative).
+    pub routes: Vec<Route>,
+    /// Mirrored traffic, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
+}
+
+impl AliasTarget {
+    /// Every request to one version.
+    pub fn single(version: u32) -> AliasTarget {
+        AliasTarget {
+            routes: vec![Route { version, weight: 1 }],
+            shadow: None,
+        }
+    }
+
+    /// Every version it names (routes, then the shadow's).
+    pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.routes
+            .iter()
+            .map(|route| route.version)
+            .chain(self.shadow.iter().map(|shadow| shadow.version))
+    }
+}
+
+/// One version of an alias and its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Route {
+    /// The version.
+    pub version: u32,
+    /// Its weight relative to the alias's other routes.
+    pub weight: u32,
+}
+
+/// Requests mirrored to a version whose answers nobody sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shadow {
+    /// The version that gets the copies.
+    pub version: u32,
+    /// Percentage of the alias's requests copied (1 to 100).
+    pub percent: u32,
+}
+
+/// An alias as set now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alias {
+    /// Its name (never all digits: those are versions).
+    pub name: String,
+    /// Where it sends requests.
+    pub target: AliasTarget,
+    /// When it was set (Unix ms).
+    pub set_at_ms: i64,
+}
+
+/// One entry of an alias's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AliasChange {
+    /// When (Unix ms).
+    pub at_ms: i64,
+    /// Where the alias sent requests from then on; `None`: it was unset.
+    pub target: Option<AliasTarget>,
+    /// `latest` following the newest version (set by a deploy, or unset
+    /// back to it); `target` is then the version it followed.
+    pub follows_newest: bool,
 }
 
 /// A bearer token as stored: the secret itself is never kept, only its hash.
@@ -349,9 +457,30 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn list_functions(&self, tenant: &str) -> Result<Vec<FunctionVersion>>;
     /// Every version of a live function, oldest first.
     async fn list_versions(&self, tenant: &str, name: &str) -> Result<Vec<FunctionVersion>>;
-    /// Deletes a function; its version numbers are not reused by a later
-    /// deploy of the same name. Returns whether it existed.
+    /// Deletes a function with its versions and aliases; its version
+    /// numbers are not reused by a later deploy of the same name. Returns
+    /// whether it existed.
     async fn delete_function(&self, tenant: &str, name: &str) -> Result<bool>;
+    /// One live version of a live function.
+    async fn version(&self, tenant: &str, name: &str, version: u32) -> Result<Option<FunctionVersion>>;
+    /// Deletes one version; refused ([`Refusal`]) while an alias points at
+    /// it (`latest` following the newest counts), or if it is the last one.
+    async fn delete_version(&self, tenant: &str, name: &str, version: u32) -> Result<()>;
+    /// Points `alias` at `target` (every version in it must be live), or
+    /// unsets it with `None` (`latest` then follows the newest version
+    /// again); the change is added to the alias's history.
+    async fn set_alias(
+        &self,
+        tenant: &str,
+        name: &str,
+        alias: &str,
+        target: Option<AliasTarget>,
+    ) -> Result<AliasChange>;
+    /// The aliases set on a function, by name (`latest` only when pinned).
+    async fn aliases(&self, tenant: &str, name: &str) -> Result<Vec<Alias>>;
+    /// An alias's changes, oldest first (for `latest`, deploys it followed
+    /// too).
+    async fn alias_history(&self, tenant: &str, name: &str, alias: &str) -> Result<Vec<AliasChange>>;
 
     /// Records an accepted asynchronous invocation (durably, before the 202).
     async fn insert_async(&self, invocation: AsyncInvocation) -> Result<()>;
@@ -431,6 +560,70 @@ pub enum Change {
     /// Something may have changed that was not announced (a lost
     /// notification, a reconnect): drop every cached entry.
     Unknown,
+}
+
+/// An alias target as stored (JSON, the same in both backends).
+pub(crate) fn target_json(target: &AliasTarget) -> Result<String> {
+    serde_json::to_string(target).map_err(|e| StoreError::Corrupt(format!("encoding an alias target: {e}")))
+}
+
+/// Parses [`target_json`].
+pub(crate) fn target_from_json(json: &str) -> Result<AliasTarget> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("a stored alias target: {e}")))
+}
+
+/// Whether `version` may be deleted, given the function's live versions
+/// (newest last) and its aliases: not while an alias points at it
+/// (`latest` unpinned follows the newest), not the last one.
+pub(crate) fn check_version_deletion(version: u32, live: &[u32], aliases: &[Alias]) -> Result<(), Refusal> {
+    if !live.contains(&version) {
+        return Err(Refusal::NoVersion(version));
+    }
+    if live.len() == 1 {
+        return Err(Refusal::LastVersion(version));
+    }
+    if let Some(alias) = aliases
+        .iter()
+        .find(|alias| alias.target.versions().any(|v| v == version))
+    {
+        return Err(Refusal::VersionInUse {
+            version,
+            alias: alias.name.clone(),
+        });
+    }
+    let latest_pinned = aliases.iter().any(|alias| alias.name == LATEST);
+    if !latest_pinned && live.last() == Some(&version) {
+        return Err(Refusal::VersionInUse {
+            version,
+            alias: LATEST.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The history entry of unsetting `alias`: `latest` follows the newest
+/// live version again; any other alias is gone.
+pub(crate) fn unset_change(alias: &str, live: &[u32], now: i64) -> AliasChange {
+    match (alias == LATEST, live.last()) {
+        (true, Some(&newest)) => AliasChange {
+            at_ms: now,
+            target: Some(AliasTarget::single(newest)),
+            follows_newest: true,
+        },
+        _ => AliasChange {
+            at_ms: now,
+            target: None,
+            follows_newest: false,
+        },
+    }
+}
+
+/// Checks that every version `target` names is live.
+pub(crate) fn check_target(target: &AliasTarget, live: &[u32]) -> Result<(), Refusal> {
+    match target.versions().find(|version| !live.contains(version)) {
+        Some(missing) => Err(Refusal::NoVersion(missing)),
+        None => Ok(()),
+    }
 }
 
 /// A message head as stored (JSON; the body is stored beside it).

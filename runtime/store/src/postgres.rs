@@ -17,8 +17,9 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use crate::{
-    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Change, Digest, FunctionVersion, NewVersion, NodeInfo, Result,
-    Store, StoreError, StoredMessage, TokenRecord, head_json, message_from_parts, now_ms,
+    Alias, AliasChange, AliasTarget, Artifact, ArtifactKind, AsyncInvocation, AsyncState, Change, Digest,
+    FunctionVersion, NewVersion, NodeInfo, Refusal, Result, Store, StoreError, StoredMessage, TokenRecord, head_json,
+    message_from_parts, now_ms,
 };
 
 /// The `LISTEN`/`NOTIFY` channel on which a change to functions or tokens
@@ -143,6 +144,30 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX hearth_usage_tenant ON hearth_usage (tenant, seq);
     CREATE TABLE hearth_usage_head (seq BIGINT NOT NULL);
     INSERT INTO hearth_usage_head (seq) VALUES (0);",
+    // 5: versions deleted one by one, aliases and their history.
+    "ALTER TABLE function_versions ADD COLUMN deleted_at_ms BIGINT;
+    UPDATE function_versions v SET deleted_at_ms = f.deleted_at_ms
+        FROM functions f WHERE f.tenant = v.tenant AND f.name = v.name;
+    CREATE TABLE aliases (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        alias TEXT NOT NULL,
+        target TEXT NOT NULL,
+        set_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (tenant, name, alias)
+    );
+    CREATE TABLE alias_history (
+        id BIGSERIAL PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        alias TEXT NOT NULL,
+        at_ms BIGINT NOT NULL,
+        target TEXT,
+        follows_newest BOOLEAN NOT NULL
+    );
+    CREATE INDEX alias_history_by_alias ON alias_history(tenant, name, alias, id);
+    ALTER TABLE hearth_usage ADD COLUMN alias TEXT NOT NULL DEFAULT '';
+    ALTER TABLE hearth_usage ADD COLUMN shadow BOOLEAN NOT NULL DEFAULT FALSE;",
 ];
 
 /// How often a node compares the change counter with the announcements it
@@ -263,6 +288,49 @@ fn version_from_row(row: &Row) -> Result<FunctionVersion> {
 }
 
 /// Fills in each version's artifacts.
+/// The live versions of a live function, oldest first, with the
+/// function's row locked until the transaction ends (a concurrent deploy,
+/// alias change or deletion waits); refused when the function is not live.
+async fn live_versions(tx: &deadpool_postgres::Transaction<'_>, tenant: &str, name: &str) -> Result<Vec<u32>> {
+    let live = tx
+        .query_opt(
+            "SELECT 1 FROM functions WHERE tenant = $1 AND name = $2 AND deleted_at_ms IS NULL FOR UPDATE",
+            &[&tenant, &name],
+        )
+        .await?;
+    if live.is_none() {
+        return Err(StoreError::Refused(Refusal::NoFunction));
+    }
+    let rows = tx
+        .query(
+            "SELECT version FROM function_versions WHERE tenant = $1 AND name = $2 AND deleted_at_ms IS NULL
+             ORDER BY version",
+            &[&tenant, &name],
+        )
+        .await?;
+    rows.iter().map(|row| Ok(number(row.try_get(0)?))).collect()
+}
+
+/// The aliases set on a function, by name.
+async fn aliases_of(client: &impl deadpool_postgres::GenericClient, tenant: &str, name: &str) -> Result<Vec<Alias>> {
+    let rows = client
+        .query(
+            "SELECT alias, target, set_at_ms FROM aliases WHERE tenant = $1 AND name = $2 ORDER BY alias",
+            &[&tenant, &name],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let target: String = row.try_get(1)?;
+            Ok(Alias {
+                name: row.try_get(0)?,
+                target: crate::target_from_json(&target)?,
+                set_at_ms: row.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
 async fn with_artifacts(client: &tokio_postgres::Client, rows: Vec<Row>) -> Result<Vec<FunctionVersion>> {
     let mut versions = rows.iter().map(version_from_row).collect::<Result<Vec<_>>>()?;
     for version in &mut versions {
@@ -476,6 +544,27 @@ impl Store for PostgresStore {
             )
             .await?;
         }
+        let pinned: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM aliases WHERE tenant = $1 AND name = $2 AND alias = $3)",
+                &[&new.tenant, &new.name, &crate::LATEST],
+            )
+            .await?
+            .try_get(0)?;
+        if !pinned {
+            tx.execute(
+                "INSERT INTO alias_history (tenant, name, alias, at_ms, target, follows_newest)
+                 VALUES ($1, $2, $3, $4, $5, TRUE)",
+                &[
+                    &new.tenant,
+                    &new.name,
+                    &crate::LATEST,
+                    &now,
+                    &crate::target_json(&AliasTarget::single(number(version)))?,
+                ],
+            )
+            .await?;
+        }
         notify_function(&tx, &new.tenant, &new.name).await?;
         tx.commit().await?;
         let mut artifacts = new.artifacts;
@@ -498,8 +587,9 @@ impl Store for PostgresStore {
             .query(
                 &format!(
                     "SELECT {VERSION_COLUMNS} FROM functions f
-                     JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name AND v.version = f.latest_version
-                     WHERE f.tenant = $1 AND f.name = $2 AND f.deleted_at_ms IS NULL"
+                     JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name
+                     WHERE f.tenant = $1 AND f.name = $2 AND f.deleted_at_ms IS NULL AND v.deleted_at_ms IS NULL
+                     ORDER BY v.version DESC LIMIT 1"
                 ),
                 &[&tenant, &name],
             )
@@ -513,7 +603,9 @@ impl Store for PostgresStore {
             .query(
                 &format!(
                     "SELECT {VERSION_COLUMNS} FROM functions f
-                     JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name AND v.version = f.latest_version
+                     JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name AND v.version = (
+                         SELECT MAX(version) FROM function_versions
+                         WHERE tenant = f.tenant AND name = f.name AND deleted_at_ms IS NULL)
                      WHERE f.tenant = $1 AND f.deleted_at_ms IS NULL ORDER BY f.name"
                 ),
                 &[&tenant],
@@ -529,7 +621,8 @@ impl Store for PostgresStore {
                 &format!(
                     "SELECT {VERSION_COLUMNS} FROM functions f
                      JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name
-                     WHERE f.tenant = $1 AND f.name = $2 AND f.deleted_at_ms IS NULL ORDER BY v.version"
+                     WHERE f.tenant = $1 AND f.name = $2 AND f.deleted_at_ms IS NULL AND v.deleted_at_ms IS NULL
+                     ORDER BY v.version"
                 ),
                 &[&tenant, &name],
             )
@@ -540,17 +633,144 @@ impl Store for PostgresStore {
     async fn delete_function(&self, tenant: &str, name: &str) -> Result<bool> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        let now = now_ms();
         let changed = tx
             .execute(
                 "UPDATE functions SET deleted_at_ms = $3 WHERE tenant = $1 AND name = $2 AND deleted_at_ms IS NULL",
-                &[&tenant, &name, &now_ms()],
+                &[&tenant, &name, &now],
             )
             .await?;
+        tx.execute(
+            "UPDATE function_versions SET deleted_at_ms = $3 WHERE tenant = $1 AND name = $2 AND deleted_at_ms IS NULL",
+            &[&tenant, &name, &now],
+        )
+        .await?;
+        tx.execute("DELETE FROM aliases WHERE tenant = $1 AND name = $2", &[&tenant, &name])
+            .await?;
+        tx.execute(
+            "DELETE FROM alias_history WHERE tenant = $1 AND name = $2",
+            &[&tenant, &name],
+        )
+        .await?;
         if changed > 0 {
             notify_function(&tx, tenant, name).await?;
         }
         tx.commit().await?;
         Ok(changed > 0)
+    }
+
+    async fn version(&self, tenant: &str, name: &str, version: u32) -> Result<Option<FunctionVersion>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {VERSION_COLUMNS} FROM functions f
+                     JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name
+                     WHERE f.tenant = $1 AND f.name = $2 AND v.version = $3
+                       AND f.deleted_at_ms IS NULL AND v.deleted_at_ms IS NULL"
+                ),
+                &[&tenant, &name, &signed(version)],
+            )
+            .await?;
+        Ok(with_artifacts(&client, rows).await?.pop())
+    }
+
+    async fn delete_version(&self, tenant: &str, name: &str, version: u32) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let live = live_versions(&tx, tenant, name).await?;
+        let aliases = aliases_of(&tx, tenant, name).await?;
+        crate::check_version_deletion(version, &live, &aliases).map_err(StoreError::Refused)?;
+        tx.execute(
+            "UPDATE function_versions SET deleted_at_ms = $4 WHERE tenant = $1 AND name = $2 AND version = $3",
+            &[&tenant, &name, &signed(version), &now_ms()],
+        )
+        .await?;
+        notify_function(&tx, tenant, name).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_alias(
+        &self,
+        tenant: &str,
+        name: &str,
+        alias: &str,
+        target: Option<AliasTarget>,
+    ) -> Result<AliasChange> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let live = live_versions(&tx, tenant, name).await?;
+        let now = now_ms();
+        let change = match target {
+            Some(target) => {
+                crate::check_target(&target, &live).map_err(StoreError::Refused)?;
+                tx.execute(
+                    "INSERT INTO aliases (tenant, name, alias, target, set_at_ms) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (tenant, name, alias) DO UPDATE SET target = $4, set_at_ms = $5",
+                    &[&tenant, &name, &alias, &crate::target_json(&target)?, &now],
+                )
+                .await?;
+                AliasChange {
+                    at_ms: now,
+                    target: Some(target),
+                    follows_newest: false,
+                }
+            }
+            None => {
+                let removed = tx
+                    .execute(
+                        "DELETE FROM aliases WHERE tenant = $1 AND name = $2 AND alias = $3",
+                        &[&tenant, &name, &alias],
+                    )
+                    .await?;
+                let change = crate::unset_change(alias, &live, now);
+                if removed == 0 && alias != crate::LATEST {
+                    return Err(StoreError::Refused(Refusal::NoAlias(alias.to_owned())));
+                }
+                if removed == 0 {
+                    // `latest` already followed the newest: nothing changed.
+                    return Ok(change);
+                }
+                change
+            }
+        };
+        let target = change.target.as_ref().map(crate::target_json).transpose()?;
+        tx.execute(
+            "INSERT INTO alias_history (tenant, name, alias, at_ms, target, follows_newest)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&tenant, &name, &alias, &now, &target, &change.follows_newest],
+        )
+        .await?;
+        notify_function(&tx, tenant, name).await?;
+        tx.commit().await?;
+        Ok(change)
+    }
+
+    async fn aliases(&self, tenant: &str, name: &str) -> Result<Vec<Alias>> {
+        let client = self.client().await?;
+        aliases_of(&client, tenant, name).await
+    }
+
+    async fn alias_history(&self, tenant: &str, name: &str, alias: &str) -> Result<Vec<AliasChange>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT at_ms, target, follows_newest FROM alias_history
+                 WHERE tenant = $1 AND name = $2 AND alias = $3 ORDER BY id",
+                &[&tenant, &name, &alias],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let target: Option<String> = row.try_get(1)?;
+                Ok(AliasChange {
+                    at_ms: row.try_get(0)?,
+                    target: target.as_deref().map(crate::target_from_json).transpose()?,
+                    follows_newest: row.try_get(2)?,
+                })
+            })
+            .collect()
     }
 
     async fn insert_async(&self, invocation: AsyncInvocation) -> Result<()> {

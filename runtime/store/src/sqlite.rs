@@ -13,8 +13,8 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::{
-    Artifact, ArtifactKind, AsyncInvocation, AsyncState, Digest, FunctionVersion, NewVersion, NodeInfo, Result, Store,
-    StoreError, StoredMessage, TokenRecord, head_json, now_ms,
+    Alias, AliasChange, AliasTarget, Artifact, ArtifactKind, AsyncInvocation, AsyncState, Digest, FunctionVersion,
+    NewVersion, NodeInfo, Refusal, Result, Store, StoreError, StoredMessage, TokenRecord, head_json, now_ms,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many
@@ -92,6 +92,29 @@ const MIGRATIONS: &[&str] = &[
         heartbeat_at_ms INTEGER NOT NULL,
         details TEXT NOT NULL
     );",
+    // 6: versions deleted one by one, aliases and their history.
+    "ALTER TABLE function_versions ADD COLUMN deleted_at_ms INTEGER;
+    UPDATE function_versions SET deleted_at_ms = (
+        SELECT f.deleted_at_ms FROM functions f WHERE f.tenant = function_versions.tenant AND f.name = function_versions.name
+    );
+    CREATE TABLE aliases (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        alias TEXT NOT NULL,
+        target TEXT NOT NULL,
+        set_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (tenant, name, alias)
+    );
+    CREATE TABLE alias_history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        alias TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        target TEXT,
+        follows_newest INTEGER NOT NULL
+    );
+    CREATE INDEX alias_history_by_alias ON alias_history(tenant, name, alias, id);",
 ];
 
 /// SQLite-backed [`Store`].
@@ -138,6 +161,51 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Worker(e.to_string()))?
     }
+}
+
+/// The live versions of a live function, oldest first; refused when the
+/// function is not live.
+fn live_versions(conn: &Connection, tenant: &str, name: &str) -> Result<Vec<u32>> {
+    let live: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM functions WHERE tenant = ?1 AND name = ?2 AND deleted_at_ms IS NULL)",
+        params![tenant, name],
+        |row| row.get(0),
+    )?;
+    if !live {
+        return Err(StoreError::Refused(Refusal::NoFunction));
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT version FROM function_versions WHERE tenant = ?1 AND name = ?2 AND deleted_at_ms IS NULL
+         ORDER BY version",
+    )?;
+    let versions = stmt
+        .query_map(params![tenant, name], |row| row.get(0))?
+        .collect::<rusqlite::Result<Vec<u32>>>()?;
+    Ok(versions)
+}
+
+/// The aliases set on a function, by name.
+fn aliases_of(conn: &Connection, tenant: &str, name: &str) -> Result<Vec<Alias>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT alias, target, set_at_ms FROM aliases WHERE tenant = ?1 AND name = ?2 ORDER BY alias",
+    )?;
+    let rows = stmt.query_map(params![tenant, name], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut aliases = Vec::new();
+    for row in rows {
+        let (name, target, set_at_ms) = row?;
+        aliases.push(Alias {
+            name,
+            target: crate::target_from_json(&target)?,
+            set_at_ms,
+        });
+    }
+    Ok(aliases)
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
@@ -385,6 +453,18 @@ impl Store for SqliteStore {
                     ],
                 )?;
             }
+            let pinned: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = ?3)",
+                params![new.tenant, new.name, crate::LATEST],
+                |row| row.get(0),
+            )?;
+            if !pinned {
+                tx.execute(
+                    "INSERT INTO alias_history (tenant, name, alias, at_ms, target, follows_newest)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+                    params![new.tenant, new.name, crate::LATEST, now, crate::target_json(&AliasTarget::single(version))?],
+                )?;
+            }
             tx.commit()?;
             let mut artifacts = new.artifacts;
             artifacts.sort();
@@ -405,32 +485,35 @@ impl Store for SqliteStore {
     async fn latest_version(&self, tenant: &str, name: &str) -> Result<Option<FunctionVersion>> {
         let (tenant, name) = (tenant.to_owned(), name.to_owned());
         self.with(move |conn| {
-                let version = conn
-                    .prepare_cached(&format!(
-                        "SELECT {VERSION_COLUMNS} FROM functions f
-                         JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name AND v.version = f.latest_version
-                         WHERE f.tenant = ?1 AND f.name = ?2 AND f.deleted_at_ms IS NULL"
-                    ))?
-                    .query_row(params![tenant, name], version_from_row)
-                    .optional()?;
-                Ok(with_artifacts(conn, version.into_iter().collect())?.pop())
-            })
-            .await
+            let version = conn
+                .prepare_cached(&format!(
+                    "SELECT {VERSION_COLUMNS} FROM functions f
+                         JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name
+                         WHERE f.tenant = ?1 AND f.name = ?2 AND f.deleted_at_ms IS NULL AND v.deleted_at_ms IS NULL
+                         ORDER BY v.version DESC LIMIT 1"
+                ))?
+                .query_row(params![tenant, name], version_from_row)
+                .optional()?;
+            Ok(with_artifacts(conn, version.into_iter().collect())?.pop())
+        })
+        .await
     }
 
     async fn list_functions(&self, tenant: &str) -> Result<Vec<FunctionVersion>> {
         let tenant = tenant.to_owned();
         self.with(move |conn| {
-                let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT {VERSION_COLUMNS} FROM functions f
-                     JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name AND v.version = f.latest_version
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {VERSION_COLUMNS} FROM functions f
+                     JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name AND v.version = (
+                         SELECT MAX(version) FROM function_versions
+                         WHERE tenant = f.tenant AND name = f.name AND deleted_at_ms IS NULL)
                      WHERE f.tenant = ?1 AND f.deleted_at_ms IS NULL ORDER BY f.name"
-                ))?;
-                let rows = stmt.query_map(params![tenant], version_from_row)?;
-                let versions = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-                with_artifacts(conn, versions)
-            })
-            .await
+            ))?;
+            let rows = stmt.query_map(params![tenant], version_from_row)?;
+            let versions = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            with_artifacts(conn, versions)
+        })
+        .await
     }
 
     async fn list_versions(&self, tenant: &str, name: &str) -> Result<Vec<FunctionVersion>> {
@@ -439,7 +522,8 @@ impl Store for SqliteStore {
             let mut stmt = conn.prepare_cached(&format!(
                 "SELECT {VERSION_COLUMNS} FROM functions f
                      JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name
-                     WHERE f.tenant = ?1 AND f.name = ?2 AND f.deleted_at_ms IS NULL ORDER BY v.version"
+                     WHERE f.tenant = ?1 AND f.name = ?2 AND f.deleted_at_ms IS NULL AND v.deleted_at_ms IS NULL
+                     ORDER BY v.version"
             ))?;
             let rows = stmt.query_map(params![tenant, name], version_from_row)?;
             let versions = rows.collect::<rusqlite::Result<Vec<_>>>()?;
@@ -451,11 +535,148 @@ impl Store for SqliteStore {
     async fn delete_function(&self, tenant: &str, name: &str) -> Result<bool> {
         let (tenant, name) = (tenant.to_owned(), name.to_owned());
         self.with(move |conn| {
-            let changed = conn.execute(
+            let tx = conn.transaction()?;
+            let now = now_ms();
+            let changed = tx.execute(
                 "UPDATE functions SET deleted_at_ms = ?3 WHERE tenant = ?1 AND name = ?2 AND deleted_at_ms IS NULL",
-                params![tenant, name, now_ms()],
+                params![tenant, name, now],
             )?;
+            tx.execute(
+                "UPDATE function_versions SET deleted_at_ms = ?3
+                 WHERE tenant = ?1 AND name = ?2 AND deleted_at_ms IS NULL",
+                params![tenant, name, now],
+            )?;
+            tx.execute(
+                "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2",
+                params![tenant, name],
+            )?;
+            tx.execute(
+                "DELETE FROM alias_history WHERE tenant = ?1 AND name = ?2",
+                params![tenant, name],
+            )?;
+            tx.commit()?;
             Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn version(&self, tenant: &str, name: &str, version: u32) -> Result<Option<FunctionVersion>> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.with(move |conn| {
+            let found = conn
+                .prepare_cached(&format!(
+                    "SELECT {VERSION_COLUMNS} FROM functions f
+                     JOIN function_versions v ON v.tenant = f.tenant AND v.name = f.name
+                     WHERE f.tenant = ?1 AND f.name = ?2 AND v.version = ?3
+                       AND f.deleted_at_ms IS NULL AND v.deleted_at_ms IS NULL"
+                ))?
+                .query_row(params![tenant, name, version], version_from_row)
+                .optional()?;
+            Ok(with_artifacts(conn, found.into_iter().collect())?.pop())
+        })
+        .await
+    }
+
+    async fn delete_version(&self, tenant: &str, name: &str, version: u32) -> Result<()> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let live = live_versions(&tx, &tenant, &name)?;
+            let aliases = aliases_of(&tx, &tenant, &name)?;
+            crate::check_version_deletion(version, &live, &aliases).map_err(StoreError::Refused)?;
+            tx.execute(
+                "UPDATE function_versions SET deleted_at_ms = ?4 WHERE tenant = ?1 AND name = ?2 AND version = ?3",
+                params![tenant, name, version, now_ms()],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_alias(
+        &self,
+        tenant: &str,
+        name: &str,
+        alias: &str,
+        target: Option<AliasTarget>,
+    ) -> Result<AliasChange> {
+        let (tenant, name, alias) = (tenant.to_owned(), name.to_owned(), alias.to_owned());
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let live = live_versions(&tx, &tenant, &name)?;
+            let now = now_ms();
+            let change = match target {
+                Some(target) => {
+                    crate::check_target(&target, &live).map_err(StoreError::Refused)?;
+                    tx.execute(
+                        "INSERT INTO aliases (tenant, name, alias, target, set_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (tenant, name, alias) DO UPDATE SET target = ?4, set_at_ms = ?5",
+                        params![tenant, name, alias, crate::target_json(&target)?, now],
+                    )?;
+                    AliasChange {
+                        at_ms: now,
+                        target: Some(target),
+                        follows_newest: false,
+                    }
+                }
+                None => {
+                    let removed = tx.execute(
+                        "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = ?3",
+                        params![tenant, name, alias],
+                    )?;
+                    let change = crate::unset_change(&alias, &live, now);
+                    if removed == 0 && alias != crate::LATEST {
+                        return Err(StoreError::Refused(Refusal::NoAlias(alias.to_owned())));
+                    }
+                    if removed == 0 {
+                        // `latest` already followed the newest: nothing changed.
+                        return Ok(change);
+                    }
+                    change
+                }
+            };
+            let target = change.target.as_ref().map(crate::target_json).transpose()?;
+            tx.execute(
+                "INSERT INTO alias_history (tenant, name, alias, at_ms, target, follows_newest)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![tenant, name, alias, now, target, change.follows_newest],
+            )?;
+            tx.commit()?;
+            Ok(change)
+        })
+        .await
+    }
+
+    async fn aliases(&self, tenant: &str, name: &str) -> Result<Vec<Alias>> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.with(move |conn| aliases_of(conn, &tenant, &name)).await
+    }
+
+    async fn alias_history(&self, tenant: &str, name: &str, alias: &str) -> Result<Vec<AliasChange>> {
+        let (tenant, name, alias) = (tenant.to_owned(), name.to_owned(), alias.to_owned());
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT at_ms, target, follows_newest FROM alias_history
+                 WHERE tenant = ?1 AND name = ?2 AND alias = ?3 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![tenant, name, alias], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, Option<String>>(1)?,
+                    row.get::<_, bool>(2)?,
+                ))
+            })?;
+            let mut changes = Vec::new();
+            for row in rows {
+                let (at_ms, target, follows_newest) = row?;
+                changes.push(AliasChange {
+                    at_ms,
+                    target: target.as_deref().map(crate::target_from_json).transpose()?,
+                    follows_newest,
+                });
+            }
+            Ok(changes)
         })
         .await
     }

@@ -69,6 +69,12 @@ pub struct InvocationMetrics<'a> {
     pub compute: Duration,
     /// The part of `compute` that ran on GPUs.
     pub gpu: Duration,
+    /// The version that ran.
+    pub version: u32,
+    /// The alias called (`latest` for a bare name, empty for `@N`).
+    pub alias: &'a str,
+    /// A shadow copy of an alias's request.
+    pub shadow: bool,
 }
 
 /// Functions (tenant and name) with series of their own at most; later
@@ -94,6 +100,8 @@ pub struct Telemetry {
     cold_starts: Counter<u64>,
     batch_size: Histogram<f64>,
     compute_time: Counter<f64>,
+    rollout_invocations: Counter<u64>,
+    rollout_duration: Histogram<f64>,
 }
 
 /// Latency buckets, in seconds: 100 µs to 30 s.
@@ -144,6 +152,18 @@ impl Telemetry {
             .with_unit("s")
             .with_description("Model compute billed to invocations (shares of batched runs), by device kind")
             .build();
+        let rollout_invocations = meter
+            .u64_counter("hearth.rollout.invocations")
+            .with_description(
+                "Invocations through an alias other than `latest` (canaries, shadows), by version and outcome",
+            )
+            .build();
+        let rollout_duration = meter
+            .f64_histogram("hearth.rollout.duration")
+            .with_unit("s")
+            .with_description("Wall time of invocations through an alias other than `latest`, by version")
+            .with_boundaries(DURATION_BUCKETS.to_vec())
+            .build();
         let _guest_dropped = meter
             .u64_observable_counter("hearth.guest.output.dropped")
             .with_description("Guest output lines dropped because the guest log buffer was full")
@@ -161,6 +181,8 @@ impl Telemetry {
             cold_starts,
             batch_size,
             compute_time,
+            rollout_invocations,
+            rollout_duration,
         })
     }
 
@@ -215,6 +237,20 @@ impl Telemetry {
         }
         if m.batch_size > 0.0 {
             self.batch_size.record(m.batch_size, &function);
+        }
+        // Versions behind one alias, side by side: bounded by the versions
+        // deployers route to, so only for aliases they set.
+        if !m.alias.is_empty() && m.alias != "latest" && function[0].value.as_str() != OTHER {
+            let labels = [
+                function[0].clone(),
+                function[1].clone(),
+                KeyValue::new("alias", m.alias.to_owned()),
+                KeyValue::new("version", i64::from(m.version)),
+                KeyValue::new("shadow", m.shadow),
+                KeyValue::new("outcome", m.outcome.to_owned()),
+            ];
+            self.rollout_invocations.add(1, &labels);
+            self.rollout_duration.record(m.wall.as_secs_f64(), &labels[..5]);
         }
         let cpu = m.compute.saturating_sub(m.gpu);
         if !cpu.is_zero() {
@@ -370,17 +406,38 @@ mod tests {
             batch_size: 0.0,
             compute: Duration::ZERO,
             gpu: Duration::ZERO,
+            version: 3,
+            alias: "latest",
+            shadow: false,
         };
         telemetry.invocation(&m);
         telemetry.invocation(&m);
+        assert!(
+            !telemetry.render().expect("render").contains("hearth_rollout"),
+            "`latest` has no per-version series"
+        );
+        telemetry.invocation(&InvocationMetrics {
+            alias: "prod",
+            shadow: true,
+            ..m
+        });
         let text = telemetry.render().expect("render");
         assert!(
             text.lines().any(|l| l.starts_with("hearth_invocations_total{")
                 && l.contains("function=\"echo\"")
-                && l.ends_with(" 2")),
+                && l.ends_with(" 3")),
             "{text}"
         );
         assert!(text.contains("hearth_invocation_duration_seconds_bucket"), "{text}");
+        assert!(
+            text.lines().any(|l| l.starts_with("hearth_rollout_invocations_total{")
+                && l.contains("alias=\"prod\"")
+                && l.contains("shadow=\"true\"")
+                && l.contains("version=\"3\"")
+                && l.ends_with(" 1")),
+            "{text}"
+        );
+        assert!(text.contains("hearth_rollout_duration_seconds_bucket"), "{text}");
         assert!(text.contains("hearth_cold_starts_total"), "{text}");
     }
 }

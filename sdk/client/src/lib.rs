@@ -22,9 +22,10 @@ use futures::TryStreamExt as _;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 pub use hearth_api::{
-    ArtifactInfo, AsyncInvocation, CreateToken, DeviceStatus, FunctionDetail, FunctionList, FunctionStatus,
-    FunctionVersion, InstanceStatus, NEXT_CURSOR_HEADER, NamedModel, NodeStatus, Problem, Status, StoredResponse,
-    SubmitQuery, TokenInfo, TokenList, UsageQuery, UsageSummary, UsageSummaryPage, WarmModel,
+    AliasHistory, AliasInfo, AliasList, AliasRoute, AliasShadow, ArtifactInfo, AsyncInvocation, CreateToken,
+    DeviceStatus, FunctionDetail, FunctionList, FunctionStatus, FunctionVersion, InstanceStatus, NEXT_CURSOR_HEADER,
+    NamedModel, NodeStatus, Problem, SetAlias, Status, StoredResponse, SubmitQuery, TokenInfo, TokenList, UsageQuery,
+    UsageSummary, UsageSummaryPage, VersionList, WarmModel,
 };
 pub use project::Project;
 
@@ -399,6 +400,57 @@ impl Client {
         let url = self.control_url(&format!("/functions/{name}"));
         self.send(self.request(reqwest::Method::DELETE, &url), &url).await?;
         Ok(())
+    }
+
+    /// Every live version of a function, oldest first.
+    pub async fn versions(&self, name: &str) -> Result<Vec<FunctionVersion>> {
+        let url = self.control_url(&format!("/functions/{name}/versions"));
+        let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
+        Ok(json::<VersionList>(response, &url).await?.versions)
+    }
+
+    /// Deletes one version (refused while an alias points at it).
+    pub async fn delete_version(&self, name: &str, version: u32) -> Result<()> {
+        let url = self.control_url(&format!("/functions/{name}/versions/{version}"));
+        self.send(self.request(reqwest::Method::DELETE, &url), &url).await?;
+        Ok(())
+    }
+
+    /// The aliases of a function, `latest` first.
+    pub async fn aliases(&self, name: &str) -> Result<Vec<AliasInfo>> {
+        let url = self.control_url(&format!("/functions/{name}/aliases"));
+        let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
+        Ok(json::<AliasList>(response, &url).await?.aliases)
+    }
+
+    /// Points an alias at versions by weight (and optionally a shadow).
+    pub async fn set_alias(&self, name: &str, alias: &str, target: &SetAlias) -> Result<AliasInfo> {
+        let url = self.control_url(&format!("/functions/{name}/aliases/{alias}"));
+        let response = self
+            .send(self.request(reqwest::Method::PUT, &url).json(target), &url)
+            .await?;
+        json(response, &url).await
+    }
+
+    /// Unsets an alias (`latest` then follows the newest version again).
+    pub async fn unset_alias(&self, name: &str, alias: &str) -> Result<()> {
+        let url = self.control_url(&format!("/functions/{name}/aliases/{alias}"));
+        self.send(self.request(reqwest::Method::DELETE, &url), &url).await?;
+        Ok(())
+    }
+
+    /// An alias's changes, oldest first.
+    pub async fn alias_history(&self, name: &str, alias: &str) -> Result<Vec<AliasInfo>> {
+        let url = self.control_url(&format!("/functions/{name}/aliases/{alias}/history"));
+        let response = self.send(self.request(reqwest::Method::GET, &url), &url).await?;
+        Ok(json::<AliasHistory>(response, &url).await?.changes)
+    }
+
+    /// Points an alias back at its previous target.
+    pub async fn rollback(&self, name: &str, alias: &str) -> Result<AliasInfo> {
+        let url = self.control_url(&format!("/functions/{name}/aliases/{alias}/rollback"));
+        let response = self.send(self.request(reqwest::Method::POST, &url), &url).await?;
+        json(response, &url).await
     }
 
     /// Sends a control request; a non-2xx answer becomes [`ClientError::Api`].

@@ -113,3 +113,30 @@ def test_status(client: Client, echo: str) -> None:
     status = client.status()
     assert any(device["id"] == "cpu" for device in status["devices"])
     assert echo in {f["name"] for f in status["functions"]}
+
+
+def test_versions_aliases_and_rollback(client: Client, tmp_path: Path) -> None:
+    component = ROOT / "functions" / "target" / "wasm32-wasip2" / "release" / "echo.wasm"
+    project = tmp_path / "rollout"
+    project.mkdir()
+    (project / "hearth.toml").write_text(f'name = "rollout"\ncomponent = "{component}"\n')
+    client.deploy(project)
+    client.deploy(project)
+    assert [v["version"] for v in client.versions("rollout")] == [1, 2]
+
+    client.set_alias("rollout", "prod", version=1)
+    assert client.invoke("rollout@prod").headers["x-hearth-version"] == "1"
+    assert client.invoke("rollout@2").headers["x-hearth-version"] == "2"
+    client.set_alias("rollout", "prod", split={1: 50, 2: 50})
+    assert [r["version"] for r in client.aliases("rollout")[1]["routes"]] == [1, 2]
+    back = client.rollback("rollout", "prod")
+    assert back["routes"] == [{"version": 1, "weight": 1}]
+    assert len(client.alias_history("rollout", "prod")) == 3
+
+    with pytest.raises(HearthError) as in_use:
+        client.delete("rollout", version=1)
+    assert in_use.value.status == 409
+    client.unset_alias("rollout", "prod")
+    client.delete("rollout", version=1)
+    assert [v["version"] for v in client.versions("rollout")] == [2]
+    client.delete("rollout")

@@ -240,9 +240,57 @@ class Client:
         """One function: its manifest and its versions."""
         return self._control("GET", f"/functions/{name}").json()
 
-    def delete(self, name: str) -> None:
-        """Deletes a function."""
-        self._control("DELETE", f"/functions/{name}")
+    def delete(self, name: str, version: Optional[int] = None) -> None:
+        """Deletes a function, or only one ``version`` of it (refused while
+        an alias points at it)."""
+        if version is None:
+            self._control("DELETE", f"/functions/{name}")
+        else:
+            self._control("DELETE", f"/functions/{name}/versions/{version}")
+
+    # Versions and aliases.
+
+    def versions(self, name: str) -> List[Dict[str, Any]]:
+        """Every live version of a function, oldest first."""
+        return self._control("GET", f"/functions/{name}/versions").json()["versions"]
+
+    def aliases(self, name: str) -> List[Dict[str, Any]]:
+        """The aliases of a function, ``latest`` first."""
+        return self._control("GET", f"/functions/{name}/aliases").json()["aliases"]
+
+    def set_alias(
+        self,
+        name: str,
+        alias: str,
+        version: Optional[int] = None,
+        split: Optional[Mapping[int, int]] = None,
+        shadow: Optional[Tuple[int, int]] = None,
+    ) -> Dict[str, Any]:
+        """Points ``alias`` at one ``version``, or splits it by weight
+        (``split={3: 90, 4: 10}``); ``shadow=(5, 10)`` mirrors 10 % of its
+        requests to version 5 (answers recorded, never sent). Call it as
+        ``invoke("name@alias")``; ``latest`` is the bare name."""
+        if (version is None) == (split is None):
+            raise ValueError("give either version or split")
+        routes = [{"version": version, "weight": 1}] if version is not None else [
+            {"version": v, "weight": w} for v, w in (split or {}).items()
+        ]
+        body: Dict[str, Any] = {"routes": routes}
+        if shadow is not None:
+            body["shadow"] = {"version": shadow[0], "percent": shadow[1]}
+        return self._control("PUT", f"/functions/{name}/aliases/{alias}", json=body).json()
+
+    def unset_alias(self, name: str, alias: str) -> None:
+        """Unsets an alias (``latest`` follows the newest version again)."""
+        self._control("DELETE", f"/functions/{name}/aliases/{alias}")
+
+    def alias_history(self, name: str, alias: str = "latest") -> List[Dict[str, Any]]:
+        """An alias's changes, oldest first."""
+        return self._control("GET", f"/functions/{name}/aliases/{alias}/history").json()["changes"]
+
+    def rollback(self, name: str, alias: str = "latest") -> Dict[str, Any]:
+        """Points an alias back at its previous target."""
+        return self._control("POST", f"/functions/{name}/aliases/{alias}/rollback").json()
 
     # Invocations.
 
