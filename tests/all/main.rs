@@ -7,6 +7,7 @@ mod server;
 
 mod asynchronous;
 mod billing;
+mod caching;
 mod cluster;
 mod crash;
 mod deploy;

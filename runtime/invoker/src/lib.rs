@@ -8,7 +8,9 @@
 //! 1. [`Invoker::begin`] opens its usage record (a [`Meter`]): from here on
 //!    every ending is recorded exactly once. A request that cannot run as it
 //!    is goes back through [`Meter::refuse`], which records the refusal.
-//! 2. [`Invoker::invoke`] limits and counts the request body, then (in
+//! 2. [`Invoker::invoke`] limits and counts the request body (a version
+//!    with `[cache]` answers a repeated request from its `cache` at once),
+//!    then (in
 //!    `run`): the usage log must be writable; the tenant gate admits it; the
 //!    scheduler leases an instance slot of the function version, waiting in
 //!    its QoS queue; the engine runs the guest on a warm instance or a fresh
@@ -26,6 +28,7 @@
 
 mod asynchronous;
 mod body;
+mod cache;
 mod collect;
 mod failure;
 mod observe;
@@ -49,6 +52,7 @@ use uuid::Uuid;
 pub use asynchronous::{
     DEFAULT_ASYNC_CONCURRENCY, DEFAULT_ASYNC_LEASE, DEFAULT_ASYNC_MAX_ATTEMPTS, DEFAULT_ASYNC_RETENTION, RenderFailure,
 };
+pub use cache::CACHE_HEADER;
 pub use collect::{DEFAULT_GC_INTERVAL, GC_GRACE};
 pub use failure::Failure;
 pub use record::{Meter, now_us};
@@ -135,6 +139,9 @@ pub struct Invoker {
     config: InvokerConfig,
     /// Wakes the asynchronous invocation runner (a submission, a slot freed).
     async_queue: tokio::sync::Notify,
+    /// Response caches of the versions with `[cache]` that were called,
+    /// dropped with their version's pool.
+    caches: dashmap::DashMap<FunctionKey, Arc<cache::ResponseCache>>,
 }
 
 impl Invoker {
@@ -163,6 +170,7 @@ impl Invoker {
             telemetry,
             config,
             async_queue: tokio::sync::Notify::new(),
+            caches: dashmap::DashMap::new(),
         })
     }
 
@@ -193,11 +201,71 @@ impl Invoker {
         if parts.method == http::Method::HEAD {
             meter.head_only();
         }
+        if let Some(spec) = &deployed.manifest.cache
+            && cache::cacheable(&parts.method)
+        {
+            return self.invoke_cached(meter, deployed, spec, class, parts, body).await;
+        }
         let (body, counted) = body::LimitedBody::new(body, self.config.max_body_bytes);
         meter.count_body(counted);
         let request = hyper::Request::from_parts(parts, body);
         let deadline = tokio::time::Instant::now() + self.config.queue_timeout;
         self.run(deployed, class, deadline, meter, request).await
+    }
+
+    /// [`Invoker::invoke`] for a version with a response cache: the body is
+    /// read whole (it is part of the key); a hit answers at once, with a
+    /// record of its own (`cache_hit`); a miss runs, and its answer is kept
+    /// as it streams when it may be.
+    async fn invoke_cached<B>(
+        &self,
+        mut meter: Meter,
+        deployed: &Deployed,
+        spec: &hearth_manifest::CacheSpec,
+        class: Qos,
+        parts: http::request::Parts,
+        body: B,
+    ) -> Result<http::Response<ResponseBody>, Failure>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let limit = self.config.max_body_bytes;
+        let (body, counted) = body::LimitedBody::new(body, limit);
+        meter.count_body(counted);
+        let body = match http_body_util::BodyExt::collect(body).await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) if meter.body_exceeded() => return Err(meter.refuse(Failure::PayloadTooLarge { limit }).await),
+            Err(err) => {
+                let failure = Failure::BadRequest(format!("reading the request body: {err}"));
+                return Err(meter.refuse(failure).await);
+            }
+        };
+        let key = run::key(deployed);
+        let cache = self
+            .caches
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(cache::ResponseCache::new(spec)))
+            .clone();
+        let entry_key = cache.key(&parts.method, &parts.uri, &parts.headers, &body);
+        if let Some(entry) = cache.get(&entry_key) {
+            return meter.cache_hit(&entry).await;
+        }
+        let request = hyper::Request::from_parts(parts, http_body_util::Full::new(body));
+        let deadline = tokio::time::Instant::now() + self.config.queue_timeout;
+        let response = self.run(deployed, class, deadline, meter, request).await?;
+        let (mut head, inner) = response.into_parts();
+        let ttl = (head.status == http::StatusCode::OK)
+            .then(|| cache.ttl_for(&head.headers))
+            .flatten();
+        let guest_headers = head.headers.clone();
+        head.headers
+            .insert(CACHE_HEADER, http::HeaderValue::from_static("miss"));
+        let body = match ttl {
+            Some(ttl) => http_body_util::BodyExt::boxed_unsync(cache.recording(entry_key, guest_headers, ttl, inner)),
+            None => inner,
+        };
+        Ok(http::Response::from_parts(head, body))
     }
 
     /// Runs a shadow copy of an alias's request on `deployed`, in a task
@@ -227,11 +295,13 @@ impl Invoker {
     pub fn deployed(self: &Arc<Self>, deployed: Arc<Deployed>) {
         let key = run::key(&deployed);
         let routed = self.registry.routed_versions(&key.tenant, &key.function);
-        self.pools.retire(|other| {
+        let replaced = |other: &FunctionKey| {
             other.is_version_of(&key.tenant, &key.function)
                 && other.version != key.version
                 && !routed.contains(&other.version)
-        });
+        };
+        self.pools.retire(replaced);
+        self.caches.retain(|other, _| !replaced(other));
         self.pools.track_loaded(&key, &run::spec(&deployed));
         if deployed.manifest.scaling.min_instances > 0 {
             let invoker = self.clone();
@@ -242,6 +312,7 @@ impl Invoker {
     /// After a delete: every version of the function is retired.
     pub fn deleted(&self, tenant: &str, function: &str) {
         self.pools.retire(|key| key.is_version_of(tenant, function));
+        self.caches.retain(|key, _| !key.is_version_of(tenant, function));
     }
 
     /// The scheduler's key of a function version (for its pool's figures).

@@ -252,6 +252,22 @@ impl Meter {
         }
     }
 
+    /// Answers from the response cache: the record (`cache_hit`, nothing
+    /// ran) commits, then the stored answer goes out whole.
+    pub(crate) async fn cache_hit(mut self, entry: &crate::cache::Entry) -> Result<Response<ResponseBody>, Failure> {
+        self.usage.outcome = Outcome::CacheHit;
+        self.usage.status = 200;
+        self.usage.bytes_out = entry.body.len() as u64;
+        let (mut head, ()) = Response::new(()).into_parts();
+        head.headers = entry.headers.clone();
+        head.headers
+            .insert(crate::cache::CACHE_HEADER, http::HeaderValue::from_static("hit"));
+        let body = Full::new(entry.body.clone())
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        self.answer_after_commit(head, body).await
+    }
+
     /// The response to send for the guest's `head` and `body`: after the
     /// commit when it has no body the client would read; whole after the
     /// commit when the log is strict and busy and the body is small and ends

@@ -23,6 +23,12 @@ pub const DEFAULT_IDLE_TIMEOUT_S: u32 = 60;
 pub const DEFAULT_MAX_INSTANCES: u32 = 32;
 /// Longest name (function, model, tenant) accepted.
 pub const MAX_NAME_LEN: usize = 63;
+/// Default bytes of a function version's response cache.
+pub const DEFAULT_CACHE_BYTES: u64 = 16 << 20;
+/// Largest response cache a manifest may ask for: 256 MiB per version.
+pub const MAX_CACHE_BYTES: u64 = 256 << 20;
+/// Longest time a cached response may be kept: a day.
+pub const MAX_CACHE_TTL_S: u32 = 86_400;
 
 /// Result of parsing or validating a manifest.
 pub type Result<T, E = ManifestError> = std::result::Result<T, E>;
@@ -95,6 +101,32 @@ pub struct Manifest {
     /// How instances scale.
     #[serde(default)]
     pub scaling: Scaling,
+    /// Responses kept and answered again without running the function
+    /// (opt-in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+}
+
+/// `[cache]`: repeated requests answered from memory. Only `200` answers to
+/// `GET` and `POST` are kept, keyed by the version, method, path, query,
+/// the `vary` headers and the body; a guest's `cache-control: no-store`
+/// (or `private`, `no-cache`) or a shorter `max-age` wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSpec {
+    /// How long an answer is kept, in seconds.
+    pub ttl_s: u32,
+    /// Bytes of answers (bodies and headers) kept at most, per version; the
+    /// least recently used go first.
+    #[serde(default = "default_cache_bytes")]
+    pub max_bytes: u64,
+    /// Request headers that are part of the key (`content-type`, `accept`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vary: Vec<String>,
+}
+
+fn default_cache_bytes() -> u64 {
+    DEFAULT_CACHE_BYTES
 }
 
 /// An origin a guest may send requests to: scheme, host and port.
@@ -374,6 +406,28 @@ impl Manifest {
             }
             if model.path.is_empty() {
                 return Err(invalid(&format!("models[{i}].path"), "must not be empty"));
+            }
+        }
+        if let Some(cache) = &self.cache {
+            if !(1..=MAX_CACHE_TTL_S).contains(&cache.ttl_s) {
+                return Err(invalid(
+                    "cache.ttl_s",
+                    format!("must be between 1 and {MAX_CACHE_TTL_S}"),
+                ));
+            }
+            if !(1..=MAX_CACHE_BYTES).contains(&cache.max_bytes) {
+                return Err(invalid(
+                    "cache.max_bytes",
+                    format!("must be between 1 and {MAX_CACHE_BYTES}"),
+                ));
+            }
+            for (i, name) in cache.vary.iter().enumerate() {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(invalid(
+                        &format!("cache.vary[{i}]"),
+                        format!("`{name}` is not a header name"),
+                    ));
+                }
             }
         }
         let mut targets = std::collections::HashSet::new();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{Usage, UsageRecord};
+use crate::record::{Outcome, Usage, UsageRecord};
 
 /// Prices, from the server's `--price-table` file (TOML):
 ///
@@ -13,6 +13,7 @@ use crate::record::{Usage, UsageRecord};
 /// version = "2026-11"            # recorded on every record it prices
 /// currency = "USD"
 /// per_invocation = 0.0000002
+/// per_cache_hit = 0.00000002     # an answer from the response cache
 /// per_gb_second = 0.0000166667   # of peak linear memory, per billed second
 /// per_cpu_second = 0.00001       # of guest CPU time
 /// [per_compute_second]           # of model compute, by device kind
@@ -34,6 +35,10 @@ pub struct PriceTable {
     /// Per invocation that ran.
     #[serde(default)]
     pub per_invocation: f64,
+    /// Per answer from a function's response cache (nothing else is billed
+    /// for it).
+    #[serde(default)]
+    pub per_cache_hit: f64,
     /// Per GiB of peak memory per billed second.
     #[serde(default)]
     pub per_gb_second: f64,
@@ -82,6 +87,7 @@ impl Default for PriceTable {
             version: "builtin-1".into(),
             currency: usd(),
             per_invocation: 0.000_000_2,
+            per_cache_hit: 0.000_000_02,
             per_gb_second: 0.000_016_666_7,
             per_cpu_second: 0.000_01,
             per_compute_second: BTreeMap::from([("cpu".to_owned(), 0.000_01), ("cuda".to_owned(), 0.000_4)]),
@@ -100,6 +106,7 @@ impl PriceTable {
         }
         let mut prices = vec![
             ("per_invocation".to_owned(), table.per_invocation),
+            ("per_cache_hit".to_owned(), table.per_cache_hit),
             ("per_gb_second".to_owned(), table.per_gb_second),
             ("per_cpu_second".to_owned(), table.per_cpu_second),
         ];
@@ -121,8 +128,12 @@ impl PriceTable {
     /// Prices `usage`: invocations that never ran cost nothing, nor shadow
     /// copies when the table says `bill_shadow = false`.
     pub fn price(&self, usage: Usage) -> UsageRecord {
-        let billed = usage.outcome.ran() && (self.bill_shadow || !usage.shadow);
-        let cost = if billed {
+        let billed = self.bill_shadow || !usage.shadow;
+        let cost = if !billed {
+            0.0
+        } else if usage.outcome == Outcome::CacheHit {
+            self.per_cache_hit
+        } else if usage.outcome.ran() {
             let billed_s = usage.billed_ms() as f64 / 1e3;
             let gib = usage.memory_peak_bytes as f64 / (1u64 << 30) as f64;
             let compute = |kind: &str| self.per_compute_second.get(kind).copied().unwrap_or(0.0);
@@ -147,7 +158,6 @@ impl PriceTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Outcome;
 
     #[test]
     fn prices_follow_the_table() {
@@ -181,6 +191,16 @@ mod tests {
         );
         usage.outcome = Outcome::Rejected;
         assert_eq!(table.price(usage).cost_nanos, 0);
+    }
+
+    #[test]
+    fn a_cache_hit_costs_its_own_price_and_nothing_else() {
+        let table =
+            PriceTable::from_toml("version = \"x\"\nper_invocation = 1.0\nper_cache_hit = 0.25").expect("table");
+        let mut hit = crate::tests::usage("a", Outcome::CacheHit);
+        hit.ended_at_us = hit.started_at_us + 2_000_000;
+        assert_eq!(hit.billed_ms(), 0, "no time is billed");
+        assert_eq!(table.price(hit).cost_nanos, 250_000_000);
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum Outcome {
     BadRequest,
     /// Hearth failed.
     InternalError,
+    /// Answered from the function's response cache: nothing ran.
+    CacheHit,
 }
 
 impl Outcome {
@@ -41,11 +43,12 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::BadRequest => "bad_request",
             Outcome::InternalError => "internal_error",
+            Outcome::CacheHit => "cache_hit",
         }
     }
 
     /// Every outcome.
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Ok,
         Outcome::GuestError,
         Outcome::GuestTrap,
@@ -54,6 +57,7 @@ impl Outcome {
         Outcome::Rejected,
         Outcome::BadRequest,
         Outcome::InternalError,
+        Outcome::CacheHit,
     ];
 
     /// The outcome named `s`, as [`Outcome::as_str`] writes it.
@@ -61,9 +65,9 @@ impl Outcome {
         Outcome::ALL.into_iter().find(|o| o.as_str() == s)
     }
 
-    /// Whether the guest ran (and the invocation is billed).
+    /// Whether the guest ran (and the invocation is billed by time).
     pub fn ran(self) -> bool {
-        !matches!(self, Outcome::Rejected | Outcome::BadRequest)
+        !matches!(self, Outcome::Rejected | Outcome::BadRequest | Outcome::CacheHit)
     }
 }
 
