@@ -484,3 +484,49 @@ async fn tensors_a_guest_hoards_count_against_its_memory_limit() {
         .expect("again");
     assert_eq!(again.status(), 200, "the server and the function still answer");
 }
+
+/// `cache_entries` on a model: an identical call from any of the tenant's
+/// functions naming the model is answered from the cache, bit for bit,
+/// with no model run; records and `/metrics` count the hits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_inference_inputs_are_answered_from_the_tenants_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &[]);
+    for name in ["first", "second"] {
+        write_model(&dir.path().join(name), &mlp(MLP_SEED));
+        let manifest = format!("public = true\n{MLP_MODEL}cache_entries = 16\n");
+        deploy(&server, dir.path(), name, hearth_fixtures::CLASSIFY, &manifest).await;
+    }
+    let ran = classify(&server, "first", 3).await;
+    let cached = classify(&server, "second", 3).await;
+    assert_eq!(cached, ran, "the same answer, from another function of the tenant");
+    let other = classify(&server, "second", 4).await;
+    assert_ne!(other, ran);
+
+    let records: Vec<Value> = crate::server::usage_export(&server, "function=second")
+        .await
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("record"))
+        .collect();
+    let counts: Vec<(u64, u64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["inference_calls"].as_u64().expect("calls"),
+                r["inference_cache_hits"].as_u64().expect("hits"),
+            )
+        })
+        .collect();
+    assert_eq!(counts, [(0, 1), (1, 0)], "{records:?}");
+    let metrics = crate::server::metrics_text(&server).await;
+    for (result, n) in [("hit", 1), ("miss", 2)] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("hearth_inference_cache_requests_total{")
+                    && l.contains(&format!("result=\"{result}\""))
+                    && l.ends_with(&format!(" {n}"))),
+            "{result}: {metrics}"
+        );
+    }
+}

@@ -54,9 +54,13 @@ fn ctx(cache: &Arc<ModelCache>, path: &Path) -> NnCtx {
             key: path.display().to_string(),
             path: path.to_owned(),
             placement: Placement::Cpu,
+            cache_entries: 0,
         },
     )];
-    host.instance(&host.grant(models), hearth_bridge::InstanceMemory::new(usize::MAX))
+    host.instance(
+        &host.grant("bench", models),
+        hearth_bridge::InstanceMemory::new(usize::MAX),
+    )
 }
 
 /// One guest-shaped compute call: load by name, context, tensor, compute,

@@ -15,15 +15,22 @@
 //! `compute` goes through that model's batcher and awaits it, so a guest
 //! waiting for a batch never blocks a runtime thread.
 //!
+//! A model a manifest gives `cache_entries` answers identical inputs from
+//! its tenant's [`InferenceCache`] ([`memo`]) without running.
+//!
 //! Every guest-supplied value is checked before it reaches a model: element
 //! type, dimensions against the model, byte length against dims × element size
 //! (overflow-safe), a size cap, and a cap on handles per instance. Bad input
 //! is a `wasi:nn` error the guest can handle, never a trap or a host panic.
 
+mod memo;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use memo::InferenceCache;
 
 use hearth_devices::{Datum, DatumType, DeviceError, DeviceId, LoadedModel, ModelCache, Placement, Tensor};
 use wasmtime::component::{HasData, Resource, ResourceTable};
@@ -120,13 +127,20 @@ impl InstanceMemory {
     }
 }
 
-/// A loaded model, held by a guest (keeps it warm).
+/// A loaded model, held by a guest (keeps it warm), with the inference
+/// cache its grant gives it.
 #[derive(Debug, Clone)]
-pub struct GraphHandle(Arc<LoadedModel>);
+pub struct GraphHandle {
+    model: Arc<LoadedModel>,
+    memo: Option<Arc<InferenceCache>>,
+}
 
 /// An execution context of a graph.
 #[derive(Debug, Clone)]
-pub struct ContextHandle(Arc<LoadedModel>);
+pub struct ContextHandle {
+    model: Arc<LoadedModel>,
+    memo: Option<Arc<InferenceCache>>,
+}
 
 /// An error returned to the guest.
 #[derive(Debug, Clone)]
@@ -144,23 +158,39 @@ pub struct ModelRef {
     pub path: PathBuf,
     /// The device the manifest asks for.
     pub placement: Placement,
+    /// Calls whose outputs its tenant's inference cache keeps (0: none).
+    pub cache_entries: usize,
 }
 
-/// The models one function version may load, by the name its guest uses.
-/// Built once per version ([`NnHost::grant`]) and shared by its instances.
-pub type NnGrant = Arc<HashMap<String, ModelRef>>;
+/// The models one function version may load, by the name its guest uses,
+/// each with its tenant's inference cache when it asks for one. Built once
+/// per version ([`NnHost::grant`]) and shared by its instances.
+pub type NnGrant = Arc<HashMap<String, (ModelRef, Option<Arc<InferenceCache>>)>>;
 
 /// The `wasi:nn` host of a process: the shared warm model cache, and the
 /// linking, grants and per-instance contexts that reach it. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct NnHost {
     cache: Arc<ModelCache>,
+    /// Inference caches by tenant and model key.
+    memos: Arc<dashmap::DashMap<(String, String), Arc<InferenceCache>>>,
 }
 
 impl NnHost {
     /// The host over `cache`, which every instance of every function shares.
     pub fn new(cache: Arc<ModelCache>) -> NnHost {
-        NnHost { cache }
+        NnHost {
+            cache,
+            memos: Arc::default(),
+        }
+    }
+
+    /// Calls answered from inference caches, and calls they did not hold,
+    /// since start (every tenant and model).
+    pub fn inference_cache_counts(&self) -> (u64, u64) {
+        self.memos.iter().fold((0, 0), |(hits, misses), memo| {
+            (hits + memo.hits(), misses + memo.misses())
+        })
     }
 
     /// The warm model cache (devices, loaded models, their counters).
@@ -177,10 +207,22 @@ impl NnHost {
         Ml::add_to_linker::<T, WasiNn>(linker, get)
     }
 
-    /// The grant of a function version whose manifest names `models`. Once
-    /// per version, when it is resolved.
-    pub fn grant(&self, models: impl IntoIterator<Item = (String, ModelRef)>) -> NnGrant {
-        Arc::new(models.into_iter().collect())
+    /// The grant of a version of `tenant`'s function whose manifest names
+    /// `models`. Once per version, when it is resolved.
+    pub fn grant(&self, tenant: &str, models: impl IntoIterator<Item = (String, ModelRef)>) -> NnGrant {
+        let granted = models.into_iter().map(|(name, model)| {
+            let memo = (model.cache_entries > 0).then(|| {
+                let memo = self
+                    .memos
+                    .entry((tenant.to_owned(), model.key.clone()))
+                    .or_insert_with(|| Arc::new(InferenceCache::new(model.cache_entries)))
+                    .clone();
+                memo.widen(model.cache_entries);
+                memo
+            });
+            (name, (model, memo))
+        });
+        Arc::new(granted.collect())
     }
 
     /// A fresh context for one instance of a function holding `grant`,
@@ -202,7 +244,7 @@ impl NnHost {
     pub async fn preload(&self, grant: &NnGrant) -> (usize, Vec<(String, DeviceError)>) {
         let mut loaded = 0;
         let mut failed = Vec::new();
-        for (name, model) in grant.iter() {
+        for (name, (model, _)) in grant.iter() {
             match self.cache.get(&model.key, &model.path, model.placement).await {
                 Ok(_) => loaded += 1,
                 Err(err) => failed.push((name.clone(), err)),
@@ -232,6 +274,8 @@ pub struct InferenceUsage {
     /// The devices the calls ran on, in order of first use (empty before
     /// any).
     pub devices: Vec<DeviceId>,
+    /// Calls answered from an inference cache (not in `calls`: nothing ran).
+    pub cache_hits: u64,
 }
 
 impl InferenceUsage {
@@ -455,14 +499,14 @@ impl wasi::nn::graph::Host for &mut NnCtx {
     }
 
     async fn load_by_name(&mut self, name: String) -> NnResult<Resource<GraphHandle>> {
-        let Some(model) = self.models.get(&name).cloned() else {
+        let Some((model, memo)) = self.models.get(&name).cloned() else {
             return self.fail(
                 ErrorCode::NotFound,
                 format!("no model named `{name}` in this function's manifest"),
             );
         };
         match self.cache.get(&model.key, &model.path, model.placement).await {
-            Ok(loaded) => self.push(GraphHandle(loaded)),
+            Ok(loaded) => self.push(GraphHandle { model: loaded, memo }),
             Err(err) => self.fail(ErrorCode::RuntimeError, format!("model `{name}`: {err}")),
         }
     }
@@ -470,8 +514,8 @@ impl wasi::nn::graph::Host for &mut NnCtx {
 
 impl wasi::nn::graph::HostGraph for &mut NnCtx {
     async fn init_execution_context(&mut self, graph: Resource<GraphHandle>) -> NnResult<Resource<ContextHandle>> {
-        let model = self.table.get(&graph)?.0.clone();
-        self.push(ContextHandle(model))
+        let GraphHandle { model, memo } = self.table.get(&graph)?.clone();
+        self.push(ContextHandle { model, memo })
     }
 
     async fn drop(&mut self, graph: Resource<GraphHandle>) -> wasmtime::Result<()> {
@@ -487,7 +531,7 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
         context: Resource<ContextHandle>,
         inputs: Vec<(String, Resource<TensorHandle>)>,
     ) -> NnResult<Vec<(String, Resource<TensorHandle>)>> {
-        let loaded = self.table.get(&context)?.0.clone();
+        let ContextHandle { model: loaded, memo } = self.table.get(&context)?.clone();
         let specs = loaded.model.inputs();
         let mut ordered: Vec<Option<Tensor>> = vec![None; specs.len()];
         for (name, tensor) in &inputs {
@@ -531,6 +575,26 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
                 return self.fail(ErrorCode::InvalidArgument, "inputs disagree on the batch dimension");
             }
         }
+        let memo_key = match &memo {
+            Some(_) => {
+                // Every input was found above, in the model's order here.
+                let mut keyed = Vec::with_capacity(specs.len());
+                for spec in specs {
+                    if let Some((name, tensor)) = inputs.iter().find(|(name, _)| name == &spec.name) {
+                        keyed.push((name.as_str(), self.table.get(tensor)?));
+                    }
+                }
+                Some(InferenceCache::key(keyed))
+            }
+            None => None,
+        };
+        if let (Some(memo), Some(key)) = (&memo, &memo_key)
+            && let Some(stored) = memo.get(key)
+        {
+            self.usage.cache_hits += 1;
+            let names = loaded.model.outputs().iter().map(|spec| spec.name.clone());
+            return self.hand_out(names.zip(stored.iter().cloned()).collect());
+        }
         let span = tracing::info_span!("inference", model = %loaded.key, device = %loaded.device);
         let batched = match tracing::Instrument::instrument(loaded.batcher.run(model_inputs), span).await {
             Ok(batched) => batched,
@@ -551,34 +615,47 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
         }
         let mut outputs = Vec::with_capacity(batched.outputs.len());
         for (spec, tensor) in loaded.model.outputs().iter().zip(&batched.outputs) {
-            let handle = match from_model_tensor(tensor) {
-                Ok(handle) => handle,
+            match from_model_tensor(tensor) {
+                Ok(handle) => outputs.push((spec.name.clone(), handle)),
                 Err(message) => return self.fail(ErrorCode::RuntimeError, message),
-            };
+            }
+        }
+        if let (Some(memo), Some(key)) = (&memo, memo_key) {
+            memo.insert(key, outputs.iter().map(|(_, handle)| handle.clone()).collect());
+        }
+        self.hand_out(outputs)
+    }
+
+    async fn drop(&mut self, context: Resource<ContextHandle>) -> wasmtime::Result<()> {
+        self.release(context)
+    }
+}
+
+impl NnCtx {
+    /// Gives `outputs` to the guest as handles, each charged against the
+    /// instance's memory.
+    fn hand_out(&mut self, outputs: Vec<(String, TensorHandle)>) -> NnResult<Vec<(String, Resource<TensorHandle>)>> {
+        let mut handles = Vec::with_capacity(outputs.len());
+        for (name, handle) in outputs {
             let size = handle.data.len();
             if !self.memory.charge(size) {
                 return self.fail(
                     ErrorCode::TooLarge,
                     format!(
-                        "output `{}` ({size} bytes) would pass the instance's memory limit of {} MiB",
-                        spec.name,
+                        "output `{name}` ({size} bytes) would pass the instance's memory limit of {} MiB",
                         self.memory.limit() >> 20
                     ),
                 );
             }
             match self.push(handle)? {
-                Ok(resource) => outputs.push((spec.name.clone(), resource)),
+                Ok(resource) => handles.push((name, resource)),
                 Err(error) => {
                     self.memory.release(size);
                     return Ok(Err(error));
                 }
             }
         }
-        Ok(Ok(outputs))
-    }
-
-    async fn drop(&mut self, context: Resource<ContextHandle>) -> wasmtime::Result<()> {
-        self.release(context)
+        Ok(Ok(handles))
     }
 }
 
@@ -620,10 +697,11 @@ mod tests {
                 key: "mlp-1".into(),
                 path,
                 placement: Placement::Auto,
+                cache_entries: 0,
             },
         )];
         let host = NnHost::new(ModelCache::new(DevicePool::cpu_only(), CacheConfig::default()));
-        host.instance(&host.grant(models), memory)
+        host.instance(&host.grant("acme", models), memory)
     }
 
     fn bytes(values: &[f32]) -> Vec<u8> {
@@ -693,6 +771,56 @@ mod tests {
         assert!(usage.gpu.is_zero());
         // Taken means counted once: a reused instance's next call starts at zero.
         assert_eq!(ctx.take_usage(), InferenceUsage::default());
+    }
+
+    /// The first output's bytes of one MLP call on input number `input`.
+    async fn output_of(ctx: &mut NnCtx, input: u64) -> Vec<u8> {
+        let input = bytes(&mlp_input(input));
+        let outputs = compute(ctx, "input", vec![1, MLP_INPUTS as u32], TensorType::Fp32, input)
+            .await
+            .expect("compute");
+        let mut host = &mut *ctx;
+        host.data(Resource::new_borrow(outputs[0].1.rep())).await.expect("data")
+    }
+
+    /// A model with `cache_entries` answers identical inputs from its
+    /// tenant's cache: the same bytes, no run; another tenant's identical
+    /// call runs its own model.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn identical_inputs_are_answered_from_the_tenants_inference_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mlp.onnx");
+        std::fs::write(&path, mlp(1)).expect("write");
+        let host = NnHost::new(ModelCache::new(DevicePool::cpu_only(), CacheConfig::default()));
+        let instance = |tenant: &str| {
+            let models = [(
+                "mnist-mlp".to_owned(),
+                ModelRef {
+                    key: "mlp-1".into(),
+                    path: path.clone(),
+                    placement: Placement::Auto,
+                    cache_entries: 8,
+                },
+            )];
+            host.instance(&host.grant(tenant, models), InstanceMemory::new(usize::MAX))
+        };
+        let mut acme = instance("acme");
+        let first = output_of(&mut acme, 0).await;
+        let usage = acme.take_usage();
+        assert_eq!((usage.calls, usage.cache_hits), (1, 0));
+        // Another instance of the tenant: a hit, bit for bit.
+        let mut again = instance("acme");
+        assert_eq!(output_of(&mut again, 0).await, first);
+        let usage = again.take_usage();
+        assert_eq!((usage.calls, usage.cache_hits), (0, 1), "no model ran");
+        assert!(usage.compute.is_zero());
+        assert_ne!(output_of(&mut again, 1).await, first, "another input runs");
+        assert_eq!(again.take_usage().calls, 1);
+        // The same call from another tenant is never answered from acme's.
+        let mut other = instance("globex");
+        assert_eq!(output_of(&mut other, 0).await, first);
+        assert_eq!(other.take_usage().cache_hits, 0);
+        assert_eq!(host.inference_cache_counts(), (1, 3));
     }
 
     /// Tensors count against the instance's memory limit with its linear

@@ -151,6 +151,18 @@ fn register(state: &Arc<Invoker>) {
         .build();
 
     let s = weak.clone();
+    let _inference_cache = meter
+        .u64_observable_counter("hearth.inference.cache.requests")
+        .with_description("Compute calls to models with an inference cache: answered from it (hit) or run (miss)")
+        .with_callback(move |counter| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            let (hits, misses) = state.nn.inference_cache_counts();
+            counter.observe(hits, &[KeyValue::new("result", "hit")]);
+            counter.observe(misses, &[KeyValue::new("result", "miss")]);
+        })
+        .build();
+
+    let s = weak.clone();
     let _unsynced = meter
         .u64_observable_gauge("hearth.usage.unsynced")
         .with_description("Usage records written to the journal and not yet fsynced")

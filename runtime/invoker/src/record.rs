@@ -96,6 +96,7 @@ impl Meter {
                 compute_ns: 0,
                 gpu_ns: 0,
                 inference_calls: 0,
+                inference_cache_hits: 0,
                 batched_calls: 0,
                 bytes_in: 0,
                 bytes_out: 0,
@@ -174,6 +175,7 @@ impl Meter {
         u.memory_peak_bytes = report.memory_peak_bytes;
         u.inference_calls = report.inference.calls;
         u.batched_calls = report.inference.batched_with;
+        u.inference_cache_hits = report.inference.cache_hits;
         u.compute_ns = u64::try_from(report.inference.compute.as_nanos()).unwrap_or(u64::MAX);
         u.gpu_ns = u64::try_from(report.inference.gpu.as_nanos()).unwrap_or(u64::MAX);
         u.device = report.inference.device_label();

@@ -10,7 +10,7 @@ use crate::LedgerError;
 /// The ledger's columns, as [`record_from_row`] reads them.
 const COLUMNS: &str = "seq, id, tenant, function, version, started_at_us, ended_at_us, status, outcome, cold_start, \
      queue_us, memory_peak_bytes, guest_cpu_us, device, compute_ns, gpu_ns, inference_calls, batched_calls, \
-     bytes_in, bytes_out, cost_nanos, currency, price_version, invocation_id, attempt, alias, shadow";
+     bytes_in, bytes_out, cost_nanos, currency, price_version, invocation_id, attempt, alias, shadow, inference_cache_hits";
 
 /// One batch in one statement: a column per array, each record numbered
 /// after the ledger's head by its place in the batch. A record the ledger
@@ -19,18 +19,18 @@ const COLUMNS: &str = "seq, id, tenant, function, version, started_at_us, ended_
 const INSERT: &str = "INSERT INTO hearth_usage (seq, node, id, tenant, function, version, started_at_us, ended_at_us,
         status, outcome, cold_start, queue_us, memory_peak_bytes, guest_cpu_us, device, compute_ns, gpu_ns,
         inference_calls, batched_calls, bytes_in, bytes_out, billed_ms, cost_nanos, currency, price_version,
-        invocation_id, attempt, alias, shadow)
+        invocation_id, attempt, alias, shadow, inference_cache_hits)
     SELECT $1 + r.n, $2, r.id, r.tenant, r.function, r.version, r.started_at_us, r.ended_at_us, r.status, r.outcome,
         r.cold_start, r.queue_us, r.memory_peak_bytes, r.guest_cpu_us, r.device, r.compute_ns, r.gpu_ns,
         r.inference_calls, r.batched_calls, r.bytes_in, r.bytes_out, r.billed_ms, r.cost_nanos, r.currency,
-        r.price_version, r.invocation_id, r.attempt, r.alias, r.shadow
+        r.price_version, r.invocation_id, r.attempt, r.alias, r.shadow, r.inference_cache_hits
     FROM unnest($3::text[], $4::text[], $5::text[], $6::int[], $7::bigint[], $8::bigint[], $9::int[], $10::text[],
         $11::bool[], $12::bigint[], $13::bigint[], $14::bigint[], $15::text[], $16::bigint[], $17::bigint[],
         $18::bigint[], $19::bigint[], $20::bigint[], $21::bigint[], $22::bigint[], $23::bigint[], $24::text[],
-        $25::text[], $26::text[], $27::int[], $28::text[], $29::bool[])
+        $25::text[], $26::text[], $27::int[], $28::text[], $29::bool[], $30::bigint[])
         WITH ORDINALITY AS r(id, tenant, function, version, started_at_us, ended_at_us, status, outcome, cold_start,
             queue_us, memory_peak_bytes, guest_cpu_us, device, compute_ns, gpu_ns, inference_calls, batched_calls,
-            bytes_in, bytes_out, billed_ms, cost_nanos, currency, price_version, invocation_id, attempt, alias, shadow, n)
+            bytes_in, bytes_out, billed_ms, cost_nanos, currency, price_version, invocation_id, attempt, alias, shadow, inference_cache_hits, n)
     ON CONFLICT (id) DO NOTHING";
 
 /// The fleet's usage ledger in the cluster's PostgreSQL. Cheap to clone.
@@ -99,6 +99,7 @@ impl Ledger {
                     &c.attempt,
                     &c.alias,
                     &c.shadow,
+                    &c.inference_cache_hits,
                 ],
             )
             .await?;
@@ -231,6 +232,7 @@ struct Columns {
     attempt: Vec<i32>,
     alias: Vec<String>,
     shadow: Vec<bool>,
+    inference_cache_hits: Vec<i64>,
 }
 
 impl Columns {
@@ -265,6 +267,7 @@ impl Columns {
             c.attempt.push(i32::try_from(u.attempt).unwrap_or(i32::MAX));
             c.alias.push(u.alias.clone());
             c.shadow.push(u.shadow);
+            c.inference_cache_hits.push(signed(u.inference_cache_hits));
         }
         c
     }
@@ -283,6 +286,7 @@ fn record_from_row(row: &Row) -> Result<UsageRecord, LedgerError> {
             version: u32::try_from(row.try_get::<_, i32>(4)?).unwrap_or(0),
             alias: row.try_get(25)?,
             shadow: row.try_get(26)?,
+            inference_cache_hits: count(27)?,
             started_at_us: row.try_get(5)?,
             ended_at_us: row.try_get(6)?,
             status: u16::try_from(row.try_get::<_, i32>(7)?).unwrap_or(0),

@@ -22,6 +22,7 @@ fn record(tenant: &str, n: u64) -> UsageRecord {
             "prod".into()
         },
         shadow: n % 5 == 1,
+        inference_cache_hits: n % 3,
         started_at_us: 1_764_000_000_000_000,
         ended_at_us: 1_764_000_000_002_500,
         status: 200,

@@ -219,7 +219,19 @@ pub struct ModelSpec {
     /// Where to run it.
     #[serde(default)]
     pub device: DeviceWish,
+    /// Calls whose outputs are kept, so identical inputs are answered
+    /// without running the model (0, the default: none). Shared by the
+    /// tenant's functions that name the same model file.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_entries: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Most calls an inference cache may keep.
+pub const MAX_CACHE_ENTRIES: u32 = 100_000;
 
 /// A read-only asset in `[[files]]`: a file next to the manifest, deployed
 /// with the function and visible to the guest at `target` (and nothing else
@@ -406,6 +418,12 @@ impl Manifest {
             }
             if model.path.is_empty() {
                 return Err(invalid(&format!("models[{i}].path"), "must not be empty"));
+            }
+            if model.cache_entries > MAX_CACHE_ENTRIES {
+                return Err(invalid(
+                    &format!("models[{i}].cache_entries"),
+                    format!("must be at most {MAX_CACHE_ENTRIES}"),
+                ));
             }
         }
         if let Some(cache) = &self.cache {

@@ -48,7 +48,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
 /// records already there: model compute (until then only GPU time was
 /// recorded, in microseconds, as `gpu_us`, which is still written) and
 /// asynchronous attempts.
-const ADDED_COLUMNS: [(&str, &str); 6] = [
+const ADDED_COLUMNS: [(&str, &str); 7] = [
     (
         "compute_ns INTEGER NOT NULL DEFAULT 0",
         "UPDATE usage SET compute_ns = gpu_us * 1000",
@@ -61,6 +61,7 @@ const ADDED_COLUMNS: [(&str, &str); 6] = [
     ("attempt INTEGER NOT NULL DEFAULT 1", ""),
     ("alias TEXT NOT NULL DEFAULT ''", ""),
     ("shadow INTEGER NOT NULL DEFAULT 0", ""),
+    ("inference_cache_hits INTEGER NOT NULL DEFAULT 0", ""),
 ];
 
 /// Numbers the records of a table made before commit sequences, in id
@@ -69,7 +70,7 @@ const SEQ_MIGRATION: &str = "CREATE UNIQUE INDEX IF NOT EXISTS usage_seq ON usag
 
 pub(crate) const COLUMNS: &str = "id, tenant, function, version, started_at_us, ended_at_us, status, outcome, cold_start, \
      queue_us, memory_peak_bytes, guest_cpu_us, device, gpu_us, inference_calls, batched_calls, bytes_in, bytes_out, \
-     billed_ms, cost_nanos, currency, price_version, seq, compute_ns, gpu_ns, invocation_id, attempt, alias, shadow";
+     billed_ms, cost_nanos, currency, price_version, seq, compute_ns, gpu_ns, invocation_id, attempt, alias, shadow, inference_cache_hits";
 
 pub(crate) fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
@@ -156,6 +157,7 @@ pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
             gpu_ns: row_u64(row, 24)?,
             inference_calls: row_u64(row, 14)?,
             batched_calls: row_u64(row, 15)?,
+            inference_cache_hits: row_u64(row, 29)?,
             bytes_in: row_u64(row, 16)?,
             bytes_out: row_u64(row, 17)?,
         },
@@ -184,7 +186,7 @@ impl Sink for SqliteSink {
                 .prepare_cached(&format!(
                     "INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES \
                      (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, \
-                     ?24, ?25, ?26, ?27, ?28, ?29)"
+                     ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
                 ))
                 .map_err(|e| e.to_string())?;
             for r in batch {
@@ -220,6 +222,7 @@ impl Sink for SqliteSink {
                         u.attempt,
                         u.alias,
                         u.shadow,
+                        sql_u64(u.inference_cache_hits),
                     ])
                     .map_err(|e| e.to_string())?;
             }

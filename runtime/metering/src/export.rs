@@ -102,7 +102,7 @@ impl Encoder {
 }
 
 /// CSV header, in [`RecordView`]'s field order.
-pub const CSV_COLUMNS: [&str; 28] = [
+pub const CSV_COLUMNS: [&str; 29] = [
     "id",
     "invocation_id",
     "attempt",
@@ -126,6 +126,7 @@ pub const CSV_COLUMNS: [&str; 28] = [
     "gpu_ms",
     "inference_calls",
     "batched_with",
+    "inference_cache_hits",
     "bytes_in",
     "bytes_out",
     "cost",

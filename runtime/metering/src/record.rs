@@ -131,6 +131,10 @@ pub struct Usage {
     pub inference_calls: u64,
     /// Sum over compute calls of the calls in their batch.
     pub batched_calls: u64,
+    /// `wasi:nn` compute calls answered from an inference cache (not in
+    /// `inference_calls`: no model ran).
+    #[serde(default)]
+    pub inference_cache_hits: u64,
     /// Request body bytes read.
     pub bytes_in: u64,
     /// Response body bytes sent.
@@ -214,6 +218,8 @@ pub struct RecordView {
     pub gpu_ms: f64,
     pub inference_calls: u64,
     pub batched_with: f64,
+    /// Compute calls answered from an inference cache.
+    pub inference_cache_hits: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Decimal string, nine places: exact, unlike a float.
@@ -268,6 +274,7 @@ impl From<&UsageRecord> for RecordView {
             } else {
                 u.batched_calls as f64 / u.inference_calls as f64
             },
+            inference_cache_hits: u.inference_cache_hits,
             bytes_in: u.bytes_in,
             bytes_out: u.bytes_out,
             cost: format_nanos(record.cost_nanos),

@@ -29,6 +29,7 @@ pub(crate) fn usage(id: &str, outcome: Outcome) -> Usage {
         gpu_ns: 0,
         inference_calls: 2,
         batched_calls: 6,
+        inference_cache_hits: 1,
         bytes_in: 5,
         bytes_out: 120,
     }

@@ -351,7 +351,7 @@ impl Registry {
                 size,
             });
         }
-        let grants = self.grants(&manifest, &artifacts).await?;
+        let grants = self.grants(tenant, &manifest, &artifacts).await?;
         self.store.ensure_tenant(tenant).await?;
         let version = self
             .store
@@ -379,7 +379,7 @@ impl Registry {
 
     /// What a version's instances are given: its models by name, and its
     /// asset directory (built from the blobs if missing).
-    async fn grants(&self, manifest: &Manifest, artifacts: &[Artifact]) -> Result<Grants> {
+    async fn grants(&self, tenant: &str, manifest: &Manifest, artifacts: &[Artifact]) -> Result<Grants> {
         // In a cluster, a node that has not seen these blobs yet fetches them
         // from the shared bucket; what cannot be fetched is reported below as
         // missing, naming the model or file.
@@ -397,10 +397,11 @@ impl Registry {
                     key: a.digest.to_string(),
                     path: self.blobs.path(&a.digest),
                     placement: placement(spec.device),
+                    cache_entries: spec.cache_entries as usize,
                 };
                 Some((a.name.clone(), model))
             });
-        let models = self.nn.grant(models);
+        let models = self.nn.grant(tenant, models);
         // A model file lost, truncated or damaged on disk fails this function
         // alone, plainly, instead of surfacing as an inference error in the
         // guest (or, worse, as wrong answers from flipped weights). The size
@@ -554,7 +555,7 @@ impl Registry {
         let manifest = Manifest::from_toml(&version.manifest).map_err(|e| {
             StoreError::Corrupt(format!("{}/{} v{}: {e}", version.tenant, version.name, version.version))
         })?;
-        let grants = self.grants(&manifest, &version.artifacts).await?;
+        let grants = self.grants(&version.tenant, &manifest, &version.artifacts).await?;
         Ok(Arc::new(Deployed {
             version,
             manifest,

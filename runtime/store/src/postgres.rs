@@ -167,7 +167,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX alias_history_by_alias ON alias_history(tenant, name, alias, id);
     ALTER TABLE hearth_usage ADD COLUMN alias TEXT NOT NULL DEFAULT '';
-    ALTER TABLE hearth_usage ADD COLUMN shadow BOOLEAN NOT NULL DEFAULT FALSE;",
+    ALTER TABLE hearth_usage ADD COLUMN shadow BOOLEAN NOT NULL DEFAULT FALSE;
+    ALTER TABLE hearth_usage ADD COLUMN inference_cache_hits BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// How often a node compares the change counter with the announcements it
