@@ -257,7 +257,8 @@ async fn malformed_aliases_are_refused_with_a_problem() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trapping_shadow_never_changes_the_primarys_answers() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&tmp.path().join("data"), &[]);
+    // Room for every copy: none is skipped here (see the next test).
+    let server = Server::start(&tmp.path().join("data"), &["--max-shadow-runs", "64"]);
     deploy(&server, tmp.path(), "mirror", hearth_fixtures::HELLO, "").await;
     let hello = call(&server, "mirror", None).await.2;
     deploy(&server, &tmp.path().join("v2"), "mirror", hearth_fixtures::FAULTS, "").await;
@@ -333,6 +334,44 @@ async fn a_trapping_shadow_never_changes_the_primarys_answers() {
                 && l.contains("shadow=\"false\"")
                 && l.contains("version=\"1\"")
                 && l.ends_with(" 20")),
+        "{metrics}"
+    );
+}
+
+/// Copies beyond `--max-shadow-runs` are skipped and counted, never queued
+/// behind the primaries.
+#[tokio::test(flavor = "multi_thread")]
+async fn shadow_copies_past_the_limit_are_skipped_and_counted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &["--max-shadow-runs", "1"]);
+    deploy(&server, tmp.path(), "mirror", hearth_fixtures::HELLO, "").await;
+    deploy(&server, &tmp.path().join("v2"), "mirror", hearth_fixtures::FAULTS, "").await;
+    let alias = serde_json::json!({
+        "routes": [{ "version": 1, "weight": 1 }],
+        "shadow": { "version": 2, "percent": 100 }
+    });
+    let set = http()
+        .put(format!("{}/v1/functions/mirror/aliases/prod", server.url))
+        .json(&alias)
+        .send()
+        .await
+        .expect("set");
+    assert_eq!(set.status(), 200);
+    // The first copy sleeps 30 s in version 2 and holds the only slot while
+    // the next three primaries are answered (hello answers at once).
+    for _ in 0..4 {
+        let response = http()
+            .get(server.fn_url("mirror@prod", "/sleep?ms=30000"))
+            .send()
+            .await
+            .expect("call");
+        assert_eq!(response.status(), 200);
+    }
+    let metrics = crate::server::metrics_text(&server).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("hearth_shadow_skipped_total") && l.ends_with(" 3")),
         "{metrics}"
     );
 }

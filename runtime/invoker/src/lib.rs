@@ -61,6 +61,8 @@ pub use record::{Meter, now_us};
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
 /// Default longest wait in a function's queue before 429/503.
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default most shadow copies running at once.
+pub const DEFAULT_MAX_SHADOW_RUNS: usize = 2;
 /// Header with the path a function is mounted at, passed to the guest.
 pub const BASE_PATH_HEADER: &str = "x-hearth-base-path";
 
@@ -86,6 +88,10 @@ pub struct InvokerConfig {
     /// How long an asynchronous invocation is kept: one still queued after
     /// it fails as expired, a finished one's result is deleted after it.
     pub async_retention: Duration,
+    /// Shadow copies running at once at most; a copy that finds them all
+    /// busy is skipped (counted), so mirroring never takes more than this
+    /// much of the server from the requests whose answers are sent.
+    pub max_shadow_runs: usize,
 }
 
 impl Default for InvokerConfig {
@@ -96,6 +102,7 @@ impl Default for InvokerConfig {
             async_lease: DEFAULT_ASYNC_LEASE,
             async_max_attempts: DEFAULT_ASYNC_MAX_ATTEMPTS,
             async_retention: DEFAULT_ASYNC_RETENTION,
+            max_shadow_runs: DEFAULT_MAX_SHADOW_RUNS,
         }
     }
 }
@@ -142,6 +149,10 @@ pub struct Invoker {
     /// Response caches of the versions with `[cache]` that were called,
     /// dropped with their version's pool.
     caches: dashmap::DashMap<FunctionKey, Arc<cache::ResponseCache>>,
+    /// Slots of shadow copies running now ([`InvokerConfig::max_shadow_runs`]).
+    shadow_slots: Arc<tokio::sync::Semaphore>,
+    /// Shadow copies skipped because every slot was busy, since start.
+    shadows_skipped: std::sync::atomic::AtomicU64,
 }
 
 impl Invoker {
@@ -171,6 +182,8 @@ impl Invoker {
             config,
             async_queue: tokio::sync::Notify::new(),
             caches: dashmap::DashMap::new(),
+            shadow_slots: Arc::new(tokio::sync::Semaphore::new(config.max_shadow_runs)),
+            shadows_skipped: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -272,9 +285,21 @@ impl Invoker {
     /// of its own at the `batch` class: its answer is read to the end (so
     /// its record commits) and dropped, and whatever happens to it never
     /// reaches the caller of the primary. Its record says `shadow = true`.
+    /// With [`InvokerConfig::max_shadow_runs`] copies already running, the
+    /// copy is skipped (no record: it never reached the function) and
+    /// counted in `hearth_shadow_skipped_total`. Copies run on their own
+    /// thread at the lowest CPU priority ([`shadow_runtime`]).
     pub fn mirror(self: &Arc<Self>, deployed: Arc<Deployed>, alias: Option<Arc<str>>, request: hyper::Request<Bytes>) {
+        let Ok(slot) = self.shadow_slots.clone().try_acquire_owned() else {
+            self.shadows_skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        };
         let invoker = self.clone();
-        tokio::spawn(async move {
+        let runtime = shadow_runtime()
+            .cloned()
+            .unwrap_or_else(tokio::runtime::Handle::current);
+        runtime.spawn(async move {
+            let _slot = slot;
             let mut meter = invoker.begin(Uuid::now_v7(), now_us(), &deployed);
             meter.through(alias.as_deref());
             meter.shadow();
@@ -364,6 +389,36 @@ impl Invoker {
     pub fn config(&self) -> &InvokerConfig {
         &self.config
     }
+}
+
+/// The runtime shadow copies run on: one worker thread (and its blocking
+/// pool) at nice 19, so the kernel gives copies only the CPU the answered
+/// requests leave, however many copies an alias asks for. `None` if it
+/// could not be built (copies then run beside everything else).
+fn shadow_runtime() -> Option<&'static tokio::runtime::Handle> {
+    static RUNTIME: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        let built = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(2)
+            .thread_name("hearth-shadow")
+            .enable_all()
+            .on_thread_start(|| {
+                // On Linux a thread's nice value is its own. Failing to
+                // lower it leaves copies at the normal priority, bounded by
+                // `max_shadow_runs` still.
+                let _ = rustix::process::nice(19);
+            })
+            .build();
+        match built {
+            Ok(runtime) => Some(runtime),
+            Err(err) => {
+                tracing::warn!(error = %err, "no low-priority runtime for shadow copies; they run with the rest");
+                None
+            }
+        }
+    });
+    runtime.as_ref().map(tokio::runtime::Runtime::handle)
 }
 
 #[cfg(test)]

@@ -151,6 +151,16 @@ fn register(state: &Arc<Invoker>) {
         .build();
 
     let s = weak.clone();
+    let _shadows_skipped = meter
+        .u64_observable_counter("hearth.shadow.skipped")
+        .with_description("Shadow copies not run because --max-shadow-runs copies were already running")
+        .with_callback(move |counter| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            counter.observe(state.shadows_skipped.load(std::sync::atomic::Ordering::Relaxed), &[]);
+        })
+        .build();
+
+    let s = weak.clone();
     let _inference_cache = meter
         .u64_observable_counter("hearth.inference.cache.requests")
         .with_description("Compute calls to models with an inference cache: answered from it (hit) or run (miss)")

@@ -151,6 +151,11 @@ pub struct ServeArgs {
     /// that fails as expired, a finished one's result is deleted.
     #[arg(long, env = "HEARTH_ASYNC_RETENTION_S", default_value_t = hearth_invoker::DEFAULT_ASYNC_RETENTION.as_secs())]
     async_retention_s: u64,
+    /// Shadow copies (an alias's `--shadow`) running at once at most; more
+    /// are skipped and counted (`hearth_shadow_skipped_total`), so mirrored
+    /// traffic never takes more than this from the answered requests.
+    #[arg(long, env = "HEARTH_MAX_SHADOW_RUNS", default_value_t = hearth_invoker::DEFAULT_MAX_SHADOW_RUNS)]
+    max_shadow_runs: usize,
     /// Seconds between garbage collections (blobs no version references,
     /// stale compiled artifacts, interrupted uploads).
     #[arg(long, env = "HEARTH_GC_INTERVAL_S", default_value_t = hearth_invoker::DEFAULT_GC_INTERVAL.as_secs())]
@@ -347,6 +352,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         async_lease: Duration::from_secs(args.async_lease_s.max(1)),
         async_max_attempts: args.async_max_attempts.max(1),
         async_retention: Duration::from_secs(args.async_retention_s.max(1)),
+        max_shadow_runs: args.max_shadow_runs,
     };
     let prices = config_file(args.price_table.as_deref(), hearth_metering::PriceTable::from_toml)?.unwrap_or_default();
     let usage = if args.no_metering {
