@@ -327,6 +327,20 @@ async fn a_trapping_shadow_never_changes_the_primarys_answers() {
         line.ends_with(" 20") && line.contains("outcome=\"guest_trap\""),
         "{line}"
     );
+    // `hearth usage summary` puts the versions and the copies side by side.
+    let summary = server
+        .client()
+        .usage_summary(&hearth_client::UsageQuery {
+            function: Some("mirror".into()),
+            ..hearth_client::UsageQuery::default()
+        })
+        .await
+        .expect("summary");
+    let rows: Vec<(u32, bool, u64, u64)> = summary
+        .iter()
+        .map(|r| (r.version, r.shadow, r.invocations, r.errors))
+        .collect();
+    assert_eq!(rows, [(1, false, 21, 0), (2, true, 20, 20)], "{summary:?}");
     assert!(
         metrics
             .lines()

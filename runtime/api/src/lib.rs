@@ -499,6 +499,18 @@ pub struct UsageSummary {
     pub tenant: String,
     /// Function.
     pub function: String,
+    /// Version (each version of a function has rows of its own).
+    #[serde(default)]
+    pub version: u32,
+    /// Shadow copies (apart from the answered calls of the same version).
+    #[serde(default)]
+    pub shadow: bool,
+    /// Of the calls that ran, those that ended in a 5xx.
+    #[serde(default)]
+    pub errors: u64,
+    /// Mean wall time, milliseconds.
+    #[serde(default)]
+    pub mean_wall_ms: f64,
     /// `YYYY-MM-DD`.
     pub day: String,
     /// Invocations recorded.

@@ -222,6 +222,10 @@ fn usage_summary() {
     let row = UsageSummary {
         tenant: "acme".into(),
         function: "ocr".into(),
+        version: 3,
+        shadow: true,
+        errors: 1,
+        mean_wall_ms: 4.5,
         day: "2026-11-30".into(),
         invocations: 4,
         ran: 3,

@@ -173,6 +173,10 @@ pub(crate) async fn summary(
         .map(|row| UsageSummary {
             tenant: row.tenant,
             function: row.function,
+            version: row.version,
+            shadow: row.shadow,
+            errors: row.errors,
+            mean_wall_ms: row.mean_wall_ms,
             day: row.day,
             invocations: row.invocations,
             ran: row.ran,

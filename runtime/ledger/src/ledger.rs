@@ -168,11 +168,14 @@ impl Ledger {
                         count(*) FILTER (WHERE outcome = 'rejected'), count(*) FILTER (WHERE cold_start),
                         sum(billed_ms)::bigint, sum(guest_cpu_us)::bigint, sum(gpu_ns)::bigint,
                         sum(inference_calls)::bigint, sum(bytes_in)::bigint, sum(bytes_out)::bigint,
-                        sum(cost_nanos)::bigint, max(currency), sum(compute_ns)::bigint
+                        sum(cost_nanos)::bigint, max(currency), sum(compute_ns)::bigint,
+                        version, shadow,
+                        count(*) FILTER (WHERE status >= 500 AND outcome NOT IN ('rejected', 'bad_request')),
+                        avg(ended_at_us - started_at_us)::float8
                  FROM hearth_usage
                  WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR function = $2)
                    AND ($3::bigint IS NULL OR started_at_us >= $3) AND ($4::bigint IS NULL OR started_at_us < $4)
-                 GROUP BY tenant, function, day ORDER BY day, tenant, function",
+                 GROUP BY tenant, function, version, shadow, day ORDER BY day, tenant, function, version, shadow",
                 &[&filter.tenant, &filter.function, &filter.since_us, &filter.until_us],
             )
             .await?;
@@ -182,6 +185,10 @@ impl Ledger {
                 Ok(SummaryRow {
                     tenant: row.try_get(0)?,
                     function: row.try_get(1)?,
+                    version: u32::try_from(row.try_get::<_, i32>(16)?).unwrap_or(0),
+                    shadow: row.try_get(17)?,
+                    errors: count(row, 18)?,
+                    mean_wall_ms: row.try_get::<_, f64>(19)? / 1e3,
                     day: row.try_get(2)?,
                     invocations: count(row, 3)?,
                     ran: count(row, 4)?,

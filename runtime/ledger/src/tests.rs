@@ -144,7 +144,9 @@ async fn a_consumer_following_three_shipping_nodes_sees_each_record_once() {
         local.extend(log.summary(&Filter::default()).await.expect("summary"));
     }
     for row in &fleet {
-        let mine = local.iter().filter(|r| r.tenant == row.tenant && r.day == row.day);
+        let mine = local
+            .iter()
+            .filter(|r| (&r.tenant, &r.day, r.version, r.shadow) == (&row.tenant, &row.day, row.version, row.shadow));
         let (invocations, rejected, cpu) = mine.fold((0, 0, 0), |(i, r, c), row| {
             (i + row.invocations, r + row.rejected, c + row.guest_cpu_us)
         });

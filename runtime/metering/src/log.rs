@@ -220,11 +220,20 @@ pub struct Filter {
     pub until_us: Option<i64>,
 }
 
-/// One row of [`UsageLog::summary`]: a tenant's function on one day (UTC).
+/// One row of [`UsageLog::summary`]: one version of a tenant's function on
+/// one day (UTC), its answered calls and its shadow copies apart, so the
+/// versions behind an alias compare side by side.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SummaryRow {
     pub tenant: String,
     pub function: String,
+    pub version: u32,
+    /// Shadow copies (answers nobody saw).
+    pub shadow: bool,
+    /// Of the calls that ran, those that ended in a 5xx.
+    pub errors: u64,
+    /// Mean wall time, milliseconds.
+    pub mean_wall_ms: f64,
     /// `YYYY-MM-DD`.
     pub day: String,
     pub invocations: u64,
@@ -529,11 +538,13 @@ impl UsageLog {
                 "SELECT tenant, function, strftime('%Y-%m-%d', started_at_us / 1000000, 'unixepoch') AS day,
                         count(*), sum(outcome NOT IN ('rejected', 'bad_request')), sum(outcome = 'rejected'),
                         sum(cold_start), sum(billed_ms), sum(guest_cpu_us), sum(gpu_ns), sum(inference_calls),
-                        sum(bytes_in), sum(bytes_out), sum(cost_nanos), max(currency), sum(compute_ns)
+                        sum(bytes_in), sum(bytes_out), sum(cost_nanos), max(currency), sum(compute_ns),
+                        version, shadow, sum(status >= 500 AND outcome NOT IN ('rejected', 'bad_request')),
+                        avg(ended_at_us - started_at_us)
                  FROM usage
                  WHERE id >= ?5 AND id < ?6 AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR function = ?2)
                    AND (?3 IS NULL OR started_at_us >= ?3) AND (?4 IS NULL OR started_at_us < ?4)
-                 GROUP BY tenant, function, day ORDER BY day, tenant, function",
+                 GROUP BY tenant, function, version, shadow, day ORDER BY day, tenant, function, version, shadow",
             )?;
             let (lower, upper) = id_bounds(&filter);
             let rows = stmt.query_map(
@@ -549,6 +560,10 @@ impl UsageLog {
                     Ok(SummaryRow {
                         tenant: row.get(0)?,
                         function: row.get(1)?,
+                        version: row.get(16)?,
+                        shadow: row.get(17)?,
+                        errors: row_u64(row, 18)?,
+                        mean_wall_ms: row.get::<_, f64>(19)? / 1e3,
                         day: row.get(2)?,
                         invocations: row_u64(row, 3)?,
                         ran: row_u64(row, 4)?,

@@ -214,7 +214,8 @@ pub enum UsageCommand {
         #[arg(long, value_name = "CURSOR")]
         after: Option<String>,
     },
-    /// Totals per function and UTC day.
+    /// Totals per function version and UTC day (shadow copies apart): the
+    /// versions behind an alias side by side.
     Summary {
         #[command(flatten)]
         filter: UsageFilter,
@@ -553,17 +554,28 @@ pub async fn usage(args: &ClientArgs, command: UsageCommand) -> anyhow::Result<E
                 Output::Text if rows.is_empty() => eprintln!("no usage in tenant `{}`", args.tenant),
                 Output::Text => {
                     println!(
-                        "{:<10}  {:<20} {:>9} {:>8} {:>6} {:>10} {:>10}  cost",
-                        "day", "function", "calls", "rejected", "cold", "billed ms", "compute ms"
+                        "{:<10}  {:<24} {:>9} {:>8} {:>6} {:>6} {:>9} {:>10} {:>10}  cost",
+                        "day",
+                        "function@version",
+                        "calls",
+                        "rejected",
+                        "5xx",
+                        "cold",
+                        "mean ms",
+                        "billed ms",
+                        "compute ms"
                     );
                     for r in rows {
+                        let shadow = if r.shadow { " (shadow)" } else { "" };
                         println!(
-                            "{:<10}  {:<20} {:>9} {:>8} {:>6} {:>10} {:>10.1}  {} {}",
+                            "{:<10}  {:<24} {:>9} {:>8} {:>6} {:>6} {:>9.2} {:>10} {:>10.1}  {} {}",
                             r.day,
-                            r.function,
+                            format!("{}@{}{shadow}", r.function, r.version),
                             r.invocations,
                             r.rejected,
+                            r.errors,
                             r.cold_starts,
+                            r.mean_wall_ms,
                             r.billed_ms,
                             r.compute_ms,
                             r.cost,
