@@ -150,6 +150,21 @@ async fn nodes_share_deploys_deletes_and_revocations() {
         }
     }
 
+    // A rollback through A (greet's `latest` back to version 1): B and C
+    // follow, as they follow a deploy.
+    a.client().rollback("greet", "latest").await.expect("rollback");
+    for node in [b, c] {
+        let guard = Instant::now() + CONVERGE_GUARD;
+        loop {
+            let response = http().get(node.fn_url("greet", "/")).send().await.expect("greet");
+            if response.headers()["x-hearth-version"] == "1" {
+                break;
+            }
+            assert!(Instant::now() < guard, "{} never followed the rollback", node.url);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     // Asynchronous invocations submitted through A run exactly once,
     // wherever they run, and every node answers for them.
     deploy(a, work.path(), "echo", hearth_fixtures::ECHO, "").await;
