@@ -499,3 +499,30 @@ async fn follow(url: &str, total: tokio::sync::watch::Receiver<Option<usize>>) -
         }
     }
 }
+
+/// Garbage collection in a cluster also empties the shared bucket of blobs
+/// no version references (a deleted function's), and keeps a live one's.
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_collection_cleans_the_shared_bucket() {
+    let cluster = Cluster::start_with(1, &["--gc-interval-s", "1", "--gc-grace-s", "0"]);
+    let node = &cluster.nodes[0];
+    let work = tempfile::tempdir().expect("tempdir");
+    deploy(node, work.path(), "keep", hearth_fixtures::HELLO, "").await;
+    deploy(node, work.path(), "gone", hearth_fixtures::ECHO, "").await;
+    assert_eq!(cluster.s3.list("blobs/sha256/").len(), 2);
+    node.client().delete("gone").await.expect("delete");
+    let guard = Instant::now() + CONVERGE_GUARD;
+    while cluster.s3.list("blobs/sha256/").len() > 1 {
+        assert!(Instant::now() < guard, "{:?}", cluster.s3.list("blobs/sha256/"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = crate::server::metrics_text(node).await;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("hearth_gc_removed_files_total")
+            && l.contains("kind=\"bucket\"")
+            && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    let response = http().get(node.fn_url("keep", "/")).send().await.expect("keep");
+    assert_eq!(response.status(), 200, "the live function still runs");
+}

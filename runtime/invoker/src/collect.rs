@@ -32,13 +32,17 @@ impl Removed {
 }
 
 /// What every collection since start removed, by `kind` label.
-type Totals = [(&'static str, Removed); 2];
+type Totals = [(&'static str, Removed); 3];
 
 impl Invoker {
     /// Collects garbage every `interval` (files unreferenced for at least
     /// `grace`), from one `interval` after start.
     pub fn spawn_collector(self: &Arc<Self>, interval: Duration, grace: Duration) -> tokio::task::JoinHandle<()> {
-        let totals: Arc<Totals> = Arc::new([("blob", Removed::default()), ("compiled", Removed::default())]);
+        let totals: Arc<Totals> = Arc::new([
+            ("blob", Removed::default()),
+            ("compiled", Removed::default()),
+            ("bucket", Removed::default()),
+        ]);
         let meter = self.telemetry.meter();
         // (name, unit, description, which count); no unit for a count.
         for (name, unit, description, read) in [
@@ -78,11 +82,13 @@ impl Invoker {
                     Ok(gc) => {
                         totals[0].1.add(gc.blobs);
                         totals[1].1.add(gc.compiled);
-                        if gc.blobs.files + gc.compiled.files > 0 {
+                        totals[2].1.add(gc.bucket);
+                        if gc.blobs.files + gc.compiled.files + gc.bucket.files > 0 {
                             tracing::info!(
                                 blobs = gc.blobs.files,
                                 compiled = gc.compiled.files,
-                                bytes = gc.blobs.bytes + gc.compiled.bytes,
+                                bucket = gc.bucket.files,
+                                bytes = gc.blobs.bytes + gc.compiled.bytes + gc.bucket.bytes,
                                 "garbage collected"
                             );
                         }

@@ -728,8 +728,8 @@ impl Registry {
     }
 
     /// Deletes what no version references any more: local blobs and
-    /// compiled artifacts (and leftovers of interrupted uploads), once
-    /// older than `grace`. Versions themselves stay until their function
+    /// compiled artifacts (and leftovers of interrupted uploads), and in a
+    /// cluster the shared bucket's blobs, once older than `grace`. Versions themselves stay until their function
     /// is deleted. Returns what went.
     pub async fn collect_garbage(&self, grace: std::time::Duration) -> Result<GarbageCollected> {
         let mut keep = std::collections::HashSet::new();
@@ -741,6 +741,9 @@ impl Registry {
                 }
             }
         }
+        // The bucket is the whole fleet's; `keep` is too (read from the
+        // shared store), and the grace covers deploys in flight elsewhere.
+        let bucket = self.blobs.collect_remote(&keep, grace).await?;
         let (blobs, engine) = (self.blobs.clone(), self.engine.clone());
         tokio::task::spawn_blocking(move || {
             let mut compiled = hearth_store::Collected::default();
@@ -750,6 +753,7 @@ impl Registry {
             GarbageCollected {
                 blobs: blobs.collect(&keep, grace),
                 compiled,
+                bucket,
             }
         })
         .await
@@ -776,6 +780,8 @@ pub struct GarbageCollected {
     pub blobs: hearth_store::Collected,
     /// Compiled artifacts.
     pub compiled: hearth_store::Collected,
+    /// Blobs in a cluster's shared bucket.
+    pub bucket: hearth_store::Collected,
 }
 
 /// Where a request goes, from [`Registry::route`].

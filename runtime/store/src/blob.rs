@@ -104,10 +104,24 @@ impl BlobStore {
         placed.map(|()| path)
     }
 
+    /// Deletes, in a cluster, the shared bucket's blobs that no version
+    /// references (`keep`: digests) and that were written longer than
+    /// `grace` ago; returns what went (nothing without a bucket).
+    pub async fn collect_remote(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        grace: std::time::Duration,
+    ) -> Result<Collected> {
+        match &self.remote {
+            Some(remote) => remote.collect(keep, grace).await,
+            None => Ok(Collected::default()),
+        }
+    }
+
     /// Deletes local blobs not in `keep` and staged files, both last
     /// modified longer than `grace` ago (a deploy in progress has written
     /// its blobs but not yet its version); returns how many files and
-    /// bytes. Blocking. A shared bucket is left alone: other nodes use it.
+    /// bytes. Blocking. The shared bucket is [`BlobStore::collect_remote`]'s.
     pub fn collect(&self, keep: &std::collections::HashSet<String>, grace: std::time::Duration) -> Collected {
         let mut collected = Collected::default();
         for (dir, only_unreferenced) in [(&self.blobs, true), (&self.staging, false)] {

@@ -84,6 +84,37 @@ impl RemoteBlobs {
         finished.map_err(|e| self.error("uploading", digest, e))
     }
 
+    /// Deletes the bucket's blobs whose names are not in `keep` and that
+    /// were written longer than `grace` ago (a deploy on another node
+    /// uploads its blobs before it records its version: the grace covers
+    /// it); returns what went.
+    pub(crate) async fn collect(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        grace: std::time::Duration,
+    ) -> Result<crate::Collected> {
+        let listed = self.prefix.child("sha256");
+        let failed = |e: object_store::Error| StoreError::Remote(format!("listing the blobs at {}: {e}", self.url));
+        let cutoff = crate::now_ms().saturating_sub(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
+        let mut objects = self.store.list(Some(&listed));
+        let mut collected = crate::Collected::default();
+        while let Some(meta) = objects.next().await {
+            let meta = meta.map_err(failed)?;
+            let Some(name) = meta.location.filename() else { continue };
+            if keep.contains(name) || meta.last_modified.timestamp_millis() > cutoff {
+                continue;
+            }
+            match self.store.delete(&meta.location).await {
+                Ok(()) => {
+                    collected.files += 1;
+                    collected.bytes += meta.size;
+                }
+                Err(e) => tracing::warn!(object = %meta.location, error = %e, "cannot delete an unreferenced blob"),
+            }
+        }
+        Ok(collected)
+    }
+
     /// Downloads a blob into `staged` (a new file), checking its size and
     /// hash: a damaged or wrong object is an error, never a cached blob.
     pub(crate) async fn download(&self, digest: &Digest, size: u64, staged: &FsPath) -> Result<()> {
