@@ -252,16 +252,13 @@ async fn malformed_aliases_are_refused_with_a_problem() {
     problem(last, 409).await;
 }
 
-/// A shadow version that traps never changes the primary's answers; each
-/// copy leaves its own record (`shadow = true`) and per-version metrics.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_trapping_shadow_never_changes_the_primarys_answers() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    // Room for every copy: none is skipped here (see the next test).
-    let server = Server::start(&tmp.path().join("data"), &["--max-shadow-runs", "64"]);
-    deploy(&server, tmp.path(), "mirror", hearth_fixtures::HELLO, "").await;
-    let hello = call(&server, "mirror", None).await.2;
-    deploy(&server, &tmp.path().join("v2"), "mirror", hearth_fixtures::FAULTS, "").await;
+/// Deploys `mirror` (version 1: hello; version 2: faults) and points
+/// `mirror@prod` at version 1 with every request copied to version 2;
+/// returns hello's answer.
+async fn mirrored(server: &Server, dir: &std::path::Path) -> String {
+    deploy(server, dir, "mirror", hearth_fixtures::HELLO, "").await;
+    let hello = call(server, "mirror", None).await.2;
+    deploy(server, &dir.join("v2"), "mirror", hearth_fixtures::FAULTS, "").await;
     let alias = serde_json::json!({
         "routes": [{ "version": 1, "weight": 1 }],
         "shadow": { "version": 2, "percent": 100 }
@@ -273,6 +270,17 @@ async fn a_trapping_shadow_never_changes_the_primarys_answers() {
         .await
         .expect("set");
     assert_eq!(set.status(), 200);
+    hello
+}
+
+/// A shadow version that traps never changes the primary's answers; each
+/// copy leaves its own record (`shadow = true`) and per-version metrics.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trapping_shadow_never_changes_the_primarys_answers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Room for every copy: none is skipped here (see the next test).
+    let server = Server::start(&tmp.path().join("data"), &["--max-shadow-runs", "64"]);
+    let hello = mirrored(&server, tmp.path()).await;
 
     for _ in 0..20 {
         // `/trap` makes version 2 (faults) trap; version 1 (hello) answers.
@@ -358,19 +366,7 @@ async fn a_trapping_shadow_never_changes_the_primarys_answers() {
 async fn shadow_copies_past_the_limit_are_skipped_and_counted() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&tmp.path().join("data"), &["--max-shadow-runs", "1"]);
-    deploy(&server, tmp.path(), "mirror", hearth_fixtures::HELLO, "").await;
-    deploy(&server, &tmp.path().join("v2"), "mirror", hearth_fixtures::FAULTS, "").await;
-    let alias = serde_json::json!({
-        "routes": [{ "version": 1, "weight": 1 }],
-        "shadow": { "version": 2, "percent": 100 }
-    });
-    let set = http()
-        .put(format!("{}/v1/functions/mirror/aliases/prod", server.url))
-        .json(&alias)
-        .send()
-        .await
-        .expect("set");
-    assert_eq!(set.status(), 200);
+    mirrored(&server, tmp.path()).await;
     // The first copy sleeps 30 s in version 2 and holds the only slot while
     // the next three primaries are answered (hello answers at once).
     for _ in 0..4 {

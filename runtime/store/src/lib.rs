@@ -601,20 +601,29 @@ pub(crate) fn check_version_deletion(version: u32, live: &[u32], aliases: &[Alia
     Ok(())
 }
 
-/// The history entry of unsetting `alias`: `latest` follows the newest
-/// live version again; any other alias is gone.
-pub(crate) fn unset_change(alias: &str, live: &[u32], now: i64) -> AliasChange {
+/// What unsetting `alias` did, given whether it was set (`removed`): the
+/// history entry (`latest` follows the newest live version again; any
+/// other alias is gone) and whether anything changed (`latest` already
+/// following the newest did not); refused for another alias not set.
+pub(crate) fn unset_change(alias: &str, live: &[u32], now: i64, removed: bool) -> Result<(AliasChange, bool)> {
     match (alias == LATEST, live.last()) {
-        (true, Some(&newest)) => AliasChange {
-            at_ms: now,
-            target: Some(AliasTarget::single(newest)),
-            follows_newest: true,
-        },
-        _ => AliasChange {
-            at_ms: now,
-            target: None,
-            follows_newest: false,
-        },
+        (true, Some(&newest)) => Ok((
+            AliasChange {
+                at_ms: now,
+                target: Some(AliasTarget::single(newest)),
+                follows_newest: true,
+            },
+            removed,
+        )),
+        _ if !removed => Err(StoreError::Refused(Refusal::NoAlias(alias.to_owned()))),
+        _ => Ok((
+            AliasChange {
+                at_ms: now,
+                target: None,
+                follows_newest: false,
+            },
+            true,
+        )),
     }
 }
 

@@ -725,12 +725,8 @@ impl Store for PostgresStore {
                         &[&tenant, &name, &alias],
                     )
                     .await?;
-                let change = crate::unset_change(alias, &live, now);
-                if removed == 0 && alias != crate::LATEST {
-                    return Err(StoreError::Refused(Refusal::NoAlias(alias.to_owned())));
-                }
-                if removed == 0 {
-                    // `latest` already followed the newest: nothing changed.
+                let (change, changed) = crate::unset_change(alias, &live, now, removed > 0)?;
+                if !changed {
                     return Ok(change);
                 }
                 change

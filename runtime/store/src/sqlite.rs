@@ -625,12 +625,8 @@ impl Store for SqliteStore {
                         "DELETE FROM aliases WHERE tenant = ?1 AND name = ?2 AND alias = ?3",
                         params![tenant, name, alias],
                     )?;
-                    let change = crate::unset_change(&alias, &live, now);
-                    if removed == 0 && alias != crate::LATEST {
-                        return Err(StoreError::Refused(Refusal::NoAlias(alias.to_owned())));
-                    }
-                    if removed == 0 {
-                        // `latest` already followed the newest: nothing changed.
+                    let (change, changed) = crate::unset_change(&alias, &live, now, removed > 0)?;
+                    if !changed {
                         return Ok(change);
                     }
                     change
