@@ -5,8 +5,7 @@
 //! bytes do not back.
 #![no_main]
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use hearth_bridge::wasi::nn::graph::HostGraph as _;
 use hearth_bridge::wasi::nn::graph::Host as _;
@@ -27,8 +26,8 @@ struct Input {
 struct Model {
     _dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
-    cache: Arc<hearth_devices::ModelCache>,
-    models: Arc<HashMap<String, ModelRef>>,
+    host: NnHost,
+    grant: hearth_bridge::NnGrant,
 }
 
 fn model() -> &'static Model {
@@ -41,12 +40,19 @@ fn model() -> &'static Model {
             key: "mlp-1".into(),
             path,
             placement: hearth_devices::Placement::Auto,
+            // Repeated inputs go through the inference cache too.
+            cache_entries: 4,
         };
+        let host = NnHost::new(hearth_devices::ModelCache::new(
+            hearth_devices::DevicePool::cpu_only(),
+            Default::default(),
+        ));
+        let grant = host.grant("fuzz", [("mnist-mlp".to_owned(), model)]);
         Model {
             _dir: dir,
             runtime: tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"),
-            cache: hearth_devices::ModelCache::new(hearth_devices::DevicePool::cpu_only(), Default::default()),
-            models: Arc::new(HashMap::from([("mnist-mlp".to_owned(), model)])),
+            host,
+            grant,
         }
     })
 }
@@ -64,13 +70,13 @@ fuzz_target!(|input: Input| {
     };
     let name = if input.input_name { "input" } else { "other" };
     model.runtime.block_on(async {
-        let host = NnHost::new(model.cache.clone());
-        let mut ctx = host.instance(&model.models, InstanceMemory::new(usize::MAX));
+        let mut ctx = model.host.instance(&model.grant, InstanceMemory::new(usize::MAX));
         let mut host = &mut ctx;
         let graph = host.load_by_name("mnist-mlp".into()).await.expect("host").expect("graph");
         let context = host.init_execution_context(graph).await.expect("host").expect("context");
         let tensor = host.new(input.dims, ty, input.data).await.expect("tensor");
-        host.compute(context, vec![(name.into(), tensor)])
+        let _outputs_or_wasi_error = host
+            .compute(context, vec![(name.into(), tensor)])
             .await
             .expect("bad tensors are wasi-nn errors, not host errors");
     });

@@ -377,6 +377,19 @@ fn tensor_type(dt: DatumType) -> Option<TensorType> {
 fn to_model_tensor(t: &TensorHandle) -> Result<Tensor, String> {
     let (size, dt) = element_size(t.ty).ok_or_else(|| format!("tensor type {:?} is not supported", t.ty))?;
     let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+    // The dimensions' span (a zero counted as one) is bounded too: a zero
+    // makes the element count 0 whatever the rest, and the strides of the
+    // others would overflow (found by `fuzz/fuzz_targets/tensor.rs`).
+    let span = shape
+        .iter()
+        .try_fold(size as u64, |acc, &d| acc.checked_mul(d.max(1) as u64))
+        .filter(|&n| n <= MAX_TENSOR_BYTES);
+    if span.is_none() {
+        return Err(format!(
+            "tensor dimensions {:?} exceed {MAX_TENSOR_BYTES} bytes",
+            t.dims
+        ));
+    }
     let expected = shape
         .iter()
         .try_fold(size as u64, |acc, &d| acc.checked_mul(d as u64))
@@ -887,6 +900,22 @@ mod tests {
                 vec![u32::MAX, u32::MAX, u32::MAX],
                 TensorType::Fp32,
                 vec![0; 16],
+            ),
+            // A zero among huge dimensions: no elements, but strides that
+            // overflow (a fuzzer's find).
+            (
+                "input",
+                vec![
+                    2_442_199_185,
+                    697_405_841,
+                    0,
+                    2_444_333_312,
+                    26_289_449,
+                    2_442_236_160,
+                    722_078_353,
+                ],
+                TensorType::Fp32,
+                Vec::new(),
             ),
             ("input", vec![1, n], TensorType::Fp16, row.clone()),
             ("input", vec![1, n], TensorType::I32, row.clone()),
