@@ -7,11 +7,13 @@ demo:  ## serve on the embedded default with the examples deployed
 test:  ## the whole test suite
 	./scripts/test.sh
 
-lint:  ## formatting and clippy, host and guests
+lint:  ## formatting and clippy: host, guests and fuzz targets
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	cargo clippy -p hearth-devices -p hearth-conformance --features cuda --all-targets --locked -- -D warnings
 	cd functions && cargo fmt --all --check && cargo clippy --release --locked -- -D warnings
+	# The fuzz targets (run with `cargo +nightly fuzz`) must keep building.
+	cd fuzz && cargo fmt --check && cargo clippy --bins --locked -- -D warnings
 
 bench:  ## criterion: instantiation (pooled, on-demand, reused), wasi-nn bridge overhead and batching; cold start end to end
 	cargo bench -p hearth-engine --bench instantiate

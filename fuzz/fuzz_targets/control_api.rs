@@ -65,16 +65,17 @@ async fn build(data: &std::path::Path) -> Router {
             pools: hearth_invoker::Pools::new(Default::default()),
             tenants: hearth_scheduler::TenantGate::new(Default::default()),
             store,
-            usage: Some(hearth_metering::UsageLog::open(data).expect("usage log")),
+            usage: Some(hearth_metering::UsageLog::open(data, Default::default()).expect("usage log")),
             prices: hearth_metering::PriceTable::default(),
             telemetry: Arc::new(hearth_telemetry::Telemetry::new().expect("telemetry")),
         },
         hearth_invoker::InvokerConfig {
             max_body_bytes: 64 << 10,
             queue_timeout: std::time::Duration::from_millis(100),
+            ..Default::default()
         },
     );
-    let state = hearth_http::AppState::new(invoker, auth, 64 << 10);
+    let state = hearth_http::AppState::new(invoker, auth, 64 << 10, None, Default::default());
     hearth_http::router(state)
 }
 

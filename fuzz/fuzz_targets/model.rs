@@ -5,7 +5,7 @@
 //! `cargo +nightly fuzz run model` (in `fuzz/`).
 #![no_main]
 
-use hearth_devices::{Device as _, DevicePool};
+use hearth_devices::DevicePool;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,8 +7,8 @@
 
 use std::sync::OnceLock;
 
-use hearth_bridge::wasi::nn::graph::HostGraph as _;
 use hearth_bridge::wasi::nn::graph::Host as _;
+use hearth_bridge::wasi::nn::graph::HostGraph as _;
 use hearth_bridge::wasi::nn::inference::HostGraphExecutionContext as _;
 use hearth_bridge::wasi::nn::tensor::{HostTensor as _, TensorType};
 use hearth_bridge::{InstanceMemory, ModelRef, NnHost};
@@ -50,7 +50,10 @@ fn model() -> &'static Model {
         let grant = host.grant("fuzz", [("mnist-mlp".to_owned(), model)]);
         Model {
             _dir: dir,
-            runtime: tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime"),
             host,
             grant,
         }
@@ -72,8 +75,16 @@ fuzz_target!(|input: Input| {
     model.runtime.block_on(async {
         let mut ctx = model.host.instance(&model.grant, InstanceMemory::new(usize::MAX));
         let mut host = &mut ctx;
-        let graph = host.load_by_name("mnist-mlp".into()).await.expect("host").expect("graph");
-        let context = host.init_execution_context(graph).await.expect("host").expect("context");
+        let graph = host
+            .load_by_name("mnist-mlp".into())
+            .await
+            .expect("host")
+            .expect("graph");
+        let context = host
+            .init_execution_context(graph)
+            .await
+            .expect("host")
+            .expect("context");
         let tensor = host.new(input.dims, ty, input.data).await.expect("tensor");
         let _outputs_or_wasi_error = host
             .compute(context, vec![(name.into(), tensor)])
