@@ -216,8 +216,17 @@ async fn a_killed_nodes_asynchronous_run_is_run_again_by_another_node() {
     let mut cluster = Cluster::start(3);
     let work = tempfile::tempdir().expect("tempdir");
     let a = &cluster.nodes[0];
-    let status = a.client().status().await.expect("status");
-    assert_eq!(status.nodes.len(), 3, "every node heartbeats: {:?}", status.nodes);
+    // Each node's first heartbeat is written by a task of its own, maybe
+    // just after it answers `/readyz`.
+    let guard = Instant::now() + CONVERGE_GUARD;
+    loop {
+        let status = a.client().status().await.expect("status");
+        if status.nodes.len() == 3 {
+            break;
+        }
+        assert!(Instant::now() < guard, "every node heartbeats: {:?}", status.nodes);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     deploy(
         a,
         work.path(),
@@ -504,13 +513,19 @@ async fn follow(url: &str, total: tokio::sync::watch::Receiver<Option<usize>>) -
 /// no version references (a deleted function's), and keeps a live one's.
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_collection_cleans_the_shared_bucket() {
-    let cluster = Cluster::start_with(1, &["--gc-interval-s", "1", "--gc-grace-s", "0"]);
-    let node = &cluster.nodes[0];
+    let mut cluster = Cluster::start(1);
     let work = tempfile::tempdir().expect("tempdir");
-    deploy(node, work.path(), "keep", hearth_fixtures::HELLO, "").await;
-    deploy(node, work.path(), "gone", hearth_fixtures::ECHO, "").await;
+    deploy(&cluster.nodes[0], work.path(), "keep", hearth_fixtures::HELLO, "").await;
+    deploy(&cluster.nodes[0], work.path(), "gone", hearth_fixtures::ECHO, "").await;
     assert_eq!(cluster.s3.list("blobs/sha256/").len(), 2);
-    node.client().delete("gone").await.expect("delete");
+    cluster.nodes[0].client().delete("gone").await.expect("delete");
+    // Restarted with collections every second and no grace: nothing is
+    // being deployed now (a grace of 0 during a deploy would take its
+    // blobs before its version is recorded).
+    drop(cluster.nodes.remove(0));
+    cluster.extra = ["--gc-interval-s", "1", "--gc-grace-s", "0"].map(String::from).to_vec();
+    cluster.nodes.push(cluster.start_node(0));
+    let node = &cluster.nodes[0];
     let guard = Instant::now() + CONVERGE_GUARD;
     while cluster.s3.list("blobs/sha256/").len() > 1 {
         assert!(Instant::now() < guard, "{:?}", cluster.s3.list("blobs/sha256/"));
