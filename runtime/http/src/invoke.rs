@@ -124,7 +124,7 @@ async fn invoke(
         false => None,
     };
     let sticky = request.headers().get(STICKY_HEADER).map(HeaderValue::as_bytes);
-    let resolved = invoker.registry().route(tenant, name, &selector, sticky).await;
+    let resolved = invoker.registry().route(tenant, name, selector, sticky).await;
     // While the store is away an uncached function cannot be told public
     // or private: it is unavailable to everyone (a token would not help).
     let resolved = match resolved {
@@ -158,10 +158,7 @@ async fn invoke(
             Ok(collected) => collected.to_bytes(),
             Err(_) => return Err(meter.refuse(Failure::PayloadTooLarge { limit }).await.into()),
         };
-        let mut copy = http::Request::new(bytes.clone());
-        *copy.method_mut() = parts.method.clone();
-        *copy.uri_mut() = parts.uri.clone();
-        *copy.headers_mut() = parts.headers.clone();
+        let copy = http::Request::from_parts(parts.clone(), bytes.clone());
         invoker.mirror(shadow.clone(), routed.alias.clone(), copy);
         request = Request::from_parts(parts, Body::from(bytes));
     }

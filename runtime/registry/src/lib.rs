@@ -371,9 +371,9 @@ impl Registry {
             grants,
         });
         self.forget(tenant, &version.name);
-        if let Ok(routes) = self.routes(tenant, &version.name).await {
-            routes.versions.insert(version.version, deployed);
-        }
+        // Failing here leaves the routing to the next call: the deploy
+        // itself is done.
+        let _ = self.load_routes(tenant, &version.name, Some(deployed)).await;
         Ok(version)
     }
 
@@ -475,14 +475,19 @@ impl Registry {
 
     /// The version a bare call of `name` runs now (through `latest`).
     pub async fn resolve(&self, tenant: &str, name: &str) -> Result<Arc<Deployed>> {
-        let latest = Selector::Alias(LATEST.to_owned());
-        Ok(self.route(tenant, name, &latest, None).await?.deployed)
+        Ok(self.route(tenant, name, Selector::LATEST, None).await?.deployed)
     }
 
     /// Where a request for `name@selector` goes: the version that answers,
     /// the alias it came through and a version to mirror it to; `sticky`
     /// (a caller's key) keeps a caller on one version of a split.
-    pub async fn route(&self, tenant: &str, name: &str, selector: &Selector, sticky: Option<&[u8]>) -> Result<Routed> {
+    pub async fn route(
+        &self,
+        tenant: &str,
+        name: &str,
+        selector: Selector<'_>,
+        sticky: Option<&[u8]>,
+    ) -> Result<Routed> {
         let routes = self.routes(tenant, name).await?;
         let choice = routes.choose(selector, sticky).ok_or_else(|| RegistryError::NoTarget {
             name: name.to_owned(),
@@ -505,10 +510,16 @@ impl Registry {
 
     /// A function's routing, from the cache or the store.
     async fn routes(&self, tenant: &str, name: &str) -> Result<Arc<Routes>> {
-        let key = (tenant.to_owned(), name.to_owned());
-        if let Some(found) = self.functions.get(&key) {
+        if let Some(found) = self.functions.get(&(tenant.to_owned(), name.to_owned())) {
             return Ok(found.clone());
         }
+        self.load_routes(tenant, name, None).await
+    }
+
+    /// Reads a function's routing from the store and caches it; `known`,
+    /// when it is the newest version (a deploy just made it), is used as
+    /// it is instead of being prepared again.
+    async fn load_routes(&self, tenant: &str, name: &str, known: Option<Arc<Deployed>>) -> Result<Arc<Routes>> {
         let newest = self
             .store
             .latest_version(tenant, name)
@@ -519,16 +530,20 @@ impl Registry {
             newest: newest.version,
             aliases: aliases
                 .into_iter()
-                .map(|alias| (alias.name.clone(), (Arc::from(alias.name.as_str()), alias.target)))
+                .map(|alias| (Arc::from(alias.name), alias.target))
                 .collect(),
             latest: Arc::from(LATEST),
             versions: DashMap::new(),
         });
-        let deployed = self.deployed(newest).await?;
+        let deployed = match known {
+            Some(known) if known.version.version == newest.version => known,
+            _ => self.deployed(newest).await?,
+        };
         routes.versions.insert(deployed.version.version, deployed);
         // A change announced meanwhile removed the entry: this one is
         // still served, and the next call reads the store again.
-        self.functions.insert(key, routes.clone());
+        self.functions
+            .insert((tenant.to_owned(), name.to_owned()), routes.clone());
         Ok(routes)
     }
 
@@ -573,7 +588,7 @@ impl Registry {
         let mut versions: Vec<u32> = routes
             .aliases
             .values()
-            .flat_map(|(_, target)| target.versions().collect::<Vec<_>>())
+            .flat_map(|target| target.versions().collect::<Vec<_>>())
             .collect();
         if !routes.aliases.contains_key(LATEST) {
             versions.push(routes.newest);
@@ -623,13 +638,13 @@ impl Registry {
 
     /// The aliases set on a function.
     pub async fn aliases(&self, tenant: &str, name: &str) -> Result<Vec<Alias>> {
-        self.versions(tenant, name).await?;
+        self.routes(tenant, name).await?;
         Ok(self.store.aliases(tenant, name).await?)
     }
 
     /// An alias's history, oldest first.
     pub async fn alias_history(&self, tenant: &str, name: &str, alias: &str) -> Result<Vec<AliasChange>> {
-        self.versions(tenant, name).await?;
+        self.routes(tenant, name).await?;
         Ok(self.store.alias_history(tenant, name, alias).await?)
     }
 

@@ -15,20 +15,25 @@ use sha2::Digest as _;
 use crate::Deployed;
 
 /// What a request names after the function's `@`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selector {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selector<'a> {
     /// One version, by number (`@3`).
     Version(u32),
     /// An alias (`@prod`; a bare name is `latest`).
-    Alias(String),
+    Alias(&'a str),
 }
 
-impl Selector {
+impl Selector<'_> {
+    /// The bare name's selector.
+    pub const LATEST: Selector<'static> = Selector::Alias(LATEST);
+}
+
+impl<'a> Selector<'a> {
     /// Splits a route's `name@selector` (a bare name selects `latest`).
     /// Names are checked by the caller; the selector here.
-    pub fn split(target: &str) -> Result<(&str, Selector), String> {
+    pub fn split(target: &'a str) -> Result<(&'a str, Selector<'a>), String> {
         let Some((name, selector)) = target.split_once('@') else {
-            return Ok((target, Selector::Alias(LATEST.to_owned())));
+            return Ok((target, Selector::LATEST));
         };
         if selector.bytes().all(|b| b.is_ascii_digit()) {
             return match selector.parse::<u32>() {
@@ -37,7 +42,7 @@ impl Selector {
             };
         }
         validate_alias(selector)?;
-        Ok((name, Selector::Alias(selector.to_owned())))
+        Ok((name, Selector::Alias(selector)))
     }
 }
 
@@ -91,9 +96,9 @@ pub fn validate_target(target: &AliasTarget) -> Result<(), String> {
 pub(crate) struct Routes {
     /// The newest live version (what `latest` follows unless pinned).
     pub(crate) newest: u32,
-    /// Aliases set by deployers, by name, with the name shared by every
-    /// request that comes through it.
-    pub(crate) aliases: HashMap<String, (Arc<str>, AliasTarget)>,
+    /// Aliases set by deployers, by name (shared by every request that
+    /// comes through it, and by its usage record).
+    pub(crate) aliases: HashMap<Arc<str>, AliasTarget>,
     /// `latest`'s name, for requests through an unpinned `latest`.
     pub(crate) latest: Arc<str>,
     /// Versions loaded so far.
@@ -114,18 +119,18 @@ pub(crate) struct Choice {
 impl Routes {
     /// Where a request for `selector` goes; `None` for an alias that is
     /// not set. `sticky` keeps one caller on one version of a split.
-    pub(crate) fn choose(&self, selector: &Selector, sticky: Option<&[u8]>) -> Option<Choice> {
+    pub(crate) fn choose(&self, selector: Selector<'_>, sticky: Option<&[u8]>) -> Option<Choice> {
         let alias = match selector {
             Selector::Version(version) => {
                 return Some(Choice {
-                    version: *version,
+                    version,
                     alias: None,
                     shadow: None,
                 });
             }
             Selector::Alias(alias) => alias,
         };
-        let Some((name, target)) = self.aliases.get(alias) else {
+        let Some((name, target)) = self.aliases.get_key_value(alias) else {
             return (alias == LATEST).then(|| Choice {
                 version: self.newest,
                 alias: Some(self.latest.clone()),
@@ -185,12 +190,9 @@ mod tests {
 
     #[test]
     fn selectors_name_versions_or_aliases() {
-        assert_eq!(Selector::split("echo"), Ok(("echo", Selector::Alias("latest".into()))));
+        assert_eq!(Selector::split("echo"), Ok(("echo", Selector::LATEST)));
         assert_eq!(Selector::split("echo@3"), Ok(("echo", Selector::Version(3))));
-        assert_eq!(
-            Selector::split("echo@prod"),
-            Ok(("echo", Selector::Alias("prod".into())))
-        );
+        assert_eq!(Selector::split("echo@prod"), Ok(("echo", Selector::Alias("prod"))));
         assert!(Selector::split("echo@0").is_err());
         assert!(Selector::split("echo@99999999999").is_err());
         assert!(Selector::split("echo@").is_err());
@@ -251,24 +253,22 @@ mod tests {
             latest: Arc::from(LATEST),
             versions: DashMap::new(),
         };
-        let latest = Selector::Alias(LATEST.into());
-        assert_eq!(routes.choose(&latest, None).map(|c| c.version), Some(4));
-        assert_eq!(routes.choose(&Selector::Alias("prod".into()), None), None);
+        let latest = Selector::LATEST;
+        assert_eq!(routes.choose(latest, None).map(|c| c.version), Some(4));
+        assert_eq!(routes.choose(Selector::Alias("prod"), None), None);
         assert_eq!(
-            routes.choose(&Selector::Version(2), None).map(|c| (c.version, c.alias)),
+            routes.choose(Selector::Version(2), None).map(|c| (c.version, c.alias)),
             Some((2, None))
         );
-        routes
-            .aliases
-            .insert(LATEST.into(), (Arc::from(LATEST), AliasTarget::single(3)));
-        assert_eq!(routes.choose(&latest, None).map(|c| c.version), Some(3));
+        routes.aliases.insert(Arc::from(LATEST), AliasTarget::single(3));
+        assert_eq!(routes.choose(latest, None).map(|c| c.version), Some(3));
         let mut mirrored = AliasTarget::single(3);
         mirrored.shadow = Some(Shadow {
             version: 4,
             percent: 100,
         });
-        routes.aliases.insert("prod".into(), (Arc::from("prod"), mirrored));
-        let choice = routes.choose(&Selector::Alias("prod".into()), None).expect("set");
+        routes.aliases.insert(Arc::from("prod"), mirrored);
+        let choice = routes.choose(Selector::Alias("prod"), None).expect("set");
         assert_eq!((choice.version, choice.shadow), (3, Some(4)));
     }
 }

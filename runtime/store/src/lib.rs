@@ -323,6 +323,17 @@ pub struct AliasChange {
     pub follows_newest: bool,
 }
 
+impl AliasChange {
+    /// `latest` following the newest version, `version`, from `at_ms` on.
+    pub(crate) fn follows(version: u32, at_ms: i64) -> AliasChange {
+        AliasChange {
+            at_ms,
+            target: Some(AliasTarget::single(version)),
+            follows_newest: true,
+        }
+    }
+}
+
 /// A bearer token as stored: the secret itself is never kept, only its hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
@@ -607,14 +618,7 @@ pub(crate) fn check_version_deletion(version: u32, live: &[u32], aliases: &[Alia
 /// following the newest did not); refused for another alias not set.
 pub(crate) fn unset_change(alias: &str, live: &[u32], now: i64, removed: bool) -> Result<(AliasChange, bool)> {
     match (alias == LATEST, live.last()) {
-        (true, Some(&newest)) => Ok((
-            AliasChange {
-                at_ms: now,
-                target: Some(AliasTarget::single(newest)),
-                follows_newest: true,
-            },
-            removed,
-        )),
+        (true, Some(&newest)) => Ok((AliasChange::follows(newest, now), removed)),
         _ if !removed => Err(StoreError::Refused(Refusal::NoAlias(alias.to_owned()))),
         _ => Ok((
             AliasChange {

@@ -312,6 +312,24 @@ async fn live_versions(tx: &deadpool_postgres::Transaction<'_>, tenant: &str, na
     rows.iter().map(|row| Ok(number(row.try_get(0)?))).collect()
 }
 
+/// Adds `change` to the history of `alias`.
+async fn add_history(
+    tx: &deadpool_postgres::Transaction<'_>,
+    tenant: &str,
+    name: &str,
+    alias: &str,
+    change: &AliasChange,
+) -> Result<()> {
+    let target = change.target.as_ref().map(crate::target_json).transpose()?;
+    tx.execute(
+        "INSERT INTO alias_history (tenant, name, alias, at_ms, target, follows_newest)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&tenant, &name, &alias, &change.at_ms, &target, &change.follows_newest],
+    )
+    .await?;
+    Ok(())
+}
+
 /// The aliases set on a function, by name.
 async fn aliases_of(client: &impl deadpool_postgres::GenericClient, tenant: &str, name: &str) -> Result<Vec<Alias>> {
     let rows = client
@@ -553,18 +571,8 @@ impl Store for PostgresStore {
             .await?
             .try_get(0)?;
         if !pinned {
-            tx.execute(
-                "INSERT INTO alias_history (tenant, name, alias, at_ms, target, follows_newest)
-                 VALUES ($1, $2, $3, $4, $5, TRUE)",
-                &[
-                    &new.tenant,
-                    &new.name,
-                    &crate::LATEST,
-                    &now,
-                    &crate::target_json(&AliasTarget::single(number(version)))?,
-                ],
-            )
-            .await?;
+            let followed = AliasChange::follows(number(version), now);
+            add_history(&tx, &new.tenant, &new.name, crate::LATEST, &followed).await?;
         }
         notify_function(&tx, &new.tenant, &new.name).await?;
         tx.commit().await?;
@@ -732,13 +740,7 @@ impl Store for PostgresStore {
                 change
             }
         };
-        let target = change.target.as_ref().map(crate::target_json).transpose()?;
-        tx.execute(
-            "INSERT INTO alias_history (tenant, name, alias, at_ms, target, follows_newest)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[&tenant, &name, &alias, &now, &target, &change.follows_newest],
-        )
-        .await?;
+        add_history(&tx, tenant, name, alias, &change).await?;
         notify_function(&tx, tenant, name).await?;
         tx.commit().await?;
         Ok(change)

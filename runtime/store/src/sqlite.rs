@@ -184,6 +184,17 @@ fn live_versions(conn: &Connection, tenant: &str, name: &str) -> Result<Vec<u32>
     Ok(versions)
 }
 
+/// Adds `change` to the history of `alias`.
+fn add_history(conn: &Connection, tenant: &str, name: &str, alias: &str, change: &AliasChange) -> Result<()> {
+    let target = change.target.as_ref().map(crate::target_json).transpose()?;
+    conn.execute(
+        "INSERT INTO alias_history (tenant, name, alias, at_ms, target, follows_newest)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![tenant, name, alias, change.at_ms, target, change.follows_newest],
+    )?;
+    Ok(())
+}
+
 /// The aliases set on a function, by name.
 fn aliases_of(conn: &Connection, tenant: &str, name: &str) -> Result<Vec<Alias>> {
     let mut stmt = conn.prepare_cached(
@@ -459,11 +470,7 @@ impl Store for SqliteStore {
                 |row| row.get(0),
             )?;
             if !pinned {
-                tx.execute(
-                    "INSERT INTO alias_history (tenant, name, alias, at_ms, target, follows_newest)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 1)",
-                    params![new.tenant, new.name, crate::LATEST, now, crate::target_json(&AliasTarget::single(version))?],
-                )?;
+                add_history(&tx, &new.tenant, &new.name, crate::LATEST, &AliasChange::follows(version, now))?;
             }
             tx.commit()?;
             let mut artifacts = new.artifacts;
@@ -632,12 +639,7 @@ impl Store for SqliteStore {
                     change
                 }
             };
-            let target = change.target.as_ref().map(crate::target_json).transpose()?;
-            tx.execute(
-                "INSERT INTO alias_history (tenant, name, alias, at_ms, target, follows_newest)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![tenant, name, alias, now, target, change.follows_newest],
-            )?;
+            add_history(&tx, &tenant, &name, &alias, &change)?;
             tx.commit()?;
             Ok(change)
         })
