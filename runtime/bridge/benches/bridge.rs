@@ -22,7 +22,7 @@ use hearth_bridge::wasi::nn::graph::{Host as _, HostGraph as _};
 use hearth_bridge::wasi::nn::inference::HostGraphExecutionContext as _;
 use hearth_bridge::wasi::nn::tensor::{HostTensor as _, TensorType};
 use hearth_bridge::{ModelRef, NnCtx, NnHost};
-use hearth_devices::{BatchConfig, CacheConfig, DevicePool, ModelCache, Placement};
+use hearth_devices::{BatchConfig, CacheConfig, CallTerms, DevicePool, ModelCache, Placement};
 use hearth_fixtures::models::{MLP_INPUTS, MLP_SEED, mlp, mlp_input};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::{DefaultRuntime, Runnable};
@@ -55,6 +55,7 @@ fn ctx(cache: &Arc<ModelCache>, path: &Path) -> NnCtx {
             path: path.to_owned(),
             placement: Placement::Cpu,
             cache_entries: 0,
+            batch: CallTerms::default(),
         },
     )];
     host.instance(

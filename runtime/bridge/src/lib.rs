@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use memo::InferenceCache;
 
-use hearth_devices::{Datum, DatumType, DeviceError, DeviceId, LoadedModel, ModelCache, Placement, Tensor};
+use hearth_devices::{CallTerms, Datum, DatumType, DeviceError, DeviceId, LoadedModel, ModelCache, Placement, Tensor};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
 wasmtime::component::bindgen!({
@@ -47,9 +47,9 @@ wasmtime::component::bindgen!({
     },
 });
 
-use wasi::nn::errors::ErrorCode;
+pub use wasi::nn::errors::ErrorCode;
 use wasi::nn::graph::{ExecutionTarget, GraphEncoding};
-use wasi::nn::tensor::TensorType;
+pub use wasi::nn::tensor::TensorType;
 
 /// Largest tensor a guest may create or receive, in bytes.
 pub const MAX_TENSOR_BYTES: u64 = 64 << 20;
@@ -66,6 +66,34 @@ pub struct TensorHandle {
     /// have passed the instance's memory limit. Using the tensor is then a
     /// `too-large` error.
     refused: usize,
+}
+
+impl TensorHandle {
+    /// A tensor from its dimensions, element type and little-endian
+    /// element bytes; checked against the model when it is used.
+    pub fn new(dims: Vec<u32>, ty: TensorType, data: Vec<u8>) -> TensorHandle {
+        TensorHandle {
+            dims,
+            ty,
+            data,
+            refused: 0,
+        }
+    }
+
+    /// Dimensions, outermost first.
+    pub fn dims(&self) -> &[u32] {
+        &self.dims
+    }
+
+    /// Element type.
+    pub fn ty(&self) -> TensorType {
+        self.ty
+    }
+
+    /// The elements' little-endian bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 /// One instance's memory: its linear memory (grown through the engine's
@@ -133,6 +161,7 @@ impl InstanceMemory {
 pub struct GraphHandle {
     model: Arc<LoadedModel>,
     memo: Option<Arc<InferenceCache>>,
+    terms: CallTerms,
 }
 
 /// An execution context of a graph.
@@ -140,6 +169,7 @@ pub struct GraphHandle {
 pub struct ContextHandle {
     model: Arc<LoadedModel>,
     memo: Option<Arc<InferenceCache>>,
+    terms: CallTerms,
 }
 
 /// An error returned to the guest.
@@ -160,6 +190,9 @@ pub struct ModelRef {
     pub placement: Placement,
     /// Calls whose outputs its tenant's inference cache keeps (0: none).
     pub cache_entries: usize,
+    /// The manifest's batching settings for it (`max_batch`,
+    /// `max_delay_ms`; unset: the server's); the urgency is the call's.
+    pub batch: CallTerms,
 }
 
 /// The models one function version may load, by the name its guest uses,
@@ -236,7 +269,41 @@ impl NnHost {
             live: 0,
             usage: InferenceUsage::default(),
             memory,
+            urgency: CallTerms::default().urgency,
         }
+    }
+
+    /// The model `name` of a grant, loaded (or found warm) in the cache.
+    pub async fn load(&self, grant: &NnGrant, name: &str) -> Result<Arc<LoadedModel>, InferError> {
+        let Some((model, _)) = grant.get(name) else {
+            return refuse(ErrorCode::NotFound, format!("no model named `{name}`"));
+        };
+        self.cache
+            .get(&model.key, &model.path, model.placement)
+            .await
+            .map_err(|err| InferError {
+                code: ErrorCode::RuntimeError,
+                message: format!("model `{name}`: {err}"),
+            })
+    }
+
+    /// Runs the model `name` of a function's grant on `inputs`, with no
+    /// guest, exactly as a guest's `compute` would: the same checks, warm
+    /// copy, inference cache and batcher (at `urgency`, on the manifest's
+    /// batching settings). For the Open Inference Protocol.
+    pub async fn infer(
+        &self,
+        grant: &NnGrant,
+        name: &str,
+        inputs: &[(&str, &TensorHandle)],
+        urgency: u8,
+    ) -> Result<Inferred, InferError> {
+        let loaded = self.load(grant, name).await?;
+        let Some((model, memo)) = grant.get(name) else {
+            return refuse(ErrorCode::NotFound, format!("no model named `{name}`"));
+        };
+        let terms = CallTerms { urgency, ..model.batch };
+        infer(&loaded, memo.as_deref(), inputs, terms).await
     }
 
     /// Loads every model `grant` names into the warm cache; returns how many
@@ -276,9 +343,27 @@ pub struct InferenceUsage {
     pub devices: Vec<DeviceId>,
     /// Calls answered from an inference cache (not in `calls`: nothing ran).
     pub cache_hits: u64,
+    /// Time the calls waited in their models' batchers before running.
+    pub queued: std::time::Duration,
 }
 
 impl InferenceUsage {
+    /// Adds another call's usage to this one.
+    pub fn add(&mut self, other: InferenceUsage) {
+        self.calls += other.calls;
+        self.batched_with += other.batched_with;
+        self.compute += other.compute;
+        self.gpu += other.gpu;
+        self.on_caller += other.on_caller;
+        self.cache_hits += other.cache_hits;
+        self.queued += other.queued;
+        for device in other.devices {
+            if !self.devices.contains(&device) {
+                self.devices.push(device);
+            }
+        }
+    }
+
     /// The devices as a record names them: `cpu`, `cuda:0`, or several
     /// joined with `+` (`cpu+cuda:0`); `cpu` when there was no inference.
     pub fn device_label(&self) -> String {
@@ -300,6 +385,8 @@ pub struct NnCtx {
     live: usize,
     usage: InferenceUsage,
     memory: Arc<InstanceMemory>,
+    /// The current call's urgency (its QoS class), for the batcher.
+    urgency: u8,
 }
 
 impl NnCtx {
@@ -308,6 +395,13 @@ impl NnCtx {
     /// reused instance starts at zero.
     pub fn take_usage(&mut self) -> InferenceUsage {
         std::mem::take(&mut self.usage)
+    }
+
+    /// Sets the urgency of the call the instance serves next (its QoS
+    /// class): when its model calls join a batch, more urgent rows are
+    /// taken first.
+    pub fn set_urgency(&mut self, urgency: u8) {
+        self.urgency = urgency;
     }
 
     fn push<T: Send + 'static>(&mut self, value: T) -> wasmtime::Result<Result<Resource<T>, Resource<NnError>>> {
@@ -519,7 +613,11 @@ impl wasi::nn::graph::Host for &mut NnCtx {
             );
         };
         match self.cache.get(&model.key, &model.path, model.placement).await {
-            Ok(loaded) => self.push(GraphHandle { model: loaded, memo }),
+            Ok(loaded) => self.push(GraphHandle {
+                model: loaded,
+                memo,
+                terms: model.batch,
+            }),
             Err(err) => self.fail(ErrorCode::RuntimeError, format!("model `{name}`: {err}")),
         }
     }
@@ -527,8 +625,8 @@ impl wasi::nn::graph::Host for &mut NnCtx {
 
 impl wasi::nn::graph::HostGraph for &mut NnCtx {
     async fn init_execution_context(&mut self, graph: Resource<GraphHandle>) -> NnResult<Resource<ContextHandle>> {
-        let GraphHandle { model, memo } = self.table.get(&graph)?.clone();
-        self.push(ContextHandle { model, memo })
+        let GraphHandle { model, memo, terms } = self.table.get(&graph)?.clone();
+        self.push(ContextHandle { model, memo, terms })
     }
 
     async fn drop(&mut self, graph: Resource<GraphHandle>) -> wasmtime::Result<()> {
@@ -544,104 +642,159 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
         context: Resource<ContextHandle>,
         inputs: Vec<(String, Resource<TensorHandle>)>,
     ) -> NnResult<Vec<(String, Resource<TensorHandle>)>> {
-        let ContextHandle { model: loaded, memo } = self.table.get(&context)?.clone();
-        let specs = loaded.model.inputs();
-        let mut ordered: Vec<Option<Tensor>> = vec![None; specs.len()];
+        let ContextHandle { model, memo, terms } = self.table.get(&context)?.clone();
+        let mut named = Vec::with_capacity(inputs.len());
         for (name, tensor) in &inputs {
-            let Some(index) = specs.iter().position(|s| &s.name == name) else {
-                let known: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-                return self.fail(
-                    ErrorCode::InvalidArgument,
-                    format!("the model has no input `{name}` (inputs: {known:?})"),
-                );
-            };
-            let refused = self.table.get(tensor)?.refused;
-            if refused > 0 {
+            let tensor = self.table.get(tensor)?;
+            if tensor.refused > 0 {
                 let limit_mb = self.memory.limit() >> 20;
                 return self.fail(
                     ErrorCode::TooLarge,
                     format!(
-                        "input `{name}`: its {refused} bytes were not kept: holding them would have passed the \
-                         instance's memory limit of {limit_mb} MiB (tensors count against it)"
+                        "input `{name}`: its {} bytes were not kept: holding them would have passed the \
+                         instance's memory limit of {limit_mb} MiB (tensors count against it)",
+                        tensor.refused
                     ),
                 );
             }
-            let tensor = match to_model_tensor(self.table.get(tensor)?) {
-                Ok(tensor) => tensor,
-                Err(message) => return self.fail(ErrorCode::InvalidArgument, format!("input `{name}`: {message}")),
-            };
-            if let Err(err) = loaded.model.check_input(index, tensor.datum_type(), tensor.shape()) {
-                return self.fail(ErrorCode::InvalidArgument, err.to_string());
-            }
-            ordered[index] = Some(tensor);
+            named.push((name.as_str(), tensor));
         }
-        let mut model_inputs = Vec::with_capacity(ordered.len());
-        for (spec, tensor) in specs.iter().zip(ordered) {
-            match tensor {
-                Some(tensor) => model_inputs.push(tensor),
-                None => return self.fail(ErrorCode::InvalidArgument, format!("missing input `{}`", spec.name)),
-            }
-        }
-        if loaded.model.batchable() {
-            let rows = model_inputs[0].shape()[0];
-            if model_inputs.iter().any(|t| t.shape()[0] != rows) {
-                return self.fail(ErrorCode::InvalidArgument, "inputs disagree on the batch dimension");
-            }
-        }
-        let memo_key = match &memo {
-            Some(_) => {
-                // Every input was found above, in the model's order here.
-                let mut keyed = Vec::with_capacity(specs.len());
-                for spec in specs {
-                    if let Some((name, tensor)) = inputs.iter().find(|(name, _)| name == &spec.name) {
-                        keyed.push((name.as_str(), self.table.get(tensor)?));
-                    }
-                }
-                Some(InferenceCache::key(keyed))
-            }
-            None => None,
+        let terms = CallTerms {
+            urgency: self.urgency,
+            ..terms
         };
-        if let (Some(memo), Some(key)) = (&memo, &memo_key)
-            && let Some(stored) = memo.get(key)
-        {
-            self.usage.cache_hits += 1;
-            let names = loaded.model.outputs().iter().map(|spec| spec.name.clone());
-            return self.hand_out(names.zip(stored.iter().cloned()).collect());
-        }
-        let span = tracing::info_span!("inference", model = %loaded.key, device = %loaded.device);
-        let batched = match tracing::Instrument::instrument(loaded.batcher.run(model_inputs), span).await {
-            Ok(batched) => batched,
-            Err(err) => return self.fail(ErrorCode::RuntimeError, err.to_string()),
-        };
-        let usage = &mut self.usage;
-        usage.calls += 1;
-        usage.batched_with += batched.calls as u64;
-        usage.compute += batched.compute;
-        if matches!(loaded.device, DeviceId::Cuda(_)) {
-            usage.gpu += batched.compute;
-        }
-        if batched.on_caller {
-            usage.on_caller += batched.compute;
-        }
-        if !usage.devices.contains(&loaded.device) {
-            usage.devices.push(loaded.device);
-        }
-        let mut outputs = Vec::with_capacity(batched.outputs.len());
-        for (spec, tensor) in loaded.model.outputs().iter().zip(&batched.outputs) {
-            match from_model_tensor(tensor) {
-                Ok(handle) => outputs.push((spec.name.clone(), handle)),
-                Err(message) => return self.fail(ErrorCode::RuntimeError, message),
+        match infer(&model, memo.as_deref(), &named, terms).await {
+            Ok(inferred) => {
+                self.usage.add(inferred.usage);
+                self.hand_out(inferred.outputs)
             }
+            Err(err) => self.fail(err.code, err.message),
         }
-        if let (Some(memo), Some(key)) = (&memo, memo_key) {
-            memo.insert(key, outputs.iter().map(|(_, handle)| handle.clone()).collect());
-        }
-        self.hand_out(outputs)
     }
 
     async fn drop(&mut self, context: Resource<ContextHandle>) -> wasmtime::Result<()> {
         self.release(context)
     }
+}
+
+/// The outputs of one inference and what it used.
+#[derive(Debug)]
+pub struct Inferred {
+    /// Every output, named as the model names it, in the model's order.
+    pub outputs: Vec<(String, TensorHandle)>,
+    /// This one call's usage.
+    pub usage: InferenceUsage,
+}
+
+/// Why an inference did not run: a `wasi:nn` error code (the caller's
+/// fault or the model's) and a message that says what to change.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct InferError {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// What went wrong, naming the input and the shape expected.
+    pub message: String,
+}
+
+fn refuse<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, InferError> {
+    Err(InferError {
+        code,
+        message: message.into(),
+    })
+}
+
+/// One inference of `loaded` on `inputs` (named as the model names them, in
+/// any order): checks every input against the model, answers from `memo`
+/// when it holds the call, else runs it through the model's batcher on
+/// `terms`. The one path of guests' `compute` and of the Open Inference
+/// Protocol.
+async fn infer(
+    loaded: &LoadedModel,
+    memo: Option<&InferenceCache>,
+    inputs: &[(&str, &TensorHandle)],
+    terms: CallTerms,
+) -> Result<Inferred, InferError> {
+    let specs = loaded.model.inputs();
+    let mut ordered: Vec<Option<Tensor>> = vec![None; specs.len()];
+    for (name, tensor) in inputs {
+        let Some(index) = specs.iter().position(|s| &s.name == name) else {
+            let known: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            return refuse(
+                ErrorCode::InvalidArgument,
+                format!("the model has no input `{name}` (inputs: {known:?})"),
+            );
+        };
+        let tensor = match to_model_tensor(tensor) {
+            Ok(tensor) => tensor,
+            Err(message) => return refuse(ErrorCode::InvalidArgument, format!("input `{name}`: {message}")),
+        };
+        if let Err(err) = loaded.model.check_input(index, tensor.datum_type(), tensor.shape()) {
+            return refuse(ErrorCode::InvalidArgument, err.to_string());
+        }
+        ordered[index] = Some(tensor);
+    }
+    let mut model_inputs = Vec::with_capacity(ordered.len());
+    for (spec, tensor) in specs.iter().zip(ordered) {
+        match tensor {
+            Some(tensor) => model_inputs.push(tensor),
+            None => return refuse(ErrorCode::InvalidArgument, format!("missing input `{}`", spec.name)),
+        }
+    }
+    if loaded.model.batchable() {
+        let rows = model_inputs[0].shape()[0];
+        if model_inputs.iter().any(|t| t.shape()[0] != rows) {
+            return refuse(ErrorCode::InvalidArgument, "inputs disagree on the batch dimension");
+        }
+    }
+    let memo_key = memo.map(|_| {
+        // Every input was found above; keyed in the model's order.
+        let keyed = specs.iter().filter_map(|spec| {
+            inputs
+                .iter()
+                .find(|(name, _)| *name == spec.name)
+                .map(|(n, t)| (*n, *t))
+        });
+        InferenceCache::key(keyed)
+    });
+    let mut usage = InferenceUsage::default();
+    if let (Some(memo), Some(key)) = (memo, &memo_key)
+        && let Some(stored) = memo.get(key)
+    {
+        usage.cache_hits = 1;
+        let names = loaded.model.outputs().iter().map(|spec| spec.name.clone());
+        return Ok(Inferred {
+            outputs: names.zip(stored.iter().cloned()).collect(),
+            usage,
+        });
+    }
+    let span = tracing::info_span!("inference", model = %loaded.key, device = %loaded.device);
+    let batched = match tracing::Instrument::instrument(loaded.batcher.run(model_inputs, terms), span).await {
+        Ok(batched) => batched,
+        Err(err) => return refuse(ErrorCode::RuntimeError, err.to_string()),
+    };
+    usage.calls = 1;
+    usage.batched_with = batched.calls as u64;
+    usage.compute = batched.compute;
+    usage.queued = batched.queued;
+    if matches!(loaded.device, DeviceId::Cuda(_)) {
+        usage.gpu = batched.compute;
+    }
+    if batched.on_caller {
+        usage.on_caller = batched.compute;
+    }
+    usage.devices.push(loaded.device);
+    let mut outputs = Vec::with_capacity(batched.outputs.len());
+    for (spec, tensor) in loaded.model.outputs().iter().zip(&batched.outputs) {
+        match from_model_tensor(tensor) {
+            Ok(handle) => outputs.push((spec.name.clone(), handle)),
+            Err(message) => return refuse(ErrorCode::RuntimeError, message),
+        }
+    }
+    if let (Some(memo), Some(key)) = (memo, memo_key) {
+        memo.insert(key, outputs.iter().map(|(_, handle)| handle.clone()).collect());
+    }
+    Ok(Inferred { outputs, usage })
 }
 
 impl NnCtx {
@@ -711,6 +864,7 @@ mod tests {
                 path,
                 placement: Placement::Auto,
                 cache_entries: 0,
+                batch: CallTerms::default(),
             },
         )];
         let host = NnHost::new(ModelCache::new(DevicePool::cpu_only(), CacheConfig::default()));
@@ -813,6 +967,7 @@ mod tests {
                     path: path.clone(),
                     placement: Placement::Auto,
                     cache_entries: 8,
+                    batch: CallTerms::default(),
                 },
             )];
             host.instance(&host.grant(tenant, models), InstanceMemory::new(usize::MAX))

@@ -1,17 +1,26 @@
 //! Joining concurrent compute calls into one run along the batch axis.
 //!
-//! One worker task per batchable model collects calls: the first call opens
-//! a window of [`BatchConfig::window`]; calls arriving before it closes (or
-//! until [`BatchConfig::max_rows`] rows) join. The joined inputs run once on
-//! a blocking thread, and each caller gets its own rows of every output.
-//! While a batch runs, new calls queue and form the next batch, so under load
-//! batches grow by themselves. Nothing blocks a runtime thread while waiting.
+//! One worker task per batchable model collects calls. Calls join one run
+//! only when their inputs match on every axis but the batch axis (a guest
+//! that pads token sequences to a few lengths, as the guest SDK's
+//! `pad_tokens` does, makes that common). Each call brings its [`CallTerms`]: how
+//! long it may wait for company and the largest run it joins (a model's
+//! `max_delay_ms` and `max_batch`, capped by the server's [`BatchConfig`]),
+//! and how urgent it is. A group of calls runs when it has the rows its
+//! first call allows or when the earliest deadline among them passes; rows
+//! of more urgent calls are taken first, except that a call past its
+//! deadline is taken before anything else, so no class waits past its bound
+//! for a batch to form. The joined inputs run once on a blocking thread, and
+//! each caller gets its own rows of every output. While a batch runs, new
+//! calls queue and form the next batch, so under load batches grow by
+//! themselves. Nothing blocks a runtime thread while waiting.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tract_onnx::prelude::*;
 
 use crate::{DeviceError, PreparedModel, Result};
@@ -21,12 +30,14 @@ pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// Default largest batch, in rows.
 pub const DEFAULT_MAX_BATCH_ROWS: usize = 64;
 
-/// How long to wait for a batch to fill, and how large it may grow.
+/// The server's batching defaults and caps: how long a call waits for a
+/// batch to fill, and how large a batch may grow. A model's own settings
+/// ([`CallTerms`]) may ask for less, never more.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
-    /// Window opened by the first call of a batch.
+    /// Longest a call waits for others.
     pub window: Duration,
-    /// Flush early at this many rows; `1` turns batching off.
+    /// Largest batch, in rows; `1` turns batching off everywhere.
     pub max_rows: usize,
 }
 
@@ -36,6 +47,38 @@ impl Default for BatchConfig {
             window: DEFAULT_BATCH_WINDOW,
             max_rows: DEFAULT_MAX_BATCH_ROWS,
         }
+    }
+}
+
+/// What one call asks of the batcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallTerms {
+    /// Higher is more urgent: when a batch forms, rows of more urgent calls
+    /// are taken first (Hearth's QoS classes: batch 0, standard 1,
+    /// realtime 2).
+    pub urgency: u8,
+    /// Largest run this call joins, in rows (`None`: the server's cap).
+    pub max_rows: Option<usize>,
+    /// Longest this call waits for company (`None`: the server's window).
+    pub max_delay: Option<Duration>,
+}
+
+impl Default for CallTerms {
+    fn default() -> Self {
+        CallTerms {
+            urgency: 1,
+            max_rows: None,
+            max_delay: None,
+        }
+    }
+}
+
+impl CallTerms {
+    /// These terms within the server's caps: (largest run, longest wait).
+    fn capped(self, config: &BatchConfig) -> (usize, Duration) {
+        let rows = self.max_rows.map_or(config.max_rows, |rows| rows.min(config.max_rows));
+        let delay = self.max_delay.map_or(config.window, |delay| delay.min(config.window));
+        (rows.max(1), delay)
     }
 }
 
@@ -49,6 +92,9 @@ pub struct Batched {
     /// This call's share (by rows) of the time the device was busy with the
     /// run (see [`PreparedModel::run_timed`]): what the call is billed for.
     pub compute: Duration,
+    /// Time the call waited before its run started (for a batch to form,
+    /// or for the run before it).
+    pub queued: Duration,
     /// Whether the run happened on the caller's own thread, inside its poll
     /// (a short run of a model that is not batched): its time is then also in
     /// the caller's CPU time, and must not be billed twice.
@@ -58,13 +104,33 @@ pub struct Batched {
 struct Job {
     inputs: Vec<Tensor>,
     rows: usize,
+    /// Every input's dimensions but the first: calls join only when equal.
+    shape: Vec<Vec<usize>>,
+    urgency: u8,
+    max_rows: usize,
+    arrived: Instant,
+    deadline: Instant,
     reply: oneshot::Sender<Result<Batched>>,
+}
+
+impl Job {
+    /// Order in which jobs are taken: past their deadline first (earliest
+    /// deadline first), then the more urgent, then the earlier deadline.
+    fn order(&self, now: Instant) -> (bool, std::cmp::Reverse<u8>, Instant) {
+        let overdue = self.deadline <= now;
+        if overdue {
+            (false, std::cmp::Reverse(u8::MAX), self.deadline)
+        } else {
+            (true, std::cmp::Reverse(self.urgency), self.deadline)
+        }
+    }
 }
 
 /// The batcher of one prepared model.
 #[derive(Debug, Clone)]
 pub struct Batcher {
     model: Arc<PreparedModel>,
+    config: BatchConfig,
     queue: Option<mpsc::UnboundedSender<Job>>,
     stats: Arc<BatchStats>,
 }
@@ -76,6 +142,8 @@ pub struct BatchStats {
     pub runs: AtomicU64,
     /// Calls served by those runs.
     pub calls: AtomicU64,
+    /// Rows served by those runs (the batch axis summed).
+    pub rows: AtomicU64,
     /// Recent run time in nanoseconds (moving average; 0 before the first).
     pub mean_run_ns: AtomicU64,
     /// Busy time of all runs, in nanoseconds, as [`PreparedModel::run_timed`]
@@ -120,6 +188,10 @@ fn nanos(time: Duration) -> u64 {
     u64::try_from(time.as_nanos()).unwrap_or(u64::MAX)
 }
 
+fn rows_of(inputs: &[Tensor]) -> usize {
+    inputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(1)
+}
+
 impl Batcher {
     /// A batcher for `model`; batchable models get a worker task (needs a
     /// tokio runtime), others run each call on its own.
@@ -127,33 +199,56 @@ impl Batcher {
         let stats = Arc::new(BatchStats::default());
         let queue = (model.batchable() && config.max_rows > 1).then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(worker(model.clone(), rx, config, stats.clone()));
+            tokio::spawn(worker(model.clone(), rx, stats.clone()));
             tx
         });
-        Batcher { model, queue, stats }
+        Batcher {
+            model,
+            config,
+            queue,
+            stats,
+        }
     }
 
-    /// Runs `inputs` (validated against the model), possibly joined with
-    /// concurrent calls.
-    pub async fn run(&self, inputs: Vec<Tensor>) -> Result<Batched> {
-        let Some(queue) = &self.queue else {
+    /// Runs `inputs` (validated against the model) on the terms of the
+    /// call, possibly joined with concurrent calls of the same shape.
+    pub async fn run(&self, inputs: Vec<Tensor>, terms: CallTerms) -> Result<Batched> {
+        let (max_rows, max_delay) = terms.capped(&self.config);
+        let queue = self.queue.as_ref().filter(|_| max_rows > 1);
+        let Some(queue) = queue else {
             let model = self.model.clone();
             let planned = model.is_planned(&inputs);
+            let rows = rows_of(&inputs);
             let (outputs, compute, on_caller) =
                 run_on_device(&self.stats, planned, move || model.run_timed(inputs)).await?;
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
+            self.stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
             return Ok(Batched {
                 outputs,
                 calls: 1,
                 compute,
+                queued: Duration::ZERO,
                 on_caller,
             });
         };
-        let rows = inputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(1);
+        let rows = rows_of(&inputs);
+        let shape = inputs
+            .iter()
+            .map(|t| t.shape().get(1..).unwrap_or_default().to_vec())
+            .collect();
+        let arrived = Instant::now();
         let (reply, answer) = oneshot::channel();
-        queue
-            .send(Job { inputs, rows, reply })
-            .map_err(|_| DeviceError::Unavailable)?;
+        let job = Job {
+            inputs,
+            rows,
+            shape,
+            urgency: terms.urgency,
+            max_rows,
+            arrived,
+            deadline: arrived + max_delay,
+            reply,
+        };
+        queue.send(job).map_err(|_| DeviceError::Unavailable)?;
         answer.await.map_err(|_| DeviceError::Unavailable)?
     }
 
@@ -169,61 +264,95 @@ impl Batcher {
     }
 }
 
-async fn worker(
-    model: Arc<PreparedModel>,
-    mut queue: mpsc::UnboundedReceiver<Job>,
-    config: BatchConfig,
-    stats: Arc<BatchStats>,
-) {
-    while let Some(first) = queue.recv().await {
-        let mut rows = first.rows;
-        let mut jobs = vec![first];
-        // Calls already waiting join at once; then, with a window, later ones
-        // until it closes. (A zero window must not reach the timer: its
-        // millisecond granularity would make "no wait" a 1 ms wait.)
-        while rows < config.max_rows {
-            match queue.try_recv() {
-                Ok(job) => {
-                    rows += job.rows;
-                    jobs.push(job);
-                }
-                Err(_) => break,
+async fn worker(model: Arc<PreparedModel>, mut queue: mpsc::UnboundedReceiver<Job>, stats: Arc<BatchStats>) {
+    let mut pending: Vec<Job> = Vec::new();
+    let mut closed = false;
+    loop {
+        if pending.is_empty() {
+            if closed {
+                return;
+            }
+            match queue.recv().await {
+                Some(job) => pending.push(job),
+                None => return,
             }
         }
-        let deadline = tokio::time::Instant::now() + config.window;
-        while rows < config.max_rows && !config.window.is_zero() {
-            match tokio::time::timeout_at(deadline, queue.recv()).await {
-                Ok(Some(job)) => {
-                    rows += job.rows;
-                    jobs.push(job);
-                }
-                Ok(None) | Err(_) => break,
+        let jobs = loop {
+            while let Ok(job) = queue.try_recv() {
+                pending.push(job);
+            }
+            let now = Instant::now();
+            let (shape, cap) = match pending.iter().min_by_key(|job| job.order(now)) {
+                Some(head) => (head.shape.clone(), head.max_rows),
+                None => break Vec::new(),
+            };
+            let group = pending.iter().filter(|job| job.shape == shape);
+            let rows: usize = group.clone().map(|job| job.rows).sum();
+            let due = group.map(|job| job.deadline).min().unwrap_or(now);
+            if closed || rows >= cap || due <= now {
+                break take(&mut pending, &shape, cap, now);
+            }
+            match tokio::time::timeout_at(due, queue.recv()).await {
+                Ok(Some(job)) => pending.push(job),
+                Ok(None) => closed = true,
+                Err(_) => {}
+            }
+        };
+        if jobs.is_empty() {
+            continue;
+        }
+        run_batch(&model, &stats, jobs).await;
+    }
+}
+
+/// Takes the calls of `shape` in [`Job::order`] while they fit in `cap`
+/// rows (the first always), leaving the rest pending.
+fn take(pending: &mut Vec<Job>, shape: &[Vec<usize>], cap: usize, now: Instant) -> Vec<Job> {
+    let mut candidates: Vec<usize> = (0..pending.len()).filter(|&i| pending[i].shape == shape).collect();
+    candidates.sort_by_key(|&i| pending[i].order(now));
+    let mut rows = 0;
+    let mut chosen = Vec::new();
+    for i in candidates {
+        if chosen.is_empty() || rows + pending[i].rows <= cap {
+            rows += pending[i].rows;
+            chosen.push(i);
+        }
+    }
+    let mut slots: Vec<Option<Job>> = pending.drain(..).map(Some).collect();
+    let taken = chosen.iter().filter_map(|&i| slots[i].take()).collect();
+    pending.extend(slots.into_iter().flatten());
+    taken
+}
+
+async fn run_batch(model: &Arc<PreparedModel>, stats: &BatchStats, mut jobs: Vec<Job>) {
+    let started = Instant::now();
+    let model = model.clone();
+    let inputs: Vec<Vec<Tensor>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.inputs)).collect();
+    let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
+    let row_counts = rows.clone();
+    // Batchable models have one plan for every batch size.
+    let result = run_on_device(stats, true, move || run_joined(&model, inputs, &row_counts)).await;
+    stats.calls.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+    stats
+        .rows
+        .fetch_add(rows.iter().sum::<usize>() as u64, Ordering::Relaxed);
+    let calls = jobs.len();
+    match result {
+        // Inline here is on the batcher's task, never a caller's.
+        Ok((per_job, busy, _inline)) => {
+            for ((job, outputs), compute) in jobs.into_iter().zip(per_job).zip(shares(busy, &rows)) {
+                let _ = job.reply.send(Ok(Batched {
+                    outputs,
+                    calls,
+                    compute,
+                    queued: started.saturating_duration_since(job.arrived),
+                    on_caller: false,
+                }));
             }
         }
-        let model = model.clone();
-        let inputs: Vec<Vec<Tensor>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.inputs)).collect();
-        let row_counts: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
-        // Batchable models have one plan for every batch size.
-        let result = run_on_device(&stats, true, move || run_joined(&model, inputs, &row_counts)).await;
-        stats.calls.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        let calls = jobs.len();
-        match result {
-            // Inline here is on the batcher's task, never a caller's.
-            Ok((per_job, busy, _inline)) => {
-                let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
-                for ((job, outputs), compute) in jobs.into_iter().zip(per_job).zip(shares(busy, &rows)) {
-                    let _ = job.reply.send(Ok(Batched {
-                        outputs,
-                        calls,
-                        compute,
-                        on_caller: false,
-                    }));
-                }
-            }
-            Err(err) => {
-                for job in jobs {
-                    let _ = job.reply.send(Err(err.clone()));
-                }
+        Err(err) => {
+            for job in jobs {
+                let _ = job.reply.send(Err(err.clone()));
             }
         }
     }
@@ -310,7 +439,7 @@ mod tests {
         let batcher = Batcher::new(model.clone(), config);
         let calls = (0..32u64).map(|n| {
             let batcher = batcher.clone();
-            tokio::spawn(async move { (n, batcher.run(input(n)).await.expect("run")) })
+            tokio::spawn(async move { (n, batcher.run(input(n), CallTerms::default()).await.expect("run")) })
         });
         let calls: Vec<_> = calls.collect();
         let mut billed = Vec::new();
@@ -336,6 +465,84 @@ mod tests {
         assert!(billed.iter().all(|share| !share.is_zero()), "{billed:?}");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_join_only_calls_of_their_own_shape() {
+        let model = Arc::new(
+            CpuDevice::new()
+                .prepare(&hearth_fixtures::models::row_sums())
+                .expect("prepare"),
+        );
+        assert!(model.batchable(), "a free sequence axis still batches");
+        // Two lengths, two calls each; a run closes at 2 rows, so each
+        // length forms one run of its own calls however they interleave.
+        let batcher = Batcher::new(
+            model,
+            BatchConfig {
+                window: Duration::from_secs(600),
+                max_rows: 64,
+            },
+        );
+        let terms = CallTerms {
+            max_rows: Some(2),
+            ..CallTerms::default()
+        };
+        let calls = [(3usize, 1.0f32), (5, 2.0), (3, 3.0), (5, 4.0)].map(|(length, value)| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move {
+                let input = Tensor::from_shape(&[1, length], &vec![value; length]).expect("tensor");
+                (length, value, batcher.run(vec![input], terms).await.expect("run"))
+            })
+        });
+        for call in calls {
+            let (length, value, batched) = call.await.expect("join");
+            assert_eq!(batched.calls, 2, "joined with the other call of length {length}");
+            assert_eq!(values(&batched.outputs[0]), vec![value * length as f32]);
+        }
+        assert_eq!(batcher.stats().runs.load(Ordering::Relaxed), 2);
+        assert_eq!(batcher.stats().rows.load(Ordering::Relaxed), 4);
+    }
+
+    fn job(urgency: u8, rows: usize, deadline: Instant, shape: usize) -> Job {
+        Job {
+            inputs: Vec::new(),
+            rows,
+            shape: vec![vec![shape]],
+            urgency,
+            max_rows: 64,
+            arrived: deadline,
+            deadline,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_batch_takes_urgent_rows_first_and_overdue_rows_before_all() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let urgencies = |jobs: &[Job]| jobs.iter().map(|j| j.urgency).collect::<Vec<_>>();
+        // Batch (0), standard (1) and realtime (2) calls of one shape, and a
+        // realtime call of another: 2 rows go, realtime then standard.
+        let mut pending = vec![
+            job(0, 1, later, 8),
+            job(1, 1, later, 8),
+            job(2, 1, later, 8),
+            job(2, 1, later, 9),
+        ];
+        let taken = take(&mut pending, &[vec![8]], 2, now);
+        assert_eq!(urgencies(&taken), vec![2, 1]);
+        assert_eq!(pending.len(), 2, "the batch call and the other shape wait");
+        // A batch-class call past its deadline goes before any realtime one.
+        let mut pending = vec![job(2, 1, later, 8), job(0, 1, now, 8), job(2, 1, later, 8)];
+        let taken = take(&mut pending, &[vec![8]], 2, now);
+        assert_eq!(urgencies(&taken), vec![0, 2]);
+        // A call larger than the cap still runs, alone; a smaller one that
+        // fits behind a call that does not is taken.
+        let mut pending = vec![job(1, 5, later, 8)];
+        assert_eq!(take(&mut pending, &[vec![8]], 2, now).len(), 1);
+        let mut pending = vec![job(2, 1, later, 8), job(1, 4, later, 8), job(0, 1, later, 8)];
+        assert_eq!(urgencies(&take(&mut pending, &[vec![8]], 2, now)), vec![2, 0]);
+    }
+
     #[test]
     fn shares_follow_rows_and_add_up_exactly() {
         let shares = shares(Duration::from_nanos(10), &[1, 1, 1]);
@@ -357,7 +564,7 @@ mod tests {
                 max_rows: 1,
             },
         );
-        let batched = batcher.run(input(0)).await.expect("run");
+        let batched = batcher.run(input(0), CallTerms::default()).await.expect("run");
         assert_eq!(batched.calls, 1);
         assert_eq!(batcher.stats().runs.load(Ordering::Relaxed), 1);
     }

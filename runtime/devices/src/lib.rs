@@ -20,7 +20,7 @@ mod model;
 use std::fmt;
 use std::sync::Arc;
 
-pub use batcher::{BatchConfig, Batcher, DEFAULT_BATCH_WINDOW, DEFAULT_MAX_BATCH_ROWS};
+pub use batcher::{BatchConfig, Batched, Batcher, CallTerms, DEFAULT_BATCH_WINDOW, DEFAULT_MAX_BATCH_ROWS};
 pub use cache::{CacheConfig, CachedModel, LoadedModel, ModelCache};
 pub use cpu::CpuDevice;
 pub use cuda::{GpuInfo, discover_gpus};

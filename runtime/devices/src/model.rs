@@ -105,12 +105,10 @@ impl PreparedModel {
     }
 
     fn new(plans: Plans, inputs: Vec<IoSpec>, outputs: Vec<IoSpec>, size_bytes: u64) -> Self {
-        let leading_batch = |specs: &[IoSpec]| {
-            !specs.is_empty()
-                && specs.iter().all(|s| {
-                    s.dims.first() == Some(&Dim::Batch) && s.dims[1..].iter().all(|d| matches!(d, Dim::Fixed(_)))
-                })
-        };
+        // Other axes may be free too (a sequence length): the batcher joins
+        // only calls whose inputs agree on them.
+        let leading_batch =
+            |specs: &[IoSpec]| !specs.is_empty() && specs.iter().all(|s| s.dims.first() == Some(&Dim::Batch));
         let batchable = leading_batch(&inputs) && leading_batch(&outputs);
         PreparedModel {
             plans,

@@ -61,6 +61,7 @@ fn bench(c: &mut Criterion) {
             let limits = Limits {
                 memory_bytes: 128 << 20,
                 timeout: Duration::from_secs(10),
+                urgency: 1,
             };
             let request = || {
                 hyper::Request::get("http://localhost/bench?x=1")

@@ -46,6 +46,9 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Wall-clock deadline from the start of instantiation.
     pub timeout: Duration,
+    /// How urgent the call is ([`hearth_manifest::Qos::urgency`] of its
+    /// class): when its model calls join batches, more urgent rows go first.
+    pub urgency: u8,
 }
 
 /// Why an invocation produced no response. Each maps to one HTTP status and
@@ -218,6 +221,7 @@ impl Engine {
         };
         let state = store.data_mut();
         state.deadline = Instant::now() + limits.timeout;
+        state.nn.set_urgency(limits.urgency);
         store.set_epoch_deadline(1);
 
         let (sender, mut receiver) = tokio::sync::oneshot::channel();

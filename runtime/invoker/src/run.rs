@@ -36,10 +36,11 @@ pub(crate) fn spec(deployed: &Deployed) -> FunctionSpec {
     }
 }
 
-fn limits(deployed: &Deployed) -> Limits {
+fn limits(deployed: &Deployed, class: Qos) -> Limits {
     Limits {
         memory_bytes: deployed.manifest.limits.memory_mb as usize * 1024 * 1024,
         timeout: Duration::from_millis(deployed.manifest.limits.timeout_ms.into()),
+        urgency: class.urgency(),
     }
 }
 
@@ -107,7 +108,7 @@ impl Invoker {
             .engine
             .invoke(
                 start,
-                limits(deployed),
+                limits(deployed, class),
                 &deployed.grants,
                 &label(deployed),
                 request,
@@ -163,7 +164,7 @@ impl Invoker {
             };
             match self
                 .engine
-                .instantiate(&prepared, limits(deployed), &deployed.grants)
+                .instantiate(&prepared, limits(deployed, Qos::Standard), &deployed.grants)
                 .await
             {
                 Ok(instance) => lease.park(instance),

@@ -224,7 +224,24 @@ pub struct ModelSpec {
     /// tenant's functions that name the same model file.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cache_entries: u32,
+    /// Largest batch this model's calls join, in rows (unset: the server's
+    /// `--batch-max-rows`, which also caps it; 1 turns batching off for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<u32>,
+    /// Longest a call waits for others to join its batch, in milliseconds
+    /// (unset: the server's `--batch-window-ms`, which also caps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay_ms: Option<u32>,
+    /// Whether callers may run the model directly, with no guest, through
+    /// the Open Inference Protocol (`/v2/models/{function}.{model}/…`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub serve: bool,
 }
+
+/// Largest `max_batch` a manifest may ask for.
+pub const MAX_BATCH_ROWS: u32 = 4096;
+/// Longest `max_delay_ms` a manifest may ask for.
+pub const MAX_BATCH_DELAY_MS: u32 = 10_000;
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
@@ -323,6 +340,16 @@ pub enum Qos {
 impl Qos {
     /// Every class, least urgent first.
     pub const ALL: [Qos; 3] = [Qos::Batch, Qos::Standard, Qos::Realtime];
+
+    /// How urgent the class is, least urgent 0: what the model batcher
+    /// orders rows by.
+    pub fn urgency(self) -> u8 {
+        match self {
+            Qos::Batch => 0,
+            Qos::Standard => 1,
+            Qos::Realtime => 2,
+        }
+    }
 
     /// The name used in manifests, headers and metrics.
     pub fn as_str(self) -> &'static str {
@@ -423,6 +450,21 @@ impl Manifest {
                 return Err(invalid(
                     &format!("models[{i}].cache_entries"),
                     format!("must be at most {MAX_CACHE_ENTRIES}"),
+                ));
+            }
+            if model
+                .max_batch
+                .is_some_and(|rows| !(1..=MAX_BATCH_ROWS).contains(&rows))
+            {
+                return Err(invalid(
+                    &format!("models[{i}].max_batch"),
+                    format!("must be between 1 and {MAX_BATCH_ROWS}"),
+                ));
+            }
+            if model.max_delay_ms.is_some_and(|ms| ms > MAX_BATCH_DELAY_MS) {
+                return Err(invalid(
+                    &format!("models[{i}].max_delay_ms"),
+                    format!("must be at most {MAX_BATCH_DELAY_MS}"),
                 ));
             }
         }

@@ -398,6 +398,11 @@ impl Registry {
                     path: self.blobs.path(&a.digest),
                     placement: placement(spec.device),
                     cache_entries: spec.cache_entries as usize,
+                    batch: hearth_devices::CallTerms {
+                        max_rows: spec.max_batch.map(|rows| rows as usize),
+                        max_delay: spec.max_delay_ms.map(|ms| std::time::Duration::from_millis(ms.into())),
+                        ..Default::default()
+                    },
                 };
                 Some((a.name.clone(), model))
             });

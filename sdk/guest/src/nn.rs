@@ -140,6 +140,54 @@ impl Tensor {
     }
 }
 
+/// Sequence lengths [`pad_tokens`] pads to by default. Calls join one model
+/// run only when their shapes match on every axis but the batch axis, so
+/// padding every sequence to one of a few lengths lets concurrent calls of
+/// different lengths share runs; a short sequence pays at most twice its own
+/// length.
+pub const LENGTH_BUCKETS: &[usize] = &[16, 32, 64, 128, 256];
+
+/// Token sequences padded to one length, as a transformer takes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaddedTokens {
+    /// `i64[sequences, length]`: the ids, `pad_id` after each sequence's end.
+    pub ids: Tensor,
+    /// `i64[sequences, length]`: 1 for a real token, 0 for padding.
+    pub attention_mask: Tensor,
+    /// The padded length: the smallest bucket holding the longest
+    /// sequence, or that sequence's own length past the last bucket.
+    pub length: usize,
+}
+
+/// Pads `sequences` (token ids) with `pad_id` to the smallest of `buckets`
+/// (ascending; [`LENGTH_BUCKETS`] for the usual ones) that holds the longest,
+/// and builds the attention mask. Truncating is the tokenizer's job: a
+/// sequence longer than the last bucket sets the length itself.
+pub fn pad_tokens<S: AsRef<[u32]>>(sequences: &[S], buckets: &[usize], pad_id: i64) -> PaddedTokens {
+    let longest = sequences.iter().map(|s| s.as_ref().len()).max().unwrap_or(0);
+    let length = buckets
+        .iter()
+        .copied()
+        .find(|&b| b >= longest)
+        .unwrap_or(longest)
+        .max(1);
+    let mut ids = Vec::with_capacity(sequences.len() * length);
+    let mut mask = Vec::with_capacity(sequences.len() * length);
+    for sequence in sequences {
+        let sequence = sequence.as_ref();
+        ids.extend(sequence.iter().map(|&id| i64::from(id)));
+        ids.extend(std::iter::repeat_n(pad_id, length - sequence.len()));
+        mask.extend(std::iter::repeat_n(1i64, sequence.len()));
+        mask.extend(std::iter::repeat_n(0i64, length - sequence.len()));
+    }
+    let dims = [sequences.len() as u32, length as u32];
+    PaddedTokens {
+        ids: Tensor::i64(&dims, &ids),
+        attention_mask: Tensor::i64(&dims, &mask),
+        length,
+    }
+}
+
 /// The outputs of one [`Model::infer`], in the model's order.
 #[derive(Debug, Clone)]
 pub struct Outputs(Vec<(String, Tensor)>);

@@ -125,7 +125,7 @@ async fn mlp_batched(model: Arc<PreparedModel>, device: &dyn Device) -> Outcome 
             let batcher = batcher.clone();
             tokio::spawn(async move {
                 let tensor = Tensor::from_shape(&[1, MLP_INPUTS], &mlp_input(n))?;
-                let batched = batcher.run(vec![tensor]).await?;
+                let batched = batcher.run(vec![tensor], hearth_devices::CallTerms::default()).await?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>((n, batched))
             })
         })
@@ -303,7 +303,10 @@ pub async fn batching(devices: &DevicePool, callers: usize, rounds: usize) -> Ve
                         let batcher = batcher.clone();
                         tokio::spawn(async move {
                             let tensor = Tensor::from_shape(&[1, MLP_INPUTS], &mlp_input(n)).ok()?;
-                            batcher.run(vec![tensor]).await.ok()
+                            batcher
+                                .run(vec![tensor], hearth_devices::CallTerms::default())
+                                .await
+                                .ok()
                         })
                     })
                     .collect();
