@@ -40,6 +40,10 @@ pub struct Problem {
     /// The manifest key (or limit) at fault.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The detail again, on the Open Inference Protocol's routes (`/v2`),
+    /// whose clients (`tritonclient`, KServe's) read the reason there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl std::fmt::Display for Problem {

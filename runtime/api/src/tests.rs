@@ -62,6 +62,7 @@ fn problem() {
         invocation_id: Some("0193".into()),
         outcome: Some("timeout".into()),
         key: None,
+        error: None,
     };
     round_trip(
         &problem,

@@ -159,6 +159,7 @@ impl InstanceMemory {
 /// cache its grant gives it.
 #[derive(Debug, Clone)]
 pub struct GraphHandle {
+    name: Arc<str>,
     model: Arc<LoadedModel>,
     memo: Option<Arc<InferenceCache>>,
     terms: CallTerms,
@@ -167,6 +168,7 @@ pub struct GraphHandle {
 /// An execution context of a graph.
 #[derive(Debug, Clone)]
 pub struct ContextHandle {
+    name: Arc<str>,
     model: Arc<LoadedModel>,
     memo: Option<Arc<InferenceCache>>,
     terms: CallTerms,
@@ -303,7 +305,7 @@ impl NnHost {
             return refuse(ErrorCode::NotFound, format!("no model named `{name}`"));
         };
         let terms = CallTerms { urgency, ..model.batch };
-        infer(&loaded, memo.as_deref(), inputs, terms).await
+        infer(name, &loaded, memo.as_deref(), inputs, terms).await
     }
 
     /// Loads every model `grant` names into the warm cache; returns how many
@@ -345,6 +347,43 @@ pub struct InferenceUsage {
     pub cache_hits: u64,
     /// Time the calls waited in their models' batchers before running.
     pub queued: std::time::Duration,
+    /// The same calls per model, as Triton-compatible metrics count them.
+    pub models: Vec<ModelCalls>,
+}
+
+/// One model's calls within an [`InferenceUsage`], counted as Triton
+/// counts a model's requests (its `nv_inference_*` metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelCalls {
+    /// The model's name in the function's manifest.
+    pub model: String,
+    /// Calls answered (from a run or the inference cache).
+    pub success: u64,
+    /// Calls that failed (inputs the model does not take, or the model).
+    pub failure: u64,
+    /// Inferences: the rows (batch axis) of the calls answered.
+    pub inferences: u64,
+    /// Model runs these calls led (a joined run counts once, for its first
+    /// call): summed over functions, every run of the model once.
+    pub executions: u64,
+    /// Time from each call's arrival at the host to its outputs.
+    pub request: std::time::Duration,
+    /// Time the calls waited for their runs.
+    pub queued: std::time::Duration,
+    /// The calls' shares of their runs' compute.
+    pub compute: std::time::Duration,
+}
+
+impl ModelCalls {
+    fn add(&mut self, other: &ModelCalls) {
+        self.success += other.success;
+        self.failure += other.failure;
+        self.inferences += other.inferences;
+        self.executions += other.executions;
+        self.request += other.request;
+        self.queued += other.queued;
+        self.compute += other.compute;
+    }
 }
 
 impl InferenceUsage {
@@ -361,6 +400,24 @@ impl InferenceUsage {
             if !self.devices.contains(&device) {
                 self.devices.push(device);
             }
+        }
+        for calls in other.models {
+            match self.models.iter_mut().find(|m| m.model == calls.model) {
+                Some(known) => known.add(&calls),
+                None => self.models.push(calls),
+            }
+        }
+    }
+
+    /// The usage of one call of `model` that failed.
+    pub fn failed(model: &str) -> InferenceUsage {
+        InferenceUsage {
+            models: vec![ModelCalls {
+                model: model.to_owned(),
+                failure: 1,
+                ..ModelCalls::default()
+            }],
+            ..InferenceUsage::default()
         }
     }
 
@@ -614,6 +671,7 @@ impl wasi::nn::graph::Host for &mut NnCtx {
         };
         match self.cache.get(&model.key, &model.path, model.placement).await {
             Ok(loaded) => self.push(GraphHandle {
+                name: name.into(),
                 model: loaded,
                 memo,
                 terms: model.batch,
@@ -625,8 +683,18 @@ impl wasi::nn::graph::Host for &mut NnCtx {
 
 impl wasi::nn::graph::HostGraph for &mut NnCtx {
     async fn init_execution_context(&mut self, graph: Resource<GraphHandle>) -> NnResult<Resource<ContextHandle>> {
-        let GraphHandle { model, memo, terms } = self.table.get(&graph)?.clone();
-        self.push(ContextHandle { model, memo, terms })
+        let GraphHandle {
+            name,
+            model,
+            memo,
+            terms,
+        } = self.table.get(&graph)?.clone();
+        self.push(ContextHandle {
+            name,
+            model,
+            memo,
+            terms,
+        })
     }
 
     async fn drop(&mut self, graph: Resource<GraphHandle>) -> wasmtime::Result<()> {
@@ -642,7 +710,12 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
         context: Resource<ContextHandle>,
         inputs: Vec<(String, Resource<TensorHandle>)>,
     ) -> NnResult<Vec<(String, Resource<TensorHandle>)>> {
-        let ContextHandle { model, memo, terms } = self.table.get(&context)?.clone();
+        let ContextHandle {
+            name: model_name,
+            model,
+            memo,
+            terms,
+        } = self.table.get(&context)?.clone();
         let mut named = Vec::with_capacity(inputs.len());
         for (name, tensor) in &inputs {
             let tensor = self.table.get(tensor)?;
@@ -663,12 +736,15 @@ impl wasi::nn::inference::HostGraphExecutionContext for &mut NnCtx {
             urgency: self.urgency,
             ..terms
         };
-        match infer(&model, memo.as_deref(), &named, terms).await {
+        match infer(&model_name, &model, memo.as_deref(), &named, terms).await {
             Ok(inferred) => {
                 self.usage.add(inferred.usage);
                 self.hand_out(inferred.outputs)
             }
-            Err(err) => self.fail(err.code, err.message),
+            Err(err) => {
+                self.usage.add(InferenceUsage::failed(&model_name));
+                self.fail(err.code, err.message)
+            }
         }
     }
 
@@ -710,11 +786,13 @@ fn refuse<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, InferErro
 /// `terms`. The one path of guests' `compute` and of the Open Inference
 /// Protocol.
 async fn infer(
+    name: &str,
     loaded: &LoadedModel,
     memo: Option<&InferenceCache>,
     inputs: &[(&str, &TensorHandle)],
     terms: CallTerms,
 ) -> Result<Inferred, InferError> {
+    let arrived = std::time::Instant::now();
     let specs = loaded.model.inputs();
     let mut ordered: Vec<Option<Tensor>> = vec![None; specs.len()];
     for (name, tensor) in inputs {
@@ -741,12 +819,15 @@ async fn infer(
             None => return refuse(ErrorCode::InvalidArgument, format!("missing input `{}`", spec.name)),
         }
     }
-    if loaded.model.batchable() {
+    let rows = if loaded.model.batchable() {
         let rows = model_inputs[0].shape()[0];
         if model_inputs.iter().any(|t| t.shape()[0] != rows) {
             return refuse(ErrorCode::InvalidArgument, "inputs disagree on the batch dimension");
         }
-    }
+        rows as u64
+    } else {
+        1
+    };
     let memo_key = memo.map(|_| {
         // Every input was found above; keyed in the model's order.
         let keyed = specs.iter().filter_map(|spec| {
@@ -762,6 +843,13 @@ async fn infer(
         && let Some(stored) = memo.get(key)
     {
         usage.cache_hits = 1;
+        usage.models.push(ModelCalls {
+            model: name.to_owned(),
+            success: 1,
+            inferences: rows,
+            request: arrived.elapsed(),
+            ..ModelCalls::default()
+        });
         let names = loaded.model.outputs().iter().map(|spec| spec.name.clone());
         return Ok(Inferred {
             outputs: names.zip(stored.iter().cloned()).collect(),
@@ -794,6 +882,16 @@ async fn infer(
     if let (Some(memo), Some(key)) = (memo, memo_key) {
         memo.insert(key, outputs.iter().map(|(_, handle)| handle.clone()).collect());
     }
+    usage.models.push(ModelCalls {
+        model: name.to_owned(),
+        success: 1,
+        inferences: rows,
+        executions: u64::from(batched.leads),
+        request: arrived.elapsed(),
+        queued: batched.queued,
+        compute: batched.compute,
+        ..ModelCalls::default()
+    });
     Ok(Inferred { outputs, usage })
 }
 

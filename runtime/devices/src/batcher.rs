@@ -95,6 +95,9 @@ pub struct Batched {
     /// Time the call waited before its run started (for a batch to form,
     /// or for the run before it).
     pub queued: Duration,
+    /// Whether this call was the first of its run: counting these counts
+    /// every run once.
+    pub leads: bool,
     /// Whether the run happened on the caller's own thread, inside its poll
     /// (a short run of a model that is not batched): its time is then also in
     /// the caller's CPU time, and must not be billed twice.
@@ -228,6 +231,7 @@ impl Batcher {
                 calls: 1,
                 compute,
                 queued: Duration::ZERO,
+                leads: true,
                 on_caller,
             });
         };
@@ -340,12 +344,14 @@ async fn run_batch(model: &Arc<PreparedModel>, stats: &BatchStats, mut jobs: Vec
     match result {
         // Inline here is on the batcher's task, never a caller's.
         Ok((per_job, busy, _inline)) => {
-            for ((job, outputs), compute) in jobs.into_iter().zip(per_job).zip(shares(busy, &rows)) {
+            let runs = jobs.into_iter().zip(per_job).zip(shares(busy, &rows));
+            for (i, ((job, outputs), compute)) in runs.enumerate() {
                 let _ = job.reply.send(Ok(Batched {
                     outputs,
                     calls,
                     compute,
                     queued: started.saturating_duration_since(job.arrived),
+                    leads: i == 0,
                     on_caller: false,
                 }));
             }

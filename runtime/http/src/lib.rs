@@ -7,6 +7,8 @@
 //!   ([`control`]), their versions and aliases ([`aliases`]), tokens
 //!   ([`tokens`]), usage ([`usage`]), asynchronous
 //!   invocations ([`asynchronous`]); its bodies are `hearth-api`'s types;
+//! - `/v2/...` is the Open Inference Protocol ([`inference`]): models that
+//!   functions serve, run directly for clients such as `tritonclient`;
 //! - `/healthz` and `/readyz` are for load balancers and orchestrators;
 //! - `/metrics` is for Prometheus.
 //!
@@ -16,6 +18,7 @@
 mod aliases;
 mod asynchronous;
 mod control;
+mod inference;
 mod invoke;
 mod problem;
 mod tokens;
@@ -162,6 +165,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/fn/{tenant}/{function}/", any(invoke::handle))
         .route("/fn/{tenant}/{function}/{*rest}", any(invoke::handle))
         .merge(own)
+        .merge(inference::routes().layer(axum::middleware::map_response(problem::framework_errors_as_problems)))
         .fallback(not_found)
         .with_state(state)
 }

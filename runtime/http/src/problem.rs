@@ -134,6 +134,8 @@ impl ApiError {
                     Failure::BadRequest(_) => ("bad-request", "Bad request"),
                     Failure::Function(RegistryError::NotFound { .. }) => ("not-found", "Not found"),
                     Failure::Function(err) if err.is_unavailable() => ("unavailable", "Service unavailable"),
+                    Failure::Model(_) if status.is_client_error() => ("bad-input", "Inputs the model does not take"),
+                    Failure::Model(_) => ("model-error", "Model failed"),
                     Failure::Guest(InvokeError::Internal(_)) | Failure::Function(_) => ("internal", "Internal error"),
                 };
                 (status, slug, title)
@@ -166,6 +168,17 @@ impl ApiError {
 
     /// The problem answer, whole: status, headers and body.
     pub fn render(self, invocation_id: Option<Uuid>) -> http::Response<Bytes> {
+        self.render_as(invocation_id, false)
+    }
+
+    /// [`ApiError::into_problem`] on the Open Inference Protocol's routes:
+    /// the problem also carries its detail as `error`, where that
+    /// protocol's clients read it.
+    pub(crate) fn into_protocol_problem(self, invocation_id: Option<Uuid>) -> Response {
+        self.render_as(invocation_id, true).map(axum::body::Body::from)
+    }
+
+    fn render_as(self, invocation_id: Option<Uuid>, protocol: bool) -> http::Response<Bytes> {
         let (status, slug, title) = self.classify();
         let internal = match &self {
             ApiError::Internal(cause) => Some(cause.clone()),
@@ -194,6 +207,7 @@ impl ApiError {
             kind: format!("urn:hearth:problem:{slug}"),
             title: title.to_owned(),
             status: status.as_u16(),
+            error: protocol.then(|| detail.clone()),
             detail,
             invocation_id: invocation_id.map(|id| id.to_string()),
             outcome: invocation_id.and(self.outcome()).map(str::to_owned),

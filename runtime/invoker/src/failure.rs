@@ -2,6 +2,7 @@
 //! record: the outcome and the status recorded. The HTTP layer renders a
 //! [`Failure`] as a problem answer with the same status.
 
+use hearth_bridge::{ErrorCode, InferError};
 use hearth_engine::InvokeError;
 use hearth_metering::{LogError, Outcome};
 use hearth_registry::RegistryError;
@@ -51,6 +52,10 @@ pub enum Failure {
     /// otherwise).
     #[error("{0}")]
     Function(#[source] RegistryError),
+    /// A direct model call failed: inputs the model does not take (400),
+    /// too large (413), or the model itself (500).
+    #[error("{0}")]
+    Model(#[source] InferError),
 }
 
 impl Failure {
@@ -76,6 +81,12 @@ impl Failure {
             Failure::Function(RegistryError::NotFound { .. }) => 404,
             Failure::Function(err) if err.is_unavailable() => 503,
             Failure::Function(_) => 500,
+            Failure::Model(err) => match err.code {
+                ErrorCode::InvalidArgument | ErrorCode::InvalidEncoding => 400,
+                ErrorCode::TooLarge => 413,
+                ErrorCode::NotFound => 404,
+                _ => 500,
+            },
         }
     }
 
@@ -94,7 +105,10 @@ impl Failure {
             | Failure::Expired { .. } => Outcome::Rejected,
             Failure::Function(err) if err.is_unavailable() => Outcome::Rejected,
             Failure::PayloadTooLarge { .. } | Failure::RequestTimeout | Failure::BadRequest(_) => Outcome::BadRequest,
-            Failure::Guest(InvokeError::Internal(_)) | Failure::Function(_) => Outcome::InternalError,
+            Failure::Model(_) if self.status() < 500 => Outcome::BadRequest,
+            Failure::Guest(InvokeError::Internal(_)) | Failure::Function(_) | Failure::Model(_) => {
+                Outcome::InternalError
+            }
         }
     }
 

@@ -30,6 +30,7 @@ mod asynchronous;
 mod body;
 mod cache;
 mod collect;
+mod direct;
 mod failure;
 mod observe;
 mod record;

@@ -148,6 +148,11 @@ impl Meter {
         self.body = Some(meter);
     }
 
+    /// Records the size of a request body read whole before the call.
+    pub fn received(&mut self, bytes: u64) {
+        self.usage.bytes_in = bytes;
+    }
+
     /// Sets the request body size when it was read whole.
     pub(crate) fn set_bytes_in(&mut self, bytes: u64) {
         self.usage.bytes_in = bytes;
@@ -179,6 +184,23 @@ impl Meter {
         u.compute_ns = u64::try_from(report.inference.compute.as_nanos()).unwrap_or(u64::MAX);
         u.gpu_ns = u64::try_from(report.inference.gpu.as_nanos()).unwrap_or(u64::MAX);
         u.device = report.inference.device_label();
+        for calls in &report.inference.models {
+            self.telemetry.model_calls(
+                &u.tenant,
+                &u.function,
+                u.version,
+                &calls.model,
+                &hearth_telemetry::ModelCallMetrics {
+                    success: calls.success,
+                    failure: calls.failure,
+                    inferences: calls.inferences,
+                    executions: calls.executions,
+                    request: calls.request,
+                    queued: calls.queued,
+                    compute: calls.compute,
+                },
+            );
+        }
     }
 
     /// Waits for the guest's report (if it ran) and applies it; `failed`
@@ -333,6 +355,37 @@ impl Meter {
         }
         let whole = Full::new(whole.freeze()).map_err(|never| match never {}).boxed_unsync();
         meter.answer_after_commit(head, whole).await
+    }
+
+    /// Counts a failed direct call of `model` in the model metrics.
+    pub(crate) fn model_failed(&self, model: &str) {
+        let failed = hearth_telemetry::ModelCallMetrics {
+            failure: 1,
+            ..Default::default()
+        };
+        let u = &self.usage;
+        self.telemetry
+            .model_calls(&u.tenant, &u.function, u.version, model, &failed);
+    }
+
+    /// Answers a direct model call (the Open Inference Protocol): records
+    /// its inference `usage` and the answer's size, commits, then answers
+    /// `head` with `body`.
+    pub(crate) async fn inferred(
+        mut self,
+        usage: &hearth_bridge::InferenceUsage,
+        head: http::response::Parts,
+        body: Bytes,
+    ) -> Result<Response<ResponseBody>, Failure> {
+        self.usage.status = head.status.as_u16();
+        self.usage.bytes_out = body.len() as u64;
+        self.apply(&Report {
+            cpu_time: std::time::Duration::ZERO,
+            memory_peak_bytes: 0,
+            inference: usage.clone(),
+        });
+        let body = Full::new(body).map_err(|never| match never {}).boxed_unsync();
+        self.answer_after_commit(head, body).await
     }
 
     /// Commits the record, then answers `head` with `body` (already whole).

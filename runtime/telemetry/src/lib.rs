@@ -77,6 +77,86 @@ pub struct InvocationMetrics<'a> {
     pub shadow: bool,
 }
 
+/// One function's calls of one model, as Triton's `nv_inference_*`
+/// metrics count them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ModelCallMetrics {
+    /// Calls answered.
+    pub success: u64,
+    /// Calls that failed.
+    pub failure: u64,
+    /// Inferences (rows on the batch axis) answered.
+    pub inferences: u64,
+    /// Model runs (a joined run counted once).
+    pub executions: u64,
+    /// Time from arrival to outputs, summed.
+    pub request: Duration,
+    /// Time waiting for runs, summed.
+    pub queued: Duration,
+    /// Compute (shares of runs), summed.
+    pub compute: Duration,
+}
+
+/// Triton's per-model counters (the names its dashboards read), labelled
+/// `model` (`{function}.{model}`), `version` (the function's) and `tenant`.
+/// Plain Prometheus counters in the same registry, so they keep Triton's
+/// exact names (no `_total` suffix).
+#[derive(Debug)]
+struct TritonCounters {
+    success: prometheus::IntCounterVec,
+    failure: prometheus::IntCounterVec,
+    count: prometheus::IntCounterVec,
+    exec_count: prometheus::IntCounterVec,
+    request_us: prometheus::IntCounterVec,
+    queue_us: prometheus::IntCounterVec,
+    compute_us: prometheus::IntCounterVec,
+}
+
+const TRITON_LABELS: [&str; 3] = ["model", "version", "tenant"];
+
+impl TritonCounters {
+    fn new(registry: &prometheus::Registry) -> Result<TritonCounters, TelemetryError> {
+        let counter = |name: &str, help: &str| {
+            let counter = prometheus::IntCounterVec::new(prometheus::Opts::new(name, help), &TRITON_LABELS)
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            registry
+                .register(Box::new(counter.clone()))
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            Ok::<_, TelemetryError>(counter)
+        };
+        Ok(TritonCounters {
+            success: counter(
+                "nv_inference_request_success",
+                "Number of successful inference requests, all batch sizes",
+            )?,
+            failure: counter(
+                "nv_inference_request_failure",
+                "Number of failed inference requests, all batch sizes",
+            )?,
+            count: counter(
+                "nv_inference_count",
+                "Number of inferences performed (a batch of n counts n)",
+            )?,
+            exec_count: counter(
+                "nv_inference_exec_count",
+                "Number of model executions performed (a batch counts once)",
+            )?,
+            request_us: counter(
+                "nv_inference_request_duration_us",
+                "Cumulative inference request duration in microseconds (includes cached requests)",
+            )?,
+            queue_us: counter(
+                "nv_inference_queue_duration_us",
+                "Cumulative inference queuing duration in microseconds",
+            )?,
+            compute_us: counter(
+                "nv_inference_compute_infer_duration_us",
+                "Cumulative compute inference duration in microseconds (each request's share of its batch)",
+            )?,
+        })
+    }
+}
+
 /// Functions (tenant and name) with series of their own at most; later
 /// ones share the `other` series.
 pub const MAX_FUNCTION_SERIES: usize = 1000;
@@ -102,6 +182,7 @@ pub struct Telemetry {
     compute_time: Counter<f64>,
     rollout_invocations: Counter<u64>,
     rollout_duration: Histogram<f64>,
+    triton: TritonCounters,
 }
 
 /// Latency buckets, in seconds: 100 µs to 30 s.
@@ -169,7 +250,9 @@ impl Telemetry {
             .with_description("Guest output lines dropped because the guest log buffer was full")
             .with_callback(|counter| counter.observe(guest_lines_dropped(), &[]))
             .build();
+        let triton = TritonCounters::new(&registry)?;
         Ok(Telemetry {
+            triton,
             series: dashmap::DashMap::new(),
             series_count: std::sync::atomic::AtomicUsize::new(0),
             registry,
@@ -260,6 +343,33 @@ impl Telemetry {
         if !m.gpu.is_zero() {
             self.compute_time
                 .add(m.gpu.as_secs_f64(), &[KeyValue::new("kind", "cuda")]);
+        }
+    }
+
+    /// Records calls of `model` by version `version` of `tenant`'s
+    /// `function` in the Triton-compatible counters (folded into
+    /// [`OTHER`] past the series bound, like every per-function series).
+    pub fn model_calls(&self, tenant: &str, function: &str, version: u32, model: &str, m: &ModelCallMetrics) {
+        let [tenant, function] = self.function_labels(tenant, function);
+        let (model, version) = if function.value.as_str() == OTHER {
+            (OTHER.to_owned(), "0".to_owned())
+        } else {
+            (format!("{}.{model}", function.value.as_str()), version.to_string())
+        };
+        let tenant = tenant.value.as_str();
+        let labels = [model.as_str(), version.as_str(), &*tenant];
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let t = &self.triton;
+        for (counter, value) in [
+            (&t.success, m.success),
+            (&t.failure, m.failure),
+            (&t.count, m.inferences),
+            (&t.exec_count, m.executions),
+            (&t.request_us, micros(m.request)),
+            (&t.queue_us, micros(m.queued)),
+            (&t.compute_us, micros(m.compute)),
+        ] {
+            counter.with_label_values(&labels).inc_by(value);
         }
     }
 

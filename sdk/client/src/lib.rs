@@ -496,6 +496,7 @@ pub async fn problem_of(response: reqwest::Response) -> Problem {
         invocation_id: None,
         outcome: None,
         key: None,
+        error: None,
     }
 }
 
