@@ -11,8 +11,10 @@
 //! of more urgent calls are taken first, except that a call past its
 //! deadline is taken before anything else, so no class waits past its bound
 //! for a batch to form. The joined inputs run once on a blocking thread, and
-//! each caller gets its own rows of every output. While a batch runs, new
-//! calls queue and form the next batch, so under load batches grow by
+//! each caller gets its own rows of every output. A model runs as many
+//! batches at once as its device has parallel lanes (a CPU core each: tract
+//! runs one model run on one thread; one on a GPU); while they are all busy,
+//! new calls queue and form the next batch, so under load batches grow by
 //! themselves. Nothing blocks a runtime thread while waiting.
 
 use std::sync::Arc;
@@ -196,13 +198,14 @@ fn rows_of(inputs: &[Tensor]) -> usize {
 }
 
 impl Batcher {
-    /// A batcher for `model`; batchable models get a worker task (needs a
-    /// tokio runtime), others run each call on its own.
-    pub fn new(model: Arc<PreparedModel>, config: BatchConfig) -> Batcher {
+    /// A batcher for `model` running up to `lanes` batches at once;
+    /// batchable models get a worker task (needs a tokio runtime), others
+    /// run each call on its own.
+    pub fn new(model: Arc<PreparedModel>, config: BatchConfig, lanes: usize) -> Batcher {
         let stats = Arc::new(BatchStats::default());
         let queue = (model.batchable() && config.max_rows > 1).then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(worker(model.clone(), rx, stats.clone()));
+            tokio::spawn(worker(model.clone(), rx, stats.clone(), lanes.max(1)));
             tx
         });
         Batcher {
@@ -268,7 +271,13 @@ impl Batcher {
     }
 }
 
-async fn worker(model: Arc<PreparedModel>, mut queue: mpsc::UnboundedReceiver<Job>, stats: Arc<BatchStats>) {
+async fn worker(
+    model: Arc<PreparedModel>,
+    mut queue: mpsc::UnboundedReceiver<Job>,
+    stats: Arc<BatchStats>,
+    lanes: usize,
+) {
+    let lanes = Arc::new(tokio::sync::Semaphore::new(lanes));
     let mut pending: Vec<Job> = Vec::new();
     let mut closed = false;
     loop {
@@ -281,6 +290,11 @@ async fn worker(model: Arc<PreparedModel>, mut queue: mpsc::UnboundedReceiver<Jo
                 None => return,
             }
         }
+        // A lane first: while every lane runs, calls keep queueing and the
+        // next batch is formed from all of them.
+        let Ok(lane) = lanes.clone().acquire_owned().await else {
+            return;
+        };
         let jobs = loop {
             while let Ok(job) = queue.try_recv() {
                 pending.push(job);
@@ -305,7 +319,11 @@ async fn worker(model: Arc<PreparedModel>, mut queue: mpsc::UnboundedReceiver<Jo
         if jobs.is_empty() {
             continue;
         }
-        run_batch(&model, &stats, jobs).await;
+        let (model, stats) = (model.clone(), stats.clone());
+        tokio::spawn(async move {
+            run_batch(&model, &stats, jobs).await;
+            drop(lane);
+        });
     }
 }
 
@@ -442,7 +460,7 @@ mod tests {
             window: Duration::from_secs(600),
             max_rows: 32,
         };
-        let batcher = Batcher::new(model.clone(), config);
+        let batcher = Batcher::new(model.clone(), config, 1);
         let calls = (0..32u64).map(|n| {
             let batcher = batcher.clone();
             tokio::spawn(async move { (n, batcher.run(input(n), CallTerms::default()).await.expect("run")) })
@@ -487,6 +505,7 @@ mod tests {
                 window: Duration::from_secs(600),
                 max_rows: 64,
             },
+            2,
         );
         let terms = CallTerms {
             max_rows: Some(2),
@@ -569,6 +588,7 @@ mod tests {
                 window: Duration::ZERO,
                 max_rows: 1,
             },
+            1,
         );
         let batched = batcher.run(input(0), CallTerms::default()).await.expect("run");
         assert_eq!(batched.calls, 1);

@@ -173,7 +173,7 @@ impl ModelCache {
         tracing::info!(model = key, device = %id, size_bytes = model.size_bytes(), load_ms = started.elapsed().as_millis() as u64, "model loaded");
         let model = Arc::new(model);
         Ok(Arc::new(LoadedModel {
-            batcher: Batcher::new(model.clone(), self.config.batch),
+            batcher: Batcher::new(model.clone(), self.config.batch, lanes(id)),
             model,
             device: id,
             key: key.to_owned(),
@@ -294,6 +294,15 @@ fn unused(slot: &Slot) -> bool {
 }
 
 /// The size of the model loaded in `slot`, if it is on `device`.
+/// Batches of one model a device runs at once: one per CPU core (tract runs
+/// a model run on one thread), one on a GPU (its runs queue on the device).
+fn lanes(device: DeviceId) -> usize {
+    match device {
+        DeviceId::Cpu => std::thread::available_parallelism().map_or(1, usize::from),
+        DeviceId::Cuda(_) => 1,
+    }
+}
+
 fn on_device(slot: &Slot, device: DeviceId) -> Option<u64> {
     slot.cell
         .get()

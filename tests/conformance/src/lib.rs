@@ -118,6 +118,7 @@ async fn mlp_batched(model: Arc<PreparedModel>, device: &dyn Device) -> Outcome 
             window: Duration::from_secs(60),
             max_rows: CALLS as usize,
         },
+        1,
     );
     let started = Instant::now();
     let calls: Vec<_> = (0..CALLS)
@@ -295,6 +296,7 @@ pub async fn batching(devices: &DevicePool, callers: usize, rounds: usize) -> Ve
                     window: Duration::from_millis(2),
                     max_rows,
                 },
+                1,
             );
             let started = Instant::now();
             for _ in 0..rounds {
