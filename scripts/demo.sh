@@ -45,6 +45,11 @@ if ./scripts/fetch-ocr-model.sh >/dev/null; then
 else
   echo "(ocr not deployed: fetching its model from PyPI failed)" >&2
 fi
+if HEARTH_CARGO_PROFILE=release ./scripts/fetch-embed-model.sh >/dev/null; then
+  env -u CARGO_TARGET_DIR "$hearth" deploy functions/embed
+else
+  echo "(embed not deployed: fetching its model from PyPI failed)" >&2
+fi
 
 cat <<EOT
 
@@ -54,6 +59,8 @@ Hearth is serving on $HEARTH_URL with the examples deployed.
   $hearth invoke echo --data 'hi' --path '/any/path?x=1'
   python3 -c 'import json; print(json.dumps({"input": [0.5] * 784}))' | $hearth invoke classify --data @-
   $hearth invoke ocr --data @$data_dir/line.png    # a rendered 'HEARTH 2026'
+  $hearth invoke embed --data '{"texts": ["hello, world!", "a second sentence"]}'
+  curl -H "Authorization: Bearer \$HEARTH_TOKEN" $HEARTH_URL/v2/models/embed.minilm   # Open Inference Protocol
   $hearth status
   curl -H "Authorization: Bearer \$HEARTH_TOKEN" -d hi $HEARTH_URL/fn/default/echo/some/path
   $hearth functions list

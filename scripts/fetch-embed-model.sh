@@ -43,7 +43,9 @@ fi
 
 if [[ ! -s "$onnx" ]]; then
   echo "converting the weights to ONNX..." >&2
-  cargo run -q --locked -p hearth-fixtures --bin minilm-onnx -- "$dir/model.safetensors" "$onnx"
+  # HEARTH_CARGO_PROFILE=release reuses a release build (make demo's).
+  cargo run -q --locked --profile "${HEARTH_CARGO_PROFILE:-dev}" -p hearth-fixtures --bin minilm-onnx -- \
+    "$dir/model.safetensors" "$onnx"
 fi
 
 ln -sfn "$dir" functions/embed/models
