@@ -670,6 +670,28 @@ mod tests {
     }
 
     #[test]
+    fn model_batching_and_serving_are_read_and_bounded() {
+        let model = |extra: &str| format!("name = \"e\"\n[[models]]\nname = \"m\"\npath = \"m.onnx\"\n{extra}");
+        let m = Manifest::from_toml(&model("max_batch = 32\nmax_delay_ms = 4\nserve = true")).expect("valid");
+        assert_eq!(
+            (m.models[0].max_batch, m.models[0].max_delay_ms, m.models[0].serve),
+            (Some(32), Some(4), true)
+        );
+        let m = Manifest::from_toml(&model("")).expect("valid");
+        assert_eq!(
+            (m.models[0].max_batch, m.models[0].max_delay_ms, m.models[0].serve),
+            (None, None, false)
+        );
+        for (extra, key) in [
+            ("max_batch = 0", "models[0].max_batch"),
+            ("max_batch = 4097", "models[0].max_batch"),
+            ("max_delay_ms = 10001", "models[0].max_delay_ms"),
+        ] {
+            assert_eq!(Manifest::from_toml(&model(extra)).expect_err(extra).key(), Some(key));
+        }
+    }
+
+    #[test]
     fn asset_targets_stay_inside_their_mount() {
         for bad in [
             "",
