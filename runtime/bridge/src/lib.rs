@@ -345,8 +345,6 @@ pub struct InferenceUsage {
     pub devices: Vec<DeviceId>,
     /// Calls answered from an inference cache (not in `calls`: nothing ran).
     pub cache_hits: u64,
-    /// Time the calls waited in their models' batchers before running.
-    pub queued: std::time::Duration,
     /// The same calls per model, as Triton-compatible metrics count them.
     pub models: Vec<ModelCalls>,
 }
@@ -395,7 +393,6 @@ impl InferenceUsage {
         self.gpu += other.gpu;
         self.on_caller += other.on_caller;
         self.cache_hits += other.cache_hits;
-        self.queued += other.queued;
         for device in other.devices {
             if !self.devices.contains(&device) {
                 self.devices.push(device);
@@ -864,7 +861,6 @@ async fn infer(
     usage.calls = 1;
     usage.batched_with = batched.calls as u64;
     usage.compute = batched.compute;
-    usage.queued = batched.queued;
     if matches!(loaded.device, DeviceId::Cuda(_)) {
         usage.gpu = batched.compute;
     }
