@@ -42,6 +42,7 @@ fn model() -> &'static Model {
             placement: hearth_devices::Placement::Auto,
             // Repeated inputs go through the inference cache too.
             cache_entries: 4,
+            batch: hearth_devices::CallTerms::default(),
         };
         let host = NnHost::new(hearth_devices::ModelCache::new(
             hearth_devices::DevicePool::cpu_only(),
