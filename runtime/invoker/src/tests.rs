@@ -258,7 +258,10 @@ async fn a_refusal_is_recorded_with_its_outcome() {
     drop(busy);
 }
 
-#[tokio::test(start_paused = true)]
+// Real time: the usage log's syncer is a thread of its own, and a paused
+// clock would race it (auto-advancing to the record's durability timeout
+// while the syncer works), which hung this test under load.
+#[tokio::test]
 async fn the_async_runner_retries_a_refused_run_later() {
     let mut rig = Rig::new(SchedulerConfig {
         max_queued_per_function: 0,
@@ -267,8 +270,9 @@ async fn the_async_runner_retries_a_refused_run_later() {
     let faults = rig
         .deploy("faults", hearth_fixtures::FAULTS, "[scaling]\nmax_instances = 1\n")
         .await;
-    // The only instance is busy for 3 (virtual) seconds.
-    let (busy_id, busy) = rig.call(&faults, "/slow-body?ms=3000").await;
+    // The only instance is busy for 1.5 s: the first attempt (at once, on
+    // submit) is refused; a retry after the busy call ends runs.
+    let (busy_id, busy) = rig.call(&faults, "/slow-body?ms=1500").await;
     let busy = busy.expect("the only instance");
     rig.start_async_runner();
     let id = Uuid::now_v7().to_string();
