@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use hearth_auth::Action;
 use hearth_bridge::{Inferred, TensorHandle, TensorType};
-use hearth_devices::{DatumType, Dim, IoSpec};
+use hearth_devices::{DatumType, Dim, IoSpec, LoadedModel};
 use hearth_invoker::{Failure, now_us};
 use hearth_registry::{Routed, Selector};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -41,12 +41,12 @@ pub(crate) fn routes() -> axum::Router<Arc<AppState>> {
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
-        .route("/v2/models/{model}", get(model_metadata))
-        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}", get(metadata))
+        .route("/v2/models/{model}/ready", get(readiness))
         .route("/v2/models/{model}/infer", post(infer))
-        .route("/v2/models/{model}/versions/{version}", get(model_metadata_of))
-        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_of))
-        .route("/v2/models/{model}/versions/{version}/infer", post(infer_of))
+        .route("/v2/models/{model}/versions/{version}", get(metadata))
+        .route("/v2/models/{model}/versions/{version}/ready", get(readiness))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
 }
 
 /// A protocol error: the problem answer with `error` set.
@@ -194,38 +194,35 @@ fn datatype_of(ty: TensorType) -> &'static str {
     }
 }
 
-async fn model_metadata(state: State<Arc<AppState>>, Path(model): Path<String>, headers: HeaderMap) -> Answer {
-    metadata(state, model, None, headers).await
-}
-
-async fn model_metadata_of(
-    state: State<Arc<AppState>>,
-    Path((model, version)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Answer {
-    metadata(state, model, Some(version), headers).await
-}
-
-async fn metadata(
-    State(state): State<Arc<AppState>>,
-    name: String,
+/// `{function}.{model}`, and the version when the route names one.
+#[derive(Deserialize)]
+struct ModelPath {
+    model: String,
+    #[serde(default)]
     version: Option<String>,
-    headers: HeaderMap,
-) -> Answer {
-    let served = resolve(&state, &headers, &name, version.as_deref()).await?;
-    let deployed = &served.routed.deployed;
+}
+
+/// A served model's version, loaded (or found warm) on its device.
+async fn load(state: &AppState, headers: &HeaderMap, path: &ModelPath) -> Result<(Served, Arc<LoadedModel>), ApiError> {
+    let served = resolve(state, headers, &path.model, path.version.as_deref()).await?;
     let loaded = state
         .invoker
         .nn()
-        .load(&deployed.grants.models, &served.model)
+        .load(&served.routed.deployed.grants.models, &served.model)
         .await
         .map_err(|err| ApiError::Unavailable(err.message))?;
+    Ok((served, loaded))
+}
+
+async fn metadata(State(state): State<Arc<AppState>>, Path(path): Path<ModelPath>, headers: HeaderMap) -> Answer {
+    let (served, loaded) = load(&state, &headers, &path).await?;
+    let version = &served.routed.deployed.version;
     let body = serde_json::json!({
-        "name": name,
+        "name": path.model,
         "versions": state
             .invoker
             .registry()
-            .routed_versions(&deployed.version.tenant, &deployed.version.name)
+            .routed_versions(&version.tenant, &version.name)
             .iter()
             .map(u32::to_string)
             .collect::<Vec<_>>(),
@@ -233,38 +230,14 @@ async fn metadata(
         "inputs": loaded.model.inputs().iter().map(metadata_of).collect::<Vec<_>>(),
         "outputs": loaded.model.outputs().iter().map(metadata_of).collect::<Vec<_>>(),
     });
-    Ok(with_version(axum::Json(body).into_response(), deployed.version.version))
-}
-
-async fn model_ready(state: State<Arc<AppState>>, Path(model): Path<String>, headers: HeaderMap) -> Answer {
-    readiness(state, model, None, headers).await
-}
-
-async fn model_ready_of(
-    state: State<Arc<AppState>>,
-    Path((model, version)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Answer {
-    readiness(state, model, Some(version), headers).await
+    Ok(with_version(axum::Json(body).into_response(), version.version))
 }
 
 /// Ready once the model is loaded (warm) on its device: asking loads it.
-async fn readiness(
-    State(state): State<Arc<AppState>>,
-    name: String,
-    version: Option<String>,
-    headers: HeaderMap,
-) -> Answer {
-    let served = resolve(&state, &headers, &name, version.as_deref()).await?;
-    let deployed = &served.routed.deployed;
-    state
-        .invoker
-        .nn()
-        .load(&deployed.grants.models, &served.model)
-        .await
-        .map_err(|err| ApiError::Unavailable(err.message))?;
-    let answer = axum::Json(serde_json::json!({ "name": name, "ready": true })).into_response();
-    Ok(with_version(answer, deployed.version.version))
+async fn readiness(State(state): State<Arc<AppState>>, Path(path): Path<ModelPath>, headers: HeaderMap) -> Answer {
+    let (served, _loaded) = load(&state, &headers, &path).await?;
+    let answer = axum::Json(serde_json::json!({ "name": path.model, "ready": true })).into_response();
+    Ok(with_version(answer, served.routed.deployed.version.version))
 }
 
 fn with_version(mut response: Response, version: u32) -> Response {
@@ -313,37 +286,13 @@ struct Parameters {
     binary_data_output: Option<bool>,
 }
 
-async fn infer(state: State<Arc<AppState>>, Path(model): Path<String>, request: Request) -> Response {
-    infer_version(state, model, None, request).await
-}
-
-async fn infer_of(
-    state: State<Arc<AppState>>,
-    Path((model, version)): Path<(String, String)>,
-    request: Request,
-) -> Response {
-    infer_version(state, model, Some(version), request).await
-}
-
-async fn infer_version(
-    State(state): State<Arc<AppState>>,
-    name: String,
-    version: Option<String>,
-    request: Request,
-) -> Response {
+async fn infer(State(state): State<Arc<AppState>>, Path(path): Path<ModelPath>, request: Request) -> Response {
     let id = Uuid::now_v7();
     let started_at_us = now_us();
     let mut answered_version = None;
-    let result = run_infer(
-        &state,
-        id,
-        started_at_us,
-        &name,
-        version.as_deref(),
-        request,
-        &mut answered_version,
-    )
-    .await;
+    let name = &path.model;
+    let version = path.version.as_deref();
+    let result = run_infer(&state, id, started_at_us, name, version, request, &mut answered_version).await;
     let mut response = match result {
         Ok(response) => response,
         Err(ProtocolError(err, recorded)) => {
