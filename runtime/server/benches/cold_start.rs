@@ -1,6 +1,7 @@
 //! Cold start, end to end through the real binary: `echo` scaled fully to
 //! zero (no instance left, compiled code unloaded) → first response byte,
-//! next to a warm request to the same component on the same server.
+//! next to a warm request to `hello` (as small; another component, so its
+//! warm code never keeps `echo`'s loaded) on the same server.
 //!
 //! The server reaps every 5 ms with `idle_timeout_s = 0` and
 //! `--function-idle-timeout-s 0`, so after each request the function drops
@@ -28,9 +29,14 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let client = hearth_client::Client::new(&url, Some(common::TOKEN.into()), "default").expect("client");
-        for (name, idle) in [("cold", 0), ("warm", 3600)] {
+        // The warm baseline is `hello`: compiled code is shared by
+        // component, so a warm `echo` would keep `cold`'s code loaded.
+        for (name, idle, component) in [
+            ("cold", 0, hearth_fixtures::ECHO),
+            ("warm", 3600, hearth_fixtures::HELLO),
+        ] {
             let scaling = format!("[scaling]\nidle_timeout_s = {idle}\n");
-            common::deploy(&client, tmp.path(), name, hearth_fixtures::ECHO, &scaling).await;
+            common::deploy(&client, tmp.path(), name, component, &scaling).await;
         }
         let http = reqwest::Client::new();
         let call = |name: &str| {
