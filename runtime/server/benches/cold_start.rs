@@ -8,6 +8,11 @@
 //! back to zero; the bench waits (polling `/v1/status`) until it has, then
 //! times one request on a kept-alive connection until its response head.
 //!
+//! The model tier: `classify` scaled to zero *and* its model unloaded from
+//! the warm cache (`--model-idle-timeout-s 0`: idle models go within
+//! 100 ms) → first byte, the model read, parsed, optimised and run again on
+//! the way; every third sample.
+//!
 //! Run: `cargo bench -p hearth-server --bench cold_start` (samples:
 //! `HEARTH_BENCH_SAMPLES`, default 300).
 
@@ -23,7 +28,14 @@ fn main() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (mut server, url) = common::start_server(
         &tmp.path().join("data"),
-        &["--reap-interval-ms", "5", "--function-idle-timeout-s", "0"],
+        &[
+            "--reap-interval-ms",
+            "5",
+            "--function-idle-timeout-s",
+            "0",
+            "--model-idle-timeout-s",
+            "0",
+        ],
     );
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -38,9 +50,23 @@ fn main() {
             let scaling = format!("[scaling]\nidle_timeout_s = {idle}\n");
             common::deploy(&client, tmp.path(), name, component, &scaling).await;
         }
+        // The model tier: `classify` with its MLP, unloaded when idle.
+        let mlp = tmp.path().join("mnist-mlp.onnx");
+        std::fs::write(&mlp, hearth_fixtures::models::mlp(hearth_fixtures::models::MLP_SEED)).expect("model");
+        let with_model = format!(
+            "[scaling]\nidle_timeout_s = 0\n[[models]]\nname = \"mnist-mlp\"\npath = {:?}\n",
+            mlp.display().to_string()
+        );
+        common::deploy(&client, tmp.path(), "model", hearth_fixtures::CLASSIFY, &with_model).await;
         let http = reqwest::Client::new();
+        let image = format!("{{\"input\": {:?}}}", hearth_fixtures::models::mlp_input(1));
         let call = |name: &str| {
-            let request = http.post(format!("{url}/fn/default/{name}/x")).body("cold?");
+            let body = if name == "model" {
+                image.clone()
+            } else {
+                "cold?".to_owned()
+            };
+            let request = http.post(format!("{url}/fn/default/{name}/x")).body(body);
             async move {
                 let started = Instant::now();
                 let response = request.send().await.expect("invoke");
@@ -50,28 +76,41 @@ fn main() {
                 first_byte
             }
         };
-        let scaled_to_zero = || async {
-            let status = client.status().await.expect("status");
-            status
-                .functions
-                .iter()
-                .find(|f| f.name == "cold")
-                .is_some_and(|f| f.instances.idle == 0 && f.instances.busy == 0 && !f.instances.loaded)
+        let scaled_to_zero = |name: &'static str| {
+            let client = &client;
+            async move {
+                let status = client.status().await.expect("status");
+                let function = status
+                    .functions
+                    .iter()
+                    .find(|f| f.name == name)
+                    .is_some_and(|f| f.instances.idle == 0 && f.instances.busy == 0 && !f.instances.loaded);
+                // The only model on the server is `model`'s.
+                function && (name != "model" || status.models.is_empty())
+            }
+        };
+        let wait_for_zero = |name: &'static str| async move {
+            let guard = Instant::now() + Duration::from_secs(10);
+            while !scaled_to_zero(name).await {
+                assert!(Instant::now() < guard, "`{name}` never scaled to zero");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         };
 
         call("warm").await;
         call("cold").await;
         let mut cold = Vec::with_capacity(samples);
         let mut warm = Vec::with_capacity(samples);
-        for _ in 0..samples {
-            let guard = Instant::now() + Duration::from_secs(10);
-            while !scaled_to_zero().await {
-                assert!(Instant::now() < guard, "`cold` never scaled to zero");
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            // Interleaved, so both see the same machine.
+        let mut model = Vec::with_capacity(samples / 3 + 1);
+        for sample in 0..samples {
+            wait_for_zero("cold").await;
+            // Interleaved, so every tier sees the same machine.
             cold.push(call("cold").await);
             warm.push(call("warm").await);
+            if sample % 3 == 0 {
+                wait_for_zero("model").await;
+                model.push(call("model").await);
+            }
         }
         let stats = client.status().await.expect("status");
         let pool = &stats
@@ -88,8 +127,14 @@ fn main() {
             pool.unloads as usize >= samples,
             "and the compiled code was unloaded each time: {pool:?}"
         );
-        report("scaled to zero -> first byte", &mut cold);
-        report("warm instance  -> first byte", &mut warm);
+        let loads = client.status().await.expect("status").model_loads;
+        assert!(
+            loads as usize > model.len(),
+            "the model was loaded again for every model-tier sample: {loads}"
+        );
+        report("instance tier: warm instance             -> first byte", &mut warm);
+        report("function tier: scaled to zero            -> first byte", &mut cold);
+        report("model tier:    classify, model unloaded  -> first byte", &mut model);
     });
     let _ = server.kill();
     let _ = server.wait();
