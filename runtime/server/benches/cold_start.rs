@@ -26,7 +26,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut server, url) = common::start_server(
+    let (server, url) = common::start_server(
         &tmp.path().join("data"),
         &[
             "--reap-interval-ms",
@@ -136,8 +136,7 @@ fn main() {
         report("function tier: scaled to zero            -> first byte", &mut cold);
         report("model tier:    classify, model unloaded  -> first byte", &mut model);
     });
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 }
 
 fn report(label: &str, times: &mut [Duration]) {

@@ -40,11 +40,11 @@ fn main() {
     let bound_mib = env_or("HEARTH_OVERLOAD_RSS_MIB", 256);
     let rate = CAPACITY_PER_SECOND * 10;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut server, url) = common::start_server(
+    let (server, url) = common::start_server(
         &tmp.path().join("data"),
         &["--max-queued-per-function", "16", "--queue-timeout-ms", "250"],
     );
-    let pid = server.id();
+    let pid = server.0.id();
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (counts, latencies, peak) = runtime.block_on(async {
@@ -105,8 +105,7 @@ fn main() {
         let latencies = std::mem::take(&mut *latencies.lock().expect("lock"));
         (counts, latencies, peak.load(std::sync::atomic::Ordering::Relaxed))
     });
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 
     let total: u64 = counts.values().sum();
     println!(

@@ -8,9 +8,20 @@ use std::process::{Child, Command, Stdio};
 /// The operator token the benches' servers are started with.
 pub const TOKEN: &str = "hth_bench-server";
 
+/// A bench's server process, stopped when dropped: also when the bench
+/// panics, so no server outlives it (holding its output pipe open).
+pub struct Server(pub Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `hearth serve` on a free port with its data in `data_dir` and
 /// `extra` flags; returns the process and its base URL.
-pub fn start_server(data_dir: &Path, extra: &[&str]) -> (Child, String) {
+pub fn start_server(data_dir: &Path, extra: &[&str]) -> (Server, String) {
     let mut server = Command::new(env!("CARGO_BIN_EXE_hearth"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
@@ -27,7 +38,7 @@ pub fn start_server(data_dir: &Path, extra: &[&str]) -> (Child, String) {
         .map_while(Result::ok)
         .find_map(|line| line.strip_prefix("hearth listening on ").map(|u| u.trim().to_owned()))
         .expect("server address");
-    (server, url)
+    (Server(server), url)
 }
 
 /// Deploys `component` as the public function `name`, with `extra` manifest
