@@ -344,7 +344,7 @@ async fn run_infer(
             return Err(ProtocolError(failure.into(), Some(id)));
         }
     };
-    meter.received(body.len() as u64);
+    meter.set_bytes_in(body.len() as u64);
     let parsed = match parse_request(&parts.headers, &body) {
         Ok(parsed) => parsed,
         Err(detail) => {

@@ -148,13 +148,8 @@ impl Meter {
         self.body = Some(meter);
     }
 
-    /// Records the size of a request body read whole before the call.
-    pub fn received(&mut self, bytes: u64) {
-        self.usage.bytes_in = bytes;
-    }
-
-    /// Sets the request body size when it was read whole.
-    pub(crate) fn set_bytes_in(&mut self, bytes: u64) {
+    /// Sets the request body size when it was read whole before the call.
+    pub fn set_bytes_in(&mut self, bytes: u64) {
         self.usage.bytes_in = bytes;
     }
 
