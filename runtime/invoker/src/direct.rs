@@ -23,17 +23,8 @@ impl Invoker {
         class: Qos,
         render: impl FnOnce(&Inferred) -> (http::response::Parts, Bytes),
     ) -> Result<http::Response<ResponseBody>, Failure> {
-        if let Some(log) = &self.usage
-            && !log.healthy()
-        {
-            meter.discard();
-            return Err(Failure::UsageLogDown);
-        }
         // The tenant's concurrency is held for the model's run.
-        let _permit = match self.tenants.admit(&deployed.version.tenant) {
-            Ok(permit) => permit,
-            Err(rejection) => return Err(meter.refuse(rejection.into()).await),
-        };
+        let (meter, _permit) = self.admit_tenant(meter, deployed).await?;
         let inferred = match self
             .nn
             .infer(&deployed.grants.models, model, inputs, class.urgency())

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use hearth_engine::{Limits, Start};
 use hearth_manifest::Qos;
 use hearth_registry::{Deployed, LoadOn};
-use hearth_scheduler::{FunctionKey, FunctionSpec};
+use hearth_scheduler::{FunctionKey, FunctionSpec, TenantPermit};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument as _;
@@ -60,23 +60,14 @@ impl Invoker {
         deployed: &Deployed,
         class: Qos,
         deadline: Instant,
-        mut meter: Meter,
+        meter: Meter,
         request: hyper::Request<B>,
     ) -> Result<http::Response<ResponseBody>, Failure>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<hearth_engine::BodyError>,
     {
-        if let Some(log) = &self.usage
-            && !log.healthy()
-        {
-            meter.discard();
-            return Err(Failure::UsageLogDown);
-        }
-        let permit = match self.tenants.admit(&deployed.version.tenant) {
-            Ok(permit) => permit,
-            Err(rejection) => return Err(meter.refuse(rejection.into()).await),
-        };
+        let (mut meter, permit) = self.admit_tenant(meter, deployed).await?;
         let (key, spec) = (key(deployed), spec(deployed));
         let queued = self
             .pools
@@ -131,6 +122,27 @@ impl Invoker {
             }
             Err(_) if meter.body_broken() => Err(meter.refuse(Failure::RequestTimeout).await),
             Err(err) => Err(meter.refuse(err.into()).await),
+        }
+    }
+
+    /// What every call of `deployed` passes first, guest or not: the usage
+    /// log must be writable (else the call is refused unrecorded: nothing
+    /// can be written), and the tenant gate must admit it; a refusal is
+    /// recorded. The permit holds the tenant's concurrency until dropped.
+    pub(crate) async fn admit_tenant(
+        &self,
+        meter: Meter,
+        deployed: &Deployed,
+    ) -> Result<(Meter, TenantPermit), Failure> {
+        if let Some(log) = &self.usage
+            && !log.healthy()
+        {
+            meter.discard();
+            return Err(Failure::UsageLogDown);
+        }
+        match self.tenants.admit(&deployed.version.tenant) {
+            Ok(permit) => Ok((meter, permit)),
+            Err(rejection) => Err(meter.refuse(rejection.into()).await),
         }
     }
 
