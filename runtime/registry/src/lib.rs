@@ -764,6 +764,7 @@ impl Registry {
         // The bucket is the whole fleet's; `keep` is too (read from the
         // shared store), and the grace covers deploys in flight elsewhere.
         let bucket = self.blobs.collect_remote(&keep, grace).await?;
+        self.engine.retain_parked(&keep);
         let (blobs, engine) = (self.blobs.clone(), self.engine.clone());
         tokio::task::spawn_blocking(move || {
             let mut compiled = hearth_store::Collected::default();
