@@ -20,6 +20,7 @@ async fn cli_deploy_then_echo_round_trips_method_path_query_headers_and_a_mebiby
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("deployed echo v1"), "{stdout}");
+    assert!(stdout.contains("start-up: pre-initialised"), "{stdout}");
     let invoke_url = format!("{}/fn/default/echo/", server.url);
     assert!(stdout.contains(&format!("invoke: {invoke_url}")), "{stdout}");
 
@@ -78,6 +79,39 @@ async fn cli_deploy_then_echo_round_trips_method_path_query_headers_and_a_mebiby
     assert_eq!(echo["headers"]["x-from"][0], "cli");
     assert_eq!(echo["path"], "/p");
     assert_eq!(echo["query"], "q=1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_whose_start_up_calls_an_import_deploys_without_a_snapshot_and_runs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let deploy = |name: &str, component: &str| {
+        let dir = project(&tmp.path().join(name), name, component, "");
+        let client = server.client();
+        async move {
+            let project = hearth_client::Project::load(&dir).expect("project");
+            client.deploy(&project, |_, _| {}).await.expect("deploy")
+        }
+    };
+
+    let hello = deploy("hello", hearth_fixtures::HELLO).await;
+    assert_eq!(hello.start_up, Some(hearth_client::StartUp::Snapshot));
+    // nnprobe's start-up reads the clock: an import, which traps at deploy.
+    let probe = deploy("nnprobe", hearth_fixtures::NNPROBE).await;
+    let Some(hearth_client::StartUp::Plain { reason }) = &probe.start_up else {
+        panic!("nnprobe cannot be pre-initialised: {:?}", probe.start_up);
+    };
+    assert!(reason.contains("pre-initialisation failed"), "{reason}");
+    assert!(reason.contains("wall-clock"), "the reason names the import: {reason}");
+
+    let response = http()
+        .get(server.fn_url("nnprobe", "/file?path=/missing"))
+        .send()
+        .await
+        .expect("invoke");
+    assert_eq!(response.status(), 404, "it runs, from scratch");
+    let hello = http().get(server.fn_url("hello", "/")).send().await.expect("invoke");
+    assert_eq!(hello.text().await.expect("body"), "hello from hearth\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -22,7 +22,14 @@ use hearth_guest::nn::{Model, Tensor, TensorType};
 use hearth_guest::prelude::*;
 use serde::Deserialize;
 
-hearth_guest::handler!(probe);
+// Deliberately a guest pre-initialisation cannot handle: its start-up reads
+// the clock, an import, which traps at deploy. The tests check that such a
+// guest still deploys, says why it was not pre-initialised, and runs.
+hearth_guest::handler!(probe, init = read_clock);
+
+fn read_clock() {
+    std::hint::black_box(std::time::SystemTime::now());
+}
 
 /// Raw bindings, for the handle tests: the SDK never hands out handles.
 mod raw {

@@ -96,6 +96,24 @@ pub struct FunctionVersion {
     /// Read-only assets deployed with it (named by guest path).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<ArtifactInfo>,
+    /// How its fresh instances start, as found when it was compiled (in
+    /// the deploy answer; absent where the server did not compile it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_up: Option<StartUp>,
+}
+
+/// How a function's fresh instances start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum StartUp {
+    /// From a snapshot taken after the guest's start-up ran once at deploy
+    /// (its `hearth-pre-init` export).
+    Snapshot,
+    /// Running the guest's start-up each time, as built.
+    Plain {
+        /// Why there is no snapshot.
+        reason: String,
+    },
 }
 
 /// A model or asset file deployed with a function version.

@@ -36,6 +36,7 @@ fn version() -> FunctionVersion {
             size: 5,
         }],
         files: Vec::new(),
+        start_up: None,
     }
 }
 
@@ -111,6 +112,14 @@ fn functions() {
     round_trip(&version(), None);
     let wire = serde_json::to_value(version()).expect("serialize");
     assert!(wire.get("files").is_none(), "empty lists are left out: {wire}");
+    let plain = FunctionVersion {
+        start_up: Some(StartUp::Plain {
+            reason: "no export".into(),
+        }),
+        ..version()
+    };
+    round_trip(&plain.start_up, Some(json!({ "mode": "plain", "reason": "no export" })));
+    round_trip(&Some(StartUp::Snapshot), Some(json!({ "mode": "snapshot" })));
     round_trip(
         &FunctionList {
             functions: vec![version()],

@@ -5,7 +5,9 @@
 //!   [`Engine::invoke`] (store, WASI context, instantiate, guest start-up,
 //!   handler, response body collected, drop);
 //! - `hello` / `echo` `reused`: the same invocation on a warm instance handed
-//!   back by the previous one (what the scheduler's pools do).
+//!   back by the previous one (what the scheduler's pools do);
+//! - `pooled-plain`: pooled, without pre-initialisation (fresh instances run
+//!   the guest's start-up instead of starting from its deploy-time snapshot).
 //!
 //! Run: `cargo bench -p hearth-engine --bench instantiate`.
 
@@ -20,9 +22,10 @@ const MINIMAL: &str = r#"(component
   (core instance $i (instantiate $m))
   (func (export "run") (result u32) (canon lift (core func $i "run"))))"#;
 
-fn engine(pooling: bool, dir: &std::path::Path) -> Engine {
-    let mut config = EngineConfig::new(dir.join(if pooling { "pooled" } else { "on-demand" }));
+fn engine(label: &str, pooling: bool, pre_initialise: bool, dir: &std::path::Path) -> Engine {
+    let mut config = EngineConfig::new(dir.join(label));
     config.pooling = pooling;
+    config.pre_initialise = pre_initialise;
     Engine::new(config).expect("engine")
 }
 
@@ -35,9 +38,12 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("instantiate");
     group.measurement_time(Duration::from_secs(5));
 
-    for pooling in [true, false] {
-        let label = if pooling { "pooled" } else { "on-demand" };
-        let engine = engine(pooling, dir.path());
+    for (label, pooling, pre_initialise) in [
+        ("pooled", true, true),
+        ("pooled-plain", true, false),
+        ("on-demand", false, true),
+    ] {
+        let engine = engine(label, pooling, pre_initialise, dir.path());
 
         // The floor: wasmtime alone, same engine configuration.
         let wasm = engine.wasmtime();
@@ -58,6 +64,8 @@ fn bench(c: &mut Criterion) {
         for (name, path) in [("hello", hearth_fixtures::HELLO), ("echo", hearth_fixtures::ECHO)] {
             let key = format!("{name}-{label}");
             let prepared = engine.precompile(&key, path.as_ref()).expect("precompile");
+            let snapshot = prepared.start_up() == Some(&hearth_engine::StartUp::Snapshot);
+            assert_eq!(snapshot, pre_initialise, "{name}: {:?}", prepared.start_up());
             let limits = Limits {
                 memory_bytes: 128 << 20,
                 timeout: Duration::from_secs(10),
@@ -86,7 +94,7 @@ fn bench(c: &mut Criterion) {
                     assert!(!body.to_bytes().is_empty());
                 });
             });
-            if !pooling {
+            if label != "pooled" {
                 continue;
             }
             let (back_tx, back_rx) = std::sync::mpsc::channel::<Option<Instance>>();

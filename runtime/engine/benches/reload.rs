@@ -30,7 +30,10 @@ fn main() {
         mapped.push(timed(|| engine.load_precompiled("echo")));
     }
     report("echo: reload of a parked component (pre-link)", &mut parked);
-    report("echo: reload from its .cwasm (map + deserialize + pre-link)", &mut mapped);
+    report(
+        "echo: reload from its .cwasm (map + deserialize + pre-link)",
+        &mut mapped,
+    );
 
     // Distinct keys, each its own copy of the artifact: each deserializes
     // its own metadata, as distinct functions' components do.

@@ -30,6 +30,7 @@
 mod budget;
 mod invoke;
 mod outbound;
+mod pre_init;
 mod state;
 
 use std::hash::{Hash, Hasher};
@@ -47,6 +48,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 pub use budget::machine_memory_bytes;
 pub use invoke::{Finished, Grants, Instance, InvokeError, Limits, Report, ResponseBody, Start};
 pub use outbound::{Denied, OutboundPolicy};
+pub use pre_init::{INIT_EXPORT, StartUp};
 use state::HostState;
 /// The error type request bodies passed to [`Engine::invoke`] fail with.
 pub use wasmtime_wasi_http::Error as BodyError;
@@ -110,6 +112,9 @@ pub struct EngineConfig {
     /// Bytes instances (each counted at its memory limit) and CPU models
     /// may take together; `None` is unbounded (see [`budget`]).
     pub memory_budget: Option<u64>,
+    /// Pre-initialise components that export [`INIT_EXPORT`] when they are
+    /// compiled (see [`StartUp`]); off only for comparison.
+    pub pre_initialise: bool,
 }
 
 impl EngineConfig {
@@ -124,6 +129,7 @@ impl EngineConfig {
             nn: NnHost::new(ModelCache::new(DevicePool::cpu_only(), CacheConfig::default())),
             outbound: OutboundPolicy::default(),
             memory_budget: None,
+            pre_initialise: true,
         }
     }
 }
@@ -133,6 +139,17 @@ impl EngineConfig {
 #[derive(Clone)]
 pub struct Prepared {
     pre: ProxyPre<HostState>,
+    /// How its instances start, when this process compiled it (a component
+    /// mapped from an earlier process's artifact does not say).
+    start_up: Option<Arc<StartUp>>,
+}
+
+impl Prepared {
+    /// How fresh instances of this component start, if known (see
+    /// [`Engine::precompile`]).
+    pub fn start_up(&self) -> Option<&StartUp> {
+        self.start_up.as_deref()
+    }
 }
 
 impl std::fmt::Debug for Prepared {
@@ -283,11 +300,11 @@ impl Engine {
             .collect()
     }
 
-    /// Validates and compiles the component at `component`, writes the
-    /// artifact for `key`, and checks that Hearth can link and serve it.
-    /// Blocking (compilation takes milliseconds to seconds): call it from a
-    /// blocking thread. On error nothing is left on disk. The result is
-    /// cached for `key`.
+    /// Validates and compiles the component at `component` (pre-initialised
+    /// when it can be: see [`StartUp`]), writes the artifact for `key`, and
+    /// checks that Hearth can link and serve it. Blocking (compilation takes
+    /// milliseconds to seconds): call it from a blocking thread. On error
+    /// nothing is left on disk. The result is cached for `key`.
     pub fn precompile(&self, key: &str, component: &Path) -> Result<Prepared> {
         let bytes = std::fs::read(component).map_err(|source| EngineError::Io {
             path: component.to_owned(),
@@ -296,11 +313,36 @@ impl Engine {
         if !is_component_binary(&bytes) {
             return Err(EngineError::Invalid(describe_non_component(&bytes)));
         }
-        let compiled = self
-            .inner
-            .engine
-            .precompile_component(&bytes)
-            .map_err(|e| EngineError::Invalid(error_chain(&e)))?;
+        let plain = |start_up| {
+            let compiled = self
+                .inner
+                .engine
+                .precompile_component(&bytes)
+                .map_err(|e| EngineError::Invalid(error_chain(&e)))?;
+            self.install(key, &compiled, start_up)
+        };
+        if !self.inner.config.pre_initialise {
+            return plain(StartUp::Plain {
+                reason: "pre-initialisation is off on this server".to_owned(),
+            });
+        }
+        let (snapshot, start_up) = pre_init::pre_initialise(&self.inner.engine, &bytes);
+        let Some(snapshot) = snapshot else {
+            return plain(start_up);
+        };
+        let compiled = self.inner.engine.precompile_component(&snapshot).map_err(wasmtime_err);
+        match compiled.and_then(|compiled| self.install(key, &compiled, StartUp::Snapshot)) {
+            Ok(prepared) => Ok(prepared),
+            Err(err) => {
+                let reason = format!("its snapshot does not run: {err}");
+                tracing::warn!(key, %reason, "pre-initialisation dropped");
+                plain(StartUp::Plain { reason })
+            }
+        }
+    }
+
+    /// Writes `compiled` as the artifact for `key` and loads it.
+    fn install(&self, key: &str, compiled: &[u8], start_up: StartUp) -> Result<Prepared> {
         let target = self.compiled_path(key);
         // Unique per call: two deploys of the same content may compile at once.
         static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -324,7 +366,8 @@ impl Engine {
             std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         }
         match self.load_compiled(&target) {
-            Ok(prepared) => {
+            Ok(mut prepared) => {
+                prepared.start_up = Some(Arc::new(start_up));
                 self.inner.parked.remove(key);
                 self.inner.loaded.insert(key.to_owned(), prepared.clone());
                 Ok(prepared)
@@ -426,7 +469,7 @@ impl Engine {
                 error_chain(&e)
             ))
         })?;
-        Ok(Prepared { pre })
+        Ok(Prepared { pre, start_up: None })
     }
 }
 
@@ -498,14 +541,18 @@ mod tests {
     fn a_function_scaled_to_zero_reloads_from_its_parked_component() {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = Engine::new(EngineConfig::new(dir.path())).expect("engine");
-        engine.precompile("echo", Path::new(hearth_fixtures::ECHO)).expect("precompile");
+        engine
+            .precompile("echo", Path::new(hearth_fixtures::ECHO))
+            .expect("precompile");
 
         assert!(engine.unload("echo"));
         assert!(!engine.is_loaded("echo"));
         assert_eq!(engine.parked(), 1);
         // Without its artifact: only the parked component can bring it back.
         std::fs::remove_file(engine.compiled_path("echo")).expect("remove the artifact");
-        engine.load_precompiled("echo").expect("pre-linked from the parked component");
+        engine
+            .load_precompiled("echo")
+            .expect("pre-linked from the parked component");
         assert!(engine.is_loaded("echo"));
         assert_eq!(engine.parked(), 0, "a loaded component is not parked too");
 
@@ -514,5 +561,23 @@ mod tests {
         assert_eq!(engine.parked(), 1, "a key still referenced stays parked");
         engine.retain_parked(&Default::default());
         assert_eq!(engine.parked(), 0, "an unreferenced one goes");
+    }
+
+    #[test]
+    fn an_sdk_guest_is_pre_initialised_and_a_plain_one_says_why_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::new(EngineConfig::new(dir.path())).expect("engine");
+        let hello = engine
+            .precompile("hello", Path::new(hearth_fixtures::HELLO))
+            .expect("hello");
+        assert_eq!(hello.start_up(), Some(&StartUp::Snapshot));
+
+        let mut config = EngineConfig::new(dir.path().join("off"));
+        config.pre_initialise = false;
+        let engine = Engine::new(config).expect("engine");
+        let plain = engine
+            .precompile("hello", Path::new(hearth_fixtures::HELLO))
+            .expect("hello");
+        assert!(matches!(plain.start_up(), Some(StartUp::Plain { .. })));
     }
 }

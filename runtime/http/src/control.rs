@@ -38,6 +38,14 @@ pub(crate) fn version_view(v: &hearth_store::FunctionVersion) -> FunctionVersion
         invoke_path: format!("/fn/{}/{}/", v.tenant, v.name),
         models: artifacts(v, ArtifactKind::Model),
         files: artifacts(v, ArtifactKind::File),
+        start_up: None,
+    }
+}
+
+fn start_up_view(start_up: &hearth_engine::StartUp) -> hearth_api::StartUp {
+    match start_up {
+        hearth_engine::StartUp::Snapshot => hearth_api::StartUp::Snapshot,
+        hearth_engine::StartUp::Plain { reason } => hearth_api::StartUp::Plain { reason: reason.clone() },
     }
 }
 
@@ -169,7 +177,13 @@ pub(crate) async fn deploy(
     if let Ok(deployed) = registry.resolve(&tenant, &version.name).await {
         state.invoker.deployed(deployed);
     }
-    Ok((StatusCode::CREATED, Json(version_view(&version))))
+    let mut view = version_view(&version);
+    view.start_up = state
+        .invoker
+        .engine()
+        .cached(version.component.as_str())
+        .and_then(|prepared| prepared.start_up().map(start_up_view));
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
 /// Refuses (429) a deploy that would take `tenant` past its function count

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use hearth_client::{Client, ClientError, FunctionVersion, Invocation, Project};
+use hearth_client::{Client, ClientError, FunctionVersion, Invocation, Project, StartUp};
 
 use crate::ClientArgs;
 
@@ -310,6 +310,11 @@ pub async fn deploy(args: &ClientArgs, path: &Path, no_build: bool) -> anyhow::R
                 human_bytes(a.size)
             );
         }
+    }
+    match &version.start_up {
+        Some(StartUp::Snapshot) => println!("  start-up: pre-initialised (fresh instances start from a snapshot)"),
+        Some(StartUp::Plain { reason }) => println!("  start-up: not pre-initialised: {reason}"),
+        None => {}
     }
     println!("invoke: {}{}", client.server(), version.invoke_path);
     Ok(ExitCode::SUCCESS)

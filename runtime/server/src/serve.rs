@@ -178,6 +178,12 @@ pub struct ServeArgs {
     /// is billed).
     #[arg(long, env = "HEARTH_NO_METERING")]
     no_metering: bool,
+    /// Compile components as built, without pre-initialising those that
+    /// export `hearth-pre-init` (for measuring what the snapshot saves).
+    /// Applies to components compiled from now on, not to artifacts already
+    /// on disk.
+    #[arg(long, env = "HEARTH_NO_PRE_INIT")]
+    no_pre_init: bool,
     /// When an answer may complete: `process` once its usage record is
     /// written (survives a crash of the process; a machine crash loses at
     /// most the sync interval), `strict` once it is fsynced.
@@ -298,6 +304,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut engine_config = EngineConfig::new(data_dir.join("compiled"));
     engine_config.max_instances = args.max_instances;
     engine_config.max_memory_mb = args.max_memory_mb;
+    engine_config.pre_initialise = !args.no_pre_init;
     engine_config.outbound = hearth_engine::OutboundPolicy::allowing(args.allow_outbound_cidrs.iter().copied());
     engine_config.memory_budget = match args.memory_budget_mb {
         0 => hearth_engine::machine_memory_bytes().map(|bytes| bytes / 5 * 4),

@@ -24,8 +24,8 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, Header
 pub use hearth_api::{
     AliasHistory, AliasInfo, AliasList, AliasRoute, AliasShadow, ArtifactInfo, AsyncInvocation, CreateToken,
     DeviceStatus, FunctionDetail, FunctionList, FunctionStatus, FunctionVersion, InstanceStatus, NEXT_CURSOR_HEADER,
-    NamedModel, NodeStatus, Problem, SetAlias, Status, StoredResponse, SubmitQuery, TokenInfo, TokenList, UsageQuery,
-    UsageSummary, UsageSummaryPage, VersionList, WarmModel,
+    NamedModel, NodeStatus, Problem, SetAlias, StartUp, Status, StoredResponse, SubmitQuery, TokenInfo, TokenList,
+    UsageQuery, UsageSummary, UsageSummaryPage, VersionList, WarmModel,
 };
 pub use project::Project;
 

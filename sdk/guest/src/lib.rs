@@ -23,6 +23,28 @@
 
 pub mod nn;
 
+/// The `hearth-pre-init` export [`handler!`] adds. At deploy the runtime
+/// calls it once and snapshots the component's memory after it, so every
+/// fresh instance starts from that state instead of running its start-up
+/// again. It may not call any import (no I/O, no clock, no model): an
+/// import traps, and the runtime then runs the component without a
+/// snapshot, as it runs components that do not export this.
+#[doc(hidden)]
+pub mod pre_init {
+    wit_bindgen::generate!({
+        inline: "package hearth:guest; world pre-init { export hearth-pre-init: func(); }",
+        pub_export_macro: true,
+        export_macro_name: "export_pre_init",
+        default_bindings_module: "hearth_guest::pre_init",
+    });
+
+    /// The pre-initialisation of a handler without an `init`: only the
+    /// start-up every export runs (static constructors, runtime set-up).
+    /// Growing the heap here made fresh instances slower, not faster: a
+    /// larger snapshot costs more to map and reset than the growth saves.
+    pub fn start_up_only() {}
+}
+
 pub use wstd;
 pub use wstd::http::{Body, HeaderMap, Method, Request, Response, StatusCode};
 
@@ -78,9 +100,28 @@ pub async fn read_body(request: &mut Request<Body>) -> Result<Vec<u8>> {
 /// Exports an `async fn(Request<Body>) -> Result<Response<Body>>` as the
 /// component's `wasi:http/incoming-handler`, and provides the `main` that a
 /// `wasm32-wasip2` binary needs.
+///
+/// `handler!(serve, init = load_tables)` also runs `load_tables()` when the
+/// component is pre-initialised at deploy (see [`pre_init`]): state it
+/// leaves in memory (a `OnceLock` filled from `include_bytes!` data, say) is
+/// there in every fresh instance without being computed again. It must not
+/// call imports: no files, no clock, no models.
 #[macro_export]
 macro_rules! handler {
     ($handler:path) => {
+        $crate::handler!($handler, init = $crate::pre_init::start_up_only);
+    };
+    ($handler:path, init = $init:path) => {
+        struct __HearthPreInit;
+
+        impl $crate::pre_init::Guest for __HearthPreInit {
+            fn hearth_pre_init() {
+                $init();
+            }
+        }
+
+        $crate::pre_init::export_pre_init!(__HearthPreInit with_types_in $crate::pre_init);
+
         struct __HearthHandler;
 
         impl $crate::wstd::__internal::wasip2::exports::http::incoming_handler::Guest
