@@ -11,7 +11,9 @@
 //! The model tier: `classify` scaled to zero *and* its model unloaded from
 //! the warm cache (`--model-idle-timeout-s 0`: idle models go within
 //! 100 ms) → first byte, the model read, parsed, optimised and run again on
-//! the way; every third sample.
+//! the way; every third sample. The batch window is 0 (`--batch-window-ms`):
+//! by default a lone model call waits up to 2 ms for others to batch with,
+//! a cost of every call, not of the cold start.
 //!
 //! Run: `cargo bench -p hearth-server --bench cold_start` (samples:
 //! `HEARTH_BENCH_SAMPLES`, default 300).
@@ -34,6 +36,8 @@ fn main() {
             "--function-idle-timeout-s",
             "0",
             "--model-idle-timeout-s",
+            "0",
+            "--batch-window-ms",
             "0",
         ],
     );
