@@ -7,7 +7,12 @@
 //! - `hello` / `echo` `reused`: the same invocation on a warm instance handed
 //!   back by the previous one (what the scheduler's pools do);
 //! - `pooled-plain`: pooled, without pre-initialisation (fresh instances run
-//!   the guest's start-up instead of starting from its deploy-time snapshot).
+//!   the guest's start-up instead of starting from its deploy-time snapshot);
+//! - one knob of the pooling allocator off at a time, to see what each
+//!   saves: `pooled-no-keep-resident` (dropped memories are decommitted, not
+//!   zeroed in place), `pooled-no-decommit-batch` (one `madvise` round per
+//!   dropped instance), `pooled-no-cow` (initial memory copied from the data
+//!   segments instead of mapped copy-on-write).
 //!
 //! Run: `cargo bench -p hearth-engine --bench instantiate`.
 
@@ -22,12 +27,15 @@ const MINIMAL: &str = r#"(component
   (core instance $i (instantiate $m))
   (func (export "run") (result u32) (canon lift (core func $i "run"))))"#;
 
-fn engine(label: &str, pooling: bool, pre_initialise: bool, dir: &std::path::Path) -> Engine {
-    let mut config = EngineConfig::new(dir.join(label));
-    config.pooling = pooling;
-    config.pre_initialise = pre_initialise;
-    Engine::new(config).expect("engine")
-}
+/// The engines compared: a label and what differs from the defaults.
+const CONFIGS: [(&str, fn(&mut EngineConfig)); 6] = [
+    ("pooled", |_| {}),
+    ("pooled-plain", |c| c.pre_initialise = false),
+    ("pooled-no-keep-resident", |c| c.memory_keep_resident = 0),
+    ("pooled-no-decommit-batch", |c| c.decommit_batch = 1),
+    ("pooled-no-cow", |c| c.memory_init_cow = false),
+    ("on-demand", |c| c.pooling = false),
+];
 
 fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -38,12 +46,11 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("instantiate");
     group.measurement_time(Duration::from_secs(5));
 
-    for (label, pooling, pre_initialise) in [
-        ("pooled", true, true),
-        ("pooled-plain", true, false),
-        ("on-demand", false, true),
-    ] {
-        let engine = engine(label, pooling, pre_initialise, dir.path());
+    for (label, configure) in CONFIGS {
+        let mut config = EngineConfig::new(dir.path().join(label));
+        configure(&mut config);
+        let pre_initialise = config.pre_initialise;
+        let engine = Engine::new(config).expect("engine");
 
         // The floor: wasmtime alone, same engine configuration.
         let wasm = engine.wasmtime();

@@ -63,6 +63,8 @@ pub const DEFAULT_MAX_MEMORY_MB: u32 = 4096;
 
 /// Default bytes of each pooled memory kept resident between instances.
 pub const DEFAULT_MEMORY_KEEP_RESIDENT: usize = 4 << 20;
+/// Default pooled slots decommitted per batch.
+pub const DEFAULT_DECOMMIT_BATCH: usize = 64;
 
 /// Result of an engine operation.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -104,6 +106,12 @@ pub struct EngineConfig {
     /// Bytes of each pooled linear memory kept resident (zeroed with memset)
     /// when an instance is dropped, instead of being decommitted.
     pub memory_keep_resident: usize,
+    /// Pooled slots decommitted together in one batch of `madvise` calls
+    /// (1: each as its instance goes).
+    pub decommit_batch: usize,
+    /// Map a component's initial memory copy-on-write from its compiled
+    /// image instead of copying its data segments into each instance.
+    pub memory_init_cow: bool,
     /// The `wasi:nn` host (and its warm models) every instance shares.
     pub nn: NnHost,
     /// Which addresses guests may reach at all (on top of each manifest's
@@ -126,6 +134,8 @@ impl EngineConfig {
             max_instances: DEFAULT_MAX_INSTANCES,
             max_memory_mb: DEFAULT_MAX_MEMORY_MB,
             memory_keep_resident: DEFAULT_MEMORY_KEEP_RESIDENT,
+            decommit_batch: DEFAULT_DECOMMIT_BATCH,
+            memory_init_cow: true,
             nn: NnHost::new(ModelCache::new(DevicePool::cpu_only(), CacheConfig::default())),
             outbound: OutboundPolicy::default(),
             memory_budget: None,
@@ -172,9 +182,15 @@ struct Inner {
     loaded: DashMap<String, Prepared>,
     /// Deserialized components of functions scaled to zero, by content key:
     /// not pre-linked, no instance, but no `.cwasm` to read again either.
-    parked: DashMap<String, Component>,
+    parked: DashMap<String, Parked>,
     compat: String,
     budget: Option<Arc<budget::MemoryBudget>>,
+}
+
+/// A deserialized component whose pre-linking was dropped.
+struct Parked {
+    component: Component,
+    start_up: Option<Arc<StartUp>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -214,6 +230,7 @@ impl Engine {
         wasm.wasm_component_model(true);
         wasm.epoch_interruption(true);
         wasm.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        wasm.memory_init_cow(config.memory_init_cow);
         if config.pooling {
             let n = config.max_instances.max(1);
             let mut pool = wasmtime::PoolingAllocationConfig::new();
@@ -229,8 +246,8 @@ impl Engine {
                 // batches: fresh instances then cost far fewer page faults and
                 // madvise calls (measured in FACTS.md).
                 .linear_memory_keep_resident(config.memory_keep_resident)
-                .table_keep_resident(64 << 10)
-                .decommit_batch_size(64);
+                .table_keep_resident(config.memory_keep_resident.min(64 << 10))
+                .decommit_batch_size(config.decommit_batch.max(1));
             wasm.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = wasmtime::Engine::new(&wasm).map_err(wasmtime_err)?;
@@ -392,14 +409,17 @@ impl Engine {
     /// The pre-linked component for `key`: cached, pre-linked again from
     /// its parked component, or mapped from its `.cwasm`; never compiles (an
     /// error if the artifact is missing or was made by another wasmtime).
-    /// Blocks on a cache miss: about 0.05 ms to pre-link a parked `echo`,
-    /// 0.4 ms to map and deserialize it.
+    /// Blocks on a cache miss: about 0.01 ms to pre-link a parked `echo`,
+    /// 0.13 ms to map, deserialize and pre-link it (`benches/reload.rs`).
     pub fn load_precompiled(&self, key: &str) -> Result<Prepared> {
         if let Some(prepared) = self.inner.loaded.get(key) {
             return Ok(prepared.clone());
         }
         let prepared = match self.inner.parked.remove(key) {
-            Some((_, component)) => self.prelink(&component)?,
+            Some((_, parked)) => Prepared {
+                start_up: parked.start_up,
+                ..self.prelink(&parked.component)?
+            },
             None => self.load_compiled(&self.compiled_path(key))?,
         };
         self.inner.loaded.insert(key.to_owned(), prepared.clone());
@@ -413,8 +433,11 @@ impl Engine {
     pub fn unload(&self, key: &str) -> bool {
         match self.inner.loaded.remove(key) {
             Some((key, prepared)) => {
-                let component = prepared.pre.instance_pre().component().clone();
-                self.inner.parked.insert(key, component);
+                let parked = Parked {
+                    component: prepared.pre.instance_pre().component().clone(),
+                    start_up: prepared.start_up,
+                };
+                self.inner.parked.insert(key, parked);
                 true
             }
             None => false,
@@ -431,6 +454,21 @@ impl Engine {
     /// that reload without reading their `.cwasm`).
     pub fn parked(&self) -> usize {
         self.inner.parked.len()
+    }
+
+    /// Whether the component for `key` is compiled and in memory, loaded or
+    /// parked (a deploy of the same content compiles nothing).
+    pub fn is_compiled(&self, key: &str) -> bool {
+        self.inner.loaded.contains_key(key) || self.inner.parked.contains_key(key)
+    }
+
+    /// How fresh instances of the component for `key` start, if this
+    /// process compiled it.
+    pub fn start_up(&self, key: &str) -> Option<StartUp> {
+        match self.inner.loaded.get(key) {
+            Some(prepared) => prepared.start_up().cloned(),
+            None => self.inner.parked.get(key)?.start_up.as_deref().cloned(),
+        }
     }
 
     /// Whether the component for `key` is loaded.
@@ -547,7 +585,13 @@ mod tests {
 
         assert!(engine.unload("echo"));
         assert!(!engine.is_loaded("echo"));
+        assert!(engine.is_compiled("echo"));
         assert_eq!(engine.parked(), 1);
+        assert_eq!(
+            engine.start_up("echo"),
+            Some(StartUp::Snapshot),
+            "parking keeps what deploy found"
+        );
         // Without its artifact: only the parked component can bring it back.
         std::fs::remove_file(engine.compiled_path("echo")).expect("remove the artifact");
         engine

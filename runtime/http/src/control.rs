@@ -181,8 +181,8 @@ pub(crate) async fn deploy(
     view.start_up = state
         .invoker
         .engine()
-        .cached(version.component.as_str())
-        .and_then(|prepared| prepared.start_up().map(start_up_view));
+        .start_up(version.component.as_str())
+        .map(|start_up| start_up_view(&start_up));
     Ok((StatusCode::CREATED, Json(view)))
 }
 

@@ -85,13 +85,16 @@ impl Invoker {
             // running, this worker has no one else to serve, so the mapping
             // runs here, saving two thread hand-offs on the cold start's
             // first byte.
-            None => match self.registry.prepared(deployed, self.load_on()).await {
-                Ok(loaded) => {
-                    prepared = loaded;
-                    Start::Cold(&prepared)
+            None => {
+                self.preload_models(deployed);
+                match self.registry.prepared(deployed, self.load_on()).await {
+                    Ok(loaded) => {
+                        prepared = loaded;
+                        Start::Cold(&prepared)
+                    }
+                    Err(err) => return Err(meter.refuse(err.into()).await),
                 }
-                Err(err) => return Err(meter.refuse(err.into()).await),
-            },
+            }
         };
         let (report_tx, report_rx) = oneshot::channel();
         meter.expect_report(report_rx);
@@ -144,6 +147,20 @@ impl Invoker {
             Ok(permit) => Ok((meter, permit)),
             Err(rejection) => Err(meter.refuse(rejection.into()).await),
         }
+    }
+
+    /// Starts loading the models `deployed` names (those evicted since) on
+    /// a task of their own, so a cold start loads them while its instance
+    /// is made rather than after; the guest's `load` then finds its model
+    /// loaded or in flight. Failures are left to that `load` to report.
+    fn preload_models(&self, deployed: &Deployed) {
+        if deployed.grants.models.is_empty() {
+            return;
+        }
+        let (nn, grant) = (self.nn.clone(), deployed.grants.models.clone());
+        tokio::spawn(async move {
+            nn.preload(&grant).await;
+        });
     }
 
     /// Where a cold start maps its function's code: on the caller's worker

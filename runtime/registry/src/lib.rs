@@ -282,13 +282,19 @@ impl Registry {
         }
         let digest = component.finish().await?;
         let size = component.len();
-        if self.engine.cached(digest.as_str()).is_none() {
+        if !self.engine.is_compiled(digest.as_str()) {
             let engine = self.engine.clone();
             let key = digest.to_string();
             let path = component.staged_path().to_owned();
-            tokio::task::spawn_blocking(move || engine.precompile(&key, &path))
-                .await
-                .map_err(|e| RegistryError::Engine(e.to_string()))??;
+            tokio::task::spawn_blocking(move || {
+                engine.precompile(&key, &path)?;
+                // Parked until its first call: a function deployed and
+                // never called holds no pre-linking.
+                engine.unload(&key);
+                Ok::<_, EngineError>(())
+            })
+            .await
+            .map_err(|e| RegistryError::Engine(e.to_string()))??;
         }
 
         let mut staged = Vec::new();
