@@ -14,6 +14,11 @@
 #               component (when a wasmtime CLI is found: PATH, or
 #               ~/.cache/hearth/tools/bin from
 #               `cargo install wasmtime-cli --version 48.0.8 --root ~/.cache/hearth/tools`)
+# and, for a fresh instance per request (`scaling.reuse = false`):
+#   fresh       records on, as `records`, every request on a new instance
+#   fresh-plain the same without pre-initialisation (--no-pre-init)
+#   wasmtime-fresh  `wasmtime serve --max-instance-reuse-count 1`
+# (HEARTH_COMPARE="fresh fresh-plain wasmtime-fresh" compares those.)
 #   scripts/load-compare.sh [ROUNDS] [DURATION] [CONNECTIONS...]
 # Knobs: HEARTH_BIN=PATH (else a release build), HEARTH_COMPARE="records
 # no-metering ..." (the configurations, first is the base of the ratios).
@@ -37,7 +42,7 @@ wasmtime="$(command -v wasmtime || true)"
 read -r -a configs <<<"${HEARTH_COMPARE:-records no-metering strict defaults wasmtime}"
 if [ -z "$wasmtime" ]; then
   echo "== no wasmtime CLI: the reference is skipped" >&2
-  configs=("${configs[@]/wasmtime/}")
+  configs=("${configs[@]/wasmtime*/}")
   read -r -a configs <<<"${configs[*]}"
 fi
 work="$(mktemp -d)"
@@ -47,15 +52,19 @@ server=""
 trap '[ -n "$server" ] && kill -TERM $server 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 
 start() { # config -> sets server, url, auth
-  local config="$1" args=() log=warn public=true
+  local config="$1" args=() log=warn public=true reuse=true
   auth=()
   case "$config" in
+    fresh) reuse=false ;;
+    fresh-plain) reuse=false args=(--no-pre-init) ;;
     no-metering) args=(--no-metering) ;;
     strict) args=(--usage-durability strict) ;;
     defaults) log=info public=false auth=(-H "Authorization: Bearer $token") ;;
-    wasmtime)
+    wasmtime | wasmtime-fresh)
+      local reuse_count=1000
+      [ "$config" = wasmtime-fresh ] && reuse_count=1
       "$wasmtime" serve -O pooling-allocator -S cli --addr "127.0.0.1:$port" \
-        --max-instance-reuse-count 1000 "$wasm" >/dev/null 2>&1 &
+        --max-instance-reuse-count "$reuse_count" "$wasm" >/dev/null 2>&1 &
       server=$!
       url="http://127.0.0.1:$port/load?x=1"
       for _ in $(seq 1 100); do curl -fsS "$url" >/dev/null 2>&1 && return; sleep 0.1; done
@@ -63,7 +72,8 @@ start() { # config -> sets server, url, auth
   esac
   rm -rf "$work/data" "$work/hello"
   mkdir -p "$work/hello"
-  printf 'name = "hello"\ncomponent = "%s"\npublic = %s\n' "$wasm" "$public" >"$work/hello/hearth.toml"
+  printf 'name = "hello"\ncomponent = "%s"\npublic = %s\n[scaling]\nreuse = %s\n' \
+    "$wasm" "$public" "$reuse" >"$work/hello/hearth.toml"
   HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG="$log" "$hearth" serve --listen "127.0.0.1:$port" \
     --data-dir "$work/data" "${args[@]}" >/dev/null 2>"$work/server.log" &
   server=$!

@@ -27,8 +27,11 @@ const MINIMAL: &str = r#"(component
   (core instance $i (instantiate $m))
   (func (export "run") (result u32) (canon lift (core func $i "run"))))"#;
 
-/// The engines compared: a label and what differs from the defaults.
-const CONFIGS: [(&str, fn(&mut EngineConfig)); 6] = [
+/// What an engine compared differs in from the defaults.
+type Tweak = fn(&mut EngineConfig);
+
+/// The engines compared, by label.
+const CONFIGS: [(&str, Tweak); 6] = [
     ("pooled", |_| {}),
     ("pooled-plain", |c| c.pre_initialise = false),
     ("pooled-no-keep-resident", |c| c.memory_keep_resident = 0),

@@ -375,7 +375,7 @@ impl Engine {
         {
             use std::io::Write as _;
             let mut file = std::fs::File::create(&staging).map_err(io)?;
-            file.write_all(&compiled).map_err(io)?;
+            file.write_all(compiled).map_err(io)?;
             file.sync_all().map_err(io)?;
         }
         std::fs::rename(&staging, &target).map_err(io)?;

@@ -8,19 +8,25 @@
 //! back to zero; the bench waits (polling `/v1/status`) until it has, then
 //! times one request on a kept-alive connection until its response head.
 //!
-//! The model tier: `classify` scaled to zero *and* its model unloaded from
-//! the warm cache (`--model-idle-timeout-s 0`: idle models go within
-//! 100 ms) → first byte, the model read, parsed, optimised and run again on
-//! the way; every third sample. The batch window is 0 (`--batch-window-ms`):
-//! by default a lone model call waits up to 2 ms for others to batch with,
-//! a cost of every call, not of the cold start.
+//! `classify` at each tier beside them, every third sample: a warm instance
+//! and model; scaled to zero with its model kept warm (another function's
+//! instance holds the same MLP); and the model tier, scaled to zero *and*
+//! its model unloaded from the warm cache (`--model-idle-timeout-s 0`: idle
+//! models go within 100 ms) → first byte, the model read, parsed,
+//! optimised and run again on the way. The model tier's own cost is the
+//! difference between the last two. The batch window is 0
+//! (`--batch-window-ms`): by default a lone model call waits up to 2 ms for
+//! others to batch with, a cost of every call, not of the cold start.
 //!
 //! Run: `cargo bench -p hearth-server --bench cold_start` (samples:
 //! `HEARTH_BENCH_SAMPLES`, default 300).
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use hearth_fixtures::models::MLP_SEED;
 
 fn main() {
     let samples: usize = std::env::var("HEARTH_BENCH_SAMPLES")
@@ -54,18 +60,36 @@ fn main() {
             let scaling = format!("[scaling]\nidle_timeout_s = {idle}\n");
             common::deploy(&client, tmp.path(), name, component, &scaling).await;
         }
-        // The model tier: `classify` with its MLP, unloaded when idle.
-        let mlp = tmp.path().join("mnist-mlp.onnx");
-        std::fs::write(&mlp, hearth_fixtures::models::mlp(hearth_fixtures::models::MLP_SEED)).expect("model");
-        let with_model = format!(
-            "[scaling]\nidle_timeout_s = 0\n[[models]]\nname = \"mnist-mlp\"\npath = {:?}\n",
-            mlp.display().to_string()
-        );
-        common::deploy(&client, tmp.path(), "model", hearth_fixtures::CLASSIFY, &with_model).await;
+        // `classify` at every tier, each function its own component (a
+        // custom section appended: same code, another digest), so one
+        // function's warm code never keeps another's loaded:
+        // - `classify-warm`: instance and model warm (its MLP, seed A);
+        // - `classify-cold`: scaled to zero, model warm (the same MLP, held
+        //   by `classify-warm`'s instance);
+        // - `model`: scaled to zero, its own MLP (seed B) unloaded too.
+        let model_dir = tmp.path().join("models");
+        std::fs::create_dir_all(&model_dir).expect("models dir");
+        for (name, idle, seed) in [
+            ("classify-warm", 3600, MLP_SEED),
+            ("classify-cold", 0, MLP_SEED),
+            ("model", 0, MLP_SEED + 1),
+        ] {
+            let mlp = model_dir.join(format!("mlp-{seed}.onnx"));
+            std::fs::write(&mlp, hearth_fixtures::models::mlp(seed)).expect("model");
+            let component = distinct_component(hearth_fixtures::CLASSIFY, name, tmp.path());
+            let manifest = format!(
+                "[scaling]\nidle_timeout_s = {idle}\n[[models]]\nname = \"mnist-mlp\"\npath = {:?}\n",
+                mlp.display().to_string()
+            );
+            common::deploy(&client, tmp.path(), name, &component, &manifest).await;
+        }
+        let model_b = client.show("model").await.expect("show").function.models[0]
+            .digest
+            .clone();
         let http = reqwest::Client::new();
         let image = format!("{{\"input\": {:?}}}", hearth_fixtures::models::mlp_input(1));
         let call = |name: &str| {
-            let body = if name == "model" {
+            let body = if name.starts_with("classify") || name == "model" {
                 image.clone()
             } else {
                 "cold?".to_owned()
@@ -81,7 +105,7 @@ fn main() {
             }
         };
         let scaled_to_zero = |name: &'static str| {
-            let client = &client;
+            let (client, model_b) = (&client, &model_b);
             async move {
                 let status = client.status().await.expect("status");
                 let function = status
@@ -89,8 +113,8 @@ fn main() {
                     .iter()
                     .find(|f| f.name == name)
                     .is_some_and(|f| f.instances.idle == 0 && f.instances.busy == 0 && !f.instances.loaded);
-                // The only model on the server is `model`'s.
-                function && (name != "model" || status.models.is_empty())
+                let model_b_loaded = status.models.iter().any(|m| &m.digest == model_b);
+                function && (name != "model" || !model_b_loaded)
             }
         };
         let wait_for_zero = |name: &'static str| async move {
@@ -101,44 +125,68 @@ fn main() {
             }
         };
 
-        call("warm").await;
-        call("cold").await;
-        let mut cold = Vec::with_capacity(samples);
-        let mut warm = Vec::with_capacity(samples);
-        let mut model = Vec::with_capacity(samples / 3 + 1);
+        for name in ["warm", "cold", "classify-warm", "classify-cold", "model"] {
+            call(name).await;
+        }
+        let mut tiers: [Vec<Duration>; 5] = Default::default();
         for sample in 0..samples {
-            wait_for_zero("cold").await;
             // Interleaved, so every tier sees the same machine.
-            cold.push(call("cold").await);
-            warm.push(call("warm").await);
+            wait_for_zero("cold").await;
+            tiers[1].push(call("cold").await);
+            tiers[0].push(call("warm").await);
             if sample % 3 == 0 {
+                tiers[2].push(call("classify-warm").await);
+                wait_for_zero("classify-cold").await;
+                tiers[3].push(call("classify-cold").await);
                 wait_for_zero("model").await;
-                model.push(call("model").await);
+                tiers[4].push(call("model").await);
             }
         }
         let stats = client.status().await.expect("status");
-        let pool = &stats
-            .functions
-            .iter()
-            .find(|f| f.name == "cold")
-            .expect("cold")
-            .instances;
+        let pool = |name: &str| {
+            stats
+                .functions
+                .iter()
+                .find(|f| f.name == name)
+                .unwrap_or_else(|| panic!("{name}"))
+                .instances
+                .clone()
+        };
+        for (name, n) in [
+            ("cold", samples),
+            ("classify-cold", tiers[3].len()),
+            ("model", tiers[4].len()),
+        ] {
+            let pool = pool(name);
+            assert!(
+                pool.cold_starts as usize > n,
+                "`{name}`: every sample was a cold start: {pool:?}"
+            );
+            assert!(
+                pool.unloads as usize >= n,
+                "`{name}`: and its code was unloaded each time: {pool:?}"
+            );
+        }
         assert!(
-            pool.cold_starts as usize > samples,
-            "every sample was a cold start: {pool:?}"
+            stats.model_loads as usize > tiers[4].len(),
+            "the model was loaded again for every model-tier sample: {}",
+            stats.model_loads
         );
-        assert!(
-            pool.unloads as usize >= samples,
-            "and the compiled code was unloaded each time: {pool:?}"
+        let [warm, cold, classify_warm, classify_cold, model] = &mut tiers;
+        report("instance tier: hello, warm instance                -> first byte", warm);
+        report("function tier: echo, scaled to zero                -> first byte", cold);
+        report(
+            "instance tier: classify, warm instance and model   -> first byte",
+            classify_warm,
         );
-        let loads = client.status().await.expect("status").model_loads;
-        assert!(
-            loads as usize > model.len(),
-            "the model was loaded again for every model-tier sample: {loads}"
+        report(
+            "function tier: classify, scaled to zero, model warm -> first byte",
+            classify_cold,
         );
-        report("instance tier: warm instance             -> first byte", &mut warm);
-        report("function tier: scaled to zero            -> first byte", &mut cold);
-        report("model tier:    classify, model unloaded  -> first byte", &mut model);
+        report(
+            "model tier:    classify, scaled to zero, model unloaded -> first byte",
+            model,
+        );
     });
     drop(server);
 }
@@ -155,4 +203,21 @@ fn report(label: &str, times: &mut [Duration]) {
         mean.as_secs_f64() * 1e3,
         at(1.0).as_secs_f64() * 1e3
     );
+}
+
+/// A copy of `component` under `dir` with a custom section naming `tag`
+/// appended: the same code under another digest.
+fn distinct_component(component: &str, tag: &str, dir: &Path) -> String {
+    let mut bytes = std::fs::read(component).expect("component");
+    let name = b"hearth-bench-tag";
+    let mut body = vec![name.len() as u8];
+    body.extend_from_slice(name);
+    body.extend_from_slice(tag.as_bytes());
+    assert!(body.len() < 128, "one-byte LEB128 size");
+    bytes.push(0);
+    bytes.push(body.len() as u8);
+    bytes.extend_from_slice(&body);
+    let path = dir.join(format!("{tag}.wasm"));
+    std::fs::write(&path, bytes).expect("write component");
+    path.display().to_string()
 }

@@ -10,7 +10,12 @@
 //!   concrete shapes, so its plan is made at the first run instead);
 //! - plan: tract's runnable plan;
 //! - first run: one inference of a typical input;
-//! - and the whole as the server does it (`Device::prepare`, then a run).
+//! - and the whole as the server does it (`Device::prepare`, then a run);
+//! - from NNEF: the decluttered model written once as an NNEF archive
+//!   (tract's own format) and brought back from it instead of from ONNX
+//!   (read + parse of the archive, optimise, plan, first run): what a
+//!   second tier on disk would cost, for the models that type without
+//!   concrete shapes.
 //!
 //! `model-reload [ROUNDS=5]`; medians in milliseconds.
 
@@ -78,12 +83,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!(
-        "| model | size | read | parse | optimise | plan | first run | floor (read+parse) | whole reload + first run | ÷ floor |"
+        "| model | size | read | parse | optimise | plan | first run | floor (read+parse) | whole reload + first run | ÷ floor | from NNEF: read+parse / whole | ÷ floor |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for case in cases {
         let mut phases: [Vec<Duration>; 5] = Default::default();
         let mut whole = Vec::new();
+        let (mut nnef_load, mut nnef_whole) = (Vec::new(), Vec::new());
+        let nnef_path = dir.join("model.nnef.tar");
+        let nnef = tract_nnef::nnef().with_onnx();
+        let wrote = onnx()
+            .model_for_path(&case.path)
+            .and_then(|m| m.into_typed())
+            .and_then(|m| m.into_decluttered())
+            .and_then(|typed| nnef.write_to_tar(&typed, std::fs::File::create(&nnef_path)?).map(drop));
+        if let Err(err) = &wrote {
+            eprintln!("{}: no NNEF archive: {err:#}", case.name);
+        }
         let mut size = 0;
         for _ in 0..rounds {
             let t = Instant::now();
@@ -117,11 +133,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let prepared = CpuDevice::new().prepare(&bytes)?;
             prepared.run((case.inputs)())?;
             whole.push(t.elapsed());
+            if wrote.is_ok() {
+                let t = Instant::now();
+                let bytes = std::fs::read(&nnef_path)?;
+                let typed = nnef.model_for_read(&mut &bytes[..])?;
+                nnef_load.push(t.elapsed());
+                let plan = typed.into_optimized()?.into_runnable()?;
+                plan.run((case.inputs)().into_iter().map(TValue::from).collect())?;
+                nnef_whole.push(t.elapsed());
+            }
         }
         let [read, parse, optimise, plan, run] = phases.map(median);
         let whole = median(whole);
+        let from_nnef = if nnef_whole.is_empty() {
+            "– | –".to_owned()
+        } else {
+            let (load, all) = (median(nnef_load), median(nnef_whole));
+            format!("{load:.2} / {all:.2} | {:.1}x", all / (read + parse))
+        };
         println!(
-            "| {} | {:.1} MB | {read:.2} | {parse:.2} | {optimise:.2} | {plan:.2} | {run:.2} | {:.2} | {whole:.2} | {:.1}x |",
+            "| {} | {:.1} MB | {read:.2} | {parse:.2} | {optimise:.2} | {plan:.2} | {run:.2} | {:.2} | {whole:.2} | {:.1}x | {from_nnef} |",
             case.name,
             size as f64 / 1e6,
             read + parse,
