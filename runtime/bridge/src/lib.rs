@@ -272,6 +272,7 @@ impl NnHost {
             usage: InferenceUsage::default(),
             memory,
             urgency: CallTerms::default().urgency,
+            held: Vec::new(),
         }
     }
 
@@ -441,6 +442,11 @@ pub struct NnCtx {
     memory: Arc<InstanceMemory>,
     /// The current call's urgency (its QoS class), for the batcher.
     urgency: u8,
+    /// Every model this instance has loaded, held until the instance goes:
+    /// a warm instance keeps its models warm (the cache evicts only models
+    /// nobody holds), so scale to zero goes instance, then code, then
+    /// model, and a warm instance never waits for a model reload.
+    held: Vec<Arc<LoadedModel>>,
 }
 
 impl NnCtx {
@@ -667,12 +673,17 @@ impl wasi::nn::graph::Host for &mut NnCtx {
             );
         };
         match self.cache.get(&model.key, &model.path, model.placement).await {
-            Ok(loaded) => self.push(GraphHandle {
-                name: name.into(),
-                model: loaded,
-                memo,
-                terms: model.batch,
-            }),
+            Ok(loaded) => {
+                if !self.held.iter().any(|held| Arc::ptr_eq(held, &loaded)) {
+                    self.held.push(loaded.clone());
+                }
+                self.push(GraphHandle {
+                    name: name.into(),
+                    model: loaded,
+                    memo,
+                    terms: model.batch,
+                })
+            }
             Err(err) => self.fail(ErrorCode::RuntimeError, format!("model `{name}`: {err}")),
         }
     }
@@ -998,6 +1009,27 @@ mod tests {
             Ok(outputs) => Ok(outputs),
             Err(error) => Err(code_of(ctx, error).await),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_instance_holds_the_models_it_loaded_until_it_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ctx = ctx(dir.path());
+        let cache = ctx.cache.clone();
+        let mut host = &mut ctx;
+        let graph = host
+            .load_by_name("mnist-mlp".into())
+            .await
+            .expect("host")
+            .expect("graph");
+        wasi::nn::graph::HostGraph::drop(&mut host, graph).await.expect("drop");
+        // The guest let go of its graph; idle past any timeout, the model
+        // stays while the instance lives.
+        let evict = || cache.evict_idle_older_than(std::time::Duration::ZERO);
+        assert_eq!(evict(), 0, "a live instance's model stays loaded");
+        assert_eq!(cache.cached().len(), 1);
+        drop(ctx);
+        assert_eq!(evict(), 1, "then goes with the instance");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -225,8 +225,14 @@ impl ModelCache {
     /// Unloads models nobody holds that were idle longer than the timeout;
     /// returns how many.
     pub fn evict_idle(&self) -> usize {
+        self.evict_idle_older_than(self.config.idle_timeout)
+    }
+
+    /// Unloads models nobody holds that were idle at least `timeout`;
+    /// returns how many.
+    pub fn evict_idle_older_than(&self, timeout: Duration) -> usize {
         let now = self.now_ms();
-        let timeout = self.config.idle_timeout.as_millis() as u64;
+        let timeout = timeout.as_millis() as u64;
         let before = self.slots.len();
         self.slots.retain(|_, slot| {
             let idle = now.saturating_sub(slot.last_used_ms.load(Ordering::Relaxed)) >= timeout;
