@@ -17,6 +17,8 @@
 # and, for a fresh instance per request (`scaling.reuse = false`):
 #   fresh       records on, as `records`, every request on a new instance
 #   fresh-plain the same without pre-initialisation (--no-pre-init)
+#   fresh-decommit-64  the same, pooled slots decommitted in batches of 64
+#               (--pool-decommit-batch 64) instead of one by one
 #   wasmtime-fresh  `wasmtime serve --max-instance-reuse-count 1`
 # (HEARTH_COMPARE="fresh fresh-plain wasmtime-fresh" compares those.)
 #   scripts/load-compare.sh [ROUNDS] [DURATION] [CONNECTIONS...]
@@ -57,6 +59,7 @@ start() { # config -> sets server, url, auth
   case "$config" in
     fresh) reuse=false ;;
     fresh-plain) reuse=false args=(--no-pre-init) ;;
+    fresh-decommit-64) reuse=false args=(--pool-decommit-batch 64) ;;
     no-metering) args=(--no-metering) ;;
     strict) args=(--usage-durability strict) ;;
     defaults) log=info public=false auth=(-H "Authorization: Bearer $token") ;;

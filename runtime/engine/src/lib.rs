@@ -63,8 +63,13 @@ pub const DEFAULT_MAX_MEMORY_MB: u32 = 4096;
 
 /// Default bytes of each pooled memory kept resident between instances.
 pub const DEFAULT_MEMORY_KEEP_RESIDENT: usize = 4 << 20;
-/// Default pooled slots decommitted per batch.
-pub const DEFAULT_DECOMMIT_BATCH: usize = 64;
+/// Default pooled slots decommitted per batch: one, each as its instance
+/// goes, so the next fresh instance reuses the slot just left, still hot.
+/// Batches of 64 (wasmtime serve's tuning) made a fresh instance per request
+/// 1.23× slower here (`scripts/load-compare.sh`, configurations `fresh` and
+/// `fresh-decommit-1`): deferred slots cannot be reused, so instances cycle
+/// through colder ones.
+pub const DEFAULT_DECOMMIT_BATCH: usize = 1;
 
 /// Result of an engine operation.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -242,9 +247,10 @@ impl Engine {
                 .total_tables(n.saturating_mul(4))
                 .total_stacks(n)
                 .max_memory_size(config.max_memory_mb as usize * 1024 * 1024)
-                // Keep the first pages of each slot resident and decommit in
-                // batches: fresh instances then cost far fewer page faults and
-                // madvise calls (measured in FACTS.md).
+                // Keep the first pages of each slot resident (zeroed in place):
+                // fresh instances then cost far fewer page faults and madvise
+                // calls (measured in FACTS.md); decommit the rest at once
+                // (see DEFAULT_DECOMMIT_BATCH).
                 .linear_memory_keep_resident(config.memory_keep_resident)
                 .table_keep_resident(config.memory_keep_resident.min(64 << 10))
                 .decommit_batch_size(config.decommit_batch.max(1));

@@ -184,6 +184,10 @@ pub struct ServeArgs {
     /// on disk.
     #[arg(long, env = "HEARTH_NO_PRE_INIT")]
     no_pre_init: bool,
+    /// Pooled instance slots whose memory is decommitted together, in one
+    /// batch of `madvise` calls; 1 decommits each as its instance goes.
+    #[arg(long, env = "HEARTH_POOL_DECOMMIT_BATCH", default_value_t = hearth_engine::DEFAULT_DECOMMIT_BATCH)]
+    pool_decommit_batch: usize,
     /// When an answer may complete: `process` once its usage record is
     /// written (survives a crash of the process; a machine crash loses at
     /// most the sync interval), `strict` once it is fsynced.
@@ -305,6 +309,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     engine_config.max_instances = args.max_instances;
     engine_config.max_memory_mb = args.max_memory_mb;
     engine_config.pre_initialise = !args.no_pre_init;
+    engine_config.decommit_batch = args.pool_decommit_batch;
     engine_config.outbound = hearth_engine::OutboundPolicy::allowing(args.allow_outbound_cidrs.iter().copied());
     engine_config.memory_budget = match args.memory_budget_mb {
         0 => hearth_engine::machine_memory_bytes().map(|bytes| bytes / 5 * 4),
