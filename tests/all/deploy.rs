@@ -94,8 +94,16 @@ async fn a_guest_whose_start_up_calls_an_import_deploys_without_a_snapshot_and_r
         }
     };
 
-    let hello = deploy("hello", hearth_fixtures::HELLO).await;
-    assert_eq!(hello.start_up, Some(hearth_client::StartUp::Snapshot));
+    // The guests the echo and faults suites run are pre-initialised too, so
+    // those suites check that a snapshot answers as the original does.
+    for (name, component) in [
+        ("hello", hearth_fixtures::HELLO),
+        ("echo", hearth_fixtures::ECHO),
+        ("faults", hearth_fixtures::FAULTS),
+    ] {
+        let deployed = deploy(name, component).await;
+        assert_eq!(deployed.start_up, Some(hearth_client::StartUp::Snapshot), "{name}");
+    }
     // nnprobe's start-up reads the clock: an import, which traps at deploy.
     let probe = deploy("nnprobe", hearth_fixtures::NNPROBE).await;
     let Some(hearth_client::StartUp::Plain { reason }) = &probe.start_up else {
