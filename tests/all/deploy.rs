@@ -111,6 +111,7 @@ async fn a_guest_whose_start_up_calls_an_import_deploys_without_a_snapshot_and_r
     };
     assert!(reason.contains("pre-initialisation failed"), "{reason}");
     assert!(reason.contains("wall-clock"), "the reason names the import: {reason}");
+    assert!(!reason.contains('\n'), "on one line: {reason}");
 
     let response = http()
         .get(server.fn_url("nnprobe", "/file?path=/missing"))

@@ -67,7 +67,7 @@ pub const DEFAULT_MEMORY_KEEP_RESIDENT: usize = 4 << 20;
 /// goes, so the next fresh instance reuses the slot just left, still hot.
 /// Batches of 64 (wasmtime serve's tuning) made a fresh instance per request
 /// 1.23× slower here (`scripts/load-compare.sh`, configurations `fresh` and
-/// `fresh-decommit-1`): deferred slots cannot be reused, so instances cycle
+/// `fresh-decommit-64`): deferred slots cannot be reused, so instances cycle
 /// through colder ones.
 pub const DEFAULT_DECOMMIT_BATCH: usize = 1;
 
@@ -108,8 +108,9 @@ pub struct EngineConfig {
     pub max_instances: u32,
     /// Largest memory limit a function may have, in MiB.
     pub max_memory_mb: u32,
-    /// Bytes of each pooled linear memory kept resident (zeroed with memset)
-    /// when an instance is dropped, instead of being decommitted.
+    /// Bytes of each pooled linear memory (and, up to 64 KiB, of each
+    /// table) kept resident, zeroed in place, when an instance is dropped,
+    /// instead of being decommitted.
     pub memory_keep_resident: usize,
     /// Pooled slots decommitted together in one batch of `madvise` calls
     /// (1: each as its instance goes).

@@ -14,16 +14,19 @@
 use std::time::Duration;
 
 use wasmtime::component::{Component, Instance, Linker, WasmList};
-use wasmtime::{Engine, Store};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
-use crate::{EPOCH_TICK, error_chain};
+use crate::EPOCH_TICK;
 
 /// The component export pre-initialisation calls: `func()`, no imports.
 pub const INIT_EXPORT: &str = "hearth-pre-init";
 
 /// Longest a component's pre-initialisation may run.
 const INIT_DEADLINE: Duration = Duration::from_secs(10);
+/// Most linear memory a component's pre-initialisation may grow to (a
+/// deploy runs guest code: it must not take the server's memory).
+const INIT_MEMORY_BYTES: usize = 512 << 20;
 
 /// How a component's fresh instances start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +64,7 @@ pub(crate) fn pre_initialise(engine: &Engine, wasm: &[u8]) -> (Option<Vec<u8>>, 
     }));
     let reason = match outcome {
         Ok(Ok(snapshot)) => return (Some(snapshot), StartUp::Snapshot),
-        Ok(Err(err)) => error_chain(&err),
+        Ok(Err(err)) => one_line(&err),
         Err(panic) => panic
             .downcast_ref::<String>()
             .map(String::as_str)
@@ -71,6 +74,22 @@ pub(crate) fn pre_initialise(engine: &Engine, wasm: &[u8]) -> (Option<Vec<u8>>, 
     };
     let reason = format!("pre-initialisation failed: {reason}");
     (None, StartUp::Plain { reason })
+}
+
+/// `err` and its causes on one line, without the wasm backtraces traps
+/// carry (a deploy prints the reason on one line).
+fn one_line(err: &wasmtime::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let first = text.lines().next().unwrap_or_default().trim_end_matches(':').trim();
+        // wasmtime's context line for a trap says nothing on its own.
+        let noise = first.starts_with("error while executing at wasm backtrace");
+        if !first.is_empty() && !noise && !parts.iter().any(|part| part.contains(first)) {
+            parts.push(first.to_owned());
+        }
+    }
+    parts.join(": ")
 }
 
 /// Whether the outer component exports [`INIT_EXPORT`] (nested components'
@@ -106,11 +125,13 @@ async fn snapshot(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Vec<u8>> {
     let (cx, instrumented) = wizer.instrument_component(wasm)?;
     let component = Component::new(engine, &instrumented)?;
 
-    let mut linker = Linker::<()>::new(engine);
+    let mut linker = Linker::<StoreLimits>::new(engine);
     add_random(&mut linker, &component)?;
     linker.define_unknown_imports_as_traps(&component)?;
 
-    let mut store = Store::new(engine, ());
+    let limits = StoreLimitsBuilder::new().memory_size(INIT_MEMORY_BYTES).build();
+    let mut store = Store::new(engine, limits);
+    store.limiter(|limits| limits);
     store.set_epoch_deadline((INIT_DEADLINE.as_millis() / EPOCH_TICK.as_millis()) as u64);
     let instance = linker.instantiate_async(&mut store, &component).await?;
     let init = instance.get_typed_func::<(), ()>(&mut store, INIT_EXPORT)?;
@@ -125,7 +146,7 @@ async fn snapshot(engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Vec<u8>> {
 
 /// Defines the `wasi:random` functions `component` imports, with real
 /// entropy (start-up code seeding a hash map asks for it).
-fn add_random(linker: &mut Linker<()>, component: &Component) -> wasmtime::Result<()> {
+fn add_random(linker: &mut Linker<StoreLimits>, component: &Component) -> wasmtime::Result<()> {
     let engine = linker.engine().clone();
     for (name, _) in component.component_type().imports(&engine) {
         let Some(interface) = name.split('@').next() else {
@@ -165,7 +186,7 @@ fn random_bytes(len: u64) -> Vec<u8> {
 /// Reads the instrumented component's state through the accessor functions
 /// wizer's instrumentation exported.
 struct Exports<'a> {
-    store: &'a mut Store<()>,
+    store: &'a mut Store<StoreLimits>,
     instance: Instance,
 }
 
@@ -238,6 +259,38 @@ mod tests {
                 (func (export "hearth-pre-init") (canon lift (core func $i "f"))))"#,
         );
         assert!(exports_init(&outer));
+    }
+
+    /// A component whose `hearth-pre-init` runs `body` on one page of memory.
+    fn init_running(body: &str) -> Vec<u8> {
+        wat_component(&format!(
+            r#"(component
+                (core module $m
+                  (memory (export "memory") 1)
+                  (global $g (mut i32) (i32.const 0))
+                  (func (export "init") {body}))
+                (core instance $i (instantiate $m))
+                (func (export "hearth-pre-init") (canon lift (core func $i "init"))))"#
+        ))
+    }
+
+    #[test]
+    fn an_init_that_runs_within_its_bounds_is_snapshotted_and_one_that_does_not_is_not() {
+        let engine = Engine::default();
+        let (snapshot, start_up) = pre_initialise(&engine, &init_running("(global.set $g (i32.const 42))"));
+        assert_eq!(start_up, StartUp::Snapshot);
+        assert!(snapshot.is_some());
+
+        // 9,000 pages is 576 MiB: past what a deploy may take.
+        let grows = init_running("(if (i32.eq (memory.grow (i32.const 9000)) (i32.const -1)) (then unreachable))");
+        let (snapshot, start_up) = pre_initialise(&engine, &grows);
+        assert!(snapshot.is_none());
+        // Refused when it grows (the init traps on the failed grow), not
+        // later when wizer tries to copy the memory out.
+        assert!(
+            matches!(&start_up, StartUp::Plain { reason } if reason.contains("unreachable")),
+            "{start_up:?}"
+        );
     }
 
     fn wat_component(text: &str) -> Vec<u8> {
