@@ -14,6 +14,9 @@ use crate::{BatchConfig, Batcher, DeviceError, DeviceId, DevicePool, Placement, 
 pub const DEFAULT_MODEL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default memory budget for loaded models (by model file size).
 pub const DEFAULT_MODEL_MEMORY_BUDGET: u64 = 8 << 30;
+/// Default room for the cold tier: CPU models evicted for idleness, kept
+/// prepared (by model file size).
+pub const DEFAULT_MODEL_COLD_BUDGET: u64 = 1 << 30;
 
 /// Cache policy.
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +28,12 @@ pub struct CacheConfig {
     pub memory_budget: u64,
     /// Batching of every model's compute calls.
     pub batch: BatchConfig,
+    /// The cold tier's room, in bytes (by model file size): a CPU model
+    /// evicted for idleness keeps its parsed, optimised plans there, so it
+    /// comes back without reading or optimising anything; the least
+    /// recently evicted go first, and all of them whenever instances need
+    /// the memory ([`ModelCache::drop_cold`]). 0 turns the tier off.
+    pub cold_budget: u64,
 }
 
 impl Default for CacheConfig {
@@ -33,8 +42,16 @@ impl Default for CacheConfig {
             idle_timeout: DEFAULT_MODEL_IDLE_TIMEOUT,
             memory_budget: DEFAULT_MODEL_MEMORY_BUDGET,
             batch: BatchConfig::default(),
+            cold_budget: DEFAULT_MODEL_COLD_BUDGET,
         }
     }
+}
+
+/// A CPU model evicted for idleness, still prepared.
+#[derive(Debug)]
+struct ColdModel {
+    key: SlotKey,
+    model: Arc<PreparedModel>,
 }
 
 /// A model warm on its device. Holders of an `Arc<LoadedModel>` (guest
@@ -53,6 +70,8 @@ pub struct LoadedModel {
     pub placement: Placement,
     /// GPU room it holds, given back when it is evicted.
     _reservation: Option<crate::GpuReservation>,
+    /// Brought back from the cold tier rather than loaded.
+    revived: bool,
 }
 
 /// A model content and the placement asked for: the same file wished on
@@ -93,8 +112,11 @@ pub struct ModelCache {
     devices: DevicePool,
     config: CacheConfig,
     slots: DashMap<SlotKey, Arc<Slot>>,
+    /// The cold tier, least recently evicted first.
+    cold: std::sync::Mutex<Vec<ColdModel>>,
     epoch: Instant,
     loads: AtomicU64,
+    revivals: AtomicU64,
     gets: AtomicU64,
 }
 
@@ -105,8 +127,10 @@ impl ModelCache {
             devices,
             config,
             slots: DashMap::new(),
+            cold: std::sync::Mutex::new(Vec::new()),
             epoch: Instant::now(),
             loads: AtomicU64::new(0),
+            revivals: AtomicU64::new(0),
             gets: AtomicU64::new(0),
         })
     }
@@ -150,13 +174,31 @@ impl ModelCache {
         // Counted once the model is in its slot, so whoever sees the count
         // also sees the model (`loaded` lists it).
         if loaded_here {
-            self.loads.fetch_add(1, Ordering::Relaxed);
+            let counter = if loaded.revived { &self.revivals } else { &self.loads };
+            counter.fetch_add(1, Ordering::Relaxed);
         }
         slot.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
         Ok(loaded)
     }
 
     async fn load(&self, key: &str, path: PathBuf, placement: Placement) -> Result<Arc<LoadedModel>> {
+        if let Some(model) = self.take_cold(&(key.to_owned(), placement)) {
+            let (device, reservation) = self.devices.place(placement, model.size_bytes())?;
+            // Placed on the CPU again (a GPU that appeared since would get
+            // a fresh load): no read, no parse, no optimisation.
+            if device.id() == DeviceId::Cpu {
+                tracing::debug!(model = key, "model revived from the cold tier");
+                return Ok(Arc::new(LoadedModel {
+                    batcher: Batcher::new(model.clone(), self.config.batch, lanes(DeviceId::Cpu)),
+                    model,
+                    device: DeviceId::Cpu,
+                    key: key.to_owned(),
+                    placement,
+                    _reservation: reservation,
+                    revived: true,
+                }));
+            }
+        }
         let devices = self.devices.clone();
         let started = Instant::now();
         let (model, id, reservation) = tokio::task::spawn_blocking(move || {
@@ -179,6 +221,7 @@ impl ModelCache {
             key: key.to_owned(),
             placement,
             _reservation: reservation,
+            revived: false,
         }))
     }
 
@@ -188,15 +231,71 @@ impl ModelCache {
         self.loads.load(Ordering::Relaxed)
     }
 
+    /// Models brought back from the cold tier since start (not counted in
+    /// [`ModelCache::loads`]: nothing was read or prepared).
+    pub fn revivals(&self) -> u64 {
+        self.revivals.load(Ordering::Relaxed)
+    }
+
     /// Model look-ups since start (cache hits are `gets() - loads()`).
     pub fn gets(&self) -> u64 {
         self.gets.load(Ordering::Relaxed)
     }
 
-    /// Bytes of the models loaded on `device` (by model file size), without
-    /// listing them: cheap enough for every cold start.
+    /// Bytes of the models loaded on `device` (by model file size), the
+    /// cold tier's with the CPU's, without listing them: cheap enough for
+    /// every cold start.
     pub fn loaded_bytes(&self, device: DeviceId) -> u64 {
-        self.slots.iter().filter_map(|e| on_device(e.value(), device)).sum()
+        let warm: u64 = self.slots.iter().filter_map(|e| on_device(e.value(), device)).sum();
+        match device {
+            DeviceId::Cpu => warm + self.cold_bytes(),
+            DeviceId::Cuda(_) => warm,
+        }
+    }
+
+    /// Bytes of the models in the cold tier (by model file size).
+    pub fn cold_bytes(&self) -> u64 {
+        self.cold_tier().iter().map(|c| c.model.size_bytes()).sum()
+    }
+
+    /// Empties the cold tier (something else needs the memory); returns
+    /// the bytes it held.
+    pub fn drop_cold(&self) -> u64 {
+        let gone = std::mem::take(&mut *self.cold_tier());
+        let bytes = gone.iter().map(|c| c.model.size_bytes()).sum();
+        if bytes > 0 {
+            tracing::info!(models = gone.len(), bytes, "cold models dropped: memory needed");
+        }
+        bytes
+    }
+
+    fn cold_tier(&self) -> std::sync::MutexGuard<'_, Vec<ColdModel>> {
+        self.cold.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn take_cold(&self, key: &SlotKey) -> Option<Arc<PreparedModel>> {
+        let mut cold = self.cold_tier();
+        let at = cold.iter().position(|c| &c.key == key)?;
+        Some(cold.remove(at).model)
+    }
+
+    /// Keeps an idle-evicted CPU model prepared in the cold tier, making
+    /// room by dropping the least recently evicted.
+    fn park_cold(&self, key: SlotKey, loaded: &LoadedModel) {
+        let size = loaded.model.size_bytes();
+        if loaded.device != DeviceId::Cpu || size > self.config.cold_budget {
+            return;
+        }
+        let mut cold = self.cold_tier();
+        cold.retain(|c| c.key != key);
+        let mut total: u64 = cold.iter().map(|c| c.model.size_bytes()).sum::<u64>() + size;
+        while total > self.config.cold_budget && !cold.is_empty() {
+            total -= cold.remove(0).model.size_bytes();
+        }
+        cold.push(ColdModel {
+            key,
+            model: loaded.model.clone(),
+        });
     }
 
     /// The models now warm.
@@ -228,17 +327,26 @@ impl ModelCache {
         self.evict_idle_older_than(self.config.idle_timeout)
     }
 
-    /// Unloads models nobody holds that were idle at least `timeout`;
-    /// returns how many.
+    /// Unloads models nobody holds that were idle at least `timeout`
+    /// (CPU ones to the cold tier); returns how many.
     pub fn evict_idle_older_than(&self, timeout: Duration) -> usize {
         let now = self.now_ms();
         let timeout = timeout.as_millis() as u64;
-        let before = self.slots.len();
-        self.slots.retain(|_, slot| {
+        let mut evicted = Vec::new();
+        self.slots.retain(|key, slot| {
             let idle = now.saturating_sub(slot.last_used_ms.load(Ordering::Relaxed)) >= timeout;
-            !(idle && unused(slot))
+            let evict = idle && unused(slot);
+            if evict {
+                evicted.push((key.clone(), slot.clone()));
+            }
+            !evict
         });
-        before - self.slots.len()
+        for (key, slot) in &evicted {
+            if let Some(loaded) = slot.cell.get() {
+                self.park_cold(key.clone(), loaded);
+            }
+        }
+        evicted.len()
     }
 
     /// Evicts least recently used unheld models of `device` while its loaded
@@ -333,6 +441,7 @@ mod tests {
                 idle_timeout,
                 memory_budget,
                 batch: BatchConfig::default(),
+                cold_budget: 0,
             },
         )
     }
@@ -354,6 +463,41 @@ mod tests {
         assert_eq!(cache.loads(), 1);
         assert!(models.iter().all(|m| Arc::ptr_eq(m, &models[0])));
         assert_eq!(cache.cached()[0].users, 8);
+    }
+
+    #[tokio::test]
+    async fn an_idle_cpu_model_comes_back_from_the_cold_tier_without_its_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = model_file(dir.path(), 1);
+        let cache = ModelCache::new(
+            DevicePool::cpu_only(),
+            CacheConfig {
+                idle_timeout: Duration::ZERO,
+                ..CacheConfig::default()
+            },
+        );
+        let first = cache.get("m", &path, Placement::Cpu).await.expect("load");
+        let size = first.model.size_bytes();
+        drop(first);
+        assert_eq!(cache.evict_idle(), 1);
+        assert!(cache.cached().is_empty(), "evicted from the warm tier");
+        assert_eq!(cache.cold_bytes(), size);
+        assert_eq!(cache.loaded_bytes(DeviceId::Cpu), size, "and still counted");
+
+        std::fs::remove_file(&path).expect("remove the file");
+        cache
+            .get("m", &path, Placement::Cpu)
+            .await
+            .expect("revived without its file");
+        assert_eq!((cache.loads(), cache.revivals()), (1, 1));
+        assert_eq!(cache.cold_bytes(), 0, "warm again, not cold too");
+
+        assert_eq!(cache.evict_idle(), 1);
+        assert_eq!(cache.drop_cold(), size, "memory needed: the cold tier goes");
+        assert!(
+            cache.get("m", &path, Placement::Cpu).await.is_err(),
+            "then only the file brings it back"
+        );
     }
 
     #[tokio::test]

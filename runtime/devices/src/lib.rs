@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 pub use batcher::{BatchConfig, Batched, Batcher, CallTerms, DEFAULT_BATCH_WINDOW, DEFAULT_MAX_BATCH_ROWS};
 pub use cache::{CacheConfig, CachedModel, LoadedModel, ModelCache};
+pub use cache::{DEFAULT_MODEL_COLD_BUDGET, DEFAULT_MODEL_IDLE_TIMEOUT, DEFAULT_MODEL_MEMORY_BUDGET};
 pub use cpu::CpuDevice;
 pub use cuda::{GpuInfo, discover_gpus};
 pub use model::{Dim, IoSpec, PreparedModel};

@@ -8,6 +8,7 @@
 //! - a tokio timeout around the whole call, for guests parked in a host call
 //!   (reading a body that never comes) where no epoch check runs.
 
+use hearth_devices::DeviceId;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -160,8 +161,10 @@ impl Engine {
         let reservation = match &self.inner.budget {
             None => None,
             Some(budget) => {
-                let models = self.inner.config.nn.cache().loaded_bytes(hearth_devices::DeviceId::Cpu);
-                let reserved = budget.reserve(limits.memory_bytes as u64, models);
+                let cache = self.inner.config.nn.cache();
+                let reserve = || budget.reserve(limits.memory_bytes as u64, cache.loaded_bytes(DeviceId::Cpu));
+                // Models in the cold tier give way to instances.
+                let reserved = reserve().or_else(|| (cache.drop_cold() > 0).then(reserve).flatten());
                 Some(reserved.ok_or(InvokeError::MemoryBudget {
                     budget_mb: budget.limit() >> 20,
                 })?)

@@ -13,8 +13,11 @@
 //! instance holds the same MLP); and the model tier, scaled to zero *and*
 //! its model unloaded from the warm cache (`--model-idle-timeout-s 0`: idle
 //! models go within 100 ms) → first byte, the model read, parsed,
-//! optimised and run again on the way. The model tier's own cost is the
-//! difference between the last two. The batch window is 0
+//! optimised and run again on the way (this server runs with
+//! `--model-cold-memory-mb 0`). The model tier's own cost is the difference
+//! between the last two. Beside them, on a second server with the default
+//! cold tier, the same `model` whose MLP was evicted to the cold tier
+//! (kept prepared: nothing read, parsed or optimised to bring it back). The batch window is 0
 //! (`--batch-window-ms`): by default a lone model call waits up to 2 ms for
 //! others to batch with, a cost of every call, not of the cold start.
 //!
@@ -34,23 +37,29 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     let tmp = tempfile::tempdir().expect("tempdir");
+    let flags = [
+        "--reap-interval-ms",
+        "5",
+        "--function-idle-timeout-s",
+        "0",
+        "--model-idle-timeout-s",
+        "0",
+        "--batch-window-ms",
+        "0",
+    ];
+    // Models evicted are unloaded on this one, kept prepared in the cold
+    // tier on the second (the default), which runs only `model`.
     let (server, url) = common::start_server(
         &tmp.path().join("data"),
-        &[
-            "--reap-interval-ms",
-            "5",
-            "--function-idle-timeout-s",
-            "0",
-            "--model-idle-timeout-s",
-            "0",
-            "--batch-window-ms",
-            "0",
-        ],
+        &[&flags[..], &["--model-cold-memory-mb", "0"]].concat(),
     );
+    let (cold_tier_server, cold_tier_url) = common::start_server(&tmp.path().join("data-cold-tier"), &flags);
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let client = hearth_client::Client::new(&url, Some(common::TOKEN.into()), "default").expect("client");
+        let cold_tier =
+            hearth_client::Client::new(&cold_tier_url, Some(common::TOKEN.into()), "default").expect("client");
         // The warm baseline is `hello`: compiled code is shared by
         // component, so a warm `echo` would keep `cold`'s code loaded.
         for (name, idle, component) in [
@@ -82,13 +91,16 @@ fn main() {
                 mlp.display().to_string()
             );
             common::deploy(&client, tmp.path(), name, &component, &manifest).await;
+            if name == "model" {
+                common::deploy(&cold_tier, &tmp.path().join("cold-tier"), name, &component, &manifest).await;
+            }
         }
         let model_b = client.show("model").await.expect("show").function.models[0]
             .digest
             .clone();
         let http = reqwest::Client::new();
         let image = format!("{{\"input\": {:?}}}", hearth_fixtures::models::mlp_input(1));
-        let call = |name: &str| {
+        let call_on = |url: &str, name: &str| {
             let body = if name.starts_with("classify") || name == "model" {
                 image.clone()
             } else {
@@ -104,8 +116,11 @@ fn main() {
                 first_byte
             }
         };
-        let scaled_to_zero = |name: &'static str| {
-            let (client, model_b) = (&client, &model_b);
+        let call = |name: &str| call_on(&url, name);
+        // Servers by index: 0 unloads evicted models, 1 keeps them cold.
+        let servers = [&client, &cold_tier];
+        let scaled_to_zero_on = |on: usize, name: &'static str| {
+            let (client, model_b) = (servers[on], &model_b);
             async move {
                 let status = client.status().await.expect("status");
                 let function = status
@@ -117,18 +132,20 @@ fn main() {
                 function && (name != "model" || !model_b_loaded)
             }
         };
-        let wait_for_zero = |name: &'static str| async move {
+        let wait_for_zero_on = |on: usize, name: &'static str| async move {
             let guard = Instant::now() + Duration::from_secs(10);
-            while !scaled_to_zero(name).await {
+            while !scaled_to_zero_on(on, name).await {
                 assert!(Instant::now() < guard, "`{name}` never scaled to zero");
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         };
 
+        let wait_for_zero = |name: &'static str| wait_for_zero_on(0, name);
         for name in ["warm", "cold", "classify-warm", "classify-cold", "model"] {
             call(name).await;
         }
-        let mut tiers: [Vec<Duration>; 5] = Default::default();
+        call_on(&cold_tier_url, "model").await;
+        let mut tiers: [Vec<Duration>; 6] = Default::default();
         for sample in 0..samples {
             // Interleaved, so every tier sees the same machine.
             wait_for_zero("cold").await;
@@ -140,6 +157,8 @@ fn main() {
                 tiers[3].push(call("classify-cold").await);
                 wait_for_zero("model").await;
                 tiers[4].push(call("model").await);
+                wait_for_zero_on(1, "model").await;
+                tiers[5].push(call_on(&cold_tier_url, "model").await);
             }
         }
         let stats = client.status().await.expect("status");
@@ -172,7 +191,9 @@ fn main() {
             "the model was loaded again for every model-tier sample: {}",
             stats.model_loads
         );
-        let [warm, cold, classify_warm, classify_cold, model] = &mut tiers;
+        let loads = cold_tier.status().await.expect("status").model_loads;
+        assert_eq!(loads, 1, "with the cold tier, only the deploy read the model");
+        let [warm, cold, classify_warm, classify_cold, model, revived] = &mut tiers;
         report("instance tier: hello, warm instance                -> first byte", warm);
         report("function tier: echo, scaled to zero                -> first byte", cold);
         report(
@@ -187,8 +208,12 @@ fn main() {
             "model tier:    classify, scaled to zero, model unloaded -> first byte",
             model,
         );
+        report(
+            "model tier:    classify, scaled to zero, model in the cold tier -> first byte",
+            revived,
+        );
     });
-    drop(server);
+    drop((server, cold_tier_server));
 }
 
 fn report(label: &str, times: &mut [Duration]) {

@@ -104,6 +104,12 @@ pub struct ServeArgs {
     /// recently used idle models are unloaded above it.
     #[arg(long, env = "HEARTH_MODEL_MEMORY_MB", default_value_t = 8192)]
     model_memory_mb: u64,
+    /// Room, in MiB (by model file size), for CPU models unloaded for
+    /// idleness to stay prepared in a cold tier: they come back without
+    /// being read, parsed or optimised again. Emptied whenever instances
+    /// need the memory (it counts in --memory-budget-mb); 0 turns it off.
+    #[arg(long, env = "HEARTH_MODEL_COLD_MEMORY_MB", default_value_t = hearth_devices::DEFAULT_MODEL_COLD_BUDGET >> 20)]
+    model_cold_memory_mb: u64,
     /// Requests one instance serves before it is replaced (functions with
     /// `scaling.reuse = false` get a fresh instance every time).
     #[arg(long, env = "HEARTH_INSTANCE_REUSE_LIMIT", default_value_t = hearth_scheduler::DEFAULT_REUSE_LIMIT)]
@@ -326,6 +332,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             window: Duration::from_millis(args.batch_window_ms),
             max_rows: args.batch_max_rows.max(1),
         },
+        cold_budget: args.model_cold_memory_mb << 20,
     };
     let models = hearth_devices::ModelCache::new(hearth_devices::DevicePool::discover(), cache_config);
     models.spawn_reaper();
