@@ -631,4 +631,40 @@ mod tests {
             .expect("hello");
         assert!(matches!(plain.start_up(), Some(StartUp::Plain { .. })));
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn models_in_the_cold_tier_give_way_to_an_instance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = dir.path().join("mlp.onnx");
+        std::fs::write(&model, hearth_fixtures::models::mlp(1)).expect("model");
+        let cache = ModelCache::new(DevicePool::cpu_only(), CacheConfig::default());
+        let loaded = cache
+            .get("mlp", &model, hearth_devices::Placement::Cpu)
+            .await
+            .expect("load");
+        let model_bytes = loaded.model.size_bytes();
+        drop(loaded);
+        cache.evict_idle_older_than(Duration::ZERO);
+        assert_eq!(cache.cold_bytes(), model_bytes, "the model went to the cold tier");
+
+        // Room for the instance, not for the instance and the cold model.
+        let instance_bytes: u64 = 16 << 20;
+        let mut config = EngineConfig::new(dir.path().join("compiled"));
+        config.nn = NnHost::new(cache.clone());
+        config.memory_budget = Some(instance_bytes + model_bytes / 2);
+        let engine = Engine::new(config).expect("engine");
+        let prepared = engine
+            .precompile("hello", Path::new(hearth_fixtures::HELLO))
+            .expect("hello");
+        let limits = Limits {
+            memory_bytes: instance_bytes as usize,
+            timeout: Duration::from_secs(10),
+            urgency: 1,
+        };
+        engine
+            .instantiate(&prepared, limits, &Grants::default())
+            .await
+            .expect("the cold tier made room");
+        assert_eq!(cache.cold_bytes(), 0);
+    }
 }
