@@ -46,21 +46,12 @@ pub(crate) fn pre_initialise(engine: &Engine, wasm: &[u8]) -> (Option<Vec<u8>>, 
         let reason = format!("the component does not export `{INIT_EXPORT}` (the guest SDK's `handler!` adds it)");
         return (None, StartUp::Plain { reason });
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            return (
-                None,
-                StartUp::Plain {
-                    reason: err.to_string(),
-                },
-            );
-        }
-    };
     // Wizer asserts (panics) on components it cannot rewrite; that is this
-    // component's failure, not the deploy's.
+    // component's failure, not the deploy's. The snapshot needs no reactor
+    // (deadlines come from the epoch thread), so a plain executor runs it,
+    // on whatever thread compiles (a tokio runtime inside another panics).
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime.block_on(snapshot(engine, wasm))
+        futures::executor::block_on(snapshot(engine, wasm))
     }));
     let reason = match outcome {
         Ok(Ok(snapshot)) => return (Some(snapshot), StartUp::Snapshot),
