@@ -52,6 +52,10 @@ impl Default for CacheConfig {
 struct ColdModel {
     key: SlotKey,
     model: Arc<PreparedModel>,
+    /// Its runs' mean time when it was evicted: a revived model's first
+    /// run of a known-short model runs inline, as before the eviction,
+    /// instead of paying a blocking-pool hop to learn it again.
+    mean_run_ns: u64,
 }
 
 /// A model warm on its device. Holders of an `Arc<LoadedModel>` (guest
@@ -182,14 +186,16 @@ impl ModelCache {
     }
 
     async fn load(&self, key: &str, path: PathBuf, placement: Placement) -> Result<Arc<LoadedModel>> {
-        if let Some(model) = self.take_cold(&(key.to_owned(), placement)) {
+        if let Some(ColdModel { model, mean_run_ns, .. }) = self.take_cold(&(key.to_owned(), placement)) {
             let (device, reservation) = self.devices.place(placement, model.size_bytes())?;
             // Placed on the CPU again (a GPU that appeared since would get
             // a fresh load): no read, no parse, no optimisation.
             if device.id() == DeviceId::Cpu {
                 tracing::debug!(model = key, "model revived from the cold tier");
+                let batcher = Batcher::new(model.clone(), self.config.batch, lanes(DeviceId::Cpu));
+                batcher.stats().mean_run_ns.store(mean_run_ns, Ordering::Relaxed);
                 return Ok(Arc::new(LoadedModel {
-                    batcher: Batcher::new(model.clone(), self.config.batch, lanes(DeviceId::Cpu)),
+                    batcher,
                     model,
                     device: DeviceId::Cpu,
                     key: key.to_owned(),
@@ -273,10 +279,10 @@ impl ModelCache {
         self.cold.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn take_cold(&self, key: &SlotKey) -> Option<Arc<PreparedModel>> {
+    fn take_cold(&self, key: &SlotKey) -> Option<ColdModel> {
         let mut cold = self.cold_tier();
         let at = cold.iter().position(|c| &c.key == key)?;
-        Some(cold.remove(at).model)
+        Some(cold.remove(at))
     }
 
     /// Keeps an idle-evicted CPU model prepared in the cold tier, making
@@ -295,6 +301,7 @@ impl ModelCache {
         cold.push(ColdModel {
             key,
             model: loaded.model.clone(),
+            mean_run_ns: loaded.batcher.stats().mean_run_ns.load(Ordering::Relaxed),
         });
     }
 
