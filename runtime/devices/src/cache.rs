@@ -252,11 +252,17 @@ impl ModelCache {
     /// cold tier's with the CPU's, without listing them: cheap enough for
     /// every cold start.
     pub fn loaded_bytes(&self, device: DeviceId) -> u64 {
-        let warm: u64 = self.slots.iter().filter_map(|e| on_device(e.value(), device)).sum();
+        let warm = self.warm_bytes(device);
         match device {
             DeviceId::Cpu => warm + self.cold_bytes(),
             DeviceId::Cuda(_) => warm,
         }
+    }
+
+    /// Bytes of the warm models on `device`: what `--model-memory-mb`
+    /// bounds (the cold tier has its own room).
+    fn warm_bytes(&self, device: DeviceId) -> u64 {
+        self.slots.iter().filter_map(|e| on_device(e.value(), device)).sum()
     }
 
     /// Bytes of the models in the cold tier (by model file size).
@@ -361,7 +367,7 @@ impl ModelCache {
     /// (which applies to each device on its own).
     fn enforce_budget(&self, device: DeviceId, incoming: u64) {
         let on_device = |slot: &Slot| on_device(slot, device);
-        let total = self.loaded_bytes(device) + incoming;
+        let total = self.warm_bytes(device) + incoming;
         if total <= self.config.memory_budget {
             return;
         }
@@ -504,6 +510,30 @@ mod tests {
         assert!(
             cache.get("m", &path, Placement::Cpu).await.is_err(),
             "then only the file brings it back"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_cold_tier_does_not_push_warm_models_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths: Vec<PathBuf> = (1..=3).map(|seed| model_file(dir.path(), seed)).collect();
+        let size = std::fs::metadata(&paths[0]).expect("size").len();
+        let cache = ModelCache::new(
+            DevicePool::cpu_only(),
+            CacheConfig {
+                memory_budget: 2 * size,
+                ..CacheConfig::default()
+            },
+        );
+        drop(cache.get("a", &paths[0], Placement::Cpu).await.expect("a"));
+        cache.evict_idle_older_than(Duration::ZERO);
+        assert_eq!(cache.cold_bytes(), size);
+        drop(cache.get("b", &paths[1], Placement::Cpu).await.expect("b"));
+        drop(cache.get("c", &paths[2], Placement::Cpu).await.expect("c"));
+        assert_eq!(
+            cache.cached().len(),
+            2,
+            "two warm models fit the warm budget, whatever is cold"
         );
     }
 
