@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::{DefaultRuntime, Runnable};
 
-use crate::server::{Server, deploy, http, problem, project, still_serves};
+use crate::server::{REQUEST_GUARD, Server, deploy, http, problem, project, still_serves};
 
 /// The manifest lines of a function naming the MLP at `models/mnist-mlp.onnx`.
 pub(crate) const MLP_MODEL: &str = "[[models]]\nname = \"mnist-mlp\"\npath = \"models/mnist-mlp.onnx\"\n";
@@ -83,6 +83,39 @@ pub(crate) async fn classify(server: &Server, name: &str, n: u64) -> Value {
         .expect("classify");
     assert_eq!(response.status(), 200, "log:\n{}", server.log());
     response.json().await.expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_evicted_for_idleness_comes_back_from_the_cold_tier_unread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--model-idle-timeout-s", "0", "--reap-interval-ms", "20"],
+    );
+    deploy_classify_with(&server, dir.path(), "classify", "[scaling]\nidle_timeout_s = 0\n").await;
+    let first = classify(&server, "classify", 3).await;
+    // Its instance goes, then its model, into the cold tier.
+    let client = server.client();
+    let guard = std::time::Instant::now() + REQUEST_GUARD;
+    let cold = loop {
+        let status = client.status().await.expect("status");
+        if status.models.is_empty() && status.cold_model_bytes > 0 {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < guard,
+            "the model never went cold: {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(cold.model_revivals, 0);
+    assert_eq!(classify(&server, "classify", 3).await, first, "the same answer");
+    let status = client.status().await.expect("status");
+    assert_eq!(
+        (status.model_loads, status.model_revivals),
+        (cold.model_loads, 1),
+        "revived, not read again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +210,7 @@ async fn functions_naming_the_same_model_share_one_loaded_copy() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("1 loads since start") && text.contains("classify-b v1: mnist-mlp"),
+        text.contains("1 loads, 0 revivals from the cold tier") && text.contains("classify-b v1: mnist-mlp"),
         "{text}"
     );
     let show = server.client().show("classify").await.expect("show");

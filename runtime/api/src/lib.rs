@@ -226,6 +226,14 @@ pub struct Status {
     /// Model loads since the server started (a model loaded once and shared
     /// counts once).
     pub model_loads: u64,
+    /// Models brought back from the cold tier since the server started
+    /// (read, parsed and optimised nothing).
+    #[serde(default)]
+    pub model_revivals: u64,
+    /// Bytes (by model file size) of the CPU models kept prepared in the
+    /// cold tier now.
+    #[serde(default)]
+    pub cold_model_bytes: u64,
     /// Instances alive now across all tenants (idle ones included).
     #[serde(default)]
     pub instances: usize,

@@ -158,6 +158,8 @@ fn status() {
             busy_ms: 1.25,
         }],
         model_loads: 1,
+        model_revivals: 4,
+        cold_model_bytes: 5,
         instances: 2,
         max_instances: 1000,
         queued: 0,

@@ -387,6 +387,8 @@ pub(crate) async fn status(
         devices: std::iter::once(cpu).chain(gpus).collect(),
         models,
         model_loads: cache.loads(),
+        model_revivals: cache.revivals(),
+        cold_model_bytes: cache.cold_bytes(),
         instances,
         max_instances: invoker.pools().config().max_instances,
         queued,

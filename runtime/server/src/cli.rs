@@ -751,7 +751,12 @@ pub async fn status(args: &ClientArgs, output: Output) -> anyhow::Result<ExitCod
             );
         }
     }
-    println!("warm models ({} loads since start):", status.model_loads);
+    println!(
+        "warm models ({} loads, {} revivals from the cold tier since start; {} cold now):",
+        status.model_loads,
+        status.model_revivals,
+        human_bytes(status.cold_model_bytes)
+    );
     if status.models.is_empty() {
         println!("  none");
     }
