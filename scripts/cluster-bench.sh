@@ -13,6 +13,7 @@
 # Knobs: HEARTH_BIN=PATH (else a release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 rounds="${1:-3}" duration="${2:-5}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 if [ -n "${HEARTH_BIN:-}" ]; then
@@ -60,7 +61,7 @@ node() { # name, extra args... -> prints the URL
   HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" \
     --data-dir "$work/$name" "$@" >/dev/null 2>"$work/$name.log" &
   pids+=($!)
-  for _ in $(seq 1 200); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.05; done
+  wait_ready "http://127.0.0.1:$port"
   echo "http://127.0.0.1:$port"
 }
 metric() { # url, metric name prefix -> its value

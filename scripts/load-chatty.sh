@@ -7,6 +7,7 @@
 #   scripts/load-chatty.sh [DURATION] [CONNECTIONS] [MIB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 duration="${1:-10}" connections="${2:-4}" mib="${3:-100}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 if [ -n "${HEARTH_BIN:-}" ]; then
@@ -22,7 +23,7 @@ export HEARTH_ADMIN_TOKEN="hth_chatty_$$" HEARTH_TOKEN="hth_chatty_$$" HEARTH_UR
 "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$work/data" 2>"$work/server.log" >/dev/null &
 server=$! flood=""
 trap 'kill $flood 2>/dev/null; kill -TERM $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 1 100); do curl -fsS "$HEARTH_URL/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+wait_ready "$HEARTH_URL"
 for fn in hello faults; do
   mkdir -p "$work/$fn"
   printf 'name = "%s"\ncomponent = "%s/%s.wasm"\npublic = true\n' "$fn" "$wasm_dir" "$fn" >"$work/$fn/hearth.toml"

@@ -6,6 +6,7 @@
 #   scripts/load-classify.sh [DURATION=10] [CONNECTIONS=64]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 duration="${1:-10}"
 connections="${2:-64}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
@@ -28,14 +29,11 @@ for mode in off on; do
   flags=()
   [[ $mode == off ]] && flags=(--batch-max-rows 1)
   rm -rf "$work/data"
-  HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$work/data" "${flags[@]}" >/dev/null &
-  server=$!
-  export HEARTH_URL="http://127.0.0.1:$port"
-  for _ in $(seq 1 100); do curl -fsS "$HEARTH_URL/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  serve_on "$port" "$work/data" "${flags[@]}"
   "$hearth" deploy functions/classify --no-build >/dev/null
   echo "== batching $mode: wrk -t2 -c$connections -d${duration}s"
   wrk -t2 -c"$connections" -d"${duration}s" --latency -s "$work/post.lua" "$HEARTH_URL/fn/default/classify/" |
     grep -E "Requests/sec|^\s+(50|99)%|Non-2xx|Socket errors"
   "$hearth" status | grep -E 'calls in'
-  kill -TERM $server; wait $server 2>/dev/null || true
+  stop_server
 done

@@ -26,6 +26,7 @@
 # no-metering ..." (the configurations, first is the base of the ratios).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 rounds="${1:-5}" duration="${2:-8}"
 shift $(($# > 2 ? 2 : $#))
 conns=("$@")
@@ -80,7 +81,7 @@ start() { # config -> sets server, url, auth
   HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG="$log" "$hearth" serve --listen "127.0.0.1:$port" \
     --data-dir "$work/data" "${args[@]}" >/dev/null 2>"$work/server.log" &
   server=$!
-  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  wait_ready "http://127.0.0.1:$port"
   HEARTH_URL="http://127.0.0.1:$port" HEARTH_TOKEN="$token" "$hearth" deploy "$work/hello" --no-build >/dev/null
   url="http://127.0.0.1:$port/fn/default/hello/load?x=1"
 }

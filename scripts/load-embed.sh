@@ -11,6 +11,7 @@
 # from the Triton counters) for each round, and the gain on ÷ off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 duration="${1:-10}"
 connections="${2:-32}"
 words="${3:-8}"
@@ -63,10 +64,7 @@ for round in $(seq 1 "$rounds"); do
     flags=()
     [[ $mode == off ]] && flags=(--batch-max-rows 1)
     rm -rf "$work/data"
-    HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$work/data" "${flags[@]}" >/dev/null &
-    server=$!
-    export HEARTH_URL="http://127.0.0.1:$port"
-    for _ in $(seq 1 100); do curl -fsS "$HEARTH_URL/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+    serve_on "$port" "$work/data" "${flags[@]}"
     "$hearth" deploy functions/embed --no-build >/dev/null
     # Warm: the model loaded, the instances started.
     wrk -t2 -c"$connections" -d2s -s "$work/post.lua" "$HEARTH_URL/fn/default/embed/" >/dev/null
@@ -83,8 +81,7 @@ for round in $(seq 1 "$rounds"); do
     mean=$(awk -v r="$rows" -v n="$runs" 'BEGIN {printf "%.1f", (n > 0 ? r / n : 0)}')
     printf "round %s batching %-3s  %8s req/s  p50 %8s  p99 %8s  mean batch %s %s\n" "$round" "$mode" "$rate" "$p50" "$p99" "$mean" "$errors"
     rates[$mode]="${rates[$mode]:-} $rate"
-    kill -TERM $server; wait $server 2>/dev/null || true
-    server=""
+    stop_server
   done
 done
 python3 - "$ceiling" "${rates[off]}" "${rates[on]}" <<'PY'

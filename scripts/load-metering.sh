@@ -6,6 +6,7 @@
 #   scripts/load-metering.sh [DURATION] [CONNECTIONS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 duration="${1:-10}"
 connections="${2:-32}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
@@ -23,7 +24,7 @@ start() { # port extra-flags...
   local port=$1; shift
   HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$work/data-$port" "$@" >/dev/null &
   pids+=($!)
-  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  wait_ready "http://127.0.0.1:$port"
   HEARTH_URL="http://127.0.0.1:$port" "$hearth" deploy "$work/echo" --no-build >/dev/null
 }
 start 18090

@@ -12,6 +12,7 @@
 #   scripts/load-rollouts.sh [DURATION] [CONNECTIONS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 duration="${1:-10}" connections="${2:-8}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 if [ -n "${HEARTH_BIN:-}" ]; then
@@ -27,7 +28,7 @@ export HEARTH_ADMIN_TOKEN="hth_rollouts_$$" HEARTH_TOKEN="hth_rollouts_$$" HEART
 HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >/dev/null 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 1 100); do curl -fsS "$HEARTH_URL/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+wait_ready "$HEARTH_URL"
 deploy() { # name component [manifest lines]
   mkdir -p "$work/$1-$2"
   printf 'name = "%s"\ncomponent = "%s/%s.wasm"\npublic = true\n%b' "$1" "$wasm" "$2" "${3:-}" >"$work/$1-$2/hearth.toml"

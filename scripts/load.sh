@@ -24,6 +24,7 @@
 #                               and public functions, like the reference)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 duration="${1:-10}"
 connections="${2:-32}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
@@ -50,7 +51,7 @@ HEARTH_LOG="$log_level" "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$
 server=$!
 reference=""
 trap 'kill -TERM $server ${reference:-} 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 1 100); do curl -fsS "$HEARTH_URL/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+wait_ready "$HEARTH_URL"
 
 for fn in hello echo; do
   for reuse in true false; do

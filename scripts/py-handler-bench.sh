@@ -10,6 +10,7 @@
 # Knobs: HEARTH_BIN=PATH (else a release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 calls="${1:-200}"
 if [ -n "${HEARTH_BIN:-}" ]; then
   hearth="$(realpath "$HEARTH_BIN")"
@@ -29,7 +30,7 @@ HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:
   >/dev/null 2>"$work/log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 1 200); do curl -fsS "$url/readyz" >/dev/null 2>&1 && break; sleep 0.05; done
+wait_ready "$url"
 export HEARTH_URL="$url" HEARTH_TOKEN="$token"
 ms() { python3 -c "import sys; print(f'{float(sys.argv[1]) * 1000:.2f}')" "$1"; }
 input="$work/input.json"
