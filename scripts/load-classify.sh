@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Batching end to end: `classify` on a release `hearth serve` under CONNECTIONS
-# concurrent wrk clients (each POSTing one 784-float JSON image), once with
-# batching off (--batch-max-rows 1) and once with the default batcher (2 ms
-# window, 64 rows), side by side on the same machine.
+# concurrent wrk clients (each POSTing one 784-float JSON image): batching
+# off (--batch-max-rows 1), the default batcher (64 rows, no waiting while a
+# lane is free), and the same batcher with a 2 ms window (every call waits
+# for company: the default before), side by side on the same machine.
 #   scripts/load-classify.sh [DURATION=10] [CONNECTIONS=64]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,9 +26,10 @@ local f = io.open("$work/body.json"); wrk.body = f:read("*a"); f:close()
 EOT
 export HEARTH_ADMIN_TOKEN="hth_load_$$" HEARTH_TOKEN="hth_load_$$"
 port=18081
-for mode in off on; do
+for mode in off on window-2ms; do
   flags=()
   [[ $mode == off ]] && flags=(--batch-max-rows 1)
+  [[ $mode == window-2ms ]] && flags=(--batch-window-ms 2)
   rm -rf "$work/data"
   serve_on "$port" "$work/data" "${flags[@]}"
   "$hearth" deploy functions/classify --no-build >/dev/null

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Batching on a real model: `embed` (all-MiniLM-L6-v2) end to end on a
-# release `hearth serve`, batching on (the manifest's max_batch 32,
-# max_delay_ms 4) against off (--batch-max-rows 1), side by side in one run
+# release `hearth serve`, batching on (the manifest's max_batch 32, no
+# waiting while a lane is free) against off (--batch-max-rows 1), side by
+# side in one run
 # (ROUNDS alternating rounds each way), beside the model-alone ceiling
 # measured with the same thread settings (model-ceiling).
 #   scripts/load-embed.sh [DURATION=10] [CONNECTIONS=32] [WORDS=8] [ROUNDS=2]

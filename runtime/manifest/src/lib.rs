@@ -228,8 +228,9 @@ pub struct ModelSpec {
     /// `--batch-max-rows`, which also caps it; 1 turns batching off for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_batch: Option<u32>,
-    /// Longest a call waits for others to join its batch, in milliseconds
-    /// (unset: the server's `--batch-window-ms`, which also caps it).
+    /// Longest a call waits for others to join its batch while its device
+    /// is free, in milliseconds: a smaller share of compute for more latency
+    /// (unset: the server's `--batch-window-ms`, 0 by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_delay_ms: Option<u32>,
     /// Whether callers may run the model directly, with no guest, through

@@ -17,9 +17,7 @@
 //! `--model-cold-memory-mb 0`). The model tier's own cost is the difference
 //! between the last two. Beside them, on a second server with the default
 //! cold tier, the same `model` whose MLP was evicted to the cold tier
-//! (kept prepared: nothing read, parsed or optimised to bring it back). The batch window is 0
-//! (`--batch-window-ms`): by default a lone model call waits up to 2 ms for
-//! others to batch with, a cost of every call, not of the cold start.
+//! (kept prepared: nothing read, parsed or optimised to bring it back).
 //!
 //! Run: `cargo bench -p hearth-server --bench cold_start` (samples:
 //! `HEARTH_BENCH_SAMPLES`, default 300).
@@ -43,8 +41,6 @@ fn main() {
         "--function-idle-timeout-s",
         "0",
         "--model-idle-timeout-s",
-        "0",
-        "--batch-window-ms",
         "0",
     ];
     // Models evicted are unloaded on this one, kept prepared in the cold

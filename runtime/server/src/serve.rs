@@ -90,9 +90,11 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     allow_outbound_cidrs: Vec<ipnet::IpNet>,
-    /// How long a model's first compute call waits for others to batch with,
-    /// in milliseconds; 0 batches only calls already waiting.
-    #[arg(long, env = "HEARTH_BATCH_WINDOW_MS", default_value_t = 2)]
+    /// How long a compute call waits for others to batch with, in
+    /// milliseconds, when its model's manifest does not say (`max_delay_ms`).
+    /// 0: a call runs at once while its device has a free lane; calls that
+    /// queue while every lane is busy still run as one batch.
+    #[arg(long, env = "HEARTH_BATCH_WINDOW_MS", default_value_t = 0)]
     batch_window_ms: u64,
     /// Largest batch, in rows; 1 turns batching off.
     #[arg(long, env = "HEARTH_BATCH_MAX_ROWS", default_value_t = hearth_devices::DEFAULT_MAX_BATCH_ROWS)]
