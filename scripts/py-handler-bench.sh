@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The Python handler against the Rust one, on one release server:
-#   - deploy time of py-classify (upload + compile), against
-#     `wasmtime compile` of the same component;
+#   - deploy time of py-classify (upload + compile), against `wasmtime
+#     compile` of the same component, plain and with epoch interruption (the
+#     codegen Hearth uses: its deadlines need it), ROUNDS alternating rounds,
+#     each on new content (a custom section appended) so that every deploy
+#     compiles;
 #   - cold start (first call of a fresh version: a new instance, the model
 #     already warm; for Python, the interpreter's snapshot is instantiated)
 #     and warm latency (median of sequential calls), py-classify and classify;
 #   - memory per instance (the linear memory peak its usage records keep).
-#   scripts/py-handler-bench.sh [CALLS]
+#   scripts/py-handler-bench.sh [CALLS] [ROUNDS=3]
 # Knobs: HEARTH_BIN=PATH (else a release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
-calls="${1:-200}"
+calls="${1:-200}" rounds="${2:-3}"
 if [ -n "${HEARTH_BIN:-}" ]; then
   hearth="$(realpath "$HEARTH_BIN")"
 else
@@ -36,18 +39,47 @@ ms() { python3 -c "import sys; print(f'{float(sys.argv[1]) * 1000:.2f}')" "$1"; 
 input="$work/input.json"
 python3 -c 'import json; print(json.dumps({"input": [((i * 37) % 255) / 255 for i in range(784)]}))' >"$input"
 
-start=$(date +%s%N)
-"$hearth" deploy functions/py-classify --no-build >/dev/null
-deploy_ms=$(( ($(date +%s%N) - start) / 1000000 ))
-"$hearth" deploy functions/classify --no-build >/dev/null
+# Each round deploys (and `wasmtime compile`s) its own copy of the
+# component: a custom section appended makes it new content.
+mkdir "$work/py"
+sed -e 's|^component = .*|component = "py.wasm"|' \
+    -e "s|^path = \"\\.\\./classify/|path = \"$PWD/functions/classify/|" \
+    functions/py-classify/hearth.toml >"$work/py/hearth.toml"
+tagged() {
+  python3 - "$1" "$2" "$3" <<'EOT'
+import sys
+src, dst, tag = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+name = b"hearth-bench"
+payload = bytes([len(name)]) + name + tag
+size, leb = len(payload), bytearray()
+while True:
+    byte, size = size & 0x7F, size >> 7
+    leb.append(byte | (0x80 if size else 0))
+    if not size:
+        break
+open(dst, "wb").write(open(src, "rb").read() + b"\x00" + bytes(leb) + payload)
+EOT
+}
+timed_ms() { local start=$(date +%s%N); "$@" >/dev/null; echo $(( ($(date +%s%N) - start) / 1000000 )); }
+: >"$work/deploy" >"$work/plain" >"$work/epoch"
+for round in $(seq 1 "$rounds"); do
+  tagged functions/py-classify/build/py-classify.wasm "$work/py/py.wasm" "round $round $$"
+  timed_ms "$hearth" deploy "$work/py" --no-build >>"$work/deploy"
+  if [ -n "$wasmtime" ]; then
+    timed_ms "$wasmtime" compile -o "$work/plain.cwasm" "$work/py/py.wasm" >>"$work/plain"
+    timed_ms "$wasmtime" compile -W epoch-interruption=y -o "$work/epoch.cwasm" "$work/py/py.wasm" >>"$work/epoch"
+  fi
+done
+median_of() { sort -n "$1" | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+deploy_ms="$(median_of "$work/deploy")"
 if [ -n "$wasmtime" ]; then
-  start=$(date +%s%N)
-  "$wasmtime" compile -o "$work/py.cwasm" functions/py-classify/build/py-classify.wasm
-  compile_ms=$(( ($(date +%s%N) - start) / 1000000 ))
-  echo "deploy py-classify: $deploy_ms ms; wasmtime compile of the same component: $compile_ms ms; ratio $(awk -v a="$deploy_ms" -v b="$compile_ms" 'BEGIN { printf "%.2f", a / b }')"
+  plain_ms="$(median_of "$work/plain")" epoch_ms="$(median_of "$work/epoch")"
+  ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+  echo "deploy py-classify (medians of $rounds rounds): $deploy_ms ms (rounds: $(paste -sd' ' "$work/deploy")); wasmtime compile $plain_ms ms (ratio $(ratio "$deploy_ms" "$plain_ms")); wasmtime compile -W epoch-interruption=y $epoch_ms ms (ratio $(ratio "$deploy_ms" "$epoch_ms"))"
 else
   echo "deploy py-classify: $deploy_ms ms (no wasmtime CLI for the reference)"
 fi
+"$hearth" deploy functions/classify --no-build >/dev/null
 # The model both name is loaded once, by a first classify call; each
 # function's first timed call then runs on a fresh instance of a fresh
 # version (classify is deployed again), with the model warm.

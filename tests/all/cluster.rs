@@ -361,10 +361,16 @@ async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
                         .get("x-hearth-invocation-id")
                         .map(|v| v.to_str().expect("ascii").to_owned());
                     let status = response.status();
-                    if response.bytes().await.is_err() {
+                    let Ok(body) = response.bytes().await else {
                         continue;
-                    }
-                    assert_eq!(status, 200, "invocations go on whatever the cluster does");
+                    };
+                    assert_eq!(
+                        status,
+                        200,
+                        "invocations go on whatever the cluster does (node {}): {}",
+                        client % 3,
+                        String::from_utf8_lossy(&body)
+                    );
                     acknowledged.push(id.expect("every answer names its invocation"));
                     progress_tx.send_replace(done.fetch_add(1, Ordering::SeqCst) + 1);
                 }
