@@ -38,16 +38,6 @@ async fn faults_server(dir: &std::path::Path, data_name: &str, args: &[&str], en
     server
 }
 
-/// The value of the first `/metrics` sample whose line starts with `prefix`.
-async fn metric(server: &Server, prefix: &str) -> f64 {
-    let metrics = metrics_text(server).await;
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{prefix} in\n{metrics}"))
-}
-
 #[tokio::test]
 async fn a_consumer_following_the_cursor_sees_every_record_exactly_once() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -273,6 +273,17 @@ pub async fn metrics_text(server: &Server) -> String {
         .expect("metrics text")
 }
 
+/// The value of the first `/metrics` sample whose line starts with `prefix`
+/// (the series name and, to pick one, the start of its labels).
+pub async fn metric(server: &Server, prefix: &str) -> f64 {
+    let metrics = metrics_text(server).await;
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{prefix} in\n{metrics}"))
+}
+
 /// Names of the functions deployed in tenant `default`, sorted.
 pub async fn function_names(server: &Server) -> Vec<String> {
     server

@@ -121,6 +121,19 @@ fn register(state: &Arc<Invoker>) {
         .build();
 
     let s = weak.clone();
+    let _cold_models = meter
+        .u64_observable_gauge("hearth.model.cold.memory")
+        .with_unit("By")
+        .with_description(
+            "Size of the models kept prepared in the cold tier (evicted for idleness, revived without a reload)",
+        )
+        .with_callback(move |gauge| {
+            let Some(state) = Weak::upgrade(&s) else { return };
+            gauge.observe(state.nn.cache().cold_bytes(), &[]);
+        })
+        .build();
+
+    let s = weak.clone();
     let _device_busy = meter
         .f64_observable_counter("hearth.device.busy_time")
         .with_unit("s")
@@ -140,12 +153,16 @@ fn register(state: &Arc<Invoker>) {
     let s = weak.clone();
     let _model_cache = meter
         .u64_observable_counter("hearth.model.cache.requests")
-        .with_description("Model look-ups by guests and warm-ups: hits, and misses that loaded the model")
+        .with_description(
+            "Model look-ups by guests and warm-ups: hits, misses served from the cold tier, and misses that loaded the model",
+        )
         .with_callback(move |counter| {
             let Some(state) = Weak::upgrade(&s) else { return };
             let cache = state.nn.cache();
-            let (gets, loads) = (cache.gets(), cache.loads());
-            counter.observe(gets.saturating_sub(loads), &[KeyValue::new("result", "hit")]);
+            let (gets, loads, revivals) = (cache.gets(), cache.loads(), cache.revivals());
+            let hits = gets.saturating_sub(loads).saturating_sub(revivals);
+            counter.observe(hits, &[KeyValue::new("result", "hit")]);
+            counter.observe(revivals, &[KeyValue::new("result", "cold")]);
             counter.observe(loads, &[KeyValue::new("result", "miss")]);
         })
         .build();
