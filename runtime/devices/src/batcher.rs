@@ -3,15 +3,16 @@
 //! One worker task per batchable model collects calls. Calls join one run
 //! only when their inputs match on every axis but the batch axis (a guest
 //! that pads token sequences to a few lengths, as the guest SDK's
-//! `pad_tokens` does, makes that common). Each call brings its [`CallTerms`]: how
-//! long it may wait for company and the largest run it joins (a model's
-//! `max_delay_ms`, else the server's window; its `max_batch`, capped by the
-//! server's [`BatchConfig`]), and how urgent it is. By default a call waits
-//! for no one: while its device has a free lane it runs at once, and batches
-//! form from the calls that queue while every lane is busy (as Triton's
-//! dynamic batcher does with no queue delay). Waiting for company while the
-//! device is idle only adds latency unless the model asks for it: fewer,
-//! fuller runs make each call's share of the compute smaller. A group of calls runs when it has the rows its
+//! `pad_tokens` does, makes that common). Each call brings its
+//! [`CallTerms`]: how long it may wait for company and the largest run it
+//! joins (a model's `max_delay_ms`, else the server's window; its
+//! `max_batch`, capped by the server's [`BatchConfig`]), and how urgent it
+//! is. By default a call waits for no one: while its device has a free lane
+//! it runs at once, and batches form from the calls that queue while every
+//! lane is busy (as Triton's dynamic batcher does with no queue delay).
+//! Waiting for company on an idle device only adds latency, unless the
+//! model asks for it: fewer, fuller runs make each call's share of the
+//! compute smaller. A group of calls runs when it has the rows its
 //! first call allows or when the earliest deadline among them passes; rows
 //! of more urgent calls are taken first, except that a call past its
 //! deadline is taken before anything else, so no class waits past its bound
@@ -34,7 +35,7 @@ use crate::{DeviceError, PreparedModel, Result};
 
 /// Default time the first call of a batch waits for others: none. A lone
 /// call on an idle device runs at once (with a 2 ms window, every call of a
-/// 20 µs model took over 2 ms and `classify` ran at a seventh of its
+/// 20 µs model took over 2 ms and `classify` ran at a sixth of its
 /// unbatched throughput); under load, calls queue behind busy lanes and
 /// batch anyway.
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::ZERO;
