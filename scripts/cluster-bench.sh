@@ -30,7 +30,13 @@ chmod 755 "$work"
 as_pg=(); [ "$(id -u)" = 0 ] && as_pg=(runuser -u postgres --)
 pids=()
 cleanup() {
+  # Nodes start inside $(...) (a subshell): their pids are in a file.
+  [ -f "$work/node-pids" ] && mapfile -t -O "${#pids[@]}" pids <"$work/node-pids"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  # Not this shell's children (see above): `wait` cannot wait for them.
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  done
   "${as_pg[@]}" "$pgbin/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null 2>&1 || true
   wait 2>/dev/null || true
   rm -rf "$work"
@@ -60,7 +66,7 @@ node() { # name, extra args... -> prints the URL
   local port; port="$(free_port)"
   HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" \
     --data-dir "$work/$name" "$@" >/dev/null 2>"$work/$name.log" &
-  pids+=($!)
+  echo $! >>"$work/node-pids"
   wait_ready "http://127.0.0.1:$port"
   echo "http://127.0.0.1:$port"
 }
