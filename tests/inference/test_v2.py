@@ -154,3 +154,26 @@ def test_triton_metrics_agree_with_hearths_own(tc, hearth, inference_server, aut
     # A joined run counts once; queueing is part of a request's time.
     assert 1 <= metric(text, "nv_inference_exec_count", MLP) <= calls
     assert metric(text, "nv_inference_request_duration_us", MLP) >= metric(text, "nv_inference_queue_duration_us", MLP)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_are_read(tc, auth, algorithm):
+    rows = mlp_rows(2)
+    tensor = triton.InferInput("input", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows)
+    plain = tc.infer(MLP, [tensor], headers=auth()).as_numpy("output")
+    compressed = tc.infer(MLP, [tensor], headers=auth(), request_compression_algorithm=algorithm)
+    assert np.array_equal(compressed.as_numpy("output"), plain)
+
+
+def test_an_unknown_content_encoding_is_refused_with_a_problem(inference_server, auth):
+    answer = httpx.post(
+        f"{inference_server.url}/v2/models/{MLP}/infer",
+        headers={**auth(), "Content-Encoding": "br", "Content-Type": "application/json"},
+        content=b"\x0b\x02\x80{}\x03",
+    )
+    assert answer.status_code == 415
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    problem = answer.json()
+    assert "br" in problem["detail"] and "gzip" in problem["detail"], problem
+    assert problem["error"] == problem["detail"]

@@ -345,6 +345,13 @@ async fn run_infer(
         }
     };
     meter.set_bytes_in(body.len() as u64);
+    let body = match decoded(&parts.headers, body, limit) {
+        Ok(body) => body,
+        Err(failure) => {
+            let failure = meter.refuse(failure).await;
+            return Err(ProtocolError(failure.into(), Some(id)));
+        }
+    };
     let parsed = match parse_request(&parts.headers, &body) {
         Ok(parsed) => parsed,
         Err(detail) => {
@@ -381,6 +388,33 @@ async fn run_infer(
         }
         Err(failure) => Err(ProtocolError(failure.into(), Some(id))),
     }
+}
+
+/// `body` as its `Content-Encoding` says to read it: as it is, or
+/// decompressed (gzip, or deflate as zlib, what tritonclient's
+/// `request_compression_algorithm` sends), at most `limit` bytes once
+/// decompressed, so a small body cannot expand past the body limit.
+fn decoded(headers: &HeaderMap, body: Bytes, limit: u64) -> Result<Bytes, Failure> {
+    use std::io::Read as _;
+    let Some(encoding) = headers.get(header::CONTENT_ENCODING) else {
+        return Ok(body);
+    };
+    let encoding = String::from_utf8_lossy(encoding.as_bytes()).trim().to_ascii_lowercase();
+    let reader: Box<dyn std::io::Read + '_> = match encoding.as_str() {
+        "" | "identity" => return Ok(body),
+        "gzip" | "x-gzip" => Box::new(flate2::read::GzDecoder::new(&body[..])),
+        "deflate" => Box::new(flate2::read::ZlibDecoder::new(&body[..])),
+        _ => return Err(Failure::UnsupportedEncoding(encoding)),
+    };
+    let mut plain = Vec::new();
+    reader
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut plain)
+        .map_err(|err| Failure::BadRequest(format!("the body is not valid {encoding}: {err}")))?;
+    if plain.len() as u64 > limit {
+        return Err(Failure::PayloadTooLarge { limit });
+    }
+    Ok(Bytes::from(plain))
 }
 
 /// An `infer` request, checked and decoded.
@@ -606,6 +640,50 @@ fn decode(tensor: &TensorHandle) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compressed_bodies_are_read_within_the_limit() {
+        fn compress<W: std::io::Write>(mut encoder: W, data: &[u8]) -> W {
+            encoder.write_all(data).expect("compress");
+            encoder
+        }
+        let level = flate2::Compression::default();
+        let json: &[u8] = br#"{"inputs": []}"#;
+        let gzip = compress(flate2::write::GzEncoder::new(Vec::new(), level), json)
+            .finish()
+            .expect("gzip");
+        let zlib = compress(flate2::write::ZlibEncoder::new(Vec::new(), level), json)
+            .finish()
+            .expect("zlib");
+        let with = |encoding: &'static str| {
+            let mut map = HeaderMap::new();
+            map.insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding));
+            map
+        };
+        let read = |headers: &HeaderMap, body: &[u8], limit| decoded(headers, Bytes::copy_from_slice(body), limit);
+        assert_eq!(read(&with("gzip"), &gzip, 1024).expect("gzip"), json);
+        assert_eq!(read(&with("deflate"), &zlib, 1024).expect("deflate"), json);
+        assert_eq!(read(&with("identity"), json, 1024).expect("identity"), json);
+        assert_eq!(read(&HeaderMap::new(), json, 1024).expect("plain"), json);
+        // 1 MiB of zeros is about a kilobyte compressed: it must not get
+        // past a 64 KiB limit once expanded.
+        let bomb = compress(flate2::write::GzEncoder::new(Vec::new(), level), &vec![0; 1 << 20])
+            .finish()
+            .expect("bomb");
+        assert!(bomb.len() < 4096);
+        let limited = read(&with("gzip"), &bomb, 64 << 10);
+        assert!(
+            matches!(limited, Err(Failure::PayloadTooLarge { limit: 65536 })),
+            "{limited:?}"
+        );
+        let unknown = read(&with("br"), &gzip, 1024);
+        assert!(
+            matches!(&unknown, Err(Failure::UnsupportedEncoding(e)) if e == "br"),
+            "{unknown:?}"
+        );
+        let broken = read(&with("gzip"), b"not gzip", 1024);
+        assert!(matches!(broken, Err(Failure::BadRequest(_))), "{broken:?}");
+    }
 
     fn parse(headers: &[(&str, &str)], body: &[u8]) -> Result<Parsed, String> {
         let mut map = HeaderMap::new();

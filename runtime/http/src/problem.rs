@@ -132,6 +132,7 @@ impl ApiError {
                     Failure::RequestTimeout => ("request-timeout", "Request body timed out"),
                     Failure::Expired { .. } => ("expired", "Expired before it ran"),
                     Failure::BadRequest(_) => ("bad-request", "Bad request"),
+                    Failure::UnsupportedEncoding(_) => ("unsupported-encoding", "Unsupported content encoding"),
                     Failure::Function(RegistryError::NotFound { .. }) => ("not-found", "Not found"),
                     Failure::Function(err) if err.is_unavailable() => ("unavailable", "Service unavailable"),
                     Failure::Model(_) if status.is_client_error() => ("bad-input", "Inputs the model does not take"),

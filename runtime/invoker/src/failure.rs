@@ -41,6 +41,9 @@ pub enum Failure {
     /// The caller's request cannot be run as it is (400).
     #[error("{0}")]
     BadRequest(String),
+    /// The request body is compressed in a way Hearth does not read (415).
+    #[error("`Content-Encoding: {0}` is not supported: send gzip, deflate or an uncompressed body")]
+    UnsupportedEncoding(String),
     /// An asynchronous invocation waited in the queue past the retention
     /// without running (504).
     #[error("the invocation waited {}s in the queue, longer than the retention, and never ran", waited.as_secs())]
@@ -78,6 +81,7 @@ impl Failure {
             Failure::RequestTimeout => 408,
             Failure::Expired { .. } => 504,
             Failure::BadRequest(_) => 400,
+            Failure::UnsupportedEncoding(_) => 415,
             Failure::Function(RegistryError::NotFound { .. }) => 404,
             Failure::Function(err) if err.is_unavailable() => 503,
             Failure::Function(_) => 500,
@@ -104,7 +108,10 @@ impl Failure {
             | Failure::Unrecorded(_)
             | Failure::Expired { .. } => Outcome::Rejected,
             Failure::Function(err) if err.is_unavailable() => Outcome::Rejected,
-            Failure::PayloadTooLarge { .. } | Failure::RequestTimeout | Failure::BadRequest(_) => Outcome::BadRequest,
+            Failure::PayloadTooLarge { .. }
+            | Failure::RequestTimeout
+            | Failure::BadRequest(_)
+            | Failure::UnsupportedEncoding(_) => Outcome::BadRequest,
             Failure::Model(_) if self.status() < 500 => Outcome::BadRequest,
             Failure::Guest(InvokeError::Internal(_)) | Failure::Function(_) | Failure::Model(_) => {
                 Outcome::InternalError
@@ -196,6 +203,7 @@ mod tests {
             (Failure::PayloadTooLarge { limit: 1 }, 413, Outcome::BadRequest),
             (Failure::RequestTimeout, 408, Outcome::BadRequest),
             (Failure::BadRequest("x".into()), 400, Outcome::BadRequest),
+            (Failure::UnsupportedEncoding("br".into()), 415, Outcome::BadRequest),
             (
                 RegistryError::NotFound {
                     tenant: "t".into(),
