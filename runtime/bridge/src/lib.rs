@@ -514,7 +514,11 @@ fn element_size(ty: TensorType) -> Option<(usize, DatumType)> {
         TensorType::Fp32 => Some((4, DatumType::F32)),
         TensorType::I32 => Some((4, DatumType::I32)),
         TensorType::I64 => Some((8, DatumType::I64)),
-        _ => None,
+        TensorType::Fp64 => Some((8, DatumType::F64)),
+        TensorType::Fp16 => Some((2, DatumType::F16)),
+        TensorType::U8 => Some((1, DatumType::U8)),
+        // tract has no bfloat16.
+        TensorType::Bf16 => None,
     }
 }
 
@@ -523,6 +527,9 @@ fn tensor_type(dt: DatumType) -> Option<TensorType> {
         DatumType::F32 => Some(TensorType::Fp32),
         DatumType::I32 => Some(TensorType::I32),
         DatumType::I64 => Some(TensorType::I64),
+        DatumType::F64 => Some(TensorType::Fp64),
+        DatumType::F16 => Some(TensorType::Fp16),
+        DatumType::U8 => Some(TensorType::U8),
         _ => None,
     }
 }
@@ -560,6 +567,9 @@ fn to_model_tensor(t: &TensorHandle) -> Result<Tensor, String> {
     let result = match dt {
         DatumType::F32 => decode(&t.data, &shape, f32::from_le_bytes),
         DatumType::I32 => decode(&t.data, &shape, i32::from_le_bytes),
+        DatumType::F64 => decode(&t.data, &shape, f64::from_le_bytes),
+        DatumType::F16 => decode(&t.data, &shape, hearth_devices::f16::from_le_bytes),
+        DatumType::U8 => decode(&t.data, &shape, u8::from_le_bytes),
         _ => decode(&t.data, &shape, i64::from_le_bytes),
     };
     result.map_err(|e| e.to_string())
@@ -960,12 +970,17 @@ mod tests {
     }
 
     fn ctx_within(dir: &std::path::Path, memory: Arc<InstanceMemory>) -> NnCtx {
-        let path = dir.join("mlp.onnx");
-        std::fs::write(&path, mlp(1)).expect("write");
+        ctx_with(dir, "mnist-mlp", &mlp(1), memory)
+    }
+
+    /// An instance's context granted one model, `model`, named `name`.
+    fn ctx_with(dir: &std::path::Path, name: &str, model: &[u8], memory: Arc<InstanceMemory>) -> NnCtx {
+        let path = dir.join(format!("{name}.onnx"));
+        std::fs::write(&path, model).expect("write");
         let models = [(
-            "mnist-mlp".to_owned(),
+            name.to_owned(),
             ModelRef {
-                key: "mlp-1".into(),
+                key: name.into(),
                 path,
                 placement: Placement::Auto,
                 cache_entries: 0,
@@ -1009,6 +1024,52 @@ mod tests {
             Ok(outputs) => Ok(outputs),
             Err(error) => Err(code_of(ctx, error).await),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_tensor_type_tract_runs_crosses_the_bridge_both_ways() {
+        use hearth_devices::f16;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let casts = hearth_fixtures::models::casts();
+        let mut ctx = ctx_with(dir.path(), "casts", &casts, InstanceMemory::new(usize::MAX));
+        let mut host = &mut ctx;
+        let graph = host.load_by_name("casts".into()).await.expect("host").expect("graph");
+        let context = host
+            .init_execution_context(graph)
+            .await
+            .expect("host")
+            .expect("context");
+        let halves: Vec<u8> = [0.5f32, -2.0, 1024.0]
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        let doubles: Vec<u8> = [1.25f64, 3.0, 200.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut inputs = Vec::new();
+        for (name, ty, data) in [
+            ("bytes", TensorType::U8, vec![0, 7, 255]),
+            ("halves", TensorType::Fp16, halves),
+            ("doubles", TensorType::Fp64, doubles),
+        ] {
+            inputs.push((name.to_owned(), host.new(vec![1, 3], ty, data).await.expect("tensor")));
+        }
+        let outputs = host.compute(context, inputs).await.expect("host").expect("compute");
+        let mut got = std::collections::BTreeMap::new();
+        for (name, tensor) in outputs {
+            let ty = host.ty(Resource::new_borrow(tensor.rep())).await.expect("ty");
+            let data = host.data(Resource::new_borrow(tensor.rep())).await.expect("data");
+            got.insert(name, (ty, data));
+        }
+        let f64s = |v: &[f64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let f16s = |v: &[f32]| {
+            v.iter()
+                .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+        assert_eq!(got["bytes_as_doubles"], (TensorType::Fp64, f64s(&[0.0, 7.0, 255.0])));
+        assert_eq!(got["halves_as_floats"], (TensorType::Fp32, f32s(&[0.5, -2.0, 1024.0])));
+        assert_eq!(got["doubles_as_halves"], (TensorType::Fp16, f16s(&[1.25, 3.0, 200.0])));
+        assert_eq!(got["doubles_as_bytes"], (TensorType::U8, vec![1, 3, 200]));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,7 @@ pub use cache::{DEFAULT_MODEL_COLD_BUDGET, DEFAULT_MODEL_IDLE_TIMEOUT, DEFAULT_M
 pub use cpu::CpuDevice;
 pub use cuda::{GpuInfo, discover_gpus};
 pub use model::{Dim, IoSpec, PreparedModel};
-pub use tract_onnx::prelude::{Datum, DatumType, Tensor, TractResult};
+pub use tract_onnx::prelude::{Datum, DatumType, Tensor, TractResult, f16};
 
 /// Result of a device operation.
 pub type Result<T, E = DeviceError> = std::result::Result<T, E>;

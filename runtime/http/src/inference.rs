@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use hearth_auth::Action;
 use hearth_bridge::{Inferred, TensorHandle, TensorType};
-use hearth_devices::{DatumType, Dim, IoSpec, LoadedModel};
+use hearth_devices::{DatumType, Dim, IoSpec, LoadedModel, f16};
 use hearth_invoker::{Failure, now_us};
 use hearth_registry::{Routed, Selector};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -178,6 +178,9 @@ fn tensor_type(datatype: &str) -> Option<(TensorType, usize)> {
         "FP32" => Some((TensorType::Fp32, 4)),
         "INT32" => Some((TensorType::I32, 4)),
         "INT64" => Some((TensorType::I64, 8)),
+        "FP64" => Some((TensorType::Fp64, 8)),
+        "FP16" => Some((TensorType::Fp16, 2)),
+        "UINT8" => Some((TensorType::U8, 1)),
         _ => None,
     }
 }
@@ -454,7 +457,7 @@ fn parse_request(headers: &HeaderMap, body: &Bytes) -> Result<Parsed, String> {
         let name = input.name;
         let (ty, size) = tensor_type(&input.datatype).ok_or_else(|| {
             format!(
-                "input `{name}`: datatype `{}` is not supported (FP32, INT32, INT64)",
+                "input `{name}`: datatype `{}` is not supported (FP32, FP64, FP16, INT32, INT64, UINT8)",
                 input.datatype
             )
         })?;
@@ -521,9 +524,15 @@ fn encode(name: &str, data: &Value, ty: TensorType, elements: u64, size: usize) 
         let bad = || format!("input `{name}`: `{value}` is not a {} value", datatype_of(ty));
         match ty {
             TensorType::Fp32 => bytes.extend((value.as_f64().ok_or_else(bad)? as f32).to_le_bytes()),
+            TensorType::Fp64 => bytes.extend(value.as_f64().ok_or_else(bad)?.to_le_bytes()),
+            TensorType::Fp16 => bytes.extend(f16::from_f64(value.as_f64().ok_or_else(bad)?).to_le_bytes()),
             TensorType::I32 => {
                 let v = value.as_i64().and_then(|v| i32::try_from(v).ok()).ok_or_else(bad)?;
                 bytes.extend(v.to_le_bytes());
+            }
+            TensorType::U8 => {
+                let v = value.as_u64().and_then(|v| u8::try_from(v).ok()).ok_or_else(bad)?;
+                bytes.push(v);
             }
             _ => bytes.extend(value.as_i64().ok_or_else(bad)?.to_le_bytes()),
         }
@@ -617,15 +626,22 @@ fn render_outputs(
 
 /// A tensor's elements as JSON values, flat and row-major.
 fn decode(tensor: &TensorHandle) -> Vec<Value> {
+    let float = |v: f64| serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number);
     let data = tensor.data();
     match tensor.ty() {
         TensorType::Fp32 => data
             .chunks_exact(4)
-            .map(|c| {
-                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                serde_json::Number::from_f64(f64::from(v)).map_or(Value::Null, Value::Number)
-            })
+            .map(|c| float(f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))))
             .collect(),
+        TensorType::Fp64 => data
+            .chunks_exact(8)
+            .map(|c| float(f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])))
+            .collect(),
+        TensorType::Fp16 => data
+            .chunks_exact(2)
+            .map(|c| float(f16::from_le_bytes([c[0], c[1]]).to_f64()))
+            .collect(),
+        TensorType::U8 => data.iter().map(|&b| Value::from(b)).collect(),
         TensorType::I32 => data
             .chunks_exact(4)
             .map(|c| Value::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
@@ -710,6 +726,35 @@ mod tests {
             .collect();
         assert_eq!(floats, [1.0, 2.0, 3.0, 4.5]);
         assert_eq!(parsed.inputs[1].1.data()[8..16], (-2i64).to_le_bytes());
+    }
+
+    #[test]
+    fn fp64_fp16_and_uint8_tensors_go_both_ways_as_json() {
+        let body = br#"{"inputs":[{"name":"d","shape":[2],"datatype":"FP64","data":[0.1,-3]},
+            {"name":"h","shape":[2],"datatype":"FP16","data":[0.5,1024]},
+            {"name":"b","shape":[3],"datatype":"UINT8","data":[0,7,255]}]}"#;
+        let parsed = parse(&[], body).expect("parsed");
+        let tensors: Vec<&TensorHandle> = parsed.inputs.iter().map(|(_, t)| t).collect();
+        let types: Vec<TensorType> = tensors.iter().map(|t| t.ty()).collect();
+        assert_eq!(types, [TensorType::Fp64, TensorType::Fp16, TensorType::U8]);
+        assert_eq!(
+            tensors[1].data(),
+            [f16::from_f32(0.5).to_le_bytes(), f16::from_f32(1024.0).to_le_bytes()].concat()
+        );
+        assert_eq!(tensors[2].data(), [0, 7, 255]);
+        // And back, as an output would be rendered.
+        let values: Vec<Vec<Value>> = tensors.iter().map(|t| decode(t)).collect();
+        assert_eq!(values[0], [Value::from(0.1), Value::from(-3.0)]);
+        assert_eq!(values[1], [Value::from(0.5), Value::from(1024.0)]);
+        assert_eq!(values[2], [Value::from(0), Value::from(7), Value::from(255)]);
+        for (datatype, value) in [("UINT8", "256"), ("UINT8", "-1"), ("UINT8", "1.5"), ("FP64", "\"x\"")] {
+            let body = format!(r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"{datatype}","data":[{value}]}}]}}"#);
+            let refused = parse(&[], body.as_bytes()).err().unwrap_or_default();
+            assert!(
+                refused.contains(&format!("not a {datatype} value")),
+                "{datatype} {value}: {refused}"
+            );
+        }
     }
 
     #[test]
