@@ -1001,6 +1001,16 @@ mod tests {
             .expect("code")
     }
 
+    /// An execution context of the granted model named `model`.
+    async fn execution_context(ctx: &mut NnCtx, model: &str) -> Resource<ContextHandle> {
+        let mut host = &mut *ctx;
+        let graph = host.load_by_name(model.into()).await.expect("host").expect("graph");
+        host.init_execution_context(graph)
+            .await
+            .expect("host")
+            .expect("context")
+    }
+
     async fn compute(
         ctx: &mut NnCtx,
         name: &str,
@@ -1008,17 +1018,8 @@ mod tests {
         ty: TensorType,
         data: Vec<u8>,
     ) -> Result<Vec<(String, Resource<TensorHandle>)>, ErrorCode> {
+        let context = execution_context(ctx, "mnist-mlp").await;
         let mut host = &mut *ctx;
-        let graph = host
-            .load_by_name("mnist-mlp".into())
-            .await
-            .expect("host")
-            .expect("graph");
-        let context = host
-            .init_execution_context(graph)
-            .await
-            .expect("host")
-            .expect("context");
         let tensor = host.new(dims, ty, data).await.expect("tensor");
         match host.compute(context, vec![(name.into(), tensor)]).await.expect("host") {
             Ok(outputs) => Ok(outputs),
@@ -1032,13 +1033,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let casts = hearth_fixtures::models::casts();
         let mut ctx = ctx_with(dir.path(), "casts", &casts, InstanceMemory::new(usize::MAX));
+        let context = execution_context(&mut ctx, "casts").await;
         let mut host = &mut ctx;
-        let graph = host.load_by_name("casts".into()).await.expect("host").expect("graph");
-        let context = host
-            .init_execution_context(graph)
-            .await
-            .expect("host")
-            .expect("context");
         let halves: Vec<u8> = [0.5f32, -2.0, 1024.0]
             .iter()
             .flat_map(|&v| f16::from_f32(v).to_le_bytes())

@@ -243,7 +243,8 @@ impl ModelCache {
         self.revivals.load(Ordering::Relaxed)
     }
 
-    /// Model look-ups since start (cache hits are `gets() - loads()`).
+    /// Model look-ups since start (cache hits are `gets() - loads() -
+    /// revivals()`).
     pub fn gets(&self) -> u64 {
         self.gets.load(Ordering::Relaxed)
     }
