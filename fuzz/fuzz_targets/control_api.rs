@@ -76,7 +76,7 @@ async fn build(data: &std::path::Path) -> Router {
         },
     );
     let state = hearth_http::AppState::new(invoker, auth, 64 << 10, None, Default::default());
-    hearth_http::router(state)
+    hearth_http::router(state, [hearth_control::routes(), hearth_oip::routes()])
 }
 
 /// The text form above as a request, or `None` where `http` itself refuses

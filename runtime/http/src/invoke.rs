@@ -197,7 +197,7 @@ fn shape(
 /// The class an invocation runs at: the function's, or a lower one asked
 /// for in the `x-hearth-qos` header. Asking for a higher class is refused
 /// (400): urgency is the deployer's decision, not the caller's.
-pub(crate) fn requested_class(headers: &http::HeaderMap, function: Qos) -> Result<Qos, Failure> {
+pub fn requested_class(headers: &http::HeaderMap, function: Qos) -> Result<Qos, Failure> {
     let Some(value) = headers.get(QOS_HEADER) else {
         return Ok(function);
     };

@@ -3,42 +3,35 @@
 //! - `/fn/{tenant}/{function}/...` runs a function ([`invoke`]): it resolves
 //!   and authenticates, shapes the guest's request and hands it to the
 //!   invoker (`hearth-invoker`), which runs it and records it;
-//! - `/v1/...` is the control API, behind bearer tokens: functions
-//!   ([`control`]), their versions and aliases ([`aliases`]), tokens
-//!   ([`tokens`]), usage ([`usage`]), asynchronous
-//!   invocations ([`asynchronous`]); its bodies are `hearth-api`'s types;
-//! - `/v2/...` is the Open Inference Protocol ([`inference`]): models that
-//!   functions serve, run directly for clients such as `tritonclient`;
 //! - `/healthz` and `/readyz` are for load balancers and orchestrators;
-//! - `/metrics` is for Prometheus.
+//! - `/metrics` is for Prometheus;
+//! - the other surfaces stand on this crate and are handed to [`router`]:
+//!   the control API `/v1` (`hearth-control`) and the Open Inference
+//!   Protocol `/v2` (`hearth-oip`).
 //!
 //! Every error leaves through [`ApiError`], the one place that maps errors to
-//! statuses and `application/problem+json` bodies.
+//! statuses and `application/problem+json` bodies; [`AppState`],
+//! [`authenticate`] and [`scope`] are what every surface's handlers share.
 
-mod aliases;
-mod asynchronous;
-mod control;
-mod inference;
 mod invoke;
 mod problem;
-mod tokens;
-mod usage;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, delete, get, post, put};
+use axum::routing::{any, get};
 use hearth_api::{Health, TenantQuery};
 use hearth_auth::{Action, Auth, Principal};
 use hearth_invoker::{Invoker, RenderFailure};
 use hearth_metering::UsageQueries;
 use http::{HeaderMap, HeaderValue, header};
 
-pub use problem::{ApiError, INVOCATION_ID_HEADER};
+pub use invoke::requested_class;
+pub use problem::{ApiError, FunctionAnswer, INVOCATION_ID_HEADER};
 
 /// Default largest deploy upload (manifest and component together): 256 MiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 256 << 20;
@@ -121,64 +114,36 @@ pub fn render_failure() -> RenderFailure {
     Arc::new(|failure, id| ApiError::from(failure).render(id))
 }
 
-/// The complete HTTP router.
-pub fn router(state: Arc<AppState>) -> Router {
-    let v1 = Router::new()
-        .route(
-            "/functions",
-            // Uploads are limited while they stream (see `control::deploy`),
-            // not by axum's buffering default.
-            post(control::deploy)
-                .get(control::list)
-                .layer(DefaultBodyLimit::disable()),
-        )
-        .route("/functions/{name}", get(control::show).delete(control::delete))
-        .route("/functions/{name}/versions", get(aliases::versions))
-        .route("/functions/{name}/versions/{version}", delete(aliases::delete_version))
-        .route("/functions/{name}/aliases", get(aliases::list))
-        .route(
-            "/functions/{name}/aliases/{alias}",
-            put(aliases::set).delete(aliases::unset),
-        )
-        .route("/functions/{name}/aliases/{alias}/history", get(aliases::history))
-        .route("/functions/{name}/aliases/{alias}/rollback", post(aliases::rollback))
-        .route("/status", get(control::status))
-        .route("/tokens", post(tokens::create).get(tokens::list))
-        .route("/tokens/revoke", post(tokens::revoke_by_value))
-        .route("/tokens/{id}", delete(tokens::revoke))
-        .route("/usage", get(usage::export))
-        .route("/usage/summary", get(usage::summary))
-        .route("/functions/{name}/invocations", post(asynchronous::submit))
-        .route("/functions/{name}/invocations/{id}", get(asynchronous::show))
-        .route(
-            "/functions/{name}/invocations/{id}/response",
-            get(asynchronous::response),
-        );
-    let own = Router::new()
-        .nest("/v1", v1)
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/readyz", get(readyz))
-        .layer(axum::middleware::map_response(problem::framework_errors_as_problems));
+/// The complete HTTP router: the invocation route, health, readiness and
+/// metrics, and the `surfaces` that stand on this crate (the control API,
+/// the inference protocol). Errors on every route but a function's own
+/// answers leave as problem bodies.
+pub fn router(state: Arc<AppState>, surfaces: impl IntoIterator<Item = Router<Arc<AppState>>>) -> Router {
+    let own = surfaces.into_iter().fold(
+        Router::new()
+            .route("/healthz", get(healthz))
+            .route("/metrics", get(metrics))
+            .route("/readyz", get(readyz)),
+        Router::merge,
+    );
     Router::new()
         .route("/fn/{tenant}/{function}", any(invoke::handle))
         .route("/fn/{tenant}/{function}/", any(invoke::handle))
         .route("/fn/{tenant}/{function}/{*rest}", any(invoke::handle))
-        .merge(own)
-        .merge(inference::routes().layer(axum::middleware::map_response(problem::framework_errors_as_problems)))
+        .merge(own.layer(axum::middleware::map_response(problem::framework_errors_as_problems)))
         .fallback(not_found)
         .with_state(state)
 }
 
 /// Authenticates the request's `Authorization` header.
-pub(crate) async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     Ok(state.auth.authenticate(authorization).await?)
 }
 
 /// Authenticates the caller and picks the tenant a control call acts in:
 /// the token's own, or for operator tokens `?tenant=` (default `default`).
-pub(crate) async fn scope(
+pub async fn scope(
     state: &AppState,
     headers: &HeaderMap,
     query: &TenantQuery,
@@ -196,7 +161,7 @@ pub(crate) async fn scope(
 
 /// Refuses (413) a body whose declared `Content-Length` exceeds `limit`,
 /// before any of it is read; bodies without one are counted as they stream.
-pub(crate) fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), u64> {
+pub fn check_declared_length(headers: &HeaderMap, limit: u64) -> Result<(), u64> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -214,7 +179,7 @@ async fn healthz() -> axum::Json<Health> {
 /// `GET /readyz`: 503 while shutting down, while the usage log cannot
 /// write (invocations are refused then), or once the store has not answered
 /// for [`STORE_OUTAGE_GRACE`]; ready otherwise.
-async fn readyz(State(state): State<Arc<AppState>>) -> Result<axum::Json<Health>, ApiError> {
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<axum::Json<Health>, ApiError> {
     if state.draining.load(Ordering::SeqCst) {
         return Err(ApiError::Unavailable("shutting down".into()));
     }

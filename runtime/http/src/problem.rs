@@ -175,7 +175,7 @@ impl ApiError {
     /// [`ApiError::into_problem`] on the Open Inference Protocol's routes:
     /// the problem also carries its detail as `error`, where that
     /// protocol's clients read it.
-    pub(crate) fn into_protocol_problem(self, invocation_id: Option<Uuid>) -> Response {
+    pub fn into_protocol_problem(self, invocation_id: Option<Uuid>) -> Response {
         self.render_as(invocation_id, true).map(axum::body::Body::from)
     }
 
@@ -324,7 +324,7 @@ impl From<RegistryError> for ApiError {
 /// Marks a response on a control route that carries a function's own answer
 /// (a stored asynchronous result), which is passed on as the function sent it.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct FunctionAnswer;
+pub struct FunctionAnswer;
 
 /// Re-sends the router's and extractors' own error answers (a bare 405, a
 /// plain-text 400 for a query that does not parse, ...) as problem bodies,

@@ -11,8 +11,8 @@ use hearth_api::{AliasHistory, AliasInfo, AliasList, AliasRoute, AliasShadow, Se
 use hearth_auth::Action;
 use hearth_store::{AliasChange, AliasTarget, LATEST, Route, Shadow, format_ms};
 
-use crate::control::{check_name, version_view};
-use crate::{ApiError, AppState, scope};
+use crate::functions::{check_name, version_view};
+use hearth_http::{ApiError, AppState, scope};
 
 /// `GET /v1/functions/{name}/versions`.
 pub(crate) async fn versions(

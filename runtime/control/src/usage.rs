@@ -14,7 +14,7 @@ use hearth_auth::Action;
 use hearth_metering::{Encoder, Filter, Format, UsageQueries, UsageRecord};
 use http::{HeaderMap, HeaderValue, header};
 
-use crate::{ApiError, AppState, scope};
+use hearth_http::{ApiError, AppState, scope};
 
 /// Records per page read from the log while streaming an export.
 const PAGE: usize = 1000;

@@ -11,7 +11,7 @@ use hearth_api::{CreateToken, TenantQuery, TokenInfo, TokenList};
 use hearth_auth::Role;
 use hearth_store::{TokenRecord, format_ms};
 
-use crate::{ApiError, AppState, authenticate};
+use hearth_http::{ApiError, AppState, authenticate};
 
 /// A token as the API shows it: never the secret, except `token` right
 /// after creation.

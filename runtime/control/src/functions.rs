@@ -1,4 +1,4 @@
-//! The control API under `/v1`: deploy, list, show and delete functions, and
+//! `/v1/functions` and `/v1/status`: deploy, list, show and delete functions, and
 //! the status of devices and warm models.
 //!
 //! Every call needs a bearer token. The tenant is the token's own, or for
@@ -21,7 +21,7 @@ use hearth_manifest::{Manifest, Qos};
 use hearth_registry::{FILE_PART_PREFIX, MODEL_PART_PREFIX, Upload};
 use hearth_store::{ArtifactKind, format_ms};
 
-use crate::{ApiError, AppState, check_declared_length, scope};
+use hearth_http::{ApiError, AppState, check_declared_length, scope};
 
 /// Largest manifest accepted, in bytes.
 const MAX_MANIFEST_BYTES: usize = 64 * 1024;

@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt as _, Limited};
 use uuid::Uuid;
 
-use crate::{ApiError, AppState, INVOCATION_ID_HEADER, authenticate, check_declared_length};
+use hearth_http::{ApiError, AppState, FunctionAnswer, INVOCATION_ID_HEADER, authenticate, check_declared_length};
 
 /// `POST /v1/functions/{name}/invocations`: stores the request and answers
 /// 202 with the invocation's id and where to ask for its result.
@@ -132,7 +132,7 @@ pub(crate) async fn response(
         )));
     };
     let mut response = Response::new(Body::from(stored.body));
-    response.extensions_mut().insert(crate::problem::FunctionAnswer);
+    response.extensions_mut().insert(FunctionAnswer);
     *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     for (name, value) in stored.headers {
         if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use hearth_auth::Action;
 use hearth_bridge::{Inferred, TensorHandle, TensorType};
 use hearth_devices::{DatumType, Dim, IoSpec, LoadedModel, f16};
+use hearth_http::{ApiError, AppState, INVOCATION_ID_HEADER, QOS_HEADER, VERSION_HEADER, authenticate};
 use hearth_invoker::{Failure, now_us};
 use hearth_registry::{Routed, Selector};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -28,14 +29,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{ApiError, AppState, INVOCATION_ID_HEADER, QOS_HEADER, VERSION_HEADER, authenticate};
-
 /// Header of the binary tensor data extension: the length of the JSON part
 /// of a body whose tensors follow as raw bytes.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
-/// The routes, to merge into the router.
-pub(crate) fn routes() -> axum::Router<Arc<AppState>> {
+/// The `/v2` routes, to hand to `hearth_http::router`.
+pub fn routes() -> axum::Router<Arc<AppState>> {
     use axum::routing::{get, post};
     axum::Router::new()
         .route("/v2", get(server_metadata))
@@ -81,7 +80,7 @@ async fn live() -> Response {
 
 /// Ready while `/readyz` is: not shutting down, and the usage log writes.
 async fn ready(State(state): State<Arc<AppState>>) -> Answer {
-    let _ready = crate::readyz(State(state)).await?;
+    let _ready = hearth_http::readyz(State(state)).await?;
     Ok(axum::Json(serde_json::json!({ "ready": true })).into_response())
 }
 
@@ -329,7 +328,7 @@ async fn run_infer(
     let mut meter = invoker.begin(id, started_at_us, deployed);
     meter.through(served.routed.alias.as_deref());
     let (parts, body) = request.into_parts();
-    let class = match crate::invoke::requested_class(&parts.headers, deployed.manifest.scaling.qos) {
+    let class = match hearth_http::requested_class(&parts.headers, deployed.manifest.scaling.qos) {
         Ok(class) => class,
         Err(failure) => {
             let failure = meter.refuse(failure).await;
