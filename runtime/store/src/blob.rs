@@ -163,7 +163,7 @@ impl BlobStore {
             source,
         })?;
         Ok(StagedBlob {
-            file: Some(file),
+            file: Some(tokio::io::BufWriter::with_capacity(STAGING_BUFFER, file)),
             path,
             hasher: Sha256::new(),
             len: 0,
@@ -173,11 +173,16 @@ impl BlobStore {
     }
 }
 
+/// Bytes gathered before each write of a staged blob: an upload arrives in
+/// chunks of a few KiB, and every write of a `tokio::fs::File` is a trip to
+/// the blocking pool (a 17 MiB component took ~4,000 of them, 0.15 s).
+const STAGING_BUFFER: usize = 1 << 20;
+
 /// A blob being written. Dropped without [`StagedBlob::commit`], its
 /// temporary file is removed: a failed upload leaves nothing behind.
 #[derive(Debug)]
 pub struct StagedBlob {
-    file: Option<tokio::fs::File>,
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
     path: PathBuf,
     hasher: Sha256,
     len: u64,
@@ -224,7 +229,7 @@ impl StagedBlob {
                 source,
             };
             file.flush().await.map_err(io)?;
-            file.sync_all().await.map_err(io)?;
+            file.get_ref().sync_all().await.map_err(io)?;
         }
         Ok(Digest(hex::encode(self.hasher.clone().finalize())))
     }
