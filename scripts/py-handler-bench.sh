@@ -4,7 +4,9 @@
 #     compile` of the same component, plain and with epoch interruption (the
 #     codegen Hearth uses: its deadlines need it), ROUNDS alternating rounds,
 #     each on new content (a custom section appended) so that every deploy
-#     compiles;
+#     compiles: on a server whose code cache holds the interpreter's
+#     function bodies (an earlier Python deploy put them there), and on one
+#     without a code cache (`--code-cache-mb 0`: a node's first deploy);
 #   - cold start (first call of a fresh version: a new instance, the model
 #     already warm; for Python, the interpreter's snapshot is instantiated)
 #     and warm latency (median of sequential calls), py-classify and classify;
@@ -32,8 +34,13 @@ url="http://127.0.0.1:$port" token=hth_py_bench
 HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$port" --data-dir "$work/data" \
   >/dev/null 2>"$work/log" &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+bare_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG=warn "$hearth" serve --listen "127.0.0.1:$bare_port" --data-dir "$work/bare" \
+  --code-cache-mb 0 >/dev/null 2>"$work/bare-log" &
+bare_pid=$!
+trap 'kill $pid $bare_pid 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 wait_ready "$url"
+wait_ready "http://127.0.0.1:$bare_port"
 export HEARTH_URL="$url" HEARTH_TOKEN="$token"
 ms() { python3 -c "import sys; print(f'{float(sys.argv[1]) * 1000:.2f}')" "$1"; }
 input="$work/input.json"
@@ -61,23 +68,30 @@ open(dst, "wb").write(open(src, "rb").read() + b"\x00" + bytes(leb) + payload)
 EOT
 }
 timed_ms() { local start=$(date +%s%N); "$@" >/dev/null; echo $(( ($(date +%s%N) - start) / 1000000 )); }
-: >"$work/deploy" >"$work/plain" >"$work/epoch"
+: >"$work/deploy" >"$work/bare.ms" >"$work/plain" >"$work/epoch"
+# The cached server's first deploy fills its code cache.
+tagged functions/py-classify/build/py-classify.wasm "$work/py/py.wasm" "warm-up $$"
+filling_ms="$(timed_ms "$hearth" deploy "$work/py" --no-build)"
 for round in $(seq 1 "$rounds"); do
   tagged functions/py-classify/build/py-classify.wasm "$work/py/py.wasm" "round $round $$"
   timed_ms "$hearth" deploy "$work/py" --no-build >>"$work/deploy"
+  HEARTH_URL="http://127.0.0.1:$bare_port" timed_ms "$hearth" deploy "$work/py" --no-build >>"$work/bare.ms"
   if [ -n "$wasmtime" ]; then
     timed_ms "$wasmtime" compile -o "$work/plain.cwasm" "$work/py/py.wasm" >>"$work/plain"
     timed_ms "$wasmtime" compile -W epoch-interruption=y -o "$work/epoch.cwasm" "$work/py/py.wasm" >>"$work/epoch"
   fi
 done
 median_of() { sort -n "$1" | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-deploy_ms="$(median_of "$work/deploy")"
+deploy_ms="$(median_of "$work/deploy")" bare_ms="$(median_of "$work/bare.ms")"
 if [ -n "$wasmtime" ]; then
   plain_ms="$(median_of "$work/plain")" epoch_ms="$(median_of "$work/epoch")"
   ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-  echo "deploy py-classify (medians of $rounds rounds): $deploy_ms ms (rounds: $(paste -sd' ' "$work/deploy")); wasmtime compile $plain_ms ms (ratio $(ratio "$deploy_ms" "$plain_ms")); wasmtime compile -W epoch-interruption=y $epoch_ms ms (ratio $(ratio "$deploy_ms" "$epoch_ms"))"
+  echo "deploy py-classify (medians of $rounds rounds): wasmtime compile $plain_ms ms, wasmtime compile -W epoch-interruption=y $epoch_ms ms"
+  echo "  code cache warm: $deploy_ms ms (rounds: $(paste -sd' ' "$work/deploy")), ratios $(ratio "$deploy_ms" "$plain_ms") / $(ratio "$deploy_ms" "$epoch_ms")"
+  echo "  filling an empty code cache (one deploy): $filling_ms ms, ratios $(ratio "$filling_ms" "$plain_ms") / $(ratio "$filling_ms" "$epoch_ms")"
+  echo "  no code cache:   $bare_ms ms (rounds: $(paste -sd' ' "$work/bare.ms")), ratios $(ratio "$bare_ms" "$plain_ms") / $(ratio "$bare_ms" "$epoch_ms")"
 else
-  echo "deploy py-classify: $deploy_ms ms (no wasmtime CLI for the reference)"
+  echo "deploy py-classify: $deploy_ms ms with the code cache warm, $bare_ms ms without (no wasmtime CLI for the reference)"
 fi
 "$hearth" deploy functions/classify --no-build >/dev/null
 # The model both name is loaded once, by a first classify call; each

@@ -7,6 +7,8 @@
 //! - [`Engine::precompile`] runs at deploy time: it validates a component,
 //!   compiles it to a `.cwasm` file on disk and checks that it is a
 //!   `wasi:http/proxy` component Hearth can link. Nothing is kept when it fails.
+//!   With a [`CodeCacheConfig`] each function body compiled is kept, and a
+//!   later compile reuses every body it shares (see [`code_cache`]).
 //! - [`Engine::load`] runs on the first invocation of a component: it maps the
 //!   `.cwasm` file (`deserialize_file`, no recompilation) and caches the
 //!   pre-linked `ProxyPre`, shared by every later instance; it recompiles
@@ -28,6 +30,7 @@
 //! over the shared model cache (only the models their function names).
 
 mod budget;
+mod code_cache;
 mod invoke;
 mod outbound;
 mod pre_init;
@@ -129,6 +132,20 @@ pub struct EngineConfig {
     /// Pre-initialise components that export [`INIT_EXPORT`] when they are
     /// compiled (see [`StartUp`]); off only for comparison.
     pub pre_initialise: bool,
+    /// Cranelift's per-function cache on disk; `None` compiles every
+    /// function of every component afresh.
+    pub code_cache: Option<CodeCacheConfig>,
+}
+
+/// Where compiled function bodies are kept for later compiles, and how
+/// much of them: deploys share most of their code (every Python handler
+/// bundles the same interpreter), so a body is compiled once per node.
+#[derive(Debug, Clone)]
+pub struct CodeCacheConfig {
+    /// The cache's folder (one subfolder per engine build).
+    pub dir: PathBuf,
+    /// Bytes it may hold; the least recently used bodies go first.
+    pub max_bytes: u64,
 }
 
 impl EngineConfig {
@@ -146,6 +163,7 @@ impl EngineConfig {
             outbound: OutboundPolicy::default(),
             memory_budget: None,
             pre_initialise: true,
+            code_cache: None,
         }
     }
 }
@@ -191,6 +209,7 @@ struct Inner {
     parked: DashMap<String, Parked>,
     compat: String,
     budget: Option<Arc<budget::MemoryBudget>>,
+    code_cache: Option<Arc<code_cache::CodeCache>>,
 }
 
 /// A deserialized component whose pre-linking was dropped.
@@ -257,6 +276,14 @@ impl Engine {
                 .decommit_batch_size(config.decommit_batch.max(1));
             wasm.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
+        let code_cache = config
+            .code_cache
+            .as_ref()
+            .map(|c| Arc::new(code_cache::CodeCache::new(c.dir.clone(), c.max_bytes)));
+        if let Some(cache) = &code_cache {
+            wasm.enable_incremental_compilation(cache.clone())
+                .map_err(wasmtime_err)?;
+        }
         let engine = wasmtime::Engine::new(&wasm).map_err(wasmtime_err)?;
 
         let mut linker = Linker::new(&engine);
@@ -267,6 +294,9 @@ impl Engine {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let compat = format!("{:016x}", hasher.finish());
+        if let Some(cache) = &code_cache {
+            cache.open(&compat);
+        }
 
         spawn_ticker(engine.weak())?;
         let budget = config.memory_budget.map(budget::MemoryBudget::new);
@@ -280,6 +310,7 @@ impl Engine {
                 loaded: DashMap::new(),
                 parked: DashMap::new(),
                 compat,
+                code_cache,
             }),
         })
     }
@@ -339,9 +370,7 @@ impl Engine {
         }
         let plain = |start_up| {
             let compiled = self
-                .inner
-                .engine
-                .precompile_component(&bytes)
+                .compile(key, &bytes)
                 .map_err(|e| EngineError::Invalid(error_chain(&e)))?;
             self.install(key, &compiled, start_up)
         };
@@ -354,7 +383,7 @@ impl Engine {
         let Some(snapshot) = snapshot else {
             return plain(start_up);
         };
-        let compiled = self.inner.engine.precompile_component(&snapshot).map_err(wasmtime_err);
+        let compiled = self.compile(key, &snapshot).map_err(wasmtime_err);
         match compiled.and_then(|compiled| self.install(key, &compiled, StartUp::Snapshot)) {
             Ok(prepared) => Ok(prepared),
             Err(err) => {
@@ -363,6 +392,38 @@ impl Engine {
                 plain(StartUp::Plain { reason })
             }
         }
+    }
+
+    /// Compiles `wasm` to a `.cwasm` image, through the code cache when
+    /// there is one (its new bodies written as one pack afterwards, on a
+    /// thread of their own: the deploy does not wait for the disk).
+    fn compile(&self, key: &str, wasm: &[u8]) -> wasmtime::Result<Vec<u8>> {
+        let Some(cache) = &self.inner.code_cache else {
+            return self.inner.engine.precompile_component(wasm);
+        };
+        let (hits, misses) = cache.counts();
+        let compiled = self.inner.engine.precompile_component(wasm);
+        let (now_hits, now_misses) = cache.counts();
+        tracing::debug!(
+            key,
+            reused = now_hits - hits,
+            compiled = now_misses - misses,
+            "function bodies from the code cache"
+        );
+        let flush = cache.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hearth-code-cache".into())
+            .spawn(move || flush.flush());
+        if spawned.is_err() {
+            cache.flush();
+        }
+        compiled
+    }
+
+    /// Function bodies compiled by this engine that later compiles found in
+    /// its code cache, and those they did not (zeros without one).
+    pub fn code_cache_counts(&self) -> (u64, u64) {
+        self.inner.code_cache.as_ref().map_or((0, 0), |cache| cache.counts())
     }
 
     /// Writes `compiled` as the artifact for `key` and loads it.
@@ -580,6 +641,40 @@ mod tests {
         assert!(!engine.is_loaded("echo"));
         engine.load("echo", component).expect("load recompiles");
         assert!(engine.compiled_path("echo").exists(), "and writes the artifact again");
+    }
+
+    #[test]
+    fn a_component_that_shares_code_with_an_earlier_one_compiles_only_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = EngineConfig::new(dir.path().join("compiled"));
+        config.code_cache = Some(CodeCacheConfig {
+            dir: dir.path().join("code-cache"),
+            max_bytes: 1 << 30,
+        });
+        // One compile per deploy (a snapshot would be a second, with code
+        // of its own).
+        config.pre_initialise = false;
+        let engine = Engine::new(config).expect("engine");
+        let first = std::fs::read(hearth_fixtures::ECHO).expect("echo");
+        engine
+            .precompile("first", Path::new(hearth_fixtures::ECHO))
+            .expect("first compile");
+        // (Bodies that repeat within one component are reused already.)
+        let (hits, compiled) = engine.code_cache_counts();
+        assert!(compiled > 0);
+
+        // The same code under another digest (a custom section appended).
+        let mut second = first;
+        second.extend_from_slice(&[0, 12, 3, b't', b'a', b'g', 1, 2, 3, 4, 5, 6, 7, 8]);
+        let path = dir.path().join("second.wasm");
+        std::fs::write(&path, &second).expect("write");
+        engine.precompile("second", &path).expect("second compile");
+        // A few bodies cranelift cannot serialize are compiled every time.
+        let (hits_after, compiled_after) = engine.code_cache_counts();
+        let again = compiled_after - compiled;
+        assert!(again * 5 < compiled, "{again} of {compiled} bodies compiled again");
+        assert!(hits_after - hits >= compiled - again);
+        assert!(engine.is_loaded("second"), "and the artifact loads");
     }
 
     #[test]

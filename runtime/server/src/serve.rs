@@ -192,6 +192,12 @@ pub struct ServeArgs {
     /// on disk.
     #[arg(long, env = "HEARTH_NO_PRE_INIT")]
     no_pre_init: bool,
+    /// Disk for compiled function bodies kept for later deploys, in MiB
+    /// (`data/code-cache`; the least recently used go first): a deploy
+    /// compiles only the functions no earlier deploy on this node compiled
+    /// (every Python handler bundles the same interpreter). 0 turns it off.
+    #[arg(long, env = "HEARTH_CODE_CACHE_MB", default_value_t = 1024)]
+    code_cache_mb: u64,
     /// Pooled instance slots whose memory is decommitted together, in one
     /// batch of `madvise` calls; 1 decommits each as its instance goes.
     #[arg(long, env = "HEARTH_POOL_DECOMMIT_BATCH", default_value_t = hearth_engine::DEFAULT_DECOMMIT_BATCH)]
@@ -318,6 +324,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     engine_config.max_memory_mb = args.max_memory_mb;
     engine_config.pre_initialise = !args.no_pre_init;
     engine_config.decommit_batch = args.pool_decommit_batch;
+    engine_config.code_cache = (args.code_cache_mb > 0).then(|| hearth_engine::CodeCacheConfig {
+        dir: data_dir.join("code-cache"),
+        max_bytes: args.code_cache_mb << 20,
+    });
     engine_config.outbound = hearth_engine::OutboundPolicy::allowing(args.allow_outbound_cidrs.iter().copied());
     engine_config.memory_budget = match args.memory_budget_mb {
         0 => hearth_engine::machine_memory_bytes().map(|bytes| bytes / 5 * 4),
