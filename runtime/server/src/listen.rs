@@ -148,8 +148,13 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, mut s
 }
 
 /// How long, and how much, a closed connection's unread request is drained.
+/// A client that has read the answer stops sending and closes, which ends
+/// the drain at once; the bytes bound only one that keeps on sending. They
+/// must cover what a fast client sends before it reads the answer: at 16
+/// MiB, the CLI's upload of 40 MiB over loopback outran the drain and met a
+/// reset about once in ten (like nginx, the time is what bounds it).
 const LINGER_TIME: Duration = Duration::from_secs(2);
-const LINGER_BYTES: u64 = 16 << 20;
+const LINGER_BYTES: u64 = 256 << 20;
 
 /// A connection that, once hyper is done with it, half-closes and drains
 /// what the client is still sending before closing (as web servers' lingering
