@@ -290,6 +290,16 @@ pub async fn deploy(args: &ClientArgs, path: &Path, no_build: bool) -> anyhow::R
         .deploy(&project, move |sent, total| {
             progress.set_length(total);
             progress.set_position(sent);
+            // Uploaded: the server compiles and checks it now (seconds for
+            // a large component, such as a Python handler's interpreter).
+            if sent >= total && progress.message().is_empty() {
+                progress.set_style(
+                    indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                );
+                progress.set_message("uploaded; compiling and checking");
+                progress.enable_steady_tick(std::time::Duration::from_millis(100));
+            }
         })
         .await;
     bar.finish_and_clear();
