@@ -94,7 +94,7 @@ fn bench(c: &mut Criterion) {
                             Start::Cold(&prepared),
                             limits,
                             &Default::default(),
-                            name,
+                            std::sync::Arc::from(name),
                             request(),
                             drop,
                         )
@@ -120,9 +120,16 @@ fn bench(c: &mut Criterion) {
                     };
                     let back = back_tx.clone();
                     let response = engine
-                        .invoke(start, limits, &Default::default(), name, request(), move |done| {
-                            let _ = back.send(done.instance);
-                        })
+                        .invoke(
+                            start,
+                            limits,
+                            &Default::default(),
+                            std::sync::Arc::from(name),
+                            request(),
+                            move |done| {
+                                let _ = back.send(done.instance);
+                            },
+                        )
                         .await
                         .expect("invoke");
                     let body = response.into_body().collect().await.expect("body");

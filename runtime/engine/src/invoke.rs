@@ -205,7 +205,7 @@ impl Engine {
         start: Start<'_>,
         limits: Limits,
         grants: &Grants,
-        label: &str,
+        label: std::sync::Arc<str>,
         request: hyper::Request<B>,
         done: impl FnOnce(Finished) + Send + 'static,
     ) -> Result<hyper::Response<ResponseBody>, InvokeError>
@@ -238,7 +238,6 @@ impl Engine {
             .new_response_outparam(sender)
             .map_err(|e| InvokeError::Internal(error_chain(&e)))?;
 
-        let label = label.to_owned();
         let timeout = limits.timeout;
         let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
         let cold = matches!(ready, Ready::Cold(_));

@@ -43,13 +43,7 @@ pub(crate) async fn handle(
     request: Request,
 ) -> Response {
     let Target { tenant, function } = target;
-    let rest = {
-        let base = format!("/fn/{tenant}/{function}");
-        let path = request.uri().path();
-        path.strip_prefix(&base)
-            .map(|rest| rest.strip_prefix('/').unwrap_or(rest).to_owned())
-            .unwrap_or_default()
-    };
+    let rest = below_mount(request.uri().path(), &tenant, &function).to_owned();
     run(state, tenant, function, rest, request).await
 }
 
@@ -72,7 +66,7 @@ async fn run(state: Arc<AppState>, tenant: String, function: String, rest: Strin
     .await;
     let mut response = match result {
         Ok(mut response) => {
-            if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+            if let Ok(value) = HeaderValue::from_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer())) {
                 response.headers_mut().insert(INVOCATION_ID_HEADER, value);
             }
             response
@@ -169,6 +163,21 @@ async fn invoke(
     Ok(response)
 }
 
+/// The part of `path` below the mount `/fn/{tenant}/{function}`, without
+/// its leading `/` (empty if `path` is not below it as written, say with
+/// percent-encoded names).
+fn below_mount<'a>(path: &'a str, tenant: &str, function: &str) -> &'a str {
+    let rest = path
+        .strip_prefix("/fn/")
+        .and_then(|p| p.strip_prefix(tenant))
+        .and_then(|p| p.strip_prefix('/'))
+        .and_then(|p| p.strip_prefix(function));
+    match rest {
+        Some(rest) => rest.strip_prefix('/').unwrap_or(rest),
+        None => "",
+    }
+}
+
 /// Checks the caller's request and turns it into the guest's: the class it
 /// runs at and the request as the guest sees it.
 fn shape(
@@ -245,6 +254,16 @@ mod tests {
         assert_eq!(guest.to_string(), "http://example.com:8080/v1/read?x=1");
         let root = guest_uri(&"/fn/acme/ocr".parse().expect("uri"), None, "").expect("uri");
         assert_eq!(root.to_string(), "http://localhost/");
+    }
+
+    #[test]
+    fn the_rest_is_what_follows_the_mount() {
+        assert_eq!(below_mount("/fn/acme/ocr/v1/read", "acme", "ocr"), "v1/read");
+        assert_eq!(below_mount("/fn/acme/ocr/", "acme", "ocr"), "");
+        assert_eq!(below_mount("/fn/acme/ocr", "acme", "ocr"), "");
+        assert_eq!(below_mount("/fn/acme/ocr@2/a//b", "acme", "ocr@2"), "a//b");
+        // Names the router decoded are not found as written: nothing below.
+        assert_eq!(below_mount("/fn/ac%6De/ocr/v1", "acme", "ocr"), "");
     }
 
     #[test]

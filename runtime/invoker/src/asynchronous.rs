@@ -280,7 +280,7 @@ impl Invoker {
         // Each attempt is billed under an id of its own, naming the
         // invocation and the attempt: a retry never collides with the
         // record of an earlier one.
-        let mut meter = Meter::new(self, &Uuid::now_v7().to_string(), now_us(), &deployed);
+        let mut meter = Meter::new(self, Uuid::now_v7().to_string(), now_us(), &deployed);
         meter.through(Some(hearth_store::LATEST));
         meter.attempt_of(&invocation.id, invocation.attempts);
         meter.set_bytes_in(invocation.request.body.len() as u64);

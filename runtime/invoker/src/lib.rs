@@ -193,7 +193,7 @@ impl Invoker {
     /// is the tenant's: run it with [`Invoker::invoke`], or end it with
     /// [`Meter::refuse`]; either way it leaves one record.
     pub fn begin(&self, id: Uuid, started_at_us: i64, deployed: &Deployed) -> Meter {
-        Meter::new(self, &id.to_string(), started_at_us, deployed)
+        Meter::new(self, id.to_string(), started_at_us, deployed)
     }
 
     /// Runs `request` on `deployed` at `class`: returns the function's

@@ -68,7 +68,7 @@ pub struct Meter {
 impl Meter {
     /// Starts the record of invocation `id` of `deployed`, which arrived at
     /// `started_at_us`.
-    pub(crate) fn new(invoker: &Invoker, id: &str, started_at_us: i64, deployed: &Deployed) -> Meter {
+    pub(crate) fn new(invoker: &Invoker, id: String, started_at_us: i64, deployed: &Deployed) -> Meter {
         Meter {
             telemetry: invoker.telemetry.clone(),
             open: true,
@@ -76,7 +76,7 @@ impl Meter {
             pending: invoker.usage.as_ref().map(UsageLog::pending),
             prices: invoker.prices.clone(),
             usage: Usage {
-                id: id.to_owned(),
+                id,
                 invocation_id: None,
                 attempt: 1,
                 tenant: deployed.version.tenant.clone(),

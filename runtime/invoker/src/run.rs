@@ -21,14 +21,18 @@ use crate::{Failure, Invoker, ResponseBody};
 
 /// The scheduler's key for the version `deployed` is.
 pub(crate) fn key(deployed: &Deployed) -> FunctionKey {
-    Invoker::key(&deployed.version)
+    FunctionKey {
+        tenant: deployed.names.tenant.clone(),
+        function: deployed.names.function.clone(),
+        version: deployed.version.version,
+    }
 }
 
 /// What the scheduler needs from a function's manifest.
 pub(crate) fn spec(deployed: &Deployed) -> FunctionSpec {
     let scaling = &deployed.manifest.scaling;
     FunctionSpec {
-        code: Arc::from(deployed.version.component.as_str()),
+        code: deployed.names.component.clone(),
         max_instances: scaling.max_instances,
         min_instances: scaling.min_instances,
         idle_timeout: Duration::from_secs(scaling.idle_timeout_s.into()),
@@ -42,11 +46,6 @@ fn limits(deployed: &Deployed, class: Qos) -> Limits {
         timeout: Duration::from_millis(deployed.manifest.limits.timeout_ms.into()),
         urgency: class.urgency(),
     }
-}
-
-fn label(deployed: &Deployed) -> String {
-    let v = &deployed.version;
-    format!("{}/{}@{}", v.tenant, v.name, v.version)
 }
 
 impl Invoker {
@@ -104,7 +103,7 @@ impl Invoker {
                 start,
                 limits(deployed, class),
                 &deployed.grants,
-                &label(deployed),
+                deployed.names.label.clone(),
                 request,
                 move |finished| {
                     // The tenant's concurrency is held until the guest is done.

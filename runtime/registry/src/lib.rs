@@ -10,6 +10,7 @@
 
 mod assets;
 mod model_check;
+mod name_key;
 pub mod routes;
 
 pub use model_check::{INVALID_MODEL_EXIT, ModelCheck};
@@ -30,6 +31,7 @@ use hearth_store::{
 };
 
 use crate::assets::AssetDirs;
+use crate::name_key::{FunctionName, NamePair};
 use crate::routes::Routes;
 
 /// Result of a registry operation.
@@ -128,6 +130,40 @@ pub struct Deployed {
     pub manifest: Manifest,
     /// Its models and asset directory.
     pub grants: Grants,
+    /// Its names as shared strings, for what every invocation hands on.
+    pub names: SharedNames,
+}
+
+impl Deployed {
+    /// `version` with its parsed `manifest` and `grants`.
+    pub fn new(version: FunctionVersion, manifest: Manifest, grants: Grants) -> Deployed {
+        let names = SharedNames {
+            tenant: Arc::from(version.tenant.as_str()),
+            function: Arc::from(version.name.as_str()),
+            label: Arc::from(format!("{}/{}@{}", version.tenant, version.name, version.version)),
+            component: Arc::from(version.component.as_str()),
+        };
+        Deployed {
+            version,
+            manifest,
+            grants,
+            names,
+        }
+    }
+}
+
+/// A version's names, made once when it is loaded: each invocation hands
+/// them on (pool keys, log labels) by reference count instead of copying.
+#[derive(Debug, Clone)]
+pub struct SharedNames {
+    /// The tenant.
+    pub tenant: Arc<str>,
+    /// The function's name.
+    pub function: Arc<str>,
+    /// `tenant/function@version`, naming the version in logs.
+    pub label: Arc<str>,
+    /// The component's digest.
+    pub component: Arc<str>,
 }
 
 /// One deploy's upload, fully received but not yet committed: the manifest
@@ -200,7 +236,7 @@ pub struct Registry {
     nn: NnHost,
     assets: AssetDirs,
     /// Each function's routing, and the versions it served.
-    functions: Arc<DashMap<(String, String), Arc<Routes>>>,
+    functions: Arc<DashMap<FunctionName, Arc<Routes>>>,
     /// Model blobs whose content was checked against their digest.
     verified: Arc<dashmap::DashSet<String>>,
     /// How a deployed model is parsed first, out of process.
@@ -371,11 +407,7 @@ impl Registry {
             })
             .await?;
         tracing::info!(tenant, function = %version.name, version = version.version, component = %version.component, artifacts = version.artifacts.len(), "deployed");
-        let deployed = Arc::new(Deployed {
-            version: version.clone(),
-            manifest,
-            grants,
-        });
+        let deployed = Arc::new(Deployed::new(version.clone(), manifest, grants));
         self.forget(tenant, &version.name);
         // Failing here leaves the routing to the next call: the deploy
         // itself is done.
@@ -521,7 +553,7 @@ impl Registry {
 
     /// A function's routing, from the cache or the store.
     async fn routes(&self, tenant: &str, name: &str) -> Result<Arc<Routes>> {
-        if let Some(found) = self.functions.get(&(tenant.to_owned(), name.to_owned())) {
+        if let Some(found) = self.functions.get(&(tenant, name) as &dyn NamePair) {
             return Ok(found.clone());
         }
         self.load_routes(tenant, name, None).await
@@ -553,8 +585,7 @@ impl Registry {
         routes.versions.insert(deployed.version.version, deployed);
         // A change announced meanwhile removed the entry: this one is
         // still served, and the next call reads the store again.
-        self.functions
-            .insert((tenant.to_owned(), name.to_owned()), routes.clone());
+        self.functions.insert(FunctionName::new(tenant, name), routes.clone());
         Ok(routes)
     }
 
@@ -582,18 +613,13 @@ impl Registry {
             StoreError::Corrupt(format!("{}/{} v{}: {e}", version.tenant, version.name, version.version))
         })?;
         let grants = self.grants(&version.tenant, &manifest, &version.artifacts).await?;
-        Ok(Arc::new(Deployed {
-            version,
-            manifest,
-            grants,
-        }))
+        Ok(Arc::new(Deployed::new(version, manifest, grants)))
     }
 
     /// The versions some alias of the function sends requests to now
     /// (`latest` included), as this node has them cached.
     pub fn routed_versions(&self, tenant: &str, name: &str) -> Vec<u32> {
-        let key = (tenant.to_owned(), name.to_owned());
-        let Some(routes) = self.functions.get(&key) else {
+        let Some(routes) = self.functions.get(&(tenant, name) as &dyn NamePair) else {
             return Vec::new();
         };
         let mut versions: Vec<u32> = routes
@@ -745,7 +771,7 @@ impl Registry {
     /// node of a cluster deployed or deleted it): the next call reads it
     /// from the store again.
     pub fn forget(&self, tenant: &str, name: &str) {
-        self.functions.remove(&(tenant.to_owned(), name.to_owned()));
+        self.functions.remove(&(tenant, name) as &dyn NamePair);
     }
 
     /// Drops every cached version (something changed elsewhere, unsaid).

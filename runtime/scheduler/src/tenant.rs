@@ -224,8 +224,11 @@ impl TenantRejection {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TenantState {
+    /// The tenant's name, shared with its permits (a permit copies no
+    /// string).
+    name: Arc<str>,
     in_flight: u64,
     tokens: f64,
     refilled: Option<Instant>,
@@ -235,7 +238,7 @@ struct TenantState {
 #[derive(Debug, Clone, Default)]
 pub struct TenantGate {
     config: Arc<TenantLimitsConfig>,
-    state: Arc<Mutex<HashMap<String, TenantState>>>,
+    state: Arc<Mutex<HashMap<Arc<str>, TenantState>>>,
     /// Live nodes sharing the limits (1 on a single node).
     nodes: Arc<AtomicU64>,
 }
@@ -245,13 +248,13 @@ pub struct TenantGate {
 #[derive(Debug)]
 pub struct TenantPermit {
     gate: TenantGate,
-    tenant: String,
+    tenant: Arc<str>,
 }
 
 impl Drop for TenantPermit {
     fn drop(&mut self) {
         let mut state = self.gate.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(tenant) = state.get_mut(&self.tenant) {
+        if let Some(tenant) = state.get_mut(&*self.tenant) {
             tenant.in_flight = tenant.in_flight.saturating_sub(1);
         }
     }
@@ -284,7 +287,20 @@ impl TenantGate {
         let nodes = self.nodes.load(Ordering::Relaxed).max(1);
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = state.entry(tenant.to_owned()).or_default();
+        // Looked up by `&str` first: an entry is made once per tenant.
+        if !state.contains_key(tenant) {
+            let name: Arc<str> = Arc::from(tenant);
+            let entry = TenantState {
+                name: name.clone(),
+                in_flight: 0,
+                tokens: 0.0,
+                refilled: None,
+            };
+            state.insert(name, entry);
+        }
+        let Some(entry) = state.get_mut(tenant) else {
+            unreachable!("inserted above, under the same lock")
+        };
         if let Some(limit) = limits.max_concurrent
             && entry.in_flight >= limit.div_ceil(nodes)
         {
@@ -316,7 +332,7 @@ impl TenantGate {
         entry.in_flight += 1;
         Ok(TenantPermit {
             gate: self.clone(),
-            tenant: tenant.to_owned(),
+            tenant: entry.name.clone(),
         })
     }
 

@@ -54,7 +54,7 @@ pub struct InvocationMetrics<'a> {
     /// Function.
     pub function: &'a str,
     /// Usage outcome (`ok`, `guest_trap`, `rejected`, ...).
-    pub outcome: &'a str,
+    pub outcome: &'static str,
     /// HTTP status.
     pub status: u16,
     /// Wall time.
@@ -166,9 +166,10 @@ pub const OTHER: &str = "other";
 /// The metrics pipeline and the instruments recorded per invocation.
 #[derive(Debug)]
 pub struct Telemetry {
-    /// Functions that have series of their own, by tenant (looked up by
-    /// `&str` on every invocation, with no allocation).
-    series: dashmap::DashMap<String, dashmap::DashSet<String>>,
+    /// Functions that have series of their own, by tenant, with their
+    /// labels (looked up by `&str` on every invocation; the labels' values
+    /// are shared, so handing them out allocates nothing).
+    series: dashmap::DashMap<String, std::collections::HashMap<String, [KeyValue; 2]>>,
     /// How many functions `series` holds.
     series_count: std::sync::atomic::AtomicUsize,
     registry: prometheus::Registry,
@@ -279,28 +280,24 @@ impl Telemetry {
     /// [`OTHER`] for both after.
     pub fn function_labels(&self, tenant: &str, function: &str) -> [KeyValue; 2] {
         use std::sync::atomic::Ordering;
-        let known = self.series.get(tenant).is_some_and(|names| names.contains(function));
-        // Racing inserts may pass the bound by the number of racers.
-        let own = known
-            || (self.series_count.load(Ordering::Relaxed) < MAX_FUNCTION_SERIES && {
-                if self
-                    .series
-                    .entry(tenant.to_owned())
-                    .or_default()
-                    .insert(function.to_owned())
-                {
-                    self.series_count.fetch_add(1, Ordering::Relaxed);
-                }
-                true
-            });
-        if own {
-            [
-                KeyValue::new("tenant", tenant.to_owned()),
-                KeyValue::new("function", function.to_owned()),
-            ]
-        } else {
-            [KeyValue::new("tenant", OTHER), KeyValue::new("function", OTHER)]
+        if let Some(labels) = self.series.get(tenant).and_then(|names| names.get(function).cloned()) {
+            return labels;
         }
+        // Racing inserts may pass the bound by the number of racers.
+        if self.series_count.load(Ordering::Relaxed) >= MAX_FUNCTION_SERIES {
+            return [KeyValue::new("tenant", OTHER), KeyValue::new("function", OTHER)];
+        }
+        let shared = |value: &str| opentelemetry::Value::String(std::sync::Arc::<str>::from(value).into());
+        let labels = [
+            KeyValue::new("tenant", shared(tenant)),
+            KeyValue::new("function", shared(function)),
+        ];
+        let mut names = self.series.entry(tenant.to_owned()).or_default();
+        let labels = names.entry(function.to_owned()).or_insert_with(|| {
+            self.series_count.fetch_add(1, Ordering::Relaxed);
+            labels
+        });
+        labels.clone()
     }
 
     /// Records one finished invocation.
@@ -309,7 +306,7 @@ impl Telemetry {
         let with_outcome = [
             function[0].clone(),
             function[1].clone(),
-            KeyValue::new("outcome", m.outcome.to_owned()),
+            KeyValue::new("outcome", m.outcome),
             KeyValue::new("http.response.status_code", i64::from(m.status)),
         ];
         self.invocations.add(1, &with_outcome);
@@ -330,7 +327,7 @@ impl Telemetry {
                 KeyValue::new("alias", m.alias.to_owned()),
                 KeyValue::new("version", i64::from(m.version)),
                 KeyValue::new("shadow", m.shadow),
-                KeyValue::new("outcome", m.outcome.to_owned()),
+                KeyValue::new("outcome", m.outcome),
             ];
             self.rollout_invocations.add(1, &labels);
             self.rollout_duration.record(m.wall.as_secs_f64(), &labels[..5]);
