@@ -288,6 +288,11 @@ pub(crate) async fn status(
     let (instances, queued) = invoker.pools().totals();
     let cache = invoker.nn().cache();
     let functions = invoker.registry().list(&tenant).await?;
+    // The counters are read before the list: a model is counted once it is
+    // in its slot, so a client that sees a load counted sees the model too
+    // (read the other way round, a load finishing in between is counted
+    // but not listed).
+    let (model_loads, model_revivals) = (cache.loads(), cache.revivals());
     let warm = cache.cached();
     let named: HashSet<String> = functions
         .iter()
@@ -386,8 +391,8 @@ pub(crate) async fn status(
         tenant,
         devices: std::iter::once(cpu).chain(gpus).collect(),
         models,
-        model_loads: cache.loads(),
-        model_revivals: cache.revivals(),
+        model_loads,
+        model_revivals,
         cold_model_bytes: cache.cold_bytes(),
         instances,
         max_instances: invoker.pools().config().max_instances,
