@@ -314,6 +314,55 @@ async fn tenant_limits_are_shared_by_the_live_nodes() {
     }
 }
 
+/// After PostgreSQL comes back, a node that lost its change feed reads
+/// every function again (anything may have changed meanwhile); if the store
+/// goes away again before it could, the node still answers the functions it
+/// knows, and refuses only what it never knew (503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeps_serving_what_it_knows_when_the_store_goes_again_after_a_restart() {
+    const FOLLOWING_AGAIN: &str = "following cluster changes again";
+    let cluster = Cluster::start(1);
+    let node = &cluster.nodes[0];
+    let work = tempfile::tempdir().expect("tempdir");
+    deploy(node, work.path(), "greet", hearth_fixtures::HELLO, "public = true\n").await;
+    // Anonymous callers: a token would need the store too (a token cache
+    // forgotten with the change feed is not trusted through an outage).
+    let anonymous = reqwest::Client::new();
+    let greet = || async {
+        let response = anonymous.get(node.fn_url("greet", "/")).send().await.expect("greet");
+        let status = response.status();
+        (status.as_u16(), response.text().await.expect("body"))
+    };
+    assert_eq!(greet().await.0, 200);
+
+    cluster.postgres.stop();
+    cluster.postgres.start_server();
+    // The node found its change feed again, and so marked what it knows
+    // as possibly changed.
+    let guard = Instant::now() + CONVERGE_GUARD;
+    while !node.log().contains(FOLLOWING_AGAIN) {
+        assert!(
+            Instant::now() < guard,
+            "the change feed never came back:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.postgres.stop();
+    let (status, body) = greet().await;
+    assert_eq!(status, 200, "a known function is served through the outage: {body}");
+    let missing = anonymous
+        .get(node.fn_url("never-deployed", "/"))
+        .send()
+        .await
+        .expect("never deployed");
+    problem(missing, 503).await;
+
+    // Back again: the node reads the function from the store once more.
+    cluster.postgres.start_server();
+    assert_eq!(greet().await, (200, "hello from hearth\n".to_owned()));
+}
+
 /// Clients spread over the nodes while one node is killed and restarted on
 /// its data directory and PostgreSQL is restarted: afterwards the fleet's
 /// export, through any node, lists every acknowledged invocation once, and

@@ -19,6 +19,7 @@ pub use routes::Selector;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use hearth_bridge::{ModelRef, NnHost};
@@ -237,6 +238,9 @@ pub struct Registry {
     assets: AssetDirs,
     /// Each function's routing, and the versions it served.
     functions: Arc<DashMap<FunctionName, Arc<Routes>>>,
+    /// Counts changes made elsewhere ([`Registry::forget`]), so a routing
+    /// read from the store while one was announced is cached as stale.
+    changes: Arc<AtomicU64>,
     /// Model blobs whose content was checked against their digest.
     verified: Arc<dashmap::DashSet<String>>,
     /// How a deployed model is parsed first, out of process.
@@ -267,6 +271,7 @@ impl Registry {
             nn,
             assets: AssetDirs::new(assets_root),
             functions: Arc::new(DashMap::new()),
+            changes: Arc::new(AtomicU64::new(0)),
             verified: Arc::new(dashmap::DashSet::new()),
             model_check: None,
         }
@@ -408,7 +413,7 @@ impl Registry {
             .await?;
         tracing::info!(tenant, function = %version.name, version = version.version, component = %version.component, artifacts = version.artifacts.len(), "deployed");
         let deployed = Arc::new(Deployed::new(version.clone(), manifest, grants));
-        self.forget(tenant, &version.name);
+        self.drop_cached(tenant, &version.name);
         // Failing here leaves the routing to the next call: the deploy
         // itself is done.
         let _ = self.load_routes(tenant, &version.name, Some(deployed)).await;
@@ -551,18 +556,36 @@ impl Registry {
         })
     }
 
-    /// A function's routing, from the cache or the store.
+    /// A function's routing, from the cache or the store. A routing marked
+    /// stale (changed elsewhere) is read again, but still served while
+    /// the store cannot be reached: a node goes on answering the functions
+    /// it knows through an outage, even one that began just as it was told
+    /// to read them again.
     async fn routes(&self, tenant: &str, name: &str) -> Result<Arc<Routes>> {
-        if let Some(found) = self.functions.get(&(tenant, name) as &dyn NamePair) {
-            return Ok(found.clone());
+        let known = match self.functions.get(&(tenant, name) as &dyn NamePair) {
+            Some(found) if !found.stale.load(Ordering::Acquire) => return Ok(found.clone()),
+            found => found.map(|found| found.clone()),
+        };
+        match (self.load_routes(tenant, name, None).await, known) {
+            (Err(err), Some(known)) if err.is_unavailable() => {
+                tracing::debug!(tenant, function = name, error = %err, "store unavailable: serving the routing cached before");
+                Ok(known)
+            }
+            (Err(err @ RegistryError::NotFound { .. }), Some(known)) => {
+                self.functions.remove_if(&(tenant, name) as &dyn NamePair, |_, cached| {
+                    Arc::ptr_eq(cached, &known)
+                });
+                Err(err)
+            }
+            (loaded, _) => loaded,
         }
-        self.load_routes(tenant, name, None).await
     }
 
     /// Reads a function's routing from the store and caches it; `known`,
     /// when it is the newest version (a deploy just made it), is used as
     /// it is instead of being prepared again.
     async fn load_routes(&self, tenant: &str, name: &str, known: Option<Arc<Deployed>>) -> Result<Arc<Routes>> {
+        let changes = self.changes.load(Ordering::SeqCst);
         let newest = self
             .store
             .latest_version(tenant, name)
@@ -577,15 +600,19 @@ impl Registry {
                 .collect(),
             latest: Arc::from(LATEST),
             versions: DashMap::new(),
+            stale: AtomicBool::new(false),
         });
         let deployed = match known {
             Some(known) if known.version.version == newest.version => known,
             _ => self.deployed(newest).await?,
         };
         routes.versions.insert(deployed.version.version, deployed);
-        // A change announced meanwhile removed the entry: this one is
-        // still served, and the next call reads the store again.
         self.functions.insert(FunctionName::new(tenant, name), routes.clone());
+        // A change announced while the store was read may not be in what
+        // was read: this answer is served, and the next call reads again.
+        if self.changes.load(Ordering::SeqCst) != changes {
+            routes.stale.store(true, Ordering::Release);
+        }
         Ok(routes)
     }
 
@@ -653,7 +680,7 @@ impl Registry {
             .set_alias(tenant, name, alias, target.clone())
             .await
             .map_err(|err| refused(err, tenant, name))?;
-        self.forget(tenant, name);
+        self.drop_cached(tenant, name);
         tracing::info!(tenant, function = name, alias, target = ?change.target, "alias changed");
         Ok(change)
     }
@@ -692,7 +719,7 @@ impl Registry {
             .delete_version(tenant, name, version)
             .await
             .map_err(|err| refused(err, tenant, name))?;
-        self.forget(tenant, name);
+        self.drop_cached(tenant, name);
         tracing::info!(tenant, function = name, version, "deleted a version");
         Ok(())
     }
@@ -767,16 +794,31 @@ impl Registry {
         Ok(versions)
     }
 
-    /// Drops the cached version of a function changed elsewhere (another
-    /// node of a cluster deployed or deleted it): the next call reads it
-    /// from the store again.
+    /// Marks the cached routing of a function changed elsewhere (another
+    /// node of a cluster deployed, deleted or re-aliased it) stale: the
+    /// next call reads it from the store again (and falls back on it only
+    /// while the store cannot be reached).
     pub fn forget(&self, tenant: &str, name: &str) {
-        self.functions.remove(&(tenant, name) as &dyn NamePair);
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        if let Some(routes) = self.functions.get(&(tenant, name) as &dyn NamePair) {
+            routes.stale.store(true, Ordering::Release);
+        }
     }
 
-    /// Drops every cached version (something changed elsewhere, unsaid).
+    /// Marks every cached routing stale (something changed elsewhere,
+    /// unsaid: the change feed was lost and found again).
     pub fn forget_all(&self) {
-        self.functions.clear();
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        for routes in self.functions.iter() {
+            routes.stale.store(true, Ordering::Release);
+        }
+    }
+
+    /// Drops the cached routing of a function this node just changed in
+    /// the store: the next call reads it, and nothing older is served.
+    fn drop_cached(&self, tenant: &str, name: &str) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        self.functions.remove(&(tenant, name) as &dyn NamePair);
     }
 
     /// Deletes what no version references any more: local blobs and
@@ -820,7 +862,7 @@ impl Registry {
         if !self.store.delete_function(tenant, name).await? {
             return Err(not_found(tenant, name));
         }
-        self.forget(tenant, name);
+        self.drop_cached(tenant, name);
         tracing::info!(tenant, function = name, "deleted");
         Ok(())
     }

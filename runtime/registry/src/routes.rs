@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use dashmap::DashMap;
 use hearth_store::{AliasTarget, LATEST};
@@ -103,6 +104,10 @@ pub(crate) struct Routes {
     pub(crate) latest: Arc<str>,
     /// Versions loaded so far.
     pub(crate) versions: DashMap<u32, Arc<Deployed>>,
+    /// Another node changed the function (or may have): read the store
+    /// again before using this, and use it only while the store cannot
+    /// be reached.
+    pub(crate) stale: AtomicBool,
 }
 
 /// Where one request goes.
@@ -252,6 +257,7 @@ mod tests {
             aliases: HashMap::new(),
             latest: Arc::from(LATEST),
             versions: DashMap::new(),
+            stale: AtomicBool::new(false),
         };
         let latest = Selector::LATEST;
         assert_eq!(routes.choose(latest, None).map(|c| c.version), Some(4));
