@@ -63,11 +63,20 @@ for fn in hello echo; do
   done
 done
 
-row() { # label url [wrk options]
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+row() { # label url [wrk options]; $measured is the server's pid
   echo "== $1: wrk -t2 -c$connections -d${duration}s"
-  wrk -t2 -c"$connections" -d"${duration}s" --latency "${@:3}" "$2" |
-    grep -E "Requests/sec|^\s+(50|99)%|Non-2xx|Socket errors" || true
+  local before out after
+  before="$(cpu_ticks "$measured")"
+  out="$(wrk -t2 -c"$connections" -d"${duration}s" --latency "${@:3}" "$2")"
+  after="$(cpu_ticks "$measured")"
+  echo "$out" | grep -E "Requests/sec|^\s+(50|99)%|Non-2xx|Socket errors" || true
+  # The server's CPU time (all its threads) per request: steadier than
+  # throughput on a machine whose speed drifts.
+  echo "$out" | awk -v a="$before" -v b="$after" -v hz="$(getconf CLK_TCK)" \
+    '/requests in/ { printf "  server CPU/request: %.1f us\n", (b - a) * 1e6 / hz / $1 }'
 }
+measured=$server
 
 for fn in hello echo; do
   [[ "$fn" =~ ${HEARTH_LOAD_ROWS:-.} ]] || continue
@@ -88,6 +97,7 @@ for reuse in 1 1000; do
   "$wasmtime" serve -O pooling-allocator -S cli --addr "127.0.0.1:$ref_port" \
     --max-instance-reuse-count "$reuse" "$wasm_dir/hello.wasm" >/dev/null 2>&1 &
   reference=$!
+  measured=$reference
   for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$ref_port/" >/dev/null 2>&1 && break; sleep 0.1; done
   row "wasmtime serve hello, --max-instance-reuse-count $reuse" "http://127.0.0.1:$ref_port/load?x=1"
   kill -TERM "$reference"; wait "$reference" 2>/dev/null || true
