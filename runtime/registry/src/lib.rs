@@ -238,8 +238,9 @@ pub struct Registry {
     assets: AssetDirs,
     /// Each function's routing, and the versions it served.
     functions: Arc<DashMap<FunctionName, Arc<Routes>>>,
-    /// Counts changes made elsewhere ([`Registry::forget`]), so a routing
-    /// read from the store while one was announced is cached as stale.
+    /// Counts invalidations (a change announced from elsewhere, or made
+    /// here), so a routing read from the store while one happened is
+    /// cached as stale.
     changes: Arc<AtomicU64>,
     /// Model blobs whose content was checked against their digest.
     verified: Arc<dashmap::DashSet<String>>,
