@@ -228,6 +228,10 @@ pub fn placement(wish: DeviceWish) -> Placement {
     }
 }
 
+/// How long stale routings are served without trying the store again after
+/// it could not be reached.
+const STORE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The registry. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -242,6 +246,13 @@ pub struct Registry {
     /// here), so a routing read from the store while one happened is
     /// cached as stale.
     changes: Arc<AtomicU64>,
+    /// When a stale routing may next try the store, in milliseconds since
+    /// `epoch`: after the store could not be reached, stale routings are
+    /// served without trying it for [`STORE_RETRY`] (a store that does not
+    /// answer at all would otherwise hold every such call for the pool's
+    /// connection timeout).
+    store_retry_at_ms: Arc<AtomicU64>,
+    epoch: std::time::Instant,
     /// Model blobs whose content was checked against their digest.
     verified: Arc<dashmap::DashSet<String>>,
     /// How a deployed model is parsed first, out of process.
@@ -273,6 +284,8 @@ impl Registry {
             assets: AssetDirs::new(assets_root),
             functions: Arc::new(DashMap::new()),
             changes: Arc::new(AtomicU64::new(0)),
+            store_retry_at_ms: Arc::new(AtomicU64::new(0)),
+            epoch: std::time::Instant::now(),
             verified: Arc::new(dashmap::DashSet::new()),
             model_check: None,
         }
@@ -567,8 +580,16 @@ impl Registry {
             Some(found) if !found.stale.load(Ordering::Acquire) => return Ok(found.clone()),
             found => found.map(|found| found.clone()),
         };
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        if let Some(known) = &known
+            && now_ms < self.store_retry_at_ms.load(Ordering::Relaxed)
+        {
+            return Ok(known.clone());
+        }
         match (self.load_routes(tenant, name, None).await, known) {
             (Err(err), Some(known)) if err.is_unavailable() => {
+                let retry_at = self.epoch.elapsed().as_millis() as u64 + STORE_RETRY.as_millis() as u64;
+                self.store_retry_at_ms.fetch_max(retry_at, Ordering::Relaxed);
                 tracing::debug!(tenant, function = name, error = %err, "store unavailable: serving the routing cached before");
                 Ok(known)
             }
