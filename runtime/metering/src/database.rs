@@ -10,12 +10,14 @@ use rusqlite::{Connection, OptionalExtension as _, Row, params};
 use crate::record::{Outcome, Usage, UsageRecord};
 use crate::sink::Sink;
 
-/// One table clustered on the record id. Ids are UUIDv7, minted when the
-/// request arrives, so they sort by time: inserts append, and time ranges are
-/// id ranges. `seq`, the commit sequence, has an index of its own: exports
-/// page by it (see [`SEQ_MIGRATION`] for tables made before it existed).
+/// One table in commit order: the commit sequence is the rowid, so an
+/// ingestion appends at the table's end and an export's page is a range of
+/// it. The record id (UUIDv7, minted when the request arrived, so sorting
+/// by time) has a unique index: time ranges are id ranges, and a record
+/// ingested twice is kept once.
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
-    id TEXT PRIMARY KEY,
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
     tenant TEXT NOT NULL,
     function TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -37,17 +39,21 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
     cost_nanos INTEGER NOT NULL,
     currency TEXT NOT NULL,
     price_version TEXT NOT NULL,
-    seq INTEGER,
     compute_ns INTEGER NOT NULL DEFAULT 0,
     gpu_ns INTEGER NOT NULL DEFAULT 0,
     invocation_id TEXT,
-    attempt INTEGER NOT NULL DEFAULT 1
-) WITHOUT ROWID;";
+    attempt INTEGER NOT NULL DEFAULT 1,
+    alias TEXT NOT NULL DEFAULT '',
+    shadow INTEGER NOT NULL DEFAULT 0,
+    inference_cache_hits INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS usage_id ON usage (id);";
 
-/// Columns added after the first schema, with how to fill them in for the
-/// records already there: model compute (until then only GPU time was
-/// recorded, in microseconds, as `gpu_us`, which is still written) and
-/// asynchronous attempts.
+/// Columns added to the table of earlier Hearths (clustered on the id),
+/// with how to fill them in for the records already there: model compute
+/// (until then only GPU time was recorded, in microseconds, as `gpu_us`,
+/// which is still written) and asynchronous attempts. [`recluster`] then
+/// moves their records into today's table.
 const ADDED_COLUMNS: [(&str, &str); 7] = [
     (
         "compute_ns INTEGER NOT NULL DEFAULT 0",
@@ -64,10 +70,6 @@ const ADDED_COLUMNS: [(&str, &str); 7] = [
     ("inference_cache_hits INTEGER NOT NULL DEFAULT 0", ""),
 ];
 
-/// Numbers the records of a table made before commit sequences, in id
-/// order, once; then indexes `seq`.
-const SEQ_MIGRATION: &str = "CREATE UNIQUE INDEX IF NOT EXISTS usage_seq ON usage (seq);";
-
 pub(crate) const COLUMNS: &str = "id, tenant, function, version, started_at_us, ended_at_us, status, outcome, cold_start, \
      queue_us, memory_peak_bytes, guest_cpu_us, device, gpu_us, inference_calls, batched_calls, bytes_in, bytes_out, \
      billed_ms, cost_nanos, currency, price_version, seq, compute_ns, gpu_ns, invocation_id, attempt, alias, shadow, inference_cache_hits";
@@ -79,10 +81,36 @@ pub(crate) fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     // (checkpointed) before a journal is dropped.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    let earlier = conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage' AND sql LIKE '%WITHOUT ROWID%'")?
+        .exists([])?;
+    if earlier {
+        migrate_seq(&conn)?;
+        add_columns(&conn)?;
+        recluster(&conn)?;
+    }
     conn.execute_batch(SCHEMA)?;
-    migrate_seq(&conn)?;
-    add_columns(&conn)?;
     Ok(conn)
+}
+
+/// Moves the records of a table clustered on the id (made by an earlier
+/// Hearth) into today's table, clustered on the commit sequence; once, in one
+/// transaction, so a crash leaves either table whole.
+fn recluster(conn: &Connection) -> rusqlite::Result<()> {
+    let records: i64 = conn.query_row("SELECT count(*) FROM usage", [], |row| row.get(0))?;
+    tracing::info!(
+        records,
+        "usage.db: moving records into commit order (once, after an upgrade)"
+    );
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(&format!(
+        "DROP INDEX IF EXISTS usage_seq;
+         ALTER TABLE usage RENAME TO usage_by_id;
+         {SCHEMA}
+         INSERT INTO usage ({COLUMNS}) SELECT {COLUMNS} FROM usage_by_id ORDER BY seq;
+         DROP TABLE usage_by_id;"
+    ))?;
+    tx.commit()
 }
 
 /// Gives a table made by an earlier Hearth the [`ADDED_COLUMNS`] it lacks.
@@ -121,7 +149,7 @@ fn migrate_seq(conn: &Connection) -> rusqlite::Result<()> {
         drop(number);
         tx.commit()?;
     }
-    conn.execute_batch(SEQ_MIGRATION)
+    Ok(())
 }
 
 pub(crate) fn sql_u64(v: u64) -> i64 {
@@ -177,57 +205,89 @@ pub(crate) struct SqliteSink {
     pub(crate) conn: Option<Connection>,
 }
 
+/// Records per `INSERT` statement: one statement's fixed cost (a step, a
+/// reset, a transaction check) is shared by these many rows.
+const ROWS_PER_INSERT: usize = 32;
+
+/// The `INSERT` of `rows` records.
+fn insert_sql(rows: usize) -> String {
+    let columns = COLUMNS.split(',').count();
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    format!(
+        "INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES {}",
+        vec![row; rows].join(", ")
+    )
+}
+
+/// Binds `r` to the parameters of `insert` from `first` (1-based), in
+/// [`COLUMNS`] order.
+fn bind(insert: &mut rusqlite::Statement<'_>, first: usize, r: &UsageRecord) -> rusqlite::Result<()> {
+    let u = &r.usage;
+    let values: [&dyn rusqlite::ToSql; 30] = [
+        &u.id,
+        &u.tenant,
+        &u.function,
+        &u.version,
+        &u.started_at_us,
+        &u.ended_at_us,
+        &u.status,
+        &u.outcome.as_str(),
+        &u.cold_start,
+        &sql_u64(u.queue_us),
+        &sql_u64(u.memory_peak_bytes),
+        &sql_u64(u.guest_cpu_us),
+        &u.device,
+        &sql_u64(u.gpu_ns / 1000),
+        &sql_u64(u.inference_calls),
+        &sql_u64(u.batched_calls),
+        &sql_u64(u.bytes_in),
+        &sql_u64(u.bytes_out),
+        &sql_u64(u.billed_ms()),
+        &r.cost_nanos,
+        &r.currency,
+        &r.price_version,
+        &sql_u64(r.seq),
+        &sql_u64(u.compute_ns),
+        &sql_u64(u.gpu_ns),
+        &u.invocation_id,
+        &u.attempt,
+        &u.alias,
+        &u.shadow,
+        &sql_u64(u.inference_cache_hits),
+    ];
+    for (i, value) in values.into_iter().enumerate() {
+        insert.raw_bind_parameter(first + i, value)?;
+    }
+    Ok(())
+}
+
+/// Writes `batch` in one transaction, [`ROWS_PER_INSERT`] rows per
+/// statement.
+fn insert_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let columns = COLUMNS.split(',').count();
+        let mut chunks = batch.chunks_exact(ROWS_PER_INSERT);
+        let mut insert = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
+        for chunk in &mut chunks {
+            for (row, r) in chunk.iter().enumerate() {
+                bind(&mut insert, 1 + row * columns, r)?;
+            }
+            insert.raw_execute()?;
+        }
+        let mut insert = tx.prepare_cached(&insert_sql(1))?;
+        for r in chunks.remainder() {
+            bind(&mut insert, 1, r)?;
+            insert.raw_execute()?;
+        }
+    }
+    tx.commit()
+}
+
 impl Sink for SqliteSink {
     fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
         let conn = self.conn.as_mut().ok_or("the database is not open")?;
-        let tx = conn.transaction().map_err(|e| e.to_string())?;
-        {
-            let mut insert = tx
-                .prepare_cached(&format!(
-                    "INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, \
-                     ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
-                ))
-                .map_err(|e| e.to_string())?;
-            for r in batch {
-                let u = &r.usage;
-                insert
-                    .execute(params![
-                        u.id,
-                        u.tenant,
-                        u.function,
-                        u.version,
-                        u.started_at_us,
-                        u.ended_at_us,
-                        u.status,
-                        u.outcome.as_str(),
-                        u.cold_start,
-                        sql_u64(u.queue_us),
-                        sql_u64(u.memory_peak_bytes),
-                        sql_u64(u.guest_cpu_us),
-                        u.device,
-                        sql_u64(u.gpu_ns / 1000),
-                        sql_u64(u.inference_calls),
-                        sql_u64(u.batched_calls),
-                        sql_u64(u.bytes_in),
-                        sql_u64(u.bytes_out),
-                        sql_u64(u.billed_ms()),
-                        r.cost_nanos,
-                        r.currency,
-                        r.price_version,
-                        sql_u64(r.seq),
-                        sql_u64(u.compute_ns),
-                        sql_u64(u.gpu_ns),
-                        u.invocation_id,
-                        u.attempt,
-                        u.alias,
-                        u.shadow,
-                        sql_u64(u.inference_cache_hits),
-                    ])
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        tx.commit().map_err(|e| e.to_string())
+        insert_batch(conn, batch).map_err(|e| e.to_string())
     }
 
     fn reopen(&mut self) -> Result<(), String> {

@@ -323,6 +323,21 @@ async fn a_database_from_an_earlier_hearth_is_numbered_and_gains_the_new_columns
         .await
         .expect("written");
     assert_eq!(next, 3);
+    // Moved into today's table, clustered on the commit sequence, once.
+    let conn = rusqlite::Connection::open(dir.path().join("usage.db")).expect("db");
+    let tables: Vec<String> = conn
+        .prepare("SELECT sql FROM sqlite_master WHERE type = 'table'")
+        .expect("query")
+        .query_map([], |row| row.get(0))
+        .expect("rows")
+        .collect::<Result<_, _>>()
+        .expect("tables");
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    assert!(tables[0].contains("seq INTEGER PRIMARY KEY"), "{tables:?}");
+    log.close(std::time::Duration::ZERO);
+    let log = UsageLog::open(dir.path(), LogConfig::default()).expect("reopened");
+    let all = log.page(&Filter::default(), 0, None, 10).await.expect("page");
+    assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
 }
 
 #[tokio::test]
