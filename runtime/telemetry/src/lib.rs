@@ -18,6 +18,7 @@
 //! functions cannot blow up the scrape.
 
 mod lines;
+mod text;
 
 pub use lines::{GUEST_BUFFER_BYTES, GUEST_TARGET, REQUEST_TARGET, guest_lines_dropped};
 
@@ -435,7 +436,10 @@ pub fn init_tracing(format: LogFormat, service: &str) -> Result<TracingGuard, Te
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
     let events_only = tracing_subscriber::filter::filter_fn(|metadata| metadata.is_event());
     let fmt = match format {
-        LogFormat::Text => fmt.with_filter(events_only).boxed(),
+        LogFormat::Text => fmt
+            .event_format(text::TextFormat::new(ansi))
+            .with_filter(events_only)
+            .boxed(),
         LogFormat::Json => fmt.json().with_filter(events_only).boxed(),
     };
     let otlp = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
