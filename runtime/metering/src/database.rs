@@ -3,6 +3,7 @@
 //! exports and summaries read.
 
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
@@ -209,21 +210,37 @@ pub(crate) struct SqliteSink {
 /// reset, a transaction check) is shared by these many rows.
 const ROWS_PER_INSERT: usize = 32;
 
+/// The number of [`COLUMNS`]: the values [`bind`] gives each row.
+const COLUMN_COUNT: usize = {
+    let (bytes, mut i, mut commas) = (COLUMNS.as_bytes(), 0, 0);
+    while i < bytes.len() {
+        if bytes[i] == b',' {
+            commas += 1;
+        }
+        i += 1;
+    }
+    commas + 1
+};
+
 /// The `INSERT` of `rows` records.
 fn insert_sql(rows: usize) -> String {
-    let columns = COLUMNS.split(',').count();
-    let row = format!("({})", vec!["?"; columns].join(", "));
+    let row = format!("({})", vec!["?"; COLUMN_COUNT].join(", "));
     format!(
         "INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES {}",
         vec![row; rows].join(", ")
     )
 }
 
+/// The statements [`insert_batch`] uses, made once: of
+/// [`ROWS_PER_INSERT`] rows, and of one.
+static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
+static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
+
 /// Binds `r` to the parameters of `insert` from `first` (1-based), in
 /// [`COLUMNS`] order.
 fn bind(insert: &mut rusqlite::Statement<'_>, first: usize, r: &UsageRecord) -> rusqlite::Result<()> {
     let u = &r.usage;
-    let values: [&dyn rusqlite::ToSql; 30] = [
+    let values: [&dyn rusqlite::ToSql; COLUMN_COUNT] = [
         &u.id,
         &u.tenant,
         &u.function,
@@ -266,16 +283,15 @@ fn bind(insert: &mut rusqlite::Statement<'_>, first: usize, r: &UsageRecord) -> 
 fn insert_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
-        let columns = COLUMNS.split(',').count();
         let mut chunks = batch.chunks_exact(ROWS_PER_INSERT);
-        let mut insert = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
+        let mut insert = tx.prepare_cached(&INSERT_MANY)?;
         for chunk in &mut chunks {
             for (row, r) in chunk.iter().enumerate() {
-                bind(&mut insert, 1 + row * columns, r)?;
+                bind(&mut insert, 1 + row * COLUMN_COUNT, r)?;
             }
             insert.raw_execute()?;
         }
-        let mut insert = tx.prepare_cached(&insert_sql(1))?;
+        let mut insert = tx.prepare_cached(&INSERT_ONE)?;
         for r in chunks.remainder() {
             bind(&mut insert, 1, r)?;
             insert.raw_execute()?;
