@@ -580,15 +580,14 @@ impl Registry {
             Some(found) if !found.stale.load(Ordering::Acquire) => return Ok(found.clone()),
             found => found.map(|found| found.clone()),
         };
-        let now_ms = self.epoch.elapsed().as_millis() as u64;
         if let Some(known) = &known
-            && now_ms < self.store_retry_at_ms.load(Ordering::Relaxed)
+            && self.since_epoch_ms() < self.store_retry_at_ms.load(Ordering::Relaxed)
         {
             return Ok(known.clone());
         }
         match (self.load_routes(tenant, name, None).await, known) {
             (Err(err), Some(known)) if err.is_unavailable() => {
-                let retry_at = self.epoch.elapsed().as_millis() as u64 + STORE_RETRY.as_millis() as u64;
+                let retry_at = self.since_epoch_ms() + STORE_RETRY.as_millis() as u64;
                 self.store_retry_at_ms.fetch_max(retry_at, Ordering::Relaxed);
                 tracing::debug!(tenant, function = name, error = %err, "store unavailable: serving the routing cached before");
                 Ok(known)
@@ -601,6 +600,11 @@ impl Registry {
             }
             (loaded, _) => loaded,
         }
+    }
+
+    /// Milliseconds since `epoch`, the clock of `store_retry_at_ms`.
+    fn since_epoch_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Reads a function's routing from the store and caches it; `known`,
