@@ -21,10 +21,14 @@
 //!
 //! **Cost.** Ingestion is most of the log's CPU (a few microseconds per
 //! record, against a fraction of one for the append), and none of it is on
-//! an answer's path: the ingester runs at [`INGEST_NICE`], so on a busy node
-//! it takes the CPU the invocations leave rather than preempting them, in
-//! transactions of up to [`MAX_BATCH`] records. The fsyncs stay at normal
-//! priority: their interval is the durability contract.
+//! an answer's path. An idle-time ingester runs at [`INGEST_NICE`], so on a
+//! busy node it takes the CPU the invocations leave rather than preempting
+//! them. A second ingester, at normal priority, steps in when that is not
+//! enough: when a reader waits (queries see everything written before
+//! them) or when more than [`BACKLOG`] synced records wait (under sustained
+//! saturation, which bounds the memory they hold). The two take turns on
+//! the database, so ingestion stays in commit order. The fsyncs stay at
+//! normal priority: their interval is the durability contract.
 //!
 //! **Order.** Each record gets a commit sequence when it is appended, under
 //! the same lock as the write, so the journal is in sequence order; the
@@ -60,6 +64,25 @@ use crate::sink::{LogError, MAX_BATCH, Sink};
 
 /// Longest the syncer holds a strict group open for invocations still running.
 pub const GROUP_WINDOW: Duration = Duration::from_millis(1);
+/// How the log's threads pace themselves: the defaults, or a unit test's
+/// own, to run one path alone.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
+    /// Longest a strict group is held open ([`GROUP_WINDOW`]).
+    pub(crate) window: Duration,
+    /// How often the idle-time ingester runs ([`INGEST_EVERY`]).
+    pub(crate) ingest_every: Duration,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace {
+            window: GROUP_WINDOW,
+            ingest_every: INGEST_EVERY,
+        }
+    }
+}
+
 /// Default longest time a record written in process mode waits for its fsync.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(10);
 /// How often synced records are ingested into the database when nobody
@@ -70,6 +93,10 @@ const INGEST_EVERY: Duration = Duration::from_millis(100);
 /// warm `hello` a quarter of its throughput at 2 connections, where each
 /// wake-up of the ingester preempted an answer in flight.
 pub const INGEST_NICE: i32 = 10;
+/// Synced records waiting for ingestion past which the normal-priority
+/// ingester takes over (about two seconds of a saturated node's records,
+/// some tens of MiB).
+pub(crate) const BACKLOG: usize = if cfg!(test) { 256 } else { 1 << 16 };
 /// How long a caller waits for its record to become durable before giving
 /// up (the log keeps the record and makes it durable once it can).
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
@@ -159,8 +186,7 @@ impl LogStats {
 #[derive(Debug)]
 struct Shared {
     config: LogConfig,
-    /// Longest a strict group is held open ([`GROUP_WINDOW`]).
-    window: Duration,
+    pace: Pace,
     journal: Mutex<Journal>,
     /// False from a failed journal write or fsync until the syncer has
     /// written the records again to a new journal.
@@ -187,7 +213,10 @@ struct Shared {
     /// Whether the syncer is waiting for `pending` to reach zero.
     syncer_waiting: AtomicBool,
     syncer: OnceLock<std::thread::Thread>,
+    /// The idle-time ingester.
     ingester: OnceLock<std::thread::Thread>,
+    /// The normal-priority ingester, for readers and backlogs.
+    ingest_now: OnceLock<std::thread::Thread>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -208,6 +237,18 @@ impl Shared {
         if let Some(ingester) = self.ingester.get() {
             ingester.unpark();
         }
+    }
+
+    fn wake_ingest_now(&self) {
+        if let Some(ingester) = self.ingest_now.get() {
+            ingester.unpark();
+        }
+    }
+
+    /// Whether a reader waits for records that are synced, not yet ingested.
+    fn reader_waits(&self) -> bool {
+        let visible = *self.visible.borrow();
+        self.wanted_visible.load(Ordering::Acquire) > visible && *self.synced.borrow() > visible
     }
 
     fn healthy(&self) -> bool {
@@ -303,7 +344,7 @@ impl UsageLog {
         let conn = open_connection(&path)?;
         let reader = open_connection(&path)?;
         let sink = SqliteSink { path, conn: Some(conn) };
-        let mut log = UsageLog::start(sink, &data_dir.join("usage-journal"), config, GROUP_WINDOW)?;
+        let mut log = UsageLog::start(sink, &data_dir.join("usage-journal"), config, Pace::default())?;
         log.reader = Some(Arc::new(Mutex::new(reader)));
         Ok(log)
     }
@@ -311,16 +352,16 @@ impl UsageLog {
     /// A log over any sink, journaling in `journal_dir` (unit tests inject
     /// failures this way); it has no query side.
     pub fn with_sink(sink: impl Sink, journal_dir: &Path, config: LogConfig) -> Result<UsageLog, LogError> {
-        UsageLog::start(sink, journal_dir, config, GROUP_WINDOW)
+        UsageLog::start(sink, journal_dir, config, Pace::default())
     }
 
-    /// Recovers the journal into `sink`, then starts the syncer over both,
-    /// holding strict groups open up to `window`.
+    /// Recovers the journal into `sink`, then starts the syncer and the
+    /// ingesters over both.
     pub(crate) fn start(
         mut sink: impl Sink,
         journal_dir: &Path,
         config: LogConfig,
-        window: Duration,
+        pace: Pace,
     ) -> Result<UsageLog, LogError> {
         let io = |what: &str, e: std::io::Error| LogError::Database(format!("{what} {}: {e}", journal_dir.display()));
         std::fs::create_dir_all(journal_dir).map_err(|e| io("creating", e))?;
@@ -333,7 +374,7 @@ impl UsageLog {
         stats.synced.store(last, Ordering::Relaxed);
         let shared = Arc::new(Shared {
             config,
-            window,
+            pace,
             journal: Mutex::new(Journal {
                 dir: journal_dir.to_owned(),
                 file: Some(file),
@@ -356,6 +397,7 @@ impl UsageLog {
             syncer_waiting: AtomicBool::new(false),
             syncer: OnceLock::new(),
             ingester: OnceLock::new(),
+            ingest_now: OnceLock::new(),
             threads: Mutex::new(Vec::new()),
         });
         let spawn = |name: &str, run: Box<dyn FnOnce() + Send>| {
@@ -364,20 +406,21 @@ impl UsageLog {
                 .spawn(run)
                 .map_err(|e| LogError::Database(format!("starting the {name} thread: {e}")))
         };
-        let ingester_shared = shared.clone();
-        let ingester = spawn(
-            "hearth-usage-ingester",
-            Box::new(move || ingester(sink, &ingester_shared)),
-        )?;
-        let _ = shared.ingester.set(ingester.thread().clone());
+        let sink = Arc::new(Mutex::new(sink));
+        let (idle_shared, idle_sink) = (shared.clone(), sink.clone());
+        let idle = spawn("usage-ingest", Box::new(move || ingest_idle(&idle_sink, &idle_shared)))?;
+        let _ = shared.ingester.set(idle.thread().clone());
+        let now_shared = shared.clone();
+        let now = spawn("usage-ingest-fg", Box::new(move || ingest_now(&sink, &now_shared)))?;
+        let _ = shared.ingest_now.set(now.thread().clone());
         let syncer_shared = shared.clone();
-        let syncer = spawn("hearth-usage-syncer", Box::new(move || syncer(&syncer_shared)))?;
+        let syncer = spawn("usage-sync", Box::new(move || syncer(&syncer_shared)))?;
         let _ = shared.syncer.set(syncer.thread().clone());
         shared
             .threads
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .extend([syncer, ingester]);
+            .extend([syncer, idle, now]);
         Ok(UsageLog { shared, reader: None })
     }
 
@@ -483,7 +526,7 @@ impl UsageLog {
         shared.wanted.fetch_max(seq, Ordering::AcqRel);
         shared.wake_syncer();
         // Already synced: the syncer will not pass by to wake the ingester.
-        shared.wake_ingester();
+        shared.wake_ingest_now();
         wait_for(&shared.visible, seq).await
     }
 
@@ -696,13 +739,13 @@ fn syncer(shared: &Shared) {
     loop {
         let closing = shared.closed.load(Ordering::Acquire);
         wait_for_group(shared, closing);
-        let (group, file) = {
+        let (group, file, backlog) = {
             let mut journal = shared.journal();
             let batch = std::mem::take(&mut journal.queue);
             let group = batch.last().map(|r| r.seq);
             journal.in_flight.extend(batch);
             let file = journal.file.as_ref().and_then(|f| f.file.try_clone().ok());
-            (group, file)
+            (group, file, journal.in_flight.len())
         };
         let broken = file.is_none() || !shared.journal_ok.load(Ordering::Acquire);
         if group.is_some() || broken {
@@ -729,71 +772,105 @@ fn syncer(shared: &Shared) {
                 shared.synced.send_modify(|synced| *synced = (*synced).max(top));
             }
             shared.journal_ok.store(true, Ordering::Release);
-            if top.is_some_and(|_| shared.wanted_visible.load(Ordering::Acquire) > *shared.visible.borrow()) {
-                shared.wake_ingester();
+            if top.is_some() && (backlog >= BACKLOG || shared.reader_waits()) {
+                shared.wake_ingest_now();
             }
         }
         if closing {
             shared.all_synced.store(true, Ordering::Release);
             shared.wake_ingester();
+            shared.wake_ingest_now();
             return;
         }
     }
 }
 
-/// The ingester thread, at [`INGEST_NICE`]: moves synced records into the
-/// database every [`INGEST_EVERY`], or at once when someone waits to read
-/// them; starts a fresh journal when the current one is large; once the
-/// log is closed and everything synced, ingests the rest and stops.
-fn ingester(mut sink: impl Sink, shared: &Shared) {
+/// The idle-time ingester, at [`INGEST_NICE`]: every [`INGEST_EVERY`]
+/// ([`Pace::ingest_every`]),
+/// moves the synced records into the database, one transaction of up to
+/// [`MAX_BATCH`] at a time (taking the database in turns with
+/// [`ingest_now`]), and starts a fresh journal when the current one is
+/// large; stops once the log is closed.
+fn ingest_idle<S: Sink>(sink: &Mutex<S>, shared: &Shared) {
     lower_priority();
-    let wanted = || {
-        let visible = *shared.visible.borrow();
-        shared.wanted_visible.load(Ordering::Acquire) > visible && *shared.synced.borrow() > visible
-    };
     loop {
-        let deadline = Instant::now() + INGEST_EVERY;
+        let deadline = Instant::now() + shared.pace.ingest_every;
+        loop {
+            let now = Instant::now();
+            if shared.all_synced.load(Ordering::Acquire) {
+                return;
+            }
+            if now >= deadline {
+                break;
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+        loop {
+            let mut sink = sink.lock().unwrap_or_else(PoisonError::into_inner);
+            if ingest(&mut *sink, shared, MAX_BATCH) < MAX_BATCH {
+                rotate_if_large(&mut *sink, shared);
+                break;
+            }
+        }
+    }
+}
+
+/// The normal-priority ingester: sleeps until a reader waits for synced
+/// records or more than [`BACKLOG`] wait, then ingests everything synced;
+/// once the log is closed and everything synced, ingests the rest, makes
+/// the database durable and stops.
+fn ingest_now<S: Sink>(sink: &Mutex<S>, shared: &Shared) {
+    let backlog = || shared.journal().in_flight.len() >= BACKLOG;
+    loop {
         let last = loop {
             // Read before the sequence it covers (the syncer stores them in
             // the other order): once it is set, everything is synced.
             let last = shared.all_synced.load(Ordering::Acquire);
-            let now = Instant::now();
-            if last || now >= deadline || wanted() {
+            if last || shared.reader_waits() || backlog() {
                 break last;
             }
-            std::thread::park_timeout(deadline - now);
+            std::thread::park();
         };
-        let synced = shared.stats.synced.load(Ordering::Acquire);
-        let batch: Vec<UsageRecord> = {
-            let mut journal = shared.journal();
-            let n = journal.in_flight.partition_point(|r| r.seq <= synced);
-            journal.in_flight.drain(..n).collect()
-        };
-        for group in batch.chunks(MAX_BATCH) {
-            if let Err(error) = sink.write(group) {
-                shared.database_ok.store(false, Ordering::Release);
-                shared.stats.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    error,
-                    records = group.len(),
-                    "usage log write failed; refusing invocations until it recovers"
-                );
-                recover(&mut sink, group, shared);
-                shared.database_ok.store(true, Ordering::Release);
-                tracing::info!("usage log recovered");
-            }
-            shared.stats.commits.fetch_add(1, Ordering::Relaxed);
-            shared.stats.records.fetch_add(group.len() as u64, Ordering::Relaxed);
-            if let Some(top) = group.last().map(|r| r.seq) {
-                shared.visible.send_modify(|visible| *visible = (*visible).max(top));
-            }
-        }
+        let mut sink = sink.lock().unwrap_or_else(PoisonError::into_inner);
+        ingest(&mut *sink, shared, usize::MAX);
         if last {
             let _ = sink.checkpoint();
             return;
         }
-        rotate_if_large(&mut sink, shared);
+        rotate_if_large(&mut *sink, shared);
     }
+}
+
+/// Ingests up to `limit` synced records, in commit order (the caller holds
+/// the database, so no other ingestion interleaves), and makes them
+/// visible; returns how many.
+fn ingest(sink: &mut impl Sink, shared: &Shared, limit: usize) -> usize {
+    let synced = shared.stats.synced.load(Ordering::Acquire);
+    let batch: Vec<UsageRecord> = {
+        let mut journal = shared.journal();
+        let n = journal.in_flight.partition_point(|r| r.seq <= synced).min(limit);
+        journal.in_flight.drain(..n).collect()
+    };
+    for group in batch.chunks(MAX_BATCH) {
+        if let Err(error) = sink.write(group) {
+            shared.database_ok.store(false, Ordering::Release);
+            shared.stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                error,
+                records = group.len(),
+                "usage log write failed; refusing invocations until it recovers"
+            );
+            recover(sink, group, shared);
+            shared.database_ok.store(true, Ordering::Release);
+            tracing::info!("usage log recovered");
+        }
+        shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+        shared.stats.records.fetch_add(group.len() as u64, Ordering::Relaxed);
+        if let Some(top) = group.last().map(|r| r.seq) {
+            shared.visible.send_modify(|visible| *visible = (*visible).max(top));
+        }
+    }
+    batch.len()
 }
 
 /// Lowers the calling thread's scheduling priority to [`INGEST_NICE`]
@@ -830,7 +907,7 @@ fn wait_for_group(shared: &Shared, closing: bool) {
         std::thread::park();
     }
     let (window, strict) = match shared.config.durability {
-        Durability::Strict => (shared.window, true),
+        Durability::Strict => (shared.pace.window, true),
         Durability::Process => (shared.config.sync_interval, false),
     };
     let deadline = Instant::now() + window;

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::log::{BACKLOG, Pace};
 use crate::*;
 
 /// A plausible usage of an `echo` call.
@@ -185,7 +186,11 @@ impl Sink for Discard {
 async fn the_writer_waits_for_running_invocations_but_not_for_a_lone_one() {
     // A window far longer than the test, so only `pending` ends a group.
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = UsageLog::start(Discard, dir.path(), strict(), std::time::Duration::from_secs(600)).expect("log");
+    let pace = Pace {
+        window: std::time::Duration::from_secs(600),
+        ..Pace::default()
+    };
+    let log = UsageLog::start(Discard, dir.path(), strict(), pace).expect("log");
     let syncs = || log.stats().syncs.load(Ordering::Relaxed);
     // Nothing else running: synced alone, at once.
     log.record(record("alone")).await.expect("committed");
@@ -361,4 +366,68 @@ async fn a_large_journal_rotates_under_steady_appends_and_keeps_every_record() {
     let all = log.page(&Filter::default(), 0, None, 10_000).await.expect("page");
     let seen: Vec<&str> = all.iter().map(|r| r.usage.id.as_str()).collect();
     assert_eq!(seen, ids, "every record once, in order");
+}
+
+/// Counts what it is given.
+struct Count(Arc<AtomicUsize>);
+
+impl Sink for Count {
+    fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
+        self.0.fetch_add(batch.len(), Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn reopen(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn committed(&mut self, _: &[&str]) -> Result<usize, String> {
+        Ok(0)
+    }
+}
+
+/// A log whose idle-time ingester never runs: what is ingested, the
+/// normal-priority ingester did.
+fn without_idle_ingester(dir: &std::path::Path) -> (UsageLog, Arc<AtomicUsize>) {
+    let ingested = Arc::new(AtomicUsize::new(0));
+    let pace = Pace {
+        ingest_every: std::time::Duration::from_secs(3600),
+        ..Pace::default()
+    };
+    let log = UsageLog::start(Count(ingested.clone()), dir, LogConfig::default(), pace).expect("log");
+    (log, ingested)
+}
+
+#[tokio::test]
+async fn a_reader_gets_everything_written_before_it_without_the_idle_ingester() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, ingested) = without_idle_ingester(dir.path());
+    for n in 0..10 {
+        log.append(record(&format!("r{n}"))).expect("append");
+    }
+    assert_eq!(log.catch_up().await.expect("caught up"), 10);
+    assert_eq!(ingested.load(Ordering::SeqCst), 10);
+}
+
+#[tokio::test]
+async fn a_backlog_past_its_bound_is_ingested_with_nobody_reading() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, ingested) = without_idle_ingester(dir.path());
+    // Under the bound: nothing is ingested (nobody reads, the idle-time
+    // ingester is away).
+    for n in 0..BACKLOG - 1 {
+        log.append(record(&format!("r{n}"))).expect("append");
+    }
+    log.durable(log.stats().written.load(Ordering::Acquire))
+        .await
+        .expect("synced");
+    assert_eq!(ingested.load(Ordering::SeqCst), 0);
+    // At the bound, the normal-priority ingester takes it all.
+    log.append(record("last")).expect("append");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while log.stats().records.load(Ordering::Acquire) < BACKLOG as u64 {
+        assert!(std::time::Instant::now() < deadline, "the backlog was not ingested");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(ingested.load(Ordering::SeqCst), BACKLOG);
 }
