@@ -25,7 +25,9 @@ pub use lines::{GUEST_BUFFER_BYTES, GUEST_TARGET, REQUEST_TARGET, guest_lines_dr
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+
+use opentelemetry::metrics::{BoundCounter, BoundHistogram, Counter, Histogram, Meter, MeterProvider as _};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -164,13 +166,87 @@ pub const MAX_FUNCTION_SERIES: usize = 1000;
 /// The label value folded functions share.
 pub const OTHER: &str = "other";
 
+/// One function's series, each bound to its labels the first time it is
+/// recorded: an invocation's measurements then skip the sorting, hashing
+/// and lookup of attribute sets the SDK does on every unbound call.
+struct FunctionSeries {
+    /// `tenant` and `function` (values shared, so cloning allocates nothing).
+    labels: [KeyValue; 2],
+    queue: OnceLock<BoundHistogram<f64>>,
+    cold_starts: OnceLock<BoundCounter<u64>>,
+    batch_size: OnceLock<BoundHistogram<f64>>,
+    /// The invocation counter and duration histogram by outcome and status
+    /// (a handful per function).
+    outcomes: RwLock<Vec<OutcomeSeries>>,
+}
+
+struct OutcomeSeries {
+    outcome: &'static str,
+    status: u16,
+    invocations: BoundCounter<u64>,
+    duration: BoundHistogram<f64>,
+}
+
+impl std::fmt::Debug for FunctionSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionSeries")
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FunctionSeries {
+    fn new(tenant: &str, function: &str) -> FunctionSeries {
+        let shared = |value: &str| opentelemetry::Value::String(Arc::<str>::from(value).into());
+        FunctionSeries {
+            labels: [
+                KeyValue::new("tenant", shared(tenant)),
+                KeyValue::new("function", shared(function)),
+            ],
+            queue: OnceLock::new(),
+            cold_starts: OnceLock::new(),
+            batch_size: OnceLock::new(),
+            outcomes: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// The counter and histogram bound to `outcome` and `status`.
+    fn by_outcome(&self, t: &Telemetry, outcome: &'static str, status: u16, record: impl FnOnce(&OutcomeSeries)) {
+        let find = |all: &[OutcomeSeries]| all.iter().position(|o| o.outcome == outcome && o.status == status);
+        {
+            let all = self.outcomes.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(i) = find(&all) {
+                return record(&all[i]);
+            }
+        }
+        let mut all = self.outcomes.write().unwrap_or_else(PoisonError::into_inner);
+        let i = find(&all).unwrap_or_else(|| {
+            let labels = [
+                self.labels[0].clone(),
+                self.labels[1].clone(),
+                KeyValue::new("outcome", outcome),
+                KeyValue::new("http.response.status_code", i64::from(status)),
+            ];
+            all.push(OutcomeSeries {
+                outcome,
+                status,
+                invocations: t.invocations.bind(&labels),
+                duration: t.duration.bind(&labels),
+            });
+            all.len() - 1
+        });
+        record(&all[i]);
+    }
+}
+
 /// The metrics pipeline and the instruments recorded per invocation.
 #[derive(Debug)]
 pub struct Telemetry {
-    /// Functions that have series of their own, by tenant, with their
-    /// labels (looked up by `&str` on every invocation; the labels' values
-    /// are shared, so handing them out allocates nothing).
-    series: dashmap::DashMap<String, std::collections::HashMap<String, [KeyValue; 2]>>,
+    /// Functions that have series of their own, by tenant (looked up by
+    /// `&str` on every invocation).
+    series: dashmap::DashMap<String, std::collections::HashMap<String, Arc<FunctionSeries>>>,
+    /// The series functions past the bound share.
+    other: Arc<FunctionSeries>,
     /// How many functions `series` holds.
     series_count: std::sync::atomic::AtomicUsize,
     registry: prometheus::Registry,
@@ -256,6 +332,7 @@ impl Telemetry {
         Ok(Telemetry {
             triton,
             series: dashmap::DashMap::new(),
+            other: Arc::new(FunctionSeries::new(OTHER, OTHER)),
             series_count: std::sync::atomic::AtomicUsize::new(0),
             registry,
             provider,
@@ -280,44 +357,53 @@ impl Telemetry {
     /// names while fewer than [`MAX_FUNCTION_SERIES`] functions have series,
     /// [`OTHER`] for both after.
     pub fn function_labels(&self, tenant: &str, function: &str) -> [KeyValue; 2] {
+        self.function_series(tenant, function).labels.clone()
+    }
+
+    /// The series of `tenant`'s `function`, made the first time it is seen
+    /// (the shared `other` series past [`MAX_FUNCTION_SERIES`]).
+    fn function_series(&self, tenant: &str, function: &str) -> Arc<FunctionSeries> {
         use std::sync::atomic::Ordering;
-        if let Some(labels) = self.series.get(tenant).and_then(|names| names.get(function).cloned()) {
-            return labels;
+        if let Some(series) = self.series.get(tenant).and_then(|names| names.get(function).cloned()) {
+            return series;
         }
         // Racing inserts may pass the bound by the number of racers.
         if self.series_count.load(Ordering::Relaxed) >= MAX_FUNCTION_SERIES {
-            return [KeyValue::new("tenant", OTHER), KeyValue::new("function", OTHER)];
+            return self.other.clone();
         }
-        let shared = |value: &str| opentelemetry::Value::String(std::sync::Arc::<str>::from(value).into());
-        let labels = [
-            KeyValue::new("tenant", shared(tenant)),
-            KeyValue::new("function", shared(function)),
-        ];
         let mut names = self.series.entry(tenant.to_owned()).or_default();
-        let labels = names.entry(function.to_owned()).or_insert_with(|| {
+        let series = names.entry(function.to_owned()).or_insert_with(|| {
             self.series_count.fetch_add(1, Ordering::Relaxed);
-            labels
+            Arc::new(FunctionSeries::new(tenant, function))
         });
-        labels.clone()
+        series.clone()
     }
 
     /// Records one finished invocation.
     pub fn invocation(&self, m: &InvocationMetrics<'_>) {
-        let function = self.function_labels(m.tenant, m.function);
-        let with_outcome = [
-            function[0].clone(),
-            function[1].clone(),
-            KeyValue::new("outcome", m.outcome),
-            KeyValue::new("http.response.status_code", i64::from(m.status)),
-        ];
-        self.invocations.add(1, &with_outcome);
-        self.duration.record(m.wall.as_secs_f64(), &with_outcome);
-        self.queue.record(m.queue.as_secs_f64(), &function);
+        let series = self.function_series(m.tenant, m.function);
+        let function = &series.labels;
+        let wall = m.wall.as_secs_f64();
+        series.by_outcome(self, m.outcome, m.status, |o| {
+            o.invocations.add(1);
+            o.duration.record(wall);
+        });
+        let bind = |histogram: &Histogram<f64>| histogram.bind(function);
+        series
+            .queue
+            .get_or_init(|| bind(&self.queue))
+            .record(m.queue.as_secs_f64());
         if m.cold_start {
-            self.cold_starts.add(1, &function);
+            series
+                .cold_starts
+                .get_or_init(|| self.cold_starts.bind(function))
+                .add(1);
         }
         if m.batch_size > 0.0 {
-            self.batch_size.record(m.batch_size, &function);
+            series
+                .batch_size
+                .get_or_init(|| bind(&self.batch_size))
+                .record(m.batch_size);
         }
         // Versions behind one alias, side by side: bounded by the versions
         // deployers route to, so only for aliases they set.
