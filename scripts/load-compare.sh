@@ -3,7 +3,9 @@
 # configuration, in alternating rounds (the order rotates each round, so a
 # slow phase of the machine hits every configuration alike), at each
 # connection count; then the median of each, its ratio to the first, and the
-# median of the server's CPU time per request (from /proc, all threads).
+# median of the server's CPU time per request (from /proc, all threads,
+# including the ingestion of the run's usage records, which may finish
+# after wrk: a usage query before each reading waits for it).
 #   records     usage records on, default (process) durability; request log
 #               lines off (HEARTH_LOG=warn), public function: like the reference
 #   no-metering the same with --no-metering
@@ -92,6 +94,16 @@ stop() {
   server=""
 }
 
+# Records a run wrote and the server has not yet ingested are work that run
+# made (ingestion runs when the CPU is idle): a query waits for all of them,
+# so the CPU per request counts them.
+drain() {
+  case "$config" in
+    wasmtime* | no-metering) ;;
+    *) curl -fsS -o /dev/null -H "Authorization: Bearer $token" "http://127.0.0.1:$port/v1/usage?limit=1" ;;
+  esac
+}
+
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$server/stat"; }
 
 declare -A results cpu
@@ -102,8 +114,10 @@ for round in $(seq 1 "$rounds"); do
     start "$config"
     for c in "${conns[@]}"; do
       wrk -t2 -c"$c" -d1s "${auth[@]}" "$url" >/dev/null # warm up
+      drain
       before="$(cpu_ticks)"
       out="$(wrk -t2 -c"$c" -d"${duration}s" "${auth[@]}" "$url")"
+      drain
       after="$(cpu_ticks)"
       rate="$(echo "$out" | awk '/Requests\/sec/ { print $2 }')"
       # The server's CPU time (all its threads) per request: steadier than

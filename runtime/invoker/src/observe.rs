@@ -223,7 +223,7 @@ fn register(state: &Arc<Invoker>) {
     let s = weak;
     let _usage = meter
         .u64_observable_counter("hearth.usage.log")
-        .with_description("Usage log: records and group commits written, failed writes")
+        .with_description("Usage log: records and transactions ingested, journal fsyncs, failed writes")
         .with_callback(move |counter| {
             let Some(state) = Weak::upgrade(&s) else { return };
             let Some(log) = &state.usage else { return };
@@ -232,6 +232,7 @@ fn register(state: &Arc<Invoker>) {
             for (what, n) in [
                 ("records", stats.records.load(Relaxed)),
                 ("commits", stats.commits.load(Relaxed)),
+                ("syncs", stats.syncs.load(Relaxed)),
                 ("failures", stats.failures.load(Relaxed)),
             ] {
                 counter.observe(n, &[KeyValue::new("kind", what)]);

@@ -1,9 +1,9 @@
 //! What a usage record costs the node that keeps it.
 //!
 //! - `log/append`: the invocation's side: encoding a record and copying it
-//!   into the mapped journal (the syncer ingests meanwhile, on its thread).
+//!   into the mapped journal (the log's threads sync and ingest meanwhile).
 //! - `log/ingest`: appending 4,096 records and waiting until they are
-//!   queryable: dominated by the syncer's ingestion into `usage.db`, the
+//!   queryable: dominated by the ingestion into `usage.db`, the
 //!   part of a record's cost that is not on the invocation's path.
 //!
 //! Throughput is records per second. Run:

@@ -1,5 +1,5 @@
 //! `usage.db`: the queryable side of the usage log, one SQLite table
-//! (WAL) that the syncer ingests synced records into ([`SqliteSink`]) and
+//! (WAL) that the ingesters write synced records into ([`SqliteSink`]) and
 //! exports and summaries read.
 
 use std::path::{Path, PathBuf};

@@ -88,8 +88,9 @@ pub(crate) struct Journal {
     pub(crate) next_seq: u64,
     /// Written to the journal, not yet taken by the syncer.
     pub(crate) queue: Vec<UsageRecord>,
-    /// Taken by the syncer, not yet durable and ingested (written again to
-    /// a new journal if the fsync fails).
+    /// Taken by the syncer (synced, or being synced), not yet taken by an
+    /// ingester (written again to a new journal if an fsync fails, carried
+    /// into the next one when the journal rotates).
     pub(crate) in_flight: Vec<UsageRecord>,
     pub(crate) buf: Vec<u8>,
 }

@@ -4,8 +4,9 @@
 //!   [`PriceTable`] turns it into a [`UsageRecord`] with its cost and the
 //!   table's version, so history stays priced as it ran.
 //! - [`UsageLog`] keeps records: each is appended to a journal by the
-//!   invocation that made it, with its commit sequence, then synced and
-//!   ingested into `usage.db` (SQLite) by a syncer thread; how durable a
+//!   invocation that made it, with its commit sequence, then synced by a
+//!   syncer thread and ingested into `usage.db` (SQLite) by an ingester,
+//!   off the invocations' path; how durable a
 //!   record is when its answer completes is the [`Durability`] mode. It also
 //!   answers the queries behind exports, in commit order.
 //! - [`UsageQueries`] is what exports read: the log on one node, the

@@ -88,11 +88,11 @@ pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(10);
 /// How often synced records are ingested into the database when nobody
 /// waits to read them: fewer, larger transactions than the syncs' groups.
 const INGEST_EVERY: Duration = Duration::from_millis(100);
-/// The ingester thread's nice value (the syncer's and the invocations' are
-/// the process's): measured on 2 cores, ingesting at normal priority cost
-/// warm `hello` a quarter of its throughput at 2 connections, where each
-/// wake-up of the ingester preempted an answer in flight.
-pub const INGEST_NICE: i32 = 10;
+/// The idle-time ingester's nice value (the other threads keep the
+/// process's): a lower weight, so that on a busy node its wake-ups do not
+/// preempt answers in flight; the normal-priority ingester covers what it
+/// cannot keep up with.
+const INGEST_NICE: i32 = 10;
 /// Synced records waiting for ingestion past which the normal-priority
 /// ingester takes over (about two seconds of a saturated node's records,
 /// some tens of MiB).
@@ -878,16 +878,9 @@ fn ingest(sink: &mut impl Sink, shared: &Shared, limit: usize) -> usize {
 /// then competes with the invocations as an equal.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
-    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), ingest_nice()) {
+    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), INGEST_NICE) {
         tracing::debug!(error = %error, "cannot lower the usage ingester's priority");
     }
-}
-
-fn ingest_nice() -> i32 {
-    std::env::var("HEARTH_INGEST_NICE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(INGEST_NICE)
 }
 
 /// Sleeps until there is a group to sync: in strict mode at once (holding

@@ -26,7 +26,7 @@ impl From<rusqlite::Error> for LogError {
     }
 }
 
-/// Where the syncer ingests records: the real database, or a
+/// Where the ingesters write synced records: the real database, or a
 /// fault-injecting stand-in in unit tests.
 pub trait Sink: Send + 'static {
     /// Writes `batch` in one transaction (idempotent by id).

@@ -342,7 +342,7 @@ async fn a_large_journal_rotates_under_steady_appends_and_keeps_every_record() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = UsageLog::open(dir.path(), LogConfig::default()).expect("open");
     // Unit tests rotate at 64 KiB: some hundreds of records, appended
-    // while the syncer ingests and rotates (appends never wait for it).
+    // while the ingesters ingest and rotate (appends never wait for them).
     let mut ids = Vec::new();
     for n in 0..1500 {
         let id = uuid::Uuid::now_v7().to_string();
@@ -353,7 +353,7 @@ async fn a_large_journal_rotates_under_steady_appends_and_keeps_every_record() {
         }
     }
     log.catch_up().await.expect("ingested");
-    // Closing joins the syncer: the journal directory is settled.
+    // Closing joins the log's threads: the journal directory is settled.
     log.close(std::time::Duration::ZERO);
     let journals: Vec<String> = std::fs::read_dir(dir.path().join("usage-journal"))
         .expect("dir")
