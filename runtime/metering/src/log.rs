@@ -58,9 +58,12 @@ use tokio::sync::watch;
 use crate::database::{COLUMNS, SqliteSink, open_connection, record_from_row, row_u64, sql_u64};
 #[cfg(feature = "failpoints")]
 use crate::journal::arm_fault_points;
-use crate::journal::{Journal, Segment, recover_journal, sync_journal};
+use crate::journal::{Journal, Segment, recover_journal};
 use crate::record::UsageRecord;
-use crate::sink::{LogError, MAX_BATCH, Sink};
+use crate::sink::{LogError, Sink};
+
+mod threads;
+use threads::{ingest_idle, ingest_now, syncer};
 
 /// Longest the syncer holds a strict group open for invocations still running.
 pub const GROUP_WINDOW: Duration = Duration::from_millis(1);
@@ -100,8 +103,8 @@ pub(crate) const BACKLOG: usize = if cfg!(test) { 256 } else { 1 << 16 };
 /// How long a caller waits for its record to become durable before giving
 /// up (the log keeps the record and makes it durable once it can).
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
-/// Journal size past which it is started afresh, once everything synced in
-/// it is ingested and the database synced (see [`rotate_if_large`]).
+/// Journal size past which it is started afresh, carrying over what is not
+/// yet ingested (`rotate_if_large` in `log/threads.rs`).
 const JOURNAL_ROTATE_BYTES: u64 = if cfg!(test) { 64 << 10 } else { 64 << 20 };
 
 /// When an answer may complete relative to its record's durability.
@@ -712,13 +715,6 @@ fn id_bounds(filter: &Filter) -> (String, String) {
     (lower, upper)
 }
 
-/// Microseconds since the Unix epoch.
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
 /// Waits (at most [`COMMIT_WAIT`]) until `watch` reaches `seq`.
 async fn wait_for(watch: &watch::Sender<u64>, seq: u64) -> Result<(), LogError> {
     let mut reached = watch.subscribe();
@@ -729,299 +725,5 @@ async fn wait_for(watch: &watch::Sender<u64>, seq: u64) -> Result<(), LogError> 
             "the record was not kept within {} s",
             COMMIT_WAIT.as_secs()
         ))),
-    }
-}
-
-/// The syncer thread: waits for records and makes them durable, one fsync
-/// of the journal per group; until the log is closed and everything in it
-/// is synced. The ingester takes them from there.
-fn syncer(shared: &Shared) {
-    loop {
-        let closing = shared.closed.load(Ordering::Acquire);
-        wait_for_group(shared, closing);
-        let (group, file, backlog) = {
-            let mut journal = shared.journal();
-            let batch = std::mem::take(&mut journal.queue);
-            let group = batch.last().map(|r| r.seq);
-            journal.in_flight.extend(batch);
-            let file = journal.file.as_ref().and_then(|f| f.file.try_clone().ok());
-            (group, file, journal.in_flight.len())
-        };
-        let broken = file.is_none() || !shared.journal_ok.load(Ordering::Acquire);
-        if group.is_some() || broken {
-            let synced = match &file {
-                Some(file) => sync_journal(file).map_err(|e| e.to_string()),
-                None => Err("the journal is not open".to_owned()),
-            };
-            let top = match synced {
-                Ok(()) => group,
-                Err(error) => {
-                    shared.journal_ok.store(false, Ordering::Release);
-                    shared.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        error,
-                        "usage journal fsync failed; refusing invocations until it recovers"
-                    );
-                    rewrite_journal(shared)
-                }
-            };
-            if let Some(top) = top {
-                shared.stats.synced.fetch_max(top, Ordering::AcqRel);
-                shared.stats.last_sync_us.store(now_us(), Ordering::Release);
-                shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
-                shared.synced.send_modify(|synced| *synced = (*synced).max(top));
-            }
-            shared.journal_ok.store(true, Ordering::Release);
-            if top.is_some() && (backlog >= BACKLOG || shared.reader_waits()) {
-                shared.wake_ingest_now();
-            }
-        }
-        if closing {
-            shared.all_synced.store(true, Ordering::Release);
-            shared.wake_ingester();
-            shared.wake_ingest_now();
-            return;
-        }
-    }
-}
-
-/// The idle-time ingester, at [`INGEST_NICE`]: every [`INGEST_EVERY`]
-/// ([`Pace::ingest_every`]),
-/// moves the synced records into the database, one transaction of up to
-/// [`MAX_BATCH`] at a time (taking the database in turns with
-/// [`ingest_now`]), and starts a fresh journal when the current one is
-/// large; stops once the log is closed.
-fn ingest_idle<S: Sink>(sink: &Mutex<S>, shared: &Shared) {
-    lower_priority();
-    loop {
-        let deadline = Instant::now() + shared.pace.ingest_every;
-        loop {
-            let now = Instant::now();
-            if shared.all_synced.load(Ordering::Acquire) {
-                return;
-            }
-            if now >= deadline {
-                break;
-            }
-            std::thread::park_timeout(deadline - now);
-        }
-        loop {
-            let mut sink = sink.lock().unwrap_or_else(PoisonError::into_inner);
-            if ingest(&mut *sink, shared, MAX_BATCH) < MAX_BATCH {
-                rotate_if_large(&mut *sink, shared);
-                break;
-            }
-        }
-    }
-}
-
-/// The normal-priority ingester: sleeps until a reader waits for synced
-/// records or more than [`BACKLOG`] wait, then ingests everything synced;
-/// once the log is closed and everything synced, ingests the rest, makes
-/// the database durable and stops.
-fn ingest_now<S: Sink>(sink: &Mutex<S>, shared: &Shared) {
-    let backlog = || shared.journal().in_flight.len() >= BACKLOG;
-    loop {
-        let last = loop {
-            // Read before the sequence it covers (the syncer stores them in
-            // the other order): once it is set, everything is synced.
-            let last = shared.all_synced.load(Ordering::Acquire);
-            if last || shared.reader_waits() || backlog() {
-                break last;
-            }
-            std::thread::park();
-        };
-        let mut sink = sink.lock().unwrap_or_else(PoisonError::into_inner);
-        ingest(&mut *sink, shared, usize::MAX);
-        if last {
-            let _ = sink.checkpoint();
-            return;
-        }
-        rotate_if_large(&mut *sink, shared);
-    }
-}
-
-/// Ingests up to `limit` synced records, in commit order (the caller holds
-/// the database, so no other ingestion interleaves), and makes them
-/// visible; returns how many.
-fn ingest(sink: &mut impl Sink, shared: &Shared, limit: usize) -> usize {
-    let synced = shared.stats.synced.load(Ordering::Acquire);
-    let batch: Vec<UsageRecord> = {
-        let mut journal = shared.journal();
-        let n = journal.in_flight.partition_point(|r| r.seq <= synced).min(limit);
-        journal.in_flight.drain(..n).collect()
-    };
-    for group in batch.chunks(MAX_BATCH) {
-        if let Err(error) = sink.write(group) {
-            shared.database_ok.store(false, Ordering::Release);
-            shared.stats.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                error,
-                records = group.len(),
-                "usage log write failed; refusing invocations until it recovers"
-            );
-            recover(sink, group, shared);
-            shared.database_ok.store(true, Ordering::Release);
-            tracing::info!("usage log recovered");
-        }
-        shared.stats.commits.fetch_add(1, Ordering::Relaxed);
-        shared.stats.records.fetch_add(group.len() as u64, Ordering::Relaxed);
-        if let Some(top) = group.last().map(|r| r.seq) {
-            shared.visible.send_modify(|visible| *visible = (*visible).max(top));
-        }
-    }
-    batch.len()
-}
-
-/// Lowers the calling thread's scheduling priority to [`INGEST_NICE`]
-/// (Linux nice values are per thread). Failing is harmless: the thread
-/// then competes with the invocations as an equal.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), INGEST_NICE) {
-        tracing::debug!(error = %error, "cannot lower the usage ingester's priority");
-    }
-}
-
-/// Sleeps until there is a group to sync: in strict mode at once (holding
-/// the group open while announced invocations are still to append, at most
-/// [`GROUP_WINDOW`]); in process mode at the end of the sync interval,
-/// unless someone waits for durability or the log is closing.
-fn wait_for_group(shared: &Shared, closing: bool) {
-    let queued = || !shared.journal().queue.is_empty();
-    let someone_waits = || {
-        shared.wanted.load(Ordering::Acquire) > *shared.synced.borrow() || !shared.journal_ok.load(Ordering::Acquire)
-    };
-    if closing {
-        return;
-    }
-    // Nothing to do: sleep until an append, a waiter or a close wakes us.
-    while !queued() && !someone_waits() && !shared.closed.load(Ordering::Acquire) {
-        std::thread::park();
-    }
-    let (window, strict) = match shared.config.durability {
-        Durability::Strict => (shared.pace.window, true),
-        Durability::Process => (shared.config.sync_interval, false),
-    };
-    let deadline = Instant::now() + window;
-    loop {
-        let now = Instant::now();
-        // A strict waiter waits for its group: the window is what groups.
-        if now >= deadline || (!strict && someone_waits()) || shared.closed.load(Ordering::Acquire) {
-            return;
-        }
-        if strict && shared.pending.load(Ordering::SeqCst) == 0 {
-            return;
-        }
-        if strict {
-            shared.syncer_waiting.store(true, Ordering::SeqCst);
-            if shared.pending.load(Ordering::SeqCst) > 0 {
-                std::thread::park_timeout(deadline - now);
-            }
-            shared.syncer_waiting.store(false, Ordering::SeqCst);
-        } else {
-            std::thread::park_timeout(deadline - now);
-        }
-    }
-}
-
-/// After a failed fsync (or write): the page cache's state is unknown, so
-/// a new journal file takes every record not yet ingested, written again in
-/// full, and is synced; retried with backoff until it works. Returns the
-/// highest sequence it made durable.
-fn rewrite_journal(shared: &Shared) -> Option<u64> {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let attempt = {
-            let mut journal = shared.journal();
-            let written = journal
-                .next_segment(journal.in_flight.iter().chain(&journal.queue))
-                .and_then(|segment| sync_journal(&segment.file).map(|()| segment));
-            written.map(|segment| {
-                let queued = std::mem::take(&mut journal.queue);
-                journal.in_flight.extend(queued);
-                // The old file's state is unknown: it is left for the next
-                // start, whose recovery reads what it can of it.
-                journal.switch_to(segment);
-                journal.in_flight.last().map(|r| r.seq)
-            })
-        };
-        match attempt {
-            Ok(top) => {
-                tracing::info!("usage journal reopened; records not yet ingested written again and synced");
-                return top;
-            }
-            Err(error) => {
-                shared.stats.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %error, "usage journal still failing");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// Starts a fresh journal once the current one is large (on the ingester,
-/// after an ingestion): the database is synced on its own first, so every
-/// record ingested is kept there; the new journal starts with every record
-/// not yet ingested and is synced before the old one is dropped.
-fn rotate_if_large(sink: &mut impl Sink, shared: &Shared) {
-    if (shared.journal().len() as u64) < JOURNAL_ROTATE_BYTES {
-        return;
-    }
-    // Outside the lock, so appends go on meanwhile; only this thread
-    // ingests, so nothing is ingested between this and the switch.
-    if let Err(error) = sink.checkpoint() {
-        tracing::warn!(error, "usage database checkpoint failed; keeping the journal");
-        return;
-    }
-    let switched = {
-        let mut journal = shared.journal();
-        journal
-            .next_segment(journal.in_flight.iter().chain(&journal.queue))
-            .and_then(|segment| {
-                let file = segment.file.try_clone()?;
-                Ok((journal.switch_to(segment), file))
-            })
-    };
-    // The records carried over may be unsynced in the old file (the syncer
-    // may be syncing them there now): they are made durable in the new one
-    // before the old goes. If that fails, the old file stays for the next
-    // start, and the syncer, failing on the new file too, writes them again.
-    let outcome = switched.and_then(|(old, file)| sync_journal(&file).map(|()| old));
-    match outcome {
-        Ok(old) => {
-            if let Err(error) = std::fs::remove_file(&old) {
-                tracing::warn!(error = %error, path = %old.display(), "cannot remove an ingested usage journal");
-            }
-        }
-        Err(error) => tracing::warn!(error = %error, "cannot start a new usage journal; keeping the old one"),
-    }
-}
-
-/// Reopens and checks the store, then writes `batch` again (idempotent by
-/// id), retrying with backoff until it succeeds.
-fn recover(sink: &mut impl Sink, batch: &[UsageRecord], shared: &Shared) {
-    let ids: Vec<&str> = batch.iter().map(|r| r.usage.id.as_str()).collect();
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-        let attempt = sink.reopen().and_then(|()| {
-            let found = sink.committed(&ids)?;
-            tracing::info!(
-                committed = found,
-                of = ids.len(),
-                "usage log reopened; writing the failed group again"
-            );
-            sink.write(batch)
-        });
-        match attempt {
-            Ok(()) => return,
-            Err(error) => {
-                shared.stats.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error, "usage log still failing");
-            }
-        }
     }
 }
