@@ -21,7 +21,7 @@ fn now_us() -> u64 {
 
 /// The syncer thread: waits for records and makes them durable, one fsync
 /// of the journal per group; until the log is closed and everything in it
-/// is synced. The ingester takes them from there.
+/// is synced. The ingesters take them from there.
 pub(super) fn syncer(shared: &Shared) {
     loop {
         let closing = shared.closed.load(Ordering::Acquire);
@@ -72,12 +72,12 @@ pub(super) fn syncer(shared: &Shared) {
     }
 }
 
-/// The idle-time ingester, at [`INGEST_NICE`]: every [`INGEST_EVERY`](super::INGEST_EVERY)
-/// ([`Pace::ingest_every`](super::Pace::ingest_every)),
-/// moves the synced records into the database, one transaction of up to
-/// [`MAX_BATCH`] at a time (taking the database in turns with
-/// [`ingest_now`]), and starts a fresh journal when the current one is
-/// large; stops once the log is closed.
+/// The idle-time ingester, at [`INGEST_NICE`]: every
+/// [`Pace::ingest_every`](super::Pace::ingest_every), moves the synced
+/// records into the database, one transaction of up to [`MAX_BATCH`] at a
+/// time (taking the database in turns with [`ingest_now`]), and starts a
+/// fresh journal when the current one is large; stops once the log is
+/// closed.
 pub(super) fn ingest_idle<S: Sink>(sink: &Mutex<S>, shared: &Shared) {
     lower_priority();
     loop {
@@ -172,8 +172,9 @@ fn lower_priority() {
 
 /// Sleeps until there is a group to sync: in strict mode at once (holding
 /// the group open while announced invocations are still to append, at most
-/// [`GROUP_WINDOW`](super::GROUP_WINDOW)); in process mode at the end of the sync interval,
-/// unless someone waits for durability or the log is closing.
+/// [`Pace::window`](super::Pace::window)); in process mode at the end of
+/// the sync interval, unless someone waits for durability or the log is
+/// closing.
 fn wait_for_group(shared: &Shared, closing: bool) {
     let queued = || !shared.journal().queue.is_empty();
     let someone_waits = || {
