@@ -100,15 +100,12 @@ impl Journal {
         dir.join(format!("journal-{number:08}.jsonl"))
     }
 
-    /// The next journal file, starting with the lines of `records` (those
-    /// it must carry over from the current one). Appends go on to the
-    /// current file until [`Journal::switch_to`].
-    pub(crate) fn next_segment<'a>(
-        &self,
-        records: impl IntoIterator<Item = &'a UsageRecord>,
-    ) -> std::io::Result<Segment> {
+    /// The next journal file, starting with every record not yet ingested
+    /// (`in_flight`, then `queue`), which it carries over from the current
+    /// one. Appends go on to the current file until [`Journal::switch_to`].
+    pub(crate) fn next_segment(&self) -> std::io::Result<Segment> {
         let mut lines = Vec::new();
-        for record in records {
+        for record in self.in_flight.iter().chain(&self.queue) {
             serde_json::to_writer(&mut lines, record)?;
             lines.push(b'\n');
         }

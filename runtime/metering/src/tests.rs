@@ -165,23 +165,6 @@ async fn a_failed_write_stops_the_log_until_it_has_reopened_and_committed() {
     assert_eq!(written.lock().expect("lock").len(), 2);
 }
 
-/// Keeps nothing.
-struct Discard;
-
-impl Sink for Discard {
-    fn write(&mut self, _: &[UsageRecord]) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn reopen(&mut self) -> Result<(), String> {
-        Ok(())
-    }
-
-    fn committed(&mut self, _: &[&str]) -> Result<usize, String> {
-        Ok(0)
-    }
-}
-
 #[tokio::test]
 async fn the_writer_waits_for_running_invocations_but_not_for_a_lone_one() {
     // A window far longer than the test, so only `pending` ends a group.
@@ -190,7 +173,7 @@ async fn the_writer_waits_for_running_invocations_but_not_for_a_lone_one() {
         window: std::time::Duration::from_secs(600),
         ..Pace::default()
     };
-    let log = UsageLog::start(Discard, dir.path(), strict(), pace).expect("log");
+    let log = UsageLog::start(Count(Arc::default()), dir.path(), strict(), pace).expect("log");
     let syncs = || log.stats().syncs.load(Ordering::Relaxed);
     // Nothing else running: synced alone, at once.
     log.record(record("alone")).await.expect("committed");

@@ -223,7 +223,7 @@ fn rewrite_journal(shared: &Shared) -> Option<u64> {
         let attempt = {
             let mut journal = shared.journal();
             let written = journal
-                .next_segment(journal.in_flight.iter().chain(&journal.queue))
+                .next_segment()
                 .and_then(|segment| sync_journal(&segment.file).map(|()| segment));
             written.map(|segment| {
                 let queued = std::mem::take(&mut journal.queue);
@@ -265,12 +265,10 @@ fn rotate_if_large(sink: &mut impl Sink, shared: &Shared) {
     }
     let switched = {
         let mut journal = shared.journal();
-        journal
-            .next_segment(journal.in_flight.iter().chain(&journal.queue))
-            .and_then(|segment| {
-                let file = segment.file.try_clone()?;
-                Ok((journal.switch_to(segment), file))
-            })
+        journal.next_segment().and_then(|segment| {
+            let file = segment.file.try_clone()?;
+            Ok((journal.switch_to(segment), file))
+        })
     };
     // The records carried over may be unsynced in the old file (the syncer
     // may be syncing them there now): they are made durable in the new one
