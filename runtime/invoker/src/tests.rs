@@ -43,14 +43,6 @@ impl Sink for Reporting {
     fn reopen(&mut self) -> Result<(), String> {
         Ok(())
     }
-
-    fn committed(&mut self, ids: &[&str]) -> Result<usize, String> {
-        let committed = self.committed.lock().map_err(|e| e.to_string())?;
-        Ok(ids
-            .iter()
-            .filter(|id| committed.iter().any(|r| r.usage.id == **id))
-            .count())
-    }
 }
 
 /// An invoker on a real engine and store in a temporary directory.

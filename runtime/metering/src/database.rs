@@ -1,60 +1,70 @@
-//! `usage.db`: the queryable side of the usage log, one SQLite table
-//! (WAL) that the ingesters write synced records into ([`SqliteSink`]) and
-//! exports and summaries read.
+//! `usage.db`: the queryable side of the usage log (SQLite, WAL), which the
+//! ingesters write synced records into ([`SqliteSink`]) and exports and
+//! summaries read ([`page`], [`summary`]).
+//!
+//! Records are kept in **pages**, not one row each: an ingestion writes its
+//! records as one row of JSON lines (the journal's own encoding), keyed by
+//! the first commit sequence it holds, and adds them to **hourly totals**
+//! per tenant, function, version, shadow flag and currency. An ingestion of
+//! a thousand records is one row and a few upserts instead of a thousand
+//! rows and a thousand index entries, which was most of a record's CPU. An
+//! export reads pages from its cursor on (a page is a range of the commit
+//! sequence, and each knows the range of its records' start times, so a
+//! time filter skips the pages outside it); a summary adds up the hours its
+//! time range covers whole and reads the records of the hours at its edges.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
+use serde::Deserialize;
 
+use crate::log::{Filter, SummaryRow};
 use crate::record::{Outcome, Usage, UsageRecord};
-use crate::sink::Sink;
+use crate::sink::{MAX_BATCH, Sink};
 
-/// One table in commit order: the commit sequence is the rowid, so an
-/// ingestion appends at the table's end and an export's page is a range of
-/// it. The record id (UUIDv7, minted when the request arrived, so sorting
-/// by time) has a unique index: time ranges are id ranges, and a record
-/// ingested twice is kept once.
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage (
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL,
+/// The pages and the hourly totals. `hour` is the start time's Unix hour;
+/// a page's `min_started_us` and `max_started_us` bound its records' start
+/// times (records commit in the order they end, so pages overlap a little).
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage_pages (
+    first_seq INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    min_started_us INTEGER NOT NULL,
+    max_started_us INTEGER NOT NULL,
+    lines BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage_hours (
     tenant TEXT NOT NULL,
     function TEXT NOT NULL,
     version INTEGER NOT NULL,
-    started_at_us INTEGER NOT NULL,
-    ended_at_us INTEGER NOT NULL,
-    status INTEGER NOT NULL,
-    outcome TEXT NOT NULL,
-    cold_start INTEGER NOT NULL,
-    queue_us INTEGER NOT NULL,
-    memory_peak_bytes INTEGER NOT NULL,
+    shadow INTEGER NOT NULL,
+    hour INTEGER NOT NULL,
+    currency TEXT NOT NULL,
+    invocations INTEGER NOT NULL,
+    ran INTEGER NOT NULL,
+    rejected INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    cold_starts INTEGER NOT NULL,
+    wall_us INTEGER NOT NULL,
+    billed_ms INTEGER NOT NULL,
     guest_cpu_us INTEGER NOT NULL,
-    device TEXT NOT NULL,
-    gpu_us INTEGER NOT NULL,
+    compute_ns INTEGER NOT NULL,
+    gpu_ns INTEGER NOT NULL,
     inference_calls INTEGER NOT NULL,
-    batched_calls INTEGER NOT NULL,
     bytes_in INTEGER NOT NULL,
     bytes_out INTEGER NOT NULL,
-    billed_ms INTEGER NOT NULL,
     cost_nanos INTEGER NOT NULL,
-    currency TEXT NOT NULL,
-    price_version TEXT NOT NULL,
-    compute_ns INTEGER NOT NULL DEFAULT 0,
-    gpu_ns INTEGER NOT NULL DEFAULT 0,
-    invocation_id TEXT,
-    attempt INTEGER NOT NULL DEFAULT 1,
-    alias TEXT NOT NULL DEFAULT '',
-    shadow INTEGER NOT NULL DEFAULT 0,
-    inference_cache_hits INTEGER NOT NULL DEFAULT 0
-);
-CREATE UNIQUE INDEX IF NOT EXISTS usage_id ON usage (id);";
+    PRIMARY KEY (tenant, function, version, shadow, hour, currency)
+) WITHOUT ROWID;";
 
-/// Columns added to the table of earlier Hearths (clustered on the id),
-/// with how to fill them in for the records already there: model compute
-/// (until then only GPU time was recorded, in microseconds, as `gpu_us`,
-/// which is still written) and asynchronous attempts. [`recluster`] then
-/// moves their records into today's table.
+/// One hour, in microseconds.
+const HOUR_US: i64 = 3_600_000_000;
+
+/// Columns added to the one-row-per-record table of earlier Hearths, with
+/// how to fill them in for the records already there: model compute (until
+/// then only GPU time was recorded, in microseconds, as `gpu_us`) and
+/// asynchronous attempts. [`into_pages`] then moves the records into pages.
 const ADDED_COLUMNS: [(&str, &str); 7] = [
     (
         "compute_ns INTEGER NOT NULL DEFAULT 0",
@@ -71,7 +81,8 @@ const ADDED_COLUMNS: [(&str, &str); 7] = [
     ("inference_cache_hits INTEGER NOT NULL DEFAULT 0", ""),
 ];
 
-pub(crate) const COLUMNS: &str = "id, tenant, function, version, started_at_us, ended_at_us, status, outcome, cold_start, \
+/// The columns of the earlier table, as [`record_from_row`] reads them.
+const OLD_COLUMNS: &str = "id, tenant, function, version, started_at_us, ended_at_us, status, outcome, cold_start, \
      queue_us, memory_peak_bytes, guest_cpu_us, device, gpu_us, inference_calls, batched_calls, bytes_in, bytes_out, \
      billed_ms, cost_nanos, currency, price_version, seq, compute_ns, gpu_ns, invocation_id, attempt, alias, shadow, inference_cache_hits";
 
@@ -82,35 +93,41 @@ pub(crate) fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     // (checkpointed) before a journal is dropped.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    conn.execute_batch(SCHEMA)?;
     let earlier = conn
-        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage' AND sql LIKE '%WITHOUT ROWID%'")?
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'")?
         .exists([])?;
     if earlier {
         migrate_seq(&conn)?;
         add_columns(&conn)?;
-        recluster(&conn)?;
+        into_pages(&conn)?;
     }
-    conn.execute_batch(SCHEMA)?;
     Ok(conn)
 }
 
-/// Moves the records of a table clustered on the id (made by an earlier
-/// Hearth) into today's table, clustered on the commit sequence; once, in one
-/// transaction, so a crash leaves either table whole.
-fn recluster(conn: &Connection) -> rusqlite::Result<()> {
+/// Moves the records of the one-row-per-record table of an earlier Hearth
+/// into pages and hourly totals, in commit order; once, in one transaction,
+/// so a crash leaves either form whole.
+fn into_pages(conn: &Connection) -> rusqlite::Result<()> {
     let records: i64 = conn.query_row("SELECT count(*) FROM usage", [], |row| row.get(0))?;
-    tracing::info!(
-        records,
-        "usage.db: moving records into commit order (once, after an upgrade)"
-    );
+    tracing::info!(records, "usage.db: moving records into pages (once, after an upgrade)");
     let tx = conn.unchecked_transaction()?;
-    tx.execute_batch(&format!(
-        "DROP INDEX IF EXISTS usage_seq;
-         ALTER TABLE usage RENAME TO usage_by_id;
-         {SCHEMA}
-         INSERT INTO usage ({COLUMNS}) SELECT {COLUMNS} FROM usage_by_id ORDER BY seq;
-         DROP TABLE usage_by_id;"
-    ))?;
+    {
+        let mut select = tx.prepare(&format!("SELECT {OLD_COLUMNS} FROM usage ORDER BY seq"))?;
+        let mut rows = select.query([])?;
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(row) = rows.next()? {
+            batch.push(record_from_row(row)?);
+            if batch.len() == MAX_BATCH {
+                write_page(&tx, &batch)?;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            write_page(&tx, &batch)?;
+        }
+    }
+    tx.execute_batch("DROP TABLE usage")?;
     tx.commit()
 }
 
@@ -153,15 +170,16 @@ fn migrate_seq(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-pub(crate) fn sql_u64(v: u64) -> i64 {
+fn sql_u64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-pub(crate) fn row_u64(row: &Row<'_>, i: usize) -> rusqlite::Result<u64> {
+fn row_u64(row: &Row<'_>, i: usize) -> rusqlite::Result<u64> {
     Ok(u64::try_from(row.get::<_, i64>(i)?).unwrap_or(0))
 }
 
-pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
+/// A record of the earlier table, read in [`OLD_COLUMNS`] order.
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
     let outcome: String = row.get(7)?;
     Ok(UsageRecord {
         usage: Usage {
@@ -199,6 +217,363 @@ pub(crate) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<UsageRecord> {
     })
 }
 
+/// What a summary adds up, per record: the columns of `usage_hours` after
+/// its key, in [`TOTALS`] order.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Totals([i64; TOTALS.len()]);
+
+/// The summed columns of `usage_hours`.
+const TOTALS: [&str; 14] = [
+    "invocations",
+    "ran",
+    "rejected",
+    "errors",
+    "cold_starts",
+    "wall_us",
+    "billed_ms",
+    "guest_cpu_us",
+    "compute_ns",
+    "gpu_ns",
+    "inference_calls",
+    "bytes_in",
+    "bytes_out",
+    "cost_nanos",
+];
+
+impl Totals {
+    /// One record's contribution. A record "ran" unless it was refused
+    /// (rejected, or a bad request); an error is a 5xx of one that ran.
+    fn of(r: &UsageRecord) -> Totals {
+        let u = &r.usage;
+        let ran = !matches!(u.outcome, Outcome::Rejected | Outcome::BadRequest);
+        Totals([
+            1,
+            i64::from(ran),
+            i64::from(u.outcome == Outcome::Rejected),
+            i64::from(ran && u.status >= 500),
+            i64::from(u.cold_start),
+            sql_u64(u.wall_us()),
+            sql_u64(u.billed_ms()),
+            sql_u64(u.guest_cpu_us),
+            sql_u64(u.compute_ns),
+            sql_u64(u.gpu_ns),
+            sql_u64(u.inference_calls),
+            sql_u64(u.bytes_in),
+            sql_u64(u.bytes_out),
+            r.cost_nanos,
+        ])
+    }
+
+    fn add(&mut self, other: &Totals) {
+        for (sum, v) in self.0.iter_mut().zip(other.0) {
+            *sum = sum.saturating_add(v);
+        }
+    }
+
+    /// The sum of `column` (one of [`TOTALS`]).
+    fn sum(&self, column: &str) -> i64 {
+        TOTALS.iter().position(|c| *c == column).map_or(0, |i| self.0[i])
+    }
+
+    /// The sum of `column`, a count or an amount that is never negative.
+    fn get(&self, column: &str) -> u64 {
+        u64::try_from(self.sum(column)).unwrap_or(0)
+    }
+}
+
+/// The key of an hourly total: tenant, function, version, shadow, hour,
+/// currency.
+type HourKey<'a> = (&'a str, &'a str, u32, bool, i64, &'a str);
+
+/// Writes `batch` (in commit order) as one page and adds it to the hourly
+/// totals, inside the caller's transaction.
+fn write_page(conn: &Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+    let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+        return Ok(());
+    };
+    let mut lines = Vec::with_capacity(batch.len() * 512);
+    let mut hours: HashMap<HourKey<'_>, Totals> = HashMap::new();
+    let (mut min_started, mut max_started) = (i64::MAX, i64::MIN);
+    for r in batch {
+        serde_json::to_writer(&mut lines, r).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        lines.push(b'\n');
+        let u = &r.usage;
+        min_started = min_started.min(u.started_at_us);
+        max_started = max_started.max(u.started_at_us);
+        let key = (
+            u.tenant.as_str(),
+            u.function.as_str(),
+            u.version,
+            u.shadow,
+            u.started_at_us.div_euclid(HOUR_US),
+            r.currency.as_str(),
+        );
+        hours.entry(key).or_default().add(&Totals::of(r));
+    }
+    conn.prepare_cached(
+        "INSERT INTO usage_pages (first_seq, last_seq, min_started_us, max_started_us, lines)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        sql_u64(first.seq),
+        sql_u64(last.seq),
+        min_started,
+        max_started,
+        lines
+    ])?;
+    let mut upsert = conn.prepare_cached(&format!(
+        "INSERT INTO usage_hours (tenant, function, version, shadow, hour, currency, {})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, {})
+         ON CONFLICT DO UPDATE SET {}",
+        TOTALS.join(", "),
+        (7..7 + TOTALS.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        TOTALS.map(|c| format!("{c} = {c} + excluded.{c}")).join(", "),
+    ))?;
+    for ((tenant, function, version, shadow, hour, currency), totals) in hours {
+        let key: [&dyn rusqlite::ToSql; 6] = [&tenant, &function, &version, &shadow, &hour, &currency];
+        for (i, value) in key.into_iter().enumerate() {
+            upsert.raw_bind_parameter(i + 1, value)?;
+        }
+        for (i, value) in totals.0.iter().enumerate() {
+            upsert.raw_bind_parameter(7 + i, value)?;
+        }
+        upsert.raw_execute()?;
+    }
+    Ok(())
+}
+
+/// The highest commit sequence stored (0 for none): the last page's.
+fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
+    let last: Option<i64> = conn
+        .query_row(
+            "SELECT last_seq FROM usage_pages ORDER BY first_seq DESC LIMIT 1",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(last.map_or(0, |seq| u64::try_from(seq).unwrap_or(0)))
+}
+
+/// What a filter needs of a line, read without the rest of the record.
+#[derive(Deserialize)]
+struct Head<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    usage: HeadUsage<'a>,
+}
+
+#[derive(Deserialize)]
+struct HeadUsage<'a> {
+    #[serde(borrow)]
+    tenant: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    function: std::borrow::Cow<'a, str>,
+    started_at_us: i64,
+}
+
+impl Filter {
+    fn restricts(&self) -> bool {
+        self.tenant.is_some() || self.function.is_some() || self.since_us.is_some() || self.until_us.is_some()
+    }
+
+    fn admits(&self, tenant: &str, function: &str, started_at_us: i64) -> bool {
+        self.tenant.as_deref().is_none_or(|t| t == tenant)
+            && self.function.as_deref().is_none_or(|f| f == function)
+            && self.since_us.is_none_or(|since| started_at_us >= since)
+            && self.until_us.is_none_or(|until| started_at_us < until)
+    }
+}
+
+fn decode_failed(e: serde_json::Error) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
+}
+
+/// Calls `each` with every stored record matching `filter` with a sequence
+/// after `after` and at most `upto`, in commit order, until it returns
+/// false. Reads only the pages that can hold one.
+fn scan(
+    conn: &Connection,
+    filter: &Filter,
+    after: u64,
+    upto: Option<u64>,
+    mut each: impl FnMut(UsageRecord) -> bool,
+) -> rusqlite::Result<()> {
+    // From the page that holds `after + 1` (the last one starting at or
+    // before it), along the primary key.
+    let mut pages = conn.prepare_cached(
+        "SELECT lines FROM usage_pages
+         WHERE first_seq >= coalesce((SELECT max(first_seq) FROM usage_pages WHERE first_seq <= ?1 + 1), 0)
+           AND last_seq > ?1 AND (?2 IS NULL OR first_seq <= ?2)
+           AND (?3 IS NULL OR max_started_us >= ?3) AND (?4 IS NULL OR min_started_us < ?4)
+         ORDER BY first_seq",
+    )?;
+    let upto = upto.unwrap_or(u64::MAX);
+    let mut rows = pages.query(params![
+        sql_u64(after),
+        (upto != u64::MAX).then(|| sql_u64(upto)),
+        filter.since_us,
+        filter.until_us
+    ])?;
+    let restricts = filter.restricts();
+    while let Some(row) = rows.next()? {
+        let lines = row.get_ref(0)?.as_blob()?;
+        for line in lines.split(|&b| b == b'\n').filter(|line| !line.is_empty()) {
+            if restricts {
+                let head: Head<'_> = serde_json::from_slice(line).map_err(decode_failed)?;
+                if head.seq > upto {
+                    return Ok(());
+                }
+                let u = &head.usage;
+                if head.seq <= after || !filter.admits(&u.tenant, &u.function, u.started_at_us) {
+                    continue;
+                }
+            }
+            let record: UsageRecord = serde_json::from_slice(line).map_err(decode_failed)?;
+            if record.seq > upto {
+                return Ok(());
+            }
+            if record.seq > after && !each(record) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Up to `limit` records matching `filter` with commit sequences after
+/// `after` and at most `upto`, in commit order: one page of an export.
+pub(crate) fn page(
+    conn: &Connection,
+    filter: &Filter,
+    after: u64,
+    upto: Option<u64>,
+    limit: usize,
+) -> rusqlite::Result<Vec<UsageRecord>> {
+    let mut records = Vec::new();
+    if limit > 0 {
+        scan(conn, filter, after, upto, |record| {
+            records.push(record);
+            records.len() < limit
+        })?;
+    }
+    Ok(records)
+}
+
+/// The key of a summary row, in its order: day, tenant, function, version,
+/// shadow.
+type DayKey = (String, String, String, u32, bool);
+
+/// Totals per tenant, function, version, shadow flag and UTC day of the
+/// records matching `filter`: the hours its time range covers whole from
+/// `usage_hours`, the hours at its edges from the records.
+pub(crate) fn summary(conn: &Connection, filter: &Filter) -> rusqlite::Result<Vec<SummaryRow>> {
+    let mut days: BTreeMap<DayKey, (Totals, String)> = BTreeMap::new();
+    let mut add = |key: DayKey, totals: &Totals, currency: &str| {
+        let (sum, max_currency) = days.entry(key).or_default();
+        sum.add(totals);
+        if currency > max_currency.as_str() {
+            currency.clone_into(max_currency);
+        }
+    };
+    // Hours `first_whole..end_whole` lie inside the range.
+    let first_whole = filter.since_us.map_or(i64::MIN, |since| {
+        since.saturating_neg().div_euclid(HOUR_US).saturating_neg()
+    });
+    let end_whole = filter.until_us.map_or(i64::MAX, |until| until.div_euclid(HOUR_US));
+    let mut edges = Vec::new();
+    if first_whole < end_whole {
+        let mut hours = conn.prepare_cached(&format!(
+            "SELECT tenant, function, version, shadow, hour, currency, {} FROM usage_hours
+             WHERE hour >= ?1 AND hour < ?2 AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR function = ?4)",
+            TOTALS.join(", ")
+        ))?;
+        let mut rows = hours.query(params![first_whole, end_whole, filter.tenant, filter.function])?;
+        while let Some(row) = rows.next()? {
+            let mut totals = Totals::default();
+            for (i, sum) in totals.0.iter_mut().enumerate() {
+                *sum = row.get(6 + i)?;
+            }
+            let currency: String = row.get(5)?;
+            add(
+                (day(row.get(4)?), row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?),
+                &totals,
+                &currency,
+            );
+        }
+        if let Some(since) = filter.since_us {
+            edges.push((since, first_whole.saturating_mul(HOUR_US)));
+        }
+        if let Some(until) = filter.until_us {
+            edges.push((end_whole.saturating_mul(HOUR_US), until));
+        }
+    } else if let (Some(since), Some(until)) = (filter.since_us, filter.until_us) {
+        edges.push((since, until));
+    }
+    for (since, until) in edges.into_iter().filter(|(since, until)| since < until) {
+        let edge = Filter {
+            since_us: Some(since),
+            until_us: Some(until),
+            ..filter.clone()
+        };
+        scan(conn, &edge, 0, None, |r| {
+            let u = &r.usage;
+            let key = (
+                day(u.started_at_us.div_euclid(HOUR_US)),
+                u.tenant.clone(),
+                u.function.clone(),
+                u.version,
+                u.shadow,
+            );
+            add(key, &Totals::of(&r), &r.currency);
+            true
+        })?;
+    }
+    Ok(days
+        .into_iter()
+        .map(|((day, tenant, function, version, shadow), (t, currency))| SummaryRow {
+            tenant,
+            function,
+            version,
+            shadow,
+            errors: t.get("errors"),
+            mean_wall_ms: t.get("wall_us") as f64 / t.get("invocations").max(1) as f64 / 1e3,
+            day,
+            invocations: t.get("invocations"),
+            ran: t.get("ran"),
+            rejected: t.get("rejected"),
+            cold_starts: t.get("cold_starts"),
+            billed_ms: t.get("billed_ms"),
+            guest_cpu_us: t.get("guest_cpu_us"),
+            compute_ms: t.get("compute_ns") as f64 / 1e6,
+            gpu_ms: t.get("gpu_ns") as f64 / 1e6,
+            inference_calls: t.get("inference_calls"),
+            bytes_in: t.get("bytes_in"),
+            bytes_out: t.get("bytes_out"),
+            cost: crate::record::format_nanos(t.sum("cost_nanos")),
+            currency,
+        })
+        .collect())
+}
+
+/// The UTC day (`YYYY-MM-DD`) of Unix hour `hour`.
+fn day(hour: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(hour.saturating_mul(3600))
+        .map(|t| t.date().to_string())
+        .unwrap_or_default()
+}
+
+/// Writes `batch` as a page in one transaction; records already stored (a
+/// batch written again after a failure) are skipped.
+fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    let stored = last_seq(&tx)?;
+    write_page(&tx, &batch[batch.partition_point(|r| r.seq <= stored)..])?;
+    tx.commit()
+}
+
 /// The real sink: `usage.db`.
 #[derive(Debug)]
 pub(crate) struct SqliteSink {
@@ -206,104 +581,10 @@ pub(crate) struct SqliteSink {
     pub(crate) conn: Option<Connection>,
 }
 
-/// Records per `INSERT` statement: one statement's fixed cost (a step, a
-/// reset, a transaction check) is shared by these many rows.
-const ROWS_PER_INSERT: usize = 32;
-
-/// The number of [`COLUMNS`]: the values [`bind`] gives each row.
-const COLUMN_COUNT: usize = {
-    let (bytes, mut i, mut commas) = (COLUMNS.as_bytes(), 0, 0);
-    while i < bytes.len() {
-        if bytes[i] == b',' {
-            commas += 1;
-        }
-        i += 1;
-    }
-    commas + 1
-};
-
-/// The `INSERT` of `rows` records.
-fn insert_sql(rows: usize) -> String {
-    let row = format!("({})", vec!["?"; COLUMN_COUNT].join(", "));
-    format!(
-        "INSERT OR IGNORE INTO usage ({COLUMNS}) VALUES {}",
-        vec![row; rows].join(", ")
-    )
-}
-
-/// The statements [`insert_batch`] uses, made once: of
-/// [`ROWS_PER_INSERT`] rows, and of one.
-static INSERT_MANY: LazyLock<String> = LazyLock::new(|| insert_sql(ROWS_PER_INSERT));
-static INSERT_ONE: LazyLock<String> = LazyLock::new(|| insert_sql(1));
-
-/// Binds `r` to the parameters of `insert` from `first` (1-based), in
-/// [`COLUMNS`] order.
-fn bind(insert: &mut rusqlite::Statement<'_>, first: usize, r: &UsageRecord) -> rusqlite::Result<()> {
-    let u = &r.usage;
-    let values: [&dyn rusqlite::ToSql; COLUMN_COUNT] = [
-        &u.id,
-        &u.tenant,
-        &u.function,
-        &u.version,
-        &u.started_at_us,
-        &u.ended_at_us,
-        &u.status,
-        &u.outcome.as_str(),
-        &u.cold_start,
-        &sql_u64(u.queue_us),
-        &sql_u64(u.memory_peak_bytes),
-        &sql_u64(u.guest_cpu_us),
-        &u.device,
-        &sql_u64(u.gpu_ns / 1000),
-        &sql_u64(u.inference_calls),
-        &sql_u64(u.batched_calls),
-        &sql_u64(u.bytes_in),
-        &sql_u64(u.bytes_out),
-        &sql_u64(u.billed_ms()),
-        &r.cost_nanos,
-        &r.currency,
-        &r.price_version,
-        &sql_u64(r.seq),
-        &sql_u64(u.compute_ns),
-        &sql_u64(u.gpu_ns),
-        &u.invocation_id,
-        &u.attempt,
-        &u.alias,
-        &u.shadow,
-        &sql_u64(u.inference_cache_hits),
-    ];
-    for (i, value) in values.into_iter().enumerate() {
-        insert.raw_bind_parameter(first + i, value)?;
-    }
-    Ok(())
-}
-
-/// Writes `batch` in one transaction, [`ROWS_PER_INSERT`] rows per
-/// statement.
-fn insert_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    {
-        let mut chunks = batch.chunks_exact(ROWS_PER_INSERT);
-        let mut insert = tx.prepare_cached(&INSERT_MANY)?;
-        for chunk in &mut chunks {
-            for (row, r) in chunk.iter().enumerate() {
-                bind(&mut insert, 1 + row * COLUMN_COUNT, r)?;
-            }
-            insert.raw_execute()?;
-        }
-        let mut insert = tx.prepare_cached(&INSERT_ONE)?;
-        for r in chunks.remainder() {
-            bind(&mut insert, 1, r)?;
-            insert.raw_execute()?;
-        }
-    }
-    tx.commit()
-}
-
 impl Sink for SqliteSink {
     fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
         let conn = self.conn.as_mut().ok_or("the database is not open")?;
-        insert_batch(conn, batch).map_err(|e| e.to_string())
+        write_batch(conn, batch).map_err(|e| e.to_string())
     }
 
     fn reopen(&mut self) -> Result<(), String> {
@@ -319,25 +600,9 @@ impl Sink for SqliteSink {
         Ok(())
     }
 
-    fn committed(&mut self, ids: &[&str]) -> Result<usize, String> {
-        let conn = self.conn.as_ref().ok_or("the database is not open")?;
-        let mut found = 0;
-        for id in ids {
-            let hit: Option<i64> = conn
-                .query_row("SELECT 1 FROM usage WHERE id = ?1", params![id], |row| row.get(0))
-                .optional()
-                .map_err(|e| e.to_string())?;
-            found += usize::from(hit.is_some());
-        }
-        Ok(found)
-    }
-
     fn last_seq(&mut self) -> Result<u64, String> {
         let conn = self.conn.as_ref().ok_or("the database is not open")?;
-        let last: Option<i64> = conn
-            .query_row("SELECT max(seq) FROM usage", [], |row| row.get(0))
-            .map_err(|e| e.to_string())?;
-        Ok(last.map_or(0, |seq| u64::try_from(seq).unwrap_or(0)))
+        last_seq(conn).map_err(|e| e.to_string())
     }
 
     fn checkpoint(&mut self) -> Result<(), String> {
@@ -345,5 +610,169 @@ impl Sink for SqliteSink {
         // Copies the WAL into the database and fsyncs it.
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` records over three days and two tenants, a few functions and
+    /// versions, every outcome; sequences from `first`.
+    fn records(first: u64, n: u64) -> Vec<UsageRecord> {
+        let table = crate::PriceTable::default();
+        (first..first + n)
+            .map(|seq| {
+                let mut usage = crate::tests::usage(&format!("id-{seq}"), Outcome::ALL[seq as usize % 9]);
+                usage.tenant = ["acme", "umbrella"][seq as usize % 2].into();
+                usage.function = ["echo", "ocr", "tts"][seq as usize % 3].into();
+                usage.version = 1 + (seq % 2) as u32;
+                usage.shadow = seq % 7 == 0;
+                usage.status = [200, 503, 429, 500][seq as usize % 4];
+                // Spread over three days, 17 minutes apart, out of order a
+                // little (records commit as they end).
+                let step = i64::try_from(seq).unwrap_or(0) * 17 * 60_000_000;
+                usage.started_at_us = 1_764_000_000_000_000 + step - (seq % 3) as i64 * 400_000_000;
+                usage.ended_at_us = usage.started_at_us + (seq % 5) as i64 * 1_000_000;
+                usage.compute_ns = seq * 1000;
+                UsageRecord {
+                    seq,
+                    ..table.price(usage)
+                }
+            })
+            .collect()
+    }
+
+    fn database() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = open_connection(&dir.path().join("usage.db")).expect("open");
+        (dir, conn)
+    }
+
+    #[test]
+    fn a_batch_written_again_is_kept_once() {
+        let (_dir, mut conn) = database();
+        let all = records(1, 8);
+        write_batch(&mut conn, &all[..3]).expect("first");
+        // After a failure the ingester writes its group again, and recovery
+        // may offer what the database already has.
+        write_batch(&mut conn, &all[..3]).expect("again");
+        write_batch(&mut conn, &all).expect("overlapping");
+        let read = page(&conn, &Filter::default(), 0, None, 100).expect("page");
+        assert_eq!(read, all);
+        let invocations: u64 = summary(&conn, &Filter::default())
+            .expect("summary")
+            .iter()
+            .map(|row| row.invocations)
+            .sum();
+        assert_eq!(invocations, 8);
+    }
+
+    /// What [`summary`] must answer, added up from the records themselves.
+    fn brute_force(all: &[UsageRecord], filter: &Filter) -> Vec<SummaryRow> {
+        let mut days: BTreeMap<DayKey, (Totals, String)> = BTreeMap::new();
+        for r in all {
+            let u = &r.usage;
+            if filter.admits(&u.tenant, &u.function, u.started_at_us) {
+                let key = (
+                    day(u.started_at_us.div_euclid(HOUR_US)),
+                    u.tenant.clone(),
+                    u.function.clone(),
+                    u.version,
+                    u.shadow,
+                );
+                let (sum, currency) = days.entry(key).or_default();
+                sum.add(&Totals::of(r));
+                currency.clone_from(&r.currency);
+            }
+        }
+        days.into_iter()
+            .map(|((day, tenant, function, version, shadow), (t, currency))| SummaryRow {
+                tenant,
+                function,
+                version,
+                shadow,
+                errors: t.get("errors"),
+                mean_wall_ms: t.get("wall_us") as f64 / t.get("invocations").max(1) as f64 / 1e3,
+                day,
+                invocations: t.get("invocations"),
+                ran: t.get("ran"),
+                rejected: t.get("rejected"),
+                cold_starts: t.get("cold_starts"),
+                billed_ms: t.get("billed_ms"),
+                guest_cpu_us: t.get("guest_cpu_us"),
+                compute_ms: t.get("compute_ns") as f64 / 1e6,
+                gpu_ms: t.get("gpu_ns") as f64 / 1e6,
+                inference_calls: t.get("inference_calls"),
+                bytes_in: t.get("bytes_in"),
+                bytes_out: t.get("bytes_out"),
+                cost: crate::record::format_nanos(t.sum("cost_nanos")),
+                currency,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn summaries_and_pages_agree_with_the_records_for_any_range() {
+        let (_dir, mut conn) = database();
+        let all = records(1, 250);
+        for batch in all.chunks(37) {
+            write_batch(&mut conn, batch).expect("write");
+        }
+        let t0 = all[0].usage.started_at_us;
+        let mut filters = vec![Filter::default()];
+        // Ranges on and off the hour, within one hour, across days, empty.
+        for (since, until) in [
+            (Some(t0), None),
+            (None, Some(t0 + 20 * HOUR_US + 1)),
+            (Some(t0 + 3 * HOUR_US + 7), Some(t0 + 40 * HOUR_US - 9)),
+            (Some(t0 + 5 * HOUR_US + 1), Some(t0 + 5 * HOUR_US + 1_800_000_000)),
+            (
+                Some(t0.div_euclid(HOUR_US) * HOUR_US + 2 * HOUR_US),
+                Some(t0.div_euclid(HOUR_US) * HOUR_US + 30 * HOUR_US),
+            ),
+            (Some(t0 + 10 * HOUR_US), Some(t0 + 10 * HOUR_US)),
+        ] {
+            filters.push(Filter {
+                since_us: since,
+                until_us: until,
+                ..Filter::default()
+            });
+            filters.push(Filter {
+                tenant: Some("umbrella".into()),
+                function: Some("ocr".into()),
+                since_us: since,
+                until_us: until,
+            });
+        }
+        for filter in &filters {
+            let expected = brute_force(&all, filter);
+            assert_eq!(summary(&conn, filter).expect("summary"), expected, "{filter:?}");
+            let matching: Vec<&UsageRecord> = all
+                .iter()
+                .filter(|r| filter.admits(&r.usage.tenant, &r.usage.function, r.usage.started_at_us))
+                .collect();
+            let read = page(&conn, filter, 0, None, 1000).expect("page");
+            assert_eq!(read.iter().collect::<Vec<_>>(), matching, "{filter:?}");
+            // Paging from any cursor, up to any bound, in steps of 7.
+            let (after, upto) = (40, 200);
+            let mut cursor = after;
+            let mut paged = Vec::new();
+            loop {
+                let step = page(&conn, filter, cursor, Some(upto), 7).expect("page");
+                let Some(last) = step.last() else { break };
+                cursor = last.seq;
+                paged.extend(step);
+            }
+            let expected: Vec<&UsageRecord> = matching
+                .into_iter()
+                .filter(|r| r.seq > after && r.seq <= upto)
+                .collect();
+            assert_eq!(paged.iter().collect::<Vec<_>>(), expected, "{filter:?}");
+        }
+        assert!(
+            filters.iter().any(|f| !summary(&conn, f).expect("summary").is_empty()),
+            "the ranges hold records"
+        );
     }
 }

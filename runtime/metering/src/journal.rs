@@ -234,10 +234,6 @@ mod tests {
         fn reopen(&mut self) -> Result<(), String> {
             Ok(())
         }
-
-        fn committed(&mut self, _: &[&str]) -> Result<usize, String> {
-            Ok(0)
-        }
     }
 
     #[test]

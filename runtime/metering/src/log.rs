@@ -52,10 +52,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 use tokio::sync::watch;
 
-use crate::database::{COLUMNS, SqliteSink, open_connection, record_from_row, row_u64, sql_u64};
+use crate::database::{SqliteSink, open_connection};
 #[cfg(feature = "failpoints")]
 use crate::journal::arm_fault_points;
 use crate::journal::{Journal, Segment, recover_journal};
@@ -605,114 +605,16 @@ impl UsageLog {
             self.catch_up().await?;
         }
         let filter = filter.clone();
-        let (after, upto) = (sql_u64(after), upto.map(sql_u64));
-        let limit = sql_u64(limit as u64);
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM usage
-                 WHERE seq > ?1 AND (?8 IS NULL OR seq <= ?8) AND +id >= ?6 AND +id < ?7
-                   AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR function = ?3)
-                   AND (?4 IS NULL OR started_at_us >= ?4) AND (?5 IS NULL OR started_at_us < ?5)
-                 ORDER BY seq LIMIT ?9"
-            ))?;
-            // `+id`: the id bounds filter, but the walk is along the `seq`
-            // index, from `after`: each page costs its own size, not the
-            // table's (the id index would scan every matching id and sort).
-            let (lower, upper) = id_bounds(&filter);
-            let rows = stmt.query_map(
-                params![
-                    after,
-                    filter.tenant,
-                    filter.function,
-                    filter.since_us,
-                    filter.until_us,
-                    lower,
-                    upper,
-                    upto,
-                    limit
-                ],
-                record_from_row,
-            )?;
-            rows.collect()
-        })
-        .await
+        self.read(move |conn| crate::database::page(conn, &filter, after, upto, limit))
+            .await
     }
 
     /// Totals per tenant, function and UTC day.
     pub async fn summary(&self, filter: &Filter) -> Result<Vec<SummaryRow>, LogError> {
         self.catch_up().await?;
         let filter = filter.clone();
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT tenant, function, strftime('%Y-%m-%d', started_at_us / 1000000, 'unixepoch') AS day,
-                        count(*), sum(outcome NOT IN ('rejected', 'bad_request')), sum(outcome = 'rejected'),
-                        sum(cold_start), sum(billed_ms), sum(guest_cpu_us), sum(gpu_ns), sum(inference_calls),
-                        sum(bytes_in), sum(bytes_out), sum(cost_nanos), max(currency), sum(compute_ns),
-                        version, shadow, sum(status >= 500 AND outcome NOT IN ('rejected', 'bad_request')),
-                        avg(ended_at_us - started_at_us)
-                 FROM usage
-                 WHERE id >= ?5 AND id < ?6 AND (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR function = ?2)
-                   AND (?3 IS NULL OR started_at_us >= ?3) AND (?4 IS NULL OR started_at_us < ?4)
-                 GROUP BY tenant, function, version, shadow, day ORDER BY day, tenant, function, version, shadow",
-            )?;
-            let (lower, upper) = id_bounds(&filter);
-            let rows = stmt.query_map(
-                params![
-                    filter.tenant,
-                    filter.function,
-                    filter.since_us,
-                    filter.until_us,
-                    lower,
-                    upper
-                ],
-                |row| {
-                    Ok(SummaryRow {
-                        tenant: row.get(0)?,
-                        function: row.get(1)?,
-                        version: row.get(16)?,
-                        shadow: row.get(17)?,
-                        errors: row_u64(row, 18)?,
-                        mean_wall_ms: row.get::<_, f64>(19)? / 1e3,
-                        day: row.get(2)?,
-                        invocations: row_u64(row, 3)?,
-                        ran: row_u64(row, 4)?,
-                        rejected: row_u64(row, 5)?,
-                        cold_starts: row_u64(row, 6)?,
-                        billed_ms: row_u64(row, 7)?,
-                        guest_cpu_us: row_u64(row, 8)?,
-                        compute_ms: row_u64(row, 15)? as f64 / 1e6,
-                        gpu_ms: row_u64(row, 9)? as f64 / 1e6,
-                        inference_calls: row_u64(row, 10)?,
-                        bytes_in: row_u64(row, 11)?,
-                        bytes_out: row_u64(row, 12)?,
-                        cost: crate::record::format_nanos(row.get(13)?),
-                        currency: row.get(14)?,
-                    })
-                },
-            )?;
-            rows.collect()
-        })
-        .await
+        self.read(move |conn| crate::database::summary(conn, &filter)).await
     }
-}
-
-/// The id range that holds every record of `filter`'s time range: ids are
-/// UUIDv7, whose first 48 bits are the Unix milliseconds at which the
-/// request arrived (taken a moment before `started_at_us`, hence the
-/// millisecond of slack on each side; the exact filter is applied too).
-fn id_bounds(filter: &Filter) -> (String, String) {
-    let bound = |ms: i64| {
-        let ms = u64::try_from(ms.max(0)).unwrap_or(0).min((1 << 48) - 1);
-        format!("{:08x}-{:04x}", ms >> 16, ms & 0xffff)
-    };
-    let lower = filter
-        .since_us
-        .map_or_else(String::new, |us| bound(us.div_euclid(1000) - 1));
-    // Past every id: 'g' sorts after any hex digit.
-    let upper = filter
-        .until_us
-        .map_or_else(|| "g".to_owned(), |us| bound(us.div_euclid(1000) + 2));
-    (lower, upper)
 }
 
 /// Waits (at most [`COMMIT_WAIT`]) until `watch` reaches `seq`.

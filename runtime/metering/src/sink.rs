@@ -29,12 +29,12 @@ impl From<rusqlite::Error> for LogError {
 /// Where the ingesters write synced records: the real database, or a
 /// fault-injecting stand-in in unit tests.
 pub trait Sink: Send + 'static {
-    /// Writes `batch` in one transaction (idempotent by id).
+    /// Writes `batch` (in commit order) in one transaction; records at or
+    /// below the highest sequence stored are skipped, so writing a batch
+    /// again after a failure keeps each record once.
     fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String>;
     /// Reopens the store after a failure and checks it.
     fn reopen(&mut self) -> Result<(), String>;
-    /// How many of `ids` are stored.
-    fn committed(&mut self, ids: &[&str]) -> Result<usize, String>;
     /// The highest commit sequence stored (0 for none).
     fn last_seq(&mut self) -> Result<u64, String> {
         Ok(0)

@@ -285,19 +285,16 @@ fn rotate_if_large(sink: &mut impl Sink, shared: &Shared) {
     }
 }
 
-/// Reopens and checks the store, then writes `batch` again (idempotent by
-/// id), retrying with backoff until it succeeds.
+/// Reopens and checks the store, then writes `batch` again (what of it
+/// was stored is skipped), retrying with backoff until it succeeds.
 fn recover(sink: &mut impl Sink, batch: &[UsageRecord], shared: &Shared) {
-    let ids: Vec<&str> = batch.iter().map(|r| r.usage.id.as_str()).collect();
     let mut backoff = Duration::from_millis(50);
     loop {
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(5));
         let attempt = sink.reopen().and_then(|()| {
-            let found = sink.committed(&ids)?;
             tracing::info!(
-                committed = found,
-                of = ids.len(),
+                records = batch.len(),
                 "usage log reopened; writing the failed group again"
             );
             sink.write(batch)
