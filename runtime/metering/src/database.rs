@@ -3,7 +3,7 @@
 //! summaries read ([`page`], [`summary`]).
 //!
 //! Records are kept in **pages**, not one row each: an ingestion writes its
-//! records as one row of JSON lines (the journal's own encoding), keyed by
+//! records as one row of frames (the journal's own encoding), keyed by
 //! the first commit sequence it holds, and adds them to **hourly totals**
 //! per tenant, function, version, shadow flag and currency. An ingestion of
 //! a thousand records is one row and a few upserts instead of a thousand
@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
-use serde::Deserialize;
 
+use crate::journal::{decode, encode};
 use crate::log::{Filter, SummaryRow};
 use crate::record::{Outcome, Usage, UsageRecord};
 use crate::sink::{MAX_BATCH, Sink};
@@ -32,7 +32,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage_pages (
     last_seq INTEGER NOT NULL,
     min_started_us INTEGER NOT NULL,
     max_started_us INTEGER NOT NULL,
-    lines BLOB NOT NULL
+    records BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS usage_hours (
     tenant TEXT NOT NULL,
@@ -291,12 +291,11 @@ fn write_page(conn: &Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> 
     let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
         return Ok(());
     };
-    let mut lines = Vec::with_capacity(batch.len() * 512);
+    let mut frames = Vec::with_capacity(batch.len() * 256);
     let mut hours: HashMap<HourKey<'_>, Totals> = HashMap::new();
     let (mut min_started, mut max_started) = (i64::MAX, i64::MIN);
     for r in batch {
-        serde_json::to_writer(&mut lines, r).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        lines.push(b'\n');
+        encode(r, &mut frames).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         let u = &r.usage;
         min_started = min_started.min(u.started_at_us);
         max_started = max_started.max(u.started_at_us);
@@ -311,7 +310,7 @@ fn write_page(conn: &Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> 
         hours.entry(key).or_default().add(&Totals::of(r));
     }
     conn.prepare_cached(
-        "INSERT INTO usage_pages (first_seq, last_seq, min_started_us, max_started_us, lines)
+        "INSERT INTO usage_pages (first_seq, last_seq, min_started_us, max_started_us, records)
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![
@@ -319,7 +318,7 @@ fn write_page(conn: &Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> 
         sql_u64(last.seq),
         min_started,
         max_started,
-        lines
+        frames
     ])?;
     let mut upsert = conn.prepare_cached(&format!(
         "INSERT INTO usage_hours (tenant, function, version, shadow, hour, currency, {})
@@ -357,28 +356,7 @@ fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(last.map_or(0, |seq| u64::try_from(seq).unwrap_or(0)))
 }
 
-/// What a filter needs of a line, read without the rest of the record.
-#[derive(Deserialize)]
-struct Head<'a> {
-    seq: u64,
-    #[serde(borrow)]
-    usage: HeadUsage<'a>,
-}
-
-#[derive(Deserialize)]
-struct HeadUsage<'a> {
-    #[serde(borrow)]
-    tenant: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    function: std::borrow::Cow<'a, str>,
-    started_at_us: i64,
-}
-
 impl Filter {
-    fn restricts(&self) -> bool {
-        self.tenant.is_some() || self.function.is_some() || self.since_us.is_some() || self.until_us.is_some()
-    }
-
     fn admits(&self, tenant: &str, function: &str, started_at_us: i64) -> bool {
         self.tenant.as_deref().is_none_or(|t| t == tenant)
             && self.function.as_deref().is_none_or(|f| f == function)
@@ -387,8 +365,8 @@ impl Filter {
     }
 }
 
-fn decode_failed(e: serde_json::Error) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
+fn damaged(error: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, error.into())
 }
 
 /// Calls `each` with every stored record matching `filter` with a sequence
@@ -404,7 +382,7 @@ fn scan(
     // From the page that holds `after + 1` (the last one starting at or
     // before it), along the primary key.
     let mut pages = conn.prepare_cached(
-        "SELECT lines FROM usage_pages
+        "SELECT records FROM usage_pages
          WHERE first_seq >= coalesce((SELECT max(first_seq) FROM usage_pages WHERE first_seq <= ?1 + 1), 0)
            AND last_seq > ?1 AND (?2 IS NULL OR first_seq <= ?2)
            AND (?3 IS NULL OR max_started_us >= ?3) AND (?4 IS NULL OR min_started_us < ?4)
@@ -417,25 +395,15 @@ fn scan(
         filter.since_us,
         filter.until_us
     ])?;
-    let restricts = filter.restricts();
     while let Some(row) = rows.next()? {
-        let lines = row.get_ref(0)?.as_blob()?;
-        for line in lines.split(|&b| b == b'\n').filter(|line| !line.is_empty()) {
-            if restricts {
-                let head: Head<'_> = serde_json::from_slice(line).map_err(decode_failed)?;
-                if head.seq > upto {
-                    return Ok(());
-                }
-                let u = &head.usage;
-                if head.seq <= after || !filter.admits(&u.tenant, &u.function, u.started_at_us) {
-                    continue;
-                }
-            }
-            let record: UsageRecord = serde_json::from_slice(line).map_err(decode_failed)?;
+        let mut frames = row.get_ref(0)?.as_blob()?;
+        while let Some(record) = decode(&mut frames) {
+            let record = record.map_err(damaged)?;
             if record.seq > upto {
                 return Ok(());
             }
-            if record.seq > after && !each(record) {
+            let u = &record.usage;
+            if record.seq > after && filter.admits(&u.tenant, &u.function, u.started_at_us) && !each(record) {
                 return Ok(());
             }
         }

@@ -58,7 +58,7 @@ use tokio::sync::watch;
 use crate::database::{SqliteSink, open_connection};
 #[cfg(feature = "failpoints")]
 use crate::journal::arm_fault_points;
-use crate::journal::{Journal, Segment, recover_journal};
+use crate::journal::{Journal, Segment, encode, recover_journal};
 use crate::record::UsageRecord;
 use crate::sink::{LogError, Sink};
 
@@ -479,8 +479,7 @@ impl UsageLog {
         let seq = *next_seq;
         record.seq = seq;
         buf.clear();
-        serde_json::to_writer(&mut *buf, &record).map_err(|e| LogError::Database(e.to_string()))?;
-        buf.push(b'\n');
+        encode(&record, buf).map_err(|e| LogError::Database(format!("encoding a usage record: {e}")))?;
         if let Err(err) = file.append(buf) {
             // Part of the line may be in the file: the syncer starts a new
             // journal and writes every record not yet ingested again.

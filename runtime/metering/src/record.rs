@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How an invocation ended, for billing and for operators.
+/// How an invocation ended, for billing and for operators. Journals and
+/// `usage.db` store an outcome by its place in this list: add new ones at
+/// the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -79,7 +81,7 @@ pub struct Usage {
     pub id: String,
     /// The asynchronous invocation this attempt ran for (`None` for a
     /// synchronous call, whose record id is its invocation id).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub invocation_id: Option<String>,
     /// Which attempt of its invocation this is, from 1 (always 1 for a
     /// synchronous call).
@@ -93,11 +95,11 @@ pub struct Usage {
     pub version: u32,
     /// The alias the request came through (`latest` for a bare name); empty
     /// when it named the version (`@3`).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(default)]
     pub alias: String,
     /// A copy of an alias's request sent to its shadow version, whose
     /// answer nobody saw.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub shadow: bool,
     /// Unix microseconds when the request arrived.
     pub started_at_us: i64,
@@ -168,7 +170,10 @@ impl Usage {
 }
 
 /// A priced, durable usage record: the [`Usage`] with its cost, and its
-/// place in commit order once the log has it.
+/// place in commit order once the log has it. Journals and `usage.db` store
+/// it in postcard's encoding, which is by field order: new fields go at the
+/// end of [`Usage`] or of this struct, never in between (see
+/// `journal::encode`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// What was measured.

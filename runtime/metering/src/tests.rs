@@ -223,16 +223,38 @@ async fn records_only_in_the_journal_are_recovered_once_and_in_order() {
     log.catch_up().await.expect("ingested");
     log.close(std::time::Duration::ZERO);
     // A crash after the journal write, before ingestion: the last two exist
-    // only as journal lines (the last line cut short by the crash).
-    let mut lines = String::new();
-    for (seq, id) in (3..).zip(&ids[2..]) {
-        let line = serde_json::to_string(&UsageRecord { seq, ..record(id) }).expect("json");
-        lines.push_str(&line);
-        lines.push('\n');
-    }
-    lines.push_str("{\"usage\":{\"id\":");
-    let journal = dir.path().join("usage-journal").join("journal-00000009.jsonl");
-    std::fs::write(&journal, lines).expect("journal");
+    // only in journals, one an earlier Hearth's JSON lines (its last line
+    // cut short by the crash), one of frames (its last frame torn).
+    let earlier = format!(
+        "{}\n{{\"usage\":{{\"id\":",
+        serde_json::to_string(&UsageRecord {
+            seq: 3,
+            ..record(&ids[2])
+        })
+        .expect("json")
+    );
+    let journals = dir.path().join("usage-journal");
+    std::fs::write(journals.join("journal-00000008.jsonl"), earlier).expect("journal");
+    let mut frames = Vec::new();
+    journal::encode(
+        &UsageRecord {
+            seq: 4,
+            ..record(&ids[3])
+        },
+        &mut frames,
+    )
+    .expect("frame");
+    let whole = frames.len();
+    journal::encode(
+        &UsageRecord {
+            seq: 5,
+            ..record("torn")
+        },
+        &mut frames,
+    )
+    .expect("frame");
+    frames.truncate(whole + 20);
+    std::fs::write(journals.join("journal-00000009.log"), frames).expect("journal");
 
     let log = UsageLog::open(dir.path(), LogConfig::default()).expect("reopen");
     let all = log.page(&Filter::default(), 0, None, 100).await.expect("page");
@@ -345,7 +367,7 @@ async fn a_large_journal_rotates_under_steady_appends_and_keeps_every_record() {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(journals.len(), 1, "the old journals are gone: {journals:?}");
-    assert_ne!(journals[0], "journal-00000000.jsonl", "it rotated");
+    assert_ne!(journals[0], "journal-00000000.log", "it rotated");
     // After a restart nothing is lost or doubled.
     let log = UsageLog::open(dir.path(), LogConfig::default()).expect("reopen");
     let all = log.page(&Filter::default(), 0, None, 10_000).await.expect("page");
