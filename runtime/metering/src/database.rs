@@ -438,6 +438,11 @@ type DayKey = (String, String, String, u32, bool);
 /// records matching `filter`: the hours its time range covers whole from
 /// `usage_hours`, the hours at its edges from the records.
 pub(crate) fn summary(conn: &Connection, filter: &Filter) -> rusqlite::Result<Vec<SummaryRow>> {
+    // One snapshot for the hours and the edges (an ingestion may commit
+    // between the two reads otherwise; they cover disjoint times, so that
+    // would only make the summary a moment newer at its edges).
+    let snapshot = conn.unchecked_transaction()?;
+    let conn: &Connection = &snapshot;
     let mut days: BTreeMap<DayKey, (Totals, String)> = BTreeMap::new();
     let mut add = |key: DayKey, totals: &Totals, currency: &str| {
         let (sum, max_currency) = days.entry(key).or_default();
