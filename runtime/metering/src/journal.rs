@@ -8,8 +8,15 @@ use std::path::{Path, PathBuf};
 use crate::record::UsageRecord;
 use crate::sink::{LogError, MAX_BATCH, Sink};
 
-/// The first byte of a frame: neither a JSON line's `{` (the journals of
-/// earlier Hearths, still read) nor the zeros of a journal's unwritten tail.
+/// The first byte of a frame, which names the layout of its payload:
+/// neither a JSON line's `{` (the journals of earlier Hearths, still read)
+/// nor the zeros of a journal's unwritten tail. Postcard encodes a struct
+/// as its fields in order, with no names and no defaults, so a frame can
+/// only be read with the field list it was written with: a change to the
+/// fields of [`UsageRecord`] (or of `Usage`, or to the order of `Outcome`)
+/// takes a new tag, and [`decode`] keeps reading this one (as a copy of
+/// today's structs) for the journals and the pages of `usage.db` written
+/// before. `frames_keep_their_layout` fails until that is done.
 const FRAME_TAG: u8 = 0xB7;
 /// A frame's tag, payload length and payload CRC-32 (little-endian).
 const FRAME_HEADER: usize = 9;
@@ -282,6 +289,60 @@ mod tests {
         fn reopen(&mut self) -> Result<(), String> {
             Ok(())
         }
+    }
+
+    /// A frame written today, byte for byte: journals and pages already on
+    /// disk hold frames like it. If this fails, the record's fields changed:
+    /// see [`FRAME_TAG`].
+    #[test]
+    fn frames_keep_their_layout() {
+        let record = UsageRecord {
+            usage: crate::Usage {
+                id: "0193a0e8-0000-7000-8000-000000000001".into(),
+                invocation_id: Some("0193a0e8-0000-7000-8000-000000000000".into()),
+                attempt: 2,
+                tenant: "acme".into(),
+                function: "ocr".into(),
+                version: 3,
+                alias: "prod".into(),
+                shadow: true,
+                started_at_us: 1_764_000_000_000_000,
+                ended_at_us: 1_764_000_000_002_500,
+                status: 503,
+                outcome: Outcome::CacheHit,
+                cold_start: true,
+                queue_us: 10,
+                memory_peak_bytes: 1 << 20,
+                guest_cpu_us: 300,
+                device: "cpu+cuda:0".into(),
+                compute_ns: 7_000,
+                gpu_ns: 5_000,
+                inference_calls: 2,
+                batched_calls: 6,
+                inference_cache_hits: 1,
+                bytes_in: 5,
+                bytes_out: 120,
+            },
+            cost_nanos: -42,
+            currency: "EUR".into(),
+            price_version: "2026-12".into(),
+            seq: 1_000_000,
+        };
+        let mut frame = Vec::new();
+        encode(&record, &mut frame).expect("encode");
+        let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            concat!(
+                "b79a0000000dd562ab2430313933613065382d303030302d373030302d383030",
+                "302d303030303030303030303031012430313933613065382d303030302d3730",
+                "30302d383030302d303030303030303030303030020461636d65036f63720304",
+                "70726f640180809296a896a20688a79296a896a206f70308010a808040ac020a",
+                "6370752b637564613a30d83688270206010578530345555207323032362d3132",
+                "c0843d"
+            )
+        );
+        assert_eq!(decode(&mut &frame[..]).expect("a record").expect("whole"), record);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 /// How an invocation ended, for billing and for operators. Journals and
-/// `usage.db` store an outcome by its place in this list: add new ones at
-/// the end.
+/// `usage.db` store an outcome by its place in this list (see
+/// `journal::FRAME_TAG` before changing it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -171,9 +171,8 @@ impl Usage {
 
 /// A priced, durable usage record: the [`Usage`] with its cost, and its
 /// place in commit order once the log has it. Journals and `usage.db` store
-/// it in postcard's encoding, which is by field order: new fields go at the
-/// end of [`Usage`] or of this struct, never in between (see
-/// `journal::encode`).
+/// it in postcard's encoding, which is by field order, without names: see
+/// `journal::FRAME_TAG` before changing its fields or [`Usage`]'s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
     /// What was measured.
