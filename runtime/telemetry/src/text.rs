@@ -6,8 +6,8 @@
 //! 70 µs (`perf`, 32 connections): the timestamp's calendar arithmetic
 //! and a `write!` per field. [`TextFormat`] writes the same line (same
 //! timestamp, level, target and `key=value` fields) with the timestamp's
-//! date and time kept per second and integers written without the
-//! formatting machinery. Every other line (warnings, start-up) is rare and
+//! date and time kept per second, and integers, plain strings and
+//! milliseconds written without the formatting machinery. Every other line (warnings, start-up) is rare and
 //! goes through the generic formatter, spans and all.
 
 use std::cell::RefCell;
@@ -135,6 +135,38 @@ impl Visit for Fields<'_, '_> {
         self.integer(field, value);
     }
 
+    fn record_str(&mut self, field: &Field, value: &str) {
+        // What `{:?}` writes for a string with nothing to escape (names,
+        // outcomes), without its per-character escaping.
+        let plain = value
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\');
+        if !plain || field.name() == "message" {
+            return self.record_debug(field, &value);
+        }
+        if self.result.is_ok() {
+            self.result = self.key(field).and_then(|()| {
+                self.writer.write_char('"')?;
+                self.writer.write_str(value)?;
+                self.writer.write_char('"')
+            });
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // In this range `{:?}` writes the shortest digits that read back,
+        // in decimal, as ryu does, at a fraction of the cost (times in
+        // milliseconds on every request line).
+        if value != 0.0 && !(1e-3..1e15).contains(&value.abs()) {
+            return self.record_debug(field, &value);
+        }
+        if self.result.is_ok() {
+            self.result = self
+                .key(field)
+                .and_then(|()| self.writer.write_str(ryu::Buffer::new().format_finite(value)));
+        }
+    }
+
     fn record_bool(&mut self, field: &Field, value: bool) {
         if self.result.is_ok() {
             self.result = self
@@ -207,7 +239,14 @@ mod tests {
             version = 3u32,
             status = 200u16,
             outcome = "ok",
+            quoted = "say \"hi\"\n",
             wall_ms = 0.25,
+            queue_ms = 0.0,
+            whole_ms = 1.0,
+            small_ms = 0.001,
+            large_ms = 12_345.678,
+            tiny = 1e-5,
+            big = 1e15,
             delta = -4i64,
             cold_start = false,
             "invocation"
