@@ -506,29 +506,34 @@ pub(crate) fn summary(conn: &Connection, filter: &Filter) -> rusqlite::Result<Ve
     }
     Ok(days
         .into_iter()
-        .map(|((day, tenant, function, version, shadow), (t, currency))| SummaryRow {
-            tenant,
-            function,
-            version,
-            shadow,
-            errors: t.get("errors"),
-            mean_wall_ms: t.get("wall_us") as f64 / t.get("invocations").max(1) as f64 / 1e3,
-            day,
-            invocations: t.get("invocations"),
-            ran: t.get("ran"),
-            rejected: t.get("rejected"),
-            cold_starts: t.get("cold_starts"),
-            billed_ms: t.get("billed_ms"),
-            guest_cpu_us: t.get("guest_cpu_us"),
-            compute_ms: t.get("compute_ns") as f64 / 1e6,
-            gpu_ms: t.get("gpu_ns") as f64 / 1e6,
-            inference_calls: t.get("inference_calls"),
-            bytes_in: t.get("bytes_in"),
-            bytes_out: t.get("bytes_out"),
-            cost: crate::record::format_nanos(t.sum("cost_nanos")),
-            currency,
-        })
+        .map(|(key, (totals, currency))| summary_row(key, &totals, currency))
         .collect())
+}
+
+/// The summary row of `key` with `t`, its totals.
+fn summary_row((day, tenant, function, version, shadow): DayKey, t: &Totals, currency: String) -> SummaryRow {
+    SummaryRow {
+        tenant,
+        function,
+        version,
+        shadow,
+        errors: t.get("errors"),
+        mean_wall_ms: t.get("wall_us") as f64 / t.get("invocations").max(1) as f64 / 1e3,
+        day,
+        invocations: t.get("invocations"),
+        ran: t.get("ran"),
+        rejected: t.get("rejected"),
+        cold_starts: t.get("cold_starts"),
+        billed_ms: t.get("billed_ms"),
+        guest_cpu_us: t.get("guest_cpu_us"),
+        compute_ms: t.get("compute_ns") as f64 / 1e6,
+        gpu_ms: t.get("gpu_ns") as f64 / 1e6,
+        inference_calls: t.get("inference_calls"),
+        bytes_in: t.get("bytes_in"),
+        bytes_out: t.get("bytes_out"),
+        cost: crate::record::format_nanos(t.sum("cost_nanos")),
+        currency,
+    }
 }
 
 /// The UTC day (`YYYY-MM-DD`) of Unix hour `hour`.
@@ -660,28 +665,7 @@ mod tests {
             }
         }
         days.into_iter()
-            .map(|((day, tenant, function, version, shadow), (t, currency))| SummaryRow {
-                tenant,
-                function,
-                version,
-                shadow,
-                errors: t.get("errors"),
-                mean_wall_ms: t.get("wall_us") as f64 / t.get("invocations").max(1) as f64 / 1e3,
-                day,
-                invocations: t.get("invocations"),
-                ran: t.get("ran"),
-                rejected: t.get("rejected"),
-                cold_starts: t.get("cold_starts"),
-                billed_ms: t.get("billed_ms"),
-                guest_cpu_us: t.get("guest_cpu_us"),
-                compute_ms: t.get("compute_ns") as f64 / 1e6,
-                gpu_ms: t.get("gpu_ns") as f64 / 1e6,
-                inference_calls: t.get("inference_calls"),
-                bytes_in: t.get("bytes_in"),
-                bytes_out: t.get("bytes_out"),
-                cost: crate::record::format_nanos(t.sum("cost_nanos")),
-                currency,
-            })
+            .map(|(key, (totals, currency))| summary_row(key, &totals, currency))
             .collect()
     }
 
