@@ -492,15 +492,7 @@ pub(crate) fn summary(conn: &Connection, filter: &Filter) -> rusqlite::Result<Ve
             ..filter.clone()
         };
         scan(conn, &edge, 0, None, |r| {
-            let u = &r.usage;
-            let key = (
-                day(u.started_at_us.div_euclid(HOUR_US)),
-                u.tenant.clone(),
-                u.function.clone(),
-                u.version,
-                u.shadow,
-            );
-            add(key, &Totals::of(&r), &r.currency);
+            add(day_key(&r), &Totals::of(&r), &r.currency);
             true
         })?;
     }
@@ -508,6 +500,18 @@ pub(crate) fn summary(conn: &Connection, filter: &Filter) -> rusqlite::Result<Ve
         .into_iter()
         .map(|(key, (totals, currency))| summary_row(key, &totals, currency))
         .collect())
+}
+
+/// The summary row a record counts in.
+fn day_key(r: &UsageRecord) -> DayKey {
+    let u = &r.usage;
+    (
+        day(u.started_at_us.div_euclid(HOUR_US)),
+        u.tenant.clone(),
+        u.function.clone(),
+        u.version,
+        u.shadow,
+    )
 }
 
 /// The summary row of `key` with `t`, its totals.
@@ -652,14 +656,7 @@ mod tests {
         for r in all {
             let u = &r.usage;
             if filter.admits(&u.tenant, &u.function, u.started_at_us) {
-                let key = (
-                    day(u.started_at_us.div_euclid(HOUR_US)),
-                    u.tenant.clone(),
-                    u.function.clone(),
-                    u.version,
-                    u.shadow,
-                );
-                let (sum, currency) = days.entry(key).or_default();
+                let (sum, currency) = days.entry(day_key(r)).or_default();
                 sum.add(&Totals::of(r));
                 currency.clone_from(&r.currency);
             }
