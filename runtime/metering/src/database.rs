@@ -7,7 +7,7 @@
 //! the first commit sequence it holds, and adds them to **hourly totals**
 //! per tenant, function, version, shadow flag and currency. An ingestion of
 //! a thousand records is one row and a few upserts instead of a thousand
-//! rows and a thousand index entries, which was most of a record's CPU. An
+//! rows and a thousand index entries. An
 //! export reads pages from its cursor on (a page is a range of the commit
 //! sequence, and each knows the range of its records' start times, so a
 //! time filter skips the pages outside it); a summary adds up the hours its
@@ -291,7 +291,8 @@ fn write_page(conn: &Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> 
     let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
         return Ok(());
     };
-    let mut frames = Vec::with_capacity(batch.len() * 256);
+    // About 120 bytes a frame.
+    let mut frames = Vec::with_capacity(batch.len() * 128);
     let mut hours: HashMap<HourKey<'_>, Totals> = HashMap::new();
     let (mut min_started, mut max_started) = (i64::MAX, i64::MIN);
     for r in batch {
