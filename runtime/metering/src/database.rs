@@ -20,7 +20,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
 use crate::journal::{decode, encode};
-use crate::log::{Filter, SummaryRow};
+use crate::queries::{Filter, SummaryRow};
 use crate::record::{Outcome, Usage, UsageRecord};
 use crate::sink::{MAX_BATCH, Sink};
 

@@ -23,11 +23,9 @@ mod record;
 mod sink;
 
 pub use export::{CSV_COLUMNS, EVENT_TYPE, Encoder, Format};
-pub use log::{
-    DEFAULT_SYNC_INTERVAL, Durability, Filter, GROUP_WINDOW, LogConfig, LogStats, Pending, SummaryRow, UsageLog,
-};
+pub use log::{DEFAULT_SYNC_INTERVAL, Durability, GROUP_WINDOW, LogConfig, LogStats, Pending, UsageLog};
 pub use price::{PriceError, PriceTable};
-pub use queries::UsageQueries;
+pub use queries::{Filter, SummaryRow, UsageQueries};
 pub use record::{Outcome, RecordView, Usage, UsageRecord, format_nanos, format_us};
 pub use sink::{LogError, MAX_BATCH, Sink};
 
