@@ -47,7 +47,9 @@ pub(crate) fn decode(bytes: &mut &[u8]) -> Option<Result<UsageRecord, String>> {
     match first {
         0 => None,
         FRAME_TAG => {
-            let header = bytes.get(..FRAME_HEADER)?;
+            let Some(header) = bytes.get(..FRAME_HEADER) else {
+                return Some(Err("a record cut short".into()));
+            };
             let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
             let crc = u32::from_le_bytes([header[5], header[6], header[7], header[8]]);
             let Some(payload) = bytes.get(FRAME_HEADER..FRAME_HEADER + len) else {
@@ -369,8 +371,9 @@ mod tests {
         }
         assert!(decode(&mut rest).is_none(), "the zeros end it");
 
-        let cut = &frame[..frame.len() - 1];
-        assert!(decode(&mut &cut[..]).expect("a record").is_err(), "cut short");
+        for cut in [&frame[..frame.len() - 1], &frame[..4]] {
+            assert!(decode(&mut &cut[..]).expect("a record").is_err(), "cut short");
+        }
         let last = frame.len() - 1;
         bytes[last] ^= 0x40;
         assert!(decode(&mut &bytes[..]).expect("a record").is_err(), "damaged");
