@@ -19,9 +19,10 @@
 //! still running ([`UsageLog::pending`]) it holds the group open for them, at
 //! most [`GROUP_WINDOW`].
 //!
-//! **Cost.** Ingestion is most of the log's CPU (a few microseconds per
-//! record, against a fraction of one for the append), and none of it is on
-//! an answer's path. An idle-time ingester runs at [`INGEST_NICE`], so on a
+//! **Cost.** A record costs the node about a microsecond and a half of CPU
+//! in all (`log/ingest` bench): the append's encoding and copy on the
+//! answer's path, the fsyncs and the ingestion (a page per batch, see
+//! `database.rs`) off it. An idle-time ingester runs at [`INGEST_NICE`], so on a
 //! busy node it takes the CPU the invocations leave rather than preempting
 //! them. A second ingester, at normal priority, steps in when that is not
 //! enough: when a reader waits (queries see everything written before
