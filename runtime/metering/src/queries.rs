@@ -36,7 +36,7 @@ pub struct Filter {
     pub until_us: Option<i64>,
 }
 
-/// One row of [`UsageLog::summary`]: one version of a tenant's function on
+/// One row of [`UsageQueries::summary`]: one version of a tenant's function on
 /// one day (UTC), its answered calls and its shadow copies apart, so the
 /// versions behind an alias compare side by side.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
