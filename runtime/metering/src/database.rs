@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
@@ -285,6 +286,22 @@ impl Totals {
 /// currency.
 type HourKey<'a> = (&'a str, &'a str, u32, bool, i64, &'a str);
 
+/// Adds a batch's totals for one key to `usage_hours` (the key, then the
+/// [`TOTALS`]); made once, as every ingestion uses it.
+static ADD_TO_HOURS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO usage_hours (tenant, function, version, shadow, hour, currency, {})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, {})
+         ON CONFLICT DO UPDATE SET {}",
+        TOTALS.join(", "),
+        (7..7 + TOTALS.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        TOTALS.map(|c| format!("{c} = {c} + excluded.{c}")).join(", "),
+    )
+});
+
 /// Writes `batch` (in commit order) as one page and adds it to the hourly
 /// totals, inside the caller's transaction.
 fn write_page(conn: &Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
@@ -321,17 +338,7 @@ fn write_page(conn: &Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> 
         max_started,
         frames
     ])?;
-    let mut upsert = conn.prepare_cached(&format!(
-        "INSERT INTO usage_hours (tenant, function, version, shadow, hour, currency, {})
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, {})
-         ON CONFLICT DO UPDATE SET {}",
-        TOTALS.join(", "),
-        (7..7 + TOTALS.len())
-            .map(|i| format!("?{i}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        TOTALS.map(|c| format!("{c} = {c} + excluded.{c}")).join(", "),
-    ))?;
+    let mut upsert = conn.prepare_cached(&ADD_TO_HOURS)?;
     for ((tenant, function, version, shadow, hour, currency), totals) in hours {
         let key: [&dyn rusqlite::ToSql; 6] = [&tenant, &function, &version, &shadow, &hour, &currency];
         for (i, value) in key.into_iter().enumerate() {
