@@ -364,15 +364,6 @@ fn last_seq(conn: &Connection) -> rusqlite::Result<u64> {
     Ok(last.map_or(0, |seq| u64::try_from(seq).unwrap_or(0)))
 }
 
-impl Filter {
-    fn admits(&self, tenant: &str, function: &str, started_at_us: i64) -> bool {
-        self.tenant.as_deref().is_none_or(|t| t == tenant)
-            && self.function.as_deref().is_none_or(|f| f == function)
-            && self.since_us.is_none_or(|since| started_at_us >= since)
-            && self.until_us.is_none_or(|until| started_at_us < until)
-    }
-}
-
 fn damaged(error: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, error.into())
 }

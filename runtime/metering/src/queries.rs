@@ -36,6 +36,17 @@ pub struct Filter {
     pub until_us: Option<i64>,
 }
 
+impl Filter {
+    /// Whether a record of `tenant`'s `function` that started at
+    /// `started_at_us` matches.
+    pub(crate) fn admits(&self, tenant: &str, function: &str, started_at_us: i64) -> bool {
+        self.tenant.as_deref().is_none_or(|t| t == tenant)
+            && self.function.as_deref().is_none_or(|f| f == function)
+            && self.since_us.is_none_or(|since| started_at_us >= since)
+            && self.until_us.is_none_or(|until| started_at_us < until)
+    }
+}
+
 /// One row of [`UsageQueries::summary`]: one version of a tenant's function on
 /// one day (UTC), its answered calls and its shadow copies apart, so the
 /// versions behind an alias compare side by side.
