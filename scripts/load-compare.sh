@@ -2,10 +2,14 @@
 # The billing benches, side by side: warm `hello` under wrk, one server per
 # configuration, in alternating rounds (the order rotates each round, so a
 # slow phase of the machine hits every configuration alike), at each
-# connection count; then the median of each, its ratio to the first, and the
+# connection count; then the median of each, its ratio to the first, the
 # median of the server's CPU time per request (from /proc, all threads,
 # including the ingestion of the run's usage records, which may finish
-# after wrk: a usage query before each reading waits for it).
+# after wrk: a usage query before each reading waits for it), and the
+# median of that CPU time divided by wrk's own per request with its ratio
+# to the first: wrk does the same work for each request whatever serves it,
+# so the quotient cancels the machine's drifting speed (on a 2-core VM the
+# rounds of one configuration spread ±15 % in req/s, ±2 % in the quotient).
 #   records     usage records on, default (process) durability; request log
 #               lines off (HEARTH_LOG=warn), public function: like the reference
 #   no-metering the same with --no-metering
@@ -106,7 +110,8 @@ drain() {
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$server/stat"; }
 
-declare -A results cpu
+declare -A results cpu relative
+TIMEFORMAT='%U %S'
 for round in $(seq 1 "$rounds"); do
   n=${#configs[@]}
   for i in $(seq 0 $((n - 1))); do
@@ -116,7 +121,8 @@ for round in $(seq 1 "$rounds"); do
       wrk -t2 -c"$c" -d1s "${auth[@]}" "$url" >/dev/null # warm up
       drain
       before="$(cpu_ticks)"
-      out="$(wrk -t2 -c"$c" -d"${duration}s" "${auth[@]}" "$url")"
+      { time wrk -t2 -c"$c" -d"${duration}s" "${auth[@]}" "$url" >"$work/wrk.out"; } 2>"$work/wrk.time"
+      out="$(cat "$work/wrk.out")"
       drain
       after="$(cpu_ticks)"
       rate="$(echo "$out" | awk '/Requests\/sec/ { print $2 }')"
@@ -124,9 +130,13 @@ for round in $(seq 1 "$rounds"); do
       # throughput on a machine whose speed drifts.
       per="$(echo "$out" | awk -v a="$before" -v b="$after" -v hz="$(getconf CLK_TCK)" \
         '/requests in/ { printf "%.1f", (b - a) * 1e6 / hz / $1 }')"
+      client="$(echo "$out" | awk -v t="$(cat "$work/wrk.time")" \
+        '/requests in/ { split(t, cpu, " "); printf "%.2f", (cpu[1] + cpu[2]) * 1e6 / $1 }')"
+      rel="$(awk -v s="$per" -v c="$client" 'BEGIN { printf "%.3f", s / c }')"
       results["$config/$c"]="${results["$config/$c"]:-} $rate"
       cpu["$config/$c"]="${cpu["$config/$c"]:-} $per"
-      echo "round $round, $config, $c connections: $rate req/s, $per us CPU/request"
+      relative["$config/$c"]="${relative["$config/$c"]:-} $rel"
+      echo "round $round, $config, $c connections: $rate req/s, $per us CPU/request, wrk $client us, server/wrk $rel"
     done
     stop
   done
@@ -134,13 +144,16 @@ done
 
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 echo
-echo "medians of $rounds rounds, ${duration}s each (ratio to ${configs[0]}):"
+echo "medians of $rounds rounds, ${duration}s each (ratios to ${configs[0]}: req/s, and its server/wrk over each one's):"
 for c in "${conns[@]}"; do
   base="$(echo "${results["${configs[0]}/$c"]}" | median)"
+  base_rel="$(echo "${relative["${configs[0]}/$c"]}" | median)"
   for config in "${configs[@]}"; do
     m="$(echo "${results["$config/$c"]}" | median)"
     u="$(echo "${cpu["$config/$c"]}" | median)"
-    printf '  %-12s %3s conns  %9.0f req/s  %.3f  %6.1f us CPU/request\n' "$config" "$c" "$m" \
-      "$(awk -v a="$base" -v b="$m" 'BEGIN { print b / a }')" "$u"
+    r="$(echo "${relative["$config/$c"]}" | median)"
+    printf '  %-12s %3s conns  %9.0f req/s  %.3f  %6.1f us CPU/request  server/wrk %.3f  %.3f\n' "$config" "$c" "$m" \
+      "$(awk -v a="$base" -v b="$m" 'BEGIN { print b / a }')" "$u" "$r" \
+      "$(awk -v a="$base_rel" -v b="$r" 'BEGIN { print a / b }')"
   done
 done
