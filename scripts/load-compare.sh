@@ -10,6 +10,10 @@
 # to the first: wrk does the same work for each request whatever serves it,
 # so the quotient cancels the machine's drifting speed (on a 2-core VM the
 # rounds of one configuration spread ±15 % in req/s, ±2 % in the quotient).
+# That holds while wrk is saturated (32 connections: each of its wake-ups
+# reads many answers); at 2 connections its CPU per request grows with the
+# server's latency (7.8 to 21 µs here), so there the quotient understates
+# a slower server's cost.
 #   records     usage records on, default (process) durability; request log
 #               lines off (HEARTH_LOG=warn), public function: like the reference
 #   no-metering the same with --no-metering
