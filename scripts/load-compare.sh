@@ -20,6 +20,9 @@
 #   strict      the same with --usage-durability strict
 #   defaults    the server's defaults: records on, request log lines at the
 #               default level (info), a bearer token on each request
+#   lines       records on with request log lines at info, public (the
+#               defaults' cost split: `records lines token defaults`)
+#   token       records on, no request lines, a bearer token on each request
 #   wasmtime    `wasmtime serve --max-instance-reuse-count 1000` on the same
 #               component (when a wasmtime CLI is found: PATH, or
 #               ~/.cache/hearth/tools/bin from
@@ -74,6 +77,8 @@ start() { # config -> sets server, url, auth
     no-metering) args=(--no-metering) ;;
     strict) args=(--usage-durability strict) ;;
     defaults) log=info public=false auth=(-H "Authorization: Bearer $token") ;;
+    lines) log=info ;;
+    token) public=false auth=(-H "Authorization: Bearer $token") ;;
     wasmtime | wasmtime-fresh)
       local reuse_count=1000
       [ "$config" = wasmtime-fresh ] && reuse_count=1
