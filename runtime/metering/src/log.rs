@@ -20,9 +20,11 @@
 //! most [`GROUP_WINDOW`].
 //!
 //! **Cost.** A record costs the node about a microsecond and a half of CPU
-//! in all (`log/ingest` bench): the append's encoding and copy on the
-//! answer's path, the fsyncs and the ingestion (a page per batch, see
-//! `database.rs`) off it. An idle-time ingester runs at [`INGEST_NICE`], so on a
+//! in all in the `log/ingest` bench, and about 10 % of a warm `hello`'s CPU
+//! in a loaded server (`scripts/load-compare.sh`, against `--no-metering`):
+//! the append's encoding and copy on the answer's path (about a quarter of
+//! it), the fsyncs and the ingestion (a page per batch, see `database.rs`)
+//! off it. An idle-time ingester runs at [`INGEST_NICE`], so on a
 //! busy node it takes the CPU the invocations leave rather than preempting
 //! them. A second ingester, at normal priority, steps in when that is not
 //! enough: when a reader waits (queries see everything written before
