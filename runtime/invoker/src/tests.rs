@@ -12,7 +12,7 @@ use hearth_bridge::NnHost;
 use hearth_devices::{CacheConfig, DevicePool, ModelCache};
 use hearth_engine::{Engine, EngineConfig};
 use hearth_manifest::Manifest;
-use hearth_metering::{LogConfig, Outcome, PriceTable, Sink, UsageLog, UsageRecord};
+use hearth_metering::{Frames, LogConfig, Outcome, PriceTable, Sink, UsageLog, UsageRecord};
 use hearth_registry::{Deployed, Registry, Upload};
 use hearth_scheduler::{SchedulerConfig, TenantGate, TenantLimitsConfig};
 use hearth_store::{AsyncInvocation, AsyncState, BlobStore, SqliteStore, Store, StoredMessage, now_ms};
@@ -29,12 +29,12 @@ struct Reporting {
 }
 
 impl Sink for Reporting {
-    fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
+    fn write(&mut self, frames: Frames<'_>) -> Result<(), String> {
         let mut committed = self.committed.lock().map_err(|e| e.to_string())?;
-        for record in batch {
+        for record in frames.to_records()? {
             if !committed.iter().any(|r| r.usage.id == record.usage.id) {
                 committed.push(record.clone());
-                let _ = self.tx.send(record.clone());
+                let _ = self.tx.send(record);
             }
         }
         Ok(())

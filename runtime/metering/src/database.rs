@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
-use crate::journal::{decode, encode};
+use crate::journal::{Frames, decode, encode};
 use crate::queries::{Filter, SummaryRow};
 use crate::record::{Outcome, Usage, UsageRecord};
 use crate::sink::{MAX_BATCH, Sink};
@@ -116,17 +116,17 @@ fn into_pages(conn: &Connection) -> rusqlite::Result<()> {
     {
         let mut select = tx.prepare(&format!("SELECT {OLD_COLUMNS} FROM usage ORDER BY seq"))?;
         let mut rows = select.query([])?;
-        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let (mut frames, mut n) = (Vec::new(), 0);
         while let Some(row) = rows.next()? {
-            batch.push(record_from_row(row)?);
-            if batch.len() == MAX_BATCH {
-                write_page(&tx, &batch)?;
-                batch.clear();
+            encode(&record_from_row(row)?, &mut frames)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            n += 1;
+            if n == MAX_BATCH {
+                write_page(&tx, Frames(&frames))?;
+                (n, frames) = (0, Vec::new());
             }
         }
-        if !batch.is_empty() {
-            write_page(&tx, &batch)?;
-        }
+        write_page(&tx, Frames(&frames))?;
     }
     tx.execute_batch("DROP TABLE usage")?;
     tx.commit()
@@ -244,7 +244,7 @@ const TOTALS: [&str; 14] = [
 impl Totals {
     /// One record's contribution. A record "ran" unless it was refused
     /// (rejected, or a bad request); an error is a 5xx of one that ran.
-    fn of(r: &UsageRecord) -> Totals {
+    fn of<S>(r: &UsageRecord<S>) -> Totals {
         let u = &r.usage;
         let ran = !matches!(u.outcome, Outcome::Rejected | Outcome::BadRequest);
         Totals([
@@ -302,41 +302,56 @@ static ADD_TO_HOURS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Writes `batch` (in commit order) as one page and adds it to the hourly
-/// totals, inside the caller's transaction.
-fn write_page(conn: &Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
-    let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
-        return Ok(());
-    };
-    // About 120 bytes a frame.
-    let mut frames = Vec::with_capacity(batch.len() * 128);
+/// Writes `frames` (records in commit order) as one page, their bytes as
+/// they are, and adds them to the hourly totals, inside the caller's
+/// transaction.
+fn write_page(conn: &Connection, frames: Frames<'_>) -> rusqlite::Result<()> {
     let mut hours: HashMap<HourKey<'_>, Totals> = HashMap::new();
+    // Most records of a batch share their key: the last one's totals are
+    // summed aside, and hashed into `hours` only when the key changes.
+    let mut current: Option<(HourKey<'_>, Totals)> = None;
+    let (mut first, mut last) = (None, 0);
     let (mut min_started, mut max_started) = (i64::MAX, i64::MIN);
-    for r in batch {
-        encode(r, &mut frames).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    for r in frames.records() {
+        let r = r.map_err(damaged)?;
         let u = &r.usage;
+        first.get_or_insert(r.seq);
+        last = r.seq;
         min_started = min_started.min(u.started_at_us);
         max_started = max_started.max(u.started_at_us);
         let key = (
-            u.tenant.as_str(),
-            u.function.as_str(),
+            u.tenant,
+            u.function,
             u.version,
             u.shadow,
             u.started_at_us.div_euclid(HOUR_US),
-            r.currency.as_str(),
+            r.currency,
         );
-        hours.entry(key).or_default().add(&Totals::of(r));
+        match &mut current {
+            Some((current_key, totals)) if *current_key == key => totals.add(&Totals::of(&r)),
+            _ => {
+                if let Some((key, totals)) = current.replace((key, Totals::of(&r))) {
+                    hours.entry(key).or_default().add(&totals);
+                }
+            }
+        }
+    }
+    let Some(first) = first else {
+        return Ok(());
+    };
+    if let Some((key, totals)) = current {
+        hours.entry(key).or_default().add(&totals);
     }
     conn.prepare_cached(
         "INSERT INTO usage_pages (first_seq, last_seq, min_started_us, max_started_us, records)
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![
-        sql_u64(first.seq),
-        sql_u64(last.seq),
+        sql_u64(first),
+        sql_u64(last),
         min_started,
         max_started,
-        frames
+        frames.bytes()
     ])?;
     let mut upsert = conn.prepare_cached(&ADD_TO_HOURS)?;
     for ((tenant, function, version, shadow, hour, currency), totals) in hours {
@@ -546,12 +561,12 @@ fn day(hour: i64) -> String {
         .unwrap_or_default()
 }
 
-/// Writes `batch` as a page in one transaction; records already stored (a
-/// batch written again after a failure) are skipped.
-fn write_batch(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+/// Writes `frames` as a page in one transaction; records already stored
+/// (a batch written again after a failure) are skipped.
+fn write_batch(conn: &mut Connection, frames: Frames<'_>) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     let stored = last_seq(&tx)?;
-    write_page(&tx, &batch[batch.partition_point(|r| r.seq <= stored)..])?;
+    write_page(&tx, frames.after(stored).map_err(damaged)?)?;
     tx.commit()
 }
 
@@ -563,9 +578,9 @@ pub(crate) struct SqliteSink {
 }
 
 impl Sink for SqliteSink {
-    fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
+    fn write(&mut self, frames: Frames<'_>) -> Result<(), String> {
         let conn = self.conn.as_mut().ok_or("the database is not open")?;
-        write_batch(conn, batch).map_err(|e| e.to_string())
+        write_batch(conn, frames).map_err(|e| e.to_string())
     }
 
     fn reopen(&mut self) -> Result<(), String> {
@@ -624,6 +639,15 @@ mod tests {
             .collect()
     }
 
+    /// `records` as the log hands them over.
+    fn frames(records: &[UsageRecord]) -> Vec<u8> {
+        let mut frames = Vec::new();
+        for record in records {
+            encode(record, &mut frames).expect("encode");
+        }
+        frames
+    }
+
     fn database() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().expect("tempdir");
         let conn = open_connection(&dir.path().join("usage.db")).expect("open");
@@ -634,11 +658,11 @@ mod tests {
     fn a_batch_written_again_is_kept_once() {
         let (_dir, mut conn) = database();
         let all = records(1, 8);
-        write_batch(&mut conn, &all[..3]).expect("first");
+        write_batch(&mut conn, Frames(&frames(&all[..3]))).expect("first");
         // After a failure the ingester writes its group again, and recovery
         // may offer what the database already has.
-        write_batch(&mut conn, &all[..3]).expect("again");
-        write_batch(&mut conn, &all).expect("overlapping");
+        write_batch(&mut conn, Frames(&frames(&all[..3]))).expect("again");
+        write_batch(&mut conn, Frames(&frames(&all))).expect("overlapping");
         let read = page(&conn, &Filter::default(), 0, None, 100).expect("page");
         assert_eq!(read, all);
         let invocations: u64 = summary(&conn, &Filter::default())
@@ -670,7 +694,7 @@ mod tests {
         let (_dir, mut conn) = database();
         let all = records(1, 250);
         for batch in all.chunks(37) {
-            write_batch(&mut conn, batch).expect("write");
+            write_batch(&mut conn, Frames(&frames(batch))).expect("write");
         }
         let t0 = all[0].usage.started_at_us;
         let mut filters = vec![Filter::default()];

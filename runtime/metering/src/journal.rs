@@ -3,6 +3,7 @@
 //! in them is ingested ([`recover_journal`]). The log (`log.rs`) decides
 //! when they are synced, rewritten and rotated.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use crate::record::UsageRecord;
@@ -29,13 +30,46 @@ const FRAME_HEADER: usize = 9;
 pub(crate) fn encode(record: &UsageRecord, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
     let start = out.len();
     out.extend_from_slice(&[FRAME_TAG; FRAME_HEADER]);
-    *out = postcard::to_extend(record, std::mem::take(out))?;
+    if let Err(err) = postcard::to_extend(record, Tail(out)) {
+        out.truncate(start);
+        return Err(err);
+    }
     let payload = &out[start + FRAME_HEADER..];
-    let len = u32::try_from(payload.len()).map_err(|_| postcard::Error::SerializeBufferFull)?;
+    let Ok(len) = u32::try_from(payload.len()) else {
+        out.truncate(start);
+        return Err(postcard::Error::SerializeBufferFull);
+    };
     let crc = crc32fast::hash(payload);
     out[start + 1..start + 5].copy_from_slice(&len.to_le_bytes());
     out[start + 5..start + 9].copy_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+/// Postcard's writer into the end of a buffer that already holds frames
+/// (its own `Vec` writer would take the buffer, and lose it on an error).
+struct Tail<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Tail<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        self.0.extend(bytes);
+    }
+}
+
+/// The payload of the frame at the front of `bytes`, checked, and the
+/// frame's whole length.
+fn payload(bytes: &[u8]) -> Result<(&[u8], usize), String> {
+    let Some(header) = bytes.get(..FRAME_HEADER) else {
+        return Err("a record cut short".into());
+    };
+    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let crc = u32::from_le_bytes([header[5], header[6], header[7], header[8]]);
+    let Some(payload) = bytes.get(FRAME_HEADER..FRAME_HEADER + len) else {
+        return Err("a record cut short".into());
+    };
+    if crc32fast::hash(payload) != crc {
+        return Err("a damaged record (CRC mismatch)".into());
+    }
+    Ok((payload, FRAME_HEADER + len))
 }
 
 /// Takes the next record from the front of `bytes`: `None` at their end
@@ -46,22 +80,10 @@ pub(crate) fn decode(bytes: &mut &[u8]) -> Option<Result<UsageRecord, String>> {
     let (&first, _) = bytes.split_first()?;
     match first {
         0 => None,
-        FRAME_TAG => {
-            let Some(header) = bytes.get(..FRAME_HEADER) else {
-                return Some(Err("a record cut short".into()));
-            };
-            let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
-            let crc = u32::from_le_bytes([header[5], header[6], header[7], header[8]]);
-            let Some(payload) = bytes.get(FRAME_HEADER..FRAME_HEADER + len) else {
-                return Some(Err("a record cut short".into()));
-            };
-            if crc32fast::hash(payload) != crc {
-                return Some(Err("a damaged record (CRC mismatch)".into()));
-            }
-            let record = postcard::from_bytes(payload).map_err(|e| e.to_string());
-            *bytes = &bytes[FRAME_HEADER + len..];
-            Some(record)
-        }
+        FRAME_TAG => Some(payload(bytes).and_then(|(payload, len)| {
+            *bytes = &bytes[len..];
+            postcard::from_bytes(payload).map_err(|e| e.to_string())
+        })),
         b'{' => {
             let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
                 return Some(Err("a record cut short".into()));
@@ -71,6 +93,110 @@ pub(crate) fn decode(bytes: &mut &[u8]) -> Option<Result<UsageRecord, String>> {
             Some(record)
         }
         other => Some(Err(format!("not a record (byte {other:#04x})"))),
+    }
+}
+
+/// Records in commit order as the journal holds them: frames (what
+/// [`encode`] writes). The log hands them to a [`Sink`] as they are, and a
+/// sink stores the bytes and reads what it needs borrowed from them
+/// ([`Frames::records`]), with no copy of their strings.
+#[derive(Debug, Clone, Copy)]
+pub struct Frames<'a>(pub(crate) &'a [u8]);
+
+impl<'a> Frames<'a> {
+    /// The frames' bytes.
+    pub fn bytes(self) -> &'a [u8] {
+        self.0
+    }
+
+    /// The records, borrowed from their frames, each checked (a damaged
+    /// frame is an error, and the end).
+    pub fn records(self) -> impl Iterator<Item = Result<UsageRecord<&'a str>, String>> {
+        self.offsets().map(|read| read.map(|(_, record)| record))
+    }
+
+    /// The records, each copied out of its frame.
+    pub fn to_records(self) -> Result<Vec<UsageRecord>, String> {
+        let mut rest = self.0;
+        std::iter::from_fn(|| decode(&mut rest)).collect()
+    }
+
+    /// How many records (reading only the frames' headers).
+    pub fn len(self) -> usize {
+        self.ends().count()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The frames of the records with sequences above `seq`.
+    pub fn after(self, seq: u64) -> Result<Frames<'a>, String> {
+        for item in self.offsets() {
+            let (at, record) = item?;
+            if record.seq > seq {
+                return Ok(Frames(&self.0[at..]));
+            }
+        }
+        Ok(Frames(&[]))
+    }
+
+    /// Splits them into runs of at most `max` records, each with its count.
+    pub(crate) fn runs(self, max: usize) -> impl Iterator<Item = (Frames<'a>, usize)> {
+        let mut ends = self.ends().peekable();
+        let mut start = 0;
+        std::iter::from_fn(move || {
+            let (mut end, mut n) = (start, 0);
+            while n < max {
+                let Some(next) = ends.next() else { break };
+                (end, n) = (next, n + 1);
+            }
+            // Whatever follows a header that does not read goes with the last run.
+            if ends.peek().is_none() {
+                end = self.0.len();
+            }
+            let run = (end > start).then(|| (Frames(&self.0[start..end]), n));
+            start = end;
+            run
+        })
+    }
+
+    /// Where each frame ends, from the headers' lengths.
+    fn ends(self) -> impl Iterator<Item = usize> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let header = self.0.get(at..at + FRAME_HEADER)?;
+            let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            at = (at + FRAME_HEADER + len).min(self.0.len());
+            Some(at)
+        })
+    }
+
+    /// Each record with the offset of its frame.
+    fn offsets(self) -> impl Iterator<Item = Result<(usize, UsageRecord<&'a str>), String>> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let rest = self.0.get(at..).filter(|rest| !rest.is_empty())?;
+            let read = match rest[0] {
+                FRAME_TAG => payload(rest).and_then(|(payload, len)| {
+                    let record = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+                    Ok((len, record))
+                }),
+                other => Err(format!("not a frame (byte {other:#04x})")),
+            };
+            match read {
+                Ok((len, record)) => {
+                    let start = at;
+                    at += len;
+                    Some(Ok((start, record)))
+                }
+                Err(error) => {
+                    at = self.0.len();
+                    Some(Err(error))
+                }
+            }
+        })
     }
 }
 
@@ -143,6 +269,22 @@ impl Segment {
     }
 }
 
+/// Frames appended to the journal one after the other, with consecutive
+/// sequences ending at `last_seq`: the queue of appends, then a sync group.
+#[derive(Debug, Default)]
+pub(crate) struct Group {
+    pub(crate) frames: Vec<u8>,
+    pub(crate) records: usize,
+    pub(crate) last_seq: u64,
+}
+
+impl Group {
+    /// The first record's sequence.
+    pub(crate) fn first_seq(&self) -> u64 {
+        self.last_seq + 1 - self.records as u64
+    }
+}
+
 /// The append side: the journal file and the records in it not yet ingested.
 #[derive(Debug)]
 pub(crate) struct Journal {
@@ -152,12 +294,11 @@ pub(crate) struct Journal {
     pub(crate) number: u64,
     pub(crate) next_seq: u64,
     /// Written to the journal, not yet taken by the syncer.
-    pub(crate) queue: Vec<UsageRecord>,
-    /// Taken by the syncer (synced, or being synced), not yet taken by an
-    /// ingester (written again to a new journal if an fsync fails, carried
-    /// into the next one when the journal rotates).
-    pub(crate) in_flight: Vec<UsageRecord>,
-    pub(crate) buf: Vec<u8>,
+    pub(crate) queue: Group,
+    /// Taken by the syncer (synced, or being synced), group by group, not
+    /// yet taken by an ingester (written again to a new journal if an fsync
+    /// fails, carried into the next one when the journal rotates).
+    pub(crate) in_flight: VecDeque<Group>,
 }
 
 impl Journal {
@@ -165,15 +306,39 @@ impl Journal {
         dir.join(format!("journal-{number:08}.log"))
     }
 
+    /// Makes the queue a group of its own in `in_flight` and starts a new
+    /// one; returns the group's last sequence (`None` if the queue was
+    /// empty).
+    pub(crate) fn take_queue(&mut self) -> Option<u64> {
+        if self.queue.records == 0 {
+            return None;
+        }
+        let fresh = Group {
+            frames: Vec::with_capacity(self.queue.frames.len()),
+            ..Group::default()
+        };
+        let group = std::mem::replace(&mut self.queue, fresh);
+        let last = group.last_seq;
+        self.in_flight.push_back(group);
+        Some(last)
+    }
+
+    /// Records synced or being synced, not yet ingested.
+    pub(crate) fn in_flight_records(&self) -> usize {
+        self.in_flight.iter().map(|group| group.records).sum()
+    }
+
     /// The next journal file, starting with every record not yet ingested
     /// (`in_flight`, then `queue`), which it carries over from the current
     /// one. Appends go on to the current file until [`Journal::switch_to`].
     pub(crate) fn next_segment(&self) -> std::io::Result<Segment> {
-        let mut frames = Vec::new();
-        for record in self.in_flight.iter().chain(&self.queue) {
-            encode(record, &mut frames).map_err(std::io::Error::other)?;
-        }
-        Segment::create(&self.dir, self.number + 1, &frames)
+        let groups: Vec<&[u8]> = self
+            .in_flight
+            .iter()
+            .chain([&self.queue])
+            .map(|g| &g.frames[..])
+            .collect();
+        Segment::create(&self.dir, self.number + 1, &groups.concat())
     }
 
     /// Sends appends to `segment`, made by [`Journal::next_segment`]; returns
@@ -229,8 +394,13 @@ pub(crate) fn recover_journal(sink: &mut impl Sink, dir: &Path) -> Result<(u64, 
     missing.sort_by_key(|r| r.seq);
     missing.dedup_by_key(|r| r.seq);
     let recovered = missing.len();
+    let mut frames = Vec::new();
     for batch in missing.chunks(MAX_BATCH) {
-        sink.write(batch).map_err(fail)?;
+        frames.clear();
+        for record in batch {
+            encode(record, &mut frames).map_err(|e| fail(e.to_string()))?;
+        }
+        sink.write(Frames(&frames)).map_err(fail)?;
     }
     let last = missing.last().map_or(last, |r| r.seq);
     sink.checkpoint().map_err(fail)?;
@@ -283,8 +453,8 @@ mod tests {
     struct Kept(Vec<UsageRecord>);
 
     impl Sink for Kept {
-        fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
-            self.0.extend_from_slice(batch);
+        fn write(&mut self, frames: Frames<'_>) -> Result<(), String> {
+            self.0.extend(frames.to_records()?);
             Ok(())
         }
 
@@ -377,6 +547,52 @@ mod tests {
         let last = frame.len() - 1;
         bytes[last] ^= 0x40;
         assert!(decode(&mut &bytes[..]).expect("a record").is_err(), "damaged");
+    }
+
+    #[test]
+    fn frames_split_into_runs_and_skip_what_is_stored() {
+        let records: Vec<UsageRecord> = (1..=7)
+            .map(|seq| UsageRecord {
+                seq,
+                ..crate::PriceTable::default().price(crate::tests::usage(&format!("id-{seq}"), Outcome::Ok))
+            })
+            .collect();
+        let mut bytes = Vec::new();
+        for record in &records {
+            encode(record, &mut bytes).expect("encode");
+        }
+        let frames = Frames(&bytes);
+        assert_eq!(frames.len(), 7);
+        let runs: Vec<(Vec<UsageRecord>, usize)> = frames
+            .runs(3)
+            .map(|(run, n)| (run.to_records().expect("run"), n))
+            .collect();
+        assert_eq!(runs.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [3, 3, 1]);
+        assert_eq!(runs.into_iter().flat_map(|(run, _)| run).collect::<Vec<_>>(), records);
+        assert_eq!(
+            frames.after(4).expect("after").to_records().expect("read"),
+            records[4..]
+        );
+        assert!(frames.after(7).expect("after").is_empty());
+        for (borrowed, owned) in frames.records().zip(&records) {
+            let borrowed = borrowed.expect("a record");
+            assert_eq!(
+                (
+                    borrowed.usage.id,
+                    borrowed.usage.tenant,
+                    borrowed.currency,
+                    borrowed.seq
+                ),
+                (
+                    owned.usage.id.as_str(),
+                    owned.usage.tenant.as_str(),
+                    owned.currency.as_str(),
+                    owned.seq
+                )
+            );
+        }
+        bytes[20] ^= 1;
+        assert!(Frames(&bytes).records().next().expect("one").is_err(), "damaged");
     }
 
     #[test]

@@ -50,6 +50,7 @@
 //! then does the log turn healthy. On start, journal records the database
 //! lacks (after a crash) are ingested before anything else.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -62,7 +63,7 @@ use tokio::sync::watch;
 use crate::database::{SqliteSink, open_connection};
 #[cfg(feature = "failpoints")]
 use crate::journal::arm_fault_points;
-use crate::journal::{Journal, Segment, encode, recover_journal};
+use crate::journal::{Group, Journal, Segment, encode, recover_journal};
 use crate::queries::{Filter, SummaryRow, UsageQueries};
 use crate::record::UsageRecord;
 use crate::sink::{LogError, Sink};
@@ -340,9 +341,8 @@ impl UsageLog {
                 file: Some(file),
                 number,
                 next_seq: last + 1,
-                queue: Vec::new(),
-                in_flight: Vec::new(),
-                buf: Vec::with_capacity(1024),
+                queue: Group::default(),
+                in_flight: VecDeque::new(),
             }),
             journal_ok: AtomicBool::new(true),
             database_ok: AtomicBool::new(true),
@@ -428,17 +428,20 @@ impl UsageLog {
         }
         let mut journal = shared.journal();
         let Journal {
-            file, buf, next_seq, ..
+            file, queue, next_seq, ..
         } = &mut *journal;
         let Some(file) = file.as_mut() else {
             return Err(LogError::Unavailable("recovering from a failed write".into()));
         };
         let seq = *next_seq;
         record.seq = seq;
-        buf.clear();
-        encode(&record, buf).map_err(|e| LogError::Database(format!("encoding a usage record: {e}")))?;
-        if let Err(err) = file.append(buf) {
-            // Part of the line may be in the file: the syncer starts a new
+        // Encoded straight into the queue, which the ingester will store as
+        // it is, then copied into the journal.
+        let start = queue.frames.len();
+        encode(&record, &mut queue.frames).map_err(|e| LogError::Database(format!("encoding a usage record: {e}")))?;
+        if let Err(err) = file.append(&queue.frames[start..]) {
+            queue.frames.truncate(start);
+            // Part of the frame may be in the file: the syncer starts a new
             // journal and writes every record not yet ingested again.
             journal.file = None;
             drop(journal);
@@ -448,11 +451,15 @@ impl UsageLog {
             shared.wake_syncer();
             return Err(LogError::Unavailable(format!("journal write failed: {err}")));
         }
-        journal.next_seq += 1;
-        let first = journal.queue.is_empty();
-        journal.queue.push(record);
+        queue.records += 1;
+        queue.last_seq = seq;
+        *next_seq += 1;
+        let first = queue.records == 1;
         shared.stats.written.store(seq, Ordering::Release);
         drop(journal);
+        // Dropped here rather than by an ingester, where freeing memory
+        // this thread allocated would cost more.
+        drop(record);
         // The syncer sleeps until there is something to sync: one wake-up
         // per group, not per record.
         if first || shared.config.durability == Durability::Strict {

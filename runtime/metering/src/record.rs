@@ -74,29 +74,33 @@ impl Outcome {
 }
 
 /// What was measured about one invocation, before pricing.
+///
+/// Its strings are `S`: `String` everywhere but the usage log's ingester,
+/// which reads records borrowed from the journal's frames (`Usage<&str>`,
+/// see [`UsageRecord`]) rather than copying their strings.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Usage {
+pub struct Usage<S = String> {
     /// The record id (UUIDv7): the invocation id of a synchronous call, a
     /// fresh one for each attempt of an asynchronous invocation.
-    pub id: String,
+    pub id: S,
     /// The asynchronous invocation this attempt ran for (`None` for a
     /// synchronous call, whose record id is its invocation id).
     #[serde(default)]
-    pub invocation_id: Option<String>,
+    pub invocation_id: Option<S>,
     /// Which attempt of its invocation this is, from 1 (always 1 for a
     /// synchronous call).
     #[serde(default = "first_attempt")]
     pub attempt: u32,
     /// Tenant.
-    pub tenant: String,
+    pub tenant: S,
     /// Function.
-    pub function: String,
+    pub function: S,
     /// Version that ran.
     pub version: u32,
     /// The alias the request came through (`latest` for a bare name); empty
     /// when it named the version (`@3`).
     #[serde(default)]
-    pub alias: String,
+    pub alias: S,
     /// A copy of an alias's request sent to its shadow version, whose
     /// answer nobody saw.
     #[serde(default)]
@@ -120,7 +124,7 @@ pub struct Usage {
     pub guest_cpu_us: u64,
     /// `cpu` or `cuda:N`: where its inference ran (`cpu` without
     /// inference); several devices joined with `+` (`cpu+cuda:0`).
-    pub device: String,
+    pub device: S,
     /// Model compute, nanoseconds: its share (by rows) of the busy time of
     /// every model run it took part in, on every device. Not in
     /// `guest_cpu_us`.
@@ -147,7 +151,7 @@ fn first_attempt() -> u32 {
     1
 }
 
-impl Usage {
+impl<S> Usage<S> {
     /// Model compute that ran on the CPU, nanoseconds.
     pub fn cpu_compute_ns(&self) -> u64 {
         self.compute_ns.saturating_sub(self.gpu_ns)
@@ -172,17 +176,20 @@ impl Usage {
 /// A priced, durable usage record: the [`Usage`] with its cost, and its
 /// place in commit order once the log has it. Journals and `usage.db` store
 /// it in postcard's encoding, which is by field order, without names: see
-/// `journal::FRAME_TAG` before changing its fields or [`Usage`]'s.
+/// `journal::FRAME_TAG` before changing its fields or [`Usage`]'s. The
+/// ingester reads it as `UsageRecord<&str>`, borrowed from a frame: the same
+/// fields, so the same layout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UsageRecord {
+#[serde(bound(deserialize = "S: Deserialize<'de> + Default"))]
+pub struct UsageRecord<S = String> {
     /// What was measured.
-    pub usage: Usage,
+    pub usage: Usage<S>,
     /// Cost in billionths of the price table's currency unit.
     pub cost_nanos: i64,
     /// Currency of the cost.
-    pub currency: String,
+    pub currency: S,
     /// Version of the price table that priced it.
-    pub price_version: String,
+    pub price_version: S,
     /// Commit sequence: given by the usage log when the record is written
     /// (0 before), increasing in the order records became visible; the
     /// export cursor follows it.

@@ -1,7 +1,7 @@
 //! What the log's two sides share: where synced records go (a [`Sink`]),
 //! how many go in one transaction, and the log's error.
 
-use crate::record::UsageRecord;
+use crate::journal::Frames;
 
 /// Largest number of records ingested in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -29,10 +29,10 @@ impl From<rusqlite::Error> for LogError {
 /// Where the ingesters write synced records: the real database, or a
 /// fault-injecting stand-in in unit tests.
 pub trait Sink: Send + 'static {
-    /// Writes `batch` (in commit order) in one transaction; records at or
-    /// below the highest sequence stored are skipped, so writing a batch
-    /// again after a failure keeps each record once.
-    fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String>;
+    /// Writes `frames` (records in commit order) in one transaction;
+    /// records at or below the highest sequence stored are skipped, so
+    /// writing a batch again after a failure keeps each record once.
+    fn write(&mut self, frames: Frames<'_>) -> Result<(), String>;
     /// Reopens the store after a failure and checks it.
     fn reopen(&mut self) -> Result<(), String>;
     /// The highest commit sequence stored (0 for none).

@@ -109,15 +109,16 @@ struct FlakySink {
 }
 
 impl Sink for FlakySink {
-    fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
+    fn write(&mut self, frames: Frames<'_>) -> Result<(), String> {
         if self.failures.load(Ordering::SeqCst) > 0 {
             self.failures.fetch_sub(1, Ordering::SeqCst);
             return Err("disk I/O error".into());
         }
         let mut written = self.written.lock().expect("lock");
-        for r in batch {
-            if !written.contains(&r.usage.id) {
-                written.push(r.usage.id.clone());
+        for r in frames.records() {
+            let id = r?.usage.id;
+            if !written.iter().any(|w| w == id) {
+                written.push(id.to_owned());
             }
         }
         Ok(())
@@ -379,8 +380,8 @@ async fn a_large_journal_rotates_under_steady_appends_and_keeps_every_record() {
 struct Count(Arc<AtomicUsize>);
 
 impl Sink for Count {
-    fn write(&mut self, batch: &[UsageRecord]) -> Result<(), String> {
-        self.0.fetch_add(batch.len(), Ordering::SeqCst);
+    fn write(&mut self, frames: Frames<'_>) -> Result<(), String> {
+        self.0.fetch_add(frames.len(), Ordering::SeqCst);
         Ok(())
     }
 

@@ -8,8 +8,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{BACKLOG, Durability, INGEST_NICE, JOURNAL_ROTATE_BYTES, Shared};
-use crate::journal::sync_journal;
-use crate::record::UsageRecord;
+use crate::journal::{Frames, Group, sync_journal};
 use crate::sink::{MAX_BATCH, Sink};
 
 /// Microseconds since the Unix epoch.
@@ -28,11 +27,9 @@ pub(super) fn syncer(shared: &Shared) {
         wait_for_group(shared, closing);
         let (group, file, backlog) = {
             let mut journal = shared.journal();
-            let batch = std::mem::take(&mut journal.queue);
-            let group = batch.last().map(|r| r.seq);
-            journal.in_flight.extend(batch);
+            let group = journal.take_queue();
             let file = journal.file.as_ref().and_then(|f| f.file.try_clone().ok());
-            (group, file, journal.in_flight.len())
+            (group, file, journal.in_flight_records())
         };
         let broken = file.is_none() || !shared.journal_ok.load(Ordering::Acquire);
         if group.is_some() || broken {
@@ -107,7 +104,7 @@ pub(super) fn ingest_idle<S: Sink>(sink: &Mutex<S>, shared: &Shared) {
 /// once the log is closed and everything synced, ingests the rest, makes
 /// the database durable and stops.
 pub(super) fn ingest_now<S: Sink>(sink: &Mutex<S>, shared: &Shared) {
-    let backlog = || shared.journal().in_flight.len() >= BACKLOG;
+    let backlog = || shared.journal().in_flight_records() >= BACKLOG;
     loop {
         let last = loop {
             // Read before the sequence it covers (the syncer stores them in
@@ -128,36 +125,45 @@ pub(super) fn ingest_now<S: Sink>(sink: &Mutex<S>, shared: &Shared) {
     }
 }
 
-/// Ingests up to `limit` synced records, in commit order (the caller holds
-/// the database, so no other ingestion interleaves), and makes them
+/// Ingests synced groups, in commit order (the caller holds the database,
+/// so no other ingestion interleaves), until at least `limit` records or
+/// all of them, in transactions of at most [`MAX_BATCH`], and makes them
 /// visible; returns how many.
 fn ingest(sink: &mut impl Sink, shared: &Shared, limit: usize) -> usize {
     let synced = shared.stats.synced.load(Ordering::Acquire);
-    let batch: Vec<UsageRecord> = {
+    let mut groups: Vec<Group> = Vec::new();
+    let mut taken = 0;
+    {
         let mut journal = shared.journal();
-        let n = journal.in_flight.partition_point(|r| r.seq <= synced).min(limit);
-        journal.in_flight.drain(..n).collect()
-    };
-    for group in batch.chunks(MAX_BATCH) {
-        if let Err(error) = sink.write(group) {
-            shared.database_ok.store(false, Ordering::Release);
-            shared.stats.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                error,
-                records = group.len(),
-                "usage log write failed; refusing invocations until it recovers"
-            );
-            recover(sink, group, shared);
-            shared.database_ok.store(true, Ordering::Release);
-            tracing::info!("usage log recovered");
+        while taken < limit && journal.in_flight.front().is_some_and(|g| g.last_seq <= synced) {
+            if let Some(group) = journal.in_flight.pop_front() {
+                taken += group.records;
+                groups.push(group);
+            }
         }
-        shared.stats.commits.fetch_add(1, Ordering::Relaxed);
-        shared.stats.records.fetch_add(group.len() as u64, Ordering::Relaxed);
-        if let Some(top) = group.last().map(|r| r.seq) {
+    }
+    for group in &groups {
+        let mut top = group.first_seq() - 1;
+        for (run, records) in Frames(&group.frames).runs(MAX_BATCH) {
+            if let Err(error) = sink.write(run) {
+                shared.database_ok.store(false, Ordering::Release);
+                shared.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    error,
+                    records,
+                    "usage log write failed; refusing invocations until it recovers"
+                );
+                recover(sink, run, shared);
+                shared.database_ok.store(true, Ordering::Release);
+                tracing::info!("usage log recovered");
+            }
+            top += records as u64;
+            shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+            shared.stats.records.fetch_add(records as u64, Ordering::Relaxed);
             shared.visible.send_modify(|visible| *visible = (*visible).max(top));
         }
     }
-    batch.len()
+    taken
 }
 
 /// Lowers the calling thread's scheduling priority to [`INGEST_NICE`]
@@ -176,7 +182,7 @@ fn lower_priority() {
 /// the sync interval, unless someone waits for durability or the log is
 /// closing.
 fn wait_for_group(shared: &Shared, closing: bool) {
-    let queued = || !shared.journal().queue.is_empty();
+    let queued = || shared.journal().queue.records > 0;
     let someone_waits = || {
         shared.wanted.load(Ordering::Acquire) > *shared.synced.borrow() || !shared.journal_ok.load(Ordering::Acquire)
     };
@@ -226,12 +232,11 @@ fn rewrite_journal(shared: &Shared) -> Option<u64> {
                 .next_segment()
                 .and_then(|segment| sync_journal(&segment.file).map(|()| segment));
             written.map(|segment| {
-                let queued = std::mem::take(&mut journal.queue);
-                journal.in_flight.extend(queued);
+                journal.take_queue();
                 // The old file's state is unknown: it is left for the next
                 // start, whose recovery reads what it can of it.
                 journal.switch_to(segment);
-                journal.in_flight.last().map(|r| r.seq)
+                journal.in_flight.back().map(|group| group.last_seq)
             })
         };
         match attempt {
@@ -285,19 +290,19 @@ fn rotate_if_large(sink: &mut impl Sink, shared: &Shared) {
     }
 }
 
-/// Reopens and checks the store, then writes `batch` again (what of it
+/// Reopens and checks the store, then writes `frames` again (what of them
 /// was stored is skipped), retrying with backoff until it succeeds.
-fn recover(sink: &mut impl Sink, batch: &[UsageRecord], shared: &Shared) {
+fn recover(sink: &mut impl Sink, frames: Frames<'_>, shared: &Shared) {
     let mut backoff = Duration::from_millis(50);
     loop {
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(5));
         let attempt = sink.reopen().and_then(|()| {
             tracing::info!(
-                records = batch.len(),
+                records = frames.len(),
                 "usage log reopened; writing the failed group again"
             );
-            sink.write(batch)
+            sink.write(frames)
         });
         match attempt {
             Ok(()) => return,
