@@ -34,6 +34,8 @@
 #               (--pool-decommit-batch 64) instead of one by one
 #   wasmtime-fresh  `wasmtime serve --max-instance-reuse-count 1`
 # (HEARTH_COMPARE="fresh fresh-plain wasmtime-fresh" compares those.)
+# A configuration may name the Hearth binary it runs, to compare two builds
+# side by side: HEARTH_COMPARE="records@/tmp/hearth-before records".
 #   scripts/load-compare.sh [ROUNDS] [DURATION] [CONNECTIONS...]
 # Knobs: HEARTH_BIN=PATH (else a release build), HEARTH_COMPARE="records
 # no-metering ..." (the configurations, first is the base of the ratios).
@@ -67,8 +69,9 @@ token="hth_compare_$$"
 server=""
 trap '[ -n "$server" ] && kill -TERM $server 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 
-start() { # config -> sets server, url, auth
-  local config="$1" args=() log=warn public=true reuse=true
+start() { # config[@binary] -> sets server, url, auth
+  local config="${1%%@*}" bin="$hearth" args=() log=warn public=true reuse=true
+  [[ "$1" == *@* ]] && bin="${1#*@}"
   auth=()
   case "$config" in
     fresh) reuse=false ;;
@@ -93,11 +96,11 @@ start() { # config -> sets server, url, auth
   mkdir -p "$work/hello"
   printf 'name = "hello"\ncomponent = "%s"\npublic = %s\n[scaling]\nreuse = %s\n' \
     "$wasm" "$public" "$reuse" >"$work/hello/hearth.toml"
-  HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG="$log" "$hearth" serve --listen "127.0.0.1:$port" \
+  HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG="$log" "$bin" serve --listen "127.0.0.1:$port" \
     --data-dir "$work/data" "${args[@]}" >/dev/null 2>"$work/server.log" &
   server=$!
   wait_ready "http://127.0.0.1:$port"
-  HEARTH_URL="http://127.0.0.1:$port" HEARTH_TOKEN="$token" "$hearth" deploy "$work/hello" --no-build >/dev/null
+  HEARTH_URL="http://127.0.0.1:$port" HEARTH_TOKEN="$token" "$bin" deploy "$work/hello" --no-build >/dev/null
   url="http://127.0.0.1:$port/fn/default/hello/load?x=1"
 }
 
@@ -111,7 +114,7 @@ stop() {
 # made (ingestion runs when the CPU is idle): a query waits for all of them,
 # so the CPU per request counts them.
 drain() {
-  case "$config" in
+  case "${config%%@*}" in
     wasmtime* | no-metering) ;;
     *) curl -fsS -o /dev/null -H "Authorization: Bearer $token" "http://127.0.0.1:$port/v1/usage?limit=1" ;;
   esac

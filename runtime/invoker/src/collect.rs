@@ -43,7 +43,7 @@ impl Invoker {
             ("compiled", Removed::default()),
             ("bucket", Removed::default()),
         ]);
-        let meter = self.telemetry.meter();
+        let meter = self.telemetry().meter();
         // (name, unit, description, which count); no unit for a count.
         for (name, unit, description, read) in [
             (

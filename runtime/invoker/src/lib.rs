@@ -56,6 +56,7 @@ pub use asynchronous::{
 pub use cache::CACHE_HEADER;
 pub use collect::{DEFAULT_GC_INTERVAL, GC_GRACE};
 pub use failure::Failure;
+use record::Metering;
 pub use record::{Meter, now_us};
 
 /// Default largest invocation request body: 16 MiB.
@@ -141,9 +142,7 @@ pub struct Invoker {
     pools: Pools,
     tenants: TenantGate,
     store: Arc<dyn Store>,
-    usage: Option<UsageLog>,
-    prices: Arc<PriceTable>,
-    telemetry: Arc<Telemetry>,
+    metering: Arc<Metering>,
     config: InvokerConfig,
     /// Wakes the asynchronous invocation runner (a submission, a slot freed).
     async_queue: tokio::sync::Notify,
@@ -177,9 +176,11 @@ impl Invoker {
             pools,
             tenants,
             store,
-            usage,
-            prices: Arc::new(prices),
-            telemetry,
+            metering: Arc::new(Metering {
+                usage,
+                prices,
+                telemetry,
+            }),
             config,
             async_queue: tokio::sync::Notify::new(),
             caches: dashmap::DashMap::new(),
@@ -378,12 +379,12 @@ impl Invoker {
 
     /// Metrics (and the Prometheus text of `/metrics`).
     pub fn telemetry(&self) -> &Arc<Telemetry> {
-        &self.telemetry
+        &self.metering.telemetry
     }
 
     /// The usage log, unless metering is off.
     pub fn usage(&self) -> Option<&UsageLog> {
-        self.usage.as_ref()
+        self.metering.usage.as_ref()
     }
 
     /// The limits it runs invocations under.

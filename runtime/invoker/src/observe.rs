@@ -13,7 +13,7 @@ use crate::Invoker;
 /// version's pool lives on while its last requests finish), folded into
 /// `other` (version 0) past the telemetry's series bound.
 fn function_labels(state: &Invoker, key: &FunctionKey) -> [KeyValue; 3] {
-    let [tenant, function] = state.telemetry.function_labels(&key.tenant, &key.function);
+    let [tenant, function] = state.telemetry().function_labels(&key.tenant, &key.function);
     let version = if function.value.as_str() == hearth_telemetry::OTHER {
         0
     } else {
@@ -31,7 +31,7 @@ impl Invoker {
 }
 
 fn register(state: &Arc<Invoker>) {
-    let meter = state.telemetry.meter();
+    let meter = state.telemetry().meter();
     let weak = Arc::downgrade(state);
 
     let s = weak.clone();
@@ -195,7 +195,7 @@ fn register(state: &Arc<Invoker>) {
         .with_description("Usage records written to the journal and not yet fsynced")
         .with_callback(move |gauge| {
             let Some(state) = Weak::upgrade(&s) else { return };
-            let Some(log) = &state.usage else { return };
+            let Some(log) = state.usage() else { return };
             gauge.observe(log.stats().unsynced(), &[]);
         })
         .build();
@@ -207,7 +207,7 @@ fn register(state: &Arc<Invoker>) {
         .with_description("Time since the usage journal was last fsynced (0 with nothing waiting)")
         .with_callback(move |gauge| {
             let Some(state) = Weak::upgrade(&s) else { return };
-            let Some(log) = &state.usage else { return };
+            let Some(log) = state.usage() else { return };
             let stats = log.stats();
             let last = stats.last_sync_us.load(std::sync::atomic::Ordering::Acquire);
             let seconds = if stats.unsynced() == 0 || last == 0 {
@@ -226,7 +226,7 @@ fn register(state: &Arc<Invoker>) {
         .with_description("Usage log: records and transactions ingested, journal fsyncs, failed writes")
         .with_callback(move |counter| {
             let Some(state) = Weak::upgrade(&s) else { return };
-            let Some(log) = &state.usage else { return };
+            let Some(log) = state.usage() else { return };
             let stats = log.stats();
             use std::sync::atomic::Ordering::Relaxed;
             for (what, n) in [

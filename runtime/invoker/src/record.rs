@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hearth_engine::{InvokeError, Report};
-use hearth_metering::{Durability, LogError, Outcome, Pending, PriceTable, Usage, UsageLog};
+use hearth_metering::{Durability, LogError, Outcome, PriceTable, Usage, UsageLog};
 use hearth_registry::Deployed;
 use http::Response;
 use http_body::Frame;
@@ -45,19 +45,31 @@ pub fn now_us() -> i64 {
     i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
 }
 
+/// What every meter uses, shared behind one reference: a meter costs one
+/// reference count, not one per part (each is an atomic operation on a
+/// line every core shares, twice per invocation).
+#[derive(Debug)]
+pub(crate) struct Metering {
+    /// Where records go; `None` runs without metering.
+    pub(crate) usage: Option<UsageLog>,
+    pub(crate) prices: PriceTable,
+    pub(crate) telemetry: Arc<hearth_telemetry::Telemetry>,
+}
+
 /// The usage record of one invocation, being filled in: opened by
 /// [`Invoker::begin`] once the function is resolved, from when every ending
 /// of the invocation is recorded exactly once.
 #[derive(Debug)]
 pub struct Meter {
-    telemetry: Arc<hearth_telemetry::Telemetry>,
+    metering: Arc<Metering>,
     /// Whether the invocation is still to be accounted for (metrics, log
     /// line and usage record).
     open: bool,
-    log: Option<UsageLog>,
-    /// Tells the log's writer a record is coming (it groups commits).
-    pending: Option<Pending>,
-    prices: Arc<PriceTable>,
+    /// Whether the record is still to be written to the usage log (never
+    /// without one). Until it is, the log counts the invocation as
+    /// announced ([`UsageLog::announce`]): it groups strict commits, and a
+    /// shutdown waits for it.
+    unwritten: bool,
     usage: Usage,
     body: Option<Arc<BodyMeter>>,
     report: Option<oneshot::Receiver<GuestReport>>,
@@ -69,12 +81,12 @@ impl Meter {
     /// Starts the record of invocation `id` of `deployed`, which arrived at
     /// `started_at_us`.
     pub(crate) fn new(invoker: &Invoker, id: String, started_at_us: i64, deployed: &Deployed) -> Meter {
+        let metering = invoker.metering.clone();
+        let unwritten = metering.usage.as_ref().inspect(|log| log.announce()).is_some();
         Meter {
-            telemetry: invoker.telemetry.clone(),
+            metering,
             open: true,
-            log: invoker.usage.clone(),
-            pending: invoker.usage.as_ref().map(UsageLog::pending),
-            prices: invoker.prices.clone(),
+            unwritten,
             usage: Usage {
                 id,
                 invocation_id: None,
@@ -139,8 +151,16 @@ impl Meter {
     /// refused and nothing ran.
     pub(crate) fn discard(mut self) {
         self.open = false;
-        self.log = None;
-        self.pending = None;
+        self.settle();
+    }
+
+    /// The record will not be written (again): the log stops counting it.
+    fn settle(&mut self) {
+        if std::mem::replace(&mut self.unwritten, false)
+            && let Some(log) = &self.metering.usage
+        {
+            log.settle();
+        }
     }
 
     /// Counts the request body through `meter` (bytes read, over the limit).
@@ -180,7 +200,7 @@ impl Meter {
         u.gpu_ns = u64::try_from(report.inference.gpu.as_nanos()).unwrap_or(u64::MAX);
         u.device = report.inference.device_label();
         for calls in &report.inference.models {
-            self.telemetry.model_calls(
+            self.metering.telemetry.model_calls(
                 &u.tenant,
                 &u.function,
                 u.version,
@@ -229,17 +249,18 @@ impl Meter {
         if std::mem::replace(&mut self.open, false) {
             self.account();
         }
-        let Some(log) = self.log.take() else {
+        let metering = self.metering.clone();
+        let (Some(log), true) = (&metering.usage, self.unwritten) else {
             return Ok(());
         };
         let id = self.usage.id.clone();
         // Committed, the meter has no more use for its usage (`open` is
         // false, so dropping it records nothing): priced without a copy.
-        let record = self.prices.price(std::mem::take(&mut self.usage));
+        let record = metering.prices.price(std::mem::take(&mut self.usage));
         // Written here, by this task: from now on the record survives a
         // crash of the process, even if this caller goes away.
         let appended = log.append(record);
-        self.pending = None;
+        self.settle();
         let result = match appended {
             Ok(seq) if log.config().durability == Durability::Strict => log.durable(seq).await,
             Ok(_) => Ok(()),
@@ -302,14 +323,14 @@ impl Meter {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        if self.log.is_some() && self.bodyless(&head) {
+        if self.unwritten && self.bodyless(&head) {
             return self.respond_bodyless(head, body).await;
         }
         // Gathering a small body to send it whole after the commit saves a
         // write when the commit waits for an fsync shared with others
         // (strict, busy); in process mode the commit costs nothing to wait
         // for, and streaming is cheaper.
-        if !(self.strict() && self.log.as_ref().is_some_and(UsageLog::busy)) {
+        if !(self.strict() && self.metering.usage.as_ref().is_some_and(UsageLog::busy)) {
             return Ok(self.streamed(head, body));
         }
         let deadline = tokio::time::Instant::now() + COALESCE_WAIT;
@@ -359,7 +380,8 @@ impl Meter {
             ..Default::default()
         };
         let u = &self.usage;
-        self.telemetry
+        self.metering
+            .telemetry
             .model_calls(&u.tenant, &u.function, u.version, model, &failed);
     }
 
@@ -397,9 +419,12 @@ impl Meter {
 
     /// Whether the record's log makes answers wait for its fsync.
     fn strict(&self) -> bool {
-        self.log
-            .as_ref()
-            .is_some_and(|log| log.config().durability == Durability::Strict)
+        self.unwritten
+            && self
+                .metering
+                .usage
+                .as_ref()
+                .is_some_and(|log| log.config().durability == Durability::Strict)
     }
 
     /// Whether the client sees the answer complete with its head alone: a
@@ -466,21 +491,23 @@ impl Meter {
         } else {
             u.batched_calls as f64 / u.inference_calls as f64
         };
-        self.telemetry.invocation(&hearth_telemetry::InvocationMetrics {
-            tenant: &u.tenant,
-            function: &u.function,
-            outcome: u.outcome.as_str(),
-            status: u.status,
-            wall,
-            queue: std::time::Duration::from_micros(u.queue_us),
-            cold_start: u.cold_start,
-            batch_size,
-            compute: std::time::Duration::from_nanos(u.compute_ns),
-            gpu: std::time::Duration::from_nanos(u.gpu_ns),
-            version: u.version,
-            alias: &u.alias,
-            shadow: u.shadow,
-        });
+        self.metering
+            .telemetry
+            .invocation(&hearth_telemetry::InvocationMetrics {
+                tenant: &u.tenant,
+                function: &u.function,
+                outcome: u.outcome.as_str(),
+                status: u.status,
+                wall,
+                queue: std::time::Duration::from_micros(u.queue_us),
+                cold_start: u.cold_start,
+                batch_size,
+                compute: std::time::Duration::from_nanos(u.compute_ns),
+                gpu: std::time::Duration::from_nanos(u.gpu_ns),
+                version: u.version,
+                alias: &u.alias,
+                shadow: u.shadow,
+            });
         tracing::info!(
             target: hearth_telemetry::REQUEST_TARGET,
             invocation_id = %u.id,
@@ -505,14 +532,13 @@ impl Drop for Meter {
         // the invocation ended. The guest may still be running; record it
         // once it is done.
         if !self.open {
+            self.settle();
             return;
         }
         let mut orphan = Meter {
-            telemetry: self.telemetry.clone(),
+            metering: self.metering.clone(),
             open: std::mem::replace(&mut self.open, false),
-            log: self.log.take(),
-            pending: self.pending.take(),
-            prices: self.prices.clone(),
+            unwritten: std::mem::replace(&mut self.unwritten, false),
             usage: self.usage.clone(),
             body: self.body.take(),
             report: self.report.take(),

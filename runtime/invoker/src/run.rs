@@ -136,7 +136,7 @@ impl Invoker {
         meter: Meter,
         deployed: &Deployed,
     ) -> Result<(Meter, TenantPermit), Failure> {
-        if let Some(log) = &self.usage
+        if let Some(log) = &self.metering.usage
             && !log.healthy()
         {
             meter.discard();

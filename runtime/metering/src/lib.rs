@@ -24,7 +24,7 @@ mod sink;
 
 pub use export::{CSV_COLUMNS, EVENT_TYPE, Encoder, Format};
 pub use journal::Frames;
-pub use log::{DEFAULT_SYNC_INTERVAL, Durability, GROUP_WINDOW, LogConfig, LogStats, Pending, UsageLog};
+pub use log::{DEFAULT_SYNC_INTERVAL, Durability, GROUP_WINDOW, LogConfig, LogStats, UsageLog};
 pub use price::{PriceError, PriceTable};
 pub use queries::{Filter, SummaryRow, UsageQueries};
 pub use record::{Outcome, RecordView, Usage, UsageRecord, format_nanos, format_us};

@@ -16,7 +16,7 @@
 //! ([`UsageLog::durable`]) until the record's group is synced: nothing
 //! acknowledged is ever lost, at the cost of an fsync's latency per answer.
 //! In strict mode the syncer groups: while invocations that will append are
-//! still running ([`UsageLog::pending`]) it holds the group open for them, at
+//! still running ([`UsageLog::announce`]) it holds the group open for them, at
 //! most [`GROUP_WINDOW`].
 //!
 //! **Cost.** A record costs the node about a microsecond and a half of CPU
@@ -274,19 +274,6 @@ impl Shared {
     }
 }
 
-/// An invocation that will hand the log a record: while any are alive, a
-/// strict group is held open for them (up to [`GROUP_WINDOW`]), and a
-/// shutdown waits for them. Dropped once the record is appended, or when
-/// the invocation will leave none.
-#[derive(Debug)]
-pub struct Pending(Arc<Shared>);
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.0.settle();
-    }
-}
-
 /// The usage log. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct UsageLog {
@@ -407,11 +394,18 @@ impl UsageLog {
         self.shared.pending.load(Ordering::Relaxed) > 1
     }
 
-    /// Announces an invocation that will append a record (see [`Pending`]);
-    /// drop the guard after appending it.
-    pub fn pending(&self) -> Pending {
+    /// Announces an invocation that will append a record: until it
+    /// [settles](UsageLog::settle), a strict group is held open for it (up
+    /// to [`GROUP_WINDOW`]) and a shutdown waits for it. Pair each with one
+    /// `settle`, once the record is appended or when the invocation will
+    /// leave none.
+    pub fn announce(&self) {
         self.shared.pending.fetch_add(1, Ordering::SeqCst);
-        Pending(self.shared.clone())
+    }
+
+    /// An announced invocation appended its record, or will not.
+    pub fn settle(&self) {
+        self.shared.settle();
     }
 
     /// Writes `record` to the journal with its commit sequence, which it

@@ -161,7 +161,7 @@ async fn a_failed_write_stops_the_log_until_it_has_reopened_and_committed() {
 
 #[tokio::test]
 async fn the_writer_waits_for_running_invocations_but_not_for_a_lone_one() {
-    // A window far longer than the test, so only `pending` ends a group.
+    // A window far longer than the test, so only settling ends a group.
     let dir = tempfile::tempdir().expect("tempdir");
     let pace = Pace {
         window: std::time::Duration::from_secs(600),
@@ -174,11 +174,13 @@ async fn the_writer_waits_for_running_invocations_but_not_for_a_lone_one() {
     assert_eq!(syncs(), 1);
 
     // Three invocations running: the first record waits for the other two.
-    let running: Vec<Pending> = (0..3).map(|_| log.pending()).collect();
+    for _ in 0..3 {
+        log.announce();
+    }
     let mut commits = Vec::new();
-    for (i, pending) in running.into_iter().enumerate() {
+    for i in 0..3 {
         let seq = log.append(record(&format!("r{i}"))).expect("written");
-        drop(pending);
+        log.settle();
         commits.push(seq);
         tokio::task::yield_now().await;
     }
