@@ -19,12 +19,16 @@
 //! still running ([`UsageLog::announce`]) it holds the group open for them, at
 //! most [`GROUP_WINDOW`].
 //!
-//! **Cost.** A record costs the node about a microsecond and a half of CPU
-//! in all in the `log/ingest` bench, and about 10 % of a warm `hello`'s CPU
-//! in a loaded server (`scripts/load-compare.sh`, against `--no-metering`):
-//! the append's encoding and copy on the answer's path (about a quarter of
-//! it), the fsyncs and the ingestion (a page per batch, see `database.rs`)
-//! off it. An idle-time ingester runs at [`INGEST_NICE`], so on a
+//! **Cost.** A record is encoded once, by the invocation, straight into
+//! the queue of frames that the syncer hands on and the ingester stores as
+//! it is (reading each record borrowed from its frame, with no copy of its
+//! strings). It costs the node about 9 % of a warm `hello`'s CPU in a
+//! loaded server (`scripts/load-compare.sh`, against `--no-metering`): the
+//! encoding and the copy into the journal on the answer's path (about a
+//! tenth), the fsyncs (about a fifth, nearly all in the kernel) and the
+//! ingestion (about a seventh; a page per batch, see `database.rs`) off
+//! it; the other half is spread thin (`perf` finds no part above 0.5 %).
+//! An idle-time ingester runs at [`INGEST_NICE`], so on a
 //! busy node it takes the CPU the invocations leave rather than preempting
 //! them. A second ingester, at normal priority, steps in when that is not
 //! enough: when a reader waits (queries see everything written before
