@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
-use crate::journal::{Frames, decode, encode};
+use crate::frames::{Frames, decode, encode};
 use crate::queries::{Filter, SummaryRow};
 use crate::record::{Outcome, Usage, UsageRecord};
 use crate::sink::{MAX_BATCH, Sink};

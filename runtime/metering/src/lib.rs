@@ -15,6 +15,7 @@
 
 mod database;
 mod export;
+mod frames;
 mod journal;
 mod log;
 mod price;
@@ -23,7 +24,7 @@ mod record;
 mod sink;
 
 pub use export::{CSV_COLUMNS, EVENT_TYPE, Encoder, Format};
-pub use journal::Frames;
+pub use frames::Frames;
 pub use log::{DEFAULT_SYNC_INTERVAL, Durability, GROUP_WINDOW, LogConfig, LogStats, UsageLog};
 pub use price::{PriceError, PriceTable};
 pub use queries::{Filter, SummaryRow, UsageQueries};

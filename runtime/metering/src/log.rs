@@ -65,9 +65,10 @@ use rusqlite::Connection;
 use tokio::sync::watch;
 
 use crate::database::{SqliteSink, open_connection};
+use crate::frames::encode;
 #[cfg(feature = "failpoints")]
 use crate::journal::arm_fault_points;
-use crate::journal::{Group, Journal, Segment, encode, recover_journal};
+use crate::journal::{Group, Journal, Segment, recover_journal};
 use crate::queries::{Filter, SummaryRow, UsageQueries};
 use crate::record::UsageRecord;
 use crate::sink::{LogError, Sink};

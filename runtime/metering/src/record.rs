@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// How an invocation ended, for billing and for operators. Journals and
 /// `usage.db` store an outcome by its place in this list (see
-/// `journal::FRAME_TAG` before changing it).
+/// `frames::FRAME_TAG` before changing it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -176,7 +176,7 @@ impl<S> Usage<S> {
 /// A priced, durable usage record: the [`Usage`] with its cost, and its
 /// place in commit order once the log has it. Journals and `usage.db` store
 /// it in postcard's encoding, which is by field order, without names: see
-/// `journal::FRAME_TAG` before changing its fields or [`Usage`]'s. The
+/// `frames::FRAME_TAG` before changing its fields or [`Usage`]'s. The
 /// ingester reads it as `UsageRecord<&str>`, borrowed from a frame: the same
 /// fields, so the same layout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

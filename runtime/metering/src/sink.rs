@@ -1,7 +1,7 @@
 //! What the log's two sides share: where synced records go (a [`Sink`]),
 //! how many go in one transaction, and the log's error.
 
-use crate::journal::Frames;
+use crate::frames::Frames;
 
 /// Largest number of records ingested in one transaction.
 pub const MAX_BATCH: usize = 1024;

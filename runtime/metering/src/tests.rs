@@ -239,7 +239,7 @@ async fn records_only_in_the_journal_are_recovered_once_and_in_order() {
     let journals = dir.path().join("usage-journal");
     std::fs::write(journals.join("journal-00000008.jsonl"), earlier).expect("journal");
     let mut frames = Vec::new();
-    journal::encode(
+    frames::encode(
         &UsageRecord {
             seq: 4,
             ..record(&ids[3])
@@ -248,7 +248,7 @@ async fn records_only_in_the_journal_are_recovered_once_and_in_order() {
     )
     .expect("frame");
     let whole = frames.len();
-    journal::encode(
+    frames::encode(
         &UsageRecord {
             seq: 5,
             ..record("torn")

@@ -8,7 +8,8 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{BACKLOG, Durability, INGEST_NICE, JOURNAL_ROTATE_BYTES, Shared};
-use crate::journal::{Frames, Group, sync_journal};
+use crate::frames::Frames;
+use crate::journal::{Group, sync_journal};
 use crate::sink::{MAX_BATCH, Sink};
 
 /// Microseconds since the Unix epoch.
