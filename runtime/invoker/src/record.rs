@@ -249,18 +249,18 @@ impl Meter {
         if std::mem::replace(&mut self.open, false) {
             self.account();
         }
-        let metering = self.metering.clone();
-        let (Some(log), true) = (&metering.usage, self.unwritten) else {
+        let Some(log) = self.metering.usage.as_ref().filter(|_| self.unwritten) else {
             return Ok(());
         };
         let id = self.usage.id.clone();
         // Committed, the meter has no more use for its usage (`open` is
         // false, so dropping it records nothing): priced without a copy.
-        let record = metering.prices.price(std::mem::take(&mut self.usage));
+        let record = self.metering.prices.price(std::mem::take(&mut self.usage));
         // Written here, by this task: from now on the record survives a
         // crash of the process, even if this caller goes away.
         let appended = log.append(record);
-        self.settle();
+        self.unwritten = false;
+        log.settle();
         let result = match appended {
             Ok(seq) if log.config().durability == Durability::Strict => log.durable(seq).await,
             Ok(_) => Ok(()),
