@@ -123,7 +123,8 @@ fn into_pages(conn: &Connection) -> rusqlite::Result<()> {
             n += 1;
             if n == MAX_BATCH {
                 write_page(&tx, Frames(&frames))?;
-                (n, frames) = (0, Vec::new());
+                n = 0;
+                frames.clear();
             }
         }
         write_page(&tx, Frames(&frames))?;
@@ -641,11 +642,7 @@ mod tests {
 
     /// `records` as the log hands them over.
     fn frames(records: &[UsageRecord]) -> Vec<u8> {
-        let mut frames = Vec::new();
-        for record in records {
-            encode(record, &mut frames).expect("encode");
-        }
-        frames
+        crate::frames::encode_all(records).expect("encode")
     }
 
     fn database() -> (tempfile::TempDir, Connection) {

@@ -40,6 +40,16 @@ pub(crate) fn encode(record: &UsageRecord, out: &mut Vec<u8>) -> Result<(), post
     Ok(())
 }
 
+/// The frames of `records`, one after the other, as the log hands them to
+/// a sink.
+pub(crate) fn encode_all(records: &[UsageRecord]) -> Result<Vec<u8>, postcard::Error> {
+    let mut frames = Vec::new();
+    for record in records {
+        encode(record, &mut frames)?;
+    }
+    Ok(frames)
+}
+
 /// Postcard's writer into the end of a buffer that already holds frames
 /// (its own `Vec` writer would take the buffer, and lose it on an error).
 struct Tail<'a>(&'a mut Vec<u8>);
@@ -50,13 +60,18 @@ impl Extend<u8> for Tail<'_> {
     }
 }
 
+/// The payload length a frame's header gives.
+fn payload_len(header: &[u8]) -> usize {
+    u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize
+}
+
 /// The payload of the frame at the front of `bytes`, checked, and the
 /// frame's whole length.
 fn payload(bytes: &[u8]) -> Result<(&[u8], usize), String> {
     let Some(header) = bytes.get(..FRAME_HEADER) else {
         return Err("a record cut short".into());
     };
-    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let len = payload_len(header);
     let crc = u32::from_le_bytes([header[5], header[6], header[7], header[8]]);
     let Some(payload) = bytes.get(FRAME_HEADER..FRAME_HEADER + len) else {
         return Err("a record cut short".into());
@@ -163,8 +178,7 @@ impl<'a> Frames<'a> {
         let mut at = 0;
         std::iter::from_fn(move || {
             let header = self.0.get(at..at + FRAME_HEADER)?;
-            let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
-            at = (at + FRAME_HEADER + len).min(self.0.len());
+            at = (at + FRAME_HEADER + payload_len(header)).min(self.0.len());
             Some(at)
         })
     }
@@ -295,10 +309,7 @@ mod tests {
                 ..crate::PriceTable::default().price(crate::tests::usage(&format!("id-{seq}"), Outcome::Ok))
             })
             .collect();
-        let mut bytes = Vec::new();
-        for record in &records {
-            encode(record, &mut bytes).expect("encode");
-        }
+        let mut bytes = encode_all(&records).expect("encode");
         let frames = Frames(&bytes);
         assert_eq!(frames.len(), 7);
         let runs: Vec<(Vec<UsageRecord>, usize)> = frames

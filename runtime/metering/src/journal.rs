@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
-use crate::frames::{Frames, decode, encode};
+use crate::frames::{Frames, decode, encode_all};
 use crate::record::UsageRecord;
 use crate::sink::{LogError, MAX_BATCH, Sink};
 
@@ -204,12 +204,8 @@ pub(crate) fn recover_journal(sink: &mut impl Sink, dir: &Path) -> Result<(u64, 
     missing.sort_by_key(|r| r.seq);
     missing.dedup_by_key(|r| r.seq);
     let recovered = missing.len();
-    let mut frames = Vec::new();
     for batch in missing.chunks(MAX_BATCH) {
-        frames.clear();
-        for record in batch {
-            encode(record, &mut frames).map_err(|e| fail(e.to_string()))?;
-        }
+        let frames = encode_all(batch).map_err(|e| fail(e.to_string()))?;
         sink.write(Frames(&frames)).map_err(fail)?;
     }
     let last = missing.last().map_or(last, |r| r.seq);
@@ -257,6 +253,7 @@ pub(crate) fn arm_fault_points() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frames::encode;
     use crate::record::Outcome;
 
     /// Keeps what it is given.

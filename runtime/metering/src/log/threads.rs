@@ -136,11 +136,11 @@ fn ingest(sink: &mut impl Sink, shared: &Shared, limit: usize) -> usize {
     let mut taken = 0;
     {
         let mut journal = shared.journal();
-        while taken < limit && journal.in_flight.front().is_some_and(|g| g.last_seq <= synced) {
-            if let Some(group) = journal.in_flight.pop_front() {
-                taken += group.records;
-                groups.push(group);
-            }
+        while taken < limit
+            && let Some(group) = journal.in_flight.pop_front_if(|g| g.last_seq <= synced)
+        {
+            taken += group.records;
+            groups.push(group);
         }
     }
     for group in &groups {
