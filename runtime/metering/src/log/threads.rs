@@ -29,6 +29,9 @@ pub(super) fn syncer(shared: &Shared) {
         let (group, file, backlog) = {
             let mut journal = shared.journal();
             let group = journal.take_queue();
+            if let Some(segment) = journal.file.as_mut() {
+                segment.unmap_full_pages();
+            }
             let file = journal.file.as_ref().and_then(|f| f.file.try_clone().ok());
             (group, file, journal.in_flight_records())
         };
