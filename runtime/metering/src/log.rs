@@ -335,6 +335,7 @@ impl UsageLog {
                 next_seq: last + 1,
                 queue: Group::default(),
                 in_flight: VecDeque::new(),
+                spare: Vec::new(),
             }),
             journal_ok: AtomicBool::new(true),
             database_ok: AtomicBool::new(true),

@@ -167,6 +167,12 @@ fn ingest(sink: &mut impl Sink, shared: &Shared, limit: usize) -> usize {
             shared.visible.send_modify(|visible| *visible = (*visible).max(top));
         }
     }
+    if !groups.is_empty() {
+        let mut journal = shared.journal();
+        for group in groups {
+            journal.recycle(group.frames);
+        }
+    }
     taken
 }
 
