@@ -370,7 +370,7 @@ mod tests {
             encode(&record, &mut frame).expect("encode");
             segment.append(&frame).expect("append");
             // As the syncer does before each sync: the pages' contents stay.
-            if lines % 97 == 0 {
+            if lines.is_multiple_of(97) {
                 segment.unmap_full_pages();
             }
         }
