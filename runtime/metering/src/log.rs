@@ -22,12 +22,18 @@
 //! **Cost.** A record is encoded once, by the invocation, straight into
 //! the queue of frames that the syncer hands on and the ingester stores as
 //! it is (reading each record borrowed from its frame, with no copy of its
-//! strings). It costs the node about 9 % of a warm `hello`'s CPU in a
-//! loaded server (`scripts/load-compare.sh`, against `--no-metering`): the
-//! encoding and the copy into the journal on the answer's path (about a
-//! tenth), the fsyncs (about a fifth, nearly all in the kernel) and the
-//! ingestion (about a seventh; a page per batch, see `database.rs`) off
-//! it; the other half is spread thin (`perf` finds no part above 0.5 %).
+//! strings). It costs the node about 8 % of a warm `hello`'s CPU in a
+//! loaded server on a 2-core VM (`scripts/load-compare.sh`, against
+//! `--no-metering`): the encoding and the copy into the journal on the
+//! answer's path (about an eighth), the fsyncs (about a third: syncing once
+//! a second instead of every 10 ms recovers 3–5 points; each is a data
+//! write and a cache flush, two requests whose doorbells and interrupts
+//! are VM exits) and the ingestion (about a sixth; a page per batch, see
+//! `database.rs`) off it; the rest is spread thin (`perf` finds no part
+//! above 0.5 %). Writing back a page still mapped write-protects it with a
+//! TLB shootdown of its own, so the syncer first unmaps the full pages
+//! (`Segment::unmap_full_pages`), and the queues reuse the ingested groups'
+//! buffers.
 //! An idle-time ingester runs at [`INGEST_NICE`], so on a
 //! busy node it takes the CPU the invocations leave rather than preempting
 //! them. A second ingester, at normal priority, steps in when that is not
