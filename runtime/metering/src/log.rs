@@ -22,7 +22,7 @@
 //! **Cost.** A record is encoded once, by the invocation, straight into
 //! the queue of frames that the syncer hands on and the ingester stores as
 //! it is (reading each record borrowed from its frame, with no copy of its
-//! strings). It costs the node about 8 % of a warm `hello`'s CPU in a
+//! strings). It costs the node about 9 % of a warm `hello`'s CPU in a
 //! loaded server on a 2-core VM (`scripts/load-compare.sh`, against
 //! `--no-metering`): the encoding and the copy into the journal on the
 //! answer's path (about an eighth), the fsyncs (about a third: syncing once
