@@ -183,7 +183,7 @@ const MAX_UNKNOWN_REMEMBERED: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct Auth {
     store: Arc<dyn Store>,
-    verified: Arc<DashMap<String, (TokenRecord, tokio::time::Instant)>>,
+    verified: Arc<DashMap<String, (TokenRecord, tokio::time::Instant), foldhash::fast::RandomState>>,
     /// Hashes of tokens the store did not know, and when it said so.
     unknown: Arc<DashMap<String, tokio::time::Instant>>,
     /// Bumped by every eviction from `verified`, so that a lookup that
@@ -364,7 +364,7 @@ impl Auth {
     pub fn new(store: Arc<dyn Store>) -> Auth {
         Auth {
             store,
-            verified: Arc::new(DashMap::new()),
+            verified: Arc::new(DashMap::default()),
             unknown: Arc::new(DashMap::new()),
             evictions: Arc::new(AtomicU64::new(0)),
             failures: Arc::new(Mutex::new(Bucket {

@@ -148,7 +148,7 @@ pub struct Invoker {
     async_queue: tokio::sync::Notify,
     /// Response caches of the versions with `[cache]` that were called,
     /// dropped with their version's pool.
-    caches: dashmap::DashMap<FunctionKey, Arc<cache::ResponseCache>>,
+    caches: dashmap::DashMap<FunctionKey, Arc<cache::ResponseCache>, foldhash::fast::RandomState>,
     /// Slots of shadow copies running now ([`InvokerConfig::max_shadow_runs`]).
     shadow_slots: Arc<tokio::sync::Semaphore>,
     /// Shadow copies skipped because every slot was busy, since start.
@@ -183,7 +183,7 @@ impl Invoker {
             }),
             config,
             async_queue: tokio::sync::Notify::new(),
-            caches: dashmap::DashMap::new(),
+            caches: dashmap::DashMap::default(),
             shadow_slots: Arc::new(tokio::sync::Semaphore::new(config.max_shadow_runs)),
             shadows_skipped: std::sync::atomic::AtomicU64::new(0),
         })

@@ -240,8 +240,13 @@ pub struct Registry {
     engine: Engine,
     nn: NnHost,
     assets: AssetDirs,
-    /// Each function's routing, and the versions it served.
-    functions: Arc<DashMap<FunctionName, Arc<Routes>>>,
+    /// Each function's routing, and the versions it served. Hashed with
+    /// foldhash, seeded per process (as hashbrown's own default): keys
+    /// come from request paths, so the hash must be keyed, and SipHash
+    /// costs more on a look-up every request makes. The warm path's other
+    /// maps (versions, pools, tenants, metric series, caches, tokens) do
+    /// the same.
+    functions: Arc<DashMap<FunctionName, Arc<Routes>, foldhash::fast::RandomState>>,
     /// Counts invalidations (a change announced from elsewhere, or made
     /// here), so a routing read from the store while one happened is
     /// cached as stale.
@@ -282,7 +287,7 @@ impl Registry {
             engine,
             nn,
             assets: AssetDirs::new(assets_root),
-            functions: Arc::new(DashMap::new()),
+            functions: Arc::new(DashMap::default()),
             changes: Arc::new(AtomicU64::new(0)),
             store_retry_at_ms: Arc::new(AtomicU64::new(0)),
             epoch: std::time::Instant::now(),

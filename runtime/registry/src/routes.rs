@@ -103,7 +103,7 @@ pub(crate) struct Routes {
     /// `latest`'s name, for requests through an unpinned `latest`.
     pub(crate) latest: Arc<str>,
     /// Versions loaded so far.
-    pub(crate) versions: DashMap<u32, Arc<Deployed>>,
+    pub(crate) versions: DashMap<u32, Arc<Deployed>, foldhash::fast::RandomState>,
     /// Another node changed the function (or may have): read the store
     /// again before using this, and use it only while the store cannot
     /// be reached.
@@ -256,7 +256,7 @@ mod tests {
             newest: 4,
             aliases: HashMap::new(),
             latest: Arc::from(LATEST),
-            versions: DashMap::new(),
+            versions: DashMap::default(),
             stale: AtomicBool::new(false),
         };
         let latest = Selector::LATEST;

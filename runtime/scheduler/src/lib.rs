@@ -255,7 +255,8 @@ struct Shared<I: Send + 'static> {
 
 #[derive(Debug)]
 struct State<I: Send + 'static> {
-    pools: HashMap<FunctionKey, Pool<I>>,
+    /// Hashed with foldhash, as the registry's functions (see there).
+    pools: HashMap<FunctionKey, Pool<I>, foldhash::fast::RandomState>,
     /// Instances existing or being created, across all functions.
     live: usize,
     /// Idle instances across all functions (candidates for eviction).
@@ -354,7 +355,7 @@ impl<I: Send + 'static> Scheduler<I> {
             shared: Arc::new(Shared {
                 config,
                 state: Mutex::new(State {
-                    pools: HashMap::new(),
+                    pools: HashMap::default(),
                     live: 0,
                     idle: 0,
                     queued: 0,

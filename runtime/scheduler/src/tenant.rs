@@ -238,7 +238,7 @@ struct TenantState {
 #[derive(Debug, Clone, Default)]
 pub struct TenantGate {
     config: Arc<TenantLimitsConfig>,
-    state: Arc<Mutex<HashMap<Arc<str>, TenantState>>>,
+    state: Arc<Mutex<HashMap<Arc<str>, TenantState, foldhash::fast::RandomState>>>,
     /// Live nodes sharing the limits (1 on a single node).
     nodes: Arc<AtomicU64>,
 }

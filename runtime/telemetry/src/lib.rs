@@ -244,7 +244,11 @@ impl FunctionSeries {
 pub struct Telemetry {
     /// Functions that have series of their own, by tenant (looked up by
     /// `&str` on every invocation).
-    series: dashmap::DashMap<String, std::collections::HashMap<String, Arc<FunctionSeries>>>,
+    series: dashmap::DashMap<
+        String,
+        std::collections::HashMap<String, Arc<FunctionSeries>, foldhash::fast::RandomState>,
+        foldhash::fast::RandomState,
+    >,
     /// The series functions past the bound share.
     other: Arc<FunctionSeries>,
     /// How many functions `series` holds.
@@ -331,7 +335,7 @@ impl Telemetry {
         let triton = TritonCounters::new(&registry)?;
         Ok(Telemetry {
             triton,
-            series: dashmap::DashMap::new(),
+            series: dashmap::DashMap::default(),
             other: Arc::new(FunctionSeries::new(OTHER, OTHER)),
             series_count: std::sync::atomic::AtomicUsize::new(0),
             registry,
