@@ -241,11 +241,14 @@ pub struct Registry {
     nn: NnHost,
     assets: AssetDirs,
     /// Each function's routing, and the versions it served. Hashed with
-    /// foldhash, seeded per process (as hashbrown's own default): keys
-    /// come from request paths, so the hash must be keyed, and SipHash
-    /// costs more on a look-up every request makes. The warm path's other
-    /// maps (versions, pools, tenants, metric series, caches, tokens) do
-    /// the same.
+    /// foldhash (seeded per process, hashbrown's own default), which costs
+    /// less than std's SipHash on a look-up every request makes. It does
+    /// not promise resistance to chosen collisions, and needs none here:
+    /// keys are inserted only for what was deployed or by authenticated
+    /// callers (an anonymous request for an unknown name only looks up),
+    /// and a tenant's functions are bounded. The warm path's other
+    /// maps (versions, pools, tenants, metric series, response caches,
+    /// verified tokens) are keyed the same way for the same reason.
     functions: Arc<DashMap<FunctionName, Arc<Routes>, foldhash::fast::RandomState>>,
     /// Counts invalidations (a change announced from elsewhere, or made
     /// here), so a routing read from the store while one happened is
@@ -630,7 +633,7 @@ impl Registry {
                 .map(|alias| (Arc::from(alias.name), alias.target))
                 .collect(),
             latest: Arc::from(LATEST),
-            versions: DashMap::new(),
+            versions: DashMap::default(),
             stale: AtomicBool::new(false),
         });
         let deployed = match known {
