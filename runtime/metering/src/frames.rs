@@ -82,6 +82,14 @@ fn payload(bytes: &[u8]) -> Result<(&[u8], usize), String> {
     Ok((payload, FRAME_HEADER + len))
 }
 
+/// Reads the record of the frame at the front of `bytes` (owned, or
+/// borrowed from them), checked, and the frame's whole length.
+fn read<'de, T: serde::Deserialize<'de>>(bytes: &'de [u8]) -> Result<(T, usize), String> {
+    let (payload, len) = payload(bytes)?;
+    let record = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+    Ok((record, len))
+}
+
 /// Takes the next record from the front of `bytes`: `None` at their end
 /// (nothing left, or the zeros past what was written), an error for a
 /// frame cut short or damaged. Reads frames and, from the journals of
@@ -90,9 +98,9 @@ pub(crate) fn decode(bytes: &mut &[u8]) -> Option<Result<UsageRecord, String>> {
     let (&first, _) = bytes.split_first()?;
     match first {
         0 => None,
-        FRAME_TAG => Some(payload(bytes).and_then(|(payload, len)| {
+        FRAME_TAG => Some(read(bytes).map(|(record, len)| {
             *bytes = &bytes[len..];
-            postcard::from_bytes(payload).map_err(|e| e.to_string())
+            record
         })),
         b'{' => {
             let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
@@ -189,14 +197,11 @@ impl<'a> Frames<'a> {
         std::iter::from_fn(move || {
             let rest = self.0.get(at..).filter(|rest| !rest.is_empty())?;
             let read = match rest[0] {
-                FRAME_TAG => payload(rest).and_then(|(payload, len)| {
-                    let record = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
-                    Ok((len, record))
-                }),
+                FRAME_TAG => read(rest),
                 other => Err(format!("not a frame (byte {other:#04x})")),
             };
             match read {
-                Ok((len, record)) => {
+                Ok((record, len)) => {
                     let start = at;
                     at += len;
                     Some(Ok((start, record)))

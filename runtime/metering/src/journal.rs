@@ -77,11 +77,16 @@ impl Segment {
         if end > self.map.len() {
             self.map = Segment::map(&self.file, end.next_power_of_two())?;
             // The new mapping has touched none of the full pages.
-            self.unmapped = self.len & !(rustix::param::page_size() - 1);
+            self.unmapped = self.full_pages_end();
         }
         self.map[self.len..end].copy_from_slice(bytes);
         self.len = end;
         Ok(())
+    }
+
+    /// The end of the full pages: the written length, down to a page.
+    fn full_pages_end(&self) -> usize {
+        self.len & !(rustix::param::page_size() - 1)
     }
 
     /// Takes the full pages (those no append writes again) out of the
@@ -92,7 +97,7 @@ impl Segment {
     /// virtual machine), whereas this is one shootdown for all of them.
     /// A failure only leaves them mapped.
     pub(crate) fn unmap_full_pages(&mut self) {
-        let full = self.len & !(rustix::param::page_size() - 1);
+        let full = self.full_pages_end();
         if full <= self.unmapped {
             return;
         }
