@@ -198,7 +198,11 @@ impl Meter {
         u.inference_cache_hits = report.inference.cache_hits;
         u.compute_ns = u64::try_from(report.inference.compute.as_nanos()).unwrap_or(u64::MAX);
         u.gpu_ns = u64::try_from(report.inference.gpu.as_nanos()).unwrap_or(u64::MAX);
-        u.device = report.inference.device_label();
+        // Without inference the record keeps its `cpu` (no string built on
+        // every answer).
+        if !report.inference.devices.is_empty() {
+            u.device = report.inference.device_label();
+        }
         for calls in &report.inference.models {
             self.metering.telemetry.model_calls(
                 &u.tenant,
@@ -508,21 +512,19 @@ impl Meter {
                 alias: &u.alias,
                 shadow: u.shadow,
             });
-        tracing::info!(
-            target: hearth_telemetry::REQUEST_TARGET,
-            invocation_id = %u.id,
-            tenant = %u.tenant,
-            function = %u.function,
-            version = u.version,
-            status = u.status,
-            outcome = u.outcome.as_str(),
-            wall_ms = wall.as_secs_f64() * 1e3,
-            queue_ms = u.queue_us as f64 / 1e3,
-            cold_start = u.cold_start,
-            bytes_in = u.bytes_in,
-            bytes_out = u.bytes_out,
-            "invocation"
-        );
+        hearth_telemetry::log_request(&hearth_telemetry::RequestLine {
+            invocation_id: &u.id,
+            tenant: &u.tenant,
+            function: &u.function,
+            version: u.version,
+            status: u.status,
+            outcome: u.outcome.as_str(),
+            wall_ms: u.wall_us() as f64 / 1e3,
+            queue_ms: u.queue_us as f64 / 1e3,
+            cold_start: u.cold_start,
+            bytes_in: u.bytes_in,
+            bytes_out: u.bytes_out,
+        });
     }
 }
 

@@ -18,9 +18,10 @@
 //! functions cannot blow up the scrape.
 
 mod lines;
-mod text;
+mod request;
 
 pub use lines::{GUEST_BUFFER_BYTES, GUEST_TARGET, REQUEST_TARGET, guest_lines_dropped};
+pub use request::{RequestLine, log_request};
 
 use std::time::Duration;
 
@@ -523,13 +524,12 @@ pub fn init_tracing(format: LogFormat, service: &str) -> Result<TracingGuard, Te
     // Colour only for a person at a terminal: escape codes cost formatting
     // on every line and mean nothing to a log collector.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer.clone())
+        .with_ansi(ansi);
     let events_only = tracing_subscriber::filter::filter_fn(|metadata| metadata.is_event());
     let fmt = match format {
-        LogFormat::Text => fmt
-            .event_format(text::TextFormat::new(ansi))
-            .with_filter(events_only)
-            .boxed(),
+        LogFormat::Text => fmt.with_filter(events_only).boxed(),
         LogFormat::Json => fmt.json().with_filter(events_only).boxed(),
     };
     let otlp = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
@@ -562,6 +562,17 @@ pub fn init_tracing(format: LogFormat, service: &str) -> Result<TracingGuard, Te
         .with(fmt)
         .with(layer)
         .init();
+    // Request lines skip `tracing` when plain text is all that reads them
+    // (colour and spans are the generic formatter's, JSON its own); the
+    // filter is asked once, as it cannot change.
+    if format == LogFormat::Text && !ansi && !otlp {
+        let enabled = tracing::enabled!(
+            kind: tracing::metadata::Kind::EVENT,
+            target: REQUEST_TARGET,
+            tracing::Level::INFO
+        );
+        request::install(writer, enabled);
+    }
     if otlp {
         tracing::info!("exporting traces by OTLP to OTEL_EXPORTER_OTLP_ENDPOINT");
     }

@@ -115,7 +115,26 @@ impl Drop for FlushGuard {
     }
 }
 
+impl Lines {
+    /// Queues a request line (see [`crate::log_request`]).
+    pub(crate) fn push_request(&self, line: &[u8]) {
+        self.0.push_request(line);
+    }
+}
+
 impl Shared {
+    /// Queues request lines; writes them out once the buffer is full.
+    fn push_request(&self, line: &[u8]) {
+        let full = {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.extend_from_slice(line);
+            pending.len() >= FLUSH_AT
+        };
+        if full {
+            self.flush(&[]);
+        }
+    }
+
     /// Writes the waiting guest lines (the flusher's job).
     fn flush_guest(&self) {
         let waiting = std::mem::take(&mut *self.guest.lock().unwrap_or_else(PoisonError::into_inner));
@@ -171,15 +190,7 @@ impl std::io::Write for LineWriter<'_> {
                 self.shared.push_guest(line);
                 return Ok(line.len());
             }
-            Kind::Request => {}
-        }
-        let full = {
-            let mut pending = self.shared.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            pending.extend_from_slice(line);
-            pending.len() >= FLUSH_AT
-        };
-        if full {
-            self.shared.flush(&[]);
+            Kind::Request => self.shared.push_request(line),
         }
         Ok(line.len())
     }
