@@ -520,35 +520,42 @@ impl Auth {
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Malformed)?;
         let hash = hash_token(token);
+        // A cached token is checked where it lies: only the principal's
+        // strings are copied, not the record's.
         let cached = self
             .verified
             .get(&hash)
             .filter(|entry| entry.1.elapsed() < CACHE_TTL)
-            .map(|entry| entry.0.clone());
-        let record = match cached {
-            Some(record) => record,
-            None => self.look_up(&hash).await?,
-        };
-        // The look-up was by hash; compare again in constant time so that no
-        // code path ever branches early on secret-derived bytes.
-        if !secrets_match(&record.hash, &hash) {
-            return Err(AuthError::Unknown);
+            .map(|entry| principal_of(&entry.0, &hash));
+        match cached {
+            Some(principal) => principal,
+            None => principal_of(&self.look_up(&hash).await?, &hash),
         }
-        if record.revoked_at_ms.is_some() {
-            return Err(AuthError::Revoked);
-        }
-        if record.expires_at_ms.is_some_and(|at| at <= now_ms()) {
-            return Err(AuthError::Expired);
-        }
-        let role = Role::parse(&record.role)
-            .ok_or_else(|| StoreError::Corrupt(format!("token {}: unknown role {:?}", record.id, record.role)))?;
-        Ok(Principal {
-            token_id: record.id,
-            tenant: record.tenant,
-            role,
-            operator: record.operator,
-        })
     }
+}
+
+/// Who a token's record says the caller is, if it holds for the token
+/// hashing to `hash` now.
+fn principal_of(record: &TokenRecord, hash: &str) -> Result<Principal, AuthError> {
+    // The look-up was by hash; compare again in constant time so that no
+    // code path ever branches early on secret-derived bytes.
+    if !secrets_match(&record.hash, hash) {
+        return Err(AuthError::Unknown);
+    }
+    if record.revoked_at_ms.is_some() {
+        return Err(AuthError::Revoked);
+    }
+    if record.expires_at_ms.is_some_and(|at| at <= now_ms()) {
+        return Err(AuthError::Expired);
+    }
+    let role = Role::parse(&record.role)
+        .ok_or_else(|| StoreError::Corrupt(format!("token {}: unknown role {:?}", record.id, record.role)))?;
+    Ok(Principal {
+        token_id: record.id.clone(),
+        tenant: record.tenant.clone(),
+        role,
+        operator: record.operator,
+    })
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use hearth_http::AppState;
 
-/// The `/v1` routes, to hand to `hearth_http::router`.
+/// The `/v1` routes, to hand to `hearth_http::App::new`.
 pub fn routes() -> Router<Arc<AppState>> {
     let v1 = Router::new()
         .route(

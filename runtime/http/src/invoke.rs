@@ -1,4 +1,5 @@
-//! `ANY /fn/{tenant}/{function}/{rest...}`: run a function.
+//! `ANY /fn/{tenant}/{function}/{rest...}`: run a function (matched by
+//! [`Target::parse`], not by the router: see [`crate::App`]).
 //!
 //! `{function}` is a name (its alias `latest`), `name@3` (version 3) or
 //! `name@prod` (an alias, which may split requests over versions; the
@@ -14,7 +15,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::Request;
 use axum::response::Response;
 use hearth_auth::Action;
 use hearth_invoker::{BASE_PATH_HEADER, Failure, now_us};
@@ -29,25 +30,42 @@ use crate::{
     check_declared_length,
 };
 
-/// The route's parameters; the path below the mount is taken from the raw
-/// URI instead, so percent-encoding reaches the guest untouched.
-#[derive(serde::Deserialize)]
+/// The function a request path names: `/fn/{tenant}/{function}`, then
+/// optionally `/` and the path below the mount. The names are
+/// percent-decoded; the rest is kept as written, so percent-encoding
+/// reaches the guest untouched.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Target {
     tenant: String,
     function: String,
+    rest: String,
 }
 
-pub(crate) async fn handle(
-    State(state): State<Arc<AppState>>,
-    Path(target): Path<Target>,
-    request: Request,
-) -> Response {
-    let Target { tenant, function } = target;
-    let rest = below_mount(request.uri().path(), &tenant, &function).to_owned();
-    run(state, tenant, function, rest, request).await
+impl Target {
+    /// The target of `path`, or `None` if it is not below `/fn/` with both
+    /// names present (and valid UTF-8 once decoded).
+    pub(crate) fn parse(path: &str) -> Option<Target> {
+        let (tenant, below) = path.strip_prefix("/fn/")?.split_once('/')?;
+        let (function, rest) = below.split_once('/').unwrap_or((below, ""));
+        if tenant.is_empty() || function.is_empty() {
+            return None;
+        }
+        let decoded = |name: &str| {
+            percent_encoding::percent_decode_str(name)
+                .decode_utf8()
+                .ok()
+                .map(|name| name.into_owned())
+        };
+        Some(Target {
+            tenant: decoded(tenant)?,
+            function: decoded(function)?,
+            rest: rest.to_owned(),
+        })
+    }
 }
 
-async fn run(state: Arc<AppState>, tenant: String, function: String, rest: String, request: Request) -> Response {
+pub(crate) async fn run(state: Arc<AppState>, target: Target, request: Request) -> Response {
+    let Target { tenant, function, rest } = target;
     let id = Uuid::now_v7();
     let started_at_us = now_us();
     let span = tracing::info_span!("invocation", invocation_id = %id, tenant = %tenant, function = %function);
@@ -163,21 +181,6 @@ async fn invoke(
     Ok(response)
 }
 
-/// The part of `path` below the mount `/fn/{tenant}/{function}`, without
-/// its leading `/` (empty if `path` is not below it as written, say with
-/// percent-encoded names).
-fn below_mount<'a>(path: &'a str, tenant: &str, function: &str) -> &'a str {
-    let rest = path
-        .strip_prefix("/fn/")
-        .and_then(|p| p.strip_prefix(tenant))
-        .and_then(|p| p.strip_prefix('/'))
-        .and_then(|p| p.strip_prefix(function));
-    match rest {
-        Some(rest) => rest.strip_prefix('/').unwrap_or(rest),
-        None => "",
-    }
-}
-
 /// Checks the caller's request and turns it into the guest's: the class it
 /// runs at and the request as the guest sees it.
 fn shape(
@@ -257,13 +260,31 @@ mod tests {
     }
 
     #[test]
-    fn the_rest_is_what_follows_the_mount() {
-        assert_eq!(below_mount("/fn/acme/ocr/v1/read", "acme", "ocr"), "v1/read");
-        assert_eq!(below_mount("/fn/acme/ocr/", "acme", "ocr"), "");
-        assert_eq!(below_mount("/fn/acme/ocr", "acme", "ocr"), "");
-        assert_eq!(below_mount("/fn/acme/ocr@2/a//b", "acme", "ocr@2"), "a//b");
-        // Names the router decoded are not found as written: nothing below.
-        assert_eq!(below_mount("/fn/ac%6De/ocr/v1", "acme", "ocr"), "");
+    fn a_path_names_its_function_and_the_rest_is_what_follows_the_mount() {
+        let target = |tenant: &str, function: &str, rest: &str| {
+            Some(Target {
+                tenant: tenant.into(),
+                function: function.into(),
+                rest: rest.into(),
+            })
+        };
+        assert_eq!(Target::parse("/fn/acme/ocr/v1/read"), target("acme", "ocr", "v1/read"));
+        assert_eq!(Target::parse("/fn/acme/ocr/"), target("acme", "ocr", ""));
+        assert_eq!(Target::parse("/fn/acme/ocr"), target("acme", "ocr", ""));
+        assert_eq!(Target::parse("/fn/acme/ocr@2/a//b"), target("acme", "ocr@2", "a//b"));
+        // Names are decoded; the rest goes to the guest as written.
+        assert_eq!(Target::parse("/fn/ac%6De/ocr/v1%2Fx"), target("acme", "ocr", "v1%2Fx"));
+        for elsewhere in [
+            "/fn/acme",
+            "/fn/acme/",
+            "/fn//ocr",
+            "/fn/%FF/ocr",
+            "/v1/functions",
+            "/fnx/a/b",
+            "/",
+        ] {
+            assert_eq!(Target::parse(elsewhere), None, "{elsewhere}");
+        }
     }
 
     #[test]

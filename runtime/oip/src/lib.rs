@@ -33,7 +33,7 @@ use uuid::Uuid;
 /// of a body whose tensors follow as raw bytes.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
-/// The `/v2` routes, to hand to `hearth_http::router`.
+/// The `/v2` routes, to hand to `hearth_http::App::new`.
 pub fn routes() -> axum::Router<Arc<AppState>> {
     use axum::routing::{get, post};
     axum::Router::new()

@@ -13,7 +13,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -50,7 +49,7 @@ const TOO_MANY_CONNECTIONS: &str = "{\"type\":\"urn:hearth:problem:unavailable\"
 
 /// Serves `app` on `listener` until `stop` turns true, then waits for open
 /// connections to finish their requests (the caller bounds that wait).
-pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, app: hearth_http::App, limits: ConnLimits, mut stop: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

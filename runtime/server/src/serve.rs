@@ -462,7 +462,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         public: args.public_metrics,
     };
     let state = AppState::new(invoker, auth, args.max_upload_bytes, usage_queries, metrics);
-    let app = hearth_http::router(state.clone(), [hearth_control::routes(), hearth_oip::routes()]);
+    let app = hearth_http::App::new(state.clone(), [hearth_control::routes(), hearth_oip::routes()]);
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
