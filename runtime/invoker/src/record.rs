@@ -495,33 +495,25 @@ impl Meter {
         } else {
             u.batched_calls as f64 / u.inference_calls as f64
         };
-        self.metering
-            .telemetry
-            .invocation(&hearth_telemetry::InvocationMetrics {
-                tenant: &u.tenant,
-                function: &u.function,
-                outcome: u.outcome.as_str(),
-                status: u.status,
-                wall,
-                queue: std::time::Duration::from_micros(u.queue_us),
-                cold_start: u.cold_start,
-                batch_size,
-                compute: std::time::Duration::from_nanos(u.compute_ns),
-                gpu: std::time::Duration::from_nanos(u.gpu_ns),
-                version: u.version,
-                alias: &u.alias,
-                shadow: u.shadow,
-            });
-        hearth_telemetry::log_request(&hearth_telemetry::RequestLine {
-            invocation_id: &u.id,
+        let metrics = hearth_telemetry::InvocationMetrics {
             tenant: &u.tenant,
             function: &u.function,
-            version: u.version,
-            status: u.status,
             outcome: u.outcome.as_str(),
-            wall_ms: u.wall_us() as f64 / 1e3,
-            queue_ms: u.queue_us as f64 / 1e3,
+            status: u.status,
+            wall,
+            queue: std::time::Duration::from_micros(u.queue_us),
             cold_start: u.cold_start,
+            batch_size,
+            compute: std::time::Duration::from_nanos(u.compute_ns),
+            gpu: std::time::Duration::from_nanos(u.gpu_ns),
+            version: u.version,
+            alias: &u.alias,
+            shadow: u.shadow,
+        };
+        self.metering.telemetry.invocation(&metrics);
+        hearth_telemetry::log_request(&hearth_telemetry::RequestLine {
+            invocation_id: &u.id,
+            metrics,
             bytes_in: u.bytes_in,
             bytes_out: u.bytes_out,
         });

@@ -17,33 +17,30 @@ use std::io::Write as _;
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
+use crate::InvocationMetrics;
 use crate::lines::{Lines, REQUEST_TARGET};
 
-/// One finished invocation, as its request log line shows it.
+/// One finished invocation, as its request log line shows it: its
+/// metrics, its id and its bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLine<'a> {
     /// The record id.
     pub invocation_id: &'a str,
-    /// Tenant.
-    pub tenant: &'a str,
-    /// Function.
-    pub function: &'a str,
-    /// The version that ran.
-    pub version: u32,
-    /// HTTP status.
-    pub status: u16,
-    /// Usage outcome (`ok`, `guest_trap`, ...).
-    pub outcome: &'static str,
-    /// Wall time in milliseconds.
-    pub wall_ms: f64,
-    /// Time in the queue in milliseconds.
-    pub queue_ms: f64,
-    /// Whether it started a fresh instance.
-    pub cold_start: bool,
+    /// What the metrics saw (tenant, function, version, status, outcome,
+    /// wall and queue time, cold start).
+    pub metrics: InvocationMetrics<'a>,
     /// Request body bytes.
     pub bytes_in: u64,
     /// Response body bytes.
     pub bytes_out: u64,
+}
+
+impl RequestLine<'_> {
+    /// Milliseconds, from whole microseconds (so `0.552`, never
+    /// `0.5519999999999999`).
+    fn ms(time: std::time::Duration) -> f64 {
+        time.as_micros() as f64 / 1e3
+    }
 }
 
 /// Where request lines go when they skip `tracing`.
@@ -86,17 +83,18 @@ pub fn log_request(line: &RequestLine<'_>) {
 
 /// The line as a `tracing` event.
 fn event(line: &RequestLine<'_>) {
+    let m = &line.metrics;
     tracing::info!(
         target: REQUEST_TARGET,
         invocation_id = %line.invocation_id,
-        tenant = %line.tenant,
-        function = %line.function,
-        version = line.version,
-        status = line.status,
-        outcome = line.outcome,
-        wall_ms = line.wall_ms,
-        queue_ms = line.queue_ms,
-        cold_start = line.cold_start,
+        tenant = %m.tenant,
+        function = %m.function,
+        version = m.version,
+        status = m.status,
+        outcome = m.outcome,
+        wall_ms = RequestLine::ms(m.wall),
+        queue_ms = RequestLine::ms(m.queue),
+        cold_start = m.cold_start,
         bytes_in = line.bytes_in,
         bytes_out = line.bytes_out,
         "invocation"
@@ -106,26 +104,27 @@ fn event(line: &RequestLine<'_>) {
 /// Writes the line, as [`event`] formatted by `tracing-subscriber`'s text
 /// format (without colour or spans) would read, at `now`.
 fn write_line(out: &mut Vec<u8>, now: SystemTime, line: &RequestLine<'_>) {
+    let m = &line.metrics;
     write_timestamp(out, now);
     out.extend_from_slice(b"  INFO ");
     out.extend_from_slice(REQUEST_TARGET.as_bytes());
     out.extend_from_slice(b": invocation invocation_id=");
     out.extend_from_slice(line.invocation_id.as_bytes());
     out.extend_from_slice(b" tenant=");
-    out.extend_from_slice(line.tenant.as_bytes());
+    out.extend_from_slice(m.tenant.as_bytes());
     out.extend_from_slice(b" function=");
-    out.extend_from_slice(line.function.as_bytes());
+    out.extend_from_slice(m.function.as_bytes());
     out.extend_from_slice(b" version=");
-    out.extend_from_slice(itoa::Buffer::new().format(line.version).as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(m.version).as_bytes());
     out.extend_from_slice(b" status=");
-    out.extend_from_slice(itoa::Buffer::new().format(line.status).as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(m.status).as_bytes());
     out.extend_from_slice(b" outcome=");
-    write_quoted(out, line.outcome);
+    write_quoted(out, m.outcome);
     out.extend_from_slice(b" wall_ms=");
-    write_f64(out, line.wall_ms);
+    write_f64(out, RequestLine::ms(m.wall));
     out.extend_from_slice(b" queue_ms=");
-    write_f64(out, line.queue_ms);
-    out.extend_from_slice(if line.cold_start {
+    write_f64(out, RequestLine::ms(m.queue));
+    out.extend_from_slice(if m.cold_start {
         b" cold_start=true"
     } else {
         b" cold_start=false"
@@ -206,6 +205,7 @@ fn write_timestamp(out: &mut Vec<u8>, now: SystemTime) {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     /// Collects what the log writes.
     #[derive(Clone, Default)]
@@ -242,31 +242,45 @@ mod tests {
 
     #[test]
     fn a_direct_line_reads_as_the_generic_formatter_writes_its_event() {
-        let line = RequestLine {
-            invocation_id: "0193a0e8-0000-7000-8000-000000000001",
+        let metrics = InvocationMetrics {
             tenant: "acme",
             function: "ocr@prod",
-            version: 3,
-            status: 200,
             outcome: "ok",
-            wall_ms: 0.25,
-            queue_ms: 0.0,
+            status: 200,
+            wall: Duration::from_micros(250),
+            queue: Duration::ZERO,
             cold_start: false,
+            batch_size: 0.0,
+            compute: Duration::ZERO,
+            gpu: Duration::ZERO,
+            version: 3,
+            alias: "prod",
+            shadow: false,
+        };
+        let line = RequestLine {
+            invocation_id: "0193a0e8-0000-7000-8000-000000000001",
+            metrics,
             bytes_in: 0,
             bytes_out: 12_345,
         };
         let odd = RequestLine {
-            outcome: "say \"hi\"\n",
-            wall_ms: 12_345.678,
-            queue_ms: 1e-5,
-            cold_start: true,
-            status: 503,
+            metrics: InvocationMetrics {
+                outcome: "say \"hi\"\n",
+                wall: Duration::from_micros(12_345_678),
+                queue: Duration::from_nanos(10),
+                cold_start: true,
+                status: 503,
+                ..metrics
+            },
             ..line
         };
         let huge = RequestLine {
-            wall_ms: 1e15,
-            queue_ms: 0.001,
-            version: u32::MAX,
+            metrics: InvocationMetrics {
+                wall: Duration::from_secs(1_000_000_000_000),
+                queue: Duration::from_micros(1),
+                version: u32::MAX,
+                ..metrics
+            },
             bytes_in: u64::MAX,
             ..line
         };
@@ -292,7 +306,7 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc_3339_with_microseconds() {
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_764_632_903_000_042);
+        let at = std::time::UNIX_EPOCH + Duration::from_micros(1_764_632_903_000_042);
         let mut text = Vec::new();
         write_timestamp(&mut text, at);
         assert_eq!(text, b"2025-12-01T23:48:23.000042Z");
