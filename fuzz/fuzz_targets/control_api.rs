@@ -10,8 +10,8 @@
 
 use std::sync::{Arc, OnceLock};
 
-use axum::Router;
 use axum::body::Body;
+use hearth_http::App;
 use http_body_util::BodyExt;
 use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt;
@@ -20,7 +20,7 @@ const ADMIN_TOKEN: &str = "hearth_fuzz_admin_token_0123456789abcdef";
 
 struct Server {
     runtime: tokio::runtime::Runtime,
-    router: Router,
+    router: App,
     _data: tempfile::TempDir,
 }
 
@@ -42,7 +42,7 @@ fn server() -> &'static Server {
     })
 }
 
-async fn build(data: &std::path::Path) -> Router {
+async fn build(data: &std::path::Path) -> App {
     let store: Arc<dyn hearth_store::Store> = Arc::new(hearth_store::SqliteStore::open(data).expect("store"));
     let blobs = hearth_store::BlobStore::open(data).expect("blobs");
     let auth = hearth_auth::Auth::new(store.clone());
@@ -76,7 +76,7 @@ async fn build(data: &std::path::Path) -> Router {
         },
     );
     let state = hearth_http::AppState::new(invoker, auth, 64 << 10, None, Default::default());
-    hearth_http::router(state, [hearth_control::routes(), hearth_oip::routes()])
+    App::new(state, [hearth_control::routes(), hearth_oip::routes()])
 }
 
 /// The text form above as a request, or `None` where `http` itself refuses
