@@ -121,9 +121,9 @@ pub fn render_failure() -> RenderFailure {
 ///
 /// `/fn/{tenant}/{function}/...` is matched by hand and goes straight to
 /// [`invoke`]: it is every invocation's path, and axum's route table,
-/// path extractor and boxed per-route services cost about 2 µs of a warm
-/// `hello`'s ~115 (`perf`, 32 connections). Everything else goes through
-/// the axum router.
+/// path extractor and boxed per-route services, with their allocations,
+/// cost a warm `hello` about 5 µs of ~85 µs of CPU (`scripts/load-ab.sh`,
+/// 32 connections). Everything else goes through the axum router.
 #[derive(Clone)]
 pub struct App {
     state: Arc<AppState>,
