@@ -4,8 +4,8 @@
 //! empty: what it runs comes from the bucket.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use hearth_services::{Postgres, S3};
@@ -385,24 +385,33 @@ async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
     for node in &cluster.nodes[1..] {
         converge(&node.fn_url("echo", "/"), None, 200, "deployed through A").await;
     }
-    let urls: Arc<RwLock<Vec<String>>> = Arc::new(RwLock::new(
-        cluster.nodes.iter().map(|n| n.fn_url("echo", "/")).collect(),
-    ));
+    // Where each client sends its calls: `None` while its node is down. A
+    // killed node's port is never called again: another test's server may
+    // be listening on it by then.
+    let (urls_tx, urls) = tokio::sync::watch::channel(
+        cluster
+            .nodes
+            .iter()
+            .map(|n| Some(n.fn_url("echo", "/")))
+            .collect::<Vec<_>>(),
+    );
     let done = Arc::new(AtomicUsize::new(0));
     let (progress_tx, progress) = tokio::sync::watch::channel(0usize);
     let progress_tx = Arc::new(progress_tx);
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|client| {
-            let (urls, done, progress_tx, stop) = (urls.clone(), done.clone(), progress_tx.clone(), stop.clone());
+            let (mut urls, done, progress_tx, stop) = (urls.clone(), done.clone(), progress_tx.clone(), stop.clone());
             tokio::spawn(async move {
                 let http = reqwest::Client::new();
                 let mut acknowledged = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
-                    let url = urls.read().expect("urls")[client % 3].clone();
+                    // Its node is down: wait for it to come back.
+                    let url = urls.wait_for(|urls| urls[client % 3].is_some()).await.expect("urls")[client % 3]
+                        .clone()
+                        .expect("up");
                     let Ok(response) = http.post(&url).body("payload").send().await else {
-                        // Its node is down: wait for it to come back.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        // Killed under this call.
                         continue;
                     };
                     let id = response
@@ -413,6 +422,11 @@ async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
                     let Ok(body) = response.bytes().await else {
                         continue;
                     };
+                    if urls.borrow()[client % 3].as_deref() != Some(url.as_str()) {
+                        // Its node was killed meanwhile: whoever answered on
+                        // that port, the answer is not the cluster's.
+                        continue;
+                    }
                     assert_eq!(
                         status,
                         200,
@@ -440,10 +454,11 @@ async fn the_fleets_ledger_lists_every_acknowledged_invocation_once() {
     };
 
     reach(STEP).await;
+    urls_tx.send_modify(|urls| urls[1] = None);
     drop(cluster.nodes.remove(1)); // SIGKILL under load
     reach(2 * STEP).await;
     let again = cluster.start_node(1);
-    urls.write().expect("urls")[1] = again.fn_url("echo", "/");
+    urls_tx.send_modify(|urls| urls[1] = Some(again.fn_url("echo", "/")));
     cluster.nodes.insert(1, again);
     // The restarted node has echo cached before the store goes away (an
     // uncached function is 503 during the outage, which the clients would
