@@ -219,7 +219,9 @@ impl Invoker {
         if let Some(spec) = &deployed.manifest.cache
             && cache::cacheable(&parts.method)
         {
-            return self.invoke_cached(meter, deployed, spec, class, parts, body).await;
+            // Boxed: its own run, cache look-up and body read would
+            // otherwise enlarge every invocation's future.
+            return Box::pin(self.invoke_cached(meter, deployed, spec, class, parts, body)).await;
         }
         let (body, counted) = body::LimitedBody::new(body, self.config.max_body_bytes);
         meter.count_body(counted);

@@ -266,7 +266,9 @@ impl Meter {
         self.unwritten = false;
         log.settle();
         let result = match appended {
-            Ok(seq) if log.config().durability == Durability::Strict => log.durable(seq).await,
+            // Boxed: only strict answers wait, and the wait's timer would
+            // otherwise enlarge every commit's future.
+            Ok(seq) if log.config().durability == Durability::Strict => Box::pin(log.durable(seq)).await,
             Ok(_) => Ok(()),
             Err(err) => Err(err),
         };
@@ -281,7 +283,15 @@ impl Meter {
     /// guest's report if it ran. Returns the failure to answer with:
     /// `failure`, or [`Failure::Unrecorded`] if its record could not be
     /// committed (the client must not see an unrecorded invocation complete).
-    pub async fn refuse(mut self, failure: Failure) -> Failure {
+    ///
+    /// The future is boxed: a refusal is rare, and its commit inline would
+    /// make the future of every invocation that might refuse (all of them)
+    /// as large as its own, which every request then allocates and moves.
+    pub fn refuse(self, failure: Failure) -> Pin<Box<dyn Future<Output = Failure> + Send>> {
+        Box::pin(self.refused(failure))
+    }
+
+    async fn refused(mut self, failure: Failure) -> Failure {
         self.usage.status = failure.status();
         self.usage.outcome = failure.outcome();
         self.take_report(false).await;
@@ -321,14 +331,16 @@ impl Meter {
     pub(crate) async fn respond<B>(
         self,
         head: http::response::Parts,
-        mut body: B,
+        body: B,
     ) -> Result<Response<ResponseBody>, Failure>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
+        // The waiting answers are boxed, so the common one (streamed, which
+        // does not wait) keeps every invocation's future small.
         if self.unwritten && self.bodyless(&head) {
-            return self.respond_bodyless(head, body).await;
+            return Box::pin(self.respond_bodyless(head, body)).await;
         }
         // Gathering a small body to send it whole after the commit saves a
         // write when the commit waits for an fsync shared with others
@@ -337,6 +349,16 @@ impl Meter {
         if !(self.strict() && self.metering.usage.as_ref().is_some_and(UsageLog::busy)) {
             return Ok(self.streamed(head, body));
         }
+        Box::pin(self.respond_whole(head, body)).await
+    }
+
+    /// Gathers a small body that ends within [`COALESCE_WAIT`] and answers
+    /// it whole after the commit; streams the rest.
+    async fn respond_whole<B>(self, head: http::response::Parts, mut body: B) -> Result<Response<ResponseBody>, Failure>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
         let deadline = tokio::time::Instant::now() + COALESCE_WAIT;
         let mut frames = Vec::new();
         let mut size = 0;

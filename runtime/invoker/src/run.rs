@@ -86,7 +86,9 @@ impl Invoker {
             // first byte.
             None => {
                 self.preload_models(deployed);
-                match self.registry.prepared(deployed, self.load_on()).await {
+                // Boxed: a cold start is rare, and its loading inline would
+                // enlarge every warm invocation's future.
+                match Box::pin(self.registry.prepared(deployed, self.load_on())).await {
                     Ok(loaded) => {
                         prepared = loaded;
                         Start::Cold(&prepared)

@@ -593,7 +593,9 @@ impl Registry {
         {
             return Ok(known.clone());
         }
-        match (self.load_routes(tenant, name, None).await, known) {
+        // Boxed: reading the store is rare (a miss, or a change), and
+        // inline it would enlarge every invocation's future.
+        match (Box::pin(self.load_routes(tenant, name, None)).await, known) {
             (Err(err), Some(known)) if err.is_unavailable() => {
                 let retry_at = self.since_epoch_ms() + STORE_RETRY.as_millis() as u64;
                 self.store_retry_at_ms.fetch_max(retry_at, Ordering::Relaxed);
@@ -655,6 +657,12 @@ impl Registry {
         if let Some(found) = routes.versions.get(&version) {
             return Ok(found.clone());
         }
+        Box::pin(self.load_version(routes, tenant, name, version)).await
+    }
+
+    /// [`Registry::version`] for a version not cached: read from the store
+    /// and prepared (boxed by the caller, which every invocation awaits).
+    async fn load_version(&self, routes: &Routes, tenant: &str, name: &str, version: u32) -> Result<Arc<Deployed>> {
         let stored = self
             .store
             .version(tenant, name, version)
