@@ -36,10 +36,12 @@ mod observe;
 mod record;
 mod run;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::Either;
 use hearth_bridge::NnHost;
 use hearth_engine::{Engine, Instance};
 use hearth_manifest::Qos;
@@ -201,13 +203,17 @@ impl Invoker {
     /// response once its head is sent (the body's end commits the record),
     /// or the failure, already recorded. The body is limited to
     /// [`InvokerConfig::max_body_bytes`] as it streams.
-    pub async fn invoke<B>(
-        &self,
+    ///
+    /// Not an `async fn`: the request is taken apart here and the run's own
+    /// future returned, so the caller's future does not hold a second copy
+    /// of the meter and the request (a kilobyte every request moves).
+    pub fn invoke<'a, B>(
+        &'a self,
         mut meter: Meter,
-        deployed: &Deployed,
+        deployed: &'a Deployed,
         class: Qos,
         request: hyper::Request<B>,
-    ) -> Result<http::Response<ResponseBody>, Failure>
+    ) -> impl Future<Output = Result<http::Response<ResponseBody>, Failure>> + Send + 'a
     where
         B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
         B::Error: std::fmt::Display,
@@ -221,13 +227,13 @@ impl Invoker {
         {
             // Boxed: its own run, cache look-up and body read would
             // otherwise enlarge every invocation's future.
-            return Box::pin(self.invoke_cached(meter, deployed, spec, class, parts, body)).await;
+            return Either::Left(Box::pin(self.invoke_cached(meter, deployed, spec, class, parts, body)));
         }
         let (body, counted) = body::LimitedBody::new(body, self.config.max_body_bytes);
         meter.count_body(counted);
         let request = hyper::Request::from_parts(parts, body);
         let deadline = tokio::time::Instant::now() + self.config.queue_timeout;
-        self.run(deployed, class, deadline, meter, request).await
+        Either::Right(self.run(deployed, class, deadline, meter, request))
     }
 
     /// [`Invoker::invoke`] for a version with a response cache: the body is
