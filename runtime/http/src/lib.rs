@@ -28,7 +28,7 @@ use hearth_api::{Health, TenantQuery};
 use hearth_auth::{Action, Auth, Principal};
 use hearth_invoker::{Invoker, RenderFailure};
 use hearth_metering::UsageQueries;
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 pub use invoke::requested_class;
 pub use problem::{ApiError, FunctionAnswer, INVOCATION_ID_HEADER};
@@ -45,12 +45,12 @@ const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Request header that lowers an invocation's QoS class (never raises it);
 /// the response echoes the class it ran at.
-pub const QOS_HEADER: &str = "x-hearth-qos";
+pub const QOS_HEADER: HeaderName = HeaderName::from_static("x-hearth-qos");
 /// Response header: the version of the function that answered.
-pub const VERSION_HEADER: &str = "x-hearth-version";
+pub const VERSION_HEADER: HeaderName = HeaderName::from_static("x-hearth-version");
 /// Request header: a caller's key that keeps it on one version of an
 /// alias's split (hashed; the same key, the same version).
-pub const STICKY_HEADER: &str = "x-hearth-sticky";
+pub const STICKY_HEADER: HeaderName = HeaderName::from_static("x-hearth-sticky");
 
 /// Who may read `/metrics`: it names every tenant's functions and their
 /// traffic, so by default only operator tokens and the metrics token may.

@@ -10,11 +10,11 @@ use hearth_invoker::Failure;
 use hearth_metering::Outcome;
 use hearth_registry::RegistryError;
 use hearth_scheduler::{ManifestOverLimit, TenantRejection};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderName, HeaderValue, StatusCode, header};
 use uuid::Uuid;
 
 /// Header carrying the invocation id on every invocation response.
-pub const INVOCATION_ID_HEADER: &str = "x-hearth-invocation-id";
+pub const INVOCATION_ID_HEADER: HeaderName = HeaderName::from_static("x-hearth-invocation-id");
 
 /// Seconds a client should wait before retrying after a capacity answer.
 const RETRY_AFTER_S: &str = "1";

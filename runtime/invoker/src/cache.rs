@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 use crate::{BoxError, ResponseBody};
 
 /// The response header that says whether an answer came from the cache.
-pub const CACHE_HEADER: &str = "x-hearth-cache";
+pub const CACHE_HEADER: http::HeaderName = http::HeaderName::from_static("x-hearth-cache");
 
 /// A request's place in its version's cache: SHA-256 of the method, path
 /// and query, the `vary` headers' values and the body.

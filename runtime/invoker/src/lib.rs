@@ -68,7 +68,7 @@ pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default most shadow copies running at once.
 pub const DEFAULT_MAX_SHADOW_RUNS: usize = 2;
 /// Header with the path a function is mounted at, passed to the guest.
-pub const BASE_PATH_HEADER: &str = "x-hearth-base-path";
+pub const BASE_PATH_HEADER: http::HeaderName = http::HeaderName::from_static("x-hearth-base-path");
 
 /// An error a response body can end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -196,7 +196,9 @@ impl Invoker {
     /// is the tenant's: run it with [`Invoker::invoke`], or end it with
     /// [`Meter::refuse`]; either way it leaves one record.
     pub fn begin(&self, id: Uuid, started_at_us: i64, deployed: &Deployed) -> Meter {
-        Meter::new(self, id.to_string(), started_at_us, deployed)
+        // Encoded without `fmt` (`to_string` cost a quarter of a microsecond).
+        let id = id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned();
+        Meter::new(self, id, started_at_us, deployed)
     }
 
     /// Runs `request` on `deployed` at `class`: returns the function's
