@@ -38,12 +38,7 @@ pub(crate) type GuestReport = (Result<(), InvokeError>, Report);
 
 /// Microseconds since the Unix epoch: when an invocation arrived, for
 /// [`Invoker::begin`].
-pub fn now_us() -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
-}
+pub use hearth_metering::now_us;
 
 /// What every meter uses, shared behind one reference: a meter costs one
 /// reference count, not one per part (each is an atomic operation on a

@@ -95,7 +95,11 @@ impl Shipper {
         if oldest == 0 || self.unshipped() == 0 {
             return Duration::ZERO;
         }
-        Duration::from_micros(now_us().saturating_sub(oldest))
+        Duration::from_micros(
+            u64::try_from(hearth_metering::now_us())
+                .unwrap_or(0)
+                .saturating_sub(oldest),
+        )
     }
 
     /// Ships everything recorded so far, waiting at most `within`; whether
@@ -244,10 +248,4 @@ impl UsageQueries for Shipper {
         UsageQueries::catch_up(self).await?;
         Ok(self.ledger.summary(filter).await?)
     }
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }

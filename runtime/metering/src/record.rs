@@ -246,6 +246,15 @@ pub fn format_nanos(nanos: i64) -> String {
     format!("{sign}{}.{:09}", abs / 1_000_000_000, abs % 1_000_000_000)
 }
 
+/// Microseconds since the Unix epoch: the clock of a record's times (and
+/// of the log's sync and shipping ages).
+pub fn now_us() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// Formats Unix microseconds as RFC 3339 with microseconds.
 pub fn format_us(us: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)

@@ -10,14 +10,8 @@ use std::time::{Duration, Instant};
 use super::{BACKLOG, Durability, INGEST_NICE, JOURNAL_ROTATE_BYTES, Shared};
 use crate::frames::Frames;
 use crate::journal::{Group, sync_journal};
+use crate::record::now_us;
 use crate::sink::{MAX_BATCH, Sink};
-
-/// Microseconds since the Unix epoch.
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
 
 /// The syncer thread: waits for records and makes them durable, one fsync
 /// of the journal per group; until the log is closed and everything in it
@@ -55,7 +49,10 @@ pub(super) fn syncer(shared: &Shared) {
             };
             if let Some(top) = top {
                 shared.stats.synced.fetch_max(top, Ordering::AcqRel);
-                shared.stats.last_sync_us.store(now_us(), Ordering::Release);
+                shared
+                    .stats
+                    .last_sync_us
+                    .store(u64::try_from(now_us()).unwrap_or(0), Ordering::Release);
                 shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
                 shared.synced.send_modify(|synced| *synced = (*synced).max(top));
             }
