@@ -35,7 +35,10 @@
 #   wasmtime-fresh  `wasmtime serve --max-instance-reuse-count 1`
 # (HEARTH_COMPARE="fresh fresh-plain wasmtime-fresh" compares those.)
 # A configuration may name the Hearth binary it runs, to compare two builds
-# side by side: HEARTH_COMPARE="records@/tmp/hearth-before records".
+# side by side: HEARTH_COMPARE="records@/tmp/hearth-before records"; for
+# `wasmtime`, the wasmtime CLI it runs (one built with
+# `cargo install ... --profile fastest-runtime`, wasmtime's own LTO profile:
+# HEARTH_COMPARE="defaults wasmtime wasmtime@$HOME/.cache/hearth/tools-lto/bin/wasmtime").
 #   scripts/load-compare.sh [ROUNDS] [DURATION] [CONNECTIONS...]
 # Knobs: HEARTH_BIN=PATH (else a release build), HEARTH_COMPARE="records
 # no-metering ..." (the configurations, first is the base of the ratios).
@@ -85,7 +88,9 @@ start() { # config[@binary] -> sets server, url, auth
     wasmtime | wasmtime-fresh)
       local reuse_count=1000
       [ "$config" = wasmtime-fresh ] && reuse_count=1
-      "$wasmtime" serve -O pooling-allocator -S cli --addr "127.0.0.1:$port" \
+      local cli="$wasmtime"
+      [[ "$1" == *@* ]] && cli="$bin"
+      "$cli" serve -O pooling-allocator -S cli --addr "127.0.0.1:$port" \
         --max-instance-reuse-count "$reuse_count" "$wasm" >/dev/null 2>&1 &
       server=$!
       url="http://127.0.0.1:$port/load?x=1"
