@@ -251,13 +251,10 @@ impl Meter {
         let Some(log) = self.metering.usage.as_ref().filter(|_| self.unwritten) else {
             return Ok(());
         };
-        let id = self.usage.id.clone();
-        // Committed, the meter has no more use for its usage (`open` is
-        // false, so dropping it records nothing): priced without a copy.
-        let record = self.metering.prices.price(std::mem::take(&mut self.usage));
-        // Written here, by this task: from now on the record survives a
-        // crash of the process, even if this caller goes away.
-        let appended = log.append(record);
+        // Priced where it lies and written here, by this task: from now on
+        // the record survives a crash of the process, even if this caller
+        // goes away.
+        let appended = log.append(self.metering.prices.priced(&self.usage));
         self.unwritten = false;
         log.settle();
         let result = match appended {
@@ -268,7 +265,7 @@ impl Meter {
             Err(err) => Err(err),
         };
         if let Err(err) = &result {
-            tracing::error!(invocation_id = %id, error = %err, "usage record not committed");
+            tracing::error!(invocation_id = %self.usage.id, error = %err, "usage record not committed");
         }
         result
     }

@@ -54,7 +54,7 @@ fn log(c: &mut Criterion) {
                 n += 1;
                 record(n)
             },
-            |record| log.append(record).expect("append"),
+            |record| log.append(record.as_priced()).expect("append"),
             criterion::BatchSize::SmallInput,
         );
     });
@@ -72,7 +72,7 @@ fn log(c: &mut Criterion) {
                     .collect();
                 let start = process_cpu();
                 for record in records {
-                    log.append(record).expect("append");
+                    log.append(record.as_priced()).expect("append");
                 }
                 rt.block_on(log.catch_up()).expect("caught up");
                 cpu += process_cpu().saturating_sub(start);

@@ -118,7 +118,7 @@ fn into_pages(conn: &Connection) -> rusqlite::Result<()> {
         let mut rows = select.query([])?;
         let (mut frames, mut n) = (Vec::new(), 0);
         while let Some(row) = rows.next()? {
-            encode(&record_from_row(row)?, &mut frames)
+            encode(record_from_row(row)?.as_priced(), &mut frames)
                 .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
             n += 1;
             if n == MAX_BATCH {

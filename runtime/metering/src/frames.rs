@@ -2,7 +2,7 @@
 //! hold a record ([`encode`], [`decode`]), and [`Frames`], the records a
 //! sink is handed, read borrowed from their bytes.
 
-use crate::record::UsageRecord;
+use crate::record::{Priced, UsageRecord};
 
 /// The first byte of a frame, which names the layout of its payload:
 /// neither a JSON line's `{` (the journals of earlier Hearths, still read)
@@ -22,10 +22,10 @@ const FRAME_HEADER: usize = 9;
 /// (compact and by field order, a fraction of JSON's size and cost to
 /// write: this is on every answer's path). The CRC tells a frame a machine
 /// crash tore from a whole one.
-pub(crate) fn encode(record: &UsageRecord, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
+pub(crate) fn encode(record: Priced<'_>, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
     let start = out.len();
     out.extend_from_slice(&[FRAME_TAG; FRAME_HEADER]);
-    if let Err(err) = postcard::to_extend(record, Tail(out)) {
+    if let Err(err) = postcard::to_extend(&record, Tail(out)) {
         out.truncate(start);
         return Err(err);
     }
@@ -45,7 +45,7 @@ pub(crate) fn encode(record: &UsageRecord, out: &mut Vec<u8>) -> Result<(), post
 pub(crate) fn encode_all(records: &[UsageRecord]) -> Result<Vec<u8>, postcard::Error> {
     let mut frames = Vec::new();
     for record in records {
-        encode(record, &mut frames)?;
+        encode(record.as_priced(), &mut frames)?;
     }
     Ok(frames)
 }
@@ -258,7 +258,7 @@ mod tests {
             seq: 1_000_000,
         };
         let mut frame = Vec::new();
-        encode(&record, &mut frame).expect("encode");
+        encode(record.as_priced(), &mut frame).expect("encode");
         let hex: String = frame.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             hex,
@@ -281,7 +281,7 @@ mod tests {
             ..crate::PriceTable::default().price(crate::tests::usage("id-7", Outcome::GuestTrap))
         };
         let mut frame = Vec::new();
-        encode(&record, &mut frame).expect("encode");
+        encode(record.as_priced(), &mut frame).expect("encode");
         let json = serde_json::to_vec(&record).expect("json");
         assert!(
             frame.len() * 2 < json.len(),

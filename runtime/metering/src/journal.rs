@@ -372,7 +372,7 @@ mod tests {
                 ..crate::PriceTable::default().price(crate::tests::usage(&format!("id-{lines:08}"), Outcome::Ok))
             };
             let mut frame = Vec::new();
-            encode(&record, &mut frame).expect("encode");
+            encode(record.as_priced(), &mut frame).expect("encode");
             segment.append(&frame).expect("append");
             // As the syncer does before each sync: the pages' contents stay.
             if lines.is_multiple_of(97) {

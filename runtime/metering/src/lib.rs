@@ -28,7 +28,7 @@ pub use frames::Frames;
 pub use log::{DEFAULT_SYNC_INTERVAL, Durability, GROUP_WINDOW, LogConfig, LogStats, UsageLog};
 pub use price::{PriceError, PriceTable};
 pub use queries::{Filter, SummaryRow, UsageQueries};
-pub use record::{Outcome, RecordView, Usage, UsageRecord, format_nanos, format_us, now_us};
+pub use record::{Outcome, Priced, RecordView, Usage, UsageRecord, format_nanos, format_us, now_us};
 pub use sink::{LogError, MAX_BATCH, Sink};
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ use crate::frames::encode;
 use crate::journal::arm_fault_points;
 use crate::journal::{Group, Journal, Segment, recover_journal};
 use crate::queries::{Filter, SummaryRow, UsageQueries};
-use crate::record::UsageRecord;
+use crate::record::{Priced, UsageRecord};
 use crate::sink::{LogError, Sink};
 
 mod threads;
@@ -424,7 +424,7 @@ impl UsageLog {
     /// returns. Costs a copy into the mapped journal under a short lock; once
     /// it returns, the record survives a crash of the process. In strict mode, follow with
     /// [`UsageLog::durable`] before answering.
-    pub fn append(&self, mut record: UsageRecord) -> Result<u64, LogError> {
+    pub fn append(&self, mut record: Priced<'_>) -> Result<u64, LogError> {
         let shared = &self.shared;
         if shared.closed.load(Ordering::Acquire) {
             return Err(LogError::Closed);
@@ -444,7 +444,7 @@ impl UsageLog {
         // Encoded straight into the queue, which the ingester will store as
         // it is, then copied into the journal.
         let start = queue.frames.len();
-        encode(&record, &mut queue.frames).map_err(|e| LogError::Database(format!("encoding a usage record: {e}")))?;
+        encode(record, &mut queue.frames).map_err(|e| LogError::Database(format!("encoding a usage record: {e}")))?;
         if let Err(err) = file.append(&queue.frames[start..]) {
             queue.frames.truncate(start);
             // Part of the frame may be in the file: the syncer starts a new
@@ -463,9 +463,6 @@ impl UsageLog {
         let first = queue.records == 1;
         shared.stats.written.store(seq, Ordering::Release);
         drop(journal);
-        // Dropped here rather than by an ingester, where freeing memory
-        // this thread allocated would cost more.
-        drop(record);
         // The syncer sleeps until there is something to sync: one wake-up
         // per group, not per record.
         if first || shared.config.durability == Durability::Strict {
@@ -505,7 +502,7 @@ impl UsageLog {
     /// Appends `record` and returns once it is kept as the log's durability
     /// mode promises: written (process) or fsynced (strict).
     pub async fn record(&self, record: UsageRecord) -> Result<u64, LogError> {
-        let seq = self.append(record)?;
+        let seq = self.append(record.as_priced())?;
         if self.shared.config.durability == Durability::Strict {
             self.durable(seq).await?;
         }

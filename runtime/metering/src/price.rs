@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{Outcome, Usage, UsageRecord};
+use crate::record::{Outcome, Priced, Usage, UsageRecord};
 
 /// Prices, from the server's `--price-table` file (TOML):
 ///
@@ -128,6 +128,19 @@ impl PriceTable {
     /// Prices `usage`: invocations that never ran cost nothing, nor shadow
     /// copies when the table says `bill_shadow = false`.
     pub fn price(&self, usage: Usage) -> UsageRecord {
+        UsageRecord {
+            cost_nanos: self.priced(&usage).cost_nanos,
+            usage,
+            currency: self.currency.clone(),
+            price_version: self.version.clone(),
+            seq: 0,
+        }
+    }
+
+    /// Prices `usage` where it lies, for [`UsageLog::append`].
+    ///
+    /// [`UsageLog::append`]: crate::UsageLog::append
+    pub fn priced<'a>(&'a self, usage: &'a Usage) -> Priced<'a> {
         let billed = self.bill_shadow || !usage.shadow;
         let cost = if !billed {
             0.0
@@ -145,11 +158,11 @@ impl PriceTable {
         } else {
             0.0
         };
-        UsageRecord {
+        Priced {
             usage,
             cost_nanos: (cost * 1e9).round() as i64,
-            currency: self.currency.clone(),
-            price_version: self.version.clone(),
+            currency: &self.currency,
+            price_version: &self.version,
             seq: 0,
         }
     }

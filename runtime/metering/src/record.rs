@@ -176,7 +176,8 @@ impl<S> Usage<S> {
 /// A priced, durable usage record: the [`Usage`] with its cost, and its
 /// place in commit order once the log has it. Journals and `usage.db` store
 /// it in postcard's encoding, which is by field order, without names: see
-/// `frames::FRAME_TAG` before changing its fields or [`Usage`]'s. The
+/// `frames::FRAME_TAG` before changing its fields or [`Usage`]'s (and
+/// change [`Priced`]'s with them: the log writes records through it). The
 /// ingester reads it as `UsageRecord<&str>`, borrowed from a frame: the same
 /// fields, so the same layout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,6 +195,40 @@ pub struct UsageRecord<S = String> {
     /// (0 before), increasing in the order records became visible; the
     /// export cursor follows it.
     #[serde(default)]
+    pub seq: u64,
+}
+
+impl UsageRecord {
+    /// The record as the log writes it.
+    pub fn as_priced(&self) -> Priced<'_> {
+        Priced {
+            usage: &self.usage,
+            cost_nanos: self.cost_nanos,
+            currency: &self.currency,
+            price_version: &self.price_version,
+            seq: self.seq,
+        }
+    }
+}
+
+/// A [`UsageRecord`] borrowed from its parts: what [`UsageLog::append`]
+/// writes, so that an invocation's meter appends its usage priced without
+/// copying it or the price table's names. Its fields are the record's, in
+/// the same order, so it encodes exactly as the record it stands for
+/// (postcard writes a struct as its fields in order, without names).
+///
+/// [`UsageLog::append`]: crate::UsageLog::append
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Priced<'a> {
+    /// What was measured.
+    pub usage: &'a Usage,
+    /// Cost in billionths of `currency`.
+    pub cost_nanos: i64,
+    /// Currency of the cost.
+    pub currency: &'a str,
+    /// Version of the price table that priced it.
+    pub price_version: &'a str,
+    /// Commit sequence (set by the log).
     pub seq: u64,
 }
 

@@ -179,7 +179,7 @@ async fn the_writer_waits_for_running_invocations_but_not_for_a_lone_one() {
     }
     let mut commits = Vec::new();
     for i in 0..3 {
-        let seq = log.append(record(&format!("r{i}"))).expect("written");
+        let seq = log.append(record(&format!("r{i}")).as_priced()).expect("written");
         log.settle();
         commits.push(seq);
         tokio::task::yield_now().await;
@@ -240,19 +240,21 @@ async fn records_only_in_the_journal_are_recovered_once_and_in_order() {
     std::fs::write(journals.join("journal-00000008.jsonl"), earlier).expect("journal");
     let mut frames = Vec::new();
     frames::encode(
-        &UsageRecord {
+        UsageRecord {
             seq: 4,
             ..record(&ids[3])
-        },
+        }
+        .as_priced(),
         &mut frames,
     )
     .expect("frame");
     let whole = frames.len();
     frames::encode(
-        &UsageRecord {
+        UsageRecord {
             seq: 5,
             ..record("torn")
-        },
+        }
+        .as_priced(),
         &mut frames,
     )
     .expect("frame");
@@ -356,7 +358,7 @@ async fn a_large_journal_rotates_under_steady_appends_and_keeps_every_record() {
     let mut ids = Vec::new();
     for n in 0..1500 {
         let id = uuid::Uuid::now_v7().to_string();
-        log.append(record(&id)).expect("append");
+        log.append(record(&id).as_priced()).expect("append");
         ids.push(id);
         if n % 100 == 0 {
             tokio::task::yield_now().await;
@@ -409,7 +411,7 @@ async fn a_reader_gets_everything_written_before_it_without_the_idle_ingester() 
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, ingested) = without_idle_ingester(dir.path());
     for n in 0..10 {
-        log.append(record(&format!("r{n}"))).expect("append");
+        log.append(record(&format!("r{n}")).as_priced()).expect("append");
     }
     assert_eq!(log.catch_up().await.expect("caught up"), 10);
     assert_eq!(ingested.load(Ordering::SeqCst), 10);
@@ -422,14 +424,14 @@ async fn a_backlog_past_its_bound_is_ingested_with_nobody_reading() {
     // Under the bound: nothing is ingested (nobody reads, the idle-time
     // ingester is away).
     for n in 0..BACKLOG - 1 {
-        log.append(record(&format!("r{n}"))).expect("append");
+        log.append(record(&format!("r{n}")).as_priced()).expect("append");
     }
     log.durable(log.stats().written.load(Ordering::Acquire))
         .await
         .expect("synced");
     assert_eq!(ingested.load(Ordering::SeqCst), 0);
     // At the bound, the normal-priority ingester takes it all.
-    log.append(record("last")).expect("append");
+    log.append(record("last").as_priced()).expect("append");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while log.stats().records.load(Ordering::Acquire) < BACKLOG as u64 {
         assert!(std::time::Instant::now() < deadline, "the backlog was not ingested");
