@@ -38,8 +38,8 @@ pub struct RequestLine<'a> {
 impl RequestLine<'_> {
     /// Milliseconds, from whole microseconds (so `0.552`, never
     /// `0.5519999999999999`).
-    /// (Through `u64`: a `u128` converts to `f64` in software.)
     fn ms(time: std::time::Duration) -> f64 {
+        // Through `u64`: a `u128` converts to `f64` in software.
         u64::try_from(time.as_micros()).unwrap_or(u64::MAX) as f64 / 1e3
     }
 }
