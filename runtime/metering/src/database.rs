@@ -3,7 +3,8 @@
 //! summaries read ([`page`], [`summary`]).
 //!
 //! Records are kept in **pages**, not one row each: an ingestion writes its
-//! records as one row of frames (the journal's own encoding), keyed by
+//! records as one row of frames (the journal's own encoding, compressed:
+//! see [`Codec`]), keyed by
 //! the first commit sequence it holds, and adds them to **hourly totals**
 //! per tenant, function, version, shadow flag and currency. An ingestion of
 //! a thousand records is one row and a few upserts instead of a thousand
@@ -33,7 +34,8 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS usage_pages (
     last_seq INTEGER NOT NULL,
     min_started_us INTEGER NOT NULL,
     max_started_us INTEGER NOT NULL,
-    records BLOB NOT NULL
+    records BLOB NOT NULL,
+    codec INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS usage_hours (
     tenant TEXT NOT NULL,
@@ -61,6 +63,61 @@ CREATE TABLE IF NOT EXISTS usage_hours (
 
 /// One hour, in microseconds.
 const HOUR_US: i64 = 3_600_000_000;
+
+/// How a page's `records` are stored (its `codec` column).
+///
+/// Pages are compressed because the database's writes disturb a busy node:
+/// every byte ingested is written twice (the WAL, then the checkpoint into
+/// `usage.db`), beside the journal's own, and on a 2-core VM that I/O, not
+/// the CPU it takes, costs the answers in flight most (README, Benchmarks,
+/// sessions 28 and 29). Records compress about 6× (their tenant, function,
+/// alias, device and currency repeat from record to record, their ids and
+/// times share prefixes), at level 1 for a fraction of a microsecond each,
+/// on the idle-time ingester.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    /// The frames as they are (pages written before Hearth compressed them).
+    Frames = 0,
+    /// The frames, compressed as one zstd frame.
+    Zstd = 1,
+}
+
+/// The zstd level pages are written at: the fastest of the standard
+/// levels; higher ones gain a few per cent of size for twice the CPU.
+const ZSTD_LEVEL: i32 = 1;
+
+impl Codec {
+    fn from_column(value: i64) -> rusqlite::Result<Codec> {
+        match value {
+            0 => Ok(Codec::Frames),
+            1 => Ok(Codec::Zstd),
+            other => Err(damaged(format!("unknown page codec {other}"))),
+        }
+    }
+}
+
+/// Compresses pages; one per writer, so its buffers are reused.
+pub(crate) struct PageCompressor(zstd::bulk::Compressor<'static>);
+
+impl PageCompressor {
+    pub(crate) fn new() -> rusqlite::Result<PageCompressor> {
+        zstd::bulk::Compressor::new(ZSTD_LEVEL)
+            .map(PageCompressor)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+    }
+
+    fn compress(&mut self, bytes: &[u8]) -> rusqlite::Result<Vec<u8>> {
+        self.0
+            .compress(bytes)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+    }
+}
+
+impl std::fmt::Debug for PageCompressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PageCompressor")
+    }
+}
 
 /// Columns added to the one-row-per-record table of earlier Hearths, with
 /// how to fill them in for the records already there: model compute (until
@@ -95,6 +152,7 @@ pub(crate) fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.execute_batch(SCHEMA)?;
+    add_codec_column(&conn)?;
     let earlier = conn
         .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'")?
         .exists([])?;
@@ -117,20 +175,33 @@ fn into_pages(conn: &Connection) -> rusqlite::Result<()> {
         let mut select = tx.prepare(&format!("SELECT {OLD_COLUMNS} FROM usage ORDER BY seq"))?;
         let mut rows = select.query([])?;
         let (mut frames, mut n) = (Vec::new(), 0);
+        let mut compressor = PageCompressor::new()?;
         while let Some(row) = rows.next()? {
             encode(record_from_row(row)?.as_priced(), &mut frames)
                 .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
             n += 1;
             if n == MAX_BATCH {
-                write_page(&tx, Frames(&frames))?;
+                write_page(&tx, Frames(&frames), &mut compressor)?;
                 n = 0;
                 frames.clear();
             }
         }
-        write_page(&tx, Frames(&frames))?;
+        write_page(&tx, Frames(&frames), &mut compressor)?;
     }
     tx.execute_batch("DROP TABLE usage")?;
     tx.commit()
+}
+
+/// Gives the pages of a Hearth that did not compress them their `codec`
+/// column (0: [`Codec::Frames`] for every page already there).
+fn add_codec_column(conn: &Connection) -> rusqlite::Result<()> {
+    let present = conn
+        .prepare("SELECT 1 FROM pragma_table_info('usage_pages') WHERE name = 'codec'")?
+        .exists([])?;
+    if !present {
+        conn.execute_batch("ALTER TABLE usage_pages ADD COLUMN codec INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
 }
 
 /// Gives a table made by an earlier Hearth the [`ADDED_COLUMNS`] it lacks.
@@ -303,10 +374,9 @@ static ADD_TO_HOURS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Writes `frames` (records in commit order) as one page, their bytes as
-/// they are, and adds them to the hourly totals, inside the caller's
-/// transaction.
-fn write_page(conn: &Connection, frames: Frames<'_>) -> rusqlite::Result<()> {
+/// Writes `frames` (records in commit order) as one page, compressed, and
+/// adds them to the hourly totals, inside the caller's transaction.
+fn write_page(conn: &Connection, frames: Frames<'_>, compressor: &mut PageCompressor) -> rusqlite::Result<()> {
     let mut hours: HashMap<HourKey<'_>, Totals> = HashMap::new();
     // Most records of a batch share their key: the last one's totals are
     // summed aside, and hashed into `hours` only when the key changes.
@@ -344,15 +414,16 @@ fn write_page(conn: &Connection, frames: Frames<'_>) -> rusqlite::Result<()> {
         hours.entry(key).or_default().add(&totals);
     }
     conn.prepare_cached(
-        "INSERT INTO usage_pages (first_seq, last_seq, min_started_us, max_started_us, records)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO usage_pages (first_seq, last_seq, min_started_us, max_started_us, records, codec)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
         sql_u64(first),
         sql_u64(last),
         min_started,
         max_started,
-        frames.bytes()
+        compressor.compress(frames.bytes())?,
+        Codec::Zstd as i64
     ])?;
     let mut upsert = conn.prepare_cached(&ADD_TO_HOURS)?;
     for ((tenant, function, version, shadow, hour, currency), totals) in hours {
@@ -397,7 +468,7 @@ fn scan(
     // From the page that holds `after + 1` (the last one starting at or
     // before it), along the primary key.
     let mut pages = conn.prepare_cached(
-        "SELECT records FROM usage_pages
+        "SELECT records, codec FROM usage_pages
          WHERE first_seq >= coalesce((SELECT max(first_seq) FROM usage_pages WHERE first_seq <= ?1 + 1), 0)
            AND last_seq > ?1 AND (?2 IS NULL OR first_seq <= ?2)
            AND (?3 IS NULL OR max_started_us >= ?3) AND (?4 IS NULL OR min_started_us < ?4)
@@ -410,8 +481,17 @@ fn scan(
         filter.since_us,
         filter.until_us
     ])?;
+    let mut decompressed = Vec::new();
     while let Some(row) = rows.next()? {
-        let mut frames = row.get_ref(0)?.as_blob()?;
+        let stored = row.get_ref(0)?.as_blob()?;
+        let mut frames = match Codec::from_column(row.get(1)?)? {
+            Codec::Frames => stored,
+            Codec::Zstd => {
+                decompressed.clear();
+                zstd::stream::copy_decode(stored, &mut decompressed).map_err(|e| damaged(e.to_string()))?;
+                &decompressed[..]
+            }
+        };
         while let Some(record) = decode(&mut frames) {
             let record = record.map_err(damaged)?;
             if record.seq > upto {
@@ -564,10 +644,10 @@ fn day(hour: i64) -> String {
 
 /// Writes `frames` as a page in one transaction; records already stored
 /// (a batch written again after a failure) are skipped.
-fn write_batch(conn: &mut Connection, frames: Frames<'_>) -> rusqlite::Result<()> {
+fn write_batch(conn: &mut Connection, frames: Frames<'_>, compressor: &mut PageCompressor) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     let stored = last_seq(&tx)?;
-    write_page(&tx, frames.after(stored).map_err(damaged)?)?;
+    write_page(&tx, frames.after(stored).map_err(damaged)?, compressor)?;
     tx.commit()
 }
 
@@ -576,12 +656,13 @@ fn write_batch(conn: &mut Connection, frames: Frames<'_>) -> rusqlite::Result<()
 pub(crate) struct SqliteSink {
     pub(crate) path: PathBuf,
     pub(crate) conn: Option<Connection>,
+    pub(crate) compressor: PageCompressor,
 }
 
 impl Sink for SqliteSink {
     fn write(&mut self, frames: Frames<'_>) -> Result<(), String> {
         let conn = self.conn.as_mut().ok_or("the database is not open")?;
-        write_batch(conn, frames).map_err(|e| e.to_string())
+        write_batch(conn, frames, &mut self.compressor).map_err(|e| e.to_string())
     }
 
     fn reopen(&mut self) -> Result<(), String> {
@@ -655,11 +736,12 @@ mod tests {
     fn a_batch_written_again_is_kept_once() {
         let (_dir, mut conn) = database();
         let all = records(1, 8);
-        write_batch(&mut conn, Frames(&frames(&all[..3]))).expect("first");
+        let mut compressor = PageCompressor::new().expect("compressor");
+        write_batch(&mut conn, Frames(&frames(&all[..3])), &mut compressor).expect("first");
         // After a failure the ingester writes its group again, and recovery
         // may offer what the database already has.
-        write_batch(&mut conn, Frames(&frames(&all[..3]))).expect("again");
-        write_batch(&mut conn, Frames(&frames(&all))).expect("overlapping");
+        write_batch(&mut conn, Frames(&frames(&all[..3])), &mut compressor).expect("again");
+        write_batch(&mut conn, Frames(&frames(&all)), &mut compressor).expect("overlapping");
         let read = page(&conn, &Filter::default(), 0, None, 100).expect("page");
         assert_eq!(read, all);
         let invocations: u64 = summary(&conn, &Filter::default())
@@ -668,6 +750,62 @@ mod tests {
             .map(|row| row.invocations)
             .sum();
         assert_eq!(invocations, 8);
+    }
+
+    #[test]
+    fn pages_are_stored_compressed_and_read_back_whole() {
+        let (_dir, mut conn) = database();
+        let all = records(1, 1000);
+        let raw = frames(&all);
+        let mut compressor = PageCompressor::new().expect("compressor");
+        write_batch(&mut conn, Frames(&raw), &mut compressor).expect("write");
+        let (stored, codec): (i64, i64) = conn
+            .query_row("SELECT sum(length(records)), max(codec) FROM usage_pages", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .expect("stored");
+        assert_eq!(codec, Codec::Zstd as i64);
+        // These records vary more than a node's do (three functions, two
+        // tenants, every outcome), so they compress less than the ~6× seen
+        // under load.
+        assert!(
+            stored * 3 < i64::try_from(raw.len()).expect("size"),
+            "{stored} bytes stored for {} of frames",
+            raw.len()
+        );
+        assert_eq!(page(&conn, &Filter::default(), 0, None, 2000).expect("page"), all);
+    }
+
+    #[test]
+    fn pages_written_before_compression_still_read_beside_compressed_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("usage.db");
+        let all = records(1, 100);
+        {
+            // usage.db as the Hearth before compression left it: its schema,
+            // one page of frames as they are.
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(&SCHEMA.replace(",\n    codec INTEGER NOT NULL DEFAULT 0", ""))
+                .expect("old schema");
+            conn.execute(
+                "INSERT INTO usage_pages (first_seq, last_seq, min_started_us, max_started_us, records)
+                 VALUES (1, 50, 0, 0, ?1)",
+                [frames(&all[..50])],
+            )
+            .expect("old page");
+        }
+        let mut conn = open_connection(&path).expect("reopen");
+        let mut compressor = PageCompressor::new().expect("compressor");
+        write_batch(&mut conn, Frames(&frames(&all)), &mut compressor).expect("write");
+        let codecs: Vec<i64> = conn
+            .prepare("SELECT codec FROM usage_pages ORDER BY first_seq")
+            .expect("prepare")
+            .query_map([], |row| row.get(0))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("codecs");
+        assert_eq!(codecs, [Codec::Frames as i64, Codec::Zstd as i64]);
+        assert_eq!(page(&conn, &Filter::default(), 0, None, 200).expect("page"), all);
     }
 
     /// What [`summary`] must answer, added up from the records themselves.
@@ -690,8 +828,9 @@ mod tests {
     fn summaries_and_pages_agree_with_the_records_for_any_range() {
         let (_dir, mut conn) = database();
         let all = records(1, 250);
+        let mut compressor = PageCompressor::new().expect("compressor");
         for batch in all.chunks(37) {
-            write_batch(&mut conn, Frames(&frames(batch))).expect("write");
+            write_batch(&mut conn, Frames(&frames(batch)), &mut compressor).expect("write");
         }
         let t0 = all[0].usage.started_at_us;
         let mut filters = vec![Filter::default()];

@@ -70,7 +70,7 @@ use async_trait::async_trait;
 use rusqlite::Connection;
 use tokio::sync::watch;
 
-use crate::database::{SqliteSink, open_connection};
+use crate::database::{PageCompressor, SqliteSink, open_connection};
 use crate::frames::encode;
 #[cfg(feature = "failpoints")]
 use crate::journal::arm_fault_points;
@@ -302,7 +302,11 @@ impl UsageLog {
         let path = data_dir.join("usage.db");
         let conn = open_connection(&path)?;
         let reader = open_connection(&path)?;
-        let sink = SqliteSink { path, conn: Some(conn) };
+        let sink = SqliteSink {
+            path,
+            conn: Some(conn),
+            compressor: PageCompressor::new()?,
+        };
         let mut log = UsageLog::start(sink, &data_dir.join("usage-journal"), config, Pace::default())?;
         log.reader = Some(Arc::new(Mutex::new(reader)));
         Ok(log)
