@@ -439,3 +439,42 @@ async fn a_backlog_past_its_bound_is_ingested_with_nobody_reading() {
     }
     assert_eq!(ingested.load(Ordering::SeqCst), BACKLOG);
 }
+
+/// Waits (polling the log's counters) until everything written is synced,
+/// with nobody asking for durability.
+async fn synced_on_its_own(log: &UsageLog) {
+    let written = log.stats().written.load(Ordering::Acquire);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while log.stats().synced.load(Ordering::Acquire) < written {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "record {written} was never synced: the syncer was not woken"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn process_mode_syncs_on_its_own_after_a_quiet_spell_and_under_steady_appends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        sync_interval: std::time::Duration::from_millis(1),
+        ..LogConfig::default()
+    };
+    let log = UsageLog::open(dir.path(), config).expect("open");
+    // One record at a time, each after the last is synced: the syncer
+    // sleeps until an append wakes it, and only the append can.
+    for n in 0..20 {
+        log.append(record(&format!("quiet-{n}")).as_priced()).expect("append");
+        synced_on_its_own(&log).await;
+    }
+    // Steady appends: groups of many.
+    for n in 0..2000 {
+        log.append(record(&format!("steady-{n}")).as_priced()).expect("append");
+        if n % 100 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    synced_on_its_own(&log).await;
+    assert_eq!(log.catch_up().await.expect("caught up"), 2020);
+}
