@@ -156,12 +156,16 @@ async fn sigterm_under_load_loses_no_record() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
     let server = Server::start(&data, &[]);
-    deploy(&server, tmp.path(), "echo", hearth_fixtures::ECHO, "public = true\n").await;
+    // A name no other test deploys: once this server is gone, another
+    // test's server may take its port, and a client still sending must get
+    // a 404 there, not an answer it would count.
+    let name = "echo-under-sigterm";
+    deploy(&server, tmp.path(), name, hearth_fixtures::ECHO, "public = true\n").await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut clients = Vec::new();
     for client in 0..8 {
-        let url = server.fn_url("echo", &format!("/client{client}"));
+        let url = server.fn_url(name, &format!("/client{client}"));
         let (stop_rx, done_tx) = (stop_rx.clone(), done_tx.clone());
         clients.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
