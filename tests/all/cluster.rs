@@ -314,6 +314,53 @@ async fn tenant_limits_are_shared_by_the_live_nodes() {
     }
 }
 
+/// Polls `node`'s `/v1/status` until `done` holds; panics after
+/// [`CONVERGE_GUARD`] with the last status.
+async fn wait_for_status(node: &Server, what: &str, done: impl Fn(&hearth_client::Status) -> bool) {
+    let guard = Instant::now() + CONVERGE_GUARD;
+    loop {
+        let status = node.client().status().await.expect("status");
+        if done(&status) {
+            return;
+        }
+        assert!(Instant::now() < guard, "{} never {what}: {status:?}", node.url);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `min_instances` hold on every node, as each node warms them from its
+/// start: a function deployed, replaced or deleted through one node is
+/// warmed, replaced or dropped on the others as on the node that made the
+/// change (before, the others kept a deleted function's instances until
+/// they restarted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_kept_warm_follow_deploys_and_deletes_made_on_another_node() {
+    let cluster = Cluster::start(2);
+    let [a, b] = &cluster.nodes[..] else { unreachable!() };
+    let work = tempfile::tempdir().expect("tempdir");
+    let warm = "public = true\n[scaling]\nmin_instances = 2\n";
+    let version_warm = |version: u32| {
+        move |status: &hearth_client::Status| {
+            status
+                .functions
+                .iter()
+                .any(|f| f.name == "warm" && f.version == version && f.instances.idle == 2)
+                && status.instances == 2
+        }
+    };
+    deploy(a, work.path(), "warm", hearth_fixtures::HELLO, warm).await;
+    wait_for_status(b, "warmed version 1", version_warm(1)).await;
+    // Replaced through A: B warms version 2 and drops version 1's instances.
+    deploy(a, work.path(), "warm", hearth_fixtures::ECHO, warm).await;
+    wait_for_status(b, "replaced version 1 by 2", version_warm(2)).await;
+    // Deleted through A: nothing of it stays on B.
+    a.client().delete("warm").await.expect("delete");
+    wait_for_status(b, "dropped the deleted function's instances", |status| {
+        status.instances == 0 && status.functions.is_empty()
+    })
+    .await;
+}
+
 /// After PostgreSQL comes back, a node that lost its change feed reads
 /// every function again (anything may have changed meanwhile); if the store
 /// goes away again before it could, the node still answers the functions it

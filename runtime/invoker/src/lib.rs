@@ -331,15 +331,26 @@ impl Invoker {
     /// warm up in the background.
     pub fn deployed(self: &Arc<Self>, deployed: Arc<Deployed>) {
         let key = run::key(&deployed);
-        let routed = self.registry.routed_versions(&key.tenant, &key.function);
+        self.retire_replaced(&key);
+        self.pools.track_loaded(&key, &run::spec(&deployed));
+        self.warm_up(deployed);
+    }
+
+    /// Retires the versions of `current`'s function other than it that no
+    /// alias routes to any more.
+    fn retire_replaced(&self, current: &FunctionKey) {
+        let routed = self.registry.routed_versions(&current.tenant, &current.function);
         let replaced = |other: &FunctionKey| {
-            other.is_version_of(&key.tenant, &key.function)
-                && other.version != key.version
+            other.is_version_of(&current.tenant, &current.function)
+                && other.version != current.version
                 && !routed.contains(&other.version)
         };
         self.pools.retire(replaced);
         self.caches.retain(|other, _| !replaced(other));
-        self.pools.track_loaded(&key, &run::spec(&deployed));
+    }
+
+    /// Brings `deployed`'s `min_instances` up in the background.
+    fn warm_up(self: &Arc<Self>, deployed: Arc<Deployed>) {
         if deployed.manifest.scaling.min_instances > 0 {
             let invoker = self.clone();
             tokio::spawn(async move { invoker.keep_warm(&deployed).await });
@@ -350,6 +361,56 @@ impl Invoker {
     pub fn deleted(&self, tenant: &str, function: &str) {
         self.pools.retire(|key| key.is_version_of(tenant, function));
         self.caches.retain(|key, _| !key.is_version_of(tenant, function));
+    }
+
+    /// After changes made elsewhere went unsaid (the change feed was lost
+    /// and found again): every function with instances here follows what
+    /// the store now holds, as [`Invoker::changed_elsewhere`] does for one.
+    pub async fn changed_elsewhere_all(self: &Arc<Self>) {
+        let mut functions: Vec<(Arc<str>, Arc<str>)> = self
+            .pools
+            .stats()
+            .into_iter()
+            .map(|(key, _)| (key.tenant, key.function))
+            .collect();
+        functions.dedup();
+        for (tenant, function) in functions {
+            self.changed_elsewhere(&tenant, &function).await;
+        }
+    }
+
+    /// After another node of a cluster changed a function (deployed,
+    /// deleted or re-aliased it; the store's change feed says which): the
+    /// cached routing is read again, and this node's instances follow as
+    /// they do on the node that made the change. Deleted: every version is
+    /// retired. Otherwise, where the function runs here or keeps instances
+    /// warm (as every node does from its start), the versions nothing
+    /// routes to any more are retired and the current one's
+    /// `min_instances` warm up. Before, a function deleted or replaced
+    /// elsewhere kept its `min_instances` warm here until the node
+    /// restarted. Functions that neither run here nor keep warm are left
+    /// to their first call.
+    pub async fn changed_elsewhere(self: &Arc<Self>, tenant: &str, function: &str) {
+        self.registry.forget(tenant, function);
+        let runs_here = self
+            .pools
+            .stats()
+            .iter()
+            .any(|(key, _)| key.is_version_of(tenant, function));
+        if !runs_here && !self.registry.keeps_warm(tenant, function).await {
+            return;
+        }
+        match self.registry.resolve(tenant, function).await {
+            Ok(current) => {
+                self.retire_replaced(&run::key(&current));
+                self.warm_up(current);
+            }
+            Err(hearth_registry::RegistryError::NotFound { .. }) => self.deleted(tenant, function),
+            // The store is away (the routing cached before is served
+            // meanwhile), or the version cannot run here: the next call or
+            // change tries again.
+            Err(err) => tracing::debug!(tenant, function, error = %err, "cannot follow a change made elsewhere"),
+        }
     }
 
     /// The scheduler's key of a function version (for its pool's figures).

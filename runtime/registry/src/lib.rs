@@ -766,6 +766,18 @@ impl Registry {
         Ok(())
     }
 
+    /// Whether the version `latest` of a function routes to keeps instances
+    /// warm (`min_instances > 0`), read from the store without preparing
+    /// it; false for a function that is gone or cannot be read.
+    pub async fn keeps_warm(&self, tenant: &str, name: &str) -> bool {
+        self.store.list_functions(tenant).await.is_ok_and(|functions| {
+            functions.iter().any(|version| {
+                version.name == name
+                    && Manifest::from_toml(&version.manifest).is_ok_and(|manifest| manifest.scaling.min_instances > 0)
+            })
+        })
+    }
+
     /// Every function that keeps instances warm (`min_instances > 0`),
     /// resolved, so the server can bring them back after a restart. Only
     /// these are resolved here (resolving lays out asset directories); the

@@ -267,20 +267,23 @@ fn node_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
     }
 }
 
-/// On a store shared by a cluster, drops this node's cached functions and
-/// tokens as other nodes change them.
-fn follow_cluster_changes(store: &dyn Store, registry: &Registry, auth: &Auth) {
+/// On a store shared by a cluster, follows other nodes' changes: this
+/// node's cached functions and tokens are read again, and its instances of
+/// a function changed elsewhere follow the change
+/// ([`Invoker::changed_elsewhere`]).
+fn follow_cluster_changes(store: &dyn Store, invoker: &Arc<Invoker>, auth: &Auth) {
     let Some(mut changes) = store.changes() else { return };
-    let (registry, auth) = (registry.clone(), auth.clone());
+    let (invoker, auth) = (invoker.clone(), auth.clone());
     tokio::spawn(async move {
         while let Some(change) = changes.recv().await {
             tracing::debug!(?change, "cluster change");
             match change {
-                hearth_store::Change::Function { tenant, name } => registry.forget(&tenant, &name),
+                hearth_store::Change::Function { tenant, name } => invoker.changed_elsewhere(&tenant, &name).await,
                 hearth_store::Change::Token { id } => auth.forget_token(&id),
                 hearth_store::Change::Unknown => {
-                    registry.forget_all();
+                    invoker.registry().forget_all();
                     auth.forget_all();
+                    invoker.changed_elsewhere_all().await;
                 }
             }
         }
@@ -368,7 +371,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             timeout: Duration::from_secs(args.model_check_timeout_s.max(1)),
         });
     }
-    follow_cluster_changes(store.as_ref(), &registry, &auth);
     let pools = hearth_invoker::Pools::new(hearth_scheduler::SchedulerConfig {
         max_instances: args.max_instances as usize,
         max_queued: args.max_queued,
@@ -417,6 +419,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         config,
     );
+    follow_cluster_changes(invoker.store().as_ref(), &invoker, &auth);
     invoker.observe();
     auth.observe(invoker.telemetry().meter());
     invoker.spawn_collector(
