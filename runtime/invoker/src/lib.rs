@@ -381,7 +381,9 @@ impl Invoker {
 
     /// After another node of a cluster changed a function (deployed,
     /// deleted or re-aliased it; the store's change feed says which): the
-    /// cached routing is read again, and this node's instances follow as
+    /// cached routing is read again ([`Registry::forget`], which the
+    /// change feed's follower also calls at once), and this node's
+    /// instances follow as
     /// they do on the node that made the change. Deleted: every version is
     /// retired. Otherwise, where the function runs here or keeps instances
     /// warm (as every node does from its start), the versions nothing

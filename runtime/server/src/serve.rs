@@ -277,13 +277,20 @@ fn follow_cluster_changes(store: &dyn Store, invoker: &Arc<Invoker>, auth: &Auth
     tokio::spawn(async move {
         while let Some(change) = changes.recv().await {
             tracing::debug!(?change, "cluster change");
+            // Following a function's change may read the store and fetch
+            // its blobs: on a task of its own, so that the changes after
+            // it (a token revoked) are not held behind it.
+            let invoker = invoker.clone();
             match change {
-                hearth_store::Change::Function { tenant, name } => invoker.changed_elsewhere(&tenant, &name).await,
+                hearth_store::Change::Function { tenant, name } => {
+                    invoker.registry().forget(&tenant, &name);
+                    tokio::spawn(async move { invoker.changed_elsewhere(&tenant, &name).await });
+                }
                 hearth_store::Change::Token { id } => auth.forget_token(&id),
                 hearth_store::Change::Unknown => {
                     invoker.registry().forget_all();
                     auth.forget_all();
-                    invoker.changed_elsewhere_all().await;
+                    tokio::spawn(async move { invoker.changed_elsewhere_all().await });
                 }
             }
         }
