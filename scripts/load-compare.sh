@@ -2,7 +2,9 @@
 # The billing benches, side by side: warm `hello` under wrk, one server per
 # configuration, in alternating rounds (the order rotates each round, so a
 # slow phase of the machine hits every configuration alike), at each
-# connection count; then the median of each, its ratio to the first, the
+# connection count; then the median of each, its ratio to the first (and
+# the same ratio taken round by round, its median and range: a difference
+# inside that range is this machine's noise), the
 # median of the server's CPU time per request (from /proc, all threads,
 # including the ingestion of the run's usage records, which may finish
 # after wrk: a usage query before each reading waits for it), and the
@@ -160,8 +162,25 @@ for round in $(seq 1 "$rounds"); do
 done
 
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# Round by round, each of the second list's values over the first's (the
+# two ran minutes apart at most, in the same round): the median and the
+# range of those, as "median [min-max]".
+paired() {
+  awk -v a="$1" -v b="$2" 'BEGIN {
+    n = split(a, x, " "); split(b, y, " ")
+    for (i = 1; i <= n; i++) {
+      v = y[i] / x[i]
+      for (j = i - 1; j >= 1 && r[j] > v; j--) r[j + 1] = r[j]
+      r[j + 1] = v
+    }
+    m = (n % 2) ? r[(n + 1) / 2] : (r[n / 2] + r[n / 2 + 1]) / 2
+    printf "%.3f [%.3f-%.3f]", m, r[1], r[n]
+  }'
+}
 echo
-echo "medians of $rounds rounds, ${duration}s each (ratios to ${configs[0]}: req/s, and its server/wrk over each one's):"
+echo "medians of $rounds rounds, ${duration}s each (ratios to ${configs[0]}: of the medians' req/s; of req/s round by"
+echo "round, median [range]: the rounds' spread, which a difference must exceed to count on this machine;"
+echo "and of its server/wrk over each one's):"
 for c in "${conns[@]}"; do
   base="$(echo "${results["${configs[0]}/$c"]}" | median)"
   base_rel="$(echo "${relative["${configs[0]}/$c"]}" | median)"
@@ -169,8 +188,9 @@ for c in "${conns[@]}"; do
     m="$(echo "${results["$config/$c"]}" | median)"
     u="$(echo "${cpu["$config/$c"]}" | median)"
     r="$(echo "${relative["$config/$c"]}" | median)"
-    printf '  %-12s %3s conns  %9.0f req/s  %.3f  %6.1f us CPU/request  server/wrk %.3f  %.3f\n' "$config" "$c" "$m" \
-      "$(awk -v a="$base" -v b="$m" 'BEGIN { print b / a }')" "$u" "$r" \
+    printf '  %-12s %3s conns  %9.0f req/s  %.3f  by round %s  %6.1f us CPU/request  server/wrk %.3f  %.3f\n' \
+      "$config" "$c" "$m" "$(awk -v a="$base" -v b="$m" 'BEGIN { print b / a }')" \
+      "$(paired "${results["${configs[0]}/$c"]}" "${results["$config/$c"]}")" "$u" "$r" \
       "$(awk -v a="$base_rel" -v b="$r" 'BEGIN { print a / b }')"
   done
 done
