@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Metering's cost: `echo` requests per second on two release servers side by
-# side, one writing durable usage records (the default: group commit into
-# usage.db, synchronous=FULL, each response waits for its record) and one
-# with --no-metering; wrk alternates between them, two rounds each.
+# side, one writing usage records (the default, `process` durability: each
+# answer completes once its record is in the journal, which is fsynced at
+# least every 10 ms) and one with --no-metering; wrk alternates between
+# them, two rounds each. scripts/load-compare.sh does the same for `hello`
+# with more configurations and rounds, and each ratio's range.
 #   scripts/load-metering.sh [DURATION] [CONNECTIONS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +35,7 @@ printf 'wrk.method = "POST"\nwrk.body = "twelve bytes"\n' >"$work/post.lua"
 
 for round in 1 2; do
   for port in 18091 18090; do
-    label="metering off"; [ "$port" = 18090 ] && label="durable records"
+    label="metering off"; [ "$port" = 18090 ] && label="usage records"
     echo "== round $round, $label: wrk -t2 -c$connections -d${duration}s"
     wrk -t2 -c"$connections" -d"${duration}s" --latency -s "$work/post.lua" "http://127.0.0.1:$port/fn/default/echo/load" |
       grep -E "Requests/sec|^\s+(50|99)%|Non-2xx|Socket errors" || true
