@@ -383,15 +383,14 @@ impl Invoker {
     /// deleted or re-aliased it; the store's change feed says which): the
     /// cached routing is read again ([`Registry::forget`], which the
     /// change feed's follower also calls at once), and this node's
-    /// instances follow as
-    /// they do on the node that made the change. Deleted: every version is
-    /// retired. Otherwise, where the function runs here or keeps instances
-    /// warm (as every node does from its start), the versions nothing
-    /// routes to any more are retired and the current one's
-    /// `min_instances` warm up. Before, a function deleted or replaced
-    /// elsewhere kept its `min_instances` warm here until the node
-    /// restarted. Functions that neither run here nor keep warm are left
-    /// to their first call.
+    /// instances follow as they do on the node that made the change.
+    /// Deleted: every version is retired. Otherwise, where the function
+    /// runs here or keeps instances warm (as every node does from its
+    /// start), the versions nothing routes to any more are retired and the
+    /// current one's `min_instances` warm up. Before, a function deleted or
+    /// replaced elsewhere kept its `min_instances` warm here until the node
+    /// restarted. Functions that neither run here nor keep warm are left to
+    /// their first call.
     pub async fn changed_elsewhere(self: &Arc<Self>, tenant: &str, function: &str) {
         self.registry.forget(tenant, function);
         let runs_here = self

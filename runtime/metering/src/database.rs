@@ -66,14 +66,14 @@ const HOUR_US: i64 = 3_600_000_000;
 
 /// How a page's `records` are stored (its `codec` column).
 ///
-/// Pages are compressed because the database's writes disturb a busy node:
-/// every byte ingested is written twice (the WAL, then the checkpoint into
-/// `usage.db`), beside the journal's own, and on a 2-core VM that I/O, not
-/// the CPU it takes, costs the answers in flight most (README, Benchmarks,
-/// sessions 28 and 29). Records compress about 6× (their tenant, function,
+/// Pages are compressed to write less: every byte ingested is written
+/// twice (the WAL, then the checkpoint into `usage.db`), beside the
+/// journal's own. Records compress about 6× (their tenant, function,
 /// alias, device and currency repeat from record to record, their ids and
 /// times share prefixes), at level 1 for a fraction of a microsecond each,
-/// on the idle-time ingester.
+/// on the idle-time ingester: a busy node writes half the bytes to its
+/// disk it did, and keeps a sixth of them (README, Benchmarks, session 29;
+/// its throughput did not change beyond the 2-core VM's noise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Codec {
     /// The frames as they are (pages written before Hearth compressed them).
