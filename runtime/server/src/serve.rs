@@ -268,29 +268,40 @@ fn node_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
 }
 
 /// On a store shared by a cluster, follows other nodes' changes: this
-/// node's cached functions and tokens are read again, and its instances of
-/// a function changed elsewhere follow the change
-/// ([`Invoker::changed_elsewhere`]).
+/// node's cached functions and tokens are read again at once, and its
+/// instances of a function changed elsewhere follow the change
+/// ([`Invoker::changed_elsewhere`]) on a task of their own: that may read
+/// the store and fetch blobs, and the changes after it (a token revoked)
+/// are not held behind it. Function changes are followed one at a time, in
+/// the feed's order, so a deploy followed at once by a delete ends deleted.
 fn follow_cluster_changes(store: &dyn Store, invoker: &Arc<Invoker>, auth: &Auth) {
     let Some(mut changes) = store.changes() else { return };
+    // A function by tenant and name, or `None`: every function (the feed
+    // was lost and found again).
+    let (functions, mut changed) = tokio::sync::mpsc::unbounded_channel::<Option<(String, String)>>();
+    let follower = invoker.clone();
+    tokio::spawn(async move {
+        while let Some(change) = changed.recv().await {
+            match change {
+                Some((tenant, name)) => follower.changed_elsewhere(&tenant, &name).await,
+                None => follower.changed_elsewhere_all().await,
+            }
+        }
+    });
     let (invoker, auth) = (invoker.clone(), auth.clone());
     tokio::spawn(async move {
         while let Some(change) = changes.recv().await {
             tracing::debug!(?change, "cluster change");
-            // Following a function's change may read the store and fetch
-            // its blobs: on a task of its own, so that the changes after
-            // it (a token revoked) are not held behind it.
-            let invoker = invoker.clone();
             match change {
                 hearth_store::Change::Function { tenant, name } => {
                     invoker.registry().forget(&tenant, &name);
-                    tokio::spawn(async move { invoker.changed_elsewhere(&tenant, &name).await });
+                    let _ = functions.send(Some((tenant, name)));
                 }
                 hearth_store::Change::Token { id } => auth.forget_token(&id),
                 hearth_store::Change::Unknown => {
                     invoker.registry().forget_all();
                     auth.forget_all();
-                    tokio::spawn(async move { invoker.changed_elsewhere_all().await });
+                    let _ = functions.send(None);
                 }
             }
         }
