@@ -183,6 +183,16 @@ impl Invoker {
             return;
         }
         self.registry.preload_models(deployed).await;
+        // Deleted or replaced meanwhile (a delete or deploy right after the
+        // one that started this, here or on another node): its pool may be
+        // retired and gone, and reserving would make it anew.
+        let current = self
+            .registry
+            .resolve(&deployed.version.tenant, &deployed.version.name)
+            .await;
+        if !current.is_ok_and(|current| current.version.version == deployed.version.version) {
+            return;
+        }
         let (key, spec) = (key(deployed), spec(deployed));
         while let Some(lease) = self.pools.reserve_warm(&key, &spec) {
             let prepared = match self.registry.prepared(deployed, LoadOn::BlockingPool).await {
