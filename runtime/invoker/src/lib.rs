@@ -364,8 +364,10 @@ impl Invoker {
     }
 
     /// After changes made elsewhere went unsaid (the change feed was lost
-    /// and found again): every function with instances here follows what
-    /// the store now holds, as [`Invoker::changed_elsewhere`] does for one.
+    /// and found again), once every cached routing was marked stale
+    /// ([`Registry::forget_all`]): every function with instances here
+    /// follows what the store now holds, as [`Invoker::changed_elsewhere`]
+    /// does for one.
     pub async fn changed_elsewhere_all(self: &Arc<Self>) {
         let mut functions: Vec<(Arc<str>, Arc<str>)> = self
             .pools
@@ -375,32 +377,36 @@ impl Invoker {
             .collect();
         functions.dedup();
         for (tenant, function) in functions {
-            self.changed_elsewhere(&tenant, &function).await;
+            self.follow(&tenant, &function).await;
         }
     }
 
     /// After another node of a cluster changed a function (deployed,
-    /// deleted or re-aliased it; the store's change feed says which): the
-    /// cached routing is read again ([`Registry::forget`], which the
-    /// change feed's follower also calls at once), and this node's
-    /// instances follow as they do on the node that made the change.
-    /// Deleted: every version is retired. Otherwise, where the function
-    /// runs here or keeps instances warm (as every node does from its
-    /// start), the versions nothing routes to any more are retired and the
-    /// current one's `min_instances` warm up. Before, a function deleted or
-    /// replaced elsewhere kept its `min_instances` warm here until the node
+    /// deleted or re-aliased it; the store's change feed says which), once
+    /// its cached routing was marked stale ([`Registry::forget`], which the
+    /// change feed's follower calls at once): this node's instances follow
+    /// as they do on the node that made the change. Deleted: every version
+    /// is retired. Otherwise, where the function runs here or keeps
+    /// instances warm (as every node does from its start), the versions
+    /// nothing routes to any more are retired and the current one's
+    /// `min_instances` warm up. Before, a function deleted or replaced
+    /// elsewhere kept its `min_instances` warm here until the node
     /// restarted. Functions that neither run here nor keep warm are left to
     /// their first call.
     pub async fn changed_elsewhere(self: &Arc<Self>, tenant: &str, function: &str) {
-        self.registry.forget(tenant, function);
         let runs_here = self
             .pools
             .stats()
             .iter()
             .any(|(key, _)| key.is_version_of(tenant, function));
-        if !runs_here && !self.registry.keeps_warm(tenant, function).await {
-            return;
+        if runs_here || self.registry.keeps_warm(tenant, function).await {
+            self.follow(tenant, function).await;
         }
+    }
+
+    /// Retires or warms this node's instances of a function that runs here
+    /// or keeps warm, after what the store now holds.
+    async fn follow(self: &Arc<Self>, tenant: &str, function: &str) {
         match self.registry.resolve(tenant, function).await {
             Ok(current) => {
                 self.retire_replaced(&run::key(&current));

@@ -771,10 +771,9 @@ impl Registry {
     /// it; false for a function that is gone or cannot be read.
     pub async fn keeps_warm(&self, tenant: &str, name: &str) -> bool {
         self.store.list_functions(tenant).await.is_ok_and(|functions| {
-            functions.iter().any(|version| {
-                version.name == name
-                    && Manifest::from_toml(&version.manifest).is_ok_and(|manifest| manifest.scaling.min_instances > 0)
-            })
+            functions
+                .iter()
+                .any(|version| version.name == name && keeps_warm(version))
         })
     }
 
@@ -786,9 +785,7 @@ impl Registry {
         let mut warm = Vec::new();
         for tenant in self.store.list_tenants().await? {
             for version in self.store.list_functions(&tenant).await? {
-                let keeps_warm =
-                    Manifest::from_toml(&version.manifest).is_ok_and(|manifest| manifest.scaling.min_instances > 0);
-                if keeps_warm {
+                if keeps_warm(&version) {
                     warm.push(self.resolve(&tenant, &version.name).await?);
                 }
             }
@@ -962,6 +959,12 @@ fn refused(err: StoreError, tenant: &str, name: &str) -> RegistryError {
         },
         other => RegistryError::Store(other),
     }
+}
+
+/// Whether a stored version's manifest keeps instances warm
+/// (`min_instances > 0`; a manifest that does not parse keeps none).
+fn keeps_warm(version: &FunctionVersion) -> bool {
+    Manifest::from_toml(&version.manifest).is_ok_and(|manifest| manifest.scaling.min_instances > 0)
 }
 
 fn not_found(tenant: &str, name: &str) -> RegistryError {
