@@ -432,26 +432,33 @@ async fn a_backlog_past_its_bound_is_ingested_with_nobody_reading() {
     assert_eq!(ingested.load(Ordering::SeqCst), 0);
     // At the bound, the normal-priority ingester takes it all.
     log.append(record("last").as_priced()).expect("append");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while log.stats().records.load(Ordering::Acquire) < BACKLOG as u64 {
-        assert!(std::time::Instant::now() < deadline, "the backlog was not ingested");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    eventually("the backlog was not ingested", || {
+        log.stats().records.load(Ordering::Acquire) >= BACKLOG as u64
+    })
+    .await;
     assert_eq!(ingested.load(Ordering::SeqCst), BACKLOG);
 }
 
-/// Waits (polling the log's counters) until everything written is synced,
-/// with nobody asking for durability.
-async fn synced_on_its_own(log: &UsageLog) {
-    let written = log.stats().written.load(Ordering::Acquire);
+/// Polls `done` until it holds, with nobody asking the log for anything;
+/// panics with `failure` after a generous guard (a hang guard, not a
+/// timing assertion).
+async fn eventually(failure: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while log.stats().synced.load(Ordering::Acquire) < written {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "record {written} was never synced: the syncer was not woken"
-        );
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{failure}");
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
+}
+
+/// Waits until everything written is synced, with nobody asking for
+/// durability.
+async fn synced_on_its_own(log: &UsageLog) {
+    let written = log.stats().written.load(Ordering::Acquire);
+    eventually(
+        &format!("record {written} was never synced: the syncer was not woken"),
+        || log.stats().synced.load(Ordering::Acquire) >= written,
+    )
+    .await;
 }
 
 #[tokio::test]
