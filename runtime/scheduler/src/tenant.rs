@@ -238,23 +238,30 @@ struct TenantState {
 #[derive(Debug, Clone, Default)]
 pub struct TenantGate {
     config: Arc<TenantLimitsConfig>,
-    state: Arc<Mutex<HashMap<Arc<str>, TenantState, foldhash::fast::RandomState>>>,
+    state: Arc<TenantStates>,
     /// Live nodes sharing the limits (1 on a single node).
     nodes: Arc<AtomicU64>,
 }
 
+/// The tenants' admission state, behind the one lock admissions of limited
+/// tenants take.
+type TenantStates = Mutex<HashMap<Arc<str>, TenantState, foldhash::fast::RandomState>>;
+
 /// An admitted invocation's share of its tenant's concurrency; returned on
-/// drop.
+/// drop. A tenant without a concurrency or rate limit (the built-in
+/// default) is not counted: its permit holds nothing.
 #[derive(Debug)]
 pub struct TenantPermit {
-    gate: TenantGate,
-    tenant: Arc<str>,
+    counted: Option<(Arc<TenantStates>, Arc<str>)>,
 }
 
 impl Drop for TenantPermit {
     fn drop(&mut self) {
-        let mut state = self.gate.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(tenant) = state.get_mut(&*self.tenant) {
+        let Some((states, tenant)) = &self.counted else {
+            return;
+        };
+        let mut state = states.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tenant) = state.get_mut(&**tenant) {
             tenant.in_flight = tenant.in_flight.saturating_sub(1);
         }
     }
@@ -284,8 +291,14 @@ impl TenantGate {
     /// Admits one invocation of `tenant`, or says which limit refuses it.
     pub fn admit(&self, tenant: &str) -> Result<TenantPermit, TenantRejection> {
         let limits = self.config.limits(tenant);
+        // Nothing to enforce, so nothing to count: no lock (one that every
+        // worker's every request would take, twice), no clock read, no
+        // reference counts. Limits are fixed for the server's lifetime, so
+        // an uncounted tenant never needs its count later.
+        if limits.max_concurrent.is_none() && limits.requests_per_second.is_none() {
+            return Ok(TenantPermit { counted: None });
+        }
         let nodes = self.nodes.load(Ordering::Relaxed).max(1);
-        let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         // Looked up by `&str` first: an entry is made once per tenant.
         if !state.contains_key(tenant) {
@@ -313,6 +326,7 @@ impl TenantGate {
         if let Some(limit) = limits.requests_per_second {
             let rate = limit / nodes as f64;
             let burst = (limits.burst.unwrap_or(limit) / nodes as f64).max(1.0);
+            let now = Instant::now();
             let elapsed = entry
                 .refilled
                 .map_or(Duration::MAX, |at| now.saturating_duration_since(at));
@@ -331,8 +345,7 @@ impl TenantGate {
         }
         entry.in_flight += 1;
         Ok(TenantPermit {
-            gate: self.clone(),
-            tenant: entry.name.clone(),
+            counted: Some((self.state.clone(), entry.name.clone())),
         })
     }
 
@@ -472,6 +485,26 @@ mod tests {
         assert!(err.to_string().contains("max_concurrent = 2"), "{err}");
         drop(a);
         assert!(gate.admit("acme").is_ok());
+    }
+
+    #[test]
+    fn only_tenants_with_an_admission_limit_are_counted() {
+        let gate = gate("[tenants.acme]\nmax_concurrent = 1\n");
+        let unlimited: Vec<_> = (0..1000).map(|_| gate.admit("other").expect("no limit")).collect();
+        let counted = |tenant: &str| {
+            let state = gate.state.lock().expect("state");
+            state.get(tenant).map(|entry| entry.in_flight)
+        };
+        assert_eq!(counted("other"), None, "an unlimited tenant takes no count");
+        let held = gate.admit("acme").expect("first");
+        assert_eq!(counted("acme"), Some(1));
+        drop(unlimited);
+        assert!(
+            gate.admit("acme").is_err(),
+            "other tenants' permits return nothing of acme's"
+        );
+        drop(held);
+        assert_eq!(counted("acme"), Some(0));
     }
 
     #[tokio::test(start_paused = true)]
