@@ -18,7 +18,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
 use hearth_auth::Action;
-use hearth_invoker::{BASE_PATH_HEADER, Failure, now_us};
+use hearth_invoker::{BASE_PATH_HEADER, Failure, arrival};
 use hearth_manifest::Qos;
 use http::{HeaderValue, Uri, header};
 use http_body_util::{BodyExt as _, Limited};
@@ -66,8 +66,7 @@ impl Target {
 
 pub(crate) async fn run(state: Arc<AppState>, target: Target, request: Request) -> Response {
     let Target { tenant, function, rest } = target;
-    let id = Uuid::now_v7();
-    let started_at_us = now_us();
+    let (id, started_at_us) = arrival();
     let span = tracing::info_span!("invocation", invocation_id = %id, tenant = %tenant, function = %function);
     let mut version = None;
     let result = invoke(

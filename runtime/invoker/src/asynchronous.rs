@@ -16,7 +16,7 @@ use http_body_util::{BodyExt as _, Full};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::record::{Meter, now_us};
+use crate::record::{Meter, arrival};
 use crate::{BASE_PATH_HEADER, Failure, Invoker};
 
 /// Default time after its last heartbeat when a node counts as gone and
@@ -280,7 +280,8 @@ impl Invoker {
         // Each attempt is billed under an id of its own, naming the
         // invocation and the attempt: a retry never collides with the
         // record of an earlier one.
-        let mut meter = Meter::new(self, Uuid::now_v7().to_string(), now_us(), &deployed);
+        let (id, arrived_at_us) = arrival();
+        let mut meter = Meter::new(self, id.to_string(), arrived_at_us, &deployed);
         meter.through(Some(hearth_store::LATEST));
         meter.attempt_of(&invocation.id, invocation.attempts);
         meter.set_bytes_in(invocation.request.body.len() as u64);

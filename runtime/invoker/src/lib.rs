@@ -59,7 +59,7 @@ pub use cache::CACHE_HEADER;
 pub use collect::{DEFAULT_GC_INTERVAL, GC_GRACE};
 pub use failure::Failure;
 use record::Metering;
-pub use record::{Meter, now_us};
+pub use record::{Meter, arrival, now_us};
 
 /// Default largest invocation request body: 16 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
@@ -192,7 +192,7 @@ impl Invoker {
     }
 
     /// Opens the usage record of invocation `id` of `deployed`, which
-    /// arrived at `started_at_us` ([`now_us`]). From here on the invocation
+    /// arrived at `started_at_us` ([`arrival`] makes both). From here on the invocation
     /// is the tenant's: run it with [`Invoker::invoke`], or end it with
     /// [`Meter::refuse`]; either way it leaves one record.
     pub fn begin(&self, id: Uuid, started_at_us: i64, deployed: &Deployed) -> Meter {
@@ -312,7 +312,8 @@ impl Invoker {
             .unwrap_or_else(tokio::runtime::Handle::current);
         runtime.spawn(async move {
             let _slot = slot;
-            let mut meter = invoker.begin(Uuid::now_v7(), now_us(), &deployed);
+            let (id, arrived_at_us) = arrival();
+            let mut meter = invoker.begin(id, arrived_at_us, &deployed);
             meter.through(alias.as_deref());
             meter.shadow();
             let request = request.map(http_body_util::Full::new);
