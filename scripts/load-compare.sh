@@ -29,6 +29,10 @@
 #               component (when a wasmtime CLI is found: PATH, or
 #               ~/.cache/hearth/tools/bin from
 #               `cargo install wasmtime-cli --version 48.0.8 --root ~/.cache/hearth/tools`)
+#   wasmtime-timeout  the same with a request timeout (`-W timeout=30s`), as
+#               Hearth always has one: it compiles the same epoch checks
+#               into the guest's code (Hearth's `epoch_interruption`), which
+#               `wasmtime serve` leaves out when no timeout is asked for
 # and, for a fresh instance per request (`scaling.reuse = false`):
 #   fresh       records on, as `records`, every request on a new instance
 #   fresh-plain the same without pre-initialisation (--no-pre-init)
@@ -87,12 +91,13 @@ start() { # config[@binary] -> sets server, url, auth
     defaults) log=info public=false auth=(-H "Authorization: Bearer $token") ;;
     lines) log=info ;;
     token) public=false auth=(-H "Authorization: Bearer $token") ;;
-    wasmtime | wasmtime-fresh)
-      local reuse_count=1000
+    wasmtime | wasmtime-fresh | wasmtime-timeout)
+      local reuse_count=1000 limits=()
       [ "$config" = wasmtime-fresh ] && reuse_count=1
+      [ "$config" = wasmtime-timeout ] && limits=(-W timeout=30s)
       local cli="$wasmtime"
       [[ "$1" == *@* ]] && cli="$bin"
-      "$cli" serve -O pooling-allocator -S cli --addr "127.0.0.1:$port" \
+      "$cli" serve -O pooling-allocator -S cli "${limits[@]}" --addr "127.0.0.1:$port" \
         --max-instance-reuse-count "$reuse_count" "$wasm" >/dev/null 2>&1 &
       server=$!
       url="http://127.0.0.1:$port/load?x=1"
