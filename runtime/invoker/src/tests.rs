@@ -384,3 +384,58 @@ async fn an_invocation_whose_node_keeps_dying_fails_after_its_last_attempt() {
     let answer = String::from_utf8(failed.response.expect("stored").body).expect("utf-8");
     assert!(answer.contains("started 3 times"), "{answer}");
 }
+
+/// After a lost change feed (`Change::Unknown`), the node follows what the
+/// store now holds for every function with instances here: another node
+/// replaced the function (its old version's warm instances go, the new
+/// one's warm up), then deleted it (nothing stays).
+#[tokio::test]
+async fn instances_follow_changes_made_elsewhere_after_a_lost_change_feed() {
+    let rig = Rig::new(SchedulerConfig::default());
+    let warm = "[scaling]\nmin_instances = 2\n";
+    let first = rig.deploy("warm", hearth_fixtures::HELLO, warm).await;
+    let idle = |deployed: &Deployed| {
+        let stats = rig.invoker.pools().function_stats(&Invoker::key(&deployed.version));
+        stats.map_or(0, |stats| stats.idle)
+    };
+    until("warmed version 1", || idle(&first) == 2).await;
+
+    // Version 2 is stored as another node would store it: this node's
+    // invoker is not told.
+    let registry = rig.invoker.registry();
+    let mut staged = registry.blobs().stage().await.expect("stage");
+    staged
+        .write(&std::fs::read(hearth_fixtures::ECHO).expect("guest built by hearth-fixtures"))
+        .await
+        .expect("write");
+    let manifest = Manifest::from_toml(&format!("name = \"warm\"\ncomponent = \"c.wasm\"\n{warm}")).expect("manifest");
+    let upload = Upload {
+        manifest,
+        component: staged,
+        models: Default::default(),
+        files: Default::default(),
+    };
+    registry.deploy("t", upload).await.expect("deploy elsewhere");
+    let second = registry.resolve("t", "warm").await.expect("resolve");
+    assert_eq!(second.version.version, 2);
+    registry.forget_all();
+    rig.invoker.changed_elsewhere_all().await;
+    until("replaced version 1 by 2", || idle(&first) == 0 && idle(&second) == 2).await;
+
+    registry.delete("t", "warm").await.expect("delete elsewhere");
+    registry.forget_all();
+    rig.invoker.changed_elsewhere_all().await;
+    until("dropped the deleted function's instances", &|| {
+        rig.invoker.pools().totals().0 == 0
+    })
+    .await;
+}
+
+/// Polls `done` until it holds (a minute at most, then fails naming `what`).
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
