@@ -95,6 +95,14 @@ impl Rig {
 
     /// Deploys `component` as tenant `t`'s `name` with `extra` manifest lines.
     async fn deploy(&self, name: &str, component: &str, extra: &str) -> Arc<Deployed> {
+        let deployed = self.store(name, component, extra).await;
+        self.invoker.deployed(deployed.clone());
+        deployed
+    }
+
+    /// Stores a version as [`Rig::deploy`] does, as another node of a
+    /// cluster would: the invoker is not told.
+    async fn store(&self, name: &str, component: &str, extra: &str) -> Arc<Deployed> {
         let manifest =
             Manifest::from_toml(&format!("name = \"{name}\"\ncomponent = \"c.wasm\"\n{extra}")).expect("manifest");
         let registry = self.invoker.registry();
@@ -110,9 +118,7 @@ impl Rig {
             files: Default::default(),
         };
         registry.deploy("t", upload).await.expect("deploy");
-        let deployed = registry.resolve("t", name).await.expect("resolve");
-        self.invoker.deployed(deployed.clone());
-        deployed
+        registry.resolve("t", name).await.expect("resolve")
     }
 
     /// Starts a call of `path` on `deployed`.
@@ -402,21 +408,8 @@ async fn instances_follow_changes_made_elsewhere_after_a_lost_change_feed() {
 
     // Version 2 is stored as another node would store it: this node's
     // invoker is not told.
+    let second = rig.store("warm", hearth_fixtures::ECHO, warm).await;
     let registry = rig.invoker.registry();
-    let mut staged = registry.blobs().stage().await.expect("stage");
-    staged
-        .write(&std::fs::read(hearth_fixtures::ECHO).expect("guest built by hearth-fixtures"))
-        .await
-        .expect("write");
-    let manifest = Manifest::from_toml(&format!("name = \"warm\"\ncomponent = \"c.wasm\"\n{warm}")).expect("manifest");
-    let upload = Upload {
-        manifest,
-        component: staged,
-        models: Default::default(),
-        files: Default::default(),
-    };
-    registry.deploy("t", upload).await.expect("deploy elsewhere");
-    let second = registry.resolve("t", "warm").await.expect("resolve");
     assert_eq!(second.version.version, 2);
     registry.forget_all();
     rig.invoker.changed_elsewhere_all().await;
