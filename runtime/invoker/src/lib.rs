@@ -192,9 +192,9 @@ impl Invoker {
     }
 
     /// Opens the usage record of invocation `id` of `deployed`, which
-    /// arrived at `started_at_us` ([`arrival`] makes both). From here on the invocation
-    /// is the tenant's: run it with [`Invoker::invoke`], or end it with
-    /// [`Meter::refuse`]; either way it leaves one record.
+    /// arrived at `started_at_us` ([`arrival`] makes both). From here on
+    /// the invocation is the tenant's: run it with [`Invoker::invoke`], or
+    /// end it with [`Meter::refuse`]; either way it leaves one record.
     pub fn begin(&self, id: Uuid, started_at_us: i64, deployed: &Deployed) -> Meter {
         // Encoded without `fmt` (`to_string` cost a quarter of a microsecond).
         let id = id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned();

@@ -409,8 +409,8 @@ async fn instances_follow_changes_made_elsewhere_after_a_lost_change_feed() {
     // Version 2 is stored as another node would store it: this node's
     // invoker is not told.
     let second = rig.store("warm", hearth_fixtures::ECHO, warm).await;
-    let registry = rig.invoker.registry();
     assert_eq!(second.version.version, 2);
+    let registry = rig.invoker.registry();
     registry.forget_all();
     rig.invoker.changed_elsewhere_all().await;
     until("replaced version 1 by 2", || idle(&first) == 0 && idle(&second) == 2).await;
@@ -418,7 +418,7 @@ async fn instances_follow_changes_made_elsewhere_after_a_lost_change_feed() {
     registry.delete("t", "warm").await.expect("delete elsewhere");
     registry.forget_all();
     rig.invoker.changed_elsewhere_all().await;
-    until("dropped the deleted function's instances", &|| {
+    until("dropped the deleted function's instances", || {
         rig.invoker.pools().totals().0 == 0
     })
     .await;
