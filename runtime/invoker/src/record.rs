@@ -72,6 +72,8 @@ pub(crate) struct Metering {
 #[derive(Debug)]
 pub struct Meter {
     metering: Arc<Metering>,
+    /// The function's metric series (kept on its deployed version).
+    series: Arc<hearth_telemetry::FunctionSeries>,
     /// Whether the invocation is still to be accounted for (metrics, log
     /// line and usage record).
     open: bool,
@@ -93,8 +95,17 @@ impl Meter {
     pub(crate) fn new(invoker: &Invoker, id: String, started_at_us: i64, deployed: &Deployed) -> Meter {
         let metering = invoker.metering.clone();
         let unwritten = metering.usage.as_ref().inspect(|log| log.announce()).is_some();
+        let series = deployed
+            .series
+            .get_or_init(|| {
+                metering
+                    .telemetry
+                    .series(&deployed.version.tenant, &deployed.version.name)
+            })
+            .clone();
         Meter {
             metering,
+            series,
             open: true,
             unwritten,
             usage: Usage {
@@ -539,7 +550,7 @@ impl Meter {
             alias: &u.alias,
             shadow: u.shadow,
         };
-        self.metering.telemetry.invocation(&metrics);
+        self.metering.telemetry.invocation(&self.series, &metrics);
         hearth_telemetry::log_request(&hearth_telemetry::RequestLine {
             invocation_id: &u.id,
             metrics,
@@ -560,6 +571,7 @@ impl Drop for Meter {
         }
         let mut orphan = Meter {
             metering: self.metering.clone(),
+            series: self.series.clone(),
             open: std::mem::replace(&mut self.open, false),
             unwritten: std::mem::replace(&mut self.unwritten, false),
             usage: self.usage.clone(),

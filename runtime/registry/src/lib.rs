@@ -133,6 +133,10 @@ pub struct Deployed {
     pub grants: Grants,
     /// Its names as shared strings, for what every invocation hands on.
     pub names: SharedNames,
+    /// Its function's metric series, looked up by the first invocation
+    /// that records metrics ([`hearth_telemetry::Telemetry::series`]), so
+    /// that the others look nothing up.
+    pub series: std::sync::OnceLock<Arc<hearth_telemetry::FunctionSeries>>,
 }
 
 impl Deployed {
@@ -149,6 +153,7 @@ impl Deployed {
             manifest,
             grants,
             names,
+            series: std::sync::OnceLock::new(),
         }
     }
 }

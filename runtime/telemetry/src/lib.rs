@@ -169,15 +169,20 @@ pub const OTHER: &str = "other";
 
 /// One function's series, each bound to its labels the first time it is
 /// recorded: an invocation's measurements then skip the sorting, hashing
-/// and lookup of attribute sets the SDK does on every unbound call.
-struct FunctionSeries {
+/// and lookup of attribute sets the SDK does on every unbound call. Look
+/// it up once ([`Telemetry::series`]) and keep it with the function (the
+/// invoker keeps it on the deployed version): every invocation of it is
+/// then recorded with no look-up and no lock of Hearth's.
+pub struct FunctionSeries {
     /// `tenant` and `function` (values shared, so cloning allocates nothing).
     labels: [KeyValue; 2],
     queue: OnceLock<BoundHistogram<f64>>,
     cold_starts: OnceLock<BoundCounter<u64>>,
     batch_size: OnceLock<BoundHistogram<f64>>,
-    /// The invocation counter and duration histogram by outcome and status
-    /// (a handful per function).
+    /// The invocation counter and duration histogram of the first outcome
+    /// and status recorded (a function's usual answer), read without a lock.
+    first: OnceLock<OutcomeSeries>,
+    /// Those of the other outcomes and statuses (a handful per function).
     outcomes: RwLock<Vec<OutcomeSeries>>,
 }
 
@@ -207,12 +212,32 @@ impl FunctionSeries {
             queue: OnceLock::new(),
             cold_starts: OnceLock::new(),
             batch_size: OnceLock::new(),
+            first: OnceLock::new(),
             outcomes: RwLock::new(Vec::new()),
+        }
+    }
+
+    fn bind(&self, t: &Telemetry, outcome: &'static str, status: u16) -> OutcomeSeries {
+        let labels = [
+            self.labels[0].clone(),
+            self.labels[1].clone(),
+            KeyValue::new("outcome", outcome),
+            KeyValue::new("http.response.status_code", i64::from(status)),
+        ];
+        OutcomeSeries {
+            outcome,
+            status,
+            invocations: t.invocations.bind(&labels),
+            duration: t.duration.bind(&labels),
         }
     }
 
     /// The counter and histogram bound to `outcome` and `status`.
     fn by_outcome(&self, t: &Telemetry, outcome: &'static str, status: u16, record: impl FnOnce(&OutcomeSeries)) {
+        let first = self.first.get_or_init(|| self.bind(t, outcome, status));
+        if first.outcome == outcome && first.status == status {
+            return record(first);
+        }
         let find = |all: &[OutcomeSeries]| all.iter().position(|o| o.outcome == outcome && o.status == status);
         {
             let all = self.outcomes.read().unwrap_or_else(PoisonError::into_inner);
@@ -222,18 +247,7 @@ impl FunctionSeries {
         }
         let mut all = self.outcomes.write().unwrap_or_else(PoisonError::into_inner);
         let i = find(&all).unwrap_or_else(|| {
-            let labels = [
-                self.labels[0].clone(),
-                self.labels[1].clone(),
-                KeyValue::new("outcome", outcome),
-                KeyValue::new("http.response.status_code", i64::from(status)),
-            ];
-            all.push(OutcomeSeries {
-                outcome,
-                status,
-                invocations: t.invocations.bind(&labels),
-                duration: t.duration.bind(&labels),
-            });
+            all.push(self.bind(t, outcome, status));
             all.len() - 1
         });
         record(&all[i]);
@@ -362,12 +376,12 @@ impl Telemetry {
     /// names while fewer than [`MAX_FUNCTION_SERIES`] functions have series,
     /// [`OTHER`] for both after.
     pub fn function_labels(&self, tenant: &str, function: &str) -> [KeyValue; 2] {
-        self.function_series(tenant, function).labels.clone()
+        self.series(tenant, function).labels.clone()
     }
 
     /// The series of `tenant`'s `function`, made the first time it is seen
     /// (the shared `other` series past [`MAX_FUNCTION_SERIES`]).
-    fn function_series(&self, tenant: &str, function: &str) -> Arc<FunctionSeries> {
+    pub fn series(&self, tenant: &str, function: &str) -> Arc<FunctionSeries> {
         use std::sync::atomic::Ordering;
         if let Some(series) = self.series.get(tenant).and_then(|names| names.get(function).cloned()) {
             return series;
@@ -384,9 +398,9 @@ impl Telemetry {
         series.clone()
     }
 
-    /// Records one finished invocation.
-    pub fn invocation(&self, m: &InvocationMetrics<'_>) {
-        let series = self.function_series(m.tenant, m.function);
+    /// Records one finished invocation of the function whose `series`
+    /// ([`Telemetry::series`]) it is.
+    pub fn invocation(&self, series: &FunctionSeries, m: &InvocationMetrics<'_>) {
         let function = &series.labels;
         let wall = m.wall.as_secs_f64();
         series.by_outcome(self, m.outcome, m.status, |o| {
@@ -622,17 +636,21 @@ mod tests {
             alias: "latest",
             shadow: false,
         };
-        telemetry.invocation(&m);
-        telemetry.invocation(&m);
+        let echo = telemetry.series("acme", "echo");
+        telemetry.invocation(&echo, &m);
+        telemetry.invocation(&echo, &m);
         assert!(
             !telemetry.render().expect("render").contains("hearth_rollout"),
             "`latest` has no per-version series"
         );
-        telemetry.invocation(&InvocationMetrics {
-            alias: "prod",
-            shadow: true,
-            ..m
-        });
+        telemetry.invocation(
+            &echo,
+            &InvocationMetrics {
+                alias: "prod",
+                shadow: true,
+                ..m
+            },
+        );
         let text = telemetry.render().expect("render");
         assert!(
             text.lines().any(|l| l.starts_with("hearth_invocations_total{")
@@ -651,5 +669,30 @@ mod tests {
         );
         assert!(text.contains("hearth_rollout_duration_seconds_bucket"), "{text}");
         assert!(text.contains("hearth_cold_starts_total"), "{text}");
+
+        // Outcomes after the first have series of their own too.
+        for status in [500, 500, 504] {
+            let failed = InvocationMetrics {
+                outcome: "guest_error",
+                status,
+                ..m
+            };
+            telemetry.invocation(&echo, &failed);
+        }
+        let text = telemetry.render().expect("render");
+        let count = |outcome: &str, status: u16| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("hearth_invocations_total{")
+                        && l.contains("function=\"echo\"")
+                        && l.contains(&format!("outcome=\"{outcome}\""))
+                        && l.contains(&format!("status_code=\"{status}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(count("ok", 200).as_deref(), Some("3"), "{text}");
+        assert_eq!(count("guest_error", 500).as_deref(), Some("2"), "{text}");
+        assert_eq!(count("guest_error", 504).as_deref(), Some("1"), "{text}");
     }
 }
