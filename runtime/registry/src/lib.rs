@@ -771,15 +771,12 @@ impl Registry {
         Ok(())
     }
 
-    /// Whether the version `latest` of a function routes to keeps instances
-    /// warm (`min_instances > 0`), read from the store without preparing
-    /// it; false for a function that is gone or cannot be read.
+    /// Whether the newest version of a function keeps instances warm
+    /// (`min_instances > 0`), as [`Registry::keep_warm_functions`] decides at
+    /// start, read from the store without preparing it; false for a
+    /// function that is gone or cannot be read.
     pub async fn keeps_warm(&self, tenant: &str, name: &str) -> bool {
-        self.store.list_functions(tenant).await.is_ok_and(|functions| {
-            functions
-                .iter()
-                .any(|version| version.name == name && keeps_warm(version))
-        })
+        matches!(self.store.latest_version(tenant, name).await, Ok(Some(version)) if keeps_warm(&version))
     }
 
     /// Every function that keeps instances warm (`min_instances > 0`),
