@@ -72,7 +72,7 @@ const HOUR_US: i64 = 3_600_000_000;
 /// alias, device and currency repeat from record to record, their ids and
 /// times share prefixes), at level 1 for a fraction of a microsecond each,
 /// on the idle-time ingester: a busy node writes half the bytes to its
-/// disk it did, and keeps a sixth of them (README, Benchmarks, session 29;
+/// disk it did, and keeps a sixth of them (docs/benchmarks.md, session 29;
 /// its throughput did not change beyond the 2-core VM's noise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Codec {
