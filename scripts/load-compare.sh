@@ -48,6 +48,10 @@
 #   scripts/load-compare.sh [ROUNDS] [DURATION] [CONNECTIONS...]
 # Knobs: HEARTH_BIN=PATH (else a release build), HEARTH_COMPARE="records
 # no-metering ..." (the configurations, first is the base of the ratios).
+# HEARTH_SERVER_CPUS and HEARTH_LOAD_CPUS (taskset CPU lists, e.g. 1 and 0,
+# or 0-7 and 8-15) pin the server and wrk to CPUs of their own: on a
+# machine with cores enough, the load generator then neither competes with
+# the server nor moves its threads about (on 2 cores, the server gets one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -67,6 +71,9 @@ wasm="$PWD/functions/target/wasm32-wasip2/release/hello.wasm"
 wasmtime="$(command -v wasmtime || true)"
 [ -z "$wasmtime" ] && [ -x "$HOME/.cache/hearth/tools/bin/wasmtime" ] && wasmtime="$HOME/.cache/hearth/tools/bin/wasmtime"
 read -r -a configs <<<"${HEARTH_COMPARE:-records no-metering strict defaults wasmtime}"
+server_pin=() load_pin=()
+[ -n "${HEARTH_SERVER_CPUS:-}" ] && server_pin=(taskset -c "$HEARTH_SERVER_CPUS")
+[ -n "${HEARTH_LOAD_CPUS:-}" ] && load_pin=(taskset -c "$HEARTH_LOAD_CPUS")
 if [ -z "$wasmtime" ]; then
   echo "== no wasmtime CLI: the reference is skipped" >&2
   configs=("${configs[@]/wasmtime*/}")
@@ -97,7 +104,7 @@ start() { # config[@binary] -> sets server, url, auth
       [ "$config" = wasmtime-timeout ] && limits=(-W timeout=30s)
       local cli="$wasmtime"
       [[ "$1" == *@* ]] && cli="$bin"
-      "$cli" serve -O pooling-allocator -S cli "${limits[@]}" --addr "127.0.0.1:$port" \
+      "${server_pin[@]}" "$cli" serve -O pooling-allocator -S cli "${limits[@]}" --addr "127.0.0.1:$port" \
         --max-instance-reuse-count "$reuse_count" "$wasm" >/dev/null 2>&1 &
       server=$!
       url="http://127.0.0.1:$port/load?x=1"
@@ -108,7 +115,7 @@ start() { # config[@binary] -> sets server, url, auth
   mkdir -p "$work/hello"
   printf 'name = "hello"\ncomponent = "%s"\npublic = %s\n[scaling]\nreuse = %s\n' \
     "$wasm" "$public" "$reuse" >"$work/hello/hearth.toml"
-  HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG="$log" "$bin" serve --listen "127.0.0.1:$port" \
+  HEARTH_ADMIN_TOKEN="$token" HEARTH_LOG="$log" "${server_pin[@]}" "$bin" serve --listen "127.0.0.1:$port" \
     --data-dir "$work/data" "${args[@]}" >/dev/null 2>"$work/server.log" &
   server=$!
   wait_ready "http://127.0.0.1:$port"
@@ -142,10 +149,10 @@ for round in $(seq 1 "$rounds"); do
     config="${configs[$(((i + round - 1) % n))]}"
     start "$config"
     for c in "${conns[@]}"; do
-      wrk -t2 -c"$c" -d1s "${auth[@]}" "$url" >/dev/null # warm up
+      "${load_pin[@]}" wrk -t2 -c"$c" -d1s "${auth[@]}" "$url" >/dev/null # warm up
       drain
       before="$(cpu_ticks)"
-      { time wrk -t2 -c"$c" -d"${duration}s" "${auth[@]}" "$url" >"$work/wrk.out"; } 2>"$work/wrk.time"
+      { time "${load_pin[@]}" wrk -t2 -c"$c" -d"${duration}s" "${auth[@]}" "$url" >"$work/wrk.out"; } 2>"$work/wrk.time"
       out="$(cat "$work/wrk.out")"
       drain
       after="$(cpu_ticks)"
